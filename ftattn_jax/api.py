@@ -1,0 +1,60 @@
+"""Public entry point of the JAX backend: validate, then dispatch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftattn_spec import validation as v
+from ftattn_spec.axes import LAYOUTS
+from ftattn_spec.report import Report
+
+from . import core
+
+_LAYOUT_Q, _LAYOUT_KV = LAYOUTS["jax"]
+
+
+def _as_array(name: str, x):
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    raise TypeError(f"{name}: expected a jax.Array or numpy.ndarray of layout "
+                    f"{_LAYOUT_Q if name == 'query' else _LAYOUT_KV}, got {type(x).__name__}")
+
+
+def _dtype_name(x) -> tuple[str, bool]:
+    dt = jnp.dtype(x.dtype)
+    return dt.name, bool(jnp.issubdtype(dt, jnp.floating))
+
+
+def attention(query, key, value, *, scheme: str = "full", granularity: str = "vector",
+              scale: float | None = None, is_causal: bool = False) -> tuple[jax.Array, Report]:
+    """Fault-checked attention in ``jax.nn.dot_product_attention``'s layout.
+
+    Args:
+      query: ``(B, T, N, H)`` float16, bfloat16 or float32.
+      key, value: ``(B, S, K, H)``, same dtype; ``K`` divides ``N`` (grouped-query
+        attention when ``K < N``; query head ``n`` reads kv head ``n // (N // K)``).
+      scheme: one of ``ftattn_spec.SCHEME_NAMES``.
+      granularity: ``"vector"`` (one verdict per row or column) or ``"global"``
+        (one per batch and head).
+      scale: logit scale, default ``H ** -0.5``.
+      is_causal: upper-left-aligned causal mask (query ``i`` attends keys ``j <= i``).
+
+    Returns:
+      ``(out, report)``: ``out`` is ``(B, T, N, H)`` in the input dtype; ``report``
+      is a ``ftattn_spec.Report`` pytree of arrays (see its docs for shapes).
+
+    Works under ``jax.jit`` and ``jax.vmap``; all checks run on device with no
+    host synchronisation.
+    """
+    query, key, value = (_as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
+    scheme = v.validate_scheme(scheme)
+    granularity = v.validate_granularity(granularity)
+    is_causal = v.validate_is_causal(is_causal)
+    names = [_dtype_name(x) for x in (query, key, value)]
+    v.validate_dtypes(*(n for n, _ in names), floating=dict(names))
+    dims = v.validate_shapes(_LAYOUT_Q, _LAYOUT_KV, query.shape, key.shape, value.shape)
+    scale = v.resolve_scale(scale, dims["H"])
+    return core.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
+                    is_causal=is_causal)

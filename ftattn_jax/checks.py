@@ -1,0 +1,127 @@
+"""The four checks, as pure JAX functions at vector granularity.
+
+Each check returns ``(diff, threshold)``: ``diff`` is the signed difference
+actual − predicted (for ``softmax_dmr`` the non-negative L1 distance between the
+replicas) and ``threshold`` the bound of ``docs/tolerances.md``. ``verdict``
+turns them into a ``CheckResult`` at the requested granularity.
+
+Shapes use the legend of ``ftattn_spec.axes``; ``G = N // K`` query heads share
+one kv head, and query head ``n`` is ``(kv head n // G, group member n % G)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float
+
+from ftattn_spec import tolerances as tol
+from ftattn_spec.report import CheckResult
+
+F32 = jnp.float32
+
+
+def _prefix_rows(x: Float[Array, "B L K H"], n_rows: int) -> Float[Array, "B R K H"]:
+    """Row r holds Σ_{l <= min(r, L-1)} x_l: the causal prefix sums along L."""
+    c = jnp.cumsum(x, axis=1)
+    idx = jnp.minimum(jnp.arange(n_rows), x.shape[1] - 1)
+    return c[:, idx]
+
+
+def _suffix_rows(x: Float[Array, "B L N H"], n_rows: int) -> Float[Array, "B R N H"]:
+    """Row r holds Σ_{r <= l < L} x_l (zero for r >= L): causal suffix sums along L."""
+    c = jnp.cumsum(x[:, ::-1], axis=1)[:, ::-1]
+    c = jnp.concatenate([c, jnp.zeros_like(c[:, :1])], axis=1)
+    idx = jnp.minimum(jnp.arange(n_rows), x.shape[1])
+    return c[:, idx]
+
+
+def _heads_dot(a: Float[Array, "B R K G H"] | Float[Array, "B R K H"],
+               b: Float[Array, "B R K G H"] | Float[Array, "B R K H"]) -> Float[Array, "B N R"]:
+    """Σ_h a·b per (batch, query head, row) as a float32 elementwise product and sum.
+
+    Kept off the matrix units on purpose: a float32 matmul may run at TF32
+    precision on GPUs, which the tolerance model would have to absorb.
+    """
+    if a.ndim == 4:
+        a = a[:, :, :, None]
+    if b.ndim == 4:
+        b = b[:, :, :, None]
+    r = jnp.sum(a * b, axis=-1)  # B R K G
+    B, R, K, G = r.shape
+    return r.reshape(B, R, K * G).transpose(0, 2, 1)
+
+
+def qk_row(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: Float[Array, "B N T S"],
+           scale: float, is_causal: bool, dtype: str):
+    """Row sums of S against scale·q_i·(Σ over attended keys of k)."""
+    T, S, H = q.shape[1], k.shape[1], q.shape[-1]
+    qf, kf = q.astype(F32), k.astype(F32)
+    if is_causal:
+        ksum, kabs = _prefix_rows(kf, T), _prefix_rows(jnp.abs(kf), T)  # B T K H
+    else:
+        ksum, kabs = kf.sum(axis=1)[:, None], jnp.abs(kf).sum(axis=1)[:, None]  # B 1 K H
+    actual = s_masked.sum(axis=-1)
+    predicted = _heads_dot(qf, ksum) * scale
+    magnitude = _heads_dot(jnp.abs(qf), kabs) * scale
+    return actual - predicted, tol.qk_coefficient(S, H, dtype) * magnitude + tol.underflow_allowance(4 * (S + 1) * (H + 1))
+
+
+def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: Float[Array, "B N T S"],
+           scale: float, is_causal: bool, dtype: str):
+    """Column sums of S against scale·(Σ over attending queries of q)·k_j."""
+    B, T, K, G, H = q.shape
+    S = k.shape[1]
+    qf, kf = q.astype(F32).reshape(B, T, K * G, H), k.astype(F32)
+    if is_causal:
+        qsum, qabs = _suffix_rows(qf, S), _suffix_rows(jnp.abs(qf), S)  # B S N H
+    else:
+        qsum, qabs = qf.sum(axis=1)[:, None], jnp.abs(qf).sum(axis=1)[:, None]  # B 1 N H
+    kb = kf[:, :, :, None]  # B S K 1 H
+    actual = s_masked.sum(axis=-2)
+    predicted = _heads_dot(qsum.reshape(B, -1, K, G, H), kb) * scale
+    magnitude = _heads_dot(qabs.reshape(B, -1, K, G, H), jnp.abs(kb)) * scale
+    return actual - predicted, tol.qk_coefficient(T, H, dtype) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))
+
+
+def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"],
+                s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None):
+    """L1 distance between the two softmax replicas of each row."""
+    S = s.shape[-1]
+    l1 = jnp.abs(p - p_replica).sum(axis=-1)
+    gap = jnp.max(s, axis=-1, keepdims=True) - s  # m_i - s_ij >= 0
+    if mask is not None:
+        gap = jnp.where(mask, gap, 0.0)
+    spread = jnp.sum(p * gap, axis=-1)  # E_i
+    c0, c1 = tol.dmr_coefficients(S)
+    return l1, c0 + c1 * spread + tol.underflow_allowance(4 * S)
+
+
+def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"], dtype: str):
+    """Row sums of O = P̂V against P̂·(V·1), with P̂ the probabilities as fed to the GEMM.
+
+    ``p_mma`` is ``B K G T S`` in the input dtype.
+    """
+    S, H = v.shape[1], v.shape[-1]
+    vf = v.astype(F32)
+    cols = jnp.stack([vf.sum(axis=-1), jnp.abs(vf).sum(axis=-1)], axis=-1)  # B S K 2
+    pred_mag = jnp.einsum("bkgts,bskc->bkgtc", p_mma.astype(F32), cols,
+                          precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+    B, K, G, T, _ = pred_mag.shape
+    pred_mag = pred_mag.reshape(B, K * G, T, 2)
+    actual = o.sum(axis=-1).reshape(B, T, K * G).transpose(0, 2, 1)
+    threshold = tol.pv_coefficient(S, H, dtype) * pred_mag[..., 1] + tol.underflow_allowance(4 * (S + 1) * (H + 1))
+    return actual - pred_mag[..., 0], threshold
+
+
+def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True) -> CheckResult:
+    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
+    if granularity == "global":
+        n = diff.shape[-1]
+        residual = jnp.abs(diff.sum(axis=-1)) if signed else diff.sum(axis=-1)
+        threshold = tol.global_factor(n) * threshold.sum(axis=-1)
+    else:
+        residual = jnp.abs(diff)
+    residual = residual.astype(F32)
+    threshold = threshold.astype(F32)
+    return CheckResult(residual, threshold, ~(residual <= threshold))

@@ -1,0 +1,100 @@
+"""The unfused schemes: S = scale·QKᵀ, softmax (optionally twice), O = P·V, and the checks.
+
+Everything here runs under ``jax.jit``; ``api.attention`` validates arguments
+and calls :func:`run` with static settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float
+
+from ftattn_spec.report import Report
+from ftattn_spec.schemes import CHECK_ORIENTATION, SCHEMES
+
+from . import checks
+
+F32 = jnp.float32
+NEG = float(jnp.finfo(F32).min)  # masked logits: large, finite, so no row is NaN
+LOG2E = math.log2(math.e)
+
+
+def _precision(dtype: str):
+    # float32 inputs get true float32 products (no TF32), as the tolerance
+    # model assumes; float16/bfloat16 products are exact at any precision.
+    return lax.Precision.HIGHEST if dtype == "float32" else None
+
+
+def _softmax(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None) -> Float[Array, "B N T S"]:
+    """Replica 1: exp(s - m) / Σ exp(s - m)."""
+    z = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    if mask is not None:
+        z = jnp.where(mask, z, 0.0)
+    return z / jnp.sum(z, axis=-1, keepdims=True)
+
+
+def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None) -> Float[Array, "B N T S"]:
+    """Replica 2: an independent evaluation that the compiler cannot merge with replica 1.
+
+    Its input passes an optimization barrier, so XLA cannot prove it equal to
+    replica 1's input, and it uses a different formula (base-2 exponential of
+    the rescaled argument, multiplication by the reciprocal of the sum), so
+    even a compiler that saw through the barrier would find nothing to merge.
+    """
+    s = lax.optimization_barrier(s)
+    z = jnp.exp2((s - jnp.max(s, axis=-1, keepdims=True)) * LOG2E)
+    if mask is not None:
+        z = jnp.where(mask, z, 0.0)
+    return z * (1.0 / jnp.sum(z, axis=-1, keepdims=True))
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal"))
+def run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], *,
+        scheme: str, granularity: str, scale: float, is_causal: bool):
+    B, T, N, H = query.shape
+    S, K = key.shape[1], key.shape[2]
+    G = N // K
+    dtype = jnp.dtype(query.dtype).name
+    wanted = SCHEMES[scheme].checks
+    prec = _precision(dtype)
+
+    qg = query.reshape(B, T, K, G, H)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
+    s = s.reshape(B, N, T, S) * scale
+    mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] if is_causal else None
+    s_masked = s if mask is None else jnp.where(mask, s, 0.0)
+    s_soft = s if mask is None else jnp.where(mask, s, NEG)
+
+    found = {}
+    if "qk_row" in wanted:
+        found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype)
+    if "qk_col" in wanted:
+        found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
+
+    p = _softmax(s_soft, mask)
+    if "softmax_dmr" in wanted:
+        found["softmax_dmr"] = checks.softmax_dmr(p, _softmax_replica(s_soft, mask), s_soft, mask)
+
+    p_mma = p.astype(query.dtype).reshape(B, K, G, T, S)
+    o = jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)
+    if "pv_row" in wanted:
+        found["pv_row"] = checks.pv_row(o, p_mma, value, dtype)
+
+    results = {
+        name: checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+        for name in wanted
+    }
+    detected = jnp.zeros((), bool)
+    for r in results.values():
+        detected = detected | jnp.any(r.flagged)
+    finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
+    out = o.reshape(B, T, N, H).astype(query.dtype)
+    return out, Report(detected=detected, checks=results, inputs_finite=finite)
+
+
+__all__ = ["run", "CHECK_ORIENTATION"]

@@ -1,0 +1,24 @@
+"""ftattn_spec: what both ftattn backends agree on, with no framework imports.
+
+* ``axes``: the dimension legend (B T S N K H) and each backend's layout.
+* ``schemes``: scheme catalogue, check names, granularities, notebook cells.
+* ``shapes``: shape presets from the seed notebook.
+* ``tolerances``: the rounding-error model behind every threshold.
+* ``report``: the ``Report`` and ``CheckResult`` containers.
+* ``validation``: argument checks shared by both backends.
+* ``reference``: a float64 NumPy oracle.
+"""
+
+from .axes import LAYOUTS, LEGEND, REPORT_AXES, transpose_perm
+from .report import CHECK_FIELDS, REPORT_FIELDS, CheckResult, Report
+from .schemes import (CHECK_DESCRIPTIONS, CHECK_ORIENTATION, CHECKS, GRANULARITIES, SCHEME_NAMES,
+                      SCHEMES, Scheme, checks_of)
+from .shapes import PRESET_NAMES, PRESETS, Shape, preset
+from .validation import SUPPORTED_DTYPES
+
+__all__ = [
+    "CHECKS", "CHECK_DESCRIPTIONS", "CHECK_FIELDS", "CHECK_ORIENTATION", "CheckResult",
+    "GRANULARITIES", "LAYOUTS", "LEGEND", "PRESETS", "PRESET_NAMES", "REPORT_AXES",
+    "REPORT_FIELDS", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
+    "Shape", "checks_of", "preset", "transpose_perm",
+]

@@ -1,0 +1,91 @@
+"""The scheme catalogue: which checks each scheme runs, and where it came from.
+
+Scheme, check and granularity names are public API; both backends accept
+exactly these strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Checks, in the order a scheme runs them.
+CHECKS: tuple[str, ...] = ("qk_row", "qk_col", "softmax_dmr", "pv_row")
+
+#: What each check compares, in words (used by docs and the report renderer).
+CHECK_DESCRIPTIONS: dict[str, str] = {
+    "qk_row": "row sums of S = scale·QKᵀ against scale·Q·(Σ over keys of k)",
+    "qk_col": "column sums of S against scale·(Σ over queries of q)·Kᵀ",
+    "softmax_dmr": "two independent softmax evaluations of the same S, compared",
+    "pv_row": "row sums of O = P·V against P·(V·1)",
+}
+
+#: Orientation of each check's vector-granularity arrays: per query row
+#: (``BNT``) or per key column (``BNS``).
+CHECK_ORIENTATION: dict[str, str] = {
+    "qk_row": "row",
+    "qk_col": "col",
+    "softmax_dmr": "row",
+    "pv_row": "row",
+}
+
+GRANULARITIES: tuple[str, ...] = ("vector", "global")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    checks: tuple[str, ...]
+    notebook_cells: tuple[str, ...]
+    summary: str
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme(
+            "baseline",
+            (),
+            ("Baseline_final", "warm up", "change the loop order", "10 times average"),
+            "plain attention, no checks",
+        ),
+        Scheme(
+            "dmr_softmax",
+            ("softmax_dmr",),
+            ("DMR_final", "DMR_with check", "DMR_optimize"),
+            "softmax computed twice, independently, and compared",
+        ),
+        Scheme(
+            "abft_qk_col",
+            ("qk_col",),
+            ("ABFT_GEMM_1", "ABFT_GEMM1_elementcheck", "ABFT_optimize"),
+            "column checksum of S = QKᵀ",
+        ),
+        Scheme(
+            "abft_qk_row",
+            ("qk_row",),
+            ("attention with all ft technique (QKᵀ part)",),
+            "row checksum of S = QKᵀ",
+        ),
+        Scheme(
+            "abft_pv_row",
+            ("pv_row",),
+            ("ABFT_GEMM_2",),
+            "row checksum of O = PV",
+        ),
+        Scheme(
+            "full",
+            ("qk_row", "qk_col", "softmax_dmr", "pv_row"),
+            ("attention with all ft technique",),
+            "every check",
+        ),
+    )
+}
+
+SCHEME_NAMES: tuple[str, ...] = tuple(SCHEMES)
+
+
+def checks_of(scheme: str) -> tuple[str, ...]:
+    """Checks run by ``scheme`` (validated)."""
+    from .validation import validate_scheme
+
+    return SCHEMES[validate_scheme(scheme)].checks

@@ -1,0 +1,155 @@
+"""The tolerance model: every verdict threshold in ftattn comes from here.
+
+The derivation is in ``docs/tolerances.md``; this module holds its constants and
+turns them into plain Python coefficients. A backend computes the data-dependent
+magnitude of each check (for example ``M_i = scale·Σ_h |q_ih|·Σ_j |k_jh|``) in
+float32 and multiplies it by the coefficient returned here, so both backends
+apply the same model.
+
+Notation: ``u`` is the unit roundoff (half the machine epsilon) of a format;
+``γ(n)`` bounds the relative error of a float32 accumulation of ``n`` terms
+measured against the sum of the terms' magnitudes.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Unit roundoff of the input/storage formats ftattn accepts.
+UNIT_ROUNDOFF: dict[str, float] = {
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+    "float32": 2.0**-24,
+}
+
+#: Every accumulation, softmax and checksum runs in float32.
+U_ACC: float = 2.0**-24
+
+#: Unit roundoff of TF32 (10 explicit mantissa bits), used when a backend lets
+#: float32 matrix products run on TF32 tensor cores.
+U_TF32: float = 2.0**-11
+
+#: Confidence factor of the probabilistic bound λ·√n·u (Higham & Mary, 2019):
+#: the bound fails with probability at most 2·n·exp(-λ²/2) per accumulation
+#: *when rounding errors are independent and mean zero*.
+LAMBDA: float = 6.0
+
+#: Tensor cores accumulate groups of this many exact products and truncate
+#: (round toward zero) when adding them to the float32 accumulator; truncation
+#: is biased, so it is bounded linearly: at most 2u per group.
+MMA_GROUP: int = 16
+
+#: Relative error of the float32 ``exp``/``exp2`` implementations, in units of
+#: ``U_ACC`` (16u = 8 ulp; CUDA documents 2 ulp for expf, XLA:CPU's polynomial
+#: is within 1 ulp).
+EXP_ERROR_UNITS: float = 16.0
+
+#: The magnitude terms are themselves float32 sums of non-negative numbers, so
+#: they carry a relative error of at most γ(n) ≪ 2⁻¹⁰ for n < 2²⁰; every
+#: threshold is scaled up by this factor to cover it.
+MAGNITUDE_MARGIN: float = 1.0 + 2.0**-10
+
+#: Smallest normal float32. Below it, GPUs flush results to zero (an absolute
+#: error up to this size per operation) and CPUs round to subnormals, so each
+#: threshold also allows this much absolute error per operation it covers.
+TINY: float = 2.0**-126
+
+
+def gamma(n: int) -> float:
+    """Relative error bound of a float32 accumulation of ``n`` terms.
+
+    ``γ(n) = u·(λ·√n + 2·⌈n / MMA_GROUP⌉)``: the probabilistic bound for
+    round-to-nearest accumulation in any order, plus the linear bound for the
+    truncating tensor-core accumulation. Either mechanism alone is covered.
+    """
+    n = max(int(n), 1)
+    return U_ACC * (LAMBDA * math.sqrt(n) + 2.0 * math.ceil(n / MMA_GROUP))
+
+
+def underflow_allowance(n_ops: int) -> float:
+    """Absolute error allowance for ``n_ops`` operations that may underflow."""
+    return float(n_ops) * TINY
+
+
+def product_roundoff(dtype: str, tf32: bool = False) -> float:
+    """Relative error of one product ``a·b`` of two ``dtype`` inputs inside a GEMM.
+
+    float16 and bfloat16 values are exact in float32 and in TF32, so their
+    products are exact. float32 products round once (``u``), or twice at TF32
+    precision when the backend lets matrix products use TF32.
+    """
+    if dtype not in UNIT_ROUNDOFF:
+        raise ValueError(f"dtype: expected one of {tuple(UNIT_ROUNDOFF)}, got {dtype!r}")
+    if dtype != "float32":
+        return 0.0
+    return 2.0 * U_TF32 + U_TF32**2 if tf32 else U_ACC
+
+
+def qk_coefficient(n_reduce: int, H: int, dtype: str, tf32: bool = False) -> float:
+    """Coefficient ``c`` of the S = scale·QKᵀ checksum threshold ``c·M``.
+
+    For ``qk_row`` ``n_reduce = S`` and ``M_i = scale·Σ_h |q_ih|·Σ_j |k_jh|``;
+    for ``qk_col`` ``n_reduce = T`` and ``M_j = scale·Σ_h (Σ_i |q_ih|)·|k_jh|``.
+    Terms: each s_ij's dot product (γ(H)) and product rounding; the sum of S
+    over the checked axis (γ(n)); the sum of K (or Q) for the prediction (γ(n));
+    the prediction's dot product (γ(H)); three float32 roundings (the scale
+    multiply on each side and the prediction's products).
+    """
+    return MAGNITUDE_MARGIN * (
+        2.0 * gamma(H) + 2.0 * gamma(n_reduce) + 3.0 * U_ACC + product_roundoff(dtype, tf32)
+    )
+
+
+def pv_coefficient(S: int, H: int, dtype: str, tf32: bool = False) -> float:
+    """Coefficient ``c`` of the O = P·V row-checksum threshold ``c·W_i``.
+
+    ``W_i = Σ_j p̂_ij·Σ_h |v_jh|`` with ``p̂`` the probabilities as fed to the
+    GEMM. Terms: the GEMM's accumulation over keys (γ(S)) and its products; the
+    sum of O over H (γ(H)); V·1 (γ(H)); the prediction P̂·(V·1), a float32
+    matrix-vector product (γ(S) and its products' rounding).
+    """
+    return MAGNITUDE_MARGIN * (
+        2.0 * gamma(S)
+        + 2.0 * gamma(H)
+        + product_roundoff(dtype, tf32)
+        + product_roundoff("float32", tf32)
+    )
+
+
+def dmr_coefficients(S: int) -> tuple[float, float]:
+    """``(c0, c1)`` of the softmax DMR threshold ``c0 + c1·E_i`` on the L1 distance.
+
+    ``E_i = Σ_j p_ij·(m_i − s_ij)`` (m_i the row max) measures how far the
+    exponentials' arguments are from zero; each replica's exponent argument is
+    off by at most 2u·|s_ij − m_i|. ``c0`` covers the two exponential
+    evaluations, the normalisation (one division or reciprocal and product) and
+    the two independent row sums of S terms (γ(S) each, relative to Σ p = 1).
+    """
+    c0 = U_ACC * (2.0 * EXP_ERROR_UNITS + 4.0) + 2.0 * gamma(S)
+    c1 = 4.0 * U_ACC
+    return MAGNITUDE_MARGIN * c0, MAGNITUDE_MARGIN * c1
+
+
+def global_factor(n_rows: int) -> float:
+    """Factor on Σ of the vector thresholds for a ``granularity="global"`` check.
+
+    The global residual is |Σ_i d_i| over the per-row differences d_i; summing
+    them in float32 adds at most γ(n)·Σ|d_i| ≤ γ(n)·Σ thresholds.
+    """
+    return 1.0 + gamma(n_rows)
+
+
+def output_coefficients(dtype: str, S: int, H: int, tf32: bool = False) -> tuple[float, float, float]:
+    """``(a, b, c)`` of the output error bound against an exact (float64) reference.
+
+    ``|o_ih − o*_ih| ≤ (a + b·D_i)·W_ih + c·|o*_ih|`` where
+    ``W_ih = Σ_j p_ij·|v_jh|`` and ``D_i = max_j scale·Σ_h |q_ih|·|k_jh|``.
+    ``a``: rounding P to the input dtype, the GEMM accumulation over keys, the
+    float32 softmax. ``b·D_i``: the logit error of S (a logit shift of δ moves a
+    probability by a factor within e^(±2δ)). ``c``: rounding the output to the
+    input dtype.
+    """
+    u_in = UNIT_ROUNDOFF[dtype]
+    a = u_in + gamma(S) + U_ACC * (EXP_ERROR_UNITS + 4.0) + product_roundoff(dtype, tf32)
+    b = 2.0 * (gamma(H) + 2.0 * U_ACC + product_roundoff(dtype, tf32))
+    return MAGNITUDE_MARGIN * a, MAGNITUDE_MARGIN * b, u_in

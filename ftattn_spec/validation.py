@@ -1,0 +1,105 @@
+"""Framework-free validation of ``attention`` arguments.
+
+Both backends reduce their arrays to ``(shape, dtype name)`` and call these
+functions, so the same bad input gets the same error in JAX and PyTorch. Every
+error names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from .schemes import GRANULARITIES, SCHEME_NAMES
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+
+
+def validate_scheme(scheme) -> str:
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme: expected a str, one of {SCHEME_NAMES}, got {type(scheme).__name__} {scheme!r}")
+    if scheme not in SCHEME_NAMES:
+        raise ValueError(f"scheme: expected one of {SCHEME_NAMES}, got {scheme!r}")
+    return scheme
+
+
+def validate_granularity(granularity) -> str:
+    if not isinstance(granularity, str):
+        raise TypeError(
+            f"granularity: expected a str, one of {GRANULARITIES}, got {type(granularity).__name__} {granularity!r}"
+        )
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+    return granularity
+
+
+def validate_is_causal(is_causal) -> bool:
+    # numpy.bool_ is accepted; ints and arrays are not (a traced value cannot
+    # choose the mask structure).
+    if type(is_causal).__name__ not in ("bool", "bool_"):
+        raise TypeError(f"is_causal: expected a Python bool, got {type(is_causal).__name__} {is_causal!r}")
+    return bool(is_causal)
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float; ``None`` means ``head_dim ** -0.5``."""
+    if scale is None:
+        return float(head_dim) ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(
+            f"scale: expected a positive finite Python float (or None for H ** -0.5), "
+            f"got {type(scale).__name__} {scale!r}"
+        )
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"scale: expected a positive finite number, got {scale!r}")
+    return value
+
+
+def validate_dtypes(query: str, key: str, value: str, floating: dict[str, bool]) -> str:
+    """Check the three dtype names; ``floating`` tells which names are floating point."""
+    for name, dt in (("query", query), ("key", key), ("value", value)):
+        if not floating.get(dt, False):
+            raise TypeError(f"{name}: expected a floating dtype, one of {SUPPORTED_DTYPES}, got {dt}")
+        if dt not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected dtype one of {SUPPORTED_DTYPES}, got {dt}")
+    if not query == key == value:
+        raise TypeError(
+            f"query, key, value: expected one dtype for all three, got query {query}, key {key}, value {value}"
+        )
+    return query
+
+
+def validate_shapes(layout_q: str, layout_kv: str, q_shape, k_shape, v_shape) -> dict[str, int]:
+    """Check ranks and sizes; return the legend sizes ``{B, T, S, N, K, H}``.
+
+    ``layout_q`` uses the letters B T N H, ``layout_kv`` the letters B S K H.
+    """
+    for name, shape, layout in (("query", q_shape, layout_q), ("key", k_shape, layout_kv),
+                                ("value", v_shape, layout_kv)):
+        if len(shape) != 4:
+            raise ValueError(
+                f"{name}: expected a rank-4 array of layout {layout} "
+                f"({', '.join(layout)}), got rank {len(shape)} with shape {tuple(shape)}"
+            )
+        if any(int(n) < 1 for n in shape):
+            raise ValueError(f"{name}: expected every dimension >= 1 (layout {layout}), got shape {tuple(shape)}")
+    q = dict(zip(layout_q, (int(n) for n in q_shape)))
+    k = dict(zip(layout_kv, (int(n) for n in k_shape)))
+    v = dict(zip(layout_kv, (int(n) for n in v_shape)))
+    if tuple(k_shape) != tuple(v_shape):
+        raise ValueError(
+            f"value: expected the shape of key {tuple(k_shape)} (layout {layout_kv}), got {tuple(v_shape)}"
+        )
+    if k["B"] != q["B"]:
+        raise ValueError(f"key: expected batch size B={q['B']} of query, got B={k['B']} (shape {tuple(k_shape)})")
+    if k["H"] != q["H"]:
+        raise ValueError(
+            f"key: expected head dim H={q['H']} of query, got H={k['H']} (shape {tuple(k_shape)})"
+        )
+    if q["N"] % k["K"] != 0:
+        raise ValueError(
+            f"key: expected a number of kv heads K that divides the query heads N={q['N']}, "
+            f"got K={k['K']} (shape {tuple(k_shape)})"
+        )
+    return {"B": q["B"], "T": q["T"], "S": k["S"], "N": q["N"], "K": k["K"], "H": q["H"]}

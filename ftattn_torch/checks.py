@@ -1,0 +1,112 @@
+"""The four checks, as PyTorch functions at vector granularity.
+
+Same algebra and thresholds as ``ftattn_jax.checks``; each check returns
+``(diff, threshold)`` and :func:`verdict` makes the ``CheckResult``. Tensors use
+the legend of ``ftattn_spec.axes``: query heads are grouped as ``B K G T H``
+with ``G = N // K`` (query head ``n`` reads kv head ``n // G``).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from ftattn_spec import tolerances as tol
+from ftattn_spec.report import CheckResult
+
+F32 = torch.float32
+
+
+def _prefix_rows(x: Float[Tensor, "B K L H"], n_rows: int) -> Float[Tensor, "B K R H"]:
+    """Row r holds Σ_{l <= min(r, L-1)} x_l: the causal prefix sums along L."""
+    idx = torch.arange(n_rows, device=x.device).clamp(max=x.shape[2] - 1)
+    return x.cumsum(2)[:, :, idx]
+
+
+def _suffix_rows(x: Float[Tensor, "B K G L H"], n_rows: int) -> Float[Tensor, "B K G R H"]:
+    """Row r holds Σ_{r <= l < L} x_l (zero for r >= L): causal suffix sums along L."""
+    c = x.flip(3).cumsum(3).flip(3)
+    c = torch.cat([c, torch.zeros_like(c[:, :, :, :1])], dim=3)
+    idx = torch.arange(n_rows, device=x.device).clamp(max=x.shape[3])
+    return c[:, :, :, idx]
+
+
+def _flat_heads(x: Float[Tensor, "B K G R"]) -> Float[Tensor, "B N R"]:
+    B, K, G, R = x.shape
+    return x.reshape(B, K * G, R)
+
+
+def qk_row(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked: Float[Tensor, "B N T S"],
+           scale: float, is_causal: bool, dtype: str, tf32: bool):
+    """Row sums of S against scale·q_i·(Σ over attended keys of k).
+
+    The products with the key sums are float32 elementwise products and sums,
+    kept off the matrix units so that no TF32 rounding enters the prediction.
+    """
+    T, S, H = q.shape[3], k.shape[2], q.shape[-1]
+    qf, kf = q.to(F32), k.to(F32)
+    if is_causal:
+        ksum, kabs = _prefix_rows(kf, T), _prefix_rows(kf.abs(), T)  # B K T H
+    else:
+        ksum, kabs = kf.sum(2, keepdim=True), kf.abs().sum(2, keepdim=True)  # B K 1 H
+    actual = s_masked.sum(-1)
+    predicted = _flat_heads((qf * ksum[:, :, None]).sum(-1)) * scale
+    magnitude = _flat_heads((qf.abs() * kabs[:, :, None]).sum(-1)) * scale
+    threshold = tol.qk_coefficient(S, H, dtype, tf32) * magnitude + tol.underflow_allowance(4 * (S + 1) * (H + 1))
+    return actual - predicted, threshold
+
+
+def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked: Float[Tensor, "B N T S"],
+           scale: float, is_causal: bool, dtype: str, tf32: bool):
+    """Column sums of S against scale·(Σ over attending queries of q)·k_j."""
+    T, S, H = q.shape[3], k.shape[2], q.shape[-1]
+    qf, kf = q.to(F32), k.to(F32)
+    if is_causal:
+        qsum, qabs = _suffix_rows(qf, S), _suffix_rows(qf.abs(), S)  # B K G S H
+    else:
+        qsum, qabs = qf.sum(3, keepdim=True), qf.abs().sum(3, keepdim=True)  # B K G 1 H
+    kb = kf[:, :, None]  # B K 1 S H
+    actual = s_masked.sum(-2)
+    predicted = _flat_heads((qsum * kb).sum(-1)) * scale
+    magnitude = _flat_heads((qabs * kb.abs()).sum(-1)) * scale
+    threshold = tol.qk_coefficient(T, H, dtype, tf32) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))
+    return actual - predicted, threshold
+
+
+def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"],
+                s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | None):
+    """L1 distance between the two softmax replicas of each row."""
+    S = s.shape[-1]
+    l1 = (p - p_replica).abs().sum(-1)
+    gap = s.amax(-1, keepdim=True) - s  # m_i - s_ij >= 0
+    if mask is not None:
+        gap = torch.where(mask, gap, 0.0)
+    spread = (p * gap).sum(-1)  # E_i
+    c0, c1 = tol.dmr_coefficients(S)
+    return l1, c0 + c1 * spread + tol.underflow_allowance(4 * S)
+
+
+def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H"], n_heads: int,
+           dtype: str, tf32: bool):
+    """Row sums of O = P̂V against P̂·(V·1), with P̂ (``BK GT S``) as fed to the GEMM."""
+    B, K, S, H = v.shape
+    vf = v.to(F32)
+    cols = torch.stack([vf.sum(-1), vf.abs().sum(-1)], dim=-1).reshape(B * K, S, 2)
+    pred_mag = torch.bmm(p_mma.to(F32), cols).reshape(B, n_heads, -1, 2)  # B N T 2
+    actual = o.sum(-1).reshape(B, n_heads, -1)
+    threshold = tol.pv_coefficient(S, H, dtype, tf32) * pred_mag[..., 1] + tol.underflow_allowance(
+        4 * (S + 1) * (H + 1))
+    return actual - pred_mag[..., 0], threshold
+
+
+def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = True) -> CheckResult:
+    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
+    if granularity == "global":
+        n = diff.shape[-1]
+        residual = diff.sum(-1).abs() if signed else diff.sum(-1)
+        threshold = tol.global_factor(n) * threshold.sum(-1)
+    else:
+        residual = diff.abs()
+    residual, threshold = residual.to(F32), threshold.to(F32)
+    return CheckResult(residual, threshold, ~(residual <= threshold))
