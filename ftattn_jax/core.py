@@ -15,7 +15,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float
 
 from ftattn_spec.report import Report
-from ftattn_spec.schemes import CHECK_ORIENTATION, SCHEMES
+from ftattn_spec.schemes import SCHEMES
 
 from . import checks
 
@@ -53,9 +53,37 @@ def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None
     return z * (1.0 / jnp.sum(z, axis=-1, keepdims=True))
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal"))
-def run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], *,
-        scheme: str, granularity: str, scale: float, is_causal: bool):
+def _inject(x: Array, site: str, perturb) -> Array:
+    """Add ``delta`` at logical ``(b, n, i, j)`` of ``x`` if ``perturb`` targets ``site``.
+
+    ``x`` is ``B N T S`` for scores and probabilities and ``B T N H`` for the
+    output. A private test hook: the index and delta are traced, so one
+    compiled function serves every perturbation.
+    """
+    if perturb is None or perturb[0] != site:
+        return x
+    _, (b, n, i, j), delta = perturb
+    idx = (b, i, n, j) if site == "out" else (b, n, i, j)
+    return x.at[idx].add(jnp.asarray(delta, x.dtype))
+
+
+def _split_perturb(perturb):
+    if perturb is None:
+        return None, None
+    site, index, delta = perturb
+    return site, (jnp.asarray(index, jnp.int32), jnp.asarray(delta, F32))
+
+
+def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_causal: bool, perturb=None):
+    site, data = _split_perturb(perturb)
+    return _run(query, key, value, data, scheme=scheme, granularity=granularity, scale=scale,
+                is_causal=is_causal, site=site)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal", "site"))
+def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"],
+         perturb_data, *, scheme: str, granularity: str, scale: float, is_causal: bool, site: str | None):
+    perturb = None if site is None else (site, tuple(perturb_data[0]), perturb_data[1])
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
@@ -65,7 +93,7 @@ def run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Flo
 
     qg = query.reshape(B, T, K, G, H)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
-    s = s.reshape(B, N, T, S) * scale
+    s = _inject(s.reshape(B, N, T, S) * scale, "scores", perturb)
     mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] if is_causal else None
     s_masked = s if mask is None else jnp.where(mask, s, 0.0)
     s_soft = s if mask is None else jnp.where(mask, s, NEG)
@@ -76,12 +104,14 @@ def run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Flo
     if "qk_col" in wanted:
         found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
 
-    p = _softmax(s_soft, mask)
+    p = _inject(_softmax(s_soft, mask), "probs", perturb)
     if "softmax_dmr" in wanted:
-        found["softmax_dmr"] = checks.softmax_dmr(p, _softmax_replica(s_soft, mask), s_soft, mask)
+        p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
+        found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
 
     p_mma = p.astype(query.dtype).reshape(B, K, G, T, S)
     o = jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)
+    o = _inject(o.reshape(B, T, N, H), "out", perturb).reshape(B, T, K, G, H)
     if "pv_row" in wanted:
         found["pv_row"] = checks.pv_row(o, p_mma, value, dtype)
 
@@ -97,4 +127,3 @@ def run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Flo
     return out, Report(detected=detected, checks=results, inputs_finite=finite)
 
 
-__all__ = ["run", "CHECK_ORIENTATION"]

@@ -57,15 +57,17 @@ def output_bound(q, k, v, probs, out_ref, *, dtype: str, scale=None, is_causal=F
     q, k, v = _to_logical(q, k, v, layout)
     T, S, H = q.shape[2], k.shape[2], q.shape[3]
     scale = H**-0.5 if scale is None else float(scale)
-    a, b, c = output_coefficients(dtype, S, H, tf32)
+    a, b, c, d = output_coefficients(dtype, S, H, tf32)
     W = np.einsum("bnts,bnsh->bnth", probs, np.abs(v))
     A = np.einsum("bnth,bnsh->bnts", np.abs(q), np.abs(k)) * scale
     if is_causal:
         A = np.where(causal_mask(T, S), A, 0.0)
     D = A.max(axis=-1)[..., None]
+    mask = causal_mask(T, S) if is_causal else np.ones((T, S), bool)
+    V = np.einsum("ts,bnsh->bnth", mask.astype(np.float64), np.abs(v))
     lq, _ = LAYOUTS[layout]
     out_logical = np.asarray(out_ref, np.float64).transpose(transpose_perm(lq, "BNTH"))
-    bound = (a + b * D) * W + c * np.abs(out_logical)
+    bound = (a + b * D) * W + c * np.abs(out_logical) + d * (1.0 + V)
     return bound.transpose(transpose_perm("BNTH", lq))
 
 

@@ -139,17 +139,25 @@ def global_factor(n_rows: int) -> float:
     return 1.0 + gamma(n_rows)
 
 
-def output_coefficients(dtype: str, S: int, H: int, tf32: bool = False) -> tuple[float, float, float]:
-    """``(a, b, c)`` of the output error bound against an exact (float64) reference.
+#: Largest absolute rounding error of a value that falls below the normal range
+#: of each storage format: half the subnormal spacing for float16, and the
+#: smallest normal number for formats a GPU may flush to zero.
+UNDERFLOW_IN: dict[str, float] = {"float16": 2.0**-25, "bfloat16": TINY, "float32": TINY}
 
-    ``|o_ih − o*_ih| ≤ (a + b·D_i)·W_ih + c·|o*_ih|`` where
+
+def output_coefficients(dtype: str, S: int, H: int, tf32: bool = False) -> tuple[float, float, float, float]:
+    """``(a, b, c, d)`` of the output error bound against an exact (float64) reference.
+
+    ``|o_ih − o*_ih| ≤ (a + b·D_i)·W_ih + c·|o*_ih| + d·(1 + V_h)`` where
     ``W_ih = Σ_j p_ij·|v_jh|`` and ``D_i = max_j scale·Σ_h |q_ih|·|k_jh|``.
     ``a``: rounding P to the input dtype, the GEMM accumulation over keys, the
     float32 softmax. ``b·D_i``: the logit error of S (a logit shift of δ moves a
     probability by a factor within e^(±2δ)). ``c``: rounding the output to the
-    input dtype.
+    input dtype. ``d·(1 + V_h)``, with ``V_h = Σ_j |v_jh|`` over attended keys:
+    probabilities and outputs that round below the normal range of the input
+    dtype carry an absolute error up to ``d`` each.
     """
     u_in = UNIT_ROUNDOFF[dtype]
     a = u_in + gamma(S) + U_ACC * (EXP_ERROR_UNITS + 4.0) + product_roundoff(dtype, tf32)
     b = 2.0 * (gamma(H) + 2.0 * U_ACC + product_roundoff(dtype, tf32))
-    return MAGNITUDE_MARGIN * a, MAGNITUDE_MARGIN * b, u_in
+    return MAGNITUDE_MARGIN * a, MAGNITUDE_MARGIN * b, u_in, UNDERFLOW_IN[dtype]

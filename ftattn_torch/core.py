@@ -50,8 +50,19 @@ def _softmax_replica(s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | No
     return z * (1.0 / z.sum(-1, keepdim=True))
 
 
+def _inject(x: Tensor, site: str, perturb) -> Tensor:
+    """Add ``delta`` at logical ``(b, n, i, j)`` of ``x`` (``B N T S``, or ``B N T H``
+    for the output) if ``perturb`` targets ``site``. A private test hook."""
+    if perturb is None or perturb[0] != site:
+        return x
+    _, (b, n, i, j), delta = perturb
+    x = x.clone()
+    x[b, n, i, j] += delta
+    return x
+
+
 def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: Float[Tensor, "B K S H"], *,
-        scheme: str, granularity: str, scale: float, is_causal: bool):
+        scheme: str, granularity: str, scale: float, is_causal: bool, perturb=None):
     B, N, T, H = query.shape
     K, S = key.shape[1], key.shape[2]
     G = N // K
@@ -61,7 +72,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
 
     qg = query.reshape(B, K, G, T, H)
     s = _bmm_f32(qg.reshape(B * K, G * T, H), key.reshape(B * K, S, H).transpose(1, 2))
-    s = s.reshape(B, N, T, S) * scale
+    s = _inject(s.reshape(B, N, T, S) * scale, "scores", perturb)
     mask = None
     if is_causal:
         mask = torch.arange(S, device=query.device)[None, :] <= torch.arange(T, device=query.device)[:, None]
@@ -74,12 +85,14 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     if "qk_col" in wanted:
         found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32)
 
-    p = _softmax(s_soft)
+    p = _inject(_softmax(s_soft), "probs", perturb)
     if "softmax_dmr" in wanted:
-        found["softmax_dmr"] = checks.softmax_dmr(p, _softmax_replica(s_soft, mask), s_soft, mask)
+        p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
+        found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
 
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
     o = _bmm_f32(p_mma, value.reshape(B * K, S, H))  # BK GT H
+    o = _inject(o.reshape(B, N, T, H), "out", perturb).reshape(B * K, G * T, H)
     if "pv_row" in wanted:
         found["pv_row"] = checks.pv_row(o, p_mma, value, N, dtype, tf32)
 
