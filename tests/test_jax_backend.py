@@ -1,0 +1,103 @@
+"""JAX-specific behaviour: jit without retracing, vmap, and redundancy that survives XLA."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+import ftattn_jax  # noqa: E402
+from ftattn_jax import core  # noqa: E402
+
+from .conftest import SHAPE, draw_qkv  # noqa: E402
+
+
+def _inputs(seed, dtype="float16", shape=SHAPE):
+    return tuple(jnp.asarray(x.transpose(0, 2, 1, 3), dtype) for x in draw_qkv(seed, "normal", **shape))
+
+
+def count_exponentials(hlo_text: str) -> int:
+    """Exponential instructions in optimised HLO text (inside fusions included)."""
+    return len(re.findall(r"\bexponential\(", hlo_text))
+
+
+def compiled_hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("scheme", ["dmr_softmax", "full"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dmr_keeps_two_softmax_replicas_after_compilation(scheme, is_causal):
+    q, k, v = _inputs(0)
+    hlo = compiled_hlo(lambda q, k, v: ftattn_jax.attention(q, k, v, scheme=scheme, is_causal=is_causal), q, k, v)
+    assert count_exponentials(hlo) >= 2, "XLA merged the softmax replicas"
+
+
+def test_exponential_counter_can_fail():
+    """The counter sees one exponential for plain attention and for the naive DMR
+    (two identical softmaxes, which XLA merges): the HLO test above can fail."""
+    q, k, v = _inputs(0)
+    assert count_exponentials(compiled_hlo(lambda q, k, v: ftattn_jax.attention(q, k, v, scheme="baseline"),
+                                           q, k, v)) == 1
+
+    def naive_dmr(s):
+        a, b = jax.nn.softmax(s), jax.nn.softmax(s)
+        return a, jnp.abs(a - b).sum()
+
+    assert count_exponentials(compiled_hlo(naive_dmr, jnp.ones((4, 8)))) == 1
+
+
+def test_no_retrace_for_same_shape():
+    traces = []
+
+    @jax.jit
+    def f(q, k, v):
+        traces.append(1)
+        return ftattn_jax.attention(q, k, v)
+
+    before = core._run._cache_size()
+    for seed in range(3):
+        out, rep = f(*_inputs(seed))
+        out.block_until_ready()
+        ftattn_jax.attention(*_inputs(seed + 10))  # the un-wrapped API, same shape
+    assert len(traces) == 1
+    assert core._run._cache_size() - before <= 2  # one for f's trace, one for direct calls
+
+
+def test_direct_calls_share_one_compilation():
+    before = core._run._cache_size()
+    for seed in range(4):
+        ftattn_jax.attention(*_inputs(100 + seed, shape=dict(SHAPE, T=29)), scheme="abft_qk_row")
+    assert core._run._cache_size() - before == 1
+
+
+def test_vmap_over_extra_leading_axis():
+    qs, ks, vs = zip(*(_inputs(s, "float32") for s in range(3)))
+    q, k, v = jnp.stack(qs), jnp.stack(ks), jnp.stack(vs)
+    out, rep = jax.vmap(lambda q, k, v: ftattn_jax.attention(q, k, v, is_causal=True))(q, k, v)
+    assert out.shape == (3,) + qs[0].shape
+    assert rep.detected.shape == (3,)
+    assert rep.checks["qk_col"].flagged.shape == (3, SHAPE["B"], SHAPE["N"], SHAPE["S"])
+    for i in range(3):
+        o, r = ftattn_jax.attention(qs[i], ks[i], vs[i], is_causal=True)
+        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(o), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(rep.checks["pv_row"].threshold[i]),
+                                   np.asarray(r.checks["pv_row"].threshold), rtol=1e-5)
+    assert not bool(rep.detected.any())
+
+
+def test_report_is_a_pytree_of_arrays():
+    out, rep = ftattn_jax.attention(*_inputs(1))
+    leaves = jax.tree.leaves(rep)
+    assert len(leaves) == 2 + 3 * 4
+    assert all(isinstance(x, jax.Array) for x in leaves)
+
+
+def test_numpy_inputs_are_accepted():
+    q, k, v = (np.asarray(x) for x in _inputs(2, "float32"))
+    out, rep = ftattn_jax.attention(q, k, v)
+    assert isinstance(out, jax.Array) and out.dtype == jnp.float32
