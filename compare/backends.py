@@ -1,0 +1,137 @@
+"""Thin adapters that give both backends one interface for tests and tools.
+
+Arrays cross the boundary in the logical layout ``BNTH`` / ``BKSH`` as float64
+NumPy; each adapter converts to its backend's layout, dtype and device. A
+backend's framework is imported only when its adapter is created.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ftattn_spec.report import CheckResult, Report
+
+
+class JaxBackend:
+    name = "jax"
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        import ftattn_jax
+
+        self.jax, self.jnp, self.mod = jax, jnp, ftattn_jax
+
+    def array(self, x: np.ndarray, dtype: str):
+        """Logical BNTH/BKSH numpy → backend layout BTNH/BSKH in ``dtype``."""
+        return self.jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1, 3)), dtype=dtype)
+
+    def logical(self, a) -> np.ndarray:
+        return np.asarray(a.astype(self.jnp.float32), dtype=np.float64).transpose(0, 2, 1, 3)
+
+    def attention(self, q, k, v, **kw):
+        return self.mod.attention(q, k, v, **kw)
+
+    def sync(self, tree):
+        return self.jax.block_until_ready(tree)
+
+    def numpy_report(self, report: Report) -> Report:
+        return self.jax.tree.map(np.asarray, report)
+
+    def row_scales(self, q, k, out, *, is_causal: bool) -> dict[str, np.ndarray]:
+        """Largest |element| of each checked row or column: S rows, S columns, P rows, O rows."""
+        jnp = self.jnp
+        B, T, N, H = q.shape
+        S, K = k.shape[1], k.shape[2]
+        qg = q.astype(jnp.float32).reshape(B, T, K, N // K, H)
+        s = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32), precision="highest")
+        s = s.reshape(B, N, T, S) * H**-0.5
+        if is_causal:
+            mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+            p = self.jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+            s = jnp.where(mask, s, 0.0)
+        else:
+            p = self.jax.nn.softmax(s, axis=-1)
+        return {
+            "qk_row": np.asarray(jnp.abs(s).max(-1)),
+            "qk_col": np.asarray(jnp.abs(s).max(-2)),
+            "softmax_dmr": np.asarray(p.max(-1)),
+            "pv_row": np.asarray(jnp.abs(out.astype(jnp.float32)).max(-1).transpose(0, 2, 1)),
+        }
+
+    def environment(self) -> dict[str, str]:
+        import jaxlib
+
+        dev = self.jax.devices()[0]
+        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__, "device": dev.device_kind}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str | None = None):
+        import torch
+
+        import ftattn_torch
+
+        self.torch, self.mod = torch, ftattn_torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def array(self, x: np.ndarray, dtype: str):
+        t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return t.to(getattr(self.torch, dtype))
+
+    def logical(self, a) -> np.ndarray:
+        return a.detach().to(self.torch.float64).cpu().numpy()
+
+    def attention(self, q, k, v, **kw):
+        return self.mod.attention(q, k, v, **kw)
+
+    def sync(self, tree):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+        return tree
+
+    def numpy_report(self, report: Report) -> Report:
+        conv = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        return Report(conv(report.detected),
+                      {n: CheckResult(*(conv(x) for x in c)) for n, c in report.checks.items()},
+                      conv(report.inputs_finite))
+
+    def row_scales(self, q, k, out, *, is_causal: bool) -> dict[str, np.ndarray]:
+        torch = self.torch
+        B, N, T, H = q.shape
+        K, S = k.shape[1], k.shape[2]
+        kk = k.float().repeat_interleave(N // K, dim=1)
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            s = torch.matmul(q.float(), kk.transpose(-1, -2)) * H**-0.5
+        finally:
+            torch.set_float32_matmul_precision(prev)
+        if is_causal:
+            mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(T, device=q.device)[:, None]
+            p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+            s = s.masked_fill(~mask, 0.0)
+        else:
+            p = torch.softmax(s, -1)
+        conv = lambda t: t.cpu().numpy()  # noqa: E731
+        return {"qk_row": conv(s.abs().amax(-1)), "qk_col": conv(s.abs().amax(-2)),
+                "softmax_dmr": conv(p.amax(-1)), "pv_row": conv(out.float().abs().amax(-1))}
+
+    def environment(self) -> dict[str, str]:
+        torch = self.torch
+        env = {"torch": torch.__version__, "device": str(self.device)}
+        if self.device.type == "cuda":
+            env["device"] = torch.cuda.get_device_name(self.device)
+            env["cuda"] = str(torch.version.cuda)
+        return env
+
+
+def make_backend(name: str):
+    if name == "jax":
+        return JaxBackend()
+    if name == "torch":
+        return TorchBackend()
+    raise ValueError(f"backend: expected 'jax' or 'torch', got {name!r}")

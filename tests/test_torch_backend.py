@@ -1,0 +1,73 @@
+"""PyTorch-specific behaviour: devices, TF32 awareness, no autograd graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import ftattn_torch  # noqa: E402
+
+from .conftest import SHAPE, draw_qkv  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(seed, dtype=torch.float16, device="cpu", dist="normal", shape=SHAPE):
+    return tuple(torch.from_numpy(x).to(device=device, dtype=dtype) for x in draw_qkv(seed, dist, **shape))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_report_lives_on_the_input_device(device):
+    out, rep = ftattn_torch.attention(*_inputs(0, device=device))
+    assert out.device.type == device and out.dtype == torch.float16
+    assert rep.detected.device.type == device and rep.detected.dtype == torch.bool and rep.detected.dim() == 0
+    for c in rep.checks.values():
+        assert all(isinstance(x, torch.Tensor) and x.device.type == device for x in c)
+
+
+def test_no_autograd_graph_is_built():
+    q, k, v = (x.float().requires_grad_() for x in _inputs(1))
+    out, rep = ftattn_torch.attention(q, k, v)
+    assert not out.requires_grad
+
+
+def test_mismatched_devices_are_named():
+    if not torch.cuda.is_available():
+        q, k, v = _inputs(2)
+        meta = torch.empty_like(k, device="meta")
+        with pytest.raises((ValueError, TypeError), match="device"):
+            ftattn_torch.attention(q, meta, v)
+    else:
+        q, k, v = _inputs(2)
+        with pytest.raises(ValueError, match="device"):
+            ftattn_torch.attention(q, k.cuda(), v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")
+def test_tf32_widens_float32_thresholds_and_stays_clean():
+    q, k, v = _inputs(3, dtype=torch.float32, device="cuda", dist="uniform",
+                      shape=dict(B=2, N=4, K=2, T=512, S=640, H=64))
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        _, strict = ftattn_torch.attention(q, k, v)
+        torch.set_float32_matmul_precision("high")
+        _, loose = ftattn_torch.attention(q, k, v)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert not bool(strict.detected) and not bool(loose.detected)
+    for name in ("qk_row", "pv_row"):
+        assert torch.all(loose.checks[name].threshold > 10 * strict.checks[name].threshold), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_matches_cpu(dtype):
+    q, k, v = _inputs(4, dtype=dtype)
+    o_cpu, r_cpu = ftattn_torch.attention(q, k, v, is_causal=True)
+    o_gpu, r_gpu = ftattn_torch.attention(q.cuda(), k.cuda(), v.cuda(), is_causal=True)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
+    np.testing.assert_allclose(o_gpu.float().cpu().numpy(), o_cpu.float().numpy(), atol=tol, rtol=tol)
+    assert not bool(r_gpu.detected)
