@@ -21,16 +21,48 @@ from ftattn_spec.report import CheckResult
 F32 = jnp.float32
 
 
+def _blocks(x: Array, axis: int) -> Array:
+    """Move ``axis`` last and split it into (blocks, reduction_block) with zero padding."""
+    x = jnp.moveaxis(x, axis, -1)
+    n = x.shape[-1]
+    b = tol.reduction_block(n)
+    nb = -(-n // b)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * b - n)])
+    return x.reshape(*x.shape[:-1], nb, b)
+
+
+def blocked_sum(x: Array, axis: int) -> Array:
+    """Σ along ``axis`` as a two-level sum, the structure ``tol.blocked_gamma`` bounds.
+
+    The barrier keeps XLA from fusing the two levels back into one reduction
+    of its own order.
+    """
+    partial = lax.optimization_barrier(_blocks(x, axis).sum(-1))
+    return partial.sum(-1)
+
+
+def blocked_cumsum(x: Array, axis: int) -> Array:
+    """Inclusive prefix sums along ``axis``, two-level like :func:`blocked_sum`."""
+    n = x.shape[axis]
+    xb = _blocks(x, axis)
+    inner = jnp.cumsum(xb, axis=-1)
+    totals = lax.optimization_barrier(inner[..., -1])
+    offsets = jnp.cumsum(totals, axis=-1)
+    offsets = jnp.concatenate([jnp.zeros_like(offsets[..., :1]), offsets[..., :-1]], axis=-1)  # exclusive
+    c = (inner + offsets[..., None]).reshape(*xb.shape[:-2], -1)[..., :n]
+    return jnp.moveaxis(c, -1, axis)
+
+
 def _prefix_rows(x: Float[Array, "B L K H"], n_rows: int) -> Float[Array, "B R K H"]:
     """Row r holds Σ_{l <= min(r, L-1)} x_l: the causal prefix sums along L."""
-    c = jnp.cumsum(x, axis=1)
+    c = blocked_cumsum(x, axis=1)
     idx = jnp.minimum(jnp.arange(n_rows), x.shape[1] - 1)
     return c[:, idx]
 
 
 def _suffix_rows(x: Float[Array, "B L N H"], n_rows: int) -> Float[Array, "B R N H"]:
     """Row r holds Σ_{r <= l < L} x_l (zero for r >= L): causal suffix sums along L."""
-    c = jnp.cumsum(x[:, ::-1], axis=1)[:, ::-1]
+    c = blocked_cumsum(x[:, ::-1], axis=1)[:, ::-1]
     c = jnp.concatenate([c, jnp.zeros_like(c[:, :1])], axis=1)
     idx = jnp.minimum(jnp.arange(n_rows), x.shape[1])
     return c[:, idx]
@@ -60,8 +92,8 @@ def qk_row(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     if is_causal:
         ksum, kabs = _prefix_rows(kf, T), _prefix_rows(jnp.abs(kf), T)  # B T K H
     else:
-        ksum, kabs = kf.sum(axis=1)[:, None], jnp.abs(kf).sum(axis=1)[:, None]  # B 1 K H
-    actual = s_masked.sum(axis=-1)
+        ksum, kabs = blocked_sum(kf, 1)[:, None], blocked_sum(jnp.abs(kf), 1)[:, None]  # B 1 K H
+    actual = blocked_sum(s_masked, -1)
     predicted = _heads_dot(qf, ksum) * scale
     magnitude = _heads_dot(jnp.abs(qf), kabs) * scale
     return actual - predicted, tol.qk_coefficient(S, H, dtype) * magnitude + tol.underflow_allowance(4 * (S + 1) * (H + 1))
@@ -76,9 +108,9 @@ def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     if is_causal:
         qsum, qabs = _suffix_rows(qf, S), _suffix_rows(jnp.abs(qf), S)  # B S N H
     else:
-        qsum, qabs = qf.sum(axis=1)[:, None], jnp.abs(qf).sum(axis=1)[:, None]  # B 1 N H
+        qsum, qabs = blocked_sum(qf, 1)[:, None], blocked_sum(jnp.abs(qf), 1)[:, None]  # B 1 N H
     kb = kf[:, :, :, None]  # B S K 1 H
-    actual = s_masked.sum(axis=-2)
+    actual = blocked_sum(s_masked, -2)
     predicted = _heads_dot(qsum.reshape(B, -1, K, G, H), kb) * scale
     magnitude = _heads_dot(qabs.reshape(B, -1, K, G, H), jnp.abs(kb)) * scale
     return actual - predicted, tol.qk_coefficient(T, H, dtype) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))

@@ -18,15 +18,41 @@ from ftattn_spec.report import CheckResult
 F32 = torch.float32
 
 
+def _blocks(x: Tensor, dim: int) -> Tensor:
+    """Move ``dim`` last and split it into (blocks, reduction_block) with zero padding."""
+    x = x.movedim(dim, -1)
+    n = x.shape[-1]
+    b = tol.reduction_block(n)
+    nb = -(-n // b)
+    x = torch.nn.functional.pad(x, (0, nb * b - n))
+    return x.reshape(*x.shape[:-1], nb, b)
+
+
+def blocked_sum(x: Tensor, dim: int) -> Tensor:
+    """Σ along ``dim`` as a two-level sum, the structure ``tol.blocked_gamma`` bounds."""
+    return _blocks(x, dim).sum(-1).sum(-1)
+
+
+def blocked_cumsum(x: Tensor, dim: int) -> Tensor:
+    """Inclusive prefix sums along ``dim``, two-level like :func:`blocked_sum`."""
+    n = x.shape[dim]
+    xb = _blocks(x, dim)
+    inner = xb.cumsum(-1)
+    totals = inner[..., -1]
+    offsets = torch.nn.functional.pad(totals.cumsum(-1)[..., :-1], (1, 0))  # exclusive
+    c = (inner + offsets[..., None]).reshape(*xb.shape[:-2], -1)[..., :n]
+    return c.movedim(-1, dim)
+
+
 def _prefix_rows(x: Float[Tensor, "B K L H"], n_rows: int) -> Float[Tensor, "B K R H"]:
     """Row r holds Σ_{l <= min(r, L-1)} x_l: the causal prefix sums along L."""
     idx = torch.arange(n_rows, device=x.device).clamp(max=x.shape[2] - 1)
-    return x.cumsum(2)[:, :, idx]
+    return blocked_cumsum(x, 2)[:, :, idx]
 
 
 def _suffix_rows(x: Float[Tensor, "B K G L H"], n_rows: int) -> Float[Tensor, "B K G R H"]:
     """Row r holds Σ_{r <= l < L} x_l (zero for r >= L): causal suffix sums along L."""
-    c = x.flip(3).cumsum(3).flip(3)
+    c = blocked_cumsum(x.flip(3), 3).flip(3)
     c = torch.cat([c, torch.zeros_like(c[:, :, :, :1])], dim=3)
     idx = torch.arange(n_rows, device=x.device).clamp(max=x.shape[3])
     return c[:, :, :, idx]
@@ -49,8 +75,8 @@ def qk_row(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     if is_causal:
         ksum, kabs = _prefix_rows(kf, T), _prefix_rows(kf.abs(), T)  # B K T H
     else:
-        ksum, kabs = kf.sum(2, keepdim=True), kf.abs().sum(2, keepdim=True)  # B K 1 H
-    actual = s_masked.sum(-1)
+        ksum, kabs = blocked_sum(kf, 2)[:, :, None], blocked_sum(kf.abs(), 2)[:, :, None]  # B K 1 H
+    actual = blocked_sum(s_masked, -1)
     predicted = _flat_heads((qf * ksum[:, :, None]).sum(-1)) * scale
     magnitude = _flat_heads((qf.abs() * kabs[:, :, None]).sum(-1)) * scale
     threshold = tol.qk_coefficient(S, H, dtype, tf32) * magnitude + tol.underflow_allowance(4 * (S + 1) * (H + 1))
@@ -65,9 +91,9 @@ def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     if is_causal:
         qsum, qabs = _suffix_rows(qf, S), _suffix_rows(qf.abs(), S)  # B K G S H
     else:
-        qsum, qabs = qf.sum(3, keepdim=True), qf.abs().sum(3, keepdim=True)  # B K G 1 H
+        qsum, qabs = blocked_sum(qf, 3)[:, :, :, None], blocked_sum(qf.abs(), 3)[:, :, :, None]  # B K G 1 H
     kb = kf[:, :, None]  # B K 1 S H
-    actual = s_masked.sum(-2)
+    actual = blocked_sum(s_masked, -2)
     predicted = _flat_heads((qsum * kb).sum(-1)) * scale
     magnitude = _flat_heads((qabs * kb.abs()).sum(-1)) * scale
     threshold = tol.qk_coefficient(T, H, dtype, tf32) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))
