@@ -132,13 +132,18 @@ def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"],
 def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"], dtype: str):
     """Row sums of O = P̂V against P̂·(V·1), with P̂ the probabilities as fed to the GEMM.
 
-    ``p_mma`` is ``B K G T S`` in the input dtype.
+    ``p_mma`` is ``B K G T S`` in the input dtype. The prediction and the
+    magnitude ``W_i = P̂·|V|·1`` are float32 products summed over keys in two
+    levels (blocks of ``tol.reduction_block(S)``), like the other checksums.
     """
     S, H = v.shape[1], v.shape[-1]
     vf = v.astype(F32)
     cols = jnp.stack([vf.sum(axis=-1), jnp.abs(vf).sum(axis=-1)], axis=-1)  # B S K 2
-    pred_mag = jnp.einsum("bkgts,bskc->bkgtc", p_mma.astype(F32), cols,
-                          precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+    pb = _blocks(p_mma, -1)  # B K G T C X
+    cb = _blocks(cols, 1)  # B K 2 C X
+    partial = jnp.einsum("bkgtcx,bkdcx->bkgtdc", pb.astype(F32), cb,
+                         precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+    pred_mag = lax.optimization_barrier(partial).sum(-1)  # B K G T 2
     B, K, G, T, _ = pred_mag.shape
     pred_mag = pred_mag.reshape(B, K * G, T, 2)
     actual = o.sum(axis=-1).reshape(B, T, K * G).transpose(0, 2, 1)

@@ -43,14 +43,15 @@ def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None
 
     Its input passes an optimization barrier, so XLA cannot prove it equal to
     replica 1's input, and it uses a different formula (base-2 exponential of
-    the rescaled argument, multiplication by the reciprocal of the sum), so
-    even a compiler that saw through the barrier would find nothing to merge.
+    the rescaled argument, a two-level sum, multiplication by the reciprocal of
+    the sum), so even a compiler that saw through the barrier would find
+    nothing to merge.
     """
     s = lax.optimization_barrier(s)
     z = jnp.exp2((s - jnp.max(s, axis=-1, keepdims=True)) * LOG2E)
     if mask is not None:
         z = jnp.where(mask, z, 0.0)
-    return z * (1.0 / jnp.sum(z, axis=-1, keepdims=True))
+    return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
 
 
 def _inject(x: Array, site: str, perturb) -> Array:

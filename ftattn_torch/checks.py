@@ -115,11 +115,16 @@ def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]
 
 def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H"], n_heads: int,
            dtype: str, tf32: bool):
-    """Row sums of O = P̂V against P̂·(V·1), with P̂ (``BK GT S``) as fed to the GEMM."""
+    """Row sums of O = P̂V against P̂·(V·1), with P̂ (``BK GT S``) as fed to the GEMM.
+
+    The prediction and the magnitude ``W_i = P̂·|V|·1`` are float32 products
+    summed over keys in two levels (blocks of ``tol.reduction_block(S)``).
+    """
     B, K, S, H = v.shape
     vf = v.to(F32)
-    cols = torch.stack([vf.sum(-1), vf.abs().sum(-1)], dim=-1).reshape(B * K, S, 2)
-    pred_mag = torch.bmm(p_mma.to(F32), cols).reshape(B, n_heads, -1, 2)  # B N T 2
+    cols = torch.stack([vf.sum(-1), vf.abs().sum(-1)], dim=-2).reshape(B * K, 2, S)
+    partial = torch.einsum("xtcb,xdcb->xtdc", _blocks(p_mma.to(F32), -1), _blocks(cols, -1))
+    pred_mag = partial.sum(-1).reshape(B, n_heads, -1, 2)  # B N T 2
     actual = o.sum(-1).reshape(B, n_heads, -1)
     threshold = tol.pv_coefficient(S, H, dtype, tf32) * pred_mag[..., 1] + tol.underflow_allowance(
         4 * (S + 1) * (H + 1))

@@ -43,11 +43,12 @@ def _softmax(s: Float[Tensor, "B N T S"]) -> Float[Tensor, "B N T S"]:
 
 def _softmax_replica(s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | None) -> Float[Tensor, "B N T S"]:
     """Replica 2: an independent evaluation with a different formula (base-2
-    exponential of the rescaled argument, product with the reciprocal sum)."""
+    exponential of the rescaled argument, a two-level sum, product with the
+    reciprocal sum)."""
     z = torch.exp2((s - s.amax(-1, keepdim=True)) * LOG2E)
     if mask is not None:
         z = torch.where(mask, z, 0.0)
-    return z * (1.0 / z.sum(-1, keepdim=True))
+    return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
 
 
 def _inject(x: Tensor, site: str, perturb) -> Tensor:

@@ -130,4 +130,4 @@ def test_thresholds_grow_with_sequence_length():
 
     cs = [tol.qk_coefficient(n, 128, "float16") for n in (512, 1024, 2048, 4096, 8192)]
     assert all(a < b for a, b in zip(cs, cs[1:]))
-    assert tol.gamma(1) > 0 and tol.gamma(4096) < 1e-4
+    assert tol.gamma(1) > 0 and tol.gamma(4096) < 2e-4 and tol.blocked_gamma(4096) < 2e-5

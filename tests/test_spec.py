@@ -50,7 +50,8 @@ def test_gamma_is_a_bound_for_both_mechanisms():
     u = tol.U_ACC
     for n in (1, 16, 100, 4096, 8192):
         assert tol.gamma(n) >= tol.LAMBDA * math.sqrt(n) * u
-        assert tol.gamma(n) >= 2 * (n / tol.MMA_GROUP) * u
+        assert tol.gamma(n) >= n / 2 * u
+        assert tol.blocked_gamma(n) <= tol.gamma(n) or n < 64
 
 
 def test_product_roundoff():
