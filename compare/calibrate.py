@@ -29,7 +29,7 @@ import numpy as np
 
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import CHECKS
-from ftattn_spec.shapes import PRESET_NAMES, preset
+from ftattn_spec.shapes import PRESET_NAMES, Shape, preset
 
 from .backends import make_backend
 
@@ -57,6 +57,25 @@ def calibrate_case(backend, shape, dtype: str, dist: str, is_causal: bool, seed:
     return row
 
 
+def markdown(rows: list[dict], dist: str = "uniform", causal: bool = False) -> str:
+    """Detection-floor table (median over rows) per dtype and check, one column per shape,
+    plus the worst clean residual/threshold over every case in ``rows``."""
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    lines = [f"| dtype | check | " + " | ".join(s.split(" T=")[1].split(" S=")[0] and f"T={s.split(' T=')[1].split(' ')[0]}"
+                                               for s in shapes) + " | worst clean ratio (all cases) |",
+             "|---|---|" + "---|" * (len(shapes) + 1)]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for check in CHECKS:
+            cells = []
+            for shp in shapes:
+                match = [r for r in rows if r["shape"] == shp and r["dtype"] == dtype and r["dist"] == dist
+                         and r["causal"] == causal]
+                cells.append(f"{match[0]['checks'][check]['floor_median']:.2g}" if match else "n/a")
+            worst = max(r["checks"][check]["worst"] for r in rows if r["dtype"] == dtype)
+            lines.append(f"| {dtype} | {check} | " + " | ".join(cells) + f" | {worst:.2g} |")
+    return "\n".join(lines)
+
+
 def cut(shape, max_heads: int):
     from dataclasses import replace
 
@@ -73,10 +92,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
     ap.add_argument("--dists", default=",".join(DISTRIBUTIONS))
     ap.add_argument("--causal", default="both", choices=["no", "yes", "both"])
+    ap.add_argument("--shape", default=None, help="B,N,T,S,H instead of a preset, e.g. 1,2,16384,16384,128")
     ap.add_argument("--max-heads", type=int, default=8, help="cap on batch x heads per shape")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write every row to this file")
+    ap.add_argument("--markdown", default=None, metavar="JSON",
+                    help="only print the detection-floor table of an earlier --json file")
     args = ap.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            data = json.load(f)
+        print(f"<!-- {data['backend']} {data['environment']} -->")
+        print(markdown(data["rows"]))
+        return 0
 
     backend = make_backend(args.backend)
     causal = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
@@ -84,8 +112,12 @@ def main(argv=None) -> int:
     print(f"# backend={args.backend} {backend.environment()} preset={args.preset}", flush=True)
     print(f"{'shape':36} {'dtype':9} {'dist':9} {'causal':6} " +
           " ".join(f"{c + ' worst/floor':>26}" for c in CHECKS), flush=True)
+    if args.shape:
+        shapes = (Shape(*(int(x) for x in args.shape.split(","))),)
+    else:
+        shapes = preset(args.preset)
     for shape, dtype, dist, is_causal in itertools.product(
-            preset(args.preset), args.dtypes.split(","), args.dists.split(","), causal):
+            shapes, args.dtypes.split(","), args.dists.split(","), causal):
         shape = cut(shape, args.max_heads)
         t0 = time.perf_counter()
         row = calibrate_case(backend, shape, dtype, dist, is_causal, args.seed)

@@ -27,7 +27,8 @@ def _blocks(x: Array, axis: int) -> Array:
     n = x.shape[-1]
     b = tol.reduction_block(n)
     nb = -(-n // b)
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * b - n)])
+    if nb * b != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * b - n)])
     return x.reshape(*x.shape[:-1], nb, b)
 
 

@@ -24,7 +24,8 @@ def _blocks(x: Tensor, dim: int) -> Tensor:
     n = x.shape[-1]
     b = tol.reduction_block(n)
     nb = -(-n // b)
-    x = torch.nn.functional.pad(x, (0, nb * b - n))
+    if nb * b != n:
+        x = torch.nn.functional.pad(x, (0, nb * b - n))
     return x.reshape(*x.shape[:-1], nb, b)
 
 
