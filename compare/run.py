@@ -49,6 +49,11 @@ def _has_gpu() -> bool:
         return False
 
 
+def _heads(backend, x, n: int) -> np.ndarray:
+    """Batch 0 and the first ``n`` heads of a backend array, as logical float64."""
+    return backend.logical(x[:1, :, :n] if backend.name == "jax" else x[:1, :n])
+
+
 def _is_oom(e: Exception) -> bool:
     text = f"{type(e).__name__} {e}"
     return "OutOfMemory" in text or "RESOURCE_EXHAUSTED" in text or "out of memory" in text
@@ -85,30 +90,34 @@ def time_call(backend, fn, inputs, warmup: int, reps: int) -> float:
 
 
 def run(args) -> list[dict]:
-    backends = {}
-    for name in args.backends.split(","):
+    """All shapes of one backend, then the next, so that each backend has the
+    device memory to itself; outputs are kept on a subsample for the
+    cross-backend comparison."""
+    rows, outs, bounds = [], {}, {}
+    shapes = preset(args.preset)
+    for bname in args.backends.split(","):
         try:
-            backends[name] = make_backend(name)
+            be = make_backend(bname)
         except ImportError as e:
-            print(f"skipping backend {name}: {e.name or e} is not installed", flush=True)
-    rows = []
-    for shape in preset(args.preset):
-        n_sets = args.input_sets
-        host = [draw_qkv(args.seed + i, args.dist, shape.B, shape.N, shape.kv_heads, shape.T, shape.S, shape.H)
-                for i in range(n_sets)]
-        # float64 reference on a subsample: batch 0, the first heads (and their kv heads)
-        nh = min(SUBSAMPLE_HEADS, shape.N)
-        G = shape.N // shape.kv_heads
-        outs = {}
-        for bname, be in backends.items():
+            print(f"skipping backend {bname}: {e.name or e} is not installed", flush=True)
+            continue
+        for shape in shapes:
+            host = [draw_qkv(args.seed + i, args.dist, shape.B, shape.N, shape.kv_heads, shape.T, shape.S,
+                             shape.H) for i in range(args.input_sets)]
             inputs = [tuple(be.array(x, args.dtype) for x in qkv) for qkv in host]
-            q, k, v = (be.logical(x) for x in inputs[0])
-            sub = (q[:1, :nh], k[:1, : -(-nh // G)], v[:1, : -(-nh // G)])
-            o64, p, _ = ref.attention(*sub, is_causal=args.causal, layout="torch")
-            bound = ref.output_bound(*sub, p, o64, dtype=args.dtype, is_causal=args.causal, layout="torch")
+            del host
+            # float64 reference on a subsample: batch 0, the first heads (and their kv heads)
+            nh = min(SUBSAMPLE_HEADS, shape.N)
+            nk = -(-nh // (shape.N // shape.kv_heads))
+            q0, k0, v0 = inputs[0]
+            q, k, v = _heads(be, q0, nh), _heads(be, k0, nk), _heads(be, v0, nk)
+            o64, p, _ = ref.attention(q, k, v, is_causal=args.causal, layout="torch")
+            bound = ref.output_bound(q, k, v, p, o64, dtype=args.dtype, is_causal=args.causal, layout="torch")
+            bounds.setdefault(shape.label(), bound)
             base_ms = None
             for scheme in args.schemes.split(","):
                 fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal)  # noqa: E731
+                row = {"shape": shape.label(), "scheme": scheme, "backend": bname}
                 try:
                     ms = time_call(be, fn, inputs, args.warmup, args.reps)
                     out, rep = be.sync(fn(*inputs[0]))
@@ -116,29 +125,26 @@ def run(args) -> list[dict]:
                     if not _is_oom(e):
                         raise
                     print(f"{shape.label()} {scheme} {bname}: out of device memory", flush=True)
-                    rows.append({"shape": shape.label(), "scheme": scheme, "backend": bname, "ms": float("nan"),
-                                 "tflops": float("nan"), "overhead": float("nan"), "err_vs_bound": float("nan"),
-                                 "detected": False, "bound": bound, "oom": True})
+                    rows.append(dict(row, ms=float("nan"), tflops=float("nan"), overhead=float("nan"),
+                                     err_vs_bound=float("nan"), detected=False, oom=True))
                     _free(be)
                     continue
                 o = be.logical(out)[:1, :nh]
-                outs[(scheme, bname)] = o
+                outs[(shape.label(), scheme, bname)] = o
                 base_ms = ms if scheme == "baseline" else base_ms
-                rows.append({
-                    "shape": shape.label(), "scheme": scheme, "backend": bname, "ms": ms,
-                    "tflops": shape.flops(args.causal) / ms / 1e9,
-                    "overhead": (ms / base_ms - 1.0) if base_ms else float("nan"),
-                    "err_vs_bound": float(np.max(np.abs(o - o64) / bound)),
-                    "detected": bool(np.asarray(be.numpy_report(rep).detected)),
-                    "bound": bound,
-                })
-        for r in rows:
-            other = "torch" if r["backend"] == "jax" else "jax"
-            if r["shape"] == shape.label() and (r["scheme"], r["backend"]) in outs and (r["scheme"], other) in outs:
-                diff = np.abs(outs[(r["scheme"], r["backend"])] - outs[(r["scheme"], other)])
-                r["xbackend_vs_bound"] = float(np.max(diff / r["bound"]))
+                rows.append(dict(
+                    row, ms=ms, tflops=shape.flops(args.causal) / ms / 1e9,
+                    overhead=(ms / base_ms - 1.0) if base_ms else float("nan"),
+                    err_vs_bound=float(np.max(np.abs(o - o64) / bound)),
+                    detected=bool(np.asarray(be.numpy_report(rep).detected))))
+                del out, rep
+            del inputs
+            _free(be)
     for r in rows:
-        r.pop("bound")
+        other = "torch" if r["backend"] == "jax" else "jax"
+        mine, theirs = outs.get((r["shape"], r["scheme"], r["backend"])), outs.get((r["shape"], r["scheme"], other))
+        if mine is not None and theirs is not None:
+            r["xbackend_vs_bound"] = float(np.max(np.abs(mine - theirs) / bounds[r["shape"]]))
     return rows
 
 

@@ -105,11 +105,11 @@ def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]
                 s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | None):
     """L1 distance between the two softmax replicas of each row."""
     S = s.shape[-1]
-    l1 = (p - p_replica).abs().sum(-1)
+    l1 = (p - p_replica).abs_().sum(-1)
     gap = s.amax(-1, keepdim=True) - s  # m_i - s_ij >= 0
     if mask is not None:
-        gap = torch.where(mask, gap, 0.0)
-    spread = (p * gap).sum(-1)  # E_i
+        gap.masked_fill_(~mask, 0.0)
+    spread = gap.mul_(p).sum(-1)  # E_i
     c0, c1 = tol.dmr_coefficients(S)
     return l1, c0 + c1 * spread + tol.underflow_allowance(4 * S)
 

@@ -45,9 +45,9 @@ def _softmax_replica(s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | No
     """Replica 2: an independent evaluation with a different formula (base-2
     exponential of the rescaled argument, a two-level sum, product with the
     reciprocal sum)."""
-    z = torch.exp2((s - s.amax(-1, keepdim=True)) * LOG2E)
+    z = (s - s.amax(-1, keepdim=True)).mul_(LOG2E).exp2_()
     if mask is not None:
-        z = torch.where(mask, z, 0.0)
+        z.masked_fill_(~mask, 0.0)
     return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
 
 
@@ -73,12 +73,12 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
 
     qg = query.reshape(B, K, G, T, H)
     s = _bmm_f32(qg.reshape(B * K, G * T, H), key.reshape(B * K, S, H).transpose(1, 2))
-    s = _inject(s.reshape(B, N, T, S) * scale, "scores", perturb)
+    s = _inject(s.reshape(B, N, T, S).mul_(scale), "scores", perturb)
     mask = None
     if is_causal:
         mask = torch.arange(S, device=query.device)[None, :] <= torch.arange(T, device=query.device)[:, None]
     s_masked = s if mask is None else torch.where(mask, s, 0.0)
-    s_soft = s if mask is None else torch.where(mask, s, NEG)
+    s_soft = s if mask is None else s.masked_fill_(~mask, NEG)  # s itself is not needed again
 
     found = {}
     if "qk_row" in wanted:
