@@ -24,7 +24,6 @@ def _dtype_name(x: torch.Tensor) -> tuple[str, bool]:
     return str(x.dtype).removeprefix("torch."), x.dtype.is_floating_point
 
 
-@torch.no_grad()
 def attention(query, key, value, *, scheme: str = "full", granularity: str = "vector",
               scale: float | None = None, is_causal: bool = False) -> tuple[torch.Tensor, Report]:
     """Fault-checked attention in ``scaled_dot_product_attention``'s layout.
@@ -43,6 +42,9 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
     Returns:
       ``(out, report)``: ``out`` is ``(B, N, T, H)`` in the input dtype; ``report``
       is a ``ftattn_spec.Report`` of tensors on the input's device (no host sync).
+
+    Autograd flows through ``out`` as through plain attention (the checks are
+    computed without a graph, and the backward pass itself is not checked).
     """
     query, key, value = (_as_tensor(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     scheme = v.validate_scheme(scheme)

@@ -81,29 +81,31 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     s_soft = s if mask is None else s.masked_fill_(~mask, NEG)  # s itself is not needed again
 
     found = {}
-    if "qk_row" in wanted:
-        found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32)
-    if "qk_col" in wanted:
-        found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32)
+    with torch.no_grad():  # the checks never need a backward graph
+        if "qk_row" in wanted:
+            found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32)
+        if "qk_col" in wanted:
+            found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32)
 
     p = _inject(_softmax(s_soft), "probs", perturb)
     if "softmax_dmr" in wanted:
-        p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
-        found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
+        with torch.no_grad():
+            p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
+            found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
 
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
     o = _bmm_f32(p_mma, value.reshape(B * K, S, H))  # BK GT H
     o = _inject(o.reshape(B, N, T, H), "out", perturb).reshape(B * K, G * T, H)
-    if "pv_row" in wanted:
-        found["pv_row"] = checks.pv_row(o, p_mma, value, N, dtype, tf32)
-
-    results = {
-        name: checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
-        for name in wanted
-    }
-    detected = torch.zeros((), dtype=torch.bool, device=query.device)
-    for r in results.values():
-        detected = detected | r.flagged.any()
-    finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
+    with torch.no_grad():
+        if "pv_row" in wanted:
+            found["pv_row"] = checks.pv_row(o, p_mma, value, N, dtype, tf32)
+        results = {
+            name: checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+            for name in wanted
+        }
+        detected = torch.zeros((), dtype=torch.bool, device=query.device)
+        for r in results.values():
+            detected = detected | r.flagged.any()
+        finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
     out = o.reshape(B, N, T, H).to(query.dtype)
     return out, Report(detected=detected, checks=results, inputs_finite=finite)

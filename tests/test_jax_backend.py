@@ -101,3 +101,19 @@ def test_numpy_inputs_are_accepted():
     q, k, v = (np.asarray(x) for x in _inputs(2, "float32"))
     out, rep = ftattn_jax.attention(q, k, v)
     assert isinstance(out, jax.Array) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("scheme", ["baseline", "full"])
+def test_grad_matches_jax_attention(scheme):
+    """Not yet a promise of the API (issue 6), but nothing may break it silently."""
+    q, k, v = _inputs(5, "float32")
+
+    def loss(fn):
+        return lambda q, k, v: fn(q, k, v).sum()
+
+    ours = jax.grad(loss(lambda q, k, v: ftattn_jax.attention(q, k, v, scheme=scheme, is_causal=True)[0]),
+                    argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)),
+                   argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)

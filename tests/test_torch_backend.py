@@ -27,10 +27,18 @@ def test_report_lives_on_the_input_device(device):
         assert all(isinstance(x, torch.Tensor) and x.device.type == device for x in c)
 
 
-def test_no_autograd_graph_is_built():
-    q, k, v = (x.float().requires_grad_() for x in _inputs(1))
-    out, rep = ftattn_torch.attention(q, k, v)
-    assert not out.requires_grad
+def test_report_has_no_autograd_graph_and_out_has_the_right_gradient():
+    """Not yet a promise of the API (issue 6), but nothing may break it silently."""
+    q, k, v = (x.double().float().requires_grad_() for x in _inputs(1, dtype=torch.float32))
+    for scheme in ("baseline", "full"):
+        out, rep = ftattn_torch.attention(q, k, v, scheme=scheme, is_causal=True)
+        assert all(not x.requires_grad for c in rep.checks.values() for x in c)
+        g = torch.autograd.grad(out.sum(), (q, k, v))
+        kk, vv = (x.repeat_interleave(2, dim=1) for x in (k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+        g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_mismatched_devices_are_named():
