@@ -30,8 +30,23 @@ def _blocks(x: Tensor, dim: int) -> Tensor:
 
 
 def blocked_sum(x: Tensor, dim: int) -> Tensor:
-    """Σ along ``dim`` as a two-level sum, the structure ``tol.blocked_gamma`` bounds."""
-    return _blocks(x, dim).sum(-1).sum(-1)
+    """Σ along ``dim`` as a two-level sum, the structure ``tol.blocked_gamma`` bounds.
+
+    Works on views (no copy of ``x``, whatever ``dim``): full blocks of
+    ``tol.reduction_block(n)`` terms, then a shorter last block if ``n`` is not
+    a multiple, then the sum of the block sums.
+    """
+    dim = dim % x.ndim
+    n = x.shape[dim]
+    b = tol.reduction_block(n)
+    full = n // b
+    parts = []
+    if full:
+        head = x.narrow(dim, 0, full * b)
+        parts.append(head.reshape(*x.shape[:dim], full, b, *x.shape[dim + 1:]).sum(dim + 1))
+    if n > full * b:
+        parts.append(x.narrow(dim, full * b, n - full * b).sum(dim, keepdim=True))
+    return (torch.cat(parts, dim) if len(parts) > 1 else parts[0]).sum(dim)
 
 
 def blocked_cumsum(x: Tensor, dim: int) -> Tensor:
@@ -103,10 +118,15 @@ def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
 
 def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"],
                 s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | None):
-    """L1 distance between the two softmax replicas of each row."""
+    """L1 distance between the two softmax replicas of each row.
+
+    Overwrites ``p_replica`` (its buffer is reused, to keep the peak memory at
+    three arrays of the size of S).
+    """
     S = s.shape[-1]
-    l1 = (p - p_replica).abs_().sum(-1)
-    gap = s.amax(-1, keepdim=True) - s  # m_i - s_ij >= 0
+    buf = p_replica.sub_(p).abs_()
+    l1 = buf.sum(-1)
+    gap = torch.sub(s.amax(-1, keepdim=True), s, out=buf)  # m_i - s_ij >= 0
     if mask is not None:
         gap.masked_fill_(~mask, 0.0)
     spread = gap.mul_(p).sum(-1)  # E_i
@@ -123,9 +143,14 @@ def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H
     """
     B, K, S, H = v.shape
     vf = v.to(F32)
-    cols = torch.stack([vf.sum(-1), vf.abs().sum(-1)], dim=-2).reshape(B * K, 2, S)
-    partial = torch.einsum("xtcb,xdcb->xtdc", _blocks(p_mma.to(F32), -1), _blocks(cols, -1))
-    pred_mag = partial.sum(-1).reshape(B, n_heads, -1, 2)  # B N T 2
+    cols = _blocks(torch.stack([vf.sum(-1), vf.abs().sum(-1)], dim=-2).reshape(B * K, 2, S), -1)
+    # Upcast P̂ a slice of (batch, kv head) pairs at a time: a float32 copy of
+    # all of it would be as large as S.
+    step = max(1, -(-p_mma.shape[0] // 8))
+    pred_mag = torch.cat([
+        torch.einsum("xtcb,xdcb->xtdc", _blocks(p_mma[i:i + step].to(F32), -1), cols[i:i + step]).sum(-1)
+        for i in range(0, p_mma.shape[0], step)
+    ]).reshape(B, n_heads, -1, 2)  # B N T 2
     actual = o.sum(-1).reshape(B, n_heads, -1)
     threshold = tol.pv_coefficient(S, H, dtype, tf32) * pred_mag[..., 1] + tol.underflow_allowance(
         4 * (S + 1) * (H + 1))

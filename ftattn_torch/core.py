@@ -48,7 +48,7 @@ def _softmax_replica(s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | No
     z = (s - s.amax(-1, keepdim=True)).mul_(LOG2E).exp2_()
     if mask is not None:
         z.masked_fill_(~mask, 0.0)
-    return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
+    return z.mul_(1.0 / checks.blocked_sum(z, -1)[..., None])
 
 
 def _inject(x: Tensor, site: str, perturb) -> Tensor:
@@ -93,7 +93,9 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
             found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
 
+    del s, s_masked, s_soft  # autograd keeps what it needs; free the rest early
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
+    del p
     o = _bmm_f32(p_mma, value.reshape(B * K, S, H))  # BK GT H
     o = _inject(o.reshape(B, N, T, H), "out", perturb).reshape(B * K, G * T, H)
     with torch.no_grad():

@@ -118,3 +118,14 @@ def test_grad_matches_jax_attention(scheme):
                        argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 41, 100, 257])
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_blocked_sums_match_plain_sums(n, axis):
+    from ftattn_jax.checks import blocked_cumsum, blocked_sum
+
+    x = jnp.asarray(np.moveaxis(np.random.default_rng(n).normal(size=(3, n, 5)), 1, axis), jnp.float32)
+    np.testing.assert_allclose(np.asarray(blocked_sum(x, axis)), np.asarray(x.sum(axis)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(blocked_cumsum(x, axis)), np.asarray(jnp.cumsum(x, axis)),
+                               rtol=1e-5, atol=1e-5)

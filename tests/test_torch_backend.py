@@ -79,3 +79,13 @@ def test_cuda_matches_cpu(dtype):
     tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}[dtype]
     np.testing.assert_allclose(o_gpu.float().cpu().numpy(), o_cpu.float().numpy(), atol=tol, rtol=tol)
     assert not bool(r_gpu.detected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 41, 100, 257])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_blocked_sums_match_plain_sums(n, dim):
+    from ftattn_torch.checks import blocked_cumsum, blocked_sum
+
+    x = torch.randn(3, n, 5, dtype=torch.float64).movedim(1, dim)
+    torch.testing.assert_close(blocked_sum(x, dim), x.sum(dim))
+    torch.testing.assert_close(blocked_cumsum(x, dim), x.cumsum(dim))
