@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.report import CheckResult
@@ -117,17 +117,11 @@ def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     return actual - predicted, tol.qk_coefficient(T, H, dtype) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))
 
 
-def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"],
-                s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None):
-    """L1 distance between the two softmax replicas of each row."""
-    S = s.shape[-1]
+def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"]):
+    """L1 distance between the two softmax replicas of each row, and its threshold
+    (``tol.dmr_threshold``: it depends on S alone)."""
     l1 = jnp.abs(p - p_replica).sum(axis=-1)
-    gap = jnp.max(s, axis=-1, keepdims=True) - s  # m_i - s_ij >= 0
-    if mask is not None:
-        gap = jnp.where(mask, gap, 0.0)
-    spread = jnp.sum(p * gap, axis=-1)  # E_i
-    c0, c1 = tol.dmr_coefficients(S)
-    return l1, c0 + c1 * spread + tol.underflow_allowance(4 * S)
+    return l1, jnp.full_like(l1, tol.dmr_threshold(p.shape[-1]))
 
 
 def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"], dtype: str):

@@ -41,14 +41,16 @@ def _softmax(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None) -> Flo
 def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None) -> Float[Array, "B N T S"]:
     """Replica 2: an independent evaluation that the compiler cannot merge with replica 1.
 
-    Its input passes an optimization barrier, so XLA cannot prove it equal to
-    replica 1's input, and it uses a different formula (base-2 exponential of
-    the rescaled argument, a two-level sum, multiplication by the reciprocal of
-    the sum), so even a compiler that saw through the barrier would find
-    nothing to merge.
+    It uses a different formula (a base-2 exponential of the argument scaled by
+    log₂ e, a two-level sum, a multiply by the reciprocal sum), and both its
+    input and the constant log₂ e pass an optimization barrier. The constant
+    matters: ``exp2(y)`` lowers to ``exp(y·ln 2)``, float32 ``log₂ e · ln 2``
+    is exactly 1, and XLA folds the two constants and then merges the two
+    exponentials (seen with jax 0.10.2 on CPU). ``tests/test_jax_backend.py``
+    counts the exponentials in the compiled HLO.
     """
-    s = lax.optimization_barrier(s)
-    z = jnp.exp2((s - jnp.max(s, axis=-1, keepdims=True)) * LOG2E)
+    s, log2e = lax.optimization_barrier((s, jnp.float32(LOG2E)))
+    z = jnp.exp2((s - jnp.max(s, axis=-1, keepdims=True)) * log2e)
     if mask is not None:
         z = jnp.where(mask, z, 0.0)
     return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
@@ -108,7 +110,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     p = _inject(_softmax(s_soft, mask), "probs", perturb)
     if "softmax_dmr" in wanted:
         p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
-        found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
+        found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
 
     p_mma = p.astype(query.dtype).reshape(B, K, G, T, S)
     o = jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)

@@ -148,20 +148,26 @@ def pv_coefficient(S: int, H: int, dtype: str, tf32: bool = False) -> float:
     )
 
 
-def dmr_coefficients(S: int) -> tuple[float, float]:
-    """``(c0, c1)`` of the softmax DMR threshold ``c0 + c1·E_i`` on the L1 distance.
+def dmr_threshold(S: int) -> float:
+    """Threshold on the L1 distance Σ_j |p_ij − p'_ij| between the two softmax replicas.
 
-    ``E_i = Σ_j p_ij·(m_i − s_ij)`` (m_i the row max) measures how far the
-    exponentials' arguments are from zero; each replica's exponent argument is
-    off by at most 2u·|s_ij − m_i|. ``c0`` covers the two exponential
-    evaluations, the normalisation (one division or reciprocal and product) and
-    the two independent row sums of S exponentials, relative to Σ p = 1: the
-    first replica's in the library's order (γ(S)), the second's in two levels
-    (blocked γ(S)).
+    Per element, each replica's relative error is at most
+    ``(c_exp + 2)·u + 2u·(m_i − s_ij)`` plus its denominator's: the exponential,
+    the normalisation (one division, or a reciprocal and a product), and an
+    argument off by ``2u·(m_i − s_ij)`` (the subtraction of the row max ``m_i``
+    and the multiply by log₂ e). The denominators are sums of S positive
+    terms: the first replica's in the library's order (γ(S)), the second's in
+    two levels (blocked γ(S)). Summed over the row with Σ_j p_ij = 1:
+
+    ``u·(2·c_exp + 4) + γ(S) + γ₂(S) + 4u·E_i``, ``E_i = Σ_j p_ij·(m_i − s_ij)``,
+
+    and ``E_i = H(p_i) − ln Σ_j e^(s_ij − m_i) ≤ H(p_i) ≤ ln S`` (the entropy of
+    the row, minus a log of a sum whose largest term is 1), so the threshold
+    needs no data: it depends on S alone.
     """
-    c0 = U_ACC * (2.0 * EXP_ERROR_UNITS + 4.0) + gamma(S) + blocked_gamma(S)
-    c1 = 4.0 * U_ACC
-    return MAGNITUDE_MARGIN * c0, MAGNITUDE_MARGIN * c1
+    S = max(int(S), 1)
+    bound = U_ACC * (2.0 * EXP_ERROR_UNITS + 4.0 + 4.0 * math.log(S)) + gamma(S) + blocked_gamma(S)
+    return MAGNITUDE_MARGIN * bound + underflow_allowance(4 * S)
 
 
 def global_factor(n_rows: int) -> float:

@@ -9,7 +9,7 @@ with ``G = N // K`` (query head ``n`` reads kv head ``n // G``).
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from ftattn_spec import tolerances as tol
@@ -116,22 +116,11 @@ def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     return actual - predicted, threshold
 
 
-def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"],
-                s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | None):
-    """L1 distance between the two softmax replicas of each row.
-
-    Overwrites ``p_replica`` (its buffer is reused, to keep the peak memory at
-    three arrays of the size of S).
-    """
-    S = s.shape[-1]
-    buf = p_replica.sub_(p).abs_()
-    l1 = buf.sum(-1)
-    gap = torch.sub(s.amax(-1, keepdim=True), s, out=buf)  # m_i - s_ij >= 0
-    if mask is not None:
-        gap.masked_fill_(~mask, 0.0)
-    spread = gap.mul_(p).sum(-1)  # E_i
-    c0, c1 = tol.dmr_coefficients(S)
-    return l1, c0 + c1 * spread + tol.underflow_allowance(4 * S)
+def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]):
+    """L1 distance between the two softmax replicas of each row, and its threshold
+    (``tol.dmr_threshold``: it depends on S alone). Overwrites ``p_replica``."""
+    l1 = torch.linalg.vector_norm(p_replica.sub_(p), ord=1, dim=-1)
+    return l1, torch.full_like(l1, tol.dmr_threshold(p.shape[-1]))
 
 
 def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H"], n_heads: int,

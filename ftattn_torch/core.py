@@ -91,7 +91,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     if "softmax_dmr" in wanted:
         with torch.no_grad():
             p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
-            found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, s_soft, mask)
+            found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
 
     del s, s_masked, s_soft  # autograd keeps what it needs; free the rest early
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
