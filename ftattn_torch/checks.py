@@ -133,9 +133,10 @@ def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H
     B, K, S, H = v.shape
     vf = v.to(F32)
     cols = _blocks(torch.stack([vf.sum(-1), vf.abs().sum(-1)], dim=-2).reshape(B * K, 2, S), -1)
-    # Upcast P̂ a slice of (batch, kv head) pairs at a time: a float32 copy of
-    # all of it would be as large as S.
-    step = max(1, -(-p_mma.shape[0] // 8))
+    # Upcast P̂ a slice of (batch, kv head) pairs at a time, about 1 GiB of
+    # float32 per slice: a copy of all of it would be as large as S.
+    slices = -(-p_mma.numel() * 4 // 2**30)
+    step = max(1, -(-p_mma.shape[0] // slices))
     pred_mag = torch.cat([
         torch.einsum("xtcb,xdcb->xtdc", _blocks(p_mma[i:i + step].to(F32), -1), cols[i:i + step]).sum(-1)
         for i in range(0, p_mma.shape[0], step)
