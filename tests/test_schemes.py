@@ -131,3 +131,20 @@ def test_thresholds_grow_with_sequence_length():
     cs = [tol.qk_coefficient(n, 128, "float16") for n in (512, 1024, 2048, 4096, 8192)]
     assert all(a < b for a, b in zip(cs, cs[1:]))
     assert tol.gamma(1) > 0 and tol.gamma(4096) < 2e-4 and tol.blocked_gamma(4096) < 2e-5
+
+
+@pytest.mark.parametrize("preset_name", ["cpu", "warmup"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_presets_run_clean(backend, preset_name, dtype):
+    """The CPU-sized presets, every scheme's checks (``full``), fresh inputs: nothing flagged.
+
+    The GPU-sized presets are covered by ``python -m compare.calibrate`` on a GPU
+    (docs/tolerances.md); thresholds are per row, so they depend on T, S and H only.
+    """
+    from ftattn_spec.shapes import preset
+
+    for i, shape in enumerate(preset(preset_name)):
+        dims = dict(B=shape.B, N=shape.N, K=shape.kv_heads, T=shape.T, S=shape.S, H=shape.H)
+        for dist in ("uniform", "outliers"):
+            inputs, out, report = run_case(backend, dtype, dist, seed=500 + i, shape=dims, scheme="full")
+            assert_clean(report, "full", "vector", dims)
