@@ -96,7 +96,12 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
 
     qg = query.reshape(B, T, K, G, H)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
-    s = _inject(s.reshape(B, N, T, S) * scale, "scores", perturb)
+    # S is stored once and every consumer reads that copy: left to itself XLA
+    # may recompute scale·(QKᵀ) inside a consumer's fusion with a fused
+    # multiply-add, and then the two softmax replicas (or the two sides of a
+    # check) would see logits that differ by a rounding of |s|, not of the
+    # quantities the tolerance model bounds (seen on CPU: a clean DMR flag).
+    s = lax.optimization_barrier(_inject(s.reshape(B, N, T, S) * scale, "scores", perturb))
     mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] if is_causal else None
     s_masked = s if mask is None else jnp.where(mask, s, 0.0)
     s_soft = s if mask is None else jnp.where(mask, s, NEG)
@@ -107,7 +112,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     if "qk_col" in wanted:
         found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
 
-    p = _inject(_softmax(s_soft, mask), "probs", perturb)
+    p = lax.optimization_barrier(_inject(_softmax(s_soft, mask), "probs", perturb))  # one P for all readers
     if "softmax_dmr" in wanted:
         p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
         found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
