@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
+from .axes import LAYOUTS
 from .schemes import GRANULARITIES, SCHEME_NAMES
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -103,3 +105,29 @@ def validate_shapes(layout_q: str, layout_kv: str, q_shape, k_shape, v_shape) ->
             f"got K={k['K']} (shape {tuple(k_shape)})"
         )
     return {"B": q["B"], "T": q["T"], "S": k["S"], "N": q["N"], "K": k["K"], "H": q["H"]}
+
+
+class Settings(NamedTuple):
+    """Validated arguments of one ``attention`` call."""
+
+    scheme: str
+    granularity: str
+    scale: float
+    is_causal: bool
+    dtype: str
+    dims: dict
+
+
+def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, scale, is_causal) -> Settings:
+    """Validate every argument of ``attention`` for ``backend`` (``"jax"`` or ``"torch"``).
+
+    ``shapes`` are the (query, key, value) shapes and ``dtypes`` their
+    ``(name, is_floating)`` pairs; the order of the checks fixes which error
+    a call with several problems gets, the same in both backends.
+    """
+    scheme = validate_scheme(scheme)
+    granularity = validate_granularity(granularity)
+    is_causal = validate_is_causal(is_causal)
+    dtype = validate_dtypes(*(name for name, _ in dtypes), floating=dict(dtypes))
+    dims = validate_shapes(*LAYOUTS[backend], *shapes)
+    return Settings(scheme, granularity, resolve_scale(scale, dims["H"]), is_causal, dtype, dims)

@@ -47,15 +47,11 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
     computed without a graph, and the backward pass itself is not checked).
     """
     query, key, value = (_as_tensor(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
-    scheme = v.validate_scheme(scheme)
-    granularity = v.validate_granularity(granularity)
-    is_causal = v.validate_is_causal(is_causal)
-    names = [_dtype_name(x) for x in (query, key, value)]
-    v.validate_dtypes(*(n for n, _ in names), floating=dict(names))
-    dims = v.validate_shapes(_LAYOUT_Q, _LAYOUT_KV, query.shape, key.shape, value.shape)
+    cfg = v.validate_attention("torch", (query.shape, key.shape, value.shape),
+                               [_dtype_name(x) for x in (query, key, value)],
+                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal)
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key, value: expected one device for all three, got query {query.device}, "
                          f"key {key.device}, value {value.device}")
-    scale = v.resolve_scale(scale, dims["H"])
-    return core.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
-                    is_causal=is_causal)
+    return core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
+                    is_causal=cfg.is_causal)
