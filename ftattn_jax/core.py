@@ -96,12 +96,15 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
 
     qg = query.reshape(B, T, K, G, H)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
-    # S is stored once and every consumer reads that copy: left to itself XLA
-    # may recompute scale·(QKᵀ) inside a consumer's fusion with a fused
-    # multiply-add, and then the two softmax replicas (or the two sides of a
-    # check) would see logits that differ by a rounding of |s|, not of the
-    # quantities the tolerance model bounds (seen on CPU: a clean DMR flag).
-    s = lax.optimization_barrier(_inject(s.reshape(B, N, T, S) * scale, "scores", perturb))
+    s = _inject(s.reshape(B, N, T, S) * scale, "scores", perturb)
+    if "softmax_dmr" in wanted:
+        # Both replicas must read one stored S: left to itself XLA may
+        # recompute scale·(QKᵀ) inside one replica's fusion with a fused
+        # multiply-add, and the replicas then see logits that differ by a
+        # rounding of |s|, which the DMR bound does not cover (seen on CPU:
+        # a clean row flagged). Without the DMR nothing needs this, and the
+        # barrier costs time and memory, so baseline does without it.
+        s = lax.optimization_barrier(s)
     mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] if is_causal else None
     s_masked = s if mask is None else jnp.where(mask, s, 0.0)
     s_soft = s if mask is None else jnp.where(mask, s, NEG)
@@ -112,12 +115,14 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     if "qk_col" in wanted:
         found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
 
-    p = lax.optimization_barrier(_inject(_softmax(s_soft, mask), "probs", perturb))  # one P for all readers
+    p = _inject(_softmax(s_soft, mask), "probs", perturb)
     if "softmax_dmr" in wanted:
         p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
         found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
 
     p_mma = p.astype(query.dtype).reshape(B, K, G, T, S)
+    if "pv_row" in wanted:
+        p_mma = lax.optimization_barrier(p_mma)  # the GEMM and the prediction read the same P̂
     o = jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)
     o = _inject(o.reshape(B, T, N, H), "out", perturb).reshape(B, T, K, G, H)
     if "pv_row" in wanted:
