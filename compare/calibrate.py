@@ -61,8 +61,8 @@ def markdown(rows: list[dict], dist: str = "uniform", causal: bool = False) -> s
     """Detection-floor table (median over rows) per dtype and check, one column per shape,
     plus the worst clean residual/threshold over every case in ``rows``."""
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    lines = [f"| dtype | check | " + " | ".join(s.split(" T=")[1].split(" S=")[0] and f"T={s.split(' T=')[1].split(' ')[0]}"
-                                               for s in shapes) + " | worst clean ratio (all cases) |",
+    labels = [f"T={s.split(' T=')[1].split(' ')[0]}" for s in shapes]
+    lines = ["| dtype | check | " + " | ".join(labels) + " | worst clean ratio (all cases) |",
              "|---|---|" + "---|" * (len(shapes) + 1)]
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         for check in CHECKS:

@@ -12,7 +12,7 @@
 from .axes import LAYOUTS, LEGEND, REPORT_AXES, transpose_perm
 from .report import CHECK_FIELDS, REPORT_FIELDS, CheckResult, Report
 from .schemes import (CHECK_DESCRIPTIONS, CHECK_ORIENTATION, CHECKS, GRANULARITIES, SCHEME_NAMES,
-                      SCHEMES, Scheme, checks_of)
+                      SCHEMES, Scheme)
 from .shapes import PRESET_NAMES, PRESETS, Shape, preset
 from .validation import SUPPORTED_DTYPES
 
@@ -20,5 +20,5 @@ __all__ = [
     "CHECKS", "CHECK_DESCRIPTIONS", "CHECK_FIELDS", "CHECK_ORIENTATION", "CheckResult",
     "GRANULARITIES", "LAYOUTS", "LEGEND", "PRESETS", "PRESET_NAMES", "REPORT_AXES",
     "REPORT_FIELDS", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
-    "Shape", "checks_of", "preset", "transpose_perm",
+    "Shape", "preset", "transpose_perm",
 ]

@@ -58,14 +58,3 @@ def transpose_perm(src: str, dst: str) -> tuple[int, ...]:
     if sorted(src) != sorted(dst):
         raise ValueError(f"layouts {src!r} and {dst!r} do not hold the same axes")
     return tuple(src.index(a) for a in dst)
-
-
-def logical_dims(layout_q: str, layout_kv: str, q_shape, kv_shape) -> dict[str, int]:
-    """Name the sizes of a (query, key) pair by legend letter.
-
-    Kv arrays may use the letter ``S`` for their sequence axis and ``K`` for
-    their head axis; the query uses ``T`` and ``N``.
-    """
-    dims = dict(zip(layout_q, q_shape))
-    dims.update({a: n for a, n in zip(layout_kv, kv_shape) if a in ("S", "K")})
-    return dims

@@ -82,10 +82,3 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 SCHEME_NAMES: tuple[str, ...] = tuple(SCHEMES)
-
-
-def checks_of(scheme: str) -> tuple[str, ...]:
-    """Checks run by ``scheme`` (validated)."""
-    from .validation import validate_scheme
-
-    return SCHEMES[validate_scheme(scheme)].checks

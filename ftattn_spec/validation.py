@@ -88,7 +88,6 @@ def validate_shapes(layout_q: str, layout_kv: str, q_shape, k_shape, v_shape) ->
             raise ValueError(f"{name}: expected every dimension >= 1 (layout {layout}), got shape {tuple(shape)}")
     q = dict(zip(layout_q, (int(n) for n in q_shape)))
     k = dict(zip(layout_kv, (int(n) for n in k_shape)))
-    v = dict(zip(layout_kv, (int(n) for n in v_shape)))
     if tuple(k_shape) != tuple(v_shape):
         raise ValueError(
             f"value: expected the shape of key {tuple(k_shape)} (layout {layout_kv}), got {tuple(v_shape)}"
