@@ -24,8 +24,14 @@ class JaxBackend:
         self.jax, self.jnp, self.mod = jax, jnp, ftattn_jax
 
     def array(self, x: np.ndarray, dtype: str):
-        """Logical BNTH/BKSH numpy → backend layout BTNH/BSKH in ``dtype``."""
-        return self.jnp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1, 3)), dtype=dtype)
+        """Logical BNTH/BKSH numpy → backend layout BTNH/BSKH in ``dtype``.
+
+        Values go through float32 first in both adapters, so that both
+        backends round them to ``dtype`` identically (a float64 → float16 cast
+        rounds once in PyTorch and twice, through float32, in JAX).
+        """
+        x32 = np.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=np.float32)
+        return self.jnp.asarray(x32).astype(dtype)
 
     def logical(self, a) -> np.ndarray:
         return np.asarray(a.astype(self.jnp.float32), dtype=np.float64).transpose(0, 2, 1, 3)
@@ -79,7 +85,7 @@ class TorchBackend:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def array(self, x: np.ndarray, dtype: str):
-        t = self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         return t.to(getattr(self.torch, dtype))
 
     def logical(self, a) -> np.ndarray:
