@@ -97,7 +97,7 @@ def qk_row(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     actual = blocked_sum(s_masked, -1)
     predicted = _heads_dot(qf, ksum) * scale
     magnitude = _heads_dot(jnp.abs(qf), kabs) * scale
-    return actual - predicted, tol.qk_coefficient(S, H, dtype) * magnitude + tol.underflow_allowance(4 * (S + 1) * (H + 1))
+    return actual - predicted, tol.threshold(tol.qk_coefficient(S, H, dtype), magnitude, S, H)
 
 
 def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: Float[Array, "B N T S"],
@@ -114,7 +114,7 @@ def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     actual = blocked_sum(s_masked, -2)
     predicted = _heads_dot(qsum.reshape(B, -1, K, G, H), kb) * scale
     magnitude = _heads_dot(qabs.reshape(B, -1, K, G, H), jnp.abs(kb)) * scale
-    return actual - predicted, tol.qk_coefficient(T, H, dtype) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))
+    return actual - predicted, tol.threshold(tol.qk_coefficient(T, H, dtype), magnitude, T, H)
 
 
 def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"]):
@@ -142,8 +142,7 @@ def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"
     B, K, G, T, _ = pred_mag.shape
     pred_mag = pred_mag.reshape(B, K * G, T, 2)
     actual = o.sum(axis=-1).reshape(B, T, K * G).transpose(0, 2, 1)
-    threshold = tol.pv_coefficient(S, H, dtype) * pred_mag[..., 1] + tol.underflow_allowance(4 * (S + 1) * (H + 1))
-    return actual - pred_mag[..., 0], threshold
+    return actual - pred_mag[..., 0], tol.threshold(tol.pv_coefficient(S, H, dtype), pred_mag[..., 1], S, H)
 
 
 def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True) -> CheckResult:

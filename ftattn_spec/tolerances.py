@@ -100,6 +100,16 @@ def underflow_allowance(n_ops: int) -> float:
     return float(n_ops) * TINY
 
 
+def threshold(coefficient: float, magnitude, n: int, H: int):
+    """``coefficient·magnitude`` plus the underflow allowance of a check whose two
+    sides together perform about ``4·(n+1)·(H+1)`` operations.
+
+    ``magnitude`` may be any array type (NumPy, JAX, PyTorch): only ``*`` and
+    ``+`` are applied to it.
+    """
+    return coefficient * magnitude + underflow_allowance(4 * (n + 1) * (H + 1))
+
+
 def product_roundoff(dtype: str, tf32: bool = False) -> float:
     """Relative error of one product ``a·b`` of two ``dtype`` inputs inside a GEMM.
 

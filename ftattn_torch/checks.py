@@ -95,8 +95,7 @@ def qk_row(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     actual = blocked_sum(s_masked, -1)
     predicted = _flat_heads((qf * ksum[:, :, None]).sum(-1)) * scale
     magnitude = _flat_heads((qf.abs() * kabs[:, :, None]).sum(-1)) * scale
-    threshold = tol.qk_coefficient(S, H, dtype, tf32) * magnitude + tol.underflow_allowance(4 * (S + 1) * (H + 1))
-    return actual - predicted, threshold
+    return actual - predicted, tol.threshold(tol.qk_coefficient(S, H, dtype, tf32), magnitude, S, H)
 
 
 def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked: Float[Tensor, "B N T S"],
@@ -112,8 +111,7 @@ def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     actual = blocked_sum(s_masked, -2)
     predicted = _flat_heads((qsum * kb).sum(-1)) * scale
     magnitude = _flat_heads((qabs * kb.abs()).sum(-1)) * scale
-    threshold = tol.qk_coefficient(T, H, dtype, tf32) * magnitude + tol.underflow_allowance(4 * (T + 1) * (H + 1))
-    return actual - predicted, threshold
+    return actual - predicted, tol.threshold(tol.qk_coefficient(T, H, dtype, tf32), magnitude, T, H)
 
 
 def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]):
@@ -142,9 +140,7 @@ def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H
         for i in range(0, p_mma.shape[0], step)
     ]).reshape(B, n_heads, -1, 2)  # B N T 2
     actual = o.sum(-1).reshape(B, n_heads, -1)
-    threshold = tol.pv_coefficient(S, H, dtype, tf32) * pred_mag[..., 1] + tol.underflow_allowance(
-        4 * (S + 1) * (H + 1))
-    return actual - pred_mag[..., 0], threshold
+    return actual - pred_mag[..., 0], tol.threshold(tol.pv_coefficient(S, H, dtype, tf32), pred_mag[..., 1], S, H)
 
 
 def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = True) -> CheckResult:

@@ -13,15 +13,6 @@ def qkv(backend):
     return tuple(backend.array(x, "float32") for x in draw_qkv(0, "normal", **SHAPE))
 
 
-def _swap(backend, x, perm):
-    """Permute a backend array's axes."""
-    return x.transpose(*perm) if backend.name == "jax" else x.permute(*perm)
-
-
-def _reshape(backend, x, shape):
-    return x.reshape(shape)
-
-
 def _cast(backend, x, dtype):
     if backend.name == "jax":  # numpy: jax without x64 would silently truncate float64
         return np.asarray(x).astype(dtype)
