@@ -77,7 +77,9 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     mask = None
     if is_causal:
         mask = torch.arange(S, device=query.device)[None, :] <= torch.arange(T, device=query.device)[:, None]
-    s_masked = s if mask is None else torch.where(mask, s, 0.0)
+    qk_checks = {"qk_row", "qk_col"} & set(wanted)
+    # masked entries are excluded from the checksums (0) and from the softmax (NEG)
+    s_masked = s if mask is None or not qk_checks else torch.where(mask, s, 0.0)
     s_soft = s if mask is None else s.masked_fill_(~mask, NEG)  # s itself is not needed again
 
     found = {}
