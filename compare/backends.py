@@ -46,7 +46,7 @@ class JaxBackend:
         return self.jax.tree.map(np.asarray, report)
 
     def row_scales(self, q, k, out, *, is_causal: bool) -> dict[str, np.ndarray]:
-        """Largest |element| of each checked row or column: S rows, S columns, P rows, O rows."""
+        """Largest |element| of each checked row or column: S rows, S columns, P rows, O rows, O columns."""
         jnp = self.jnp
         B, T, N, H = q.shape
         S, K = k.shape[1], k.shape[2]
@@ -64,6 +64,7 @@ class JaxBackend:
             "qk_col": np.asarray(jnp.abs(s).max(-2)),
             "softmax_dmr": np.asarray(p.max(-1)),
             "pv_row": np.asarray(jnp.abs(out.astype(jnp.float32)).max(-1).transpose(0, 2, 1)),
+            "pv_col": np.asarray(jnp.abs(out.astype(jnp.float32)).max(1).transpose(0, 2, 1)),
         }
 
     def environment(self) -> dict[str, str]:
@@ -103,7 +104,8 @@ class TorchBackend:
         conv = lambda t: t.detach().cpu().numpy()  # noqa: E731
         return Report(conv(report.detected),
                       {n: CheckResult(*(conv(x) for x in c)) for n, c in report.checks.items()},
-                      conv(report.inputs_finite))
+                      conv(report.inputs_finite), {n: conv(x) for n, x in report.located.items()},
+                      conv(report.corrected))
 
     def row_scales(self, q, k, out, *, is_causal: bool) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -124,7 +126,8 @@ class TorchBackend:
             p = torch.softmax(s, -1)
         conv = lambda t: t.cpu().numpy()  # noqa: E731
         return {"qk_row": conv(s.abs().amax(-1)), "qk_col": conv(s.abs().amax(-2)),
-                "softmax_dmr": conv(p.amax(-1)), "pv_row": conv(out.float().abs().amax(-1))}
+                "softmax_dmr": conv(p.amax(-1)), "pv_row": conv(out.float().abs().amax(-1)),
+                "pv_col": conv(out.float().abs().amax(-2))}
 
     def environment(self) -> dict[str, str]:
         torch = self.torch

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
+from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Report
 
 from . import core
@@ -28,7 +32,8 @@ def _dtype_name(x) -> tuple[str, bool]:
 
 
 def attention(query, key, value, *, scheme: str = "full", granularity: str = "vector",
-              scale: float | None = None, is_causal: bool = False) -> tuple[jax.Array, Report]:
+              scale: float | None = None, is_causal: bool = False, on_fault: str = "report",
+              fault: Fault | Sequence[Fault] | None = None) -> tuple[jax.Array, Report]:
     """Fault-checked attention in ``jax.nn.dot_product_attention``'s layout.
 
     Args:
@@ -40,6 +45,18 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
         (one per batch and head).
       scale: logit scale, default ``H ** -0.5``.
       is_causal: upper-left-aligned causal mask (query ``i`` attends keys ``j <= i``).
+      on_fault: what a detected fault does. ``"report"``: nothing beyond the
+        report. ``"correct"``: repair located single elements of S or O,
+        recompute the affected rows, and let a third softmax vote on a DMR
+        mismatch. ``"nan"``: set the affected output rows to NaN. ``"raise"``:
+        called eagerly, raise ``FaultDetected`` (with ``.report``); under a
+        JAX transformation (``jit``, ``vmap``), emit a
+        ``jax.experimental.checkify`` check, so wrap the function in
+        ``checkify.checkify`` and call ``err.throw()`` (without checkify, JAX
+        refuses to trace it and says so).
+      fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
+        (reproducible fault experiments). Traced data: one compiled function
+        serves every fault of the same count.
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, T, N, H)`` in the input dtype; ``report``
@@ -51,6 +68,14 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
     query, key, value = (_as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     cfg = v.validate_attention("jax", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
-                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal)
-    return core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
-                    is_causal=cfg.is_causal)
+                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
+                               on_fault=on_fault, fault=fault)
+    out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
+                           is_causal=cfg.is_causal, on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault,
+                           plan=cfg.plan)
+    if cfg.on_fault == "raise":
+        if isinstance(report.detected, jax.core.Tracer):
+            checkify.check(~report.detected, "ftattn: a fault was detected in attention")
+        elif bool(report.detected):
+            raise FaultDetected(report)
+    return out, report

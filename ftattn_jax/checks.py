@@ -1,4 +1,4 @@
-"""The four checks, as pure JAX functions at vector granularity.
+"""The five checks, as pure JAX functions at vector granularity.
 
 Each check returns ``(diff, threshold)``: ``diff`` is the signed difference
 actual − predicted (for ``softmax_dmr`` the non-negative L1 distance between the
@@ -145,6 +145,27 @@ def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"
     return actual - pred_mag[..., 0], tol.threshold(tol.pv_coefficient(S, H, dtype), pred_mag[..., 1], S, H)
 
 
+def pv_col(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"], dtype: str):
+    """Column sums of O = P̂V over the T rows against (1ᵀP̂)·V, per head-dim column.
+
+    ``c_j = Σ_i p̂_ij`` is a two-level float32 sum over rows; the prediction
+    ``Σ_j c_j·v_jh`` and the magnitude ``W'_h = Σ_j c_j·|v_jh|`` are float32
+    products summed over keys in two levels. Returns ``B N H`` arrays.
+    """
+    T, S = o.shape[1], v.shape[1]
+    vf = jnp.moveaxis(v.astype(F32), 1, -1)  # B K H S
+    cols = jnp.stack([vf, jnp.abs(vf)], axis=2)  # B K 2 H S
+    c = blocked_sum(p_mma.astype(F32), 3)  # B K G S
+    partial = jnp.einsum("bkgcx,bkdhcx->bkgdhc", _blocks(c, -1), _blocks(cols, -1),
+                         precision=lax.Precision.HIGHEST, preferred_element_type=F32)
+    pred_mag = lax.optimization_barrier(partial).sum(-1)  # B K G 2 H
+    B, K, G, _, H = pred_mag.shape
+    pred_mag = pred_mag.reshape(B, K * G, 2, H)
+    actual = blocked_sum(o, 1).reshape(B, K * G, H)
+    return (actual - pred_mag[:, :, 0],
+            tol.threshold(tol.pv_col_coefficient(T, S, dtype), pred_mag[:, :, 1], S, T))
+
+
 def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True) -> CheckResult:
     """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
     if granularity == "global":
@@ -155,4 +176,4 @@ def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True
         residual = jnp.abs(diff)
     residual = residual.astype(F32)
     threshold = threshold.astype(F32)
-    return CheckResult(residual, threshold, ~(residual <= threshold))
+    return CheckResult(residual, threshold, ~((residual <= threshold) & jnp.isfinite(threshold)))

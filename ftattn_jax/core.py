@@ -14,10 +14,11 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float
 
+from ftattn_spec import tolerances as tol
 from ftattn_spec.report import Report
 from ftattn_spec.schemes import SCHEMES
 
-from . import checks
+from . import checks, faults, repair
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)  # masked logits: large, finite, so no row is NaN
@@ -56,47 +57,65 @@ def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None
     return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
 
 
-def _inject(x: Array, site: str, perturb) -> Array:
-    """Add ``delta`` at logical ``(b, n, i, j)`` of ``x`` if ``perturb`` targets ``site``.
-
-    ``x`` is ``B N T S`` for scores and probabilities and ``B T N H`` for the
-    output. A private test hook: the index and delta are traced, so one
-    compiled function serves every perturbation.
-    """
-    if perturb is None or perturb[0] != site:
-        return x
-    _, (b, n, i, j), delta = perturb
-    idx = (b, i, n, j) if site == "out" else (b, n, i, j)
-    return x.at[idx].add(jnp.asarray(delta, x.dtype))
+def _scores(qg: Float[Array, "B T K G H"], key: Float[Array, "B S K H"], scale: float, prec) -> Float[Array, "B N T S"]:
+    B, T, K, G, H = qg.shape
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
+    return s.reshape(B, K * G, T, key.shape[1]) * scale
 
 
-def _split_perturb(perturb):
-    if perturb is None:
-        return None, None
-    site, index, delta = perturb
-    return site, (jnp.asarray(index, jnp.int32), jnp.asarray(delta, F32))
+def _outputs(p_mma: Array, value: Float[Array, "B S K H"], prec) -> Float[Array, "B T K G H"]:
+    return jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)
 
 
-def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_causal: bool, perturb=None):
-    site, data = _split_perturb(perturb)
-    return _run(query, key, value, data, scheme=scheme, granularity=granularity, scale=scale,
-                is_causal=is_causal, site=site)
+def _rows(found: dict, results: dict, row: str, col: str, granularity: str, n_rows: int, located):
+    """Rows (``B N T``) implicated by a stage's checks, or None if it runs none."""
+    names = [c for c in (row, col) if c in found]
+    if not names:
+        return None
+    if granularity == "global":
+        head = functools.reduce(jnp.logical_or, [results[c].flagged for c in names])
+        return jnp.broadcast_to(head[..., None], (*head.shape, n_rows))
+    get = lambda c: repair.flags(*found[c]) if c in found else None  # noqa: E731
+    return repair.affected_rows(get(row), get(col), n_rows, located)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal", "site"))
+def _count(x: Array) -> Array:
+    return jnp.sum(x, dtype=jnp.int32)
+
+
+def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_causal: bool,
+        on_fault: str = "report", plan=None):
+    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None."""
+    return _run(query, key, value, faults.to_device(plan), scheme=scheme, granularity=granularity,
+                scale=scale, is_causal=is_causal, on_fault=on_fault)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal", "on_fault"))
 def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"],
-         perturb_data, *, scheme: str, granularity: str, scale: float, is_causal: bool, site: str | None):
-    perturb = None if site is None else (site, tuple(perturb_data[0]), perturb_data[1])
+         plan, *, scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str):
+    finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
+    query = faults.inject(query, "query", "BTNH", plan)
+    key = faults.inject(key, "key", "BSKH", plan)
+    value = faults.inject(value, "value", "BSKH", plan)
     B, T, N, H = query.shape
     S, K = key.shape[1], key.shape[2]
     G = N // K
     dtype = jnp.dtype(query.dtype).name
     wanted = SCHEMES[scheme].checks
     prec = _precision(dtype)
+    correct = on_fault == "correct"
+    bi, ni = jnp.arange(B)[:, None], jnp.arange(N)[None, :]
+    found, results, located, affected = {}, {}, {}, []
+    corrected = jnp.zeros((), jnp.int32)
 
+    def judge(names):
+        for name in names:
+            if name in wanted:
+                results[name] = checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+
+    # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, T, K, G, H)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
-    s = _inject(s.reshape(B, N, T, S) * scale, "scores", perturb)
+    s = faults.inject(_scores(qg, key, scale, prec), "scores", "BNTS", plan)
     if "softmax_dmr" in wanted:
         # Both replicas must read one stored S: left to itself XLA may
         # recompute scale·(QKᵀ) inside one replica's fusion with a fused
@@ -106,37 +125,93 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         # barrier costs time and memory, so baseline does without it.
         s = lax.optimization_barrier(s)
     mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] if is_causal else None
-    s_masked = s if mask is None else jnp.where(mask, s, 0.0)
+    if {"qk_row", "qk_col"} & set(wanted):
+        s_masked = s if mask is None else jnp.where(mask, s, 0.0)
+        if "qk_row" in wanted:
+            found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype)
+        if "qk_col" in wanted:
+            found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
+        judge(("qk_row", "qk_col"))
+        loc = None
+        if "qk_row" in found and "qk_col" in found and granularity == "vector":
+            qf, kf = query.astype(F32), key.astype(F32)
+            loc = repair.locate(
+                found["qk_row"], found["qk_col"], (tol.qk_coefficient(S, H, dtype), tol.qk_coefficient(T, H, dtype)),
+                lambda i, j: s[bi, ni, i, j],
+                lambda i, j: jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale)
+            located["scores"] = loc.indices()
+        rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc)
+        affected.append(rows)
+        if correct:
+            if loc is not None:
+                s = s.at[bi, ni, loc.i, loc.j].set(jnp.where(loc.ok, loc.value, s[bi, ni, loc.i, loc.j]))
+                corrected += _count(loc.ok)
+                rows = rows & ~loc.ok[..., None]
+            redo = lambda s: jnp.where(  # noqa: E731  a real recomputation: the barrier stops CSE
+                rows[..., None], _scores(*lax.optimization_barrier((qg, key)), scale, prec), s)
+            s = lax.cond(jnp.any(rows), redo, lambda s: s, s)
+            corrected += _count(rows)
     s_soft = s if mask is None else jnp.where(mask, s, NEG)
 
-    found = {}
-    if "qk_row" in wanted:
-        found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype)
-    if "qk_col" in wanted:
-        found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
-
-    p = _inject(_softmax(s_soft, mask), "probs", perturb)
+    # ---- P = softmax(S), twice under DMR; a third evaluation votes
+    p = faults.inject(_softmax(s_soft, mask), "probs", "BNTS", plan)
     if "softmax_dmr" in wanted:
-        p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
+        p_replica = faults.inject(_softmax_replica(s_soft, mask), "probs", "BNTS", plan, replica=1)
         found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
+        judge(("softmax_dmr",))
+        rows = _rows(found, results, "softmax_dmr", "", granularity, T, None)
+        affected.append(rows)
+        if correct:
+            def vote(p):
+                p3 = _softmax(lax.optimization_barrier(s_soft), mask)
+                replace = rows & ~(jnp.abs(p - p3).sum(-1) <= found["softmax_dmr"][1])
+                return jnp.where(replace[..., None], p3, p), _count(replace)
 
+            p, n = lax.cond(jnp.any(rows), vote, lambda p: (p, jnp.zeros((), jnp.int32)), p)
+            corrected += n
+
+    # ---- O = P·V: inject, check, locate, repair
     p_mma = p.astype(query.dtype).reshape(B, K, G, T, S)
-    if "pv_row" in wanted:
-        p_mma = lax.optimization_barrier(p_mma)  # the GEMM and the prediction read the same P̂
-    o = jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)
-    o = _inject(o.reshape(B, T, N, H), "out", perturb).reshape(B, T, K, G, H)
-    if "pv_row" in wanted:
-        found["pv_row"] = checks.pv_row(o, p_mma, value, dtype)
+    pv = {"pv_row", "pv_col"} & set(wanted)
+    if pv:
+        p_mma = lax.optimization_barrier(p_mma)  # the GEMM and the predictions read the same P̂
+    o = _outputs(p_mma, value, prec)
+    o = faults.inject(o.reshape(B, T, N, H), "out", "BTNH", plan)
+    if pv:
+        o5 = o.reshape(B, T, K, G, H)
+        if "pv_row" in wanted:
+            found["pv_row"] = checks.pv_row(o5, p_mma, value, dtype)
+        if "pv_col" in wanted:
+            found["pv_col"] = checks.pv_col(o5, p_mma, value, dtype)
+        judge(("pv_row", "pv_col"))
+        loc = None
+        if "pv_row" in found and "pv_col" in found and granularity == "vector":
+            pf, vt = p_mma.reshape(B, N, T, S).astype(F32), jnp.moveaxis(value.astype(F32), 1, -1)  # vt: B K H S
+            loc = repair.locate(
+                found["pv_row"], found["pv_col"], (tol.pv_coefficient(S, H, dtype), tol.pv_col_coefficient(T, S, dtype)),
+                lambda i, h: o[bi, i, ni, h],
+                lambda i, h: jnp.sum(pf[bi, ni, i] * vt[bi, ni // G, h], -1))
+            located["out"] = loc.indices()
+        rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc)
+        affected.append(rows)
+        if correct:
+            if loc is not None:
+                o = o.at[bi, loc.i, ni, loc.j].set(jnp.where(loc.ok, loc.value, o[bi, loc.i, ni, loc.j]))
+                corrected += _count(loc.ok)
+                rows = rows & ~loc.ok[..., None]
+            redo = lambda o: jnp.where(  # noqa: E731
+                jnp.swapaxes(rows, 1, 2)[..., None],
+                _outputs(*lax.optimization_barrier((p_mma, value)), prec).reshape(B, T, N, H), o)
+            o = lax.cond(jnp.any(rows), redo, lambda o: o, o)
+            corrected += _count(rows)
 
-    results = {
-        name: checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
-        for name in wanted
-    }
     detected = jnp.zeros((), bool)
     for r in results.values():
         detected = detected | jnp.any(r.flagged)
-    finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
-    out = o.reshape(B, T, N, H).astype(query.dtype)
-    return out, Report(detected=detected, checks=results, inputs_finite=finite)
-
-
+    out = o.astype(query.dtype)
+    if on_fault == "nan" and affected:
+        poison = functools.reduce(jnp.logical_or, affected)  # B N T
+        out = jnp.where(jnp.swapaxes(poison, 1, 2)[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+    results = {name: results[name] for name in wanted}
+    return out, Report(detected=detected, checks=results, inputs_finite=finite, located=located,
+                       corrected=corrected)

@@ -5,11 +5,13 @@
 * ``shapes``: shape presets from the seed notebook.
 * ``tolerances``: the rounding-error model behind every threshold.
 * ``report``: the ``Report`` and ``CheckResult`` containers.
+* ``faults``: the ``Fault`` specification, ``FaultDetected``, bit-flip model.
 * ``validation``: argument checks shared by both backends.
 * ``reference``: a float64 NumPy oracle.
 """
 
 from .axes import LAYOUTS, LEGEND, REPORT_AXES, transpose_perm
+from .faults import ON_FAULT, SITES, Fault, FaultDetected
 from .report import CHECK_FIELDS, REPORT_FIELDS, CheckResult, Report
 from .schemes import (CHECK_DESCRIPTIONS, CHECK_ORIENTATION, CHECKS, GRANULARITIES, SCHEME_NAMES,
                       SCHEMES, Scheme)
@@ -17,7 +19,7 @@ from .shapes import PRESET_NAMES, PRESETS, Shape, preset
 from .validation import SUPPORTED_DTYPES
 
 __all__ = [
-    "CHECKS", "CHECK_DESCRIPTIONS", "CHECK_FIELDS", "CHECK_ORIENTATION", "CheckResult",
+    "CHECKS", "CHECK_DESCRIPTIONS", "Fault", "FaultDetected", "ON_FAULT", "SITES", "CHECK_FIELDS", "CHECK_ORIENTATION", "CheckResult",
     "GRANULARITIES", "LAYOUTS", "LEGEND", "PRESETS", "PRESET_NAMES", "REPORT_AXES",
     "REPORT_FIELDS", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
     "Shape", "preset", "transpose_perm",

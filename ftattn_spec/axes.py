@@ -20,7 +20,8 @@ The backends take the layout of the function they replace:
   query ``BNTH``, key and value ``BKSH``.
 
 Report arrays do not depend on the layout: they are always indexed by logical
-(batch, head, row) or (batch, head, column), i.e. ``BNT``, ``BNS`` or ``BN``.
+(batch, head, row), (batch, head, key column) or (batch, head, head-dim column),
+i.e. ``BNT``, ``BNS``, ``BNH`` or ``BN``.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ LAYOUTS: dict[str, tuple[str, str]] = {
 REPORT_AXES: dict[tuple[str, str], str] = {
     ("vector", "row"): "BNT",
     ("vector", "col"): "BNS",
+    ("vector", "head"): "BNH",
     ("global", "row"): "BN",
     ("global", "col"): "BN",
+    ("global", "head"): "BN",
 }
 
 

@@ -7,9 +7,11 @@ NamedTuples, hence JAX pytrees, so ``attention`` works under ``jax.jit`` and
 ``jax.vmap``.
 
 Array shapes (see ``ftattn_spec.axes``): with ``granularity="vector"`` a row
-check (``qk_row``, ``softmax_dmr``, ``pv_row``) gives ``(B, N, T)`` and a column
-check (``qk_col``) gives ``(B, N, S)``; with ``granularity="global"`` every
-check gives ``(B, N)``.
+check (``qk_row``, ``softmax_dmr``, ``pv_row``) gives ``(B, N, T)``, the column
+check of S (``qk_col``) ``(B, N, S)`` and the column check of O (``pv_col``)
+``(B, N, H)``; with ``granularity="global"`` every check gives ``(B, N)``.
+After ``on_fault="correct"`` the check results still describe what was
+detected before the repair.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ class CheckResult(NamedTuple):
     residual: Any
     #: The rounding-error bound of ``docs/tolerances.md`` for this residual, float32.
     threshold: Any
-    #: ``not (residual <= threshold)``, bool: a NaN residual fails closed.
+    #: ``not (residual <= threshold and threshold is finite)``, bool: a NaN
+    #: residual, or a magnitude that overflowed float32, fails closed.
     flagged: Any
 
 
@@ -39,6 +42,14 @@ class Report(NamedTuple):
     #: not a compute fault, but it makes the residuals NaN, so the checks fail
     #: closed and ``detected`` is True; this field tells the two causes apart.
     inputs_finite: Any
+    #: GEMM name (``"scores"`` for S, ``"out"`` for O) → int32 ``(B, N, 2)``:
+    #: the ``(row, column)`` of the single bad element located in each
+    #: (batch, head), or ``(-1, -1)``. Present for a GEMM whose row and column
+    #: checks the scheme both runs (``full``), at ``granularity="vector"``.
+    located: Mapping[str, Any]
+    #: int32 scalar: repairs made by ``on_fault="correct"`` (elements replaced,
+    #: rows recomputed, softmax rows replaced by the vote); 0 otherwise.
+    corrected: Any
 
 
 REPORT_FIELDS: tuple[str, ...] = Report._fields

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Checks, in the order a scheme runs them.
-CHECKS: tuple[str, ...] = ("qk_row", "qk_col", "softmax_dmr", "pv_row")
+CHECKS: tuple[str, ...] = ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col")
 
 #: What each check compares, in words (used by docs and the report renderer).
 CHECK_DESCRIPTIONS: dict[str, str] = {
@@ -17,15 +17,17 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "qk_col": "column sums of S against scale·(Σ over queries of q)·Kᵀ",
     "softmax_dmr": "two independent softmax evaluations of the same S, compared",
     "pv_row": "row sums of O = P·V against P·(V·1)",
+    "pv_col": "column sums of O = P·V against (1ᵀP)·V",
 }
 
 #: Orientation of each check's vector-granularity arrays: per query row
-#: (``BNT``) or per key column (``BNS``).
+#: (``BNT``), per key column of S (``BNS``) or per head-dim column of O (``BNH``).
 CHECK_ORIENTATION: dict[str, str] = {
     "qk_row": "row",
     "qk_col": "col",
     "softmax_dmr": "row",
     "pv_row": "row",
+    "pv_col": "head",
 }
 
 GRANULARITIES: tuple[str, ...] = ("vector", "global")
@@ -74,9 +76,10 @@ SCHEMES: dict[str, Scheme] = {
         ),
         Scheme(
             "full",
-            ("qk_row", "qk_col", "softmax_dmr", "pv_row"),
+            ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col"),
             ("attention with all ft technique",),
-            "every check",
+            "every check: row and column checksums on both GEMMs (so a single bad element of S or O is "
+            "located), and the softmax DMR",
         ),
     )
 }

@@ -158,6 +158,25 @@ def pv_coefficient(S: int, H: int, dtype: str, tf32: bool = False) -> float:
     )
 
 
+def pv_col_coefficient(T: int, S: int, dtype: str, tf32: bool = False) -> float:
+    """Coefficient ``c`` of the O = P·V column-checksum threshold ``c·W'_h``.
+
+    The check compares ``Σ_i o_ih`` with ``Σ_j c_j·v_jh``, ``c_j = Σ_i p̂_ij``
+    (the column sums of P̂), and ``W'_h = Σ_j c_j·|v_jh|``. Terms: each o_ih's
+    accumulation over keys (γ(S)) and its products; the two-level sum of O
+    over the T rows (blocked γ(T)); the two-level column sums of P̂ (blocked
+    γ(T)); the prediction's float32 products and two-level sum over keys
+    (blocked γ(S)).
+    """
+    return MAGNITUDE_MARGIN * (
+        gamma(S)
+        + 2.0 * blocked_gamma(T)
+        + blocked_gamma(S)
+        + product_roundoff(dtype, tf32)
+        + product_roundoff("float32", tf32)
+    )
+
+
 def dmr_threshold(S: int) -> float:
     """Threshold on the L1 distance Σ_j |p_ij − p'_ij| between the two softmax replicas.
 

@@ -12,7 +12,8 @@ import numbers
 from typing import NamedTuple
 
 from .axes import LAYOUTS
-from .schemes import GRANULARITIES, SCHEME_NAMES
+from .faults import ON_FAULT, FaultPlan, validate_faults
+from .schemes import GRANULARITIES, SCHEME_NAMES, SCHEMES
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 
@@ -33,6 +34,14 @@ def validate_granularity(granularity) -> str:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
     return granularity
+
+
+def validate_on_fault(on_fault) -> str:
+    if not isinstance(on_fault, str):
+        raise TypeError(f"on_fault: expected a str, one of {ON_FAULT}, got {type(on_fault).__name__} {on_fault!r}")
+    if on_fault not in ON_FAULT:
+        raise ValueError(f"on_fault: expected one of {ON_FAULT}, got {on_fault!r}")
+    return on_fault
 
 
 def validate_is_causal(is_causal) -> bool:
@@ -115,9 +124,12 @@ class Settings(NamedTuple):
     is_causal: bool
     dtype: str
     dims: dict
+    on_fault: str = "report"
+    plan: FaultPlan | None = None
 
 
-def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, scale, is_causal) -> Settings:
+def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, scale, is_causal,
+                       on_fault="report", fault=None) -> Settings:
     """Validate every argument of ``attention`` for ``backend`` (``"jax"`` or ``"torch"``).
 
     ``shapes`` are the (query, key, value) shapes and ``dtypes`` their
@@ -127,6 +139,9 @@ def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, sca
     scheme = validate_scheme(scheme)
     granularity = validate_granularity(granularity)
     is_causal = validate_is_causal(is_causal)
+    on_fault = validate_on_fault(on_fault)
     dtype = validate_dtypes(*(name for name, _ in dtypes), floating=dict(dtypes))
     dims = validate_shapes(*LAYOUTS[backend], *shapes)
-    return Settings(scheme, granularity, resolve_scale(scale, dims["H"]), is_causal, dtype, dims)
+    scale = resolve_scale(scale, dims["H"])
+    plan = validate_faults(fault, dims, dtype, SCHEMES[scheme].checks)
+    return Settings(scheme, granularity, scale, is_causal, dtype, dims, on_fault, plan)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
+from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Report
 
 from . import core
@@ -25,7 +28,8 @@ def _dtype_name(x: torch.Tensor) -> tuple[str, bool]:
 
 
 def attention(query, key, value, *, scheme: str = "full", granularity: str = "vector",
-              scale: float | None = None, is_causal: bool = False) -> tuple[torch.Tensor, Report]:
+              scale: float | None = None, is_causal: bool = False, on_fault: str = "report",
+              fault: Fault | Sequence[Fault] | None = None) -> tuple[torch.Tensor, Report]:
     """Fault-checked attention in ``scaled_dot_product_attention``'s layout.
 
     Args:
@@ -38,10 +42,19 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
         (one per batch and head).
       scale: logit scale, default ``H ** -0.5``.
       is_causal: upper-left-aligned causal mask (query ``i`` attends keys ``j <= i``).
+      on_fault: what a detected fault does. ``"report"``: nothing beyond the
+        report. ``"correct"``: repair located single elements of S or O,
+        recompute the affected rows, and let a third softmax vote on a DMR
+        mismatch. ``"nan"``: set the affected output rows to NaN. ``"raise"``:
+        raise ``FaultDetected`` (``.report`` holds the report).
+      fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
+        (reproducible fault experiments).
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, N, T, H)`` in the input dtype; ``report``
-      is a ``ftattn_spec.Report`` of tensors on the input's device (no host sync).
+      is a ``ftattn_spec.Report`` of tensors on the input's device. With
+      ``on_fault="report"`` or ``"nan"`` nothing waits for the device;
+      ``"correct"`` and ``"raise"`` read the flags on the host.
 
     Autograd flows through ``out`` as through plain attention (the checks are
     computed without a graph, and the backward pass itself is not checked).
@@ -49,9 +62,13 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
     query, key, value = (_as_tensor(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     cfg = v.validate_attention("torch", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
-                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal)
+                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
+                               on_fault=on_fault, fault=fault)
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key, value: expected one device for all three, got query {query.device}, "
                          f"key {key.device}, value {value.device}")
-    return core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
-                    is_causal=cfg.is_causal)
+    out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
+                           is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan)
+    if cfg.on_fault == "raise" and bool(report.detected):
+        raise FaultDetected(report)
+    return out, report

@@ -1,4 +1,4 @@
-"""The four checks, as PyTorch functions at vector granularity.
+"""The five checks, as PyTorch functions at vector granularity.
 
 Same algebra and thresholds as ``ftattn_jax.checks``; each check returns
 ``(diff, threshold)`` and :func:`verdict` makes the ``CheckResult``. Tensors use
@@ -143,6 +143,29 @@ def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H
     return actual - pred_mag[..., 0], tol.threshold(tol.pv_coefficient(S, H, dtype, tf32), pred_mag[..., 1], S, H)
 
 
+def pv_col(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H"], n_heads: int,
+           dtype: str, tf32: bool):
+    """Column sums of O = P̂V over the T rows against (1ᵀP̂)·V, per head-dim column.
+
+    ``c_j = Σ_i p̂_ij`` is a two-level float32 sum over rows; the prediction
+    ``Σ_j c_j·v_jh`` and the magnitude ``W'_h = Σ_j c_j·|v_jh|`` are float32
+    products summed over keys in two levels. Returns ``B N H`` tensors.
+    """
+    B, K, S, H = v.shape
+    G = n_heads // K
+    T = o.shape[1] // G
+    vt = v.to(F32).transpose(-1, -2)  # B K H S
+    cols = _blocks(torch.stack([vt, vt.abs()], dim=2).reshape(B * K, 2, H, S), -1)  # BK 2 H C X
+    slices = -(-p_mma.numel() * 4 // 2**30)  # upcast P̂ about 1 GiB at a time, as in pv_row
+    step = max(1, -(-p_mma.shape[0] // slices))
+    c = torch.cat([blocked_sum(p_mma[i:i + step].view(-1, G, T, S).to(F32), 2)
+                   for i in range(0, p_mma.shape[0], step)])  # BK G S
+    pred_mag = torch.einsum("xgcb,xdhcb->xgdhc", _blocks(c, -1), cols).sum(-1).reshape(B, n_heads, 2, H)
+    actual = blocked_sum(o.view(B * K, G, T, H), 2).reshape(B, n_heads, H)
+    return (actual - pred_mag[:, :, 0],
+            tol.threshold(tol.pv_col_coefficient(T, S, dtype, tf32), pred_mag[:, :, 1], S, T))
+
+
 def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = True) -> CheckResult:
     """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
     if granularity == "global":
@@ -152,4 +175,4 @@ def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = Tr
     else:
         residual = diff.abs()
     residual, threshold = residual.to(F32), threshold.to(F32)
-    return CheckResult(residual, threshold, ~(residual <= threshold))
+    return CheckResult(residual, threshold, ~((residual <= threshold) & threshold.isfinite()))

@@ -9,10 +9,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ftattn_spec import tolerances as tol
 from ftattn_spec.report import Report
 from ftattn_spec.schemes import SCHEMES
 
-from . import checks
+from . import checks, faults, repair
 
 F32 = torch.float32
 NEG = torch.finfo(F32).min  # masked logits: large, finite, so no row is NaN
@@ -51,65 +52,152 @@ def _softmax_replica(s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | No
     return z.mul_(1.0 / checks.blocked_sum(z, -1)[..., None])
 
 
-def _inject(x: Tensor, site: str, perturb) -> Tensor:
-    """Add ``delta`` at logical ``(b, n, i, j)`` of ``x`` (``B N T S``, or ``B N T H``
-    for the output) if ``perturb`` targets ``site``. A private test hook."""
-    if perturb is None or perturb[0] != site:
-        return x
-    _, (b, n, i, j), delta = perturb
-    x = x.clone()
-    x[b, n, i, j] += delta
-    return x
+def _scores(qg: Float[Tensor, "B K G T H"], key: Float[Tensor, "B K S H"], scale: float) -> Float[Tensor, "B N T S"]:
+    B, K, G, T, H = qg.shape
+    S = key.shape[2]
+    s = _bmm_f32(qg.reshape(B * K, G * T, H), key.reshape(B * K, S, H).transpose(1, 2))
+    return s.reshape(B, K * G, T, S).mul_(scale)
+
+
+def _rows(found: dict, results: dict, row: str, col: str, granularity: str, n_rows: int, located):
+    """Rows (``B N T``) implicated by a stage's checks, or None if it runs none."""
+    names = [c for c in (row, col) if c in found]
+    if not names:
+        return None
+    if granularity == "global":
+        head = results[names[0]].flagged
+        for c in names[1:]:
+            head = head | results[c].flagged
+        return head[..., None].expand(*head.shape, n_rows)
+    get = lambda c: repair.flags(*found[c]) if c in found else None  # noqa: E731
+    return repair.affected_rows(get(row), get(col), n_rows, located)
 
 
 def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: Float[Tensor, "B K S H"], *,
-        scheme: str, granularity: str, scale: float, is_causal: bool, perturb=None):
+        scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None):
+    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None."""
+    dev = query.device
+    with torch.no_grad():
+        finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
+    query = faults.inject(query, "query", "BNTH", plan)
+    key = faults.inject(key, "key", "BKSH", plan)
+    value = faults.inject(value, "value", "BKSH", plan)
     B, N, T, H = query.shape
     K, S = key.shape[1], key.shape[2]
     G = N // K
     dtype = str(query.dtype).removeprefix("torch.")
     wanted = SCHEMES[scheme].checks
     tf32 = uses_tf32(query)
+    correct = on_fault == "correct"
+    bi, ni = torch.arange(B, device=dev)[:, None], torch.arange(N, device=dev)[None, :]
+    found, results, located, affected = {}, {}, {}, []
+    corrected = torch.zeros((), dtype=torch.int32, device=dev)
 
+    def judge(names):
+        for name in names:
+            if name in wanted:
+                results[name] = checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+
+    # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, K, G, T, H)
-    s = _bmm_f32(qg.reshape(B * K, G * T, H), key.reshape(B * K, S, H).transpose(1, 2))
-    s = _inject(s.reshape(B, N, T, S).mul_(scale), "scores", perturb)
+    s = faults.inject(_scores(qg, key, scale), "scores", "BNTS", plan)
     mask = None
     if is_causal:
-        mask = torch.arange(S, device=query.device)[None, :] <= torch.arange(T, device=query.device)[:, None]
-    qk_checks = {"qk_row", "qk_col"} & set(wanted)
-    # masked entries are excluded from the checksums (0) and from the softmax (NEG)
-    s_masked = s if mask is None or not qk_checks else torch.where(mask, s, 0.0)
+        mask = torch.arange(S, device=dev)[None, :] <= torch.arange(T, device=dev)[:, None]
+    if {"qk_row", "qk_col"} & set(wanted):
+        with torch.no_grad():  # the checks never need a backward graph
+            # masked entries are excluded from the checksums (0) and from the softmax (NEG)
+            s_masked = s if mask is None else torch.where(mask, s, 0.0)
+            if "qk_row" in wanted:
+                found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32)
+            if "qk_col" in wanted:
+                found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32)
+            del s_masked
+            judge(("qk_row", "qk_col"))
+            loc = None
+            if "qk_row" in found and "qk_col" in found and granularity == "vector":
+                qf, kf = query.detach().to(F32), key.detach().to(F32)
+                loc = repair.locate(
+                    found["qk_row"], found["qk_col"],
+                    (tol.qk_coefficient(S, H, dtype, tf32), tol.qk_coefficient(T, H, dtype, tf32)),
+                    lambda i, j: s[bi, ni, i, j],
+                    lambda i, j: (qf[bi, ni, i] * kf[bi, ni // G, j]).sum(-1) * scale)
+                located["scores"] = loc.indices()
+            rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc)
+            affected.append(rows)
+            # Repairs write into S under no_grad: S is not saved for backward,
+            # and the gradient is that of the clean S the repair restores.
+            if correct:
+                if loc is not None:
+                    s[bi, ni, loc.i, loc.j] = torch.where(loc.ok, loc.value, s[bi, ni, loc.i, loc.j])
+                    corrected += loc.ok.sum(dtype=torch.int32)
+                    rows = rows & ~loc.ok[..., None]
+                if rows.any():
+                    s.copy_(torch.where(rows[..., None], _scores(qg, key, scale), s))
+                    corrected += rows.sum(dtype=torch.int32)
     s_soft = s if mask is None else s.masked_fill_(~mask, NEG)  # s itself is not needed again
 
-    found = {}
-    with torch.no_grad():  # the checks never need a backward graph
-        if "qk_row" in wanted:
-            found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32)
-        if "qk_col" in wanted:
-            found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32)
-
-    p = _inject(_softmax(s_soft), "probs", perturb)
+    # ---- P = softmax(S), twice under DMR; a third evaluation votes
+    p = faults.inject(_softmax(s_soft), "probs", "BNTS", plan)
     if "softmax_dmr" in wanted:
         with torch.no_grad():
-            p_replica = _inject(_softmax_replica(s_soft, mask), "probs_replica", perturb)
+            p_replica = faults.inject(_softmax_replica(s_soft, mask), "probs", "BNTS", plan, replica=1)
             found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
+            del p_replica
+            judge(("softmax_dmr",))
+            rows = _rows(found, results, "softmax_dmr", "", granularity, T, None)
+            affected.append(rows)
+            vote = correct and bool(rows.any())
+        if vote:
+            p3 = _softmax(s_soft)  # with autograd: replaced rows get their gradient through it
+            with torch.no_grad():
+                replace = rows & ~((p - p3).abs().sum(-1) <= found["softmax_dmr"][1])
+                corrected += replace.sum(dtype=torch.int32)
+            p = torch.where(replace[..., None], p3, p)
+            del p3
 
-    del s, s_masked, s_soft  # autograd keeps what it needs; free the rest early
+    del s, s_soft  # autograd keeps what it needs; free the rest early
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
     del p
     o = _bmm_f32(p_mma, value.reshape(B * K, S, H))  # BK GT H
-    o = _inject(o.reshape(B, N, T, H), "out", perturb).reshape(B * K, G * T, H)
+    o = faults.inject(o.reshape(B, N, T, H), "out", "BNTH", plan).reshape(B * K, G * T, H)
     with torch.no_grad():
-        if "pv_row" in wanted:
-            found["pv_row"] = checks.pv_row(o, p_mma, value, N, dtype, tf32)
-        results = {
-            name: checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
-            for name in wanted
-        }
-        detected = torch.zeros((), dtype=torch.bool, device=query.device)
+        if {"pv_row", "pv_col"} & set(wanted):
+            if "pv_row" in wanted:
+                found["pv_row"] = checks.pv_row(o, p_mma, value, N, dtype, tf32)
+            if "pv_col" in wanted:
+                found["pv_col"] = checks.pv_col(o, p_mma, value, N, dtype, tf32)
+            judge(("pv_row", "pv_col"))
+            o4 = o.view(B, N, T, H)
+            loc = None
+            if "pv_row" in found and "pv_col" in found and granularity == "vector":
+                pn, vt = p_mma.view(B, N, T, S), value.detach().to(F32).transpose(-1, -2)  # vt: B K H S
+                loc = repair.locate(
+                    found["pv_row"], found["pv_col"],
+                    (tol.pv_coefficient(S, H, dtype, tf32), tol.pv_col_coefficient(T, S, dtype, tf32)),
+                    lambda i, h: o4[bi, ni, i, h],
+                    lambda i, h: (pn[bi, ni, i].to(F32) * vt[bi, ni // G, h]).sum(-1))
+                located["out"] = loc.indices()
+            rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc)
+            affected.append(rows)
+            if correct:
+                if loc is not None:
+                    o4[bi, ni, loc.i, loc.j] = torch.where(loc.ok, loc.value, o4[bi, ni, loc.i, loc.j])
+                    corrected += loc.ok.sum(dtype=torch.int32)
+                    rows = rows & ~loc.ok[..., None]
+                if rows.any():
+                    o_new = _bmm_f32(p_mma, value.reshape(B * K, S, H)).view(B, N, T, H)
+                    o4.copy_(torch.where(rows[..., None], o_new, o4))
+                    corrected += rows.sum(dtype=torch.int32)
+        detected = torch.zeros((), dtype=torch.bool, device=dev)
         for r in results.values():
             detected = detected | r.flagged.any()
-        finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
     out = o.reshape(B, N, T, H).to(query.dtype)
-    return out, Report(detected=detected, checks=results, inputs_finite=finite)
+    if on_fault == "nan" and affected:
+        poison = affected[0]
+        for rows in affected[1:]:
+            poison = poison | rows
+        out = out.masked_fill(poison[..., None], float("nan"))
+    results = {name: results[name] for name in wanted}
+    return out, Report(detected=detected, checks=results, inputs_finite=finite, located=located,
+                       corrected=corrected)

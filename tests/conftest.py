@@ -16,6 +16,7 @@ from compare import backends as adapters
 HAVE_JAX = importlib.util.find_spec("jax") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
+from ftattn_spec.faults import additive_plan
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: F401  (re-exported for the tests)
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -25,24 +26,35 @@ SHAPE = dict(B=3, N=6, K=3, T=37, S=41, H=16)
 SHAPE_MHA = dict(B=3, N=5, K=5, T=37, S=41, H=16)
 
 
+def _plan(perturb):
+    """``(site, index, delta)`` → a private additive FaultPlan (``probs_replica`` is replica 1)."""
+    if perturb is None:
+        return None
+    site, index, delta = perturb
+    replica = 1 if site == "probs_replica" else 0
+    return additive_plan("probs" if replica else site, index, float(delta), replica)
+
+
 class JaxBackend(adapters.JaxBackend):
-    def perturbed(self, q, k, v, perturb, *, scheme="full", granularity="vector", is_causal=False):
+    def perturbed(self, q, k, v, perturb, *, scheme="full", granularity="vector", is_causal=False,
+                  on_fault="report"):
         """Run a scheme with ``delta`` added at one logical element of a site (private hook)."""
         from ftattn_jax import core
 
         return core.run(q, k, v, scheme=scheme, granularity=granularity, scale=q.shape[-1] ** -0.5,
-                        is_causal=is_causal, perturb=perturb)
+                        is_causal=is_causal, on_fault=on_fault, plan=_plan(perturb))
 
 
 class TorchBackend(adapters.TorchBackend):
     def __init__(self):
         super().__init__(device=os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu"))
 
-    def perturbed(self, q, k, v, perturb, *, scheme="full", granularity="vector", is_causal=False):
+    def perturbed(self, q, k, v, perturb, *, scheme="full", granularity="vector", is_causal=False,
+                  on_fault="report"):
         from ftattn_torch import core
 
         return core.run(q, k, v, scheme=scheme, granularity=granularity, scale=q.shape[-1] ** -0.5,
-                        is_causal=is_causal, perturb=perturb)
+                        is_causal=is_causal, on_fault=on_fault, plan=_plan(perturb))
 
 
 BACKENDS = [

@@ -93,7 +93,7 @@ def test_vmap_over_extra_leading_axis():
 def test_report_is_a_pytree_of_arrays():
     out, rep = ftattn_jax.attention(*_inputs(1))
     leaves = jax.tree.leaves(rep)
-    assert len(leaves) == 2 + 3 * 4
+    assert len(leaves) == 3 + 3 * 5 + 2  # detected, inputs_finite, corrected; 5 checks; 2 located
     assert all(isinstance(x, jax.Array) for x in leaves)
 
 

@@ -38,10 +38,11 @@ def assert_clean(report, scheme, granularity, shape):
     assert set(report.checks) == set(SCHEMES[scheme].checks)  # jax pytrees sort dict keys
     assert report.detected.shape == () and report.detected.dtype == bool
     assert bool(report.inputs_finite)
-    B, N, T, S = shape["B"], shape["N"], shape["T"], shape["S"]
+    B, N = shape["B"], shape["N"]
+    length = {"row": shape["T"], "col": shape["S"], "head": shape["H"]}
     for name, c in report.checks.items():
         assert tuple(c._fields) == CHECK_FIELDS
-        want = (B, N) if granularity == "global" else (B, N, T if CHECK_ORIENTATION[name] == "row" else S)
+        want = (B, N) if granularity == "global" else (B, N, length[CHECK_ORIENTATION[name]])
         for field in c:
             assert field.shape == want, (name, field.shape, want)
         assert c.residual.dtype == np.float32 and c.threshold.dtype == np.float32
@@ -49,6 +50,12 @@ def assert_clean(report, scheme, granularity, shape):
         assert not c.flagged.any(), f"{name}: clean run flagged, worst residual/threshold {ratio:.3g}"
         assert np.all(c.threshold > 0) or name == "qk_col"  # causal columns nobody attends have 0
     assert not bool(report.detected)
+    both = {"scores": ("qk_row", "qk_col"), "out": ("pv_row", "pv_col")}
+    want_located = {g for g, (r, c) in both.items() if granularity == "vector" and {r, c} <= set(report.checks)}
+    assert set(report.located) == want_located
+    for loc in report.located.values():
+        assert loc.shape == (B, N, 2) and loc.dtype == np.int32 and np.all(loc == -1)
+    assert report.corrected.shape == () and int(report.corrected) == 0
 
 
 @pytest.mark.parametrize("scheme", SCHEME_NAMES)

@@ -20,9 +20,9 @@ def test_scheme_catalogue_matches_the_issue():
         "abft_qk_col": ("qk_col",),
         "abft_qk_row": ("qk_row",),
         "abft_pv_row": ("pv_row",),
-        "full": ("qk_row", "qk_col", "softmax_dmr", "pv_row"),
+        "full": ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col"),
     }
-    assert CHECKS == ("qk_row", "qk_col", "softmax_dmr", "pv_row")
+    assert CHECKS == ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col")
     assert GRANULARITIES == ("vector", "global")
     assert all(s.notebook_cells for s in SCHEMES.values())
 

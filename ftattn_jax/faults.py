@@ -1,0 +1,67 @@
+"""Fault injection for the JAX backend: a ``FaultPlan`` as traced data.
+
+Every field of the plan (site, index, bit, value, kind) is a traced array, so
+one compiled function serves every fault of the same count; only the number
+of faults is static. At each site, each fault of the plan becomes a one-element
+conditional update: ``x[idx] = where(fault targets this site, corrupted, x[idx])``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from ftattn_spec.axes import transpose_perm
+from ftattn_spec.faults import SITE_AXES, SITES, FaultPlan
+
+
+class DevicePlan(NamedTuple):
+    """A ``FaultPlan`` as JAX arrays (a pytree, passed to the jitted pipeline)."""
+
+    site: Array
+    replica: Array
+    index: Array
+    kind: Array
+    bit: Array
+    value: Array
+
+
+def to_device(plan: FaultPlan | None) -> DevicePlan | None:
+    if plan is None:
+        return None
+    return DevicePlan(jnp.asarray(plan.site), jnp.asarray(plan.replica), jnp.asarray(plan.index),
+                      jnp.asarray(plan.kind), jnp.asarray(plan.bit), jnp.asarray(plan.value, jnp.float32))
+
+
+def _uint(dtype) -> jnp.dtype:
+    return {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+
+
+def corrupt(old: Array, kind: Array, bit: Array, value: Array) -> Array:
+    """``old`` (a scalar) with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2)."""
+    ut = _uint(old.dtype)
+    flipped = lax.bitcast_convert_type(
+        lax.bitcast_convert_type(old, ut) ^ jnp.left_shift(jnp.ones((), ut), bit.astype(ut)), old.dtype)
+    v = value.astype(old.dtype)
+    return jnp.where(kind == 0, flipped, jnp.where(kind == 1, v, old + v))
+
+
+def inject(x: Array, site: str, layout: str, plan: DevicePlan | None, replica: int = 0) -> Array:
+    """Apply the plan's faults that target ``site`` (and ``replica``) to ``x``.
+
+    ``layout`` names ``x``'s axes in legend letters (for example ``"BTNH"``);
+    the plan's indices are logical (``SITE_AXES[site]``).
+    """
+    if plan is None:
+        return x
+    code = SITES.index(site)
+    perm = transpose_perm(SITE_AXES[site], layout)
+    for f in range(plan.site.shape[0]):
+        idx = tuple(plan.index[f, p] for p in perm)
+        old = x[idx]
+        active = (plan.site[f] == code) & (plan.replica[f] == replica)
+        x = x.at[idx].set(jnp.where(active, corrupt(old, plan.kind[f], plan.bit[f], plan.value[f]), old))
+    return x

@@ -1,0 +1,53 @@
+"""Fault injection for the PyTorch backend: a ``FaultPlan`` applied eagerly.
+
+Each fault that targets a site replaces one element of a copy of that tensor
+(the caller's inputs and tensors saved for backward are never modified).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ftattn_spec.axes import transpose_perm
+from ftattn_spec.faults import SITE_AXES, SITES, FaultPlan
+
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def corrupt(old: Tensor, kind: int, bit: int, value: float) -> Tensor:
+    """``old`` (one element, shape ``(1,)``) with ``bit`` flipped (kind 0), set to
+    ``value`` (1) or plus ``value`` (2). Values are rounded through float32, as in JAX."""
+    if kind == 0:
+        width = old.element_size() * 8
+        mask = 1 << bit
+        if mask >= 1 << (width - 1):  # the sign bit, as a two's-complement constant
+            mask -= 1 << width
+        return (old.view(_INT[old.dtype]) ^ mask).view(old.dtype)
+    v = torch.tensor([value], dtype=torch.float32, device=old.device).to(old.dtype)
+    return v if kind == 1 else old + v
+
+
+def targets(plan: FaultPlan | None, site: str, replica: int = 0) -> list[int]:
+    if plan is None:
+        return []
+    code = SITES.index(site)
+    return [f for f in range(len(plan)) if plan.site[f] == code and plan.replica[f] == replica]
+
+
+def inject(x: Tensor, site: str, layout: str, plan: FaultPlan | None, replica: int = 0) -> Tensor:
+    """Apply the plan's faults that target ``site`` (and ``replica``) to a copy of ``x``.
+
+    ``layout`` names ``x``'s axes in legend letters; indices in the plan are
+    logical (``SITE_AXES[site]``).
+    """
+    hits = targets(plan, site, replica)
+    if not hits:
+        return x
+    perm = transpose_perm(SITE_AXES[site], layout)
+    x = x.clone()
+    with torch.no_grad():
+        for f in hits:
+            idx = tuple(int(plan.index[f][p]) for p in perm)
+            x[idx] = corrupt(x[idx].reshape(1), int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))[0]
+    return x
