@@ -91,3 +91,52 @@ def magnitudes(q, k, v, *, scale=None, is_causal=False, layout="torch"):
         "pv_row": np.einsum("bnts,bns->bnt", p, np.abs(v).sum(-1)),
         "softmax_dmr": E,
     }
+
+
+def detection_limit(site: str, thresholds: dict, probs, v, *, is_causal=False, layout="torch"):
+    """Largest output change (``BNTH``, float64) that a single fault at ``site``
+    can cause without any check flagging it: the *detection limit*.
+
+    ``thresholds`` maps check name → vector-granularity threshold array of a
+    report (``BNT`` for row checks, ``BNS`` for ``qk_col``, ``BNH`` for
+    ``pv_col``); ``probs`` is the reference's ``BNTS`` probabilities and ``v``
+    the value in ``layout``. A check with threshold τ lets through an error
+    whose effect on its residual is up to 2τ (τ for the error, τ for the clean
+    residual already there). Per site (``docs/tolerances.md``):
+
+    * ``scores``: a logit error δ ≤ 2·min(τ_row,i, max_j τ_col,j) moves a
+      probability by a factor within e^(±2δ), so ``(e^(2δ) − 1)·W_ih`` with
+      ``W_ih = Σ_j p_ij·|v_jh|``;
+    * ``probs``: an L1 error ε ≤ 2·τ_dmr moves o_ih by at most ``ε·max_j |v_jh|``;
+    * ``out``: the element itself, ``2·min(τ_pv_row,i, τ_pv_col,h)``;
+    * a site no check of the report sees (the inputs, or a scheme without
+      that site's checks): zero, nothing is certified.
+    """
+    _, lkv = LAYOUTS[layout]
+    v = np.asarray(v, np.float64).transpose(transpose_perm(lkv, "BKSH"))
+    groups = probs.shape[1] // v.shape[1]
+    v = np.repeat(v, groups, axis=1)
+    B, N, T, S = probs.shape
+    H = v.shape[-1]
+    th = {k: np.asarray(x, np.float64) for k, x in thresholds.items()}
+    none = np.zeros((B, N, T, H))
+    if site == "scores":
+        lim = [2 * th["qk_row"]] if "qk_row" in th else []
+        if "qk_col" in th:
+            lim.append(np.broadcast_to(2 * th["qk_col"].max(-1, keepdims=True), (B, N, T)))
+        if not lim:
+            return none
+        delta = np.minimum.reduce(lim)[..., None]
+        return np.expm1(2 * delta) * np.einsum("bnts,bnsh->bnth", probs, np.abs(v))
+    if site == "probs":
+        if "softmax_dmr" not in th:
+            return none
+        mask = causal_mask(T, S) if is_causal else np.ones((T, S), bool)
+        vmax = np.where(mask[None, None, :, :, None], np.abs(v)[:, :, None], 0.0).max(-2)  # B N T H
+        return 2 * th["softmax_dmr"][..., None] * vmax
+    if site == "out":
+        lim = [np.broadcast_to(2 * th["pv_row"][..., None], (B, N, T, H))] if "pv_row" in th else []
+        if "pv_col" in th:
+            lim.append(np.broadcast_to(2 * th["pv_col"][:, :, None, :], (B, N, T, H)))
+        return np.minimum.reduce(lim) if lim else none
+    return none

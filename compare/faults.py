@@ -1,0 +1,356 @@
+"""The fault scorecard: ``python -m compare.faults``.
+
+A seeded campaign of single-bit flips over sites × bit positions × dtypes, run
+through the public ``attention(..., fault=...)`` of each backend with the same
+plans, plus clean runs. Each faulty run is classified against the float64
+reference and the spec's output tolerance (``ftattn_spec.reference.output_bound``):
+
+* **detected**: the report flagged it;
+* **harmless**: not flagged, and the output still meets the tolerance;
+* **below limit**: not flagged, beyond the tolerance, but within the tolerance
+  plus the *detection limit* (``ftattn_spec.reference.detection_limit``): the
+  largest output change an error can cause while staying under the checks'
+  thresholds. A checksum cannot see such an error: its own rounding noise is
+  as large (float32 inputs, middle mantissa bits). Reported, not hidden;
+* **missed**: not flagged, and some output element is beyond the tolerance
+  plus the detection limit. The target is zero at every protected site.
+
+Detected faults are run again with ``on_fault="correct"``: the correction
+succeeds when that output meets the tolerance. Single faults in S or O are
+also checked for localization (``report.located`` names the injected element).
+Corrupted inputs (``query``, ``key``, ``value``) are not expected to be caught:
+the scorecard lists them as unprotected instead of hiding them.
+
+Prints a table, and writes ``faults.json`` and ``faults.png`` (detection rate
+per site × bit) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from ftattn_spec import reference as ref
+from ftattn_spec.faults import SITE_AXES, SITE_CHECKS, SITES, Fault, bit_width, wilson_interval
+from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
+from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
+
+#: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
+CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "query", "key", "value")
+DEFAULT_SHAPE = dict(B=2, N=4, K=2, T=24, S=40, H=16)  # every axis a different size
+CLEAN_SHAPES = (DEFAULT_SHAPE, dict(B=1, N=3, K=1, T=37, S=41, H=32), dict(B=2, N=2, K=2, T=64, S=48, H=64))
+
+
+def _fault(site: str, index, bit: int) -> Fault:
+    if site == "probs.replica":
+        return Fault("probs", index, bit=bit, replica=1)
+    return Fault(site, index, bit=bit)
+
+
+def protected(site: str, scheme: str) -> bool:
+    """Does ``scheme`` run a check that can see a fault at ``site``?"""
+    return bool(set(SITE_CHECKS[site.split(".")[0]]) & set(SCHEMES[scheme].checks))
+
+
+def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str) -> list[dict]:
+    """The seeded list of faulty trials: ``trials`` per (dtype, site, bit)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for dtype in dtypes:
+        for site in sites:
+            if site == "probs.replica" and "softmax_dmr" not in SCHEMES[scheme].checks:
+                continue
+            dims = tuple(shape[a] for a in SITE_AXES[site.split(".")[0]])
+            for bit in range(bit_width(site.split(".")[0], dtype)):
+                for _ in range(trials):
+                    out.append(dict(dtype=dtype, site=site, bit=bit,
+                                    index=tuple(int(rng.integers(n)) for n in dims),
+                                    dist=DISTRIBUTIONS[int(rng.integers(len(DISTRIBUTIONS)))],
+                                    seed=int(rng.integers(2**31))))
+    return out
+
+
+class _Case:
+    """Inputs of one trial in logical layout, their float64 reference and tolerance."""
+
+    def __init__(self, seed: int, dist: str, dtype: str, shape: dict, is_causal: bool, backends):
+        qkv = draw_qkv(seed, dist, **shape)
+        self.arrays = {b.name: tuple(b.array(x, dtype) for x in qkv) for b in backends}
+        first = backends[0]
+        q, k, v = (first.logical(x) for x in self.arrays[first.name])  # as rounded to dtype
+        self.o64, p, _ = ref.attention(q, k, v, is_causal=is_causal, layout="torch")
+        self.bound = ref.output_bound(q, k, v, p, self.o64, dtype=dtype, is_causal=is_causal, layout="torch")
+
+        self.p, self.v = p, v
+        self.is_causal = is_causal
+
+    def within(self, out: np.ndarray, extra=0.0) -> bool:
+        return bool(np.all(np.abs(out - self.o64) <= self.bound + extra))  # NaN is not within
+
+    def limit(self, site: str, report) -> np.ndarray:
+        thr = {n: c.threshold for n, c in report.checks.items()}
+        if site == "probs.replica":  # the output never reads the second softmax
+            return np.zeros_like(self.o64)
+        return ref.detection_limit(site, thr, self.p, self.v, is_causal=self.is_causal)
+
+
+def _flags(report) -> dict:
+    return {n: np.asarray(c.flagged) for n, c in report.checks.items()}
+
+
+def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) -> dict:
+    case = _Case(trial["seed"], trial["dist"], trial["dtype"], shape, is_causal, backends)
+    fault = _fault(trial["site"], trial["index"], trial["bit"])
+    row = dict(trial, index=list(trial["index"]), backends={})
+    for b in backends:
+        args = case.arrays[b.name]
+        out, rep = b.attention(*args, scheme=scheme, fault=fault)
+        rep = b.numpy_report(b.sync(rep))
+        o = b.logical(out)
+        res = {"detected": bool(rep.detected), "flags": _flags(rep), "harmful": not case.within(o)}
+        if res["harmful"] and not res["detected"]:
+            res["beyond_limit"] = not case.within(o, case.limit(trial["site"], rep))
+            res["error_over_tolerance"] = float(np.nanmax(np.abs(o - case.o64) / case.bound))
+        gemm = trial["site"] if trial["site"] in ("scores", "out") else None
+        if res["detected"]:
+            if gemm in rep.located:
+                b_, n_, i_, j_ = trial["index"]
+                res["located"] = bool(np.array_equal(rep.located[gemm][b_, n_], [i_, j_]))
+            out_c, rep_c = b.attention(*args, scheme=scheme, fault=fault, on_fault="correct")
+            res["corrected"] = case.within(b.logical(out_c))
+        row["backends"][b.name] = res
+    if len(backends) > 1:
+        names = [b.name for b in backends]
+        first = row["backends"][names[0]]
+        row["agree"] = all(first["detected"] == row["backends"][n]["detected"] for n in names[1:])
+        row["agree_flags"] = all(
+            all(np.array_equal(first["flags"][c], row["backends"][n]["flags"][c]) for c in first["flags"])
+            for n in names[1:])
+    for res in row["backends"].values():
+        del res["flags"]
+    return row
+
+
+def clean_runs(backends, scheme: str, dtypes, n_runs: int, seed: int, progress=None) -> dict:
+    """``n_runs`` clean calls per backend, cycling shapes, dtypes, distributions and causality."""
+    flagged = {b.name: 0 for b in backends}
+    examples = []
+    rng = np.random.default_rng(seed + 1)
+    for r in range(n_runs):
+        shape = CLEAN_SHAPES[r % len(CLEAN_SHAPES)]
+        dtype = dtypes[(r // len(CLEAN_SHAPES)) % len(dtypes)]
+        dist = DISTRIBUTIONS[r % len(DISTRIBUTIONS)]
+        is_causal = bool((r // 2) % 2)
+        s = int(rng.integers(2**31))
+        qkv = draw_qkv(s, dist, **shape)
+        for b in backends:
+            _, rep = b.attention(*(b.array(x, dtype) for x in qkv), scheme=scheme, is_causal=is_causal)
+            if bool(b.sync(rep.detected)):
+                flagged[b.name] += 1
+                examples.append(dict(backend=b.name, shape=shape, dtype=dtype, dist=dist, causal=is_causal, seed=s))
+        if progress:
+            progress()
+    return {"runs": n_runs, "flagged": flagged, "examples": examples[:20]}
+
+
+def _rate(k: int, n: int) -> dict:
+    lo, hi = wilson_interval(k, n)
+    return {"count": k, "of": n, "rate": (k / n) if n else None, "ci95": [lo, hi]}
+
+
+def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str) -> dict:
+    """Per backend: detection by site and bit, outcome counts, localization, correction."""
+    out = {"backends": {}}
+    for name in backends:
+        by_site, by_cell = {}, {}
+        for row in rows:
+            r = row["backends"][name]
+            key = (row["dtype"], row["site"])
+            s = by_site.setdefault(key, dict(trials=0, detected=0, harmless=0, below_limit=0, missed=0, located=0, locatable=0,
+                                            corrected=0, correctable=0))
+            s["trials"] += 1
+            if r["detected"]:
+                s["detected"] += 1
+                s["correctable"] += 1
+                s["corrected"] += int(r["corrected"])
+                if "located" in r:
+                    s["locatable"] += 1
+                    s["located"] += int(r["located"])
+            elif r["harmful"] and r["beyond_limit"]:
+                s["missed"] += 1
+            elif r["harmful"]:
+                s["below_limit"] += 1
+            else:
+                s["harmless"] += 1
+            c = by_cell.setdefault(f"{row['dtype']}|{row['site']}|{row['bit']}", [0, 0])
+            c[0] += int(r["detected"])
+            c[1] += 1
+        sites = []
+        for (dtype, site), s in sorted(by_site.items(), key=lambda kv: (kv[0][0], CAMPAIGN_SITES.index(kv[0][1]))):
+            sites.append(dict(dtype=dtype, site=site, protected=protected(site, scheme), **s,
+                              detection=_rate(s["detected"], s["trials"]),
+                              localization=_rate(s["located"], s["locatable"]),
+                              correction=_rate(s["corrected"], s["correctable"])))
+        prot = [s for s in sites if s["protected"]]
+        total = lambda k, ss: sum(s[k] for s in ss)  # noqa: E731
+        single = [s for s in prot if s["site"] in ("scores", "out")]
+        out["backends"][name] = {
+            "sites": sites, "cells": by_cell,
+            "missed_protected": total("missed", prot),
+            "below_limit_protected": total("below_limit", prot),
+            "missed_unprotected": total("missed", [s for s in sites if not s["protected"]]),
+            "localization": _rate(total("located", single), total("locatable", single)),
+            "correction": _rate(total("corrected", prot), total("correctable", prot)),
+            "clean": _rate(clean["flagged"][name], clean["runs"]) if clean["runs"] else None,
+        }
+    if len(backends) > 1:
+        out["agreement"] = _rate(sum(r["agree"] for r in rows), len(rows))
+        out["agreement_flags"] = _rate(sum(r["agree_flags"] for r in rows), len(rows))
+    return out
+
+
+def _pct(r: dict | None) -> str:
+    if not r or not r["of"]:
+        return "–"
+    return f"{100 * r['rate']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
+
+
+def render(summary: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for name, b in summary["backends"].items():
+        t = Table(title=f"{name}: faults by site (detection rate with 95% Wilson interval)")
+        for col in ("dtype", "site", "protected", "trials", "detected", "harmless", "below limit", "missed",
+                    "detection", "located", "corrected"):
+            t.add_column(col, justify="right" if col not in ("dtype", "site") else "left")
+        for s in b["sites"]:
+            t.add_row(s["dtype"], s["site"], "yes" if s["protected"] else "no (input)", str(s["trials"]),
+                      str(s["detected"]), str(s["harmless"]), str(s["below_limit"]), str(s["missed"]),
+                      _pct(s["detection"]),
+                      f"{s['located']}/{s['locatable']}", f"{s['corrected']}/{s['correctable']}")
+        console.print(t)
+        console.print(f"{name}: missed at protected sites {b['missed_protected']} (below the detection limit "
+                      f"{b['below_limit_protected']}), at unprotected input sites "
+                      f"{b['missed_unprotected']} (not expected to be caught); localization {_pct(b['localization'])}; "
+                      f"correction {_pct(b['correction'])}; clean runs flagged "
+                      f"{b['clean']['count'] if b['clean'] else '–'}/{b['clean']['of'] if b['clean'] else 0}")
+    if "agreement" in summary:
+        console.print(f"cross-backend verdict agreement: {_pct(summary['agreement'])}; "
+                      f"every flag identical: {_pct(summary['agreement_flags'])}")
+
+
+def heatmap(summary: dict, path: str) -> None:
+    """Detection rate per site × bit, one panel per backend and dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for name, b in summary["backends"].items():
+        dtypes = sorted({k.split("|")[0] for k in b["cells"]})
+        panels += [(name, d, b["cells"]) for d in dtypes]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.2 + 0.45 * len(CAMPAIGN_SITES) * len(panels)),
+                             squeeze=False)
+    for ax, (name, dtype, cells) in zip(axes[:, 0], panels):
+        sites = [s for s in CAMPAIGN_SITES if any(k.startswith(f"{dtype}|{s}|") for k in cells)]
+        grid = np.full((len(sites), 32), np.nan)
+        for y, s in enumerate(sites):
+            for bit in range(32):
+                c = cells.get(f"{dtype}|{s}|{bit}")
+                if c:
+                    grid[y, bit] = c[0] / c[1]
+        im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_yticks(range(len(sites)), sites)
+        ax.set_xticks(range(0, 32, 2))
+        ax.set_title(f"{name} · {dtype}: detection rate per site and bit (bit 0 = least significant)")
+        fig.colorbar(im, ax=ax)
+    axes[-1, 0].set_xlabel("bit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _environment(backends) -> dict:
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+           "python": sys.version.split()[0]}
+    for b in backends:
+        env[b.name] = b.environment()
+    return env
+
+
+def _parse_list(text: str, allowed, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what}: expected a comma-separated list from {tuple(allowed)}, got {text!r}")
+    return items
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compare.faults", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backends", default="jax,torch")
+    ap.add_argument("--scheme", default="full", choices=SCHEME_NAMES)
+    ap.add_argument("--dtype", default="float16,bfloat16,float32", help="comma-separated dtypes")
+    ap.add_argument("--sites", default=",".join(CAMPAIGN_SITES))
+    ap.add_argument("--trials", type=int, default=2, help="faulty runs per (dtype, site, bit)")
+    ap.add_argument("--clean", type=int, default=300, help="clean runs per backend")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--causal", action="store_true", help="use the causal mask in the faulty runs")
+    ap.add_argument("--out", default=None, help="output folder (default results/faults-<timestamp>/)")
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from . import backends as adapters
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    names = _parse_list(args.backends, ("jax", "torch"), "backends")
+    dtypes = _parse_list(args.dtype, ("float16", "bfloat16", "float32"), "dtype")
+    sites = _parse_list(args.sites, CAMPAIGN_SITES, "sites")
+    if args.trials < 1 or args.clean < 0:
+        raise SystemExit("--trials: expected >= 1, --clean: expected >= 0")
+    bks = []
+    for n in names:
+        try:
+            bks.append(adapters.make_backend(n))
+        except ImportError as e:
+            console.print(f"[yellow]skipping backend {n}: {e}[/yellow]")
+    if not bks:
+        raise SystemExit("no backend could be imported")
+    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme)
+    start = time.perf_counter()
+    rows = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("faulty runs", total=len(trials))
+        for t in trials:
+            rows.append(run_trial(t, bks, args.scheme, DEFAULT_SHAPE, args.causal))
+            bar.advance(task)
+        task2 = bar.add_task("clean runs", total=args.clean)
+        clean = clean_runs(bks, args.scheme, dtypes, args.clean, args.seed, progress=lambda: bar.advance(task2))
+    summary = summarize(rows, clean, [b.name for b in bks], args.scheme)
+    render(summary, console)
+    out_dir = args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
+    doc = {"config": dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES),
+           "environment": _environment(bks), "seconds": round(time.perf_counter() - start, 1),
+           "summary": summary, "clean": clean, "trials": rows}
+    with open(os.path.join(out_dir, "faults.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
+    heatmap(summary, os.path.join(out_dir, "faults.png"))
+    console.print(f"wrote {out_dir}/faults.json and faults.png in {doc['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
