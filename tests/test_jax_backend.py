@@ -129,3 +129,58 @@ def test_blocked_sums_match_plain_sums(n, axis):
     np.testing.assert_allclose(np.asarray(blocked_sum(x, axis)), np.asarray(x.sum(axis)), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(blocked_cumsum(x, axis)), np.asarray(jnp.cumsum(x, axis)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_hundred_faults_share_one_compilation():
+    """Faults are traced data: site, index, bit, value and mode change without recompiling."""
+    from ftattn_spec.faults import Fault
+
+    q, k, v = _inputs(7, shape=dict(SHAPE, T=31))
+    rng = np.random.default_rng(0)
+    sizes = {"scores": (3, 6, 31, 41), "probs": (3, 6, 31, 41), "out": (3, 6, 31, 16), "query": (3, 6, 31, 16),
+             "key": (3, 3, 41, 16), "value": (3, 3, 41, 16)}
+    faults = []
+    for n in range(100):
+        site = list(sizes)[n % 6]
+        idx = tuple(int(rng.integers(m)) for m in sizes[site])
+        width = 16 if site in ("query", "key", "value") else 32
+        faults.append(Fault(site, idx, bit=int(rng.integers(width))) if n % 3 else
+                      Fault(site, idx, value=float(rng.normal()), replica=int(site == "probs" and n % 2)))
+    ftattn_jax.attention(q, k, v, fault=faults[0])
+    before = core._run._cache_size()
+    seen = 0
+    for f in faults:
+        _, rep = ftattn_jax.attention(q, k, v, fault=f)
+        seen += bool(rep.detected)
+    assert core._run._cache_size() == before
+    assert seen > 10  # the faults did land
+
+
+def test_raise_under_jit_goes_through_checkify():
+    from jax.experimental import checkify
+
+    from ftattn_spec.faults import Fault
+
+    q, k, v = _inputs(8)
+    fault = Fault("out", (0, 1, 2, 3), bit=30)
+    f = jax.jit(checkify.checkify(lambda q, k, v: ftattn_jax.attention(q, k, v, on_fault="raise", fault=fault)))
+    err, _ = f(q, k, v)
+    assert err.get() is not None and "fault was detected" in err.get()
+    g = jax.jit(checkify.checkify(lambda q, k, v: ftattn_jax.attention(q, k, v, on_fault="raise")))
+    err, _ = g(q, k, v)
+    assert err.get() is None
+    with pytest.raises(ValueError, match="checkify"):  # JAX refuses an unfunctionalized check, and says so
+        jax.jit(lambda q, k, v: ftattn_jax.attention(q, k, v, on_fault="raise"))(q, k, v)
+
+
+def test_correct_and_faults_under_vmap():
+    from ftattn_spec.faults import Fault
+
+    qs, ks, vs = zip(*(_inputs(s) for s in range(2)))
+    q, k, v = jnp.stack(qs), jnp.stack(ks), jnp.stack(vs)
+    fault = Fault("scores", (1, 2, 3, 4), bit=30)
+    out, rep = jax.vmap(lambda q, k, v: ftattn_jax.attention(q, k, v, fault=fault, on_fault="correct"))(q, k, v)
+    assert rep.corrected.tolist() == [1, 1]
+    for i in range(2):
+        clean, _ = ftattn_jax.attention(qs[i], ks[i], vs[i])
+        np.testing.assert_allclose(np.asarray(out[i], np.float32), np.asarray(clean, np.float32), atol=2e-3)

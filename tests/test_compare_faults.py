@@ -1,0 +1,63 @@
+"""A small seeded campaign of ``python -m compare.faults``, asserted against the issue's targets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .conftest import HAVE_JAX, HAVE_TORCH
+
+pytestmark = pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="the campaign compares both backends")
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    from compare import faults
+
+    out = tmp_path_factory.mktemp("faults")
+    assert faults.main(["--trials", "1", "--dtype", "float16,float32", "--sites", "scores,probs,out,value",
+                        "--clean", "40", "--seed", "5", "--out", str(out)]) == 0
+    with open(out / "faults.json") as f:
+        return json.load(f), out
+
+
+def test_campaign_meets_the_targets(campaign):
+    doc, out = campaign
+    summary = doc["summary"]
+    for name in ("jax", "torch"):
+        b = summary["backends"][name]
+        assert b["missed_protected"] == 0
+        assert b["clean"]["count"] == 0 and b["clean"]["of"] == 40
+        assert b["localization"]["of"] > 20 and b["localization"]["rate"] >= 0.99
+        assert b["correction"]["of"] > 40 and b["correction"]["rate"] >= 0.99
+        sites = {(s["dtype"], s["site"]): s for s in b["sites"]}
+        assert not sites[("float16", "value")]["protected"]
+        for dtype in ("float16", "float32"):
+            s = sites[(dtype, "scores")]
+            assert s["trials"] == 32
+            # every exponent flip of a logit far from zero is caught; the low mantissa bits are harmless
+            assert 0.2 < s["detection"]["rate"] < 1.0
+            lo, hi = s["detection"]["ci95"]
+            assert lo <= s["detection"]["rate"] <= hi
+    assert summary["agreement"]["rate"] == 1.0
+    assert (out / "faults.png").stat().st_size > 10_000
+
+
+def test_same_plan_same_trials():
+    from compare import faults
+
+    a = faults.plan_trials(["scores", "key"], ["bfloat16"], 2, 9, faults.DEFAULT_SHAPE, "full")
+    b = faults.plan_trials(["scores", "key"], ["bfloat16"], 2, 9, faults.DEFAULT_SHAPE, "full")
+    assert a == b and len(a) == 2 * (32 + 16)
+    assert len({t["seed"] for t in a}) == len(a)
+
+
+def test_wilson_interval():
+    from ftattn_spec.faults import wilson_interval
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.27 < hi < 0.28  # the textbook value 0.2775
+    lo, hi = wilson_interval(50, 100)
+    assert np.isclose(lo, 0.4038, atol=1e-3) and np.isclose(hi, 0.5962, atol=1e-3)
