@@ -41,11 +41,13 @@ from ftattn_spec import reference as ref
 from ftattn_spec.faults import SITE_AXES, SITE_CHECKS, SITES, Fault, bit_width, wilson_interval
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
+from ftattn_spec.shapes import PRESETS
 
 #: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
 CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "query", "key", "value")
-DEFAULT_SHAPE = dict(B=2, N=4, K=2, T=24, S=40, H=16)  # every axis a different size
-CLEAN_SHAPES = (DEFAULT_SHAPE, dict(B=1, N=3, K=1, T=37, S=41, H=32), dict(B=2, N=2, K=2, T=64, S=48, H=64))
+DEFAULT_SHAPE = dict(B=2, N=4, K=2, T=24, S=40, H=16)  # every axis a different size; grouped-query
+#: Clean runs cycle over the default shape and the ``cpu`` preset.
+CLEAN_SHAPES = (DEFAULT_SHAPE,) + tuple(dict(B=s.B, N=s.N, K=s.kv_heads, T=s.T, S=s.S, H=s.H) for s in PRESETS["cpu"])
 
 
 def _fault(site: str, index, bit: int) -> Fault:
