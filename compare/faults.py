@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ import time
 import numpy as np
 
 from ftattn_spec import reference as ref
-from ftattn_spec.faults import SITE_AXES, SITE_CHECKS, SITES, Fault, bit_width, wilson_interval
+from ftattn_spec.faults import SITE_AXES, SITE_CHECKS, Fault, bit_width, wilson_interval
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESETS

@@ -156,7 +156,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             p = torch.where(replace[..., None], p3, p)
             del p3
 
-    del s, s_soft  # autograd keeps what it needs; free the rest early
+    s = s_soft = None  # autograd keeps what it needs; free the rest early
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
     del p
     o = _bmm_f32(p_mma, value.reshape(B * K, S, H))  # BK GT H
