@@ -48,11 +48,12 @@ def _passes_after(d, thr, coef, delta, stored, ref):
     ``d − delta`` cancels when the fault is large, so the float32 sums that
     produced ``d`` carry an extra rounding of up to ``coef·|delta|``: the check's
     own coefficient applied to the corrupted element's magnitude. A non-finite
-    ``d`` passes when the stored element is the non-finite one.
+    ``d`` passes when the stored element is the non-finite one; a finite ``d``
+    never passes with a non-finite ``delta``.
     """
-    finite = jnp.isfinite(d) & jnp.isfinite(delta)
-    ok = jnp.abs(d - jnp.where(finite, delta, 0.0)) <= thr + coef * jnp.abs(jnp.where(finite, delta, 0.0))
-    return jnp.where(finite, ok, ~jnp.isfinite(stored) & jnp.isfinite(ref))
+    dz = jnp.where(jnp.isfinite(delta), delta, 0.0)
+    ok = (jnp.abs(d - dz) <= thr + coef * jnp.abs(dz)) & jnp.isfinite(delta)
+    return jnp.where(jnp.isfinite(d), ok, ~jnp.isfinite(stored) & jnp.isfinite(ref))
 
 
 def locate(row, col, coefs, stored_fn, ref_fn) -> Located:

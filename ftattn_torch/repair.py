@@ -44,10 +44,9 @@ def _most_suspicious(diff: Tensor, thr: Tensor) -> Tensor:
 def _passes_after(d, thr, coef, delta, stored, ref):
     """Would the check pass once the element moves by ``-delta``? (See
     ``ftattn_jax.repair._passes_after`` for the ``coef·|delta|`` term.)"""
-    finite = d.isfinite() & delta.isfinite()
-    dz = torch.where(finite, delta, 0.0)
-    ok = (d - dz).abs() <= thr + coef * dz.abs()
-    return torch.where(finite, ok, ~stored.isfinite() & ref.isfinite())
+    dz = torch.where(delta.isfinite(), delta, 0.0)
+    ok = ((d - dz).abs() <= thr + coef * dz.abs()) & delta.isfinite()
+    return torch.where(d.isfinite(), ok, ~stored.isfinite() & ref.isfinite())
 
 
 def locate(row, col, coefs, stored_fn, ref_fn) -> Located:
