@@ -15,6 +15,11 @@ reference and the spec's output tolerance (``ftattn_spec.reference.output_bound`
 * **missed**: not flagged, and some output element is beyond the tolerance
   plus the detection limit. The target is zero at every protected site.
 
+JAX and PyTorch are compared on each plan: their verdicts and every flag. A
+flag may differ only inside the rounding band (``AGREEMENT_BAND``): when the
+fault moved a residual by less than twice its threshold, the two backends'
+own rounding can put it on opposite sides of the threshold.
+
 Detected faults are run again with ``on_fault="correct"``: the correction
 succeeds when that output meets the tolerance. Single faults in S or O are
 also checked for localization (``report.located`` names the injected element).
@@ -106,6 +111,32 @@ def _flags(report) -> dict:
     return {n: np.asarray(c.flagged) for n, c in report.checks.items()}
 
 
+def _ratios(report) -> dict:
+    """residual / threshold per check element (NaN or overflow counts as infinite)."""
+    out = {}
+    for n, c in report.checks.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.asarray(c.residual, np.float64) / np.asarray(c.threshold, np.float64)
+        out[n] = np.where(np.isfinite(r), r, np.inf)
+    return out
+
+
+#: Two correct implementations may round a residual to opposite sides of its
+#: threshold τ when the fault moved it by at most 2τ (the detection limit);
+#: the flagging backend's residual is then at most 3τ. A disagreement inside
+#: this band is rounding, one outside it is a bug.
+AGREEMENT_BAND = 3.0
+
+
+def _explained(a: dict, b: dict) -> bool:
+    """Do the flags of two backends differ only inside the rounding band?"""
+    for n in a["flags"]:
+        differ = a["flags"][n] != b["flags"][n]
+        if np.any(differ) and not np.all(np.maximum(a["ratios"][n], b["ratios"][n])[differ] <= AGREEMENT_BAND):
+            return False
+    return True
+
+
 def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) -> dict:
     case = _Case(trial["seed"], trial["dist"], trial["dtype"], shape, is_causal, backends)
     fault = _fault(trial["site"], trial["index"], trial["bit"])
@@ -115,7 +146,8 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) 
         out, rep = b.attention(*args, scheme=scheme, fault=fault)
         rep = b.numpy_report(b.sync(rep))
         o = b.logical(out)
-        res = {"detected": bool(rep.detected), "flags": _flags(rep), "harmful": not case.within(o)}
+        res = {"detected": bool(rep.detected), "flags": _flags(rep), "ratios": _ratios(rep),
+               "harmful": not case.within(o)}
         if res["harmful"] and not res["detected"]:
             res["beyond_limit"] = not case.within(o, case.limit(trial["site"], rep))
             res["error_over_tolerance"] = float(np.nanmax(np.abs(o - case.o64) / case.bound))
@@ -134,8 +166,9 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) 
         row["agree_flags"] = all(
             all(np.array_equal(first["flags"][c], row["backends"][n]["flags"][c]) for c in first["flags"])
             for n in names[1:])
+        row["agree_or_band"] = row["agree_flags"] or all(_explained(first, row["backends"][n]) for n in names[1:])
     for res in row["backends"].values():
-        del res["flags"]
+        del res["flags"], res["ratios"]
     return row
 
 
@@ -214,6 +247,7 @@ def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str) -
     if len(backends) > 1:
         out["agreement"] = _rate(sum(r["agree"] for r in rows), len(rows))
         out["agreement_flags"] = _rate(sum(r["agree_flags"] for r in rows), len(rows))
+        out["agreement_outside_band"] = _rate(sum(r["agree_or_band"] for r in rows), len(rows))
     return out
 
 
@@ -246,7 +280,9 @@ def render(summary: dict, console=None) -> None:
                       f"{b['clean']['count'] if b['clean'] else '–'}/{b['clean']['of'] if b['clean'] else 0}")
     if "agreement" in summary:
         console.print(f"cross-backend verdict agreement: {_pct(summary['agreement'])}; "
-                      f"every flag identical: {_pct(summary['agreement_flags'])}")
+                      f"every flag identical: {_pct(summary['agreement_flags'])}; "
+                      f"identical or differing only inside the rounding band (residual <= {AGREEMENT_BAND:g}·threshold): "
+                      f"{_pct(summary['agreement_outside_band'])}")
 
 
 def heatmap(summary: dict, path: str) -> None:
