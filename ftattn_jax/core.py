@@ -104,6 +104,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     wanted = SCHEMES[scheme].checks
     prec = _precision(dtype)
     correct = on_fault == "correct"
+    acts = on_fault in ("correct", "nan")  # only these need the implicated rows
     bi, ni = jnp.arange(B)[:, None], jnp.arange(N)[None, :]
     found, results, located, affected = {}, {}, {}, []
     corrected = jnp.zeros((), jnp.int32)
@@ -140,7 +141,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
                 lambda i, j: s[bi, ni, i, j],
                 lambda i, j: jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale)
             located["scores"] = loc.indices()
-        rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc)
+        rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
         affected.append(rows)
         if correct:
             if loc is not None:
@@ -159,7 +160,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         p_replica = faults.inject(_softmax_replica(s_soft, mask), "probs", "BNTS", plan, replica=1)
         found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
         judge(("softmax_dmr",))
-        rows = _rows(found, results, "softmax_dmr", "", granularity, T, None)
+        rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
         affected.append(rows)
         if correct:
             def vote(p):
@@ -192,7 +193,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
                 lambda i, h: o[bi, i, ni, h],
                 lambda i, h: jnp.sum(pf[bi, ni, i] * vt[bi, ni // G, h], -1))
             located["out"] = loc.indices()
-        rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc)
+        rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc) if acts else None
         affected.append(rows)
         if correct:
             if loc is not None:

@@ -89,6 +89,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     wanted = SCHEMES[scheme].checks
     tf32 = uses_tf32(query)
     correct = on_fault == "correct"
+    acts = on_fault in ("correct", "nan")  # only these need the implicated rows
     bi, ni = torch.arange(B, device=dev)[:, None], torch.arange(N, device=dev)[None, :]
     found, results, located, affected = {}, {}, {}, []
     corrected = torch.zeros((), dtype=torch.int32, device=dev)
@@ -123,7 +124,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
                     lambda i, j: s[bi, ni, i, j],
                     lambda i, j: (qf[bi, ni, i] * kf[bi, ni // G, j]).sum(-1) * scale)
                 located["scores"] = loc.indices()
-            rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc)
+            rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
             affected.append(rows)
             # Repairs write into S under no_grad: S is not saved for backward,
             # and the gradient is that of the clean S the repair restores.
@@ -145,7 +146,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
             del p_replica
             judge(("softmax_dmr",))
-            rows = _rows(found, results, "softmax_dmr", "", granularity, T, None)
+            rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
             affected.append(rows)
             vote = correct and bool(rows.any())
         if vote:
@@ -178,7 +179,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
                     lambda i, h: o4[bi, ni, i, h],
                     lambda i, h: (pn[bi, ni, i].to(F32) * vt[bi, ni // G, h]).sum(-1))
                 located["out"] = loc.indices()
-            rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc)
+            rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc) if acts else None
             affected.append(rows)
             if correct:
                 if loc is not None:
