@@ -143,7 +143,7 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) 
     row = dict(trial, index=list(trial["index"]), backends={})
     for b in backends:
         args = case.arrays[b.name]
-        out, rep = b.attention(*args, scheme=scheme, fault=fault)
+        out, rep = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault)
         rep = b.numpy_report(b.sync(rep))
         o = b.logical(out)
         res = {"detected": bool(rep.detected), "flags": _flags(rep), "ratios": _ratios(rep),
@@ -156,7 +156,7 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) 
             if gemm in rep.located:
                 b_, n_, i_, j_ = trial["index"]
                 res["located"] = bool(np.array_equal(rep.located[gemm][b_, n_], [i_, j_]))
-            out_c, rep_c = b.attention(*args, scheme=scheme, fault=fault, on_fault="correct")
+            out_c, rep_c = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault, on_fault="correct")
             res["corrected"] = case.within(b.logical(out_c))
         row["backends"][b.name] = res
     if len(backends) > 1:

@@ -62,3 +62,17 @@ def test_wilson_interval():
     assert lo == 0.0 and 0.27 < hi < 0.28  # the textbook value 0.2775
     lo, hi = wilson_interval(50, 100)
     assert np.isclose(lo, 0.4038, atol=1e-3) and np.isclose(hi, 0.5962, atol=1e-3)
+
+
+def test_causal_trials_run_causal():
+    """A fault in a masked score (key after the query) cannot matter in a causal run."""
+    from compare import backends, faults
+
+    bks = [backends.make_backend("jax"), backends.make_backend("torch")]
+    trial = dict(dtype="float16", site="scores", bit=30, index=(0, 1, 3, 20), dist="normal", seed=3)
+    row = faults.run_trial(trial, bks, "full", faults.DEFAULT_SHAPE, is_causal=True)
+    for res in row["backends"].values():
+        assert not res["detected"] and not res["harmful"]
+    row = faults.run_trial(dict(trial, index=(0, 1, 20, 3)), bks, "full", faults.DEFAULT_SHAPE, is_causal=True)
+    for res in row["backends"].values():
+        assert res["detected"] and res["located"] and res["corrected"]
