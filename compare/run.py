@@ -1,24 +1,35 @@
 """``python -m compare.run``: run every scheme in both backends, time it, cross-check it.
 
-This is the foundation's version of the comparison (issue 5 adds the peer
-kernels, JSON, plots and subprocess isolation). For each shape of a preset,
-each scheme and each backend it reports:
+For each shape of a preset, each scheme and each backend it reports:
 
 * the median time of the call after warm-up (JAX: ``block_until_ready``;
-  PyTorch: CUDA events on a GPU, a host clock on the CPU), rotating input sets;
+  PyTorch: CUDA events on a GPU, a host clock on the CPU), rotating input sets
+  (``--method notebook``: the seed notebook's ten calls between two events, no
+  warm-up; see ``compare.timing``), and the first call's time (JAX compiles);
 * TFLOP/s (4·B·N·T·S·H, halved when causal) and overhead against the same
   backend's ``baseline``;
 * the largest output error against a float64 NumPy reference on a subsample
   (batch 0, first heads), in units of the spec's error bound (must be ≤ 1);
 * the largest JAX-vs-PyTorch output difference in the same units (≤ 2);
-* whether any check fired (clean inputs: must be ``False`` everywhere).
+* whether any check fired (clean inputs: must be ``False`` everywhere), and
+  whether the two backends' verdicts agree per check;
+* the ratio to the fastest unprotected row of the same shape.
+
+Each backend runs in its own process when more than one runs (``--isolate``),
+so that neither framework's allocator holds memory the other needs; the
+result is the same either way. Writes ``results.json`` (every row, the
+configuration, the environment) and ``plot.png`` under ``--out``;
+``python -m compare.report`` re-renders them. Peer kernels (SDPA, cuDNN) are
+not in this version yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
-import statistics
+import subprocess
 import sys
 import time
 
@@ -29,6 +40,7 @@ from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES
 from ftattn_spec.shapes import PRESET_NAMES, preset
 
+from . import results, timing
 from .backends import make_backend
 
 SUBSAMPLE_HEADS = 2
@@ -67,134 +79,239 @@ def _free(backend) -> None:
         backend.torch.cuda.empty_cache()
 
 
-def time_call(backend, fn, inputs, warmup: int, reps: int) -> float:
-    """Median milliseconds of ``fn(*inputs[i % len(inputs)])`` after ``warmup`` calls."""
-    for i in range(warmup):
-        backend.sync(fn(*inputs[i % len(inputs)]))
-    times = []
-    if backend.name == "torch" and backend.device.type == "cuda":
-        torch = backend.torch
-        for i in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*inputs[i % len(inputs)])
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for i in range(reps):
-            t0 = time.perf_counter()
-            backend.sync(fn(*inputs[i % len(inputs)]))
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _timed(args, be, fn, inputs) -> dict:
+    timer = timing.timer_for(be)
+    if args.method == "notebook":
+        return timing.notebook(fn, inputs, timer)
+    return timing.robust(fn, inputs, timer, warmup=args.warmup, reps=args.reps)
 
 
-def run(args) -> list[dict]:
-    """All shapes of one backend, then the next, so that each backend has the
-    device memory to itself; outputs are kept on a subsample for the
-    cross-backend comparison."""
-    rows, outs, bounds = [], {}, {}
-    shapes = preset(args.preset)
-    for bname in args.backends.split(","):
-        try:
-            be = make_backend(bname)
-        except ImportError as e:
-            print(f"skipping backend {bname}: {e.name or e} is not installed", flush=True)
-            continue
-        for shape in shapes:
-            host = [draw_qkv(args.seed + i, args.dist, shape.B, shape.N, shape.kv_heads, shape.T, shape.S,
-                             shape.H) for i in range(args.input_sets)]
-            inputs = [tuple(be.array(x, args.dtype) for x in qkv) for qkv in host]
-            del host
-            # float64 reference on a subsample: batch 0, the first heads (and their kv heads)
-            nh = min(SUBSAMPLE_HEADS, shape.N)
-            nk = -(-nh // (shape.N // shape.kv_heads))
-            q0, k0, v0 = inputs[0]
-            q, k, v = _heads(be, q0, nh), _heads(be, k0, nk), _heads(be, v0, nk)
-            o64, p, _ = ref.attention(q, k, v, is_causal=args.causal, layout="torch")
-            bound = ref.output_bound(q, k, v, p, o64, dtype=args.dtype, is_causal=args.causal, layout="torch")
-            bounds.setdefault(shape.label(), bound)
-            base_ms = None
-            for scheme in args.schemes.split(","):
-                fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal)  # noqa: E731
-                row = {"shape": shape.label(), "scheme": scheme, "backend": bname}
-                try:
-                    ms = time_call(be, fn, inputs, args.warmup, args.reps)
-                    out, rep = be.sync(fn(*inputs[0]))
-                except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
-                    if not _is_oom(e):
-                        raise
-                    print(f"{shape.label()} {scheme} {bname}: out of device memory", flush=True)
-                    rows.append(dict(row, ms=float("nan"), tflops=float("nan"), overhead=float("nan"),
-                                     err_vs_bound=float("nan"), detected=False, oom=True))
-                    _free(be)
-                    continue
-                o = be.logical(out)[:1, :nh]
-                outs[(shape.label(), scheme, bname)] = o
-                base_ms = ms if scheme == "baseline" else base_ms
-                rows.append(dict(
-                    row, ms=ms, tflops=shape.flops(args.causal) / ms / 1e9,
-                    overhead=(ms / base_ms - 1.0) if base_ms else float("nan"),
-                    err_vs_bound=float(np.max(np.abs(o - o64) / bound)),
-                    detected=bool(np.asarray(be.numpy_report(rep).detected))))
-                del out, rep
-            del inputs
-            _free(be)
+def run_backend(args, bname: str, progress=None):
+    """Every shape and scheme of one backend. Returns ``(rows, subsamples)``:
+    ``subsamples[(shape, scheme)]`` is the output on batch 0 and the first heads,
+    and ``subsamples[(shape, "bound")]`` the spec's error bound there."""
+    rows, outs = [], {}
+    be = make_backend(bname)
+    for shape in preset(args.preset):
+        host = [draw_qkv(args.seed + i, args.dist, shape.B, shape.N, shape.kv_heads, shape.T, shape.S,
+                         shape.H) for i in range(args.input_sets)]
+        inputs = [tuple(be.array(x, args.dtype) for x in qkv) for qkv in host]
+        del host
+        # float64 reference on a subsample: batch 0, the first heads (and their kv heads)
+        nh = min(SUBSAMPLE_HEADS, shape.N)
+        nk = -(-nh // (shape.N // shape.kv_heads))
+        q0, k0, v0 = inputs[0]
+        q, k, v = _heads(be, q0, nh), _heads(be, k0, nk), _heads(be, v0, nk)
+        o64, p, _ = ref.attention(q, k, v, is_causal=args.causal, layout="torch")
+        bound = ref.output_bound(q, k, v, p, o64, dtype=args.dtype, is_causal=args.causal, layout="torch")
+        outs[(shape.label(), "bound")] = bound
+        base_ms = None
+        for scheme in args.schemes.split(","):
+            fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal)  # noqa: E731
+            row = {"shape": shape.label(), "T": shape.T, "S": shape.S, "scheme": scheme, "backend": bname,
+                   "method": args.method, "flops": shape.flops(args.causal)}
+            try:
+                t0 = time.perf_counter()
+                out, rep = be.sync(fn(*inputs[0]))  # first call: compiles in JAX
+                first_ms = (time.perf_counter() - t0) * 1e3
+                timed = _timed(args, be, fn, inputs)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
+                if not _is_oom(e):
+                    raise
+                print(f"{shape.label()} {scheme} {bname}: out of device memory, row skipped", flush=True)
+                rows.append(dict(row, ms=float("nan"), tflops=float("nan"), overhead=float("nan"),
+                                 err_vs_bound=float("nan"), detected=False, oom=True))
+                _free(be)
+                if progress:
+                    progress()
+                continue
+            ms = timed["ms"]
+            o = be.logical(out)[:1, :nh]
+            outs[(shape.label(), scheme)] = o
+            base_ms = ms if scheme == "baseline" else base_ms
+            report = be.numpy_report(rep)
+            rows.append(dict(
+                row, ms=ms, first_call_ms=first_ms, tflops=tflops(shape.flops(args.causal), ms),
+                overhead=(ms / base_ms - 1.0) if base_ms else float("nan"),
+                err_vs_bound=float(np.max(np.abs(o - o64) / bound)),
+                detected=bool(np.asarray(report.detected)),
+                flags={n: bool(np.asarray(c.flagged).any()) for n, c in report.checks.items()}))
+            del out, rep
+            if progress:
+                progress()
+        del inputs
+        _free(be)
+    return rows, outs, be.environment()
+
+
+def tflops(flops: float, ms: float) -> float:
+    """TFLOP/s of ``flops`` floating-point operations in ``ms`` milliseconds."""
+    return flops / (ms * 1e-3) / 1e12
+
+
+def cross_check(rows: list[dict], outs: dict) -> None:
+    """Add JAX-vs-PyTorch output differences (in units of the bound) and verdict
+    agreement per check to the rows, and each row's ratio to the fastest
+    unprotected row of its shape."""
     for r in rows:
         other = "torch" if r["backend"] == "jax" else "jax"
-        mine, theirs = outs.get((r["shape"], r["scheme"], r["backend"])), outs.get((r["shape"], r["scheme"], other))
+        mine = outs.get((r["backend"], r["shape"], r["scheme"]))
+        theirs = outs.get((other, r["shape"], r["scheme"]))
         if mine is not None and theirs is not None:
-            r["xbackend_vs_bound"] = float(np.max(np.abs(mine - theirs) / bounds[r["shape"]]))
-    return rows
+            bound = outs[(r["backend"], r["shape"], "bound")]
+            r["xbackend_vs_bound"] = float(np.max(np.abs(mine - theirs) / bound))
+        twin = [x for x in rows if x["backend"] == other and x["shape"] == r["shape"] and x["scheme"] == r["scheme"]]
+        if twin and "flags" in r and "flags" in twin[0]:
+            r["verdicts_agree"] = r["flags"] == twin[0]["flags"]
+    for shape in {r["shape"] for r in rows}:
+        plain = [r["ms"] for r in rows if r["shape"] == shape and r["scheme"] == "baseline" and r["ms"] == r["ms"]]
+        for r in rows:
+            if r["shape"] == shape and plain:
+                r["vs_fastest_unprotected"] = r["ms"] / min(plain)
 
 
-def render(rows: list[dict]) -> None:
-    head = ["shape", "scheme", "backend", "ms", "TFLOP/s", "overhead", "err/bound", "jax-torch/bound", "detected"]
-    cells = [[r["shape"], r["scheme"], r["backend"], "OOM" if r.get("oom") else f"{r['ms']:.3f}",
-              f"{r['tflops']:.2f}",
-              "-" if r["scheme"] == "baseline" else f"{100 * r['overhead']:+.0f}%",
-              f"{r['err_vs_bound']:.3f}", f"{r.get('xbackend_vs_bound', float('nan')):.3f}",
-              str(r["detected"])] for r in rows]
-    try:
-        from rich.console import Console
-        from rich.table import Table
+def _worker_path(out_dir: str, bname: str) -> str:
+    return os.path.join(out_dir, f".{bname}.npz")
 
-        t = Table(*head)
-        for c in cells:
-            t.add_row(*c)
-        Console(width=max(140, Console().width)).print(t)
-    except ImportError:
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-        for c in cells:
-            print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
+
+def _save_worker(path: str, rows, outs, env) -> None:
+    arrays = {f"{shape}|{what}": a for (shape, what), a in outs.items()}
+    np.savez(path, _rows=np.array(json.dumps(results._clean(rows))), _env=np.array(json.dumps(env)), **arrays)
+
+
+def _load_worker(path: str):
+    with np.load(path) as z:
+        rows = json.loads(str(z["_rows"]))
+        env = json.loads(str(z["_env"]))
+        outs = {tuple(k.split("|", 1)): z[k] for k in z.files if not k.startswith("_")}
+    for r in rows:
+        for k, v in r.items():
+            if v is None:
+                r[k] = float("nan")
+    return rows, outs, env
+
+
+def _installed(bname: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(bname) is not None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default=None, choices=PRESET_NAMES, help="default: seed on a GPU, cpu otherwise")
+    ap.add_argument("--preset", default=None, help=f"one of {PRESET_NAMES}; default: seed on a GPU, cpu otherwise")
     ap.add_argument("--schemes", default=",".join(SCHEME_NAMES))
     ap.add_argument("--backends", default="jax,torch")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--dist", default="uniform", choices=DISTRIBUTIONS)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--dist", default="uniform")
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--method", default="robust", help="robust (warm-up, median) or notebook (10 calls, no warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--input-sets", type=int, default=3, help="rotate this many input sets while timing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output folder (default results/<timestamp>/)")
+    ap.add_argument("--isolate", default="auto", help="process (each backend in its own process), none, or auto "
+                                                      "(process when more than one backend runs)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    # Both frameworks share one GPU here: stop JAX from taking 75% of it up front.
+    _validate(args)
+    # Both frameworks may share one GPU: stop JAX from taking 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.worker:  # a child process: one backend, results to a file
+        rows, outs, env = _run_with_progress(args, args.worker)
+        _save_worker(_worker_path(args.out, args.worker), rows, outs, env)
+        return 0
     if args.preset is None:
         args.preset = "seed" if _has_gpu() else "cpu"
+    names = [b for b in args.backends.split(",")]
     if "baseline" in args.schemes.split(","):
         args.schemes = ",".join(["baseline"] + [s for s in args.schemes.split(",") if s != "baseline"])
-    print(f"# preset={args.preset} dtype={args.dtype} dist={args.dist} causal={args.causal}", flush=True)
-    rows = run(args)
-    render(rows)
+    args.out = args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(args.out, exist_ok=True)
+    isolate = args.isolate == "process" or (args.isolate == "auto" and len(names) > 1)
+    print(f"# preset={args.preset} dtype={args.dtype} dist={args.dist} causal={args.causal} method={args.method} "
+          f"isolate={'process' if isolate else 'none'} out={args.out}", flush=True)
+    rows, outs, env = [], {}, {"host": results.host_environment()}
+    for bname in names:
+        if not _installed(bname):
+            print(f"skipping backend {bname}: {bname} is not installed", flush=True)
+            continue
+        if isolate:
+            cmd = [sys.executable, "-m", "compare.run", *_forward(argv if argv is not None else sys.argv[1:]),
+                   "--worker", bname, "--out", args.out, "--preset", args.preset, "--schemes", args.schemes]
+            done = subprocess.run(cmd)
+            if done.returncode != 0:
+                print(f"backend {bname}: its process failed (exit {done.returncode}); its rows are missing",
+                      flush=True)
+                continue
+            brows, bouts, benv = _load_worker(_worker_path(args.out, bname))
+            os.remove(_worker_path(args.out, bname))
+        else:
+            brows, bouts, benv = _run_with_progress(args, bname)
+        rows += brows
+        outs.update({(bname, *k): v for k, v in bouts.items()})
+        env[bname] = benv
+    cross_check(rows, outs)
+    title = f"preset={args.preset} dtype={args.dtype} causal={args.causal} method={args.method}"
+    results.render(rows, title)
+    doc = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "environment": env, "rows": rows}
+    results.save(os.path.join(args.out, "results.json"), doc)
+    if rows:
+        results.plot(rows, os.path.join(args.out, "plot.png"), title)
     bad = [r for r in rows if r["detected"] or r["err_vs_bound"] > 1 or r.get("xbackend_vs_bound", 0) > 2]
-    print(f"# {len(rows)} rows; {len(bad)} with a false positive or an output outside its bound")
+    print(f"# {len(rows)} rows; {len(bad)} with a false positive or an output outside its bound; "
+          f"wrote {args.out}/results.json and plot.png")
     return 1 if bad else 0
+
+
+def _forward(argv) -> list[str]:
+    """The parent's arguments minus the ones the parent sets for the child."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--out", "--preset", "--schemes", "--backends", "--worker", "--isolate"):
+            skip = True
+            continue
+        if a.split("=", 1)[0] in ("--out", "--preset", "--schemes", "--backends", "--worker", "--isolate"):
+            continue
+        out.append(a)
+    return out
+
+
+def _run_with_progress(args, bname: str):
+    steps = len(preset(args.preset)) * len(args.schemes.split(","))
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        return run_backend(args, bname)
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{bname}", total=steps)
+        return run_backend(args, bname, progress=lambda: bar.advance(task))
+
+
+def _validate(args) -> None:
+    def one_of(name, value, allowed):
+        if value not in allowed:
+            raise SystemExit(f"--{name}: expected one of {tuple(allowed)}, got {value!r}")
+
+    if args.preset is not None:
+        one_of("preset", args.preset, PRESET_NAMES)
+    for s in args.schemes.split(","):
+        one_of("schemes", s, SCHEME_NAMES)
+    for b in args.backends.split(","):
+        one_of("backends", b, ("jax", "torch"))
+    one_of("dtype", args.dtype, ("float16", "bfloat16", "float32"))
+    one_of("dist", args.dist, DISTRIBUTIONS)
+    one_of("method", args.method, ("robust", "notebook"))
+    one_of("isolate", args.isolate, ("auto", "process", "none"))
+    if args.reps < 1 or args.warmup < 0 or args.input_sets < 1:
+        raise SystemExit("--reps >= 1, --warmup >= 0 and --input-sets >= 1 expected")
+    if args.preset in ("seed", "seed-tokens", "seed-small-heads") and not args.worker and not _has_gpu():
+        raise SystemExit(f"--preset {args.preset}: needs a GPU (its shapes take gigabytes); "
+                         f"use --preset cpu on this machine")
 
 
 if __name__ == "__main__":

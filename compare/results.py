@@ -1,0 +1,122 @@
+"""Results of ``compare.run`` as JSON, and their table and plot.
+
+``python -m compare.report results/<run>/results.json`` re-renders both from the
+JSON alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+
+
+def host_environment() -> dict:
+    """Date, command line, Python, and the GPU driver if ``nvidia-smi`` answers."""
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "command": " ".join([sys.executable.split("/")[-1], "-m", "compare.run", *sys.argv[1:]]),
+           "python": platform.python_version(), "machine": platform.machine()}
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            if out:
+                env["gpu"], env["driver"] = (x.strip() for x in out[0].split(",", 1))
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN; a missing measurement is null
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def save(path: str, doc: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(_clean(doc), f, indent=1)
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        doc = json.load(f)
+    for key in ("config", "environment", "rows"):
+        if key not in doc:
+            raise ValueError(f"{path}: expected a compare.run results file with {key!r}, got keys {sorted(doc)}")
+    for r in doc["rows"]:
+        for k, v in r.items():
+            if v is None and k not in ("flags",):
+                r[k] = float("nan")
+    return doc
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def render(rows: list[dict], title: str = "") -> None:
+    head = ["shape", "scheme", "backend", "ms", "TFLOP/s", "overhead", "vs fastest", "err/bound",
+            "jax-torch/bound", "verdicts agree", "detected"]
+    cells = []
+    for r in rows:
+        cells.append([r["shape"], r["scheme"], r["backend"], "OOM" if r.get("oom") else _fmt(r["ms"], ".3f"),
+                      _fmt(r.get("tflops"), ".2f"),
+                      "-" if r["scheme"] == "baseline" else
+                      ("–" if r.get("overhead") != r.get("overhead") else f"{100 * r['overhead']:+.0f}%"),
+                      _fmt(r.get("vs_fastest_unprotected"), ".2f") + "x" if r.get("vs_fastest_unprotected") else "–",
+                      _fmt(r.get("err_vs_bound"), ".3f"), _fmt(r.get("xbackend_vs_bound"), ".3f"),
+                      str(r.get("verdicts_agree", "–")), str(r.get("detected"))])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(*head, title=title or None)
+        for c in cells:
+            t.add_row(*c)
+        Console(width=max(150, Console().width)).print(t)
+    except ImportError:
+        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        for c in cells:
+            print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> None:
+    """TFLOP/s against sequence length, one line per scheme and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    series = sorted({(r["scheme"], r["backend"]) for r in rows})
+    for scheme, backend in series:
+        pts = sorted((r["T"], r["tflops"]) for r in rows
+                     if r["scheme"] == scheme and r["backend"] == backend and r.get("tflops") == r.get("tflops"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="-" if backend == "jax" else "--", label=f"{scheme} · {backend}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T (= S)")
+    ax.set_ylabel("TFLOP/s (4·B·N·T·S·H, halved when causal)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
