@@ -60,7 +60,7 @@ def load(path: str) -> dict:
             raise ValueError(f"{path}: expected a compare.run results file with {key!r}, got keys {sorted(doc)}")
     for r in doc["rows"]:
         for k, v in r.items():
-            if v is None and k not in ("flags",):
+            if v is None and k not in ("flags", "skipped"):
                 r[k] = float("nan")
     return doc
 
@@ -74,13 +74,15 @@ def render(rows: list[dict], title: str = "") -> None:
             "jax-torch/bound", "verdicts agree", "detected"]
     cells = []
     for r in rows:
-        cells.append([r["shape"], r["scheme"], r["backend"], "OOM" if r.get("oom") else _fmt(r["ms"], ".3f"),
+        ms = "OOM" if r.get("oom") else ("skipped" if r.get("skipped") else _fmt(r["ms"], ".3f"))
+        over = r.get("overhead")
+        fastest = r.get("vs_fastest_unprotected")
+        cells.append([r["shape"], r["scheme"] + (" (peer)" if r.get("peer") else ""), r["backend"], ms,
                       _fmt(r.get("tflops"), ".2f"),
-                      "-" if r["scheme"] == "baseline" else
-                      ("–" if r.get("overhead") != r.get("overhead") else f"{100 * r['overhead']:+.0f}%"),
-                      _fmt(r.get("vs_fastest_unprotected"), ".2f") + "x" if r.get("vs_fastest_unprotected") else "–",
+                      "–" if over is None or over != over else f"{100 * over:+.0f}%",
+                      "–" if fastest is None or fastest != fastest else f"{fastest:.2f}x",
                       _fmt(r.get("err_vs_bound"), ".3f"), _fmt(r.get("xbackend_vs_bound"), ".3f"),
-                      str(r.get("verdicts_agree", "–")), str(r.get("detected"))])
+                      str(r.get("verdicts_agree", "–")), "–" if r.get("peer") else str(r.get("detected"))])
     try:
         from rich.console import Console
         from rich.table import Table

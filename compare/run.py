@@ -19,8 +19,9 @@ Each backend runs in its own process when more than one runs (``--isolate``),
 so that neither framework's allocator holds memory the other needs; the
 result is the same either way. Writes ``results.json`` (every row, the
 configuration, the environment) and ``plot.png`` under ``--out``;
-``python -m compare.report`` re-renders them. Peer kernels (SDPA, cuDNN) are
-not in this version yet.
+``python -m compare.report`` re-renders them. The peers (``compare.peers``:
+SDPA with each backend, ``jax.nn.dot_product_attention`` with XLA and cuDNN)
+are timed in the same run; one that cannot run here is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES
 from ftattn_spec.shapes import PRESET_NAMES, preset
 
-from . import results, timing
+from . import peers, results, timing
 from .backends import make_backend
 
 SUBSAMPLE_HEADS = 2
@@ -139,9 +140,37 @@ def run_backend(args, bname: str, progress=None):
             del out, rep
             if progress:
                 progress()
+        if args.peers:
+            rows += _peer_rows(args, be, shape, inputs, nh, o64, bound, progress)
         del inputs
         _free(be)
     return rows, outs, be.environment()
+
+
+def _peer_rows(args, be, shape, inputs, nh, o64, bound, progress) -> list[dict]:
+    out_rows = []
+    for name, peer in peers.peers_for(be).items():
+        fn = lambda q, k, v, p=peer: p(q, k, v, args.causal)  # noqa: E731
+        row = {"shape": shape.label(), "T": shape.T, "S": shape.S, "scheme": name, "backend": be.name,
+               "method": args.method, "flops": shape.flops(args.causal), "peer": True, "detected": False}
+        try:
+            out = be.sync(fn(*inputs[0]))
+            timed = _timed(args, be, fn, inputs)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run here is skipped, with the reason
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            print(f"{shape.label()} {name}: skipped ({reason})", flush=True)
+            out_rows.append(dict(row, ms=float("nan"), tflops=float("nan"), overhead=float("nan"),
+                                 err_vs_bound=float("nan"), skipped=reason, oom=_is_oom(e)))
+            _free(be)
+            if progress:
+                progress()
+            continue
+        o = be.logical(out)[:1, :nh]
+        out_rows.append(dict(row, ms=timed["ms"], tflops=tflops(shape.flops(args.causal), timed["ms"]),
+                             overhead=float("nan"), err_vs_bound=float(np.max(np.abs(o - o64) / bound))))
+        if progress:
+            progress()
+    return out_rows
 
 
 def tflops(flops: float, ms: float) -> float:
@@ -164,7 +193,8 @@ def cross_check(rows: list[dict], outs: dict) -> None:
         if twin and "flags" in r and "flags" in twin[0]:
             r["verdicts_agree"] = r["flags"] == twin[0]["flags"]
     for shape in {r["shape"] for r in rows}:
-        plain = [r["ms"] for r in rows if r["shape"] == shape and r["scheme"] == "baseline" and r["ms"] == r["ms"]]
+        plain = [r["ms"] for r in rows if r["shape"] == shape and (r["scheme"] == "baseline" or r.get("peer"))
+                 and r["ms"] == r["ms"]]
         for r in rows:
             if r["shape"] == shape and plain:
                 r["vs_fastest_unprotected"] = r["ms"] / min(plain)
@@ -213,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default results/<timestamp>/)")
     ap.add_argument("--isolate", default="auto", help="process (each backend in its own process), none, or auto "
                                                       "(process when more than one backend runs)")
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="skip the peer kernels (SDPA backends, jax.nn.dot_product_attention)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     _validate(args)
@@ -260,6 +292,7 @@ def main(argv=None) -> int:
     if rows:
         results.plot(rows, os.path.join(args.out, "plot.png"), title)
     bad = [r for r in rows if r["detected"] or r["err_vs_bound"] > 1 or r.get("xbackend_vs_bound", 0) > 2]
+    bad = [r for r in bad if not r.get("peer")]  # a peer's accuracy is reported, not judged
     print(f"# {len(rows)} rows; {len(bad)} with a false positive or an output outside its bound; "
           f"wrote {args.out}/results.json and plot.png")
     return 1 if bad else 0
@@ -282,7 +315,8 @@ def _forward(argv) -> list[str]:
 
 
 def _run_with_progress(args, bname: str):
-    steps = len(preset(args.preset)) * len(args.schemes.split(","))
+    n_peers = len(peers.TORCH_PEERS if bname == "torch" else peers.JAX_PEERS) if args.peers else 0
+    steps = len(preset(args.preset)) * (len(args.schemes.split(",")) + n_peers)
     try:
         from rich.progress import Progress
     except ImportError:

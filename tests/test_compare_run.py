@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from compare import report, results, run, timing
+from compare import peers, report, results, run, timing
 from ftattn_spec.schemes import SCHEME_NAMES
 from ftattn_spec.shapes import PRESETS, Shape
 
@@ -18,10 +18,15 @@ def test_cpu_preset_writes_every_row_and_renders(tmp_path, capsys):
     assert run.main(["--preset", "cpu", "--out", str(tmp_path), "--reps", "2", "--warmup", "1",
                      "--input-sets", "2"]) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
-    rows = doc["rows"]
     shapes = [s.label() for s in PRESETS["cpu"]]
+    peer_rows = [r for r in doc["rows"] if r.get("peer")]
+    rows = [r for r in doc["rows"] if not r.get("peer")]
     assert {(r["shape"], r["scheme"], r["backend"]) for r in rows} == {
         (s, scheme, b) for s in shapes for scheme in SCHEME_NAMES for b in ("jax", "torch")}
+    assert {r["scheme"] for r in peer_rows} == set(peers.TORCH_PEERS + peers.JAX_PEERS)
+    math_rows = [r for r in peer_rows if r["scheme"] == "sdpa-math"]
+    assert len(math_rows) == len(shapes) and all(r["ms"] > 0 and r["err_vs_bound"] <= 1 for r in math_rows)
+    assert all(r["skipped"] for r in peer_rows if r["scheme"] == "jax-cudnn")  # no GPU: skipped with a reason
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] > 0 and r["first_call_ms"] > 0
         assert r["err_vs_bound"] <= 1 and r["xbackend_vs_bound"] <= 2
