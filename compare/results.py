@@ -77,7 +77,10 @@ def render(rows: list[dict], title: str = "") -> None:
         ms = "OOM" if r.get("oom") else ("skipped" if r.get("skipped") else _fmt(r["ms"], ".3f"))
         over = r.get("overhead")
         fastest = r.get("vs_fastest_unprotected")
-        cells.append([r["shape"], r["scheme"] + (" (peer)" if r.get("peer") else ""), r["backend"], ms,
+        label = r["scheme"] + (" (peer)" if r.get("peer") else "")
+        if r.get("method") == "notebook-loop-order":
+            label += " (loop order)"
+        cells.append([r["shape"], label, r["backend"], ms,
                       _fmt(r.get("tflops"), ".2f"),
                       "–" if over is None or over != over else f"{100 * over:+.0f}%",
                       "–" if fastest is None or fastest != fastest else f"{fastest:.2f}x",

@@ -105,3 +105,14 @@ def test_results_json_round_trip(tmp_path):
     with pytest.raises(ValueError, match="results file"):
         (tmp_path / "bad.json").write_text("{}")
         results.load(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_notebook_method_adds_the_loop_order_rows(tmp_path):
+    assert run.main(["--preset", "cpu", "--backends", "torch", "--schemes", "baseline", "--method", "notebook",
+                     "--no-peers", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"notebook", "notebook-loop-order"}
+    loop = [r for r in rows if r["method"] == "notebook-loop-order"]
+    assert len(loop) == len(PRESETS["cpu"]) and all(r["ms"] > 0 and "xbackend_vs_bound" not in r for r in loop)
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["isolate"] == "auto"
