@@ -70,7 +70,7 @@ def _fmt(x, spec: str) -> str:
 
 
 def render(rows: list[dict], title: str = "") -> None:
-    head = ["shape", "scheme", "backend", "ms", "TFLOP/s", "overhead", "vs fastest", "err/bound",
+    head = ["shape", "scheme", "backend", "ms", "first call ms", "TFLOP/s", "overhead", "vs fastest", "err/bound",
             "jax-torch/bound", "verdicts agree", "detected"]
     cells = []
     for r in rows:
@@ -80,7 +80,7 @@ def render(rows: list[dict], title: str = "") -> None:
         label = r["scheme"] + (" (peer)" if r.get("peer") else "")
         if r.get("method") == "notebook-loop-order":
             label += " (loop order)"
-        cells.append([r["shape"], label, r["backend"], ms,
+        cells.append([r["shape"], label, r["backend"], ms, _fmt(r.get("first_call_ms"), ".0f"),
                       _fmt(r.get("tflops"), ".2f"),
                       "–" if over is None or over != over else f"{100 * over:+.0f}%",
                       "–" if fastest is None or fastest != fastest else f"{fastest:.2f}x",

@@ -5,7 +5,8 @@ For each shape of a preset, each scheme and each backend it reports:
 * the median time of the call after warm-up (JAX: ``block_until_ready``;
   PyTorch: CUDA events on a GPU, a host clock on the CPU), rotating input sets
   (``--method notebook``: the seed notebook's ten calls between two events, no
-  warm-up; see ``compare.timing``), and the first call's time (JAX compiles);
+  warm-up, plus its loop-order method for ``baseline``; see ``compare.timing``),
+  and the first call's time on its own (JAX compiles then);
 * TFLOP/s (4·B·N·T·S·H, halved when causal) and overhead against the same
   backend's ``baseline``;
 * the largest output error against a float64 NumPy reference on a subsample
