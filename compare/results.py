@@ -58,11 +58,17 @@ def load(path: str) -> dict:
     for key in ("config", "environment", "rows"):
         if key not in doc:
             raise ValueError(f"{path}: expected a compare.run results file with {key!r}, got keys {sorted(doc)}")
-    for r in doc["rows"]:
+    restore_nans(doc["rows"])
+    return doc
+
+
+def restore_nans(rows: list[dict]) -> list[dict]:
+    """Undo :func:`_clean`: a missing measurement (null) is NaN again."""
+    for r in rows:
         for k, v in r.items():
             if v is None and k not in ("flags", "skipped"):
                 r[k] = float("nan")
-    return doc
+    return rows
 
 
 def _fmt(x, spec: str) -> str:

@@ -248,11 +248,7 @@ def _load_worker(path: str):
         rows = json.loads(str(z["_rows"]))
         env = json.loads(str(z["_env"]))
         outs = {tuple(k.split("|", 1)): z[k] for k in z.files if not k.startswith("_")}
-    for r in rows:
-        for k, v in r.items():
-            if v is None:
-                r[k] = float("nan")
-    return rows, outs, env
+    return results.restore_nans(rows), outs, env
 
 
 def _installed(bname: str) -> bool:

@@ -142,9 +142,6 @@ class FaultPlan(NamedTuple):
     def __len__(self) -> int:  # number of faults
         return int(self.site.shape[0])
 
-    def targets(self, site: str) -> bool:
-        return bool(np.any(self.site == SITES.index(site)))
-
 
 def _site_shape(site: str, dims: dict) -> tuple[int, ...]:
     return tuple(dims[a] for a in SITE_AXES[site])

@@ -18,30 +18,24 @@ from .schemes import GRANULARITIES, SCHEME_NAMES, SCHEMES
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 
 
+def _one_of(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a str, one of {allowed}, got {type(value).__name__} {value!r}")
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
+    return value
+
+
 def validate_scheme(scheme) -> str:
-    if not isinstance(scheme, str):
-        raise TypeError(f"scheme: expected a str, one of {SCHEME_NAMES}, got {type(scheme).__name__} {scheme!r}")
-    if scheme not in SCHEME_NAMES:
-        raise ValueError(f"scheme: expected one of {SCHEME_NAMES}, got {scheme!r}")
-    return scheme
+    return _one_of("scheme", scheme, SCHEME_NAMES)
 
 
 def validate_granularity(granularity) -> str:
-    if not isinstance(granularity, str):
-        raise TypeError(
-            f"granularity: expected a str, one of {GRANULARITIES}, got {type(granularity).__name__} {granularity!r}"
-        )
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
-    return granularity
+    return _one_of("granularity", granularity, GRANULARITIES)
 
 
 def validate_on_fault(on_fault) -> str:
-    if not isinstance(on_fault, str):
-        raise TypeError(f"on_fault: expected a str, one of {ON_FAULT}, got {type(on_fault).__name__} {on_fault!r}")
-    if on_fault not in ON_FAULT:
-        raise ValueError(f"on_fault: expected one of {ON_FAULT}, got {on_fault!r}")
-    return on_fault
+    return _one_of("on_fault", on_fault, ON_FAULT)
 
 
 def validate_is_causal(is_causal) -> bool:

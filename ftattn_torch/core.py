@@ -73,6 +73,23 @@ def _rows(found: dict, results: dict, row: str, col: str, granularity: str, n_ro
     return repair.affected_rows(get(row), get(col), n_rows, located)
 
 
+def _repair(x: Float[Tensor, "B N T C"], located, rows: Bool[Tensor, "B N T"], recompute) -> Tensor:
+    """In place, under no_grad: replace located elements of ``x`` by their recomputed
+    values, then recompute the remaining implicated rows (``recompute()`` gives all
+    of ``x`` afresh; called only if a row needs it). Returns the repair count."""
+    count = torch.zeros((), dtype=torch.int32, device=x.device)
+    if located is not None:
+        bi = torch.arange(x.shape[0], device=x.device)[:, None]
+        ni = torch.arange(x.shape[1], device=x.device)[None, :]
+        x[bi, ni, located.i, located.j] = torch.where(located.ok, located.value, x[bi, ni, located.i, located.j])
+        count += located.ok.sum(dtype=torch.int32)
+        rows = rows & ~located.ok[..., None]
+    if rows.any():
+        x.copy_(torch.where(rows[..., None], recompute(), x))
+        count += rows.sum(dtype=torch.int32)
+    return count
+
+
 def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: Float[Tensor, "B K S H"], *,
         scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None):
     """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None."""
@@ -129,13 +146,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             # Repairs write into S under no_grad: S is not saved for backward,
             # and the gradient is that of the clean S the repair restores.
             if correct:
-                if loc is not None:
-                    s[bi, ni, loc.i, loc.j] = torch.where(loc.ok, loc.value, s[bi, ni, loc.i, loc.j])
-                    corrected += loc.ok.sum(dtype=torch.int32)
-                    rows = rows & ~loc.ok[..., None]
-                if rows.any():
-                    s.copy_(torch.where(rows[..., None], _scores(qg, key, scale), s))
-                    corrected += rows.sum(dtype=torch.int32)
+                corrected += _repair(s, loc, rows, lambda: _scores(qg, key, scale))
     s_soft = s if mask is None else s.masked_fill_(~mask, NEG)  # s itself is not needed again
 
     # ---- P = softmax(S), twice under DMR; a third evaluation votes
@@ -182,14 +193,8 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc) if acts else None
             affected.append(rows)
             if correct:
-                if loc is not None:
-                    o4[bi, ni, loc.i, loc.j] = torch.where(loc.ok, loc.value, o4[bi, ni, loc.i, loc.j])
-                    corrected += loc.ok.sum(dtype=torch.int32)
-                    rows = rows & ~loc.ok[..., None]
-                if rows.any():
-                    o_new = _bmm_f32(p_mma, value.reshape(B * K, S, H)).view(B, N, T, H)
-                    o4.copy_(torch.where(rows[..., None], o_new, o4))
-                    corrected += rows.sum(dtype=torch.int32)
+                corrected += _repair(o4, loc, rows,
+                                     lambda: _bmm_f32(p_mma, value.reshape(B * K, S, H)).view(B, N, T, H))
         detected = torch.zeros((), dtype=torch.bool, device=dev)
         for r in results.values():
             detected = detected | r.flagged.any()
