@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from ftattn_spec import masking
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
@@ -31,20 +32,76 @@ def _dtype_name(x) -> tuple[str, bool]:
     return dt.name, bool(jnp.issubdtype(dt, jnp.floating))
 
 
-def attention(query, key, value, *, scheme: str = "full", granularity: str = "vector",
-              scale: float | None = None, is_causal: bool = False, on_fault: str = "report",
-              fault: Fault | Sequence[Fault] | None = None) -> tuple[jax.Array, Report]:
+def _optional(name: str, x):
+    if x is None:
+        return None
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    if isinstance(x, (bool, int, float, list, tuple)):
+        return np.asarray(x)
+    raise TypeError(f"{name}: expected None or a jax.Array/numpy.ndarray, got {type(x).__name__}")
+
+
+def _spec(x):
+    return None if x is None else (tuple(x.shape), jnp.dtype(x.dtype).name)
+
+
+def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scale, is_causal, query_seq_lengths,
+                     key_value_seq_lengths, local_window_size, on_fault, fault, empty, names,
+                     implementation=None):
+    """Validate every argument (errors use ``names`` for the mask arguments) and run."""
+    v.validate_implementation("jax", implementation)
+    query, key, value = (_as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
+    extra = [_optional(n, x) for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths))]
+    mask, bias, query_seq_lengths, key_value_seq_lengths = extra
+    cfg = v.validate_attention("jax", (query.shape, key.shape, value.shape),
+                               [_dtype_name(x) for x in (query, key, value)],
+                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
+                               on_fault=on_fault, fault=fault)
+    m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
+                                 key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
+    out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
+                           is_causal=cfg.is_causal, on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault,
+                           plan=cfg.plan, bias=None if bias is None else jnp.asarray(bias),
+                           mask=None if mask is None else jnp.asarray(mask),
+                           query_lengths=None if query_seq_lengths is None else jnp.asarray(query_seq_lengths),
+                           key_lengths=None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths),
+                           window=m.window, empty=empty)
+    if cfg.on_fault == "raise":
+        if isinstance(report.detected, jax.core.Tracer):
+            checkify.check(~report.detected, "ftattn: a fault was detected in attention")
+        elif bool(report.detected):
+            raise FaultDetected(report)
+    return out, report
+
+
+_NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
+
+
+def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", granularity: str = "vector",
+              scale: float | None = None, is_causal: bool = False, query_seq_lengths=None,
+              key_value_seq_lengths=None, local_window_size: int | tuple[int, int] | None = None,
+              on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
+              implementation: str | None = None) -> tuple[jax.Array, Report]:
     """Fault-checked attention in ``jax.nn.dot_product_attention``'s layout.
 
     Args:
       query: ``(B, T, N, H)`` float16, bfloat16 or float32.
       key, value: ``(B, S, K, H)``, same dtype; ``K`` divides ``N`` (grouped-query
         attention when ``K < N``; query head ``n`` reads kv head ``n // (N // K)``).
+      bias: added to the logits ``scale·QKᵀ`` before the softmax; broadcastable
+        to ``(B, N, T, S)``.
+      mask: bool, True where query ``i`` may attend key ``j``; broadcastable to
+        ``(B, N, T, S)``. Masked entries are left out of the checksums.
       scheme: one of ``ftattn_spec.SCHEME_NAMES``.
       granularity: ``"vector"`` (one verdict per row or column) or ``"global"``
         (one per batch and head).
       scale: logit scale, default ``H ** -0.5``.
       is_causal: upper-left-aligned causal mask (query ``i`` attends keys ``j <= i``).
+      query_seq_lengths, key_value_seq_lengths: int ``(B,)``; rows and keys at
+        or beyond the length are masked.
+      local_window_size: ``(left, right)`` or an int: query ``i`` attends keys
+        ``i - left <= j <= i + right``.
       on_fault: what a detected fault does. ``"report"``: nothing beyond the
         report. ``"correct"``: repair located single elements of S or O,
         recompute the affected rows, and let a third softmax vote on a DMR
@@ -57,25 +114,20 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
       fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
         (reproducible fault experiments). Traced data: one compiled function
         serves every fault of the same count.
+      implementation: ``None`` (the default), ``"unfused"`` or ``"xla"`` (an
+        alias: the unfused schemes are XLA-compiled).
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, T, N, H)`` in the input dtype; ``report``
-      is a ``ftattn_spec.Report`` pytree of arrays (see its docs for shapes).
+      is a ``ftattn_spec.Report`` pytree of arrays (see its docs for shapes). A
+      row with no attended key has output zero.
 
-    Works under ``jax.jit`` and ``jax.vmap``; all checks run on device with no
-    host synchronisation.
+    Works under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (the gradient is that
+    of plain attention; the backward pass is not checked); all checks run on
+    device with no host synchronisation.
     """
-    query, key, value = (_as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
-    cfg = v.validate_attention("jax", (query.shape, key.shape, value.shape),
-                               [_dtype_name(x) for x in (query, key, value)],
-                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
-                               on_fault=on_fault, fault=fault)
-    out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
-                           is_causal=cfg.is_causal, on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault,
-                           plan=cfg.plan)
-    if cfg.on_fault == "raise":
-        if isinstance(report.detected, jax.core.Tracer):
-            checkify.check(~report.detected, "ftattn: a fault was detected in attention")
-        elif bool(report.detected):
-            raise FaultDetected(report)
-    return out, report
+    return validate_and_run(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity,
+                            scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+                            key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+                            on_fault=on_fault, fault=fault, empty="zero", names=_NAMES,
+                            implementation=implementation)

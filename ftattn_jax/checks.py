@@ -85,28 +85,64 @@ def _heads_dot(a: Float[Array, "B R K G H"] | Float[Array, "B R K H"],
     return r.reshape(B, R, K * G).transpose(0, 2, 1)
 
 
+def _masked_sums(allowed, x: Float[Array, "B L X H"], rows: bool, K: int):
+    """Σ over attended positions of ``x`` and of ``|x|``: a float32 product with the 0/1 mask.
+
+    ``rows=True``: keys summed per query row, ``x`` is K ``B S K H`` and the
+    result ``B T K H`` (or ``B T K G H`` for a per-head mask). ``rows=False``:
+    queries summed per key column, ``x`` is Q ``B T N H`` and the result
+    ``B S N H``. Returns ``(sum, abs_sum)``.
+    """
+    B, H = x.shape[0], x.shape[-1]
+    xx = jnp.concatenate([x, jnp.abs(x)], axis=-1)
+    a = allowed.astype(F32)
+    hi = lax.Precision.HIGHEST
+    _, Nm, T, S = a.shape
+    if Nm == 1:
+        a3 = jnp.broadcast_to(a[:, 0], (B, T, S))
+        spec = "bts,bskh->btkh" if rows else "bts,btnh->bsnh"
+        r = jnp.einsum(spec, a3, xx, precision=hi, preferred_element_type=F32)
+    elif rows:
+        N = Nm
+        a5 = jnp.broadcast_to(a, (B, N, T, S)).reshape(B, K, N // K, T, S)
+        r = jnp.einsum("bkgts,bskh->btkgh", a5, xx, precision=hi, preferred_element_type=F32)
+    else:
+        a4 = jnp.broadcast_to(a, (B, Nm, T, S))
+        r = jnp.einsum("bnts,btnh->bsnh", a4, xx, precision=hi, preferred_element_type=F32)
+    return r[..., :H], r[..., H:]
+
+
 def qk_row(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: Float[Array, "B N T S"],
-           scale: float, is_causal: bool, dtype: str):
-    """Row sums of S against scale·q_i·(Σ over attended keys of k)."""
+           scale: float, is_causal: bool, dtype: str, allowed=None):
+    """Row sums of S against scale·q_i·(Σ over attended keys of k).
+
+    ``allowed`` (``B|1 N|1 T S`` bool) is a general mask; without it only
+    ``is_causal`` restricts the keys and the sums of K are (prefix) sums.
+    """
     T, S, H = q.shape[1], k.shape[1], q.shape[-1]
     qf, kf = q.astype(F32), k.astype(F32)
-    if is_causal:
+    if allowed is not None:
+        ksum, kabs = _masked_sums(allowed, kf, True, k.shape[2])  # B T K H or B T K G H
+    elif is_causal:
         ksum, kabs = _prefix_rows(kf, T), _prefix_rows(jnp.abs(kf), T)  # B T K H
     else:
         ksum, kabs = blocked_sum(kf, 1)[:, None], blocked_sum(jnp.abs(kf), 1)[:, None]  # B 1 K H
     actual = blocked_sum(s_masked, -1)
     predicted = _heads_dot(qf, ksum) * scale
     magnitude = _heads_dot(jnp.abs(qf), kabs) * scale
-    return actual - predicted, tol.threshold(tol.qk_coefficient(S, H, dtype), magnitude, S, H)
+    coef = tol.qk_coefficient(S, H, dtype, masked=allowed is not None)
+    return actual - predicted, tol.threshold(coef, magnitude, S, H)
 
 
 def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: Float[Array, "B N T S"],
-           scale: float, is_causal: bool, dtype: str):
+           scale: float, is_causal: bool, dtype: str, allowed=None):
     """Column sums of S against scale·(Σ over attending queries of q)·k_j."""
     B, T, K, G, H = q.shape
     S = k.shape[1]
     qf, kf = q.astype(F32).reshape(B, T, K * G, H), k.astype(F32)
-    if is_causal:
+    if allowed is not None:
+        qsum, qabs = _masked_sums(allowed, qf, False, K)  # B S N H
+    elif is_causal:
         qsum, qabs = _suffix_rows(qf, S), _suffix_rows(jnp.abs(qf), S)  # B S N H
     else:
         qsum, qabs = blocked_sum(qf, 1)[:, None], blocked_sum(jnp.abs(qf), 1)[:, None]  # B 1 N H
@@ -114,7 +150,8 @@ def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     actual = blocked_sum(s_masked, -2)
     predicted = _heads_dot(qsum.reshape(B, -1, K, G, H), kb) * scale
     magnitude = _heads_dot(qabs.reshape(B, -1, K, G, H), jnp.abs(kb)) * scale
-    return actual - predicted, tol.threshold(tol.qk_coefficient(T, H, dtype), magnitude, T, H)
+    coef = tol.qk_coefficient(T, H, dtype, masked=allowed is not None)
+    return actual - predicted, tol.threshold(coef, magnitude, T, H)
 
 
 def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"]):

@@ -19,6 +19,7 @@ from ftattn_spec.report import Report
 from ftattn_spec.schemes import SCHEMES
 
 from . import checks, faults, repair
+from . import masks as masks_lib
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)  # masked logits: large, finite, so no row is NaN
@@ -31,15 +32,23 @@ def _precision(dtype: str):
     return lax.Precision.HIGHEST if dtype == "float32" else None
 
 
-def _softmax(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None) -> Float[Array, "B N T S"]:
-    """Replica 1: exp(s - m) / Σ exp(s - m)."""
-    z = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    if mask is not None:
-        z = jnp.where(mask, z, 0.0)
-    return z / jnp.sum(z, axis=-1, keepdims=True)
+def _softmax(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Array, "B N T S"]:
+    """Replica 1: exp(l - m) / Σ exp(l - m), zero outside ``keep``.
+
+    ``guard`` (any mask or bias) makes a row with no kept entry, or whose
+    logits are all -inf, give zeros instead of NaN.
+    """
+    m = jnp.max(l, axis=-1, keepdims=True)
+    if guard:
+        m = jnp.where(m == -jnp.inf, 0.0, m)
+    z = jnp.exp(l - m)
+    if keep is not None:
+        z = jnp.where(keep, z, 0.0)
+    d = jnp.sum(z, axis=-1, keepdims=True)
+    return z / (jnp.where(d > 0, d, 1.0) if guard else d)
 
 
-def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None) -> Float[Array, "B N T S"]:
+def _softmax_replica(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Array, "B N T S"]:
     """Replica 2: an independent evaluation that the compiler cannot merge with replica 1.
 
     It uses a different formula (a base-2 exponential of the argument scaled by
@@ -50,11 +59,15 @@ def _softmax_replica(s: Float[Array, "B N T S"], mask: Bool[Array, "T S"] | None
     exponentials (seen with jax 0.10.2 on CPU). ``tests/test_jax_backend.py``
     counts the exponentials in the compiled HLO.
     """
-    s, log2e = lax.optimization_barrier((s, jnp.float32(LOG2E)))
-    z = jnp.exp2((s - jnp.max(s, axis=-1, keepdims=True)) * log2e)
-    if mask is not None:
-        z = jnp.where(mask, z, 0.0)
-    return z * (1.0 / checks.blocked_sum(z, -1)[..., None])
+    l, log2e = lax.optimization_barrier((l, jnp.float32(LOG2E)))
+    m = jnp.max(l, axis=-1, keepdims=True)
+    if guard:
+        m = jnp.where(m == -jnp.inf, 0.0, m)
+    z = jnp.exp2((l - m) * log2e)
+    if keep is not None:
+        z = jnp.where(keep, z, 0.0)
+    d = checks.blocked_sum(z, -1)[..., None]
+    return z * (1.0 / (jnp.where(d > 0, d, 1.0) if guard else d))
 
 
 def _scores(qg: Float[Array, "B T K G H"], key: Float[Array, "B S K H"], scale: float, prec) -> Float[Array, "B N T S"]:
@@ -84,15 +97,24 @@ def _count(x: Array) -> Array:
 
 
 def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_causal: bool,
-        on_fault: str = "report", plan=None):
-    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None."""
-    return _run(query, key, value, faults.to_device(plan), scheme=scheme, granularity=granularity,
-                scale=scale, is_causal=is_causal, on_fault=on_fault)
+        on_fault: str = "report", plan=None, bias=None, mask=None, query_lengths=None, key_lengths=None,
+        window=None, empty: str = "zero"):
+    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None.
+
+    The mask arguments are those of ``ftattn_spec.masking`` (validated);
+    ``empty`` says how a fully masked row is filled (``"zero"`` or ``"uniform"``).
+    """
+    masks = (bias, mask, query_lengths, key_lengths)
+    return _run(query, key, value, faults.to_device(plan), masks, scheme=scheme, granularity=granularity,
+                scale=scale, is_causal=is_causal, on_fault=on_fault, window=window, empty=empty)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal", "on_fault"))
+@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal", "on_fault", "window",
+                                             "empty"))
 def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"],
-         plan, *, scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str):
+         plan, masks, *, scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str,
+         window, empty: str):
+    bias, mask, query_lengths, key_lengths = masks
     finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
     query = faults.inject(query, "query", "BTNH", plan)
     key = faults.inject(key, "key", "BSKH", plan)
@@ -125,21 +147,34 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         # a clean row flagged). Without the DMR nothing needs this, and the
         # barrier costs time and memory, so baseline does without it.
         s = lax.optimization_barrier(s)
-    mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] if is_causal else None
+    allowed = masks_lib.allowed(B, T, S, mask=mask, is_causal=is_causal, window=window,
+                                query_lengths=query_lengths, key_lengths=key_lengths)
+    if allowed is None and is_causal:
+        allowed_ts = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]  # T S
+    else:
+        allowed_ts = allowed  # None (nothing masked) or B|1 N|1 T S
+    guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
-        s_masked = s if mask is None else jnp.where(mask, s, 0.0)
+        s_masked = s if allowed_ts is None else jnp.where(allowed_ts, s, 0.0)
         if "qk_row" in wanted:
-            found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype)
+            found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, allowed)
         if "qk_col" in wanted:
-            found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype)
+            found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, allowed)
         judge(("qk_row", "qk_col"))
         loc = None
         if "qk_row" in found and "qk_col" in found and granularity == "vector":
             qf, kf = query.astype(F32), key.astype(F32)
+            general = allowed is not None
+            if allowed_ts is None:
+                attended = lambda i, j: True  # noqa: E731
+            else:
+                full = jnp.broadcast_to(allowed_ts, (B, N, T, S))
+                attended = lambda i, j: full[bi, ni, i, j]  # noqa: E731
             loc = repair.locate(
-                found["qk_row"], found["qk_col"], (tol.qk_coefficient(S, H, dtype), tol.qk_coefficient(T, H, dtype)),
-                lambda i, j: s[bi, ni, i, j],
-                lambda i, j: jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale)
+                found["qk_row"], found["qk_col"],
+                (tol.qk_coefficient(S, H, dtype, masked=general), tol.qk_coefficient(T, H, dtype, masked=general)),
+                lambda i, j: s_masked[bi, ni, i, j],
+                lambda i, j: jnp.where(attended(i, j), jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale, 0.0))
             located["scores"] = loc.indices()
         rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
         affected.append(rows)
@@ -152,19 +187,23 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
                 rows[..., None], _scores(*lax.optimization_barrier((qg, key)), scale, prec), s)
             s = lax.cond(jnp.any(rows), redo, lambda s: s, s)
             corrected += _count(rows)
-    s_soft = s if mask is None else jnp.where(mask, s, NEG)
+    logits = s if bias is None else s + bias.astype(F32).reshape((1,) * (4 - bias.ndim) + bias.shape)
+    s_soft = logits if allowed_ts is None else jnp.where(allowed_ts, logits, NEG)
+    # probabilities outside `keep` are zero: the masked entries, or (empty="uniform",
+    # jax.nn's rule) only the rows beyond the query length
+    keep = allowed_ts if empty == "zero" else masks_lib.live_rows(B, T, query_lengths)
 
     # ---- P = softmax(S), twice under DMR; a third evaluation votes
-    p = faults.inject(_softmax(s_soft, mask), "probs", "BNTS", plan)
+    p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
     if "softmax_dmr" in wanted:
-        p_replica = faults.inject(_softmax_replica(s_soft, mask), "probs", "BNTS", plan, replica=1)
+        p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
         found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
         judge(("softmax_dmr",))
         rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
         affected.append(rows)
         if correct:
             def vote(p):
-                p3 = _softmax(lax.optimization_barrier(s_soft), mask)
+                p3 = _softmax(lax.optimization_barrier(s_soft), keep, guard)
                 replace = rows & ~(jnp.abs(p - p3).sum(-1) <= found["softmax_dmr"][1])
                 return jnp.where(replace[..., None], p3, p), _count(replace)
 

@@ -3,14 +3,20 @@
 Used by the tests of both backends and by ``compare`` to judge outputs. It works
 in the logical layout ``BNTH`` (query) / ``BKSH`` (key, value); ``layout=``
 names the layout of the arrays passed in (``"jax"`` or ``"torch"``).
+
+Every function takes the mask keywords of ``ftattn_spec.masking``: ``mask``
+(bool, broadcastable to ``BNTS``), ``bias`` (added to the logits), ``window``
+(``(left, right)``), ``query_lengths``, ``key_lengths`` (``(B,)``) and
+``empty`` (``"zero"`` or ``"uniform"``: how a fully masked row is filled).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import masking
 from .axes import LAYOUTS, transpose_perm
-from .tolerances import output_coefficients
+from .tolerances import U_ACC, output_coefficients
 
 
 def _to_logical(q, k, v, layout: str):
@@ -28,63 +34,87 @@ def causal_mask(T: int, S: int) -> np.ndarray:
     return np.arange(S)[None, :] <= np.arange(T)[:, None]
 
 
-def attention(q, k, v, *, scale=None, is_causal=False, layout="torch"):
+def _allowed(q, k, is_causal, mask=None, window=None, query_lengths=None, key_lengths=None, **_):
+    B, N, T, _ = q.shape
+    return masking.allowed(B, N, T, k.shape[2], mask=mask, is_causal=is_causal, window=window,
+                           query_lengths=query_lengths, key_lengths=key_lengths)
+
+
+def _bias(bias, shape):
+    if bias is None:
+        return np.zeros(shape)
+    b = np.asarray(bias, np.float64)
+    return np.broadcast_to(b.reshape((1,) * (4 - b.ndim) + b.shape), shape)
+
+
+def attention(q, k, v, *, scale=None, is_causal=False, layout="torch", mask=None, bias=None, window=None,
+              query_lengths=None, key_lengths=None, empty="zero"):
     """Exact (float64) attention. Returns ``(out, probs, logits)``.
 
-    ``out`` has the layout of ``q``; ``probs`` and ``logits`` are ``BNTS``.
+    ``out`` has the layout of ``q``; ``probs`` and ``logits`` are ``BNTS``, the
+    logits ``scale·QKᵀ + bias`` with masked entries at ``-inf``.
     """
     q, k, v = _to_logical(q, k, v, layout)
     H = q.shape[-1]
     scale = H**-0.5 if scale is None else float(scale)
-    s = np.einsum("bnth,bnsh->bnts", q, k) * scale
-    if is_causal:
-        s = np.where(causal_mask(s.shape[-2], s.shape[-1]), s, -np.inf)
+    a = _allowed(q, k, is_causal, mask, window, query_lengths, key_lengths)
+    s = np.einsum("bnth,bnsh->bnts", q, k) * scale + _bias(bias, a.shape)
+    s = np.where(a, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
-    e = np.exp(s - m)
-    p = e / e.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        e = np.where(a, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    d = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(d > 0, d, 1.0)
+    if empty == "uniform":  # jax.nn: a fully masked row spreads over every key
+        live = masking.live_rows(q.shape[0], q.shape[2], query_lengths)
+        p = np.where(live & ~a.any(-1, keepdims=True), 1.0 / a.shape[-1], p)
     o = np.einsum("bnts,bnsh->bnth", p, v)
     lq, _ = LAYOUTS[layout]
     return o.transpose(transpose_perm("BNTH", lq)), p, s
 
 
 def output_bound(q, k, v, probs, out_ref, *, dtype: str, scale=None, is_causal=False,
-                 layout="torch", tf32=False):
+                 layout="torch", tf32=False, **masks):
     """Per-element bound on |out − out_ref| for a backend run in ``dtype``.
 
     ``probs`` and ``out_ref`` come from :func:`attention` on the same inputs.
-    See ``ftattn_spec.tolerances.output_coefficients`` for the terms.
+    See ``ftattn_spec.tolerances.output_coefficients`` for the terms; a bias
+    adds one float32 rounding of each logit, ``u·|l_ij|``, to the logit error.
     """
     q, k, v = _to_logical(q, k, v, layout)
     T, S, H = q.shape[2], k.shape[2], q.shape[3]
     scale = H**-0.5 if scale is None else float(scale)
     a, b, c, d = output_coefficients(dtype, S, H, tf32)
     W = np.einsum("bnts,bnsh->bnth", probs, np.abs(v))
+    a_mask = _allowed(q, k, is_causal, **masks)
     A = np.einsum("bnth,bnsh->bnts", np.abs(q), np.abs(k)) * scale
-    if is_causal:
-        A = np.where(causal_mask(T, S), A, 0.0)
+    if masks.get("bias") is not None:
+        logits = np.einsum("bnth,bnsh->bnts", q, k) * scale + _bias(masks["bias"], a_mask.shape)
+        A = A + 2.0 * U_ACC * np.abs(logits) / b  # in units of b: b·A covers the bias rounding
+    A = np.where(a_mask, A, 0.0)
     D = A.max(axis=-1)[..., None]
-    mask = causal_mask(T, S) if is_causal else np.ones((T, S), bool)
-    V = np.einsum("ts,bnsh->bnth", mask.astype(np.float64), np.abs(v))
+    V = np.einsum("bnts,bnsh->bnth", (probs > 0).astype(np.float64), np.abs(v))
     lq, _ = LAYOUTS[layout]
     out_logical = np.asarray(out_ref, np.float64).transpose(transpose_perm(lq, "BNTH"))
     bound = (a + b * D) * W + c * np.abs(out_logical) + d * (1.0 + V)
     return bound.transpose(transpose_perm("BNTH", lq))
 
 
-def magnitudes(q, k, v, *, scale=None, is_causal=False, layout="torch"):
+def magnitudes(q, k, v, *, scale=None, is_causal=False, layout="torch", **masks):
     """Float64 versions of the magnitude terms the thresholds multiply.
 
     Returns ``{"qk_row": M (BNT), "qk_col": M' (BNS), "pv_row": W (BNT),
     "softmax_dmr": E (BNT)}`` as defined in ``docs/tolerances.md``.
     """
-    _, p, s = attention(q, k, v, scale=scale, is_causal=is_causal, layout=layout)
+    _, p, s = attention(q, k, v, scale=scale, is_causal=is_causal, layout=layout, **masks)
     q, k, v = _to_logical(q, k, v, layout)
-    T, S, H = q.shape[2], k.shape[2], q.shape[3]
+    H = q.shape[3]
     scale = H**-0.5 if scale is None else float(scale)
-    mask = causal_mask(T, S) if is_causal else np.ones((T, S), bool)
+    mask = _allowed(q, k, is_causal, **masks)
     A = np.einsum("bnth,bnsh->bnts", np.abs(q), np.abs(k)) * scale * mask
     m = s.max(axis=-1, keepdims=True)
-    E = np.where(mask, p * (m - np.where(mask, s, 0.0)), 0.0).sum(-1)
+    with np.errstate(invalid="ignore"):
+        E = np.where(mask & np.isfinite(s), p * (m - np.where(mask, s, 0.0)), 0.0).sum(-1)
     return {
         "qk_row": A.sum(-1),
         "qk_col": A.sum(-2),
@@ -131,6 +161,7 @@ def detection_limit(site: str, thresholds: dict, probs, v, *, is_causal=False, l
     if site == "probs":
         if "softmax_dmr" not in th:
             return none
+        # an L1 error can land on any key the row attends, or could attend
         mask = causal_mask(T, S) if is_causal else np.ones((T, S), bool)
         vmax = np.where(mask[None, None, :, :, None], np.abs(v)[:, :, None], 0.0).max(-2)  # B N T H
         return 2 * th["softmax_dmr"][..., None] * vmax

@@ -124,7 +124,7 @@ def product_roundoff(dtype: str, tf32: bool = False) -> float:
     return 2.0 * U_TF32 + U_TF32**2 if tf32 else U_ACC
 
 
-def qk_coefficient(n_reduce: int, H: int, dtype: str, tf32: bool = False) -> float:
+def qk_coefficient(n_reduce: int, H: int, dtype: str, tf32: bool = False, masked: bool = False) -> float:
     """Coefficient ``c`` of the S = scale·QKᵀ checksum threshold ``c·M``.
 
     For ``qk_row`` ``n_reduce = S`` and ``M_i = scale·Σ_h |q_ih|·Σ_j |k_jh|``;
@@ -134,9 +134,16 @@ def qk_coefficient(n_reduce: int, H: int, dtype: str, tf32: bool = False) -> flo
     sum of K (or Q) for the prediction (blocked γ(n)); the prediction's dot
     product (γ(H)); three float32 roundings (the scale multiply on each side and
     the prediction's products).
+
+    With ``masked=True`` (a general mask: the prediction sums the attended
+    keys or queries with a float32 matrix product of the 0/1 mask, whose
+    accumulation order is the library's), the prediction's sum is bounded by
+    γ(n) instead of the blocked γ(n), plus the rounding of its products (exact
+    unless the backend lets float32 products use TF32).
     """
+    prediction = gamma(n_reduce) + product_roundoff("float32", tf32) if masked else blocked_gamma(n_reduce)
     return MAGNITUDE_MARGIN * (
-        2.0 * gamma(H) + 2.0 * blocked_gamma(n_reduce) + 3.0 * U_ACC + product_roundoff(dtype, tf32)
+        2.0 * gamma(H) + blocked_gamma(n_reduce) + prediction + 3.0 * U_ACC + product_roundoff(dtype, tf32)
     )
 
 

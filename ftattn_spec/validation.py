@@ -139,3 +139,30 @@ def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, sca
     scale = resolve_scale(scale, dims["H"])
     plan = validate_faults(fault, dims, dtype, SCHEMES[scheme].checks)
     return Settings(scheme, granularity, scale, is_causal, dtype, dims, on_fault, plan)
+
+
+#: Implementations each backend offers, the first being the default of
+#: ``implementation=None``. ``"xla"`` in JAX names the unfused schemes too (they
+#: are XLA-compiled), so code written for ``jax.nn`` keeps working.
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
+    "jax": ("unfused", "xla"),
+    "torch": ("unfused",),
+}
+
+
+def validate_implementation(backend: str, implementation) -> str:
+    """Resolve ``implementation`` (None = the backend's default) to a name."""
+    if implementation is None:
+        return IMPLEMENTATIONS[backend][0]
+    name = _one_of("implementation", implementation, IMPLEMENTATIONS[backend])
+    return "unfused" if name == "xla" else name
+
+
+def validate_dropout(dropout_p) -> None:
+    """ftattn computes no dropout: a non-zero ``dropout_p`` is an error, not ignored."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__} {dropout_p!r}")
+    if float(dropout_p) != 0.0:
+        raise ValueError(f"dropout_p: expected 0.0, got {dropout_p!r}. ftattn does not apply dropout to the "
+                         f"attention probabilities (it would change P after the checks); apply dropout "
+                         f"elsewhere, or use dropout_p=0.0 (e.g. in eval mode)")

@@ -3,6 +3,8 @@
 from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResult, Fault, FaultDetected, Report
 
 from .api import attention
+from .module import FaultTolerantAttention
+from .sdpa import scaled_dot_product_attention
 
-__all__ = ["CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault", "FaultDetected", "Report",
-           "attention"]
+__all__ = ["CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault", "FaultDetected",
+           "FaultTolerantAttention", "Report", "attention", "scaled_dot_product_attention"]

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ftattn_spec import masking
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
@@ -27,39 +28,31 @@ def _dtype_name(x: torch.Tensor) -> tuple[str, bool]:
     return str(x.dtype).removeprefix("torch."), x.dtype.is_floating_point
 
 
-def attention(query, key, value, *, scheme: str = "full", granularity: str = "vector",
-              scale: float | None = None, is_causal: bool = False, on_fault: str = "report",
-              fault: Fault | Sequence[Fault] | None = None) -> tuple[torch.Tensor, Report]:
-    """Fault-checked attention in ``scaled_dot_product_attention``'s layout.
+def _optional(name: str, x):
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    raise TypeError(f"{name}: expected None or a torch.Tensor, got {type(x).__name__}")
 
-    Args:
-      query: ``(B, N, T, H)`` float16, bfloat16 or float32.
-      key, value: ``(B, K, S, H)``, same dtype and device; ``K`` divides ``N``
-        (grouped-query attention when ``K < N``; query head ``n`` reads kv head
-        ``n // (N // K)``).
-      scheme: one of ``ftattn_spec.SCHEME_NAMES``.
-      granularity: ``"vector"`` (one verdict per row or column) or ``"global"``
-        (one per batch and head).
-      scale: logit scale, default ``H ** -0.5``.
-      is_causal: upper-left-aligned causal mask (query ``i`` attends keys ``j <= i``).
-      on_fault: what a detected fault does. ``"report"``: nothing beyond the
-        report. ``"correct"``: repair located single elements of S or O,
-        recompute the affected rows, and let a third softmax vote on a DMR
-        mismatch. ``"nan"``: set the affected output rows to NaN. ``"raise"``:
-        raise ``FaultDetected`` (``.report`` holds the report).
-      fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
-        (reproducible fault experiments).
 
-    Returns:
-      ``(out, report)``: ``out`` is ``(B, N, T, H)`` in the input dtype; ``report``
-      is a ``ftattn_spec.Report`` of tensors on the input's device. With
-      ``on_fault="report"`` or ``"nan"`` nothing waits for the device;
-      ``"correct"`` and ``"raise"`` read the flags on the host.
+def _spec(x):
+    return None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))
 
-    Autograd flows through ``out`` as through plain attention (the checks are
-    computed without a graph, and the backward pass itself is not checked).
+
+_NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
+
+
+def validate(query, key, value, *, bias=None, mask=None, scheme="full", granularity="vector", scale=None,
+             is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+             on_fault="report", fault=None, implementation=None, names=_NAMES):
+    """Validate every argument of a call; returns ``(Settings, Masking)``.
+
+    ``names`` are the names of the mask arguments in errors (the SDPA drop-in
+    passes its own).
     """
+    v.validate_implementation("torch", implementation)
     query, key, value = (_as_tensor(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
+    for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths)):
+        _optional(n, x)
     cfg = v.validate_attention("torch", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
                                scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
@@ -67,8 +60,65 @@ def attention(query, key, value, *, scheme: str = "full", granularity: str = "ve
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key, value: expected one device for all three, got query {query.device}, "
                          f"key {key.device}, value {value.device}")
+    m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
+                                 key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
+    for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths)):
+        if x is not None and x.device != query.device:
+            raise ValueError(f"{n}: expected the device of query ({query.device}), got {x.device}")
+    return cfg, m
+
+
+def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", granularity: str = "vector",
+              scale: float | None = None, is_causal: bool = False, query_seq_lengths=None,
+              key_value_seq_lengths=None, local_window_size: int | tuple[int, int] | None = None,
+              on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
+              implementation: str | None = None) -> tuple[torch.Tensor, Report]:
+    """Fault-checked attention in ``scaled_dot_product_attention``'s layout.
+
+    Args:
+      query: ``(B, N, T, H)`` float16, bfloat16 or float32.
+      key, value: ``(B, K, S, H)``, same dtype and device; ``K`` divides ``N``
+        (grouped-query attention when ``K < N``; query head ``n`` reads kv head
+        ``n // (N // K)``).
+      bias: added to the logits ``scale·QKᵀ`` before the softmax; broadcastable
+        to ``(B, N, T, S)``.
+      mask: bool, True where query ``i`` may attend key ``j``; broadcastable to
+        ``(B, N, T, S)``. Masked entries are left out of the checksums.
+      scheme: one of ``ftattn_spec.SCHEME_NAMES``.
+      granularity: ``"vector"`` (one verdict per row or column) or ``"global"``
+        (one per batch and head).
+      scale: logit scale, default ``H ** -0.5``.
+      is_causal: upper-left-aligned causal mask (query ``i`` attends keys ``j <= i``).
+      query_seq_lengths, key_value_seq_lengths: integer ``(B,)``; rows and keys
+        at or beyond the length are masked.
+      local_window_size: ``(left, right)`` or an int: query ``i`` attends keys
+        ``i - left <= j <= i + right``.
+      on_fault: what a detected fault does. ``"report"``: nothing beyond the
+        report. ``"correct"``: repair located single elements of S or O,
+        recompute the affected rows, and let a third softmax vote on a DMR
+        mismatch. ``"nan"``: set the affected output rows to NaN. ``"raise"``:
+        raise ``FaultDetected`` (``.report`` holds the report).
+      fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
+        (reproducible fault experiments).
+      implementation: ``None`` (the default) or ``"unfused"``.
+
+    Returns:
+      ``(out, report)``: ``out`` is ``(B, N, T, H)`` in the input dtype; ``report``
+      is a ``ftattn_spec.Report`` of tensors on the input's device. With
+      ``on_fault="report"`` or ``"nan"`` nothing waits for the device;
+      ``"correct"`` and ``"raise"`` read the flags on the host. A row with no
+      attended key has output zero.
+
+    Autograd flows through ``out`` as through plain attention (the checks are
+    computed without a graph, and the backward pass itself is not checked).
+    """
+    cfg, m = validate(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
+                      is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+                      key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+                      on_fault=on_fault, fault=fault, implementation=implementation)
     out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
-                           is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan)
+                           is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan, bias=bias, mask=mask,
+                           query_lengths=query_seq_lengths, key_lengths=key_value_seq_lengths, window=m.window)
     if cfg.on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
     return out, report

@@ -79,31 +79,60 @@ def _flat_heads(x: Float[Tensor, "B K G R"]) -> Float[Tensor, "B N R"]:
     return x.reshape(B, K * G, R)
 
 
+def _masked_sums(allowed: Tensor, x: Float[Tensor, "B K G L H"] | Float[Tensor, "B K L H"], rows: bool):
+    """Σ over attended positions of ``x`` and of ``|x|``: a float32 product with the 0/1 mask.
+
+    ``rows=True``: ``x`` is K ``B K S H``, the result ``B K G T H`` (G = 1 for
+    a mask shared by the heads) holds the sums of attended keys per query row.
+    ``rows=False``: ``x`` is Q ``B K G T H``, the result ``B K G S H`` the sums
+    of attending queries per key column. Returns ``(sum, abs_sum)``.
+    """
+    H = x.shape[-1]
+    xx = torch.cat([x, x.abs()], dim=-1)
+    _, Nm, T, S = allowed.shape
+    B, K = x.shape[0], x.shape[1]
+    if Nm == 1:
+        a = allowed[:, 0].expand(B, T, S).to(F32)
+        r = (torch.einsum("bts,bksh->bkth", a, xx)[:, :, None] if rows
+             else torch.einsum("bts,bkgth->bkgsh", a, xx))
+    else:
+        a = allowed.expand(B, Nm, T, S).reshape(B, K, Nm // K, T, S).to(F32)
+        r = torch.einsum("bkgts,bksh->bkgth", a, xx) if rows else torch.einsum("bkgts,bkgth->bkgsh", a, xx)
+    return r[..., :H], r[..., H:]
+
+
 def qk_row(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked: Float[Tensor, "B N T S"],
-           scale: float, is_causal: bool, dtype: str, tf32: bool):
+           scale: float, is_causal: bool, dtype: str, tf32: bool, allowed: Tensor | None = None):
     """Row sums of S against scale·q_i·(Σ over attended keys of k).
 
-    The products with the key sums are float32 elementwise products and sums,
+    ``allowed`` (``B|1 N|1 T S`` bool) is a general mask; without it only
+    ``is_causal`` restricts the keys and the sums of K are (prefix) sums. The
+    products with the key sums are float32 elementwise products and sums,
     kept off the matrix units so that no TF32 rounding enters the prediction.
     """
     T, S, H = q.shape[3], k.shape[2], q.shape[-1]
     qf, kf = q.to(F32), k.to(F32)
-    if is_causal:
-        ksum, kabs = _prefix_rows(kf, T), _prefix_rows(kf.abs(), T)  # B K T H
+    if allowed is not None:
+        ksum, kabs = _masked_sums(allowed, kf, True)  # B K G|1 T H
+    elif is_causal:
+        ksum, kabs = _prefix_rows(kf, T)[:, :, None], _prefix_rows(kf.abs(), T)[:, :, None]  # B K 1 T H
     else:
-        ksum, kabs = blocked_sum(kf, 2)[:, :, None], blocked_sum(kf.abs(), 2)[:, :, None]  # B K 1 H
+        ksum, kabs = blocked_sum(kf, 2)[:, :, None, None], blocked_sum(kf.abs(), 2)[:, :, None, None]  # B K 1 1 H
     actual = blocked_sum(s_masked, -1)
-    predicted = _flat_heads((qf * ksum[:, :, None]).sum(-1)) * scale
-    magnitude = _flat_heads((qf.abs() * kabs[:, :, None]).sum(-1)) * scale
-    return actual - predicted, tol.threshold(tol.qk_coefficient(S, H, dtype, tf32), magnitude, S, H)
+    predicted = _flat_heads((qf * ksum).sum(-1)) * scale
+    magnitude = _flat_heads((qf.abs() * kabs).sum(-1)) * scale
+    coef = tol.qk_coefficient(S, H, dtype, tf32, masked=allowed is not None)
+    return actual - predicted, tol.threshold(coef, magnitude, S, H)
 
 
 def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked: Float[Tensor, "B N T S"],
-           scale: float, is_causal: bool, dtype: str, tf32: bool):
+           scale: float, is_causal: bool, dtype: str, tf32: bool, allowed: Tensor | None = None):
     """Column sums of S against scale·(Σ over attending queries of q)·k_j."""
     T, S, H = q.shape[3], k.shape[2], q.shape[-1]
     qf, kf = q.to(F32), k.to(F32)
-    if is_causal:
+    if allowed is not None:
+        qsum, qabs = _masked_sums(allowed, qf, False)  # B K G S H
+    elif is_causal:
         qsum, qabs = _suffix_rows(qf, S), _suffix_rows(qf.abs(), S)  # B K G S H
     else:
         qsum, qabs = blocked_sum(qf, 3)[:, :, :, None], blocked_sum(qf.abs(), 3)[:, :, :, None]  # B K G 1 H
@@ -111,7 +140,8 @@ def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     actual = blocked_sum(s_masked, -2)
     predicted = _flat_heads((qsum * kb).sum(-1)) * scale
     magnitude = _flat_heads((qabs * kb.abs()).sum(-1)) * scale
-    return actual - predicted, tol.threshold(tol.qk_coefficient(T, H, dtype, tf32), magnitude, T, H)
+    coef = tol.qk_coefficient(T, H, dtype, tf32, masked=allowed is not None)
+    return actual - predicted, tol.threshold(coef, magnitude, T, H)
 
 
 def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]):

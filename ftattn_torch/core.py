@@ -14,6 +14,7 @@ from ftattn_spec.report import Report
 from ftattn_spec.schemes import SCHEMES
 
 from . import checks, faults, repair
+from . import masks as masks_lib
 
 F32 = torch.float32
 NEG = torch.finfo(F32).min  # masked logits: large, finite, so no row is NaN
@@ -37,19 +38,34 @@ def uses_tf32(x: Tensor) -> bool:
     return x.is_cuda and torch.get_float32_matmul_precision() != "highest"
 
 
-def _softmax(s: Float[Tensor, "B N T S"]) -> Float[Tensor, "B N T S"]:
-    """Replica 1: PyTorch's softmax (masked logits hold NEG, whose exp is 0)."""
-    return torch.softmax(s, dim=-1)
+def _softmax(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Tensor, "B N T S"]:
+    """Replica 1: PyTorch's softmax (masked logits hold NEG, whose exp is 0).
+
+    ``guard`` (any mask or bias): zero outside ``keep``, and a row with no kept
+    entry or only -inf logits gives zeros instead of NaN.
+    """
+    if not guard:
+        return torch.softmax(l, dim=-1)
+    m = l.amax(-1, keepdim=True)
+    z = (l - m.masked_fill(m == -torch.inf, 0.0)).exp()
+    if keep is not None:
+        z = z.masked_fill(~keep, 0.0)
+    d = z.sum(-1, keepdim=True)
+    return z / torch.where(d > 0, d, 1.0)
 
 
-def _softmax_replica(s: Float[Tensor, "B N T S"], mask: Bool[Tensor, "T S"] | None) -> Float[Tensor, "B N T S"]:
+def _softmax_replica(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Tensor, "B N T S"]:
     """Replica 2: an independent evaluation with a different formula (base-2
     exponential of the rescaled argument, a two-level sum, product with the
     reciprocal sum)."""
-    z = (s - s.amax(-1, keepdim=True)).mul_(LOG2E).exp2_()
-    if mask is not None:
-        z.masked_fill_(~mask, 0.0)
-    return z.mul_(1.0 / checks.blocked_sum(z, -1)[..., None])
+    m = l.amax(-1, keepdim=True)
+    if guard:
+        m = m.masked_fill(m == -torch.inf, 0.0)
+    z = (l - m).mul_(LOG2E).exp2_()
+    if keep is not None:
+        z.masked_fill_(~keep, 0.0)
+    d = checks.blocked_sum(z, -1)[..., None]
+    return z.mul_(1.0 / (torch.where(d > 0, d, 1.0) if guard else d))
 
 
 def _scores(qg: Float[Tensor, "B K G T H"], key: Float[Tensor, "B K S H"], scale: float) -> Float[Tensor, "B N T S"]:
@@ -90,9 +106,19 @@ def _repair(x: Float[Tensor, "B N T C"], located, rows: Bool[Tensor, "B N T"], r
     return count
 
 
+def _attended(full, bi, ni, i, j, value: Tensor) -> Tensor:
+    """``value`` where (i, j) is attended, 0 where it is masked (``full`` is None: nothing is)."""
+    return value if full is None else torch.where(full[bi, ni, i, j], value, 0.0)
+
+
 def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: Float[Tensor, "B K S H"], *,
-        scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None):
-    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None."""
+        scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None,
+        bias=None, mask=None, query_lengths=None, key_lengths=None, window=None, empty: str = "zero"):
+    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None.
+
+    The mask arguments are those of ``ftattn_spec.masking`` (validated);
+    ``empty`` says how a fully masked row is filled (``"zero"`` or ``"uniform"``).
+    """
     dev = query.device
     with torch.no_grad():
         finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
@@ -119,41 +145,53 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, K, G, T, H)
     s = faults.inject(_scores(qg, key, scale), "scores", "BNTS", plan)
-    mask = None
-    if is_causal:
-        mask = torch.arange(S, device=dev)[None, :] <= torch.arange(T, device=dev)[:, None]
+    allowed = masks_lib.allowed(B, T, S, dev, mask=mask, is_causal=is_causal, window=window,
+                                query_lengths=query_lengths, key_lengths=key_lengths)
+    if allowed is None and is_causal:
+        allowed_ts = torch.arange(S, device=dev)[None, :] <= torch.arange(T, device=dev)[:, None]  # T S
+    else:
+        allowed_ts = allowed  # None (nothing masked) or B|1 N|1 T S
+    guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
         with torch.no_grad():  # the checks never need a backward graph
             # masked entries are excluded from the checksums (0) and from the softmax (NEG)
-            s_masked = s if mask is None else torch.where(mask, s, 0.0)
+            s_masked = s if allowed_ts is None else torch.where(allowed_ts, s, 0.0)
             if "qk_row" in wanted:
-                found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32)
+                found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32, allowed)
             if "qk_col" in wanted:
-                found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32)
-            del s_masked
+                found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32, allowed)
             judge(("qk_row", "qk_col"))
             loc = None
             if "qk_row" in found and "qk_col" in found and granularity == "vector":
                 qf, kf = query.detach().to(F32), key.detach().to(F32)
+                general = allowed is not None
+                full = None if allowed_ts is None else allowed_ts.expand(B, N, T, S)
                 loc = repair.locate(
                     found["qk_row"], found["qk_col"],
-                    (tol.qk_coefficient(S, H, dtype, tf32), tol.qk_coefficient(T, H, dtype, tf32)),
-                    lambda i, j: s[bi, ni, i, j],
-                    lambda i, j: (qf[bi, ni, i] * kf[bi, ni // G, j]).sum(-1) * scale)
+                    (tol.qk_coefficient(S, H, dtype, tf32, masked=general),
+                     tol.qk_coefficient(T, H, dtype, tf32, masked=general)),
+                    lambda i, j: s_masked[bi, ni, i, j],
+                    lambda i, j: _attended(full, bi, ni, i, j, (qf[bi, ni, i] * kf[bi, ni // G, j]).sum(-1) * scale))
                 located["scores"] = loc.indices()
+            del s_masked
             rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
             affected.append(rows)
             # Repairs write into S under no_grad: S is not saved for backward,
             # and the gradient is that of the clean S the repair restores.
             if correct:
                 corrected += _repair(s, loc, rows, lambda: _scores(qg, key, scale))
-    s_soft = s if mask is None else s.masked_fill_(~mask, NEG)  # s itself is not needed again
+    logits = s if bias is None else s + bias.to(F32).reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+    # s itself is not needed again
+    s_soft = logits if allowed_ts is None else logits.masked_fill_(~allowed_ts, NEG)
+    # probabilities outside `keep` are zero: the masked entries, or (empty="uniform",
+    # jax.nn's rule) only the rows beyond the query length
+    keep = allowed_ts if empty == "zero" else masks_lib.live_rows(B, T, dev, query_lengths)
 
     # ---- P = softmax(S), twice under DMR; a third evaluation votes
-    p = faults.inject(_softmax(s_soft), "probs", "BNTS", plan)
+    p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
     if "softmax_dmr" in wanted:
         with torch.no_grad():
-            p_replica = faults.inject(_softmax_replica(s_soft, mask), "probs", "BNTS", plan, replica=1)
+            p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
             found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
             del p_replica
             judge(("softmax_dmr",))
@@ -161,14 +199,14 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             affected.append(rows)
             vote = correct and bool(rows.any())
         if vote:
-            p3 = _softmax(s_soft)  # with autograd: replaced rows get their gradient through it
+            p3 = _softmax(s_soft, keep, guard)  # with autograd: replaced rows get their gradient through it
             with torch.no_grad():
                 replace = rows & ~((p - p3).abs().sum(-1) <= found["softmax_dmr"][1])
                 corrected += replace.sum(dtype=torch.int32)
             p = torch.where(replace[..., None], p3, p)
             del p3
 
-    s = s_soft = None  # autograd keeps what it needs; free the rest early
+    s = s_soft = logits = None  # autograd keeps what it needs; free the rest early
     p_mma = p.to(query.dtype).reshape(B * K, G * T, S)
     del p
     o = _bmm_f32(p_mma, value.reshape(B * K, S, H))  # BK GT H

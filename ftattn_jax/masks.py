@@ -1,0 +1,38 @@
+"""The ``allowed`` mask of a call, from the forms of ``ftattn_spec.masking``."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool
+
+
+def allowed(B: int, T: int, S: int, *, mask=None, is_causal: bool = False, window=None,
+            query_lengths=None, key_lengths=None) -> Bool[Array, "B N T S"] | None:
+    """Boolean ``(B|1, N|1, T, S)``, True where query ``i`` attends key ``j``.
+
+    None when nothing but ``is_causal`` restricts the keys: the checks then use
+    the causal prefix sums, and the softmax the ``(T, S)`` causal mask.
+    """
+    if mask is None and window is None and query_lengths is None and key_lengths is None:
+        return None
+    i, j = jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+    a = jnp.ones((1, 1, T, S), bool)
+    if mask is not None:
+        a = a & mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if is_causal:
+        a = a & (j <= i)
+    if window is not None:
+        left, right = window
+        a = a & (j >= i - left) & (j <= i + right)
+    if query_lengths is not None:
+        a = a & (jnp.arange(T)[None, :] < query_lengths[:, None])[:, None, :, None]
+    if key_lengths is not None:
+        a = a & (jnp.arange(S)[None, :] < key_lengths[:, None])[:, None, None, :]
+    return a
+
+
+def live_rows(B: int, T: int, query_lengths=None) -> Bool[Array, "B 1 T 1"] | None:
+    """Rows within the query length, or None without lengths."""
+    if query_lengths is None:
+        return None
+    return (jnp.arange(T)[None, :] < query_lengths[:, None])[:, None, :, None]

@@ -1,0 +1,151 @@
+"""Masks and biases: what may be attended, and what the logits add.
+
+Both backends accept the same five forms, in the logical logits layout ``BNTS``
+(``jax.nn.dot_product_attention`` and ``scaled_dot_product_attention`` agree
+on it):
+
+* ``mask``: boolean, True where query ``i`` may attend key ``j``, of rank at
+  most 4 and broadcastable to ``(B, N, T, S)`` (missing leading axes are 1);
+* ``bias``: floating, added to the logits ``scale·QKᵀ`` before the softmax,
+  same broadcasting (``-inf`` entries remove a key, like a mask, but are not
+  excluded from the checksums: S is checked before the bias is added);
+* ``is_causal``: query ``i`` attends keys ``j <= i`` (upper-left aligned);
+* ``local_window_size = (left, right)``: query ``i`` attends keys
+  ``i - left <= j <= i + right`` (an int ``w`` means ``(w, w)``);
+* ``query_seq_lengths`` / ``key_value_seq_lengths``: integer ``(B,)``; rows
+  ``i >= Tq_b`` and keys ``j >= Skv_b`` are masked.
+
+All of them are combined by logical AND into one boolean ``allowed``. Masked
+entries are excluded from both sides of the S checksums and get probability
+zero. A row with no allowed key (a *fully masked row*) has output zero, the
+behaviour of PyTorch's SDPA; ``ftattn_jax.dot_product_attention`` instead
+spreads such a row uniformly over all keys, as ``jax.nn`` does, except rows
+beyond the query length, which both zero.
+
+Validation works on ``(shape, dtype name)`` pairs, like ``validation``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+#: How a fully masked row is filled: ``"zero"`` (output 0) or ``"uniform"``
+#: (the softmax of equal logits: the mean of every value row).
+EMPTY_ROWS = ("zero", "uniform")
+
+
+class Masking(NamedTuple):
+    """Validated mask settings of one call (shapes are padded to rank 4)."""
+
+    mask_shape: tuple | None
+    bias_shape: tuple | None
+    window: tuple[int, int] | None
+    query_lengths: bool
+    key_lengths: bool
+
+    @property
+    def structured(self) -> bool:
+        """True when at most ``is_causal`` restricts the keys: the checks then use
+        prefix sums instead of masked sums (``docs/tolerances.md``)."""
+        return self.mask_shape is None and self.window is None and not (self.query_lengths or self.key_lengths)
+
+
+def _broadcast_shape(name: str, shape, dims: dict) -> tuple[int, ...]:
+    target = (dims["B"], dims["N"], dims["T"], dims["S"])
+    shape = tuple(int(n) for n in shape)
+    if len(shape) > 4:
+        raise ValueError(f"{name}: expected rank <= 4, broadcastable to (B, N, T, S) = {target}, "
+                         f"got rank {len(shape)} with shape {shape}")
+    padded = (1,) * (4 - len(shape)) + shape
+    for axis, n, want in zip("BNTS", padded, target):
+        if n not in (1, want):
+            raise ValueError(f"{name}: expected a shape broadcastable to (B, N, T, S) = {target} "
+                             f"(axis {axis} of size 1 or {want}), got {shape}")
+    return padded
+
+
+def normalize_window(local_window_size) -> tuple[int, int] | None:
+    """``None``, an int ``w`` (``(w, w)``) or a pair ``(left, right)`` of ints >= 0."""
+    if local_window_size is None:
+        return None
+    value = local_window_size
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in value)):
+        raise TypeError(f"local_window_size: expected None, an int or a pair (left, right) of ints, "
+                        f"got {type(local_window_size).__name__} {local_window_size!r}")
+    left, right = (int(w) for w in value)
+    if left < 0 or right < 0:
+        raise ValueError(f"local_window_size: expected sizes >= 0, got {local_window_size!r}")
+    return left, right
+
+
+def validate_masking(dims: dict, *, mask=None, bias=None, query_lengths=None, key_lengths=None,
+                     window=None, names=("mask", "bias", "query_seq_lengths", "key_value_seq_lengths",
+                                         "local_window_size")) -> Masking:
+    """Check the mask arguments of a call with legend sizes ``dims``.
+
+    ``mask``, ``bias`` and the lengths are ``(shape, dtype name)`` pairs or
+    None; ``names`` are the argument names to put in errors (the drop-ins use
+    their frameworks' names).
+    """
+    n_mask, n_bias, n_ql, n_kl, n_win = names
+    mask_shape = bias_shape = None
+    if mask is not None:
+        shape, dt = mask
+        if dt != "bool":
+            raise TypeError(f"{n_mask}: expected a bool array (True = attend; pass additive masks as "
+                            f"{n_bias}), got dtype {dt}")
+        mask_shape = _broadcast_shape(n_mask, shape, dims)
+    if bias is not None:
+        shape, dt = bias
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"{n_bias}: expected a floating dtype, one of {FLOAT_DTYPES}, got {dt}")
+        bias_shape = _broadcast_shape(n_bias, shape, dims)
+    for name, lengths in ((n_ql, query_lengths), (n_kl, key_lengths)):
+        if lengths is None:
+            continue
+        shape, dt = lengths
+        if dt not in INTEGER_DTYPES:
+            raise TypeError(f"{name}: expected an integer dtype (int32), got {dt}")
+        if tuple(shape) != (dims["B"],):
+            raise ValueError(f"{name}: expected shape (B,) = ({dims['B']},), got {tuple(shape)}")
+    try:
+        win = normalize_window(window)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("local_window_size", n_win, 1)) from None
+    return Masking(mask_shape, bias_shape, win, query_lengths is not None, key_lengths is not None)
+
+
+def allowed(B: int, N: int, T: int, S: int, *, mask=None, is_causal=False, window=None,
+            query_lengths=None, key_lengths=None) -> np.ndarray:
+    """NumPy ``(B, N, T, S)`` bool: True where query ``i`` attends key ``j``."""
+    i, j = np.arange(T)[:, None], np.arange(S)[None, :]
+    a = np.ones((B, N, T, S), bool)
+    if mask is not None:
+        m = np.asarray(mask, bool)
+        a &= m.reshape((1,) * (4 - m.ndim) + m.shape)
+    if is_causal:
+        a &= j <= i
+    if window is not None:
+        left, right = normalize_window(window)
+        a &= (j >= i - left) & (j <= i + right)
+    if query_lengths is not None:
+        a &= (np.arange(T)[None, :] < np.asarray(query_lengths)[:, None])[:, None, :, None]
+    if key_lengths is not None:
+        a &= (np.arange(S)[None, :] < np.asarray(key_lengths)[:, None])[:, None, None, :]
+    return a
+
+
+def live_rows(B: int, T: int, query_lengths=None) -> np.ndarray:
+    """``(B, 1, T, 1)`` bool: rows within the query length (all True without lengths)."""
+    if query_lengths is None:
+        return np.ones((B, 1, T, 1), bool)
+    return (np.arange(T)[None, :] < np.asarray(query_lengths)[:, None])[:, None, :, None]

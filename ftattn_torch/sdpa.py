@@ -1,0 +1,210 @@
+"""``scaled_dot_product_attention``: a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+The computation is one custom operator, ``ftattn::sdpa``
+(``torch.library.custom_op``), with a fake implementation (shapes only), so
+``torch.compile(fullgraph=True)`` traces through it as one opaque node, and an
+autograd formula (the backward of plain attention, in float32), so
+``torch.library.opcheck`` passes. The operator returns the output and the
+report as a flat list of tensors; :func:`scaled_dot_product_attention` turns
+the list back into a ``Report``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ftattn_spec import validation as v
+from ftattn_spec.axes import REPORT_AXES
+from ftattn_spec.faults import Fault, FaultDetected, FaultPlan
+from ftattn_spec.report import CheckResult, Report
+from ftattn_spec.schemes import CHECK_ORIENTATION, SCHEMES
+
+from . import core
+from .api import validate
+from .masks import allowed as allowed_mask
+
+_NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
+_BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
+
+
+def _has_located(scheme: str, granularity: str) -> bool:
+    return scheme == "full" and granularity == "vector"
+
+
+def _report_sizes(dims: dict, granularity: str, orientation: str) -> tuple[int, ...]:
+    return tuple(dims[a] for a in REPORT_AXES[(granularity, orientation)])
+
+
+def _flatten(out: Tensor, report: Report) -> list[Tensor]:
+    flat = [out, report.detected, report.inputs_finite, report.corrected]
+    for c in report.checks.values():
+        flat += [c.residual, c.threshold, c.flagged]
+    flat += [report.located[k] for k in ("scores", "out") if k in report.located]
+    return flat
+
+
+def _unflatten(flat: Sequence[Tensor], scheme: str, granularity: str) -> tuple[Tensor, Report]:
+    out, detected, finite, corrected = flat[:4]
+    names = SCHEMES[scheme].checks
+    checks = {n: CheckResult(*flat[4 + 3 * i: 7 + 3 * i]) for i, n in enumerate(names)}
+    rest = flat[4 + 3 * len(names):]
+    located = dict(zip(("scores", "out"), rest)) if _has_located(scheme, granularity) else {}
+    return out, Report(detected=detected, checks=checks, inputs_finite=finite, located=located, corrected=corrected)
+
+
+def _plan_tensors(plan: FaultPlan | None) -> tuple[Tensor | None, Tensor | None]:
+    """A ``FaultPlan`` as two CPU tensors: int64 ``(F, 8)`` (site, replica, index ×4,
+    kind, bit) and float64 ``(F,)`` values."""
+    if plan is None:
+        return None, None
+    ints = np.concatenate([plan.site[:, None], plan.replica[:, None], plan.index, plan.kind[:, None],
+                           plan.bit[:, None]], axis=1).astype(np.int64)
+    return torch.from_numpy(ints), torch.from_numpy(np.asarray(plan.value, np.float64))
+
+
+def _plan(ints: Tensor | None, values: Tensor | None) -> FaultPlan | None:
+    if ints is None:
+        return None
+    i = ints.cpu().numpy().astype(np.int32)
+    return FaultPlan(site=i[:, 0], replica=i[:, 1], index=i[:, 2:6], kind=i[:, 6], bit=i[:, 7],
+                     value=values.cpu().numpy().astype(np.float64))
+
+
+def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """SDPA's ``attn_mask``: a bool mask (True = attend) or an additive float bias."""
+    if attn_mask is None:
+        return None, None
+    return (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
+
+
+@torch.library.custom_op("ftattn::sdpa", mutates_args=())
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool, scale: float,
+          scheme: str, granularity: str, on_fault: str, fault_ints: Optional[Tensor],
+          fault_values: Optional[Tensor]) -> list[Tensor]:
+    mask, bias = _split_mask(attn_mask)
+    out, report = core.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
+                           is_causal=is_causal, on_fault="report" if on_fault == "raise" else on_fault,
+                           plan=_plan(fault_ints, fault_values), bias=bias, mask=mask)
+    if on_fault == "raise" and bool(report.detected):
+        raise FaultDetected(report)
+    return [t.clone() if t is query else t for t in _flatten(out.detach(), report)]
+
+
+@_sdpa.register_fake
+def _sdpa_fake(query, key, value, attn_mask, is_causal, scale, scheme, granularity, on_fault, fault_ints,
+               fault_values):
+    B, N, T, H = query.shape
+    dims = {"B": B, "N": N, "T": T, "S": key.shape[2], "H": H}
+    new = query.new_empty
+    flat = [torch.empty_like(query), new((), dtype=_BOOL), new((), dtype=_BOOL), new((), dtype=_I32)]
+    for name in SCHEMES[scheme].checks:
+        size = _report_sizes(dims, granularity, CHECK_ORIENTATION[name])
+        flat += [new(size, dtype=_F32), new(size, dtype=_F32), new(size, dtype=_BOOL)]
+    if _has_located(scheme, granularity):
+        flat += [new((B, N, 2), dtype=_I32), new((B, N, 2), dtype=_I32)]
+    return flat
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale = inputs[:6]
+    ctx.save_for_backward(query, key, value, attn_mask)
+    ctx.mark_non_differentiable(*output[1:])  # the report
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _backward(ctx, grads):
+    query, key, value, attn_mask = ctx.saved_tensors
+    dq, dk, dv, dmask = plain_attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale, grads[0])
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+
+
+_sdpa.register_autograd(_backward, setup_context=_setup_context)
+
+
+def plain_attention_backward(query, key, value, attn_mask, is_causal: bool, scale: float, grad_out):
+    """Gradients of plain attention (float32, not checked) with respect to query,
+    key, value and a float ``attn_mask`` (None for a bool mask)."""
+    B, N, T, H = query.shape
+    K, S = key.shape[1], key.shape[2]
+    G = N // K
+    mask, bias = _split_mask(attn_mask)
+    if grad_out is None:
+        grad_out = torch.zeros_like(query)
+    qf = query.to(_F32)
+    kf = key.to(_F32).repeat_interleave(G, dim=1)
+    vf = value.to(_F32).repeat_interleave(G, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(_F32)
+    a = allowed_mask(B, T, S, query.device, mask=mask, is_causal=is_causal)
+    if a is None and is_causal:
+        a = torch.arange(S, device=query.device)[None, :] <= torch.arange(T, device=query.device)[:, None]
+    if a is not None:
+        s = s.masked_fill(~a, -torch.inf)
+    m = s.amax(-1, keepdim=True)
+    z = (s - m.masked_fill(m == -torch.inf, 0.0)).exp()
+    d = z.sum(-1, keepdim=True)
+    p = z / torch.where(d > 0, d, 1.0)
+    go = grad_out.to(_F32)
+    dv = (p.transpose(-1, -2) @ go).reshape(B, K, G, S, H).sum(2)
+    dp = go @ vf.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = ((ds.transpose(-1, -2) @ qf) * scale).reshape(B, K, G, S, H).sum(2)
+    dbias = None
+    if bias is not None:
+        dbias = ds
+        pad = 4 - bias.ndim
+        dims = tuple(i for i in range(4) if i < pad or bias.shape[i - pad] == 1 and ds.shape[i] != 1)
+        if dims:
+            dbias = dbias.sum(dim=dims, keepdim=True)
+        dbias = dbias.reshape(bias.shape).to(bias.dtype)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dbias
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False, *, scheme: str = "full",
+                                 granularity: str = "vector", on_fault: str = "report",
+                                 fault: Fault | Sequence[Fault] | None = None, return_report: bool = False):
+    """``torch.nn.functional.scaled_dot_product_attention`` with fault checks.
+
+    The positional arguments have SDPA's meaning: query ``(B, N, T, H)``, key
+    and value ``(B, K, S, H)``; ``attn_mask`` broadcastable to ``(B, N, T, S)``,
+    bool (True = attend) or float (added to the logits); ``is_causal``
+    (upper-left aligned; an error together with ``attn_mask``, as in SDPA);
+    ``scale`` (default ``H ** -0.5``); ``enable_gqa`` lets ``K`` be a divisor of
+    ``N`` (query head ``n`` reads kv head ``n // (N // K)``). A fully masked row
+    gives zeros, as SDPA does. ``dropout_p`` must be 0.0: ftattn applies no
+    dropout, and says so rather than ignore it.
+
+    Keyword-only extras: ``scheme``, ``granularity``, ``on_fault`` and
+    ``fault`` as in ``ftattn_torch.attention``; ``return_report=True`` returns
+    ``(out, report)``.
+
+    Runs as the custom operator ``torch.ops.ftattn.sdpa``: it works under
+    ``torch.compile(fullgraph=True)`` and autograd, whose backward is that of
+    plain attention (not checked).
+    """
+    v.validate_dropout(dropout_p)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__} {enable_gqa!r}")
+    if not isinstance(return_report, bool):
+        raise TypeError(f"return_report: expected a bool, got {type(return_report).__name__} {return_report!r}")
+    if attn_mask is not None and is_causal is True:
+        raise ValueError("attn_mask, is_causal: expected at most one of them, got both (as in "
+                         "scaled_dot_product_attention; put the causal mask into attn_mask)")
+    mask, bias = _split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
+    cfg, _ = validate(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
+                      is_causal=is_causal, on_fault=on_fault, fault=fault, names=_NAMES)
+    if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
+        raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "
+                         f"attention), got K={cfg.dims['K']} (shape {tuple(key.shape)})")
+    ints, values = _plan_tensors(cfg.plan)
+    flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
+                                 cfg.granularity, cfg.on_fault, ints, values)
+    out, report = _unflatten(flat, cfg.scheme, cfg.granularity)
+    return (out, report) if return_report else out
