@@ -11,8 +11,10 @@ The report is surfaced with Flax's ``sow`` when the module hands itself over,
 which it does when called with ``sow_weights=True`` (where Flax's own
 attention would sow the attention weights):
 
-* nnx: ``y = mha(x, sow_weights=True)``, then ``mha.ftattn_report.value`` (a
-  tuple with one ``Report`` per call), or ``nnx.pop(model, nnx.Intermediate)``;
+* nnx: ``y, inter = nnx.capture(mha, nnx.Intermediate)(x, sow_weights=True)``,
+  then ``inter["ftattn_report"]`` (a tuple with one ``Report`` per call; in
+  Flax versions without ``nnx.capture``, call ``mha(x, sow_weights=True)`` and
+  read ``nnx.pop(mha, nnx.Intermediate)``);
 * linen: ``y, state = mha.apply(params, x, sow_weights=True,
   mutable=["intermediates"])``, then
   ``state["intermediates"]["ftattn_report"]``.

@@ -90,7 +90,8 @@ def output_bound(q, k, v, probs, out_ref, *, dtype: str, scale=None, is_causal=F
     A = np.einsum("bnth,bnsh->bnts", np.abs(q), np.abs(k)) * scale
     if masks.get("bias") is not None:
         logits = np.einsum("bnth,bnsh->bnts", q, k) * scale + _bias(masks["bias"], a_mask.shape)
-        A = A + 2.0 * U_ACC * np.abs(logits) / b  # in units of b: b·A covers the bias rounding
+        a_mask = a_mask & np.isfinite(logits)  # a -inf bias removes the key like a mask
+        A = A + 2.0 * U_ACC * np.abs(np.where(a_mask, logits, 0.0)) / b  # in units of b: b·A covers the bias rounding
     A = np.where(a_mask, A, 0.0)
     D = A.max(axis=-1)[..., None]
     V = np.einsum("bnts,bnsh->bnth", (probs > 0).astype(np.float64), np.abs(v))

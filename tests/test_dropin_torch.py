@@ -1,0 +1,206 @@
+"""``ftattn_torch.scaled_dot_product_attention`` against ``F.scaled_dot_product_attention``;
+the custom op under ``opcheck`` and ``torch.compile``; ``FaultTolerantAttention``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from ftattn_spec import Fault, FaultDetected
+from ftattn_spec import reference as ref
+from ftattn_spec.inputs import draw_qkv
+
+from .conftest import HAVE_TORCH, SHAPE
+
+pytestmark = pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+
+B, N, K, T, S, H = (SHAPE[a] for a in "BNKTSH")
+DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
+
+
+def _masks():
+    rng = np.random.default_rng(0)
+    shared = rng.random((B, 1, T, S)) > 0.4
+    shared[1, 0, 5] = False  # a fully masked row: SDPA gives zeros
+    bias = rng.standard_normal((B, N, T, S)).astype(np.float32)
+    bias[0, :, 3] = -np.inf  # a row with every logit -inf: zeros too
+    return {
+        "none": None,
+        "bool": shared,
+        "bool-2d": rng.random((T, S)) > 0.3,
+        "bool-per-head": rng.random((N, T, S)) > 0.5,
+        "float": bias,
+        "float-broadcast": rng.standard_normal((1, 1, T, S)).astype(np.float32),
+    }
+
+
+MASKS = _masks()
+
+
+def _inputs(seed, dtype, kv_heads=K):
+    import torch
+
+    q, k, v = draw_qkv(seed, "normal", **{**SHAPE, "K": kv_heads})
+    t = lambda x: torch.tensor(x, dtype=torch.float32).to(DEVICE, getattr(torch, dtype))  # noqa: E731
+    return t(q), t(k), t(v)
+
+
+def _np(x):
+    return x.double().cpu().numpy()
+
+
+@pytest.mark.parametrize("mask, causal", [(m, False) for m in MASKS] + [("none", True)])  # one or the other
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_matches_torch_sdpa(mask, causal, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    q, k, v = _inputs(abs(hash((mask, causal))) % 1000, dtype)
+    am = None if MASKS[mask] is None else torch.from_numpy(MASKS[mask]).to(DEVICE)
+    if am is not None and am.dtype != torch.bool:
+        am = am.to(q.dtype)
+    ours, report = ftattn_torch.scaled_dot_product_attention(q, k, v, am, is_causal=causal, enable_gqa=True,
+                                                             return_report=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, am, is_causal=causal, enable_gqa=True)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    lq, lk, lv = (_np(x) for x in (q, k, v))
+    kw = {} if am is None else ({"mask": _np(am) > 0} if am.dtype == torch.bool else {"bias": _np(am)})
+    o64, p, _ = ref.attention(lq, lk, lv, is_causal=causal, layout="torch", **kw)
+    bound = ref.output_bound(lq, lk, lv, p, o64, dtype=dtype, is_causal=causal, layout="torch", **kw)
+    assert np.all(np.abs(_np(theirs) - o64) <= bound), "SDPA itself"
+    assert np.all(np.abs(_np(ours) - o64) <= bound)
+    assert not bool(report.detected)
+
+
+def test_returns_only_the_output_by_default_and_broadcasts_one_kv_head():
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    q, k, v = _inputs(1, "float32", kv_heads=1)
+    out = ftattn_torch.scaled_dot_product_attention(q, k, v, scale=0.3)  # K = 1 broadcasts, as in SDPA
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(dropout_p=0.1), ValueError, "dropout_p"),
+    (dict(attn_mask="causal"), TypeError, "attn_mask"),
+    (dict(is_causal=True, attn_mask=np.ones((T, S), bool)), ValueError, "attn_mask, is_causal"),
+    (dict(attn_mask=np.ones((B, 2, T, S), bool)), ValueError, "attn_mask"),
+    (dict(attn_mask=np.ones((T, S), np.int32)), TypeError, "attn_mask"),
+    (dict(enable_gqa=False), ValueError, "enable_gqa"),
+    (dict(scheme="fast"), ValueError, "scheme"),
+])
+def test_bad_arguments_name_themselves(kwargs, error, words):
+    import torch
+
+    import ftattn_torch
+
+    q, k, v = _inputs(2, "float32")
+    if isinstance(kwargs.get("attn_mask"), np.ndarray):
+        kwargs["attn_mask"] = torch.from_numpy(kwargs["attn_mask"]).to(DEVICE)
+    kwargs.setdefault("enable_gqa", True)
+    with pytest.raises(error, match=words):
+        ftattn_torch.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("scheme, granularity", [("full", "vector"), ("full", "global"), ("baseline", "vector"),
+                                                 ("abft_qk_row", "vector")])
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+def test_opcheck(scheme, granularity, mask):
+    import torch
+
+    import ftattn_torch  # noqa: F401  registers the op
+
+    q, k, v = (x.requires_grad_() for x in _inputs(3, "float32"))
+    am = None if MASKS[mask] is None else torch.from_numpy(MASKS[mask]).to(DEVICE)
+    if mask == "float":
+        am = torch.where(torch.isinf(am), 0.0, am).requires_grad_()
+    torch.library.opcheck(torch.ops.ftattn.sdpa.default,
+                          (q, k, v, am, False, 0.3, scheme, granularity, "report", None, None))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    import torch
+
+    import ftattn_torch
+
+    q, k, v = _inputs(4, "float32")
+    am = torch.from_numpy(MASKS["bool"]).to(DEVICE)
+
+    def f(q, k, v, am):
+        return ftattn_torch.scaled_dot_product_attention(q, k, v, am, enable_gqa=True, return_report=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    (oc, rc), (oe, re) = compiled(q, k, v, am), f(q, k, v, am)
+    torch.testing.assert_close(oc, oe, rtol=0, atol=0)
+    assert set(rc.checks) == set(re.checks) and not bool(rc.detected)
+    for name in rc.checks:
+        torch.testing.assert_close(rc.checks[name].threshold, re.checks[name].threshold)
+
+
+def test_torch_compile_backward():
+    import torch
+
+    import ftattn_torch
+
+    q, k, v = (x.requires_grad_() for x in _inputs(5, "float32"))
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: ftattn_torch.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                enable_gqa=True), fullgraph=True)
+    f(q, k, v).square().sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    ftattn_torch.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).square().sum().backward()
+    for g, x in zip(grads, (q, k, v)):  # inductor fuses differently: rounding-level differences
+        assert float((g - x.grad).abs().max()) <= 1e-5 * float(x.grad.abs().max())
+
+
+def test_faults_through_the_drop_in():
+    import torch
+
+    import ftattn_torch
+
+    q, k, v = _inputs(6, "float32")
+    clean = ftattn_torch.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    fault = Fault("scores", (2, 5, 30, 11), bit=30)
+    out, rep = ftattn_torch.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, fault=fault,
+                                                         return_report=True)
+    assert bool(rep.detected) and tuple(rep.located["scores"][2, 5].tolist()) == (30, 11)
+    fixed = ftattn_torch.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, fault=fault,
+                                                      on_fault="correct")
+    torch.testing.assert_close(fixed, clean, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FaultDetected):
+        ftattn_torch.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, fault=fault,
+                                                  on_fault="raise")
+
+
+def test_module_counts_faults():
+    import torch
+
+    import ftattn_torch
+
+    attn = ftattn_torch.FaultTolerantAttention(is_causal=True, enable_gqa=True).to(DEVICE)
+    q, k, v = _inputs(7, "float32")
+    attn(q, k, v)
+    attn(q, k, v, fault=Fault("scores", (0, 0, 4, 2), bit=30))
+    attn(q, k, v)
+    assert int(attn.faults_detected) == 1 and int(attn.calls) == 3
+    assert not bool(attn.last_report.detected)
+    assert "faults_detected" in attn.state_dict()
+    attn.reset_counters()
+    assert int(attn.faults_detected) == 0
+    with pytest.raises(ValueError, match="on_fault"):
+        ftattn_torch.FaultTolerantAttention(on_fault="ignore")
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, fullgraph=True)
+    compiled(q, k, v)
+    assert int(attn.calls) == 1
