@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.report import Report

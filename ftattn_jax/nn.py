@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ftattn_spec import validation as v
 from ftattn_spec.faults import Fault
 
 from .api import validate_and_run

@@ -82,7 +82,7 @@ def output_bound(q, k, v, probs, out_ref, *, dtype: str, scale=None, is_causal=F
     adds one float32 rounding of each logit, ``u·|l_ij|``, to the logit error.
     """
     q, k, v = _to_logical(q, k, v, layout)
-    T, S, H = q.shape[2], k.shape[2], q.shape[3]
+    S, H = k.shape[2], q.shape[3]
     scale = H**-0.5 if scale is None else float(scale)
     a, b, c, d = output_coefficients(dtype, S, H, tf32)
     W = np.einsum("bnts,bnsh->bnth", probs, np.abs(v))
