@@ -14,6 +14,7 @@ from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Report
+from ftattn_spec.schemes import CHECKS
 
 from . import core
 
@@ -67,6 +68,8 @@ def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scal
                            query_lengths=None if query_seq_lengths is None else jnp.asarray(query_seq_lengths),
                            key_lengths=None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths),
                            window=m.window, empty=empty)
+    # a jitted function returns dict entries in sorted key order: restore the scheme's order
+    report = report._replace(checks={n: report.checks[n] for n in CHECKS if n in report.checks})
     if cfg.on_fault == "raise":
         if isinstance(report.detected, jax.core.Tracer):
             checkify.check(~report.detected, "ftattn: a fault was detected in attention")

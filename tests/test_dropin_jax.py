@@ -68,7 +68,8 @@ def test_matches_jax_nn(form, dtype):
     kw = FORMS[form]
     q, k, v = _inputs(abs(hash(form)) % 1000, dtype)
     ours, report = ftattn_jax.dot_product_attention(q, k, v, **_jnp(kw), return_report=True)
-    theirs = jax.nn.dot_product_attention(q, k, v, **_jnp(kw))
+    with jax.default_matmul_precision("highest"):  # else float32 runs at TF32 on GPUs, outside the bound
+        theirs = jax.nn.dot_product_attention(q, k, v, **_jnp(kw))
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     lq, lk, lv = (_logical(x) for x in (q, k, v))
     rk = dict(mask=kw.get("mask"), bias=kw.get("bias"), window=kw.get("local_window_size"),
@@ -176,6 +177,14 @@ def test_flax_adapter_matches_flax_attention_and_sows_the_report(kind):
     x = jax.random.normal(jax.random.key(3), (2, 3, T, N * H))  # two batch axes
     mask = nnx.make_causal_mask(jnp.ones((2, 3, T)))  # float 0/1, as Flax builds it
     fn = make_attention_fn()
+    with jax.default_matmul_precision("highest"):  # Flax's own attention: float32, not TF32, on GPUs
+        y, y0, report = _flax_both(kind, fn, x, mask)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=2e-5, atol=2e-5)
+    assert not bool(report.detected)
+    assert report.checks["qk_row"].flagged.shape == (6, N, T)  # batch axes folded: 2·3
+
+
+def _flax_both(kind, fn, x, mask):
     if kind == "nnx":
         ours, theirs = _flax_modules(kind, fn), _flax_modules(kind, None)
         (y, report), y0 = _nnx_call(ours, x, mask=mask), theirs(x, mask=mask)
@@ -185,9 +194,7 @@ def test_flax_adapter_matches_flax_attention_and_sows_the_report(kind):
         y, state = module.apply(params, x, mask=mask, sow_weights=True, mutable=["intermediates"])
         y0 = plain.apply(params, x, mask=mask)
         report = state["intermediates"]["ftattn_report"][0]
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=2e-5, atol=2e-5)
-    assert not bool(report.detected)
-    assert report.checks["qk_row"].flagged.shape == (6, N, T)  # batch axes folded: 2·3
+    return y, y0, report
 
 
 def test_flax_adapter_reports_a_fault_and_refuses_dropout():
