@@ -1,0 +1,142 @@
+"""Time the drop-ins next to the functions they replace, with each mask form.
+
+``python -m compare.dropin [--framework jax|torch|both] [--T 2048] [--dtype float16]``
+prints one table: per framework and mask form, the plain function
+(``jax.nn.dot_product_attention`` or ``F.scaled_dot_product_attention``) and
+ftattn's drop-in (scheme ``full``, and ``baseline`` for the unchecked unfused
+cost), median of 10 timed calls after 3 warm-ups, in the same process. For
+PyTorch also ``torch.compile(fullgraph=True)`` of the drop-in. On a machine
+without a GPU it uses a small shape in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from .timing import CudaEventTimer, HostTimer, robust
+
+FORMS = ("causal", "padding", "window", "bias")
+
+
+def _masks(B, N, T, rng):
+    lengths = np.array([T, T // 2] * (B // 2) + [T] * (B % 2), np.int32)
+    pad = np.arange(T)[None, :] < lengths[:, None]  # B S: keys beyond the length masked
+    return {
+        "causal": {},
+        "padding": dict(mask=np.broadcast_to(pad[:, None, None, :], (B, 1, T, T)).copy()),
+        "window": dict(window=(256, 0)),
+        "bias": dict(bias=(0.1 * rng.standard_normal((1, N, T, T))).astype(np.float32)),
+    }
+
+
+def run_jax(B, N, T, H, dtype, rows):
+    import jax
+    import jax.numpy as jnp
+
+    import ftattn_jax
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(3))
+    timer = HostTimer(lambda r: jax.block_until_ready(r))
+    for form, m in _masks(B, N, T, rng).items():
+        kw = dict(is_causal=form in ("causal", "window"))
+        if "mask" in m:
+            kw["mask"] = jnp.asarray(m["mask"])
+        if "bias" in m:
+            kw["bias"] = jnp.asarray(m["bias"], dtype)
+        if "window" in m:
+            kw["local_window_size"] = m["window"]
+        fns = {"jax.nn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw))}
+        for scheme in ("baseline", "full"):
+            fns[f"ftattn {scheme}"] = jax.jit(
+                lambda q, k, v, s=scheme: ftattn_jax.dot_product_attention(q, k, v, scheme=s, **kw))
+        for name, fn in fns.items():
+            rows.append(("jax", form, name, robust(fn, [(q, k, v)], timer)["ms"]))
+        jax.clear_caches()
+
+
+def run_torch(B, N, T, H, dtype, rows):
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rng = np.random.default_rng(0)
+    q, k, v = (torch.tensor(rng.standard_normal((B, N, T, H)), device=dev, dtype=getattr(torch, dtype))
+               for _ in range(3))
+    timer = CudaEventTimer(torch) if dev == "cuda" else HostTimer(lambda r: None)
+    for form, m in _masks(B, N, T, rng).items():
+        am, causal = None, form == "causal"
+        if "mask" in m:
+            am = torch.from_numpy(m["mask"]).to(dev)
+        if "bias" in m:
+            am = torch.from_numpy(m["bias"]).to(dev, q.dtype)
+        if "window" in m:  # SDPA has no window argument: a boolean band mask
+            i, j = torch.arange(T, device=dev)[:, None], torch.arange(T, device=dev)[None, :]
+            am = (j <= i) & (j >= i - m["window"][0])
+        fns = {"F.sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, am, is_causal=causal)}
+        for scheme in ("baseline", "full"):
+            fns[f"ftattn {scheme}"] = lambda q, k, v, s=scheme: ftattn_torch.scaled_dot_product_attention(
+                q, k, v, am, is_causal=causal, scheme=s)
+        torch._dynamo.reset()
+        fns["ftattn full, compiled"] = torch.compile(fns["ftattn full"], fullgraph=True)
+        for name, fn in fns.items():
+            rows.append(("torch", form, name, robust(fn, [(q, k, v)], timer)["ms"]))
+        del fns
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m compare.dropin", description=__doc__.splitlines()[0])
+    p.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
+    p.add_argument("--B", type=int, default=None)
+    p.add_argument("--N", type=int, default=None)
+    p.add_argument("--T", type=int, default=None)
+    p.add_argument("--H", type=int, default=None)
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
+                   help="default float16 on a GPU, float32 elsewhere (XLA:CPU has no float16 dot with a "
+                        "float32 result, which jax.nn asks for under jit)")
+    a = p.parse_args(argv)
+    gpu = _has_gpu()
+    B, N, T, H = (a.B or (2 if gpu else 1), a.N or (16 if gpu else 2), a.T or (2048 if gpu else 128),
+                  a.H or (128 if gpu else 32))
+    for name, n in (("--B", B), ("--N", N), ("--T", T), ("--H", H)):
+        if n < 1:
+            p.error(f"{name}: expected >= 1, got {n}")
+    a.dtype = a.dtype or ("float16" if gpu else "float32")
+    rows: list = []
+    t0 = time.perf_counter()
+    if a.framework in ("jax", "both"):
+        run_jax(B, N, T, H, a.dtype, rows)
+    if a.framework in ("torch", "both"):
+        run_torch(B, N, T, H, a.dtype, rows)
+    print(f"B={B} N={N} T=S={T} H={H} {a.dtype}; median of 10 calls after 3 warm-ups "
+          f"({time.perf_counter() - t0:.0f} s in all)")
+    print(f"{'framework':<10}{'mask':<9}{'function':<24}{'ms':>9}{'x plain':>9}")
+    plain = {(f, m): ms for f, m, n, ms in rows if n in ("jax.nn", "F.sdpa")}
+    for f, m, n, ms in rows:
+        print(f"{f:<10}{m:<9}{n:<24}{ms:>9.3f}{ms / plain[(f, m)]:>9.2f}")
+    return 0
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    try:
+        import jax
+
+        return jax.default_backend() == "gpu"
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
