@@ -173,7 +173,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     """``torch.nn.functional.scaled_dot_product_attention`` with fault checks.
 
     The positional arguments have SDPA's meaning: query ``(B, N, T, H)``, key
-    and value ``(B, K, S, H)``; ``attn_mask`` broadcastable to ``(B, N, T, S)``,
+    and value ``(B, K, S, H)`` (or all three without the batch axis; more
+    leading axes are an error); ``attn_mask`` broadcastable to ``(B, N, T, S)``,
     bool (True = attend) or float (added to the logits); ``is_causal``
     (upper-left aligned; an error together with ``attn_mask``, as in SDPA);
     ``scale`` (default ``H ** -0.5``); ``enable_gqa`` lets ``K`` be a divisor of
@@ -197,6 +198,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if attn_mask is not None and is_causal is True:
         raise ValueError("attn_mask, is_causal: expected at most one of them, got both (as in "
                          "scaled_dot_product_attention; put the causal mask into attn_mask)")
+    squeeze = all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in (query, key, value))
+    if squeeze:  # (N, T, H) as SDPA allows: one batch of N heads
+        query, key, value = query[None], key[None], value[None]
     mask, bias = _split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
     cfg, _ = validate(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
                       is_causal=is_causal, on_fault=on_fault, fault=fault, names=_NAMES)
@@ -207,4 +211,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
                                  cfg.granularity, cfg.on_fault, ints, values)
     out, report = _unflatten(flat, cfg.scheme, cfg.granularity)
+    if squeeze:
+        out = out[0]
     return (out, report) if return_report else out

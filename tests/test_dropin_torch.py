@@ -207,3 +207,19 @@ def test_module_counts_faults():
     compiled = torch.compile(attn, fullgraph=True)
     compiled(q, k, v)
     assert int(attn.calls) == 1
+
+
+def test_three_dimensional_inputs_like_sdpa_and_rank_five_refused():
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    q, k, v = _inputs(8, "float32")
+    out = ftattn_torch.scaled_dot_product_attention(q[1], k[1, :1].expand(N, S, H), v[1, :1].expand(N, S, H),
+                                                    is_causal=True)
+    want = F.scaled_dot_product_attention(q[1], k[1, :1].expand(N, S, H), v[1, :1].expand(N, S, H), is_causal=True)
+    assert out.shape == (N, T, H)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="query: expected a rank-4"):
+        ftattn_torch.scaled_dot_product_attention(q[None], k[None], v[None])
