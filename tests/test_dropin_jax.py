@@ -213,3 +213,19 @@ def test_flax_adapter_reports_a_fault_and_refuses_dropout():
     with pytest.raises(ValueError, match="dropout_rate"):
         dropping(x, deterministic=False, rngs=nnx.Rngs(5))
     dropping(x, deterministic=True)  # eval mode: no dropout, fine
+
+
+def test_vmap_over_an_extra_axis_with_masks():
+    import jax
+    import jax.numpy as jnp
+
+    import ftattn_jax
+
+    q, k, v = _inputs(5)
+    mask = jnp.asarray(np.random.default_rng(5).random((2, B, 1, T, S)) > 0.3)
+    f = jax.vmap(lambda m: ftattn_jax.dot_product_attention(q, k, v, mask=m, return_report=True))
+    out, rep = f(mask)
+    assert out.shape == (2,) + q.shape and rep.checks["qk_row"].flagged.shape == (2, B, N, T)
+    assert not bool(rep.detected.any())
+    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(ftattn_jax.dot_product_attention(q, k, v, mask=mask[1])),
+                               rtol=1e-5, atol=1e-6)
