@@ -37,6 +37,8 @@ class JaxBackend:
         return np.asarray(a.astype(self.jnp.float32), dtype=np.float64).transpose(0, 2, 1, 3)
 
     def attention(self, q, k, v, **kw):
+        """``ftattn_jax.attention``; NumPy mask arguments (logical BNTS) are converted."""
+        kw = {n: (self.jnp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
         return self.mod.attention(q, k, v, **kw)
 
     def sync(self, tree):
@@ -93,6 +95,9 @@ class TorchBackend:
         return a.detach().to(self.torch.float64).cpu().numpy()
 
     def attention(self, q, k, v, **kw):
+        """``ftattn_torch.attention``; NumPy mask arguments (logical BNTS) are converted."""
+        kw = {n: (self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if isinstance(x, np.ndarray) else x)
+              for n, x in kw.items()}
         return self.mod.attention(q, k, v, **kw)
 
     def sync(self, tree):

@@ -26,6 +26,11 @@ also checked for localization (``report.located`` names the injected element).
 Corrupted inputs (``query``, ``key``, ``value``) are not expected to be caught:
 the scorecard lists them as unprotected instead of hiding them.
 
+``--mask`` runs every call under one mask form (the same in both backends,
+drawn per trial from its seed): ``padding`` (random key lengths), ``window``
+(a causal band of S/4 keys) or ``random`` (a boolean mask keeping 80% of the
+scores). A fault in a masked score changes nothing and counts as harmless.
+
 Prints a table, and writes ``faults.json`` and ``faults.png`` (detection rate
 per site × bit) under ``--out``.
 """
@@ -52,6 +57,27 @@ CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "q
 DEFAULT_SHAPE = dict(B=2, N=4, K=2, T=24, S=40, H=16)  # every axis a different size; grouped-query
 #: Clean runs cycle over the default shape and the ``cpu`` preset.
 CLEAN_SHAPES = (DEFAULT_SHAPE,) + tuple(dict(B=s.B, N=s.N, K=s.kv_heads, T=s.T, S=s.S, H=s.H) for s in PRESETS["cpu"])
+
+
+MASKS = ("none", "padding", "window", "random")
+
+
+def mask_kwargs(kind: str, shape: dict, seed: int) -> dict:
+    """The mask arguments of ``attention`` for ``--mask kind``, as NumPy arrays (logical BNTS)."""
+    rng = np.random.default_rng(seed + 7)
+    B, T, S = shape["B"], shape["T"], shape["S"]
+    if kind == "padding":
+        return {"key_value_seq_lengths": rng.integers(max(S // 2, 1), S + 1, B).astype(np.int32)}
+    if kind == "window":
+        return {"local_window_size": (max(S // 4, 1), 0)}
+    if kind == "random":
+        return {"mask": rng.random((B, 1, T, S)) < 0.8}
+    return {}
+
+
+def _ref_masks(masks: dict) -> dict:
+    return dict(mask=masks.get("mask"), window=masks.get("local_window_size"),
+                key_lengths=masks.get("key_value_seq_lengths"))
 
 
 def _fault(site: str, index, bit: int) -> Fault:
@@ -86,13 +112,15 @@ def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str)
 class _Case:
     """Inputs of one trial in logical layout, their float64 reference and tolerance."""
 
-    def __init__(self, seed: int, dist: str, dtype: str, shape: dict, is_causal: bool, backends):
+    def __init__(self, seed: int, dist: str, dtype: str, shape: dict, is_causal: bool, backends, masks=None):
+        masks = masks or {}
         qkv = draw_qkv(seed, dist, **shape)
         self.arrays = {b.name: tuple(b.array(x, dtype) for x in qkv) for b in backends}
         first = backends[0]
         q, k, v = (first.logical(x) for x in self.arrays[first.name])  # as rounded to dtype
-        self.o64, p, _ = ref.attention(q, k, v, is_causal=is_causal, layout="torch")
-        self.bound = ref.output_bound(q, k, v, p, self.o64, dtype=dtype, is_causal=is_causal, layout="torch")
+        self.o64, p, _ = ref.attention(q, k, v, is_causal=is_causal, layout="torch", **_ref_masks(masks))
+        self.bound = ref.output_bound(q, k, v, p, self.o64, dtype=dtype, is_causal=is_causal, layout="torch",
+                                      **_ref_masks(masks))
 
         self.p, self.v = p, v
         self.is_causal = is_causal
@@ -137,13 +165,14 @@ def _explained(a: dict, b: dict) -> bool:
     return True
 
 
-def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) -> dict:
-    case = _Case(trial["seed"], trial["dist"], trial["dtype"], shape, is_causal, backends)
+def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool, mask: str = "none") -> dict:
+    masks = mask_kwargs(mask, shape, trial["seed"])
+    case = _Case(trial["seed"], trial["dist"], trial["dtype"], shape, is_causal, backends, masks)
     fault = _fault(trial["site"], trial["index"], trial["bit"])
     row = dict(trial, index=list(trial["index"]), backends={})
     for b in backends:
         args = case.arrays[b.name]
-        out, rep = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault)
+        out, rep = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault, **masks)
         rep = b.numpy_report(b.sync(rep))
         o = b.logical(out)
         res = {"detected": bool(rep.detected), "flags": _flags(rep), "ratios": _ratios(rep),
@@ -156,7 +185,8 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) 
             if gemm in rep.located:
                 b_, n_, i_, j_ = trial["index"]
                 res["located"] = bool(np.array_equal(rep.located[gemm][b_, n_], [i_, j_]))
-            out_c, rep_c = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault, on_fault="correct")
+            out_c, rep_c = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault, on_fault="correct",
+                                       **masks)
             res["corrected"] = case.within(b.logical(out_c))
         row["backends"][b.name] = res
     if len(backends) > 1:
@@ -172,8 +202,9 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool) 
     return row
 
 
-def clean_runs(backends, scheme: str, dtypes, n_runs: int, seed: int, progress=None) -> dict:
-    """``n_runs`` clean calls per backend, cycling shapes, dtypes, distributions and causality."""
+def clean_runs(backends, scheme: str, dtypes, n_runs: int, seed: int, progress=None, mask: str = "none") -> dict:
+    """``n_runs`` clean calls per backend, cycling shapes, dtypes, distributions and causality
+    (under ``mask``, drawn per run)."""
     flagged = {b.name: 0 for b in backends}
     examples = []
     rng = np.random.default_rng(seed + 1)
@@ -184,8 +215,9 @@ def clean_runs(backends, scheme: str, dtypes, n_runs: int, seed: int, progress=N
         is_causal = bool((r // 2) % 2)
         s = int(rng.integers(2**31))
         qkv = draw_qkv(s, dist, **shape)
+        masks = mask_kwargs(mask, shape, s)
         for b in backends:
-            _, rep = b.attention(*(b.array(x, dtype) for x in qkv), scheme=scheme, is_causal=is_causal)
+            _, rep = b.attention(*(b.array(x, dtype) for x in qkv), scheme=scheme, is_causal=is_causal, **masks)
             if bool(b.sync(rep.detected)):
                 flagged[b.name] += 1
                 examples.append(dict(backend=b.name, shape=shape, dtype=dtype, dist=dist, causal=is_causal, seed=s))
@@ -343,6 +375,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clean", type=int, default=300, help="clean runs per backend")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--causal", action="store_true", help="use the causal mask in the faulty runs")
+    ap.add_argument("--mask", default="none", choices=MASKS,
+                    help="run every call under this mask form (see the module docs)")
     ap.add_argument("--out", default=None, help="output folder (default results/faults-<timestamp>/)")
     args = ap.parse_args(argv)
 
@@ -371,10 +405,11 @@ def main(argv=None) -> int:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("faulty runs", total=len(trials))
         for t in trials:
-            rows.append(run_trial(t, bks, args.scheme, DEFAULT_SHAPE, args.causal))
+            rows.append(run_trial(t, bks, args.scheme, DEFAULT_SHAPE, args.causal, args.mask))
             bar.advance(task)
         task2 = bar.add_task("clean runs", total=args.clean)
-        clean = clean_runs(bks, args.scheme, dtypes, args.clean, args.seed, progress=lambda: bar.advance(task2))
+        clean = clean_runs(bks, args.scheme, dtypes, args.clean, args.seed, progress=lambda: bar.advance(task2),
+                           mask=args.mask)
     summary = summarize(rows, clean, [b.name for b in bks], args.scheme)
     render(summary, console)
     out_dir = args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

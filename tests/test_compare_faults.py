@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from ftattn_spec import masking
+
 from .conftest import HAVE_JAX, HAVE_TORCH
 
 pytestmark = pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="the campaign compares both backends")
@@ -76,3 +78,32 @@ def test_causal_trials_run_causal():
     row = faults.run_trial(dict(trial, index=(0, 1, 20, 3)), bks, "full", faults.DEFAULT_SHAPE, is_causal=True)
     for res in row["backends"].values():
         assert res["detected"] and res["located"] and res["corrected"]
+
+
+@pytest.mark.parametrize("mask", ["padding", "window", "random"])
+def test_masked_trials_run_under_the_mask(mask):
+    """Under ``--mask``, a fault in a masked score is harmless and one in an attended score is
+    detected, located and corrected, in both backends alike."""
+    from compare import backends, faults
+
+    bks = [backends.make_backend("jax"), backends.make_backend("torch")]
+    shape = faults.DEFAULT_SHAPE
+    seed = 5
+    allowed = masking.allowed(shape["B"], shape["N"], shape["T"], shape["S"],
+                              **_masking_kwargs(faults.mask_kwargs(mask, shape, seed)))
+    b, n = 1, 2
+    masked = np.argwhere(~allowed[b, n])
+    attended = np.argwhere(allowed[b, n])
+    assert len(masked) and len(attended)
+    trial = dict(dtype="float32", site="scores", bit=30, dist="normal", seed=seed)
+    row = faults.run_trial(dict(trial, index=(b, n, *masked[0])), bks, "full", shape, False, mask)
+    for res in row["backends"].values():
+        assert not res["detected"] and not res["harmful"]
+    row = faults.run_trial(dict(trial, index=(b, n, *attended[-1])), bks, "full", shape, False, mask)
+    assert row["agree_flags"]
+    for res in row["backends"].values():
+        assert res["detected"] and res["located"] and res["corrected"]
+
+
+def _masking_kwargs(kw):
+    return dict(mask=kw.get("mask"), window=kw.get("local_window_size"), key_lengths=kw.get("key_value_seq_lengths"))
