@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from .run import _has_gpu
 from .timing import CudaEventTimer, HostTimer, robust
 
 FORMS = ("causal", "padding", "window", "bias")
@@ -120,22 +121,6 @@ def main(argv=None) -> int:
     for f, m, n, ms in rows:
         print(f"{f:<10}{m:<9}{n:<24}{ms:>9.3f}{ms / plain[(f, m)]:>9.2f}")
     return 0
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return True
-    except ImportError:
-        pass
-    try:
-        import jax
-
-        return jax.default_backend() == "gpu"
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ class Size:
     batch: int  # B
     steps: int
 
+    def config(self):
+        from examples.config import GPTConfig
+
+        return GPTConfig(vocab=self.vocab, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
+                         n_kv_heads=self.n_kv_heads, max_len=self.seq_len)
+
 
 TINY = Size(vocab=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seq_len=16, batch=2, steps=3)
 DEFAULT = Size(vocab=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, seq_len=64, batch=4, steps=5)
@@ -62,8 +68,7 @@ class JaxRunner:
         from examples import gpt_flax
 
         self.g, self.jnp = gpt_flax, jnp
-        cfg = gpt_flax.GPTConfig(vocab=size.vocab, d_model=size.d_model, n_layers=size.n_layers,
-                                 n_heads=size.n_heads, n_kv_heads=size.n_kv_heads, max_len=size.seq_len)
+        cfg = size.config()
         self.model = gpt_flax.GPT(cfg, rngs=nnx.Rngs(SEED))
 
     def forward(self, tokens, on_fault="report", faults=None):
@@ -89,8 +94,7 @@ class TorchRunner:
         from examples import gpt_torch
 
         self.g, self.torch = gpt_torch, torch
-        cfg = gpt_torch.GPTConfig(vocab=size.vocab, d_model=size.d_model, n_layers=size.n_layers,
-                                  n_heads=size.n_heads, n_kv_heads=size.n_kv_heads, max_len=size.seq_len)
+        cfg = size.config()
         torch.manual_seed(SEED)
         self.model = gpt_torch.GPT(cfg)
 

@@ -31,6 +31,14 @@ def allowed(B: int, T: int, S: int, *, mask=None, is_causal: bool = False, windo
     return a
 
 
+def attended(allowed, is_causal: bool, T: int, S: int):
+    """The mask the checksums and the softmax apply: ``allowed``, or the ``(T, S)``
+    causal mask when only ``is_causal`` restricts the keys, or None."""
+    if allowed is None and is_causal:
+        return jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+    return allowed
+
+
 def live_rows(B: int, T: int, query_lengths=None) -> Bool[Array, "B 1 T 1"] | None:
     """Rows within the query length, or None without lengths."""
     if query_lengths is None:

@@ -147,10 +147,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     s = faults.inject(_scores(qg, key, scale), "scores", "BNTS", plan)
     allowed = masks_lib.allowed(B, T, S, dev, mask=mask, is_causal=is_causal, window=window,
                                 query_lengths=query_lengths, key_lengths=key_lengths)
-    if allowed is None and is_causal:
-        allowed_ts = torch.arange(S, device=dev)[None, :] <= torch.arange(T, device=dev)[:, None]  # T S
-    else:
-        allowed_ts = allowed  # None (nothing masked) or B|1 N|1 T S
+    allowed_ts = masks_lib.attended(allowed, is_causal, T, S, dev)  # None, T S, or B|1 N|1 T S
     guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
         with torch.no_grad():  # the checks never need a backward graph

@@ -33,6 +33,14 @@ def allowed(B: int, T: int, S: int, device, *, mask=None, is_causal: bool = Fals
     return a
 
 
+def attended(allowed: Tensor | None, is_causal: bool, T: int, S: int, device) -> Tensor | None:
+    """The mask the checksums and the softmax apply: ``allowed``, or the ``(T, S)``
+    causal mask when only ``is_causal`` restricts the keys, or None."""
+    if allowed is None and is_causal:
+        return torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None]
+    return allowed
+
+
 def live_rows(B: int, T: int, device, query_lengths=None) -> Bool[Tensor, "B 1 T 1"] | None:
     """Rows within the query length, or None without lengths."""
     if query_lengths is None:

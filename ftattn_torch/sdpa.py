@@ -25,7 +25,7 @@ from ftattn_spec.schemes import CHECK_ORIENTATION, SCHEMES
 
 from . import core
 from .api import validate
-from .masks import allowed as allowed_mask
+from .masks import allowed, attended
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 _BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
@@ -91,7 +91,7 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
                            plan=_plan(fault_ints, fault_values), bias=bias, mask=mask)
     if on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
-    return [t.clone() if t is query else t for t in _flatten(out.detach(), report)]
+    return _flatten(out, report)  # fresh tensors: nothing aliases an input
 
 
 @_sdpa.register_fake
@@ -140,9 +140,7 @@ def plain_attention_backward(query, key, value, attn_mask, is_causal: bool, scal
     s = (qf @ kf.transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(_F32)
-    a = allowed_mask(B, T, S, query.device, mask=mask, is_causal=is_causal)
-    if a is None and is_causal:
-        a = torch.arange(S, device=query.device)[None, :] <= torch.arange(T, device=query.device)[:, None]
+    a = attended(allowed(B, T, S, query.device, mask=mask, is_causal=is_causal), is_causal, T, S, query.device)
     if a is not None:
         s = s.masked_fill(~a, -torch.inf)
     m = s.amax(-1, keepdim=True)
