@@ -97,8 +97,8 @@ def test_masked_trials_run_under_the_mask(mask):
     assert len(masked) and len(attended)
     trial = dict(dtype="float32", site="scores", bit=30, dist="normal", seed=seed)
     row = faults.run_trial(dict(trial, index=(b, n, *masked[0])), bks, "full", shape, False, mask)
-    for res in row["backends"].values():
-        assert not res["detected"] and not res["harmful"]
+    for name, res in row["backends"].items():
+        assert not res["detected"] and not res["harmful"], (name, mask, masked[0], res)
     row = faults.run_trial(dict(trial, index=(b, n, *attended[-1])), bks, "full", shape, False, mask)
     assert row["agree_flags"]
     for res in row["backends"].values():
