@@ -237,3 +237,79 @@ def output_coefficients(dtype: str, S: int, H: int, tf32: bool = False) -> tuple
     a = u_in + gamma(S) + U_ACC * (EXP_ERROR_UNITS + 4.0) + product_roundoff(dtype, tf32)
     b = 2.0 * (gamma(H) + 2.0 * U_ACC + product_roundoff(dtype, tf32))
     return MAGNITUDE_MARGIN * a, MAGNITUDE_MARGIN * b, u_in, UNDERFLOW_IN[dtype]
+
+
+# ---------------------------------------------------------------------------
+# The fused kernels (``implementation="triton"``): one pass over the keys in
+# tiles of ``block_n``, running sums carried across tiles and rescaled by the
+# online softmax. Derivations: docs/tolerances.md, "Fused kernels".
+
+#: Keys per chunk of the fused kernels' pre-pass sums of K (the prefix sums a
+#: causal row needs are taken at multiples of this; a query block is a
+#: multiple of it).
+FUSED_CHUNK: int = 64
+
+
+def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int) -> float:
+    """Coefficient ``c`` of the fused ``qk_row`` threshold ``c·M_i``.
+
+    ``M_i = scale·Σ_h |q_ih|·Σ_j |k_jh|`` over the attended keys. The actual
+    side sums each tile's S row in a tree (γ(block_n)) and adds the tile sums
+    in a chain (γ(tiles + 1)); the prediction sums chunks of keys (γ(chunk)),
+    adds the chunk sums in a prefix sum (γ(chunks + 1)), adds a causal row's
+    part of the diagonal block with a 0/1 matrix product (γ(block_m)), and
+    takes the dot product with q (γ(H) and one rounding per product); each
+    s_ij is a dot product (γ(H)). Five float32 roundings remain (the sum of the
+    two prediction parts, the difference, and the scale on each side).
+    """
+    tiles = math.ceil(max(int(S), 1) / block_n)
+    chunks = math.ceil(max(int(S), 1) / FUSED_CHUNK)
+    actual = gamma(block_n) + gamma(tiles + 1)
+    prediction = gamma(FUSED_CHUNK) + gamma(chunks + 1) + gamma(block_m)
+    return MAGNITUDE_MARGIN * (2.0 * gamma(H) + actual + prediction + 5.0 * U_ACC + product_roundoff(dtype))
+
+
+def fused_pv_coefficients(S: int, H: int, dtype: str) -> tuple[float, float, float]:
+    """``(c, c_rescale, allowance)`` of the fused ``pv_row`` threshold
+    ``(c + c_rescale·r_i)·W_i + allowance``.
+
+    ``W_i = Σ_j p̂_ij·Σ_h |v_jh| / l_i`` and ``r_i`` is the number of times row
+    ``i``'s running maximum rose after the first tile (each rescales both
+    sides, one rounding each; a factor of exactly 1 rounds nothing). Terms:
+    the accumulation of O and of the prediction over the keys, on the tensor
+    cores (γ(S) each); v̄_j = Σ_h v_jh and the row sum of O (γ(H) each); the
+    three-part split of v̄ in the input dtype (relative error u³ per key, and an
+    absolute one of ``UNDERFLOW_IN`` per part when a part falls below the
+    normal range); the two divisions by l_i and the sums of the parts.
+    """
+    u_in = UNIT_ROUNDOFF[dtype]
+    c = MAGNITUDE_MARGIN * (2.0 * gamma(S) + 2.0 * gamma(H) + 6.0 * U_ACC + 4.0 * u_in**3
+                            + product_roundoff(dtype))
+    allowance = underflow_allowance(4 * (S + 1) * (H + 1)) + 3.0 * UNDERFLOW_IN[dtype]
+    return c, MAGNITUDE_MARGIN * 2.0 * U_ACC, allowance
+
+
+def fused_dmr_coefficients(S: int, block_n: int) -> tuple[float, float, float, float]:
+    """``(a0, a1, a2, allowance)`` of the fused ``softmax_dmr`` threshold
+    ``a0 + a1·r_i + a2·μ_i·(1 + r_i) + allowance / l_i``.
+
+    The fused residual is ``(Σ_tiles |Σ_tile p − Σ_tile p'| + |l − l'|) / l``:
+    the two replicas' tile sums and running sums, in the primary's frame.
+    ``r_i`` counts the rises of the running maximum after the first tile,
+    ``μ_i`` is the largest |scaled running maximum| (log₂ units). Per element
+    the replicas differ by at most ``2·c_exp·u + ln 2·u·(μ + 3·|x_j|)`` (two
+    exponentials; the primary's fused multiply-add of s·c − m and its rounded
+    maximum, the replica's subtraction and multiply), and
+    ``Σ_j p_j·|x_j|·ln 2 ≤ ln S`` as in :func:`dmr_threshold`; both terms enter
+    twice (the tile sums and the running sums). The tile sums add γ(block_n)
+    per replica, the running sums γ(tiles + 1) per replica; each rise of the
+    maximum evaluates the two rescale factors with
+    ``(2·c_exp + 2)·u + 8·ln 2·u·μ`` between them.
+    """
+    S = max(int(S), 1)
+    tiles = math.ceil(S / block_n)
+    a0 = (4.0 * EXP_ERROR_UNITS + 8.0) * U_ACC + 6.0 * U_ACC * math.log(S) + 4.0 * gamma(block_n) \
+        + 2.0 * gamma(tiles + 1)
+    a1 = (2.0 * EXP_ERROR_UNITS + 4.0) * U_ACC
+    a2 = 8.0 * math.log(2.0) * U_ACC
+    return MAGNITUDE_MARGIN * a0, MAGNITUDE_MARGIN * a1, MAGNITUDE_MARGIN * a2, underflow_allowance(4 * S)

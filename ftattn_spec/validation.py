@@ -146,8 +146,33 @@ def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, sca
 #: are XLA-compiled), so code written for ``jax.nn`` keeps working.
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "jax": ("unfused", "xla"),
-    "torch": ("unfused",),
+    "torch": ("unfused", "triton"),
 }
+
+#: The checks each implementation can run. The fused kernels check rows only:
+#: a column checksum needs a sum over every query block, a reduction across
+#: programs that costs more than it adds (docs/kernels.md), so their ``full``
+#: runs ``qk_row``, ``softmax_dmr`` and ``pv_row``, and cannot locate a
+#: single bad element (``report.located`` is empty).
+IMPLEMENTATION_CHECKS: dict[str, tuple[str, ...]] = {
+    "unfused": ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col"),
+    "triton": ("qk_row", "softmax_dmr", "pv_row"),
+}
+
+
+def implementation_checks(implementation: str, scheme: str) -> tuple[str, ...]:
+    """The checks ``scheme`` runs under ``implementation`` (in ``CHECKS`` order).
+
+    A scheme whose checks the implementation runs none of (``abft_qk_col``
+    on a fused kernel) is an error, not a silent baseline.
+    """
+    wanted = SCHEMES[scheme].checks
+    run = tuple(c for c in wanted if c in IMPLEMENTATION_CHECKS[implementation])
+    if wanted and not run:
+        raise ValueError(f"scheme: implementation={implementation!r} runs only the checks "
+                         f"{IMPLEMENTATION_CHECKS[implementation]}, none of which scheme {scheme!r} has "
+                         f"({', '.join(wanted)}); use implementation='unfused' for it")
+    return run
 
 
 def validate_implementation(backend: str, implementation) -> str:

@@ -100,7 +100,14 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
         raise ``FaultDetected`` (``.report`` holds the report).
       fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
         (reproducible fault experiments).
-      implementation: ``None`` (the default) or ``"unfused"``.
+      implementation: ``None`` (the default) or ``"unfused"``: the schemes in
+        eager PyTorch. ``"triton"``: one fused flash-attention kernel with the
+        checks inside (float16/bfloat16, H in 16, 32, 64, 128, ``is_causal``
+        but no other mask); its ``full`` runs the row checks ``qk_row``,
+        ``softmax_dmr`` and ``pv_row`` and locates nothing, and
+        ``on_fault="correct"`` recomputes the flagged query blocks. It needs
+        CUDA tensors, or ``TRITON_INTERPRET=1`` (set before triton is
+        imported) to run in Triton's interpreter on the CPU.
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, N, T, H)`` in the input dtype; ``report``
@@ -116,6 +123,16 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
                       is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                       key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
                       on_fault=on_fault, fault=fault, implementation=implementation)
+    if v.validate_implementation("torch", implementation) == "triton":
+        from . import fused
+
+        fused.check_supported(query, key, scheme=cfg.scheme, masking=dict(zip(_NAMES, (
+            mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size))))
+        out, report = fused.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity,
+                                scale=cfg.scale, is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan)
+        if cfg.on_fault == "raise" and bool(report.detected):
+            raise FaultDetected(report)
+        return out, report
     out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
                            is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan, bias=bias, mask=mask,
                            query_lengths=query_seq_lengths, key_lengths=key_value_seq_lengths, window=m.window)

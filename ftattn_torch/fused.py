@@ -1,0 +1,231 @@
+"""``implementation="triton"``: the fused, self-checking forward of ``triton_kernel``.
+
+``api.attention`` validates and calls :func:`run`. This module checks what the
+kernel supports, launches the pre-pass and the forward kernel, turns the
+per-row statistics into the usual ``Report``, applies ``on_fault`` and gives
+autograd the backward of plain attention.
+
+Which checks run: the kernel checks rows only (``qk_row``, ``softmax_dmr``,
+``pv_row``); a column check would need a reduction across programs, so
+``full`` runs those three (see ``ftattn_spec.validation.implementation_checks``),
+``located`` is empty, and ``on_fault="correct"`` recomputes the flagged query
+blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ftattn_spec import tolerances as tol
+from ftattn_spec.faults import SITES, FaultPlan
+from ftattn_spec.report import Report
+from ftattn_spec.validation import implementation_checks
+
+from . import checks, faults
+
+#: Head dims the kernel compiles for (``tl.arange`` needs a power of two; ``tl.dot`` at least 16).
+HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
+DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+_STAT_PLANES = {"qk_row": 0, "softmax_dmr": 2, "pv_row": 4}
+
+
+@dataclass(frozen=True)
+class BlockSizes:
+    """Tile shape and launch settings of the forward kernel.
+
+    ``block_m`` query rows per program (a multiple of ``tol.FUSED_CHUNK``
+    on a GPU), ``block_n`` keys per tile.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def get_default(cls, head_dim: int, interpret: bool) -> "BlockSizes":
+        if interpret:  # the interpreter: small tiles run fastest on small tests
+            return cls(16, 16, 1, 1)
+        if head_dim <= 64:
+            return cls(128, 64, 4, 3)
+        return cls(128, 64, 8, 3)
+
+
+def _kernels():
+    """Import the kernels, compiled or interpreted; errors say how to get either."""
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("implementation: 'triton' needs the triton package (pip install triton), "
+                         "which is not installed")
+    from . import triton_kernel
+
+    return triton_kernel
+
+
+def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    mod = _kernels()
+    return type(mod._forward).__name__ == "InterpretedFunction"
+
+
+def check_supported(query: Tensor, key: Tensor, *, scheme: str, masking) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the limit for what the kernel cannot run."""
+    implementation_checks("triton", scheme)  # raises for a scheme it cannot run
+    if query.dtype not in DTYPES:
+        raise TypeError(f"query: implementation='triton' expected float16 or bfloat16, got "
+                        f"{str(query.dtype).removeprefix('torch.')} (use implementation='unfused' for float32)")
+    H = query.shape[-1]
+    if H not in HEAD_DIMS:
+        raise ValueError(f"query: implementation='triton' expected head dim H in {HEAD_DIMS}, got H={H} "
+                         f"(shape {tuple(query.shape)}; use implementation='unfused')")
+    given = [n for n, x in masking.items() if x is not None]
+    if given:
+        raise ValueError(f"{given[0]}: implementation='triton' supports is_causal only, not {given[0]} "
+                         f"(use implementation='unfused' for masks, biases, windows and lengths)")
+    if query.device.type == "cuda":
+        if interpreting():
+            raise ValueError("implementation: 'triton' got CUDA tensors, but TRITON_INTERPRET=1 was set when "
+                             "the kernels were imported; unset it to compile them for the GPU")
+        return
+    if not interpreting():
+        raise ValueError(f"implementation: 'triton' needs CUDA tensors (got {query.device.type}), or Triton's "
+                         f"interpreter: set the environment variable TRITON_INTERPRET=1 before the first call "
+                         f"(before triton is imported) to run the kernel on the CPU, slowly")
+    if tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4) and _triton_version() < (3, 7):
+        raise ValueError(f"implementation: 'triton' in Triton's interpreter needs numpy < 2.4 with triton "
+                         f"{_triton_version()} (its interpreter fails on numpy >= 2.4: triton-lang/triton "
+                         f"issue 9171), got numpy {np.__version__}")
+
+
+def _triton_version() -> tuple[int, int]:
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def _fault_tensors(plan: FaultPlan | None, device) -> tuple[Tensor, Tensor, int]:
+    """The plan's faults at the kernel's sites as int32 ``(F, 8)`` and float32 ``(F,)``."""
+    kernel_sites = {SITES.index(s) for s in ("scores", "probs", "out")}
+    rows = [] if plan is None else [f for f in range(len(plan)) if int(plan.site[f]) in kernel_sites]
+    if not rows:
+        return (torch.zeros((1, 8), dtype=torch.int32, device=device),
+                torch.zeros(1, dtype=torch.float32, device=device), 0)
+    ints = np.stack([np.concatenate([[plan.site[f], plan.replica[f]], plan.index[f], [plan.kind[f], plan.bit[f]]])
+                     for f in rows]).astype(np.int32)
+    values = np.array([plan.value[f] for f in rows], np.float32)
+    return (torch.from_numpy(ints).to(device), torch.from_numpy(values).to(device), len(rows))
+
+
+def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
+            plan: FaultPlan | None = None, blocks: BlockSizes | None = None, redo: Tensor | None = None,
+            out: Tensor | None = None):
+    """Launch the kernels; returns ``(out, stats, nonfinite)``.
+
+    ``stats`` is float32 ``(6, B, N, T)``: (difference, threshold) of
+    ``qk_row``, ``softmax_dmr`` and ``pv_row`` (None without checks).
+    ``redo`` (int32 ``(R, 2)`` of (query block, b·N + n)) recomputes only those
+    blocks into ``out``, without checks or faults.
+    """
+    kern = _kernels()
+    B, N, T, H = query.shape
+    K, S = key.shape[1], key.shape[2]
+    dev = query.device
+    interp = interpreting()
+    bs = blocks or BlockSizes.get_default(H, interp)
+    upcast = interp and query.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
+    chunk = tol.FUSED_CHUNK if not interp else min(tol.FUSED_CHUNK, bs.block_m)
+    if bs.block_m % chunk:
+        raise ValueError(f"blocks: expected block_m a multiple of {chunk}, got {bs.block_m}")
+    n_chunks = -(-S // chunk)
+    if out is None:
+        out = torch.empty_like(query)
+    ft, fv, n_faults = _fault_tensors(plan if redo is None else None, dev)
+    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+    stats = ksum = vcol = None
+    if checks_on and redo is None:
+        ksum = torch.empty((B, K, n_chunks + 1, 2, H), dtype=torch.float32, device=dev)
+        vcol = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
+        kern._prepass[(n_chunks, B * K)](
+            key, value, ksum, vcol, *key.stride(), *value.stride(), K, S, n_chunks, H=H, CHUNK=chunk,
+            num_warps=4 if not interp else 1)
+        torch.cumsum(ksum, dim=2, out=ksum)
+        stats = torch.empty((6, B, N, T), dtype=torch.float32, device=dev)
+    qk_c = tol.fused_qk_coefficient(S, H, _dt(query), bs.block_m, bs.block_n)
+    pv_c, pv_rc, pv_allow = tol.fused_pv_coefficients(S, H, _dt(query))
+    a0, a1, a2, dmr_allow = tol.fused_dmr_coefficients(S, bs.block_n)
+    grid = (redo.shape[0],) if redo is not None else (-(-T // bs.block_m), B * N)
+    kern._forward[grid](
+        query, key, value, out, ksum if ksum is not None else dummy, vcol if vcol is not None else dummy,
+        stats if stats is not None else dummy, ft, fv, redo if redo is not None else dummy,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        N, N // K, K, T, S, n_chunks, n_faults, B * N * T, scale,
+        qk_c, tol.underflow_allowance(4 * (S + 1) * (H + 1)), pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
+        H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
+        CHECKS=checks_on and redo is None, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
+        num_warps=bs.num_warps, num_stages=bs.num_stages)
+    return out, stats, bs
+
+
+def _dt(x: Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
+
+class _Attention(torch.autograd.Function):
+    """The fused forward with the backward of plain attention (float32, not checked)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, out, scale, is_causal):
+        ctx.save_for_backward(query, key, value)
+        ctx.scale, ctx.is_causal = scale, is_causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .sdpa import plain_attention_backward
+
+        query, key, value = ctx.saved_tensors
+        dq, dk, dv, _ = plain_attention_backward(query, key, value, None, ctx.is_causal, ctx.scale, grad_out)
+        return dq, dk, dv, None, None, None
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, *, scheme: str, granularity: str, scale: float,
+        is_causal: bool, on_fault: str = "report", plan: FaultPlan | None = None):
+    """The fused path of ``attention``: inputs validated, :func:`check_supported` passed."""
+    dev = query.device
+    wanted = implementation_checks("triton", scheme)
+    with torch.no_grad():
+        finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
+        q = faults.inject(query.detach(), "query", "BNTH", plan)
+        k = faults.inject(key.detach(), "key", "BKSH", plan)
+        v = faults.inject(value.detach(), "value", "BKSH", plan)
+        out, stats, bs = forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=bool(wanted), plan=plan)
+        results = {}
+        for name in wanted:
+            i = _STAT_PLANES[name]
+            results[name] = checks.verdict(stats[i], stats[i + 1], granularity, signed=(name != "softmax_dmr"))
+        detected = torch.zeros((), dtype=torch.bool, device=dev)
+        rows = None
+        for r in results.values():
+            detected = detected | r.flagged.any()
+            flag = r.flagged if granularity == "vector" else r.flagged[..., None].expand(*r.flagged.shape,
+                                                                                       query.shape[2])
+            rows = flag if rows is None else rows | flag
+        corrected = torch.zeros((), dtype=torch.int32, device=dev)
+        if on_fault == "correct" and rows is not None and bool(rows.any()):
+            B, N, T, _ = query.shape
+            blk = torch.nn.functional.pad(rows, (0, -T % bs.block_m)).view(B * N, -1, bs.block_m).any(-1)
+            bn, mb = torch.nonzero(blk, as_tuple=True)
+            redo = torch.stack([mb, bn], dim=1).to(torch.int32).contiguous()
+            forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=False, blocks=bs, redo=redo, out=out)
+            corrected += rows.sum(dtype=torch.int32)
+        if on_fault == "nan" and rows is not None:
+            out = out.masked_fill(rows[..., None], float("nan"))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
+        out = _Attention.apply(query, key, value, out, scale, is_causal)
+    return out, Report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
