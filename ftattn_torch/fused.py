@@ -125,12 +125,14 @@ def _fault_tensors(plan: FaultPlan | None, device) -> tuple[Tensor, Tensor, int]
 def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
             plan: FaultPlan | None = None, blocks: BlockSizes | None = None, redo: Tensor | None = None,
             out: Tensor | None = None):
-    """Launch the kernels; returns ``(out, stats, nonfinite)``.
+    """Launch the kernels; returns ``(out, stats, blocks, compiled)``.
 
     ``stats`` is float32 ``(6, B, N, T)``: (difference, threshold) of
     ``qk_row``, ``softmax_dmr`` and ``pv_row`` (None without checks).
     ``redo`` (int32 ``(R, 2)`` of (query block, b·N + n)) recomputes only those
-    blocks into ``out``, without checks or faults.
+    blocks into ``out``, without checks or faults. ``compiled`` is what the
+    forward launch returned (on a GPU, the compiled kernel, whose ``asm``
+    holds its PTX).
     """
     kern = _kernels()
     B, N, T, H = query.shape
@@ -160,7 +162,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     pv_c, pv_rc, pv_allow = tol.fused_pv_coefficients(S, H, _dt(query))
     a0, a1, a2, dmr_allow = tol.fused_dmr_coefficients(S, bs.block_n)
     grid = (redo.shape[0],) if redo is not None else (-(-T // bs.block_m), B * N)
-    kern._forward[grid](
+    compiled = kern._forward[grid](
         query, key, value, out, ksum if ksum is not None else dummy, vcol if vcol is not None else dummy,
         stats if stats is not None else dummy, ft, fv, redo if redo is not None else dummy,
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
@@ -169,7 +171,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
         H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
         CHECKS=checks_on and redo is None, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
         num_warps=bs.num_warps, num_stages=bs.num_stages)
-    return out, stats, bs
+    return out, stats, bs, compiled
 
 
 def _dt(x: Tensor) -> str:
@@ -204,7 +206,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, scheme: str, granularity: 
         q = faults.inject(query.detach(), "query", "BNTH", plan)
         k = faults.inject(key.detach(), "key", "BKSH", plan)
         v = faults.inject(value.detach(), "value", "BKSH", plan)
-        out, stats, bs = forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=bool(wanted), plan=plan)
+        out, stats, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=bool(wanted), plan=plan)
         results = {}
         for name in wanted:
             i = _STAT_PLANES[name]

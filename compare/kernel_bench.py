@@ -1,0 +1,146 @@
+"""The fused Triton kernel beside PyTorch's fastest attention, on a GPU.
+
+``python -m compare.kernel_bench`` times, in one process and on the same
+inputs: SDPA pinned to cuDNN and to flash, ``ftattn_torch.attention`` with
+``implementation="triton"`` (``full``, and ``baseline``), and the forward
+kernel alone with the checks on and compiled out (no report assembly). It
+prints milliseconds, TFLOP/s (4·B·N·T·S·H, halved for causal) and ratios to
+cuDNN, the extra memory of the checks, and the count of ``ex2`` instructions
+in the compiled kernel with and without the checks (the softmax replica must
+double them). ``--sweep`` times block shapes of the kernel alone.
+Timing: ``triton.testing.do_bench`` medians after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m compare.kernel_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel alone")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    return p.parse_args(argv)
+
+
+def count_ex2(compiled) -> int:
+    """``ex2`` instructions in a compiled kernel's PTX."""
+    return len(re.findall(r"\bex2\.approx", compiled.asm["ptx"]))
+
+
+def main(argv=None) -> int:
+    import torch
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import ftattn_torch
+    from ftattn_torch import fused
+
+    a = _parse(argv)
+    if not torch.cuda.is_available():
+        print("compare.kernel_bench: no CUDA device; nothing to time")
+        return 0
+    dt = getattr(torch, a.dtype)
+    B, N, H = a.batch, a.heads, a.head_dim
+    K = a.kv_heads or N
+    dev = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+          f"B={B} N={N} K={K} H={H} {a.dtype} causal={a.causal}")
+    rows = []
+    for T in a.seq:
+        S = T
+        g = torch.Generator(device=dev).manual_seed(T)
+        q = torch.randn(B, N, T, H, device=dev, dtype=dt, generator=g)
+        k = torch.randn(B, K, S, H, device=dev, dtype=dt, generator=g)
+        v = torch.randn(B, K, S, H, device=dev, dtype=dt, generator=g)
+        scale = H ** -0.5
+        flop = 4.0 * B * N * T * S * H * (0.5 if a.causal else 1.0)
+
+        def sdpa(kind):
+            def fn():
+                with sdpa_kernel([kind]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=a.causal,
+                                                                            enable_gqa=K != N)
+            return fn
+
+        def api(scheme):
+            return lambda: ftattn_torch.attention(q, k, v, scheme=scheme, is_causal=a.causal,
+                                                  implementation="triton")
+
+        def kernel(checks_on, blocks=None):
+            return lambda: fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=checks_on,
+                                         blocks=blocks)
+
+        cands = {"sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+                 "triton full (api)": api("full"), "triton baseline (api)": api("baseline"),
+                 "triton kernel checks on": kernel(True), "triton kernel checks off": kernel(False)}
+        if a.sweep:
+            for bm in (64, 128):
+                for bn in (32, 64, 128):
+                    for w in (4, 8):
+                        for st in (2, 3, 4):
+                            bs = fused.BlockSizes(bm, bn, w, st)
+                            cands[f"on {bm}x{bn} w{w} s{st}"] = kernel(True, bs)
+                            cands[f"off {bm}x{bn} w{w} s{st}"] = kernel(False, bs)
+        base = None
+        res = {}
+        for name, fn in cands.items():
+            try:
+                fn()
+                torch.cuda.synchronize()
+                ms = triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+            except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
+                print(f"T={T} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            res[name] = ms
+            if name == "sdpa-cudnn":
+                base = ms
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                               is_causal=a.causal, enable_gqa=K != N)
+        out, rep = ftattn_torch.attention(q, k, v, is_causal=a.causal, implementation="triton")
+        err = (out.float() - ref).abs().max().item()
+        ratios = {n: c.residual.div(c.threshold).max().item() for n, c in rep.checks.items()}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        m0 = torch.cuda.memory_allocated()
+        fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=False)
+        torch.cuda.synchronize()
+        off_mem = torch.cuda.max_memory_allocated() - m0
+        torch.cuda.reset_peak_memory_stats()
+        ftattn_torch.attention(q, k, v, is_causal=a.causal, implementation="triton")
+        torch.cuda.synchronize()
+        on_mem = torch.cuda.max_memory_allocated() - m0
+        ex2_on = count_ex2(fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True)[3])
+        ex2_off = count_ex2(fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=False)[3])
+        print(f"\nT=S={T}: max |out - fp32 SDPA| {err:.3g}; clean max residual/threshold {ratios}; "
+              f"detected {bool(rep.detected)}")
+        print(f"  memory beyond q,k,v: checks off {off_mem / 2**20:.1f} MiB, full (api) {on_mem / 2**20:.1f} MiB; "
+              f"ex2 in PTX: checks on {ex2_on}, off {ex2_off}")
+        print(f"  {'row':34s} {'ms':>8s} {'TFLOP/s':>8s} {'x cuDNN':>8s}")
+        for name, ms in sorted(res.items(), key=lambda x: x[1]) if a.sweep else res.items():
+            tf = flop / ms / 1e9
+            print(f"  {name:34s} {ms:8.3f} {tf:8.1f} {base / ms if base else float('nan'):8.3f}")
+            rows.append({"T": T, "row": name, "ms": ms, "tflops": tf})
+        if "triton kernel checks on" in res and "triton kernel checks off" in res:
+            print(f"  overhead of the checks (kernel): "
+                  f"{res['triton kernel checks on'] / res['triton kernel checks off'] - 1:+.1%}; "
+                  f"api full vs kernel off: {res['triton full (api)'] / res['triton kernel checks off'] - 1:+.1%}")
+        del q, k, v
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
