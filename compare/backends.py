@@ -7,6 +7,8 @@ backend's framework is imported only when its adapter is created.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ftattn_spec.report import CheckResult, Report
@@ -14,6 +16,7 @@ from ftattn_spec.report import CheckResult, Report
 
 class JaxBackend:
     name = "jax"
+    implementation = "unfused"  # the only one compare offers for JAX
 
     def __init__(self):
         import jax
@@ -79,13 +82,15 @@ class JaxBackend:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, implementation: str = "unfused"):
         import torch
 
         import ftattn_torch
 
         self.torch, self.mod = torch, ftattn_torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: what :meth:`attention` passes as ``implementation=`` unless the call names one
+        self.implementation = implementation
 
     def array(self, x: np.ndarray, dtype: str):
         t = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
@@ -95,9 +100,12 @@ class TorchBackend:
         return a.detach().to(self.torch.float64).cpu().numpy()
 
     def attention(self, q, k, v, **kw):
-        """``ftattn_torch.attention``; NumPy mask arguments (logical BNTS) are converted."""
+        """``ftattn_torch.attention``; NumPy mask arguments (logical BNTS) are converted.
+        ``implementation=`` defaults to the adapter's (``"unfused"``: not passed)."""
         kw = {n: (self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if isinstance(x, np.ndarray) else x)
               for n, x in kw.items()}
+        if self.implementation != "unfused":
+            kw.setdefault("implementation", self.implementation)
         return self.mod.attention(q, k, v, **kw)
 
     def sync(self, tree):
@@ -137,15 +145,29 @@ class TorchBackend:
     def environment(self) -> dict[str, str]:
         torch = self.torch
         env = {"torch": torch.__version__, "device": str(self.device)}
+        if self.implementation != "unfused":
+            env["implementation"] = self.implementation
+        if self.implementation == "triton":
+            import triton  # already imported by the calls, compiled or interpreted
+
+            env["triton"] = triton.__version__
+            env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
         if self.device.type == "cuda":
             env["device"] = torch.cuda.get_device_name(self.device)
             env["cuda"] = str(torch.version.cuda)
         return env
 
 
-def make_backend(name: str):
+#: The implementations ``make_backend`` can give each backend (the first is the default).
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {"jax": ("unfused",), "torch": ("unfused", "triton")}
+
+
+def make_backend(name: str, implementation: str = "unfused"):
+    """The adapter of backend ``name``, calling ``implementation`` (torch: ``"unfused"`` or ``"triton"``)."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"backend: expected 'jax' or 'torch', got {name!r}")
+    if implementation not in IMPLEMENTATIONS[name]:
+        raise ValueError(f"implementation: backend {name!r} offers {IMPLEMENTATIONS[name]}, got {implementation!r}")
     if name == "jax":
         return JaxBackend()
-    if name == "torch":
-        return TorchBackend()
-    raise ValueError(f"backend: expected 'jax' or 'torch', got {name!r}")
+    return TorchBackend(implementation=implementation)

@@ -31,6 +31,16 @@ drawn per trial from its seed): ``padding`` (random key lengths), ``window``
 (a causal band of S/4 keys) or ``random`` (a boolean mask keeping 80% of the
 scores). A fault in a masked score changes nothing and counts as harmless.
 
+``--implementation triton`` runs the PyTorch backend through the fused Triton
+kernel (``attention(..., implementation="triton")``; compiled on a GPU, in
+Triton's interpreter with ``TRITON_INTERPRET=1`` otherwise, which this tool
+sets when no GPU is present). The kernel takes float16 and bfloat16 only
+(float32 is left out of ``--dtype``), no masks (``--mask none`` only), and runs
+the row checks only (``qk_row``, ``softmax_dmr``, ``pv_row``), so it locates
+nothing: its localization is n/a. JAX keeps the unfused path, and the
+cross-backend comparison uses the checks both run. ``--bits`` restricts the
+bit positions (the interpreter is slow).
+
 Prints a table, and writes ``faults.json`` and ``faults.png`` (detection rate
 per site × bit) under ``--out``.
 """
@@ -51,6 +61,7 @@ from ftattn_spec.faults import SITE_AXES, SITE_CHECKS, Fault, bit_width, wilson_
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESETS
+from ftattn_spec.validation import IMPLEMENTATION_CHECKS, implementation_checks
 
 #: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
 CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "query", "key", "value")
@@ -60,6 +71,9 @@ CLEAN_SHAPES = (DEFAULT_SHAPE,) + tuple(dict(B=s.B, N=s.N, K=s.kv_heads, T=s.T, 
 
 
 MASKS = ("none", "padding", "window", "random")
+IMPLEMENTATIONS = ("unfused", "triton")
+#: Input dtypes each implementation takes.
+IMPLEMENTATION_DTYPES = {"unfused": ("float16", "bfloat16", "float32"), "triton": ("float16", "bfloat16")}
 
 
 def mask_kwargs(kind: str, shape: dict, seed: int) -> dict:
@@ -86,13 +100,14 @@ def _fault(site: str, index, bit: int) -> Fault:
     return Fault(site, index, bit=bit)
 
 
-def protected(site: str, scheme: str) -> bool:
-    """Does ``scheme`` run a check that can see a fault at ``site``?"""
-    return bool(set(SITE_CHECKS[site.split(".")[0]]) & set(SCHEMES[scheme].checks))
+def protected(site: str, scheme: str, implementation: str = "unfused") -> bool:
+    """Does ``scheme`` run a check that can see a fault at ``site`` (under ``implementation``)?"""
+    return bool(set(SITE_CHECKS[site.split(".")[0]]) & set(implementation_checks(implementation, scheme)))
 
 
-def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str) -> list[dict]:
-    """The seeded list of faulty trials: ``trials`` per (dtype, site, bit)."""
+def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str, bits=None) -> list[dict]:
+    """The seeded list of faulty trials: ``trials`` per (dtype, site, bit); ``bits``
+    (a set of bit positions, None = all) keeps only those bits."""
     rng = np.random.default_rng(seed)
     out = []
     for dtype in dtypes:
@@ -101,6 +116,8 @@ def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str)
                 continue
             dims = tuple(shape[a] for a in SITE_AXES[site.split(".")[0]])
             for bit in range(bit_width(site.split(".")[0], dtype)):
+                if bits is not None and bit not in bits:
+                    continue
                 for _ in range(trials):
                     out.append(dict(dtype=dtype, site=site, bit=bit,
                                     index=tuple(int(rng.integers(n)) for n in dims),
@@ -156,9 +173,15 @@ def _ratios(report) -> dict:
 AGREEMENT_BAND = 3.0
 
 
+def _common(results) -> list[str]:
+    """The checks every result ran (all of them, unless an implementation runs fewer)."""
+    results = list(results)
+    return [n for n in results[0]["flags"] if all(n in r["flags"] for r in results[1:])]
+
+
 def _explained(a: dict, b: dict) -> bool:
-    """Do the flags of two backends differ only inside the rounding band?"""
-    for n in a["flags"]:
+    """Do the flags of two backends differ only inside the rounding band (checks both ran)?"""
+    for n in _common([a, b]):
         differ = a["flags"][n] != b["flags"][n]
         if np.any(differ) and not np.all(np.maximum(a["ratios"][n], b["ratios"][n])[differ] <= AGREEMENT_BAND):
             return False
@@ -192,9 +215,15 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool, 
     if len(backends) > 1:
         names = [b.name for b in backends]
         first = row["backends"][names[0]]
-        row["agree"] = all(first["detected"] == row["backends"][n]["detected"] for n in names[1:])
+        common = _common(row["backends"].values())
+        if all(len(r["flags"]) == len(common) for r in row["backends"].values()):
+            verdict = lambda r: r["detected"]  # noqa: E731
+        else:  # an implementation runs fewer checks: the verdict of the checks both ran
+            verdict = lambda r: any(bool(np.any(r["flags"][c])) for c in common)  # noqa: E731
+            row["agree_detected"] = all(first["detected"] == row["backends"][n]["detected"] for n in names[1:])
+        row["agree"] = all(verdict(first) == verdict(row["backends"][n]) for n in names[1:])
         row["agree_flags"] = all(
-            all(np.array_equal(first["flags"][c], row["backends"][n]["flags"][c]) for c in first["flags"])
+            all(np.array_equal(first["flags"][c], row["backends"][n]["flags"][c]) for c in common)
             for n in names[1:])
         row["agree_or_band"] = row["agree_flags"] or all(_explained(first, row["backends"][n]) for n in names[1:])
     for res in row["backends"].values():
@@ -231,10 +260,24 @@ def _rate(k: int, n: int) -> dict:
     return {"count": k, "of": n, "rate": (k / n) if n else None, "ci95": [lo, hi]}
 
 
-def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str) -> dict:
-    """Per backend: detection by site and bit, outcome counts, localization, correction."""
+def _locates(implementation: str) -> bool:
+    """Can ``implementation`` locate a bad element at all (row and column checks of one GEMM)?"""
+    runs = set(IMPLEMENTATION_CHECKS[implementation])
+    return {"qk_row", "qk_col"} <= runs or {"pv_row", "pv_col"} <= runs
+
+
+def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str, implementations=None) -> dict:
+    """Per backend: detection by site and bit, outcome counts, localization, correction.
+    ``implementations`` maps a backend to the implementation it ran (default unfused)."""
+    impls = {name: (implementations or {}).get(name, "unfused") for name in backends}
     out = {"backends": {}}
+    if any(i != "unfused" for i in impls.values()):
+        out["implementation"] = next(i for i in impls.values() if i != "unfused")
+        runs = [set(implementation_checks(i, scheme)) for i in impls.values()]
+        out["compared_checks"] = [c for c in implementation_checks("unfused", scheme) if all(c in r for r in runs)]
     for name in backends:
+        impl = impls[name]
+        locates = _locates(impl)
         by_site, by_cell = {}, {}
         for row in rows:
             r = row["backends"][name]
@@ -260,7 +303,7 @@ def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str) -
             c[1] += 1
         sites = []
         for (dtype, site), s in sorted(by_site.items(), key=lambda kv: (kv[0][0], CAMPAIGN_SITES.index(kv[0][1]))):
-            sites.append(dict(dtype=dtype, site=site, protected=protected(site, scheme), **s,
+            sites.append(dict(dtype=dtype, site=site, protected=protected(site, scheme, impl), **s,
                               detection=_rate(s["detected"], s["trials"]),
                               localization=_rate(s["located"], s["locatable"]),
                               correction=_rate(s["corrected"], s["correctable"])))
@@ -268,6 +311,7 @@ def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str) -
         total = lambda k, ss: sum(s[k] for s in ss)  # noqa: E731
         single = [s for s in prot if s["site"] in ("scores", "out")]
         out["backends"][name] = {
+            "implementation": impl, "locates": locates,
             "sites": sites, "cells": by_cell,
             "missed_protected": total("missed", prot),
             "below_limit_protected": total("below_limit", prot),
@@ -278,6 +322,8 @@ def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str) -
         }
     if len(backends) > 1:
         out["agreement"] = _rate(sum(r["agree"] for r in rows), len(rows))
+        if any("agree_detected" in r for r in rows):
+            out["agreement_detected"] = _rate(sum(r.get("agree_detected", r["agree"]) for r in rows), len(rows))
         out["agreement_flags"] = _rate(sum(r["agree_flags"] for r in rows), len(rows))
         out["agreement_outside_band"] = _rate(sum(r["agree_or_band"] for r in rows), len(rows))
     return out
@@ -295,6 +341,7 @@ def render(summary: dict, console=None) -> None:
 
     console = console or Console()
     for name, b in summary["backends"].items():
+        name = _label(summary, name)
         t = Table(title=f"{name}: faults by site (detection rate with 95% Wilson interval)")
         for col in ("dtype", "site", "protected", "trials", "detected", "harmless", "below limit", "missed",
                     "detection", "located", "corrected"):
@@ -303,18 +350,31 @@ def render(summary: dict, console=None) -> None:
             t.add_row(s["dtype"], s["site"], "yes" if s["protected"] else "no (input)", str(s["trials"]),
                       str(s["detected"]), str(s["harmless"]), str(s["below_limit"]), str(s["missed"]),
                       _pct(s["detection"]),
-                      f"{s['located']}/{s['locatable']}", f"{s['corrected']}/{s['correctable']}")
+                      f"{s['located']}/{s['locatable']}" if b.get("locates", True) else "n/a",
+                      f"{s['corrected']}/{s['correctable']}")
         console.print(t)
+        loc = _pct(b["localization"]) if b.get("locates", True) else f"n/a ({b['implementation']} locates nothing)"
         console.print(f"{name}: missed at protected sites {b['missed_protected']} (below the detection limit "
                       f"{b['below_limit_protected']}), at unprotected input sites "
-                      f"{b['missed_unprotected']} (not expected to be caught); localization {_pct(b['localization'])}; "
+                      f"{b['missed_unprotected']} (not expected to be caught); localization {loc}; "
                       f"correction {_pct(b['correction'])}; clean runs flagged "
                       f"{b['clean']['count'] if b['clean'] else '–'}/{b['clean']['of'] if b['clean'] else 0}")
+    if "agreement" in summary and "compared_checks" in summary:
+        console.print(f"cross-backend: {', '.join(_label(summary, n) for n in summary['backends'])} compared on "
+                      f"the checks both run ({', '.join(summary['compared_checks'])}); their own verdicts "
+                      f"(all their checks) agree in {_pct(summary.get('agreement_detected', summary['agreement']))}")
     if "agreement" in summary:
         console.print(f"cross-backend verdict agreement: {_pct(summary['agreement'])}; "
                       f"every flag identical: {_pct(summary['agreement_flags'])}; "
                       f"identical or differing only inside the rounding band (residual <= {AGREEMENT_BAND:g}·threshold): "
                       f"{_pct(summary['agreement_outside_band'])}")
+
+
+def _label(summary: dict, name: str) -> str:
+    """A backend's name, with its implementation when the campaign is not all unfused."""
+    if "implementation" not in summary:
+        return name
+    return f"{name} [{summary['backends'][name].get('implementation', 'unfused')}]"
 
 
 def heatmap(summary: dict, path: str) -> None:
@@ -327,7 +387,7 @@ def heatmap(summary: dict, path: str) -> None:
     panels = []
     for name, b in summary["backends"].items():
         dtypes = sorted({k.split("|")[0] for k in b["cells"]})
-        panels += [(name, d, b["cells"]) for d in dtypes]
+        panels += [(_label(summary, name), d, b["cells"]) for d in dtypes]
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.2 + 0.45 * len(CAMPAIGN_SITES) * len(panels)),
                              squeeze=False)
     for ax, (name, dtype, cells) in zip(axes[:, 0], panels):

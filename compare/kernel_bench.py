@@ -33,9 +33,19 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+#: Block shapes ``--sweep`` tries: (block_m, block_n, warps, stages).
+SWEEP = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+         (128, 128, 8, 3), (64, 128, 4, 2))
+
+
 def count_ex2(compiled) -> int:
     """``ex2`` instructions in a compiled kernel's PTX."""
     return len(re.findall(r"\bex2\.approx", compiled.asm["ptx"]))
+
+
+def count_fma(compiled) -> int:
+    """float32 ``fma`` instructions in a compiled kernel's PTX."""
+    return len(re.findall(r"\bfma\.rn\.f32", compiled.asm["ptx"]))
 
 
 def main(argv=None) -> int:
@@ -85,13 +95,12 @@ def main(argv=None) -> int:
                  "triton full (api)": api("full"), "triton baseline (api)": api("baseline"),
                  "triton kernel checks on": kernel(True), "triton kernel checks off": kernel(False)}
         if a.sweep:
-            for bm in (64, 128):
-                for bn in (32, 64, 128):
-                    for w in (4, 8):
-                        for st in (2, 3, 4):
-                            bs = fused.BlockSizes(bm, bn, w, st)
-                            cands[f"on {bm}x{bn} w{w} s{st}"] = kernel(True, bs)
-                            cands[f"off {bm}x{bn} w{w} s{st}"] = kernel(False, bs)
+            del cands["sdpa-flash"], cands["triton baseline (api)"]
+        if a.sweep:
+            for bm, bn, w, st in SWEEP:
+                for rep in ("fma", "mufu"):
+                    cands[f"on-{rep} {bm}x{bn} w{w} s{st}"] = kernel(True, fused.BlockSizes(bm, bn, w, st, rep))
+                cands[f"off {bm}x{bn} w{w} s{st}"] = kernel(False, fused.BlockSizes(bm, bn, w, st))
         base = None
         res = {}
         for name, fn in cands.items():
@@ -120,12 +129,17 @@ def main(argv=None) -> int:
         ftattn_torch.attention(q, k, v, is_causal=a.causal, implementation="triton")
         torch.cuda.synchronize()
         on_mem = torch.cuda.max_memory_allocated() - m0
-        ex2_on = count_ex2(fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True)[3])
-        ex2_off = count_ex2(fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=False)[3])
+        c_fma = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True)[-1]
+        c_mufu = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True,
+                               blocks=fused.BlockSizes.get_default(H, False).__class__(
+                                   **{**fused.BlockSizes.get_default(H, False).__dict__, "replica": "mufu"}))[-1]
+        c_off = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=False)[-1]
+        counts = {n: (count_ex2(c), count_fma(c)) for n, c in (("on-fma", c_fma), ("on-mufu", c_mufu),
+                                                                 ("off", c_off))}
         print(f"\nT=S={T}: max |out - fp32 SDPA| {err:.3g}; clean max residual/threshold {ratios}; "
               f"detected {bool(rep.detected)}")
         print(f"  memory beyond q,k,v: checks off {off_mem / 2**20:.1f} MiB, full (api) {on_mem / 2**20:.1f} MiB; "
-              f"ex2 in PTX: checks on {ex2_on}, off {ex2_off}")
+              f"(ex2, fma.f32) in PTX: {counts}")
         print(f"  {'row':34s} {'ms':>8s} {'TFLOP/s':>8s} {'x cuDNN':>8s}")
         for name, ms in sorted(res.items(), key=lambda x: x[1]) if a.sweep else res.items():
             tf = flop / ms / 1e9

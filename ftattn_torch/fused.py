@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.faults import SITES, FaultPlan
-from ftattn_spec.report import Report
+from ftattn_spec.report import CheckResult, Report
 from ftattn_spec.validation import implementation_checks
 
 from . import checks, faults
@@ -33,7 +33,7 @@ from . import checks, faults
 #: Head dims the kernel compiles for (``tl.arange`` needs a power of two; ``tl.dot`` at least 16).
 HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
 DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
-_STAT_PLANES = {"qk_row": 0, "softmax_dmr": 2, "pv_row": 4}
+_STAT_PLANES = {"qk_row": 0, "softmax_dmr": 1, "pv_row": 2}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,10 @@ class BlockSizes:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    #: how the softmax replica evaluates its exponentials: ``"fma"`` (a
+    #: polynomial on the FMA pipe) or ``"mufu"`` (the special-function unit,
+    #: like the primary, with a different argument formula).
+    replica: str = "fma"
 
     @classmethod
     def get_default(cls, head_dim: int, interpret: bool) -> "BlockSizes":
@@ -124,11 +128,14 @@ def _fault_tensors(plan: FaultPlan | None, device) -> tuple[Tensor, Tensor, int]
 
 def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
             plan: FaultPlan | None = None, blocks: BlockSizes | None = None, redo: Tensor | None = None,
-            out: Tensor | None = None):
-    """Launch the kernels; returns ``(out, stats, blocks, compiled)``.
+            out: Tensor | None = None, signed: bool = False, count_inputs: bool = True):
+    """Launch the kernels; returns ``(out, stats, flags, count, blocks, compiled)``.
 
-    ``stats`` is float32 ``(6, B, N, T)``: (difference, threshold) of
-    ``qk_row``, ``softmax_dmr`` and ``pv_row`` (None without checks).
+    ``stats`` is float32 ``(6, B, N, T)``: (residual, threshold) of
+    ``qk_row``, ``softmax_dmr`` and ``pv_row`` (signed differences instead
+    of residuals with ``signed=True``); ``flags`` bool ``(3, B, N, T)``;
+    ``count`` int32 ``(2,)``: flagged rows and non-finite input elements
+    (None, None, None without checks and without ``count_inputs``).
     ``redo`` (int32 ``(R, 2)`` of (query block, b·N + n)) recomputes only those
     blocks into ``out``, without checks or faults. ``compiled`` is what the
     forward launch returned (on a GPU, the compiled kernel, whose ``asm``
@@ -147,31 +154,39 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     n_chunks = -(-S // chunk)
     if out is None:
         out = torch.empty_like(query)
+    checks_on = checks_on and redo is None
+    count_inputs = count_inputs and redo is None
     ft, fv, n_faults = _fault_tensors(plan if redo is None else None, dev)
     dummy = torch.zeros(1, dtype=torch.int32, device=dev)
-    stats = ksum = vcol = None
-    if checks_on and redo is None:
+    stats = flags = count = ksum = vcol = None
+    if checks_on or count_inputs:
+        count = torch.zeros(2, dtype=torch.int32, device=dev)
+    if checks_on:
         ksum = torch.empty((B, K, n_chunks + 1, 2, H), dtype=torch.float32, device=dev)
         vcol = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
-        kern._prepass[(n_chunks, B * K)](
-            key, value, ksum, vcol, *key.stride(), *value.stride(), K, S, n_chunks, H=H, CHUNK=chunk,
-            num_warps=4 if not interp else 1)
-        torch.cumsum(ksum, dim=2, out=ksum)
         stats = torch.empty((6, B, N, T), dtype=torch.float32, device=dev)
+        flags = torch.empty((3, B, N, T), dtype=torch.bool, device=dev)
+    if count_inputs:  # with the checks: also the sums of K and the columns of V
+        kern._prepass[(n_chunks, B * K)](
+            key, value, ksum if checks_on else dummy, vcol if checks_on else dummy, count,
+            *key.stride(), *value.stride(), K, S, n_chunks, H=H, CHUNK=chunk, SUMS=checks_on,
+            num_warps=4 if not interp else 1)
+        if checks_on:
+            torch.cumsum(ksum, dim=2, out=ksum)
     qk_c = tol.fused_qk_coefficient(S, H, _dt(query), bs.block_m, bs.block_n)
     pv_c, pv_rc, pv_allow = tol.fused_pv_coefficients(S, H, _dt(query))
     a0, a1, a2, dmr_allow = tol.fused_dmr_coefficients(S, bs.block_n)
     grid = (redo.shape[0],) if redo is not None else (-(-T // bs.block_m), B * N)
+    pick = lambda x: dummy if x is None else x  # noqa: E731
     compiled = kern._forward[grid](
-        query, key, value, out, ksum if ksum is not None else dummy, vcol if vcol is not None else dummy,
-        stats if stats is not None else dummy, ft, fv, redo if redo is not None else dummy,
+        query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv, pick(redo),
         *query.stride(), *key.stride(), *value.stride(), *out.stride(),
         N, N // K, K, T, S, n_chunks, n_faults, B * N * T, scale,
         qk_c, tol.underflow_allowance(4 * (S + 1) * (H + 1)), pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
         H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
-        CHECKS=checks_on and redo is None, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
+        CHECKS=checks_on, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast, SIGNED=signed, REPLICA_FMA=bs.replica == "fma",
         num_warps=bs.num_warps, num_stages=bs.num_stages)
-    return out, stats, bs, compiled
+    return out, stats, flags, count, bs, compiled
 
 
 def _dt(x: Tensor) -> str:
@@ -202,24 +217,35 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, scheme: str, granularity: 
     dev = query.device
     wanted = implementation_checks("triton", scheme)
     with torch.no_grad():
-        finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
         q = faults.inject(query.detach(), "query", "BNTH", plan)
         k = faults.inject(key.detach(), "key", "BKSH", plan)
         v = faults.inject(value.detach(), "value", "BKSH", plan)
-        out, stats, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=bool(wanted), plan=plan)
-        results = {}
+        glob = granularity == "global"
+        out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal,
+                                                  checks_on=bool(wanted), plan=plan, signed=glob)
+        if q is not query or k is not key or v is not value:  # the kernels counted the corrupted inputs
+            finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
+        else:
+            finite = count[1] == 0
+        results, rows = {}, None
         for name in wanted:
             i = _STAT_PLANES[name]
-            results[name] = checks.verdict(stats[i], stats[i + 1], granularity, signed=(name != "softmax_dmr"))
-        detected = torch.zeros((), dtype=torch.bool, device=dev)
-        rows = None
-        for r in results.values():
-            detected = detected | r.flagged.any()
-            flag = r.flagged if granularity == "vector" else r.flagged[..., None].expand(*r.flagged.shape,
-                                                                                       query.shape[2])
+            if glob:
+                results[name] = checks.verdict(stats[2 * i], stats[2 * i + 1], granularity,
+                                               signed=(name != "softmax_dmr"))
+                flag = results[name].flagged[..., None].expand(*results[name].flagged.shape, query.shape[2])
+            else:
+                results[name] = CheckResult(stats[2 * i], stats[2 * i + 1], flags[i])
+                flag = flags[i]
             rows = flag if rows is None else rows | flag
+        if not wanted:
+            detected = torch.zeros((), dtype=torch.bool, device=dev)
+        elif glob:
+            detected = torch.stack([r.flagged.any() for r in results.values()]).any()
+        else:
+            detected = count[0] > 0
         corrected = torch.zeros((), dtype=torch.int32, device=dev)
-        if on_fault == "correct" and rows is not None and bool(rows.any()):
+        if on_fault == "correct" and rows is not None and bool(detected):
             B, N, T, _ = query.shape
             blk = torch.nn.functional.pad(rows, (0, -T % bs.block_m)).view(B * N, -1, bs.block_m).any(-1)
             bn, mb = torch.nonzero(blk, as_tuple=True)

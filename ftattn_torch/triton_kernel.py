@@ -25,7 +25,10 @@ the online-softmax forward. With ``CHECKS`` it also keeps, per query row,
     rescale factor is evaluated twice too;
   * ``pv``: P̂·VCOL on the tensor cores, rescaled like the accumulator, for
     ``pv_row``;
-and writes per-row (signed difference, threshold) pairs into ``STATS``.
+and writes per-row (residual, threshold) pairs into ``STATS`` (signed
+differences with ``SIGNED``, for ``granularity="global"``), flags into
+``FLAGS``, and counts into ``COUNT``: ``COUNT[0]`` flagged rows,
+``COUNT[1]`` non-finite input elements (both kernels count them).
 Thresholds are ``ftattn_spec.tolerances.fused_*`` coefficients times per-row
 magnitudes computed here.
 
@@ -44,6 +47,29 @@ LOG2E = 1.4426950408889634
 SITE_SCORES = tl.constexpr(0)
 SITE_PROBS = tl.constexpr(1)
 SITE_OUT = tl.constexpr(2)
+
+
+@triton.jit
+def _exp2_fma(x):
+    """2^x for x <= 0 on the FMA pipe instead of the MUFU unit: the softmax replica.
+
+    x = r + f with r = round(x) (by adding and subtracting 1.5·2²³), 2^f on
+    [-½, ½] by a degree-5 polynomial (relative error 2.8e-7, 6.2u after float32
+    Horner), and 2^r added into the exponent bits. x < -125 gives 0 (the
+    primary gives at most 2^-125 there).
+    """
+    xc = tl.maximum(x, -127.0)
+    big = xc + 12582912.0
+    f = xc - (big - 12582912.0)
+    p = 0.0013240507105365396
+    p = p * f + 0.009663134813308716
+    p = p * f + 0.05550714582204819
+    p = p * f + 0.240223690867424
+    p = p * f + 0.6931470632553101
+    p = p * f + 1.0
+    n = big.to(tl.int32, bitcast=True) - 0x4B400000
+    y = (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
+    return tl.where(x < -125.0, 0.0, y)
 
 
 @triton.jit
@@ -83,16 +109,35 @@ def _inject(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, replica, 
 
 
 @triton.jit
-def _store_stats(STATS, plane, b, n, N, T, rows, rvalid, which: tl.constexpr, diff, thr):
-    """Write one check's per-row (difference, threshold) into planes ``which`` and ``which + 1``."""
-    at = STATS + (b.to(tl.int64) * N + n) * T + rows
-    tl.store(at + which * plane, diff, mask=rvalid)
-    tl.store(at + (which + 1) * plane, thr, mask=rvalid)
+def _nonfinite(x, valid):
+    """Number of NaN or infinite elements of ``x`` where ``valid``."""
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    return tl.sum(tl.sum((bad & valid).to(tl.int32), 1), 0)
 
 
 @triton.jit
-def _prepass(K, V, KSUM, VCOL, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_chunks,
-             H: tl.constexpr, CHUNK: tl.constexpr):
+def _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, which: tl.constexpr, diff, thr,
+             SIGNED: tl.constexpr):
+    """One check's rows: (residual or signed difference, threshold) into planes
+    ``2·which`` and ``2·which + 1`` of STATS, the flag into plane ``which`` of
+    FLAGS, and the number of flagged rows added to ``COUNT[0]``."""
+    at = (b.to(tl.int64) * N + n) * T + rows
+    res = tl.abs(diff)
+    flag = ~((res <= thr) & (tl.abs(thr) < float("inf")))
+    if SIGNED:
+        tl.store(STATS + at + (2 * which) * plane, diff, mask=rvalid)
+    else:
+        tl.store(STATS + at + (2 * which) * plane, res, mask=rvalid)
+    tl.store(STATS + at + (2 * which + 1) * plane, thr, mask=rvalid)
+    tl.store(FLAGS + at + which * plane, flag.to(tl.int8), mask=rvalid)
+    nflag = tl.sum((flag & rvalid).to(tl.int32), 0)
+    if nflag > 0:
+        tl.atomic_add(COUNT, nflag)
+
+
+@triton.jit
+def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_chunks,
+             H: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr):
     c = tl.program_id(0)
     bk = tl.program_id(1)
     b = bk // KH
@@ -102,14 +147,24 @@ def _prepass(K, V, KSUM, VCOL, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_
     valid = rows < S
     k = tl.load(K + b.to(tl.int64) * skb + kh * skk + rows[:, None].to(tl.int64) * sks + hs[None, :] * skh,
                 mask=valid[:, None], other=0.0).to(tl.float32)
+    v = tl.load(V + b.to(tl.int64) * svb + kh * svk + rows[:, None].to(tl.int64) * svs + hs[None, :] * svh,
+                mask=valid[:, None], other=0.0)
+    bad = _nonfinite(k, valid[:, None]) + _nonfinite(v.to(tl.float32), valid[:, None])
+    if bad > 0:
+        tl.atomic_add(COUNT + 1, bad)
+    if SUMS:
+        _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H, CHUNK)
+
+
+@triton.jit
+def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H: tl.constexpr, CHUNK: tl.constexpr):
+    hs = tl.arange(0, H)
     base = KSUM + (bk.to(tl.int64) * (n_chunks + 1)) * 2 * H
     tl.store(base + (c + 1) * 2 * H + hs, tl.sum(k, 0))
     tl.store(base + (c + 1) * 2 * H + H + hs, tl.sum(tl.abs(k), 0))
     if c == 0:
         tl.store(base + hs, tl.zeros([H], tl.float32))
         tl.store(base + H + hs, tl.zeros([H], tl.float32))
-    v = tl.load(V + b.to(tl.int64) * svb + kh * svk + rows[:, None].to(tl.int64) * svs + hs[None, :] * svh,
-                mask=valid[:, None], other=0.0)
     dt = v.dtype
     v = v.to(tl.float32)
     vs = tl.sum(v, 1)
@@ -138,7 +193,7 @@ def _prepass(K, V, KSUM, VCOL, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_
 def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_off, sks, skh, svs, svh,
           start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
           H: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-          CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
+          CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr, REPLICA_FMA: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
@@ -178,7 +233,10 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_
         else:
             srow += tl.sum(qk, 1)
         # the replica: its own argument formula and its own rescale factor
-        p2 = tl.math.exp2((qk - m_new[:, None]) * c)
+        if REPLICA_FMA:
+            p2 = _exp2_fma((qk - m_new[:, None]) * c)
+        else:
+            p2 = tl.math.exp2((qk - m_new[:, None]) * c)
         if INJECT:
             p2 = _inject(p2, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 1, 1.0)
         alpha2 = tl.math.exp2((m_raw - m_new) * c)
@@ -197,13 +255,13 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_
 
 
 @triton.jit
-def _forward(Q, K, V, O, KSUM, VCOL, STATS, FT, FV, REDO,
+def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
              sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sob, son, sot, soh,
              N, G, KH, T, S, n_chunks, n_faults, plane, scale,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              CAUSAL: tl.constexpr, CHECKS: tl.constexpr, INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
-             UPCAST: tl.constexpr):
+             UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr):
     if REDO_MODE:
         mb = tl.load(REDO + 2 * tl.program_id(0))
         bn = tl.load(REDO + 2 * tl.program_id(0) + 1)
@@ -219,6 +277,10 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FT, FV, REDO,
     rvalid = rows < T
     q = tl.load(Q + b.to(tl.int64) * sqb + n.to(tl.int64) * sqn + rows[:, None].to(tl.int64) * sqt
                 + hs[None, :] * sqh, mask=rvalid[:, None], other=0.0)
+    if not REDO_MODE:
+        bad = _nonfinite(q.to(tl.float32), rvalid[:, None])
+        if bad > 0:
+            tl.atomic_add(COUNT + 1, bad)
     kv_off = b.to(tl.int64) * skb + kh.to(tl.int64) * skk
     v_off = b.to(tl.int64) * svb + kh.to(tl.int64) * svk
     vcol_off = (b.to(tl.int64) * KH + kh) * S * 16
@@ -244,12 +306,12 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FT, FV, REDO,
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_off, sks, skh, svs, svh,
             start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, False, CAUSAL, CHECKS, INJECT, UPCAST)
+            H, BLOCK_N, False, CAUSAL, CHECKS, INJECT, UPCAST, REPLICA_FMA)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_off, sks, skh, svs, svh,
             start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, True, CAUSAL, CHECKS, INJECT, UPCAST)
+            H, BLOCK_N, True, CAUSAL, CHECKS, INJECT, UPCAST, REPLICA_FMA)
 
     inv = 1.0 / l
     o = acc * inv[:, None]
@@ -285,8 +347,8 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FT, FV, REDO,
                 kad = tl.dot(tri, tl.abs(kd))
             pred += tl.sum(qf * ksd, 1)
             mag += tl.sum(tl.abs(qf) * kad, 1)
-        _store_stats(STATS, plane, b, n, N, T, rows, rvalid, 0, (srow - pred) * scale,
-                     (coef_qk * mag + allow_qk) * scale)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, (srow - pred) * scale,
+                 (coef_qk * mag + allow_qk) * scale, SIGNED)
         # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1)
         nc_f = nc.to(tl.float32)
         thr = dmr_a0 + dmr_a1 * nc_f + dmr_a2 * mmax * (1.0 + nc_f) + allow_dmr * inv
@@ -294,10 +356,10 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FT, FV, REDO,
         ok = (m_raw > float("-inf")) & (m_raw < float("inf")) & (l < float("inf")) & (l2 < float("inf"))
         ok = ok & (l * (1.0 + thr) >= 1.0)
         r = tl.where(ok, r, float("inf"))
-        _store_stats(STATS, plane, b, n, N, T, rows, rvalid, 2, r, thr)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, r, thr, False)
         # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i
         ccol = tl.arange(0, 16)[None, :]
         pvp = tl.sum(tl.where(ccol < 3, pv, 0.0), 1) * inv
         pvw = tl.sum(tl.where((ccol >= 3) & (ccol < 6), pv, 0.0), 1) * inv
-        _store_stats(STATS, plane, b, n, N, T, rows, rvalid, 4, tl.sum(o, 1) - pvp,
-                     (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, tl.sum(o, 1) - pvp,
+                 (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv, SIGNED)
