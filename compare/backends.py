@@ -104,9 +104,11 @@ class TorchBackend:
         ``implementation=`` defaults to the adapter's (``"unfused"``: not passed)."""
         kw = {n: (self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if isinstance(x, np.ndarray) else x)
               for n, x in kw.items()}
-        if self.implementation != "unfused":
-            kw.setdefault("implementation", self.implementation)
-        return self.mod.attention(q, k, v, **kw)
+        if self.implementation == "unfused":
+            return self.mod.attention(q, k, v, **kw)
+        kw.setdefault("implementation", self.implementation)
+        with np.errstate(all="ignore"):  # Triton's interpreter (NumPy) warns where a GPU makes inf or NaN silently
+            return self.mod.attention(q, k, v, **kw)
 
     def sync(self, tree):
         if self.device.type == "cuda":

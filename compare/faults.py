@@ -337,11 +337,12 @@ def _pct(r: dict | None) -> str:
 
 def render(summary: dict, console=None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     for name, b in summary["backends"].items():
-        name = _label(summary, name)
+        name = escape(_label(summary, name))
         t = Table(title=f"{name}: faults by site (detection rate with 95% Wilson interval)")
         for col in ("dtype", "site", "protected", "trials", "detected", "harmless", "below limit", "missed",
                     "detection", "located", "corrected"):
@@ -360,11 +361,12 @@ def render(summary: dict, console=None) -> None:
                       f"correction {_pct(b['correction'])}; clean runs flagged "
                       f"{b['clean']['count'] if b['clean'] else '–'}/{b['clean']['of'] if b['clean'] else 0}")
     if "agreement" in summary and "compared_checks" in summary:
-        console.print(f"cross-backend: {', '.join(_label(summary, n) for n in summary['backends'])} compared on "
+        console.print(f"cross-backend: {escape(', '.join(_label(summary, n) for n in summary['backends']))} compared on "
                       f"the checks both run ({', '.join(summary['compared_checks'])}); their own verdicts "
                       f"(all their checks) agree in {_pct(summary.get('agreement_detected', summary['agreement']))}")
     if "agreement" in summary:
-        console.print(f"cross-backend verdict agreement: {_pct(summary['agreement'])}; "
+        on = " on those checks" if "compared_checks" in summary else ""
+        console.print(f"cross-backend verdict agreement{on}: {_pct(summary['agreement'])}; "
                       f"every flag identical: {_pct(summary['agreement_flags'])}; "
                       f"identical or differing only inside the rounding band (residual <= {AGREEMENT_BAND:g}·threshold): "
                       f"{_pct(summary['agreement_outside_band'])}")
@@ -425,6 +427,64 @@ def _parse_list(text: str, allowed, what: str) -> list[str]:
     return items
 
 
+def _parse_bits(text: str | None):
+    """``--bits``: comma-separated bit positions and ranges ``a-b`` (inclusive); None = every bit."""
+    if text is None:
+        return None
+    bits = set()
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if part:
+                lo, _, hi = part.partition("-")
+                bits.update(range(int(lo), int(hi if hi else lo) + 1))
+    except ValueError:
+        bits = set()
+    if not bits or min(bits) < 0 or max(bits) > 31:
+        raise SystemExit(f"--bits: expected comma-separated bits or ranges a-b within 0-31, got {text!r}")
+    return bits
+
+
+def _torch_has_cuda() -> bool:
+    """Whether PyTorch sees a CUDA GPU. Importing torch does not import triton."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _setup_triton(args, names) -> bool:
+    """Check the options ``--implementation triton`` allows; without a GPU, select Triton's
+    interpreter (``TRITON_INTERPRET=1``) before anything imports triton. Returns whether a GPU is present."""
+    if "torch" not in names:
+        raise SystemExit(f"--implementation: triton is a PyTorch implementation; --backends {args.backends!r} "
+                         f"has no torch")
+    if args.mask != "none":
+        raise SystemExit(f"--mask: --implementation triton takes no mask (the kernel supports is_causal only), "
+                         f"expected 'none', got {args.mask!r}")
+    try:
+        implementation_checks("triton", args.scheme)
+    except ValueError as e:
+        raise SystemExit(f"--scheme: {e}") from None
+    gpu = _torch_has_cuda()
+    if not gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return gpu
+
+
+def _check_triton_mode(bks) -> None:
+    """Fail early, with the reason, when Triton's kernels cannot run on the torch backend's device."""
+    from ftattn_torch import fused
+
+    torch_backend = next(b for b in bks if b.name == "torch")
+    if torch_backend.device.type == "cuda" and fused.interpreting():
+        raise SystemExit("--implementation triton: TRITON_INTERPRET=1 is set but a GPU is present; unset it to "
+                         "compile the kernels for the GPU")
+    if torch_backend.device.type != "cuda" and not fused.interpreting():
+        raise SystemExit("--implementation triton: no GPU, and Triton's kernels were imported before "
+                         "TRITON_INTERPRET=1 could be set; run in a fresh process, or export TRITON_INTERPRET=1")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compare.faults", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", default="jax,torch")
@@ -437,8 +497,15 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", action="store_true", help="use the causal mask in the faulty runs")
     ap.add_argument("--mask", default="none", choices=MASKS,
                     help="run every call under this mask form (see the module docs)")
+    ap.add_argument("--implementation", default="unfused", choices=IMPLEMENTATIONS,
+                    help="what the torch backend runs: unfused, or triton (the fused kernel: float16/bfloat16, "
+                         "no mask; JAX stays unfused)")
+    ap.add_argument("--bits", default=None, help="comma-separated bit positions or ranges a-b (default: every bit)")
     ap.add_argument("--out", default=None, help="output folder (default results/faults-<timestamp>/)")
     args = ap.parse_args(argv)
+    names = _parse_list(args.backends, ("jax", "torch"), "backends")
+    triton = args.implementation == "triton"
+    gpu = _setup_triton(args, names) if triton else None  # first: it may set TRITON_INTERPRET
 
     from rich.console import Console
     from rich.progress import Progress
@@ -446,20 +513,37 @@ def main(argv=None) -> int:
     from . import backends as adapters
 
     console = Console(width=None if sys.stdout.isatty() else 150)
-    names = _parse_list(args.backends, ("jax", "torch"), "backends")
     dtypes = _parse_list(args.dtype, ("float16", "bfloat16", "float32"), "dtype")
     sites = _parse_list(args.sites, CAMPAIGN_SITES, "sites")
+    bits = _parse_bits(args.bits)
     if args.trials < 1 or args.clean < 0:
         raise SystemExit("--trials: expected >= 1, --clean: expected >= 0")
+    takes = IMPLEMENTATION_DTYPES[args.implementation]
+    dropped = [d for d in dtypes if d not in takes]
+    dtypes = [d for d in dtypes if d in takes]
+    if not dtypes:
+        raise SystemExit(f"--dtype: --implementation {args.implementation} takes {takes}, got {args.dtype!r}")
     bks = []
     for n in names:
         try:
-            bks.append(adapters.make_backend(n))
+            bks.append(adapters.make_backend(n, args.implementation if n == "torch" else "unfused"))
         except ImportError as e:
             console.print(f"[yellow]skipping backend {n}: {e}[/yellow]")
     if not bks:
         raise SystemExit("no backend could be imported")
-    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme)
+    if triton:
+        if "torch" not in [b.name for b in bks]:
+            raise SystemExit("--implementation triton: the torch backend could not be imported")
+        _check_triton_mode(bks)
+        mode = "compiled for the GPU" if gpu else "run in Triton's interpreter: no GPU, TRITON_INTERPRET=1, slow"
+        console.print(f"# implementation: torch triton ({mode}; checks "
+                      f"{', '.join(implementation_checks('triton', args.scheme))}; no localization), jax unfused; "
+                      f"dtypes {','.join(dtypes)}"
+                      + (f" ({','.join(dropped)} left out: triton takes float16 and bfloat16 only)" if dropped else ""),
+                      markup=False, highlight=False)
+    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
+    if not trials:
+        raise SystemExit(f"no faulty trials: --sites {args.sites!r}, --bits {args.bits!r} and --dtype select none")
     start = time.perf_counter()
     rows = []
     with Progress(console=console, transient=True) as bar:
@@ -470,11 +554,12 @@ def main(argv=None) -> int:
         task2 = bar.add_task("clean runs", total=args.clean)
         clean = clean_runs(bks, args.scheme, dtypes, args.clean, args.seed, progress=lambda: bar.advance(task2),
                            mask=args.mask)
-    summary = summarize(rows, clean, [b.name for b in bks], args.scheme)
+    summary = summarize(rows, clean, [b.name for b in bks], args.scheme, {b.name: b.implementation for b in bks})
     render(summary, console)
     out_dir = args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
-    doc = {"config": dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES),
+    doc = {"config": dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES, dtypes=dtypes,
+                          implementations={b.name: b.implementation for b in bks}),
            "environment": _environment(bks), "seconds": round(time.perf_counter() - start, 1),
            "summary": summary, "clean": clean, "trials": rows}
     with open(os.path.join(out_dir, "faults.json"), "w") as f:

@@ -149,7 +149,6 @@ def main(argv=None) -> int:
             print(f"  overhead of the checks (kernel): "
                   f"{res['triton kernel checks on'] / res['triton kernel checks off'] - 1:+.1%}; "
                   f"api full vs kernel off: {res['triton full (api)'] / res['triton kernel checks off'] - 1:+.1%}")
-        del q, k, v
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -35,6 +35,11 @@ def targets(plan: FaultPlan | None, site: str, replica: int = 0) -> list[int]:
     return [f for f in range(len(plan)) if plan.site[f] == code and plan.replica[f] == replica]
 
 
+def targets_any(plan: FaultPlan | None, sites) -> bool:
+    """Whether the plan has a fault at any of ``sites``."""
+    return plan is not None and any(SITES[int(c)] in sites for c in plan.site)
+
+
 def inject(x: Tensor, site: str, layout: str, plan: FaultPlan | None, replica: int = 0) -> Tensor:
     """Apply the plan's faults that target ``site`` (and ``replica``) to a copy of ``x``.
 

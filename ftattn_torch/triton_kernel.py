@@ -190,7 +190,7 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H: tl.constex
 
 
 @triton.jit
-def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_off, sks, skh, svs, svh,
+def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
           start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
           H: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
           CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr, REPLICA_FMA: tl.constexpr):
@@ -199,7 +199,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_
     kvalid = cols < S
     k = tl.load(K + kv_off + cols[None, :].to(tl.int64) * sks + hs[:, None] * skh,
                 mask=kvalid[None, :], other=0.0)  # H × BLOCK_N
-    v = tl.load(V + kv_off + cols[:, None].to(tl.int64) * svs + hs[None, :] * svh,
+    v = tl.load(V + v_off + cols[:, None].to(tl.int64) * svs + hs[None, :] * svh,
                 mask=kvalid[:, None], other=0.0)  # BLOCK_N × H
     dt = v.dtype
     if UPCAST:
@@ -304,12 +304,12 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     full_end = (edge // BLOCK_N) * BLOCK_N  # tiles before this need no mask
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_off, sks, skh, svs, svh,
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
             start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
             H, BLOCK_N, False, CAUSAL, CHECKS, INJECT, UPCAST, REPLICA_FMA)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, vcol_off, sks, skh, svs, svh,
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
             start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
             H, BLOCK_N, True, CAUSAL, CHECKS, INJECT, UPCAST, REPLICA_FMA)
 
