@@ -361,9 +361,10 @@ def render(summary: dict, console=None) -> None:
                       f"correction {_pct(b['correction'])}; clean runs flagged "
                       f"{b['clean']['count'] if b['clean'] else '–'}/{b['clean']['of'] if b['clean'] else 0}")
     if "agreement" in summary and "compared_checks" in summary:
-        console.print(f"cross-backend: {escape(', '.join(_label(summary, n) for n in summary['backends']))} compared on "
-                      f"the checks both run ({', '.join(summary['compared_checks'])}); their own verdicts "
-                      f"(all their checks) agree in {_pct(summary.get('agreement_detected', summary['agreement']))}")
+        pair = escape(", ".join(_label(summary, n) for n in summary["backends"]))
+        console.print(f"cross-backend: {pair} compared on the checks both run "
+                      f"({', '.join(summary['compared_checks'])}); their own verdicts (all their checks) agree in "
+                      f"{_pct(summary.get('agreement_detected', summary['agreement']))}")
     if "agreement" in summary:
         on = " on those checks" if "compared_checks" in summary else ""
         console.print(f"cross-backend verdict agreement{on}: {_pct(summary['agreement'])}; "
@@ -504,15 +505,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default results/faults-<timestamp>/)")
     args = ap.parse_args(argv)
     names = _parse_list(args.backends, ("jax", "torch"), "backends")
-    triton = args.implementation == "triton"
-    gpu = _setup_triton(args, names) if triton else None  # first: it may set TRITON_INTERPRET
-
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from . import backends as adapters
-
-    console = Console(width=None if sys.stdout.isatty() else 150)
     dtypes = _parse_list(args.dtype, ("float16", "bfloat16", "float32"), "dtype")
     sites = _parse_list(args.sites, CAMPAIGN_SITES, "sites")
     bits = _parse_bits(args.bits)
@@ -523,6 +515,18 @@ def main(argv=None) -> int:
     dtypes = [d for d in dtypes if d in takes]
     if not dtypes:
         raise SystemExit(f"--dtype: --implementation {args.implementation} takes {takes}, got {args.dtype!r}")
+    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
+    if not trials:
+        raise SystemExit(f"no faulty trials: --sites {args.sites!r}, --bits {args.bits!r} and --dtype select none")
+    triton = args.implementation == "triton"
+    gpu = _setup_triton(args, names) if triton else None  # before anything imports triton: may set TRITON_INTERPRET
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from . import backends as adapters
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
     bks = []
     for n in names:
         try:
@@ -536,14 +540,12 @@ def main(argv=None) -> int:
             raise SystemExit("--implementation triton: the torch backend could not be imported")
         _check_triton_mode(bks)
         mode = "compiled for the GPU" if gpu else "run in Triton's interpreter: no GPU, TRITON_INTERPRET=1, slow"
-        console.print(f"# implementation: torch triton ({mode}; checks "
-                      f"{', '.join(implementation_checks('triton', args.scheme))}; no localization), jax unfused; "
-                      f"dtypes {','.join(dtypes)}"
+        what = {"triton": f" ({mode}; checks {', '.join(implementation_checks('triton', args.scheme))}; "
+                          f"no localization)"}
+        impls = ", ".join(f"{b.name} {b.implementation}{what.get(b.implementation, '')}" for b in bks)
+        console.print(f"# implementations: {impls}; dtypes {','.join(dtypes)}"
                       + (f" ({','.join(dropped)} left out: triton takes float16 and bfloat16 only)" if dropped else ""),
                       markup=False, highlight=False)
-    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
-    if not trials:
-        raise SystemExit(f"no faulty trials: --sites {args.sites!r}, --bits {args.bits!r} and --dtype select none")
     start = time.perf_counter()
     rows = []
     with Progress(console=console, transient=True) as bar:

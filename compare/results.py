@@ -75,6 +75,12 @@ def _fmt(x, spec: str) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def series_label(r: dict) -> str:
+    """A row's scheme, with ``[implementation]`` when it is not the unfused one (``full [triton]``)."""
+    impl = r.get("implementation", "unfused")
+    return r["scheme"] if impl == "unfused" else f"{r['scheme']} [{impl}]"
+
+
 def render(rows: list[dict], title: str = "") -> None:
     head = ["shape", "scheme", "backend", "ms", "first call ms", "TFLOP/s", "overhead", "vs fastest", "err/bound",
             "jax-torch/bound", "verdicts agree", "detected"]
@@ -83,7 +89,7 @@ def render(rows: list[dict], title: str = "") -> None:
         ms = "OOM" if r.get("oom") else ("skipped" if r.get("skipped") else _fmt(r["ms"], ".3f"))
         over = r.get("overhead")
         fastest = r.get("vs_fastest_unprotected")
-        label = r["scheme"] + (" (peer)" if r.get("peer") else "")
+        label = series_label(r) + (" (peer)" if r.get("peer") else "")
         if r.get("method") == "notebook-loop-order":
             label += " (loop order)"
         cells.append([r["shape"], label, r["backend"], ms, _fmt(r.get("first_call_ms"), ".0f"),
@@ -91,14 +97,16 @@ def render(rows: list[dict], title: str = "") -> None:
                       "–" if over is None or over != over else f"{100 * over:+.0f}%",
                       "–" if fastest is None or fastest != fastest else f"{fastest:.2f}x",
                       _fmt(r.get("err_vs_bound"), ".3f"), _fmt(r.get("xbackend_vs_bound"), ".3f"),
-                      str(r.get("verdicts_agree", "–")), "–" if r.get("peer") else str(r.get("detected"))])
+                      str(r.get("verdicts_agree", "–")),
+                      "–" if r.get("peer") or r.get("skipped") else str(r.get("detected"))])
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         t = Table(*head, title=title or None)
         for c in cells:
-            t.add_row(*c)
+            t.add_row(*(escape(x) for x in c))  # "full [triton]" is a label, not markup
         Console(width=max(150, Console().width)).print(t)
     except ImportError:
         widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
@@ -115,10 +123,10 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    series = sorted({(r["scheme"], r["backend"]) for r in rows})
+    series = sorted({(series_label(r), r["backend"]) for r in rows})
     for scheme, backend in series:
         pts = sorted((r["T"], r["tflops"]) for r in rows
-                     if r["scheme"] == scheme and r["backend"] == backend and r.get("tflops") == r.get("tflops"))
+                     if series_label(r) == scheme and r["backend"] == backend and r.get("tflops") == r.get("tflops"))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                     linestyle="-" if backend == "jax" else "--", label=f"{scheme} · {backend}")

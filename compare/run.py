@@ -23,6 +23,16 @@ configuration, the environment) and ``plot.png`` under ``--out``;
 ``python -m compare.report`` re-renders them. The peers (``compare.peers``:
 SDPA with each backend, ``jax.nn.dot_product_attention`` with XLA and cuDNN)
 are timed in the same run; one that cannot run here is skipped with its reason.
+
+``--implementations`` (default ``unfused,triton``) picks what each backend's
+scheme rows run: ``unfused`` in both, and ``triton`` (PyTorch only: the fused
+kernel, ``attention(..., implementation="triton")``) for every scheme it can
+run, with its own ``baseline`` (the kernel without checks) for the overhead.
+Triton rows are labelled ``<scheme> [triton]`` (``"implementation"`` in the
+JSON rows), need a CUDA GPU (without one they are skipped with the reason
+``triton: no GPU``), and skip ``abft_qk_col``, whose column check the kernel
+does not run. They are cross-checked against JAX's unfused rows, on the
+checks both run.
 """
 
 from __future__ import annotations
@@ -39,13 +49,17 @@ import numpy as np
 
 from ftattn_spec import reference as ref
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
-from ftattn_spec.schemes import SCHEME_NAMES
+from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESET_NAMES, preset
+from ftattn_spec.validation import implementation_checks
 
 from . import peers, results, timing
-from .backends import make_backend
+from .backends import IMPLEMENTATIONS, make_backend
 
 SUBSAMPLE_HEADS = 2
+#: Run Triton's interpreter on the CPU instead of skipping (tests only: slow, and
+#: TRITON_INTERPRET=1 must have been set before triton was imported).
+TRITON_ON_CPU = False
 
 
 def _has_gpu() -> bool:
@@ -81,6 +95,32 @@ def _free(backend) -> None:
         backend.torch.cuda.empty_cache()
 
 
+def _implementations(args, bname: str) -> list[str]:
+    """The implementations of ``--implementations`` that backend ``bname`` offers, in that order."""
+    return [i for i in args.implementations.split(",") if i in IMPLEMENTATIONS[bname]]
+
+
+def scheme_key(scheme: str, implementation: str = "unfused") -> str:
+    """A scheme row's label: the scheme, with ``[implementation]`` unless unfused."""
+    return results.series_label({"scheme": scheme, "implementation": implementation})
+
+
+def _skip_reason(be, scheme: str, implementation: str) -> str | None:
+    """Why ``implementation`` cannot run ``scheme`` on this backend here (None: it can try)."""
+    if implementation != "triton":
+        return None
+    try:
+        implementation_checks("triton", scheme)
+    except ValueError:
+        return (f"triton: runs none of the checks of {scheme} ({', '.join(SCHEMES[scheme].checks)}); "
+                f"unfused only")
+    if be.device.type != "cuda" and not TRITON_ON_CPU:
+        return "triton: no GPU"
+    if not _installed("triton"):
+        return "triton: not installed"
+    return None
+
+
 def _timed(args, be, fn, inputs) -> dict:
     timer = timing.timer_for(be)
     if args.method == "notebook":
@@ -92,8 +132,11 @@ def run_backend(args, bname: str, progress=None):
     """Every shape and scheme of one backend. Returns ``(rows, subsamples)``:
     ``subsamples[(shape, scheme)]`` is the output on batch 0 and the first heads,
     and ``subsamples[(shape, "bound")]`` the spec's error bound there."""
-    rows, outs = [], {}
+    rows, outs, said = [], {}, set()
     be = make_backend(bname)
+    if not _implementations(args, bname):
+        print(f"{bname}: none of --implementations {args.implementations} (it has {IMPLEMENTATIONS[bname]}); "
+              f"peers only", flush=True)
     for shape in preset(args.preset):
         host = [draw_qkv(args.seed + i, args.dist, shape.B, shape.N, shape.kv_heads, shape.T, shape.S,
                          shape.H) for i in range(args.input_sets)]
@@ -107,40 +150,18 @@ def run_backend(args, bname: str, progress=None):
         o64, p, _ = ref.attention(q, k, v, is_causal=args.causal, layout="torch")
         bound = ref.output_bound(q, k, v, p, o64, dtype=args.dtype, is_causal=args.causal, layout="torch")
         outs[(shape.label(), "bound")] = bound
-        base_ms = None
-        for scheme in args.schemes.split(","):
-            fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal)  # noqa: E731
-            row = {"shape": shape.label(), "T": shape.T, "S": shape.S, "scheme": scheme, "backend": bname,
-                   "method": args.method, "flops": shape.flops(args.causal)}
-            try:
-                t0 = time.perf_counter()
-                out, rep = be.sync(fn(*inputs[0]))  # first call: compiles in JAX
-                first_ms = (time.perf_counter() - t0) * 1e3
-                timed = _timed(args, be, fn, inputs)
-            except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
-                if not _is_oom(e):
-                    raise
-                print(f"{shape.label()} {scheme} {bname}: out of device memory, row skipped", flush=True)
-                rows.append(dict(row, ms=float("nan"), tflops=float("nan"), overhead=float("nan"),
-                                 err_vs_bound=float("nan"), detected=False, oom=True))
-                _free(be)
+        for impl in _implementations(args, bname):
+            base_ms = None
+            for scheme in args.schemes.split(","):
+                row, o, base_ms = _scheme_row(args, be, shape, inputs, scheme, impl, base_ms, nh, o64, bound)
+                rows.append(row)
+                if row.get("skipped") and row["skipped"] not in said:  # each reason once
+                    said.add(row["skipped"])
+                    print(f"{bname} {impl} rows skipped: {row['skipped']}", flush=True)
+                if o is not None:
+                    outs[(shape.label(), scheme_key(scheme, impl))] = o
                 if progress:
                     progress()
-                continue
-            ms = timed["ms"]
-            o = be.logical(out)[:1, :nh]
-            outs[(shape.label(), scheme)] = o
-            base_ms = ms if scheme == "baseline" else base_ms
-            report = be.numpy_report(rep)
-            rows.append(dict(
-                row, ms=ms, first_call_ms=first_ms, tflops=tflops(shape.flops(args.causal), ms),
-                overhead=(ms / base_ms - 1.0) if base_ms else float("nan"),
-                err_vs_bound=float(np.max(np.abs(o - o64) / bound)),
-                detected=bool(np.asarray(report.detected)),
-                flags={n: bool(np.asarray(c.flagged).any()) for n, c in report.checks.items()}))
-            del out, rep
-            if progress:
-                progress()
         if args.peers:
             rows += _peer_rows(args, be, shape, inputs, nh, o64, bound, progress)
         del inputs
@@ -148,6 +169,49 @@ def run_backend(args, bname: str, progress=None):
     if args.method == "notebook" and "baseline" in args.schemes.split(","):
         rows += loop_order_rows(args, be)
     return rows, outs, be.environment()
+
+
+def _scheme_row(args, be, shape, inputs, scheme: str, impl: str, base_ms, nh: int, o64, bound):
+    """Time one scheme under one implementation. Returns ``(row, subsample output or None, base_ms)``:
+    ``base_ms`` is the time of this implementation's ``baseline`` once measured."""
+    kw = {} if impl == "unfused" else {"implementation": impl}
+    fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal, **kw)  # noqa: E731
+    row = {"shape": shape.label(), "T": shape.T, "S": shape.S, "scheme": scheme, "backend": be.name,
+           "method": args.method, "flops": shape.flops(args.causal), "implementation": impl}
+    missing = dict(ms=float("nan"), tflops=float("nan"), overhead=float("nan"), err_vs_bound=float("nan"),
+                   detected=False)
+    label = f"{shape.label()} {scheme_key(scheme, impl)} {be.name}"
+    reason = _skip_reason(be, scheme, impl)
+    if reason:
+        return dict(row, **missing, skipped=reason), None, base_ms
+    try:
+        t0 = time.perf_counter()
+        try:
+            out, rep = be.sync(fn(*inputs[0]))  # first call: compiles in JAX (and Triton)
+        except (ValueError, TypeError) as e:
+            if impl == "unfused":
+                raise
+            # what the kernel does not support (dtype, head dim): its message says which
+            reason = f"{impl}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+            return dict(row, **missing, skipped=reason), None, base_ms
+        first_ms = (time.perf_counter() - t0) * 1e3
+        timed = _timed(args, be, fn, inputs)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
+        if not _is_oom(e):
+            raise
+        print(f"{label}: out of device memory, row skipped", flush=True)
+        _free(be)
+        return dict(row, **missing, oom=True), None, base_ms
+    ms = timed["ms"]
+    o = be.logical(out)[:1, :nh]
+    base_ms = ms if scheme == "baseline" else base_ms
+    report = be.numpy_report(rep)
+    row = dict(row, ms=ms, first_call_ms=first_ms, tflops=tflops(shape.flops(args.causal), ms),
+               overhead=(ms / base_ms - 1.0) if base_ms else float("nan"),
+               err_vs_bound=float(np.max(np.abs(o - o64) / bound)),
+               detected=bool(np.asarray(report.detected)),
+               flags={n: bool(np.asarray(c.flagged).any()) for n, c in report.checks.items()})
+    return row, o, base_ms
 
 
 def loop_order_rows(args, be) -> list[dict]:
@@ -217,15 +281,19 @@ def cross_check(rows: list[dict], outs: dict) -> None:
         if r.get("method") == "notebook-loop-order":
             continue  # timed on fresh inputs: no output kept
         other = "torch" if r["backend"] == "jax" else "jax"
-        mine = outs.get((r["backend"], r["shape"], r["scheme"]))
+        # the twin is the other backend's unfused row (JAX's, for a triton row)
+        mine = outs.get((r["backend"], r["shape"], scheme_key(r["scheme"], r.get("implementation", "unfused"))))
         theirs = outs.get((other, r["shape"], r["scheme"]))
         if mine is not None and theirs is not None:
             bound = outs[(r["backend"], r["shape"], "bound")]
             r["xbackend_vs_bound"] = float(np.max(np.abs(mine - theirs) / bound))
         twin = [x for x in rows if x["backend"] == other and x["shape"] == r["shape"] and x["scheme"] == r["scheme"]
-                and x.get("method") == r.get("method")]
+                and x.get("method") == r.get("method") and x.get("implementation", "unfused") == "unfused"]
         if twin and "flags" in r and "flags" in twin[0]:
-            r["verdicts_agree"] = r["flags"] == twin[0]["flags"]
+            common = [c for c in r["flags"] if c in twin[0]["flags"]]  # a fused kernel runs fewer checks
+            r["verdicts_agree"] = all(r["flags"][c] == twin[0]["flags"][c] for c in common)
+            if len(common) < max(len(r["flags"]), len(twin[0]["flags"])):
+                r["verdicts_compared"] = common
     for shape in {r["shape"] for r in rows}:
         plain = [r["ms"] for r in rows if r["shape"] == shape and (r["scheme"] == "baseline" or r.get("peer"))
                  and r["ms"] == r["ms"]]
@@ -262,6 +330,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, help=f"one of {PRESET_NAMES}; default: seed on a GPU, cpu otherwise")
     ap.add_argument("--schemes", default=",".join(SCHEME_NAMES))
     ap.add_argument("--backends", default="jax,torch")
+    ap.add_argument("--implementations", default="unfused,triton",
+                    help="unfused (both backends) and triton (PyTorch's fused kernel, on a CUDA GPU only)")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--dist", default="uniform")
     ap.add_argument("--causal", action="store_true")
@@ -293,7 +363,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     isolate = args.isolate == "process" or (args.isolate == "auto" and len(names) > 1)
     print(f"# preset={args.preset} dtype={args.dtype} dist={args.dist} causal={args.causal} method={args.method} "
-          f"isolate={'process' if isolate else 'none'} out={args.out}", flush=True)
+          f"implementations={args.implementations} isolate={'process' if isolate else 'none'} out={args.out}",
+          flush=True)
     rows, outs, env = [], {}, {"host": results.host_environment()}
     for bname in names:
         if not _installed(bname):
@@ -346,7 +417,8 @@ def _forward(argv) -> list[str]:
 
 def _run_with_progress(args, bname: str):
     n_peers = len(peers.TORCH_PEERS if bname == "torch" else peers.JAX_PEERS) if args.peers else 0
-    steps = len(preset(args.preset)) * (len(args.schemes.split(",")) + n_peers)
+    n_schemes = len(args.schemes.split(",")) * len(_implementations(args, bname))
+    steps = len(preset(args.preset)) * (n_schemes + n_peers)
     try:
         from rich.progress import Progress
     except ImportError:
@@ -367,6 +439,8 @@ def _validate(args) -> None:
         one_of("schemes", s, SCHEME_NAMES)
     for b in args.backends.split(","):
         one_of("backends", b, ("jax", "torch"))
+    for i in args.implementations.split(","):
+        one_of("implementations", i, ("unfused", "triton"))
     one_of("dtype", args.dtype, ("float16", "bfloat16", "float32"))
     one_of("dist", args.dist, DISTRIBUTIONS)
     one_of("method", args.method, ("robust", "notebook"))

@@ -73,6 +73,19 @@ def _exp2_fma(x):
 
 
 @triton.jit
+def _round_bf16(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), kept in float32.
+
+    The interpreter's float32 → bfloat16 conversion truncates; the GPU's
+    rounds to nearest. With ``UPCAST`` (the interpreter) the kernel rounds
+    here, so both round alike.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _corrupt(x, kind, bit, value, unit):
     """``x`` (float32) with ``bit`` flipped (kind 0), set to ``value`` (1) or plus
     ``value`` (2), in the logical units ``x·unit``."""
@@ -222,10 +235,11 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
     lt = tl.sum(p, 1)
     l = l * alpha + lt
     acc = acc * alpha[:, None]
-    pm = p.to(dt)
     if UPCAST:
-        acc = tl.dot(pm.to(tl.float32), v.to(tl.float32), acc)
+        pm = _round_bf16(p)
+        acc = tl.dot(pm, v.to(tl.float32), acc)
     else:
+        pm = p.to(dt)
         acc = tl.dot(pm, v, acc)
     if CHECKS:
         if MASKED:
@@ -248,7 +262,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
         vc = tl.load(VCOL + vcol_off + cols[:, None].to(tl.int64) * 16 + tl.arange(0, 16)[None, :],
                      mask=kvalid[:, None], other=0.0)
         if UPCAST:
-            pv = tl.dot(pm.to(tl.float32), vc.to(tl.float32), pv * alpha[:, None])
+            pv = tl.dot(pm, vc.to(tl.float32), pv * alpha[:, None])
         else:
             pv = tl.dot(pm, vc, pv * alpha[:, None])
     return acc, m_new, l, srow, l2, d, pv, nc, mmax
@@ -317,8 +331,9 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     o = acc * inv[:, None]
     if INJECT:
         o = _inject(o, rows, hs, FT, FV, n_faults, b, n, SITE_OUT, 0, 1.0)
+    o_st = _round_bf16(o) if UPCAST else o
     tl.store(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + rows[:, None].to(tl.int64) * sot
-             + hs[None, :] * soh, o.to(O.dtype.element_ty), mask=rvalid[:, None])
+             + hs[None, :] * soh, o_st.to(O.dtype.element_ty), mask=rvalid[:, None])
 
     if CHECKS:
         # ---- qk_row: Σ_j s_ij against q_i·(Σ over attended keys of k)

@@ -9,6 +9,12 @@ from __future__ import annotations
 import importlib.util
 import os
 
+# The Triton kernels (implementation="triton") run in Triton's interpreter when
+# the torch tests run on the CPU; the variable must be set before anything
+# imports triton.
+if os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from compare import backends as adapters

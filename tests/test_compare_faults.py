@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -107,3 +108,59 @@ def test_masked_trials_run_under_the_mask(mask):
 
 def _masking_kwargs(kw):
     return dict(mask=kw.get("mask"), window=kw.get("local_window_size"), key_lengths=kw.get("key_value_seq_lengths"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_campaign(tmp_path, capsys):
+    """``--implementation triton``: the fused kernel against JAX unfused, on a tiny campaign at
+    bit 30 (on a CPU through Triton's interpreter, which tests/conftest.py selects)."""
+    from compare import faults
+
+    assert faults.main(["--implementation", "triton", "--trials", "1", "--bits", "30", "--dtype", "float16,float32",
+                        "--sites", "scores,probs,probs.replica,out", "--clean", "1", "--seed", "5",
+                        "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "torch triton" in text and "torch [triton]: faults by site" in text and "jax [unfused]" in text
+    assert "float32 left out" in text and "n/a (triton locates nothing)" in text
+    doc = json.loads((tmp_path / "faults.json").read_text())
+    assert doc["config"]["implementation"] == "triton" and doc["config"]["dtypes"] == ["float16"]
+    assert doc["config"]["implementations"] == {"jax": "unfused", "torch": "triton"}
+    summary = doc["summary"]
+    assert summary["implementation"] == "triton"
+    assert summary["compared_checks"] == ["qk_row", "softmax_dmr", "pv_row"]
+    torch_summary = summary["backends"]["torch"]
+    assert torch_summary["implementation"] == "triton" and not torch_summary["locates"]
+    assert {(s["dtype"], s["site"]) for s in torch_summary["sites"]} == {
+        ("float16", s) for s in ("scores", "probs", "probs.replica", "out")}
+    assert len(doc["trials"]) == 4 and all(t["bit"] == 30 for t in doc["trials"])
+    for trial in doc["trials"]:
+        for name, res in trial["backends"].items():
+            # an exponent flip at a protected site is never missed, and what is detected is corrected
+            assert not (res["harmful"] and not res["detected"] and res["beyond_limit"]), (name, trial)
+            assert "located" not in res or name == "jax"
+            if res["detected"]:
+                assert res["corrected"], (name, trial)
+    for b in summary["backends"].values():
+        assert b["missed_protected"] == 0 and b["clean"]["count"] == 0
+    assert summary["agreement_outside_band"]["rate"] == 1.0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--mask", "padding"], "--mask"), (["--dtype", "float32"], "--dtype"), (["--scheme", "abft_qk_col"], "--scheme"),
+    (["--backends", "jax"], "--implementation"),
+])
+def test_triton_campaign_refuses_what_the_kernel_cannot_run(argv, match):
+    from compare import faults
+
+    with pytest.raises(SystemExit, match=match):
+        faults.main(["--implementation", "triton", *argv])
+
+
+def test_bits_option():
+    from compare import faults
+
+    assert faults._parse_bits("30,0-2") == {0, 1, 2, 30} and faults._parse_bits(None) is None
+    with pytest.raises(SystemExit, match="--bits"):
+        faults._parse_bits("40")
+    trials = faults.plan_trials(["scores", "key"], ["float16"], 1, 0, faults.DEFAULT_SHAPE, "full", {3, 30})
+    assert [(t["site"], t["bit"]) for t in trials] == [("scores", 3), ("scores", 30), ("key", 3)]
