@@ -87,13 +87,18 @@ def main(argv=None) -> int:
             return lambda: ftattn_torch.attention(q, k, v, scheme=scheme, is_causal=a.causal,
                                                   implementation="triton")
 
-        def kernel(checks_on, blocks=None):
+        def kernel(checks_on, blocks=None, which=None):
             return lambda: fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=checks_on,
-                                         blocks=blocks)
+                                         blocks=blocks, which=which)
 
         cands = {"sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
                  "triton full (api)": api("full"), "triton baseline (api)": api("baseline"),
                  "triton kernel checks on": kernel(True), "triton kernel checks off": kernel(False)}
+        default = fused.BlockSizes.get_default(H, False)
+        for check in ("qk_row", "softmax_dmr", "pv_row"):
+            cands[f"triton kernel {check} only"] = kernel(True, which=(check,))
+        cands["triton kernel, FMA-pipe replica"] = kernel(True, fused.BlockSizes(
+            default.block_m, default.block_n, default.num_warps, default.num_stages, "fma"))
         if a.sweep:
             del cands["sdpa-flash"], cands["triton baseline (api)"]
         if a.sweep:
@@ -129,10 +134,10 @@ def main(argv=None) -> int:
         ftattn_torch.attention(q, k, v, is_causal=a.causal, implementation="triton")
         torch.cuda.synchronize()
         on_mem = torch.cuda.max_memory_allocated() - m0
-        c_fma = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True)[-1]
-        c_mufu = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True,
-                               blocks=fused.BlockSizes.get_default(H, False).__class__(
-                                   **{**fused.BlockSizes.get_default(H, False).__dict__, "replica": "mufu"}))[-1]
+        c_fma = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True,
+                              blocks=fused.BlockSizes(default.block_m, default.block_n, default.num_warps,
+                                                      default.num_stages, "fma"))[-1]
+        c_mufu = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=True, blocks=default)[-1]
         c_off = fused.forward(q, k, v, scale=scale, is_causal=a.causal, checks_on=False)[-1]
         counts = {n: (count_ex2(c), count_fma(c)) for n, c in (("on-fma", c_fma), ("on-mufu", c_mufu),
                                                                  ("off", c_off))}

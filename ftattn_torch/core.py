@@ -25,10 +25,12 @@ def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
     """Batched a @ b with float32 accumulation and a float32 result.
 
     On CUDA, float16/bfloat16 operands go to the tensor cores with a float32
-    output (``out_dtype``); elsewhere the operands are upcast, which is exact.
+    output (``out_dtype``, which autograd cannot differentiate); elsewhere, and
+    when a gradient is needed, the operands are upcast, which is exact.
     Either way the products are exact and the sums are float32.
     """
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)  # out_dtype has no derivative
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and not grad:
         return torch.bmm(a, b, out_dtype=F32)
     return torch.bmm(a.to(F32), b.to(F32))
 

@@ -125,7 +125,8 @@ def _fault_tensors(plan: FaultPlan | None, device) -> tuple[Tensor, Tensor, int]
 
 def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
             plan: FaultPlan | None = None, blocks: BlockSizes | None = None, redo: Tensor | None = None,
-            out: Tensor | None = None, signed: bool = False, count_inputs: bool = True):
+            out: Tensor | None = None, signed: bool = False, count_inputs: bool = True,
+            which: tuple[str, ...] | None = None):
     """Launch the kernels; returns ``(out, stats, flags, count, blocks, compiled)``.
 
     ``stats`` is float32 ``(6, B, N, T)``: (residual, threshold) of
@@ -134,7 +135,9 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     ``count`` int32 ``(2,)``: flagged rows and non-finite input elements
     (None, None, None without checks and without ``count_inputs``).
     ``redo`` (int32 ``(R, 2)`` of (query block, b·N + n)) recomputes only those
-    blocks into ``out``, without checks or faults. ``compiled`` is what the
+    blocks into ``out``, without checks or faults. ``which`` restricts the
+    checks to some of ``("qk_row", "softmax_dmr", "pv_row")`` (default: all
+    three when ``checks_on``; each is compiled in only if asked). ``compiled`` is what the
     forward launch returned (on a GPU, the compiled kernel, whose ``asm``
     holds its PTX).
     """
@@ -152,6 +155,10 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     if out is None:
         out = torch.empty_like(query)
     checks_on = checks_on and redo is None
+    which = tuple(_STAT_PLANES) if which is None else tuple(which)
+    if not set(which) <= set(_STAT_PLANES):
+        raise ValueError(f"which: expected checks among {tuple(_STAT_PLANES)}, got {which}")
+    checks_on = checks_on and bool(which)
     count_inputs = count_inputs and redo is None
     ft, fv, n_faults = _fault_tensors(plan if redo is None else None, dev)
     dummy = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -166,7 +173,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     if count_inputs:  # with the checks: also the sums of K and the columns of V
         kern._prepass[(n_chunks, B * K)](
             key, value, ksum if checks_on else dummy, vcol if checks_on else dummy, count,
-            *key.stride(), *value.stride(), K, S, n_chunks, H=H, CHUNK=chunk, SUMS=checks_on,
+            *key.stride(), *value.stride(), K, S, n_chunks, H=H, CHUNK=chunk,
+            SUMS=checks_on and bool({"qk_row", "pv_row"} & set(which)),
             num_warps=4 if not interp else 1)
         if checks_on:
             torch.cumsum(ksum, dim=2, out=ksum)
@@ -181,7 +189,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
         N, N // K, K, T, S, n_chunks, n_faults, B * N * T, scale,
         qk_c, tol.underflow_allowance(4 * (S + 1) * (H + 1)), pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
         H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
-        CHECKS=checks_on, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast, SIGNED=signed, REPLICA_FMA=bs.replica == "fma",
+        QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
+        PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast, SIGNED=signed, REPLICA_FMA=bs.replica == "fma",
         num_warps=bs.num_warps, num_stages=bs.num_stages)
     return out, stats, flags, count, bs, compiled
 
@@ -219,7 +228,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, scheme: str, granularity: 
         v = faults.inject(value.detach(), "value", "BKSH", plan)
         glob = granularity == "global"
         out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal,
-                                                  checks_on=bool(wanted), plan=plan, signed=glob)
+                                                  checks_on=bool(wanted), plan=plan, signed=glob, which=wanted)
         if faults.targets_any(plan, ("query", "key", "value")):  # the kernels counted the corrupted inputs
             finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
         else:

@@ -17,7 +17,7 @@ query head ``n`` reads kv head ``n // G``):
     16 columns: the extra MMA columns of the ``pv_row`` check.
 
 ``_forward`` (grid: query blocks × ``B·N``, or a list of blocks to recompute):
-the online-softmax forward. With ``CHECKS`` it also keeps, per query row,
+the online-softmax forward. With ``QK``, ``DMR``, ``PV`` it also keeps, per query row,
   * ``srow``: Σ_j s_ij (raw q·k, masked keys left out), for ``qk_row``;
   * ``l2``, ``d``: a second evaluation of every exponential (a different
     formula: ``exp2((s − m)·c)`` against ``exp2(s·c − m·c)``), its running sum
@@ -206,7 +206,8 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H: tl.constex
 def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
           start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
           H: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-          CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr, REPLICA_FMA: tl.constexpr):
+          QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
+          REPLICA_FMA: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
@@ -241,11 +242,12 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
     else:
         pm = p.to(dt)
         acc = tl.dot(pm, v, acc)
-    if CHECKS:
+    if QK:
         if MASKED:
             srow += tl.sum(tl.where(keep, qk, 0.0), 1)
         else:
             srow += tl.sum(qk, 1)
+    if DMR:
         # the replica: its own argument formula and its own rescale factor
         if REPLICA_FMA:
             p2 = _exp2_fma((qk - m_new[:, None]) * c)
@@ -257,8 +259,10 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
         l2t = tl.sum(p2, 1)
         l2 = l2 * alpha2 + l2t
         d = d * alpha + tl.abs(lt - l2t)
+    if DMR or PV:
         nc += ((m_new > m_raw) & (m_raw > float("-inf"))).to(tl.int32)
         mmax = tl.maximum(mmax, tl.abs(m_sc))
+    if PV:
         vc = tl.load(VCOL + vcol_off + cols[:, None].to(tl.int64) * 16 + tl.arange(0, 16)[None, :],
                      mask=kvalid[:, None], other=0.0)
         if UPCAST:
@@ -274,7 +278,8 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
              N, G, KH, T, S, n_chunks, n_faults, plane, scale,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-             CAUSAL: tl.constexpr, CHECKS: tl.constexpr, INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
+             CAUSAL: tl.constexpr, QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
+             INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
              UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr):
     if REDO_MODE:
         mb = tl.load(REDO + 2 * tl.program_id(0))
@@ -320,12 +325,12 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
             start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, False, CAUSAL, CHECKS, INJECT, UPCAST, REPLICA_FMA)
+            H, BLOCK_N, False, CAUSAL, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
             start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, True, CAUSAL, CHECKS, INJECT, UPCAST, REPLICA_FMA)
+            H, BLOCK_N, True, CAUSAL, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
 
     inv = 1.0 / l
     o = acc * inv[:, None]
@@ -335,7 +340,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     tl.store(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + rows[:, None].to(tl.int64) * sot
              + hs[None, :] * soh, o_st.to(O.dtype.element_ty), mask=rvalid[:, None])
 
-    if CHECKS:
+    if QK:
         # ---- qk_row: Σ_j s_ij against q_i·(Σ over attended keys of k)
         if CAUSAL:
             chunk = tl.minimum((mb * BLOCK_M) // CHUNK, n_chunks)
@@ -364,14 +369,16 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
             mag += tl.sum(tl.abs(qf) * kad, 1)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, (srow - pred) * scale,
                  (coef_qk * mag + allow_qk) * scale, SIGNED)
+    nc_f = nc.to(tl.float32)
+    if DMR:
         # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1)
-        nc_f = nc.to(tl.float32)
         thr = dmr_a0 + dmr_a1 * nc_f + dmr_a2 * mmax * (1.0 + nc_f) + allow_dmr * inv
         r = (d + tl.abs(l - l2)) * inv
         ok = (m_raw > float("-inf")) & (m_raw < float("inf")) & (l < float("inf")) & (l2 < float("inf"))
         ok = ok & (l * (1.0 + thr) >= 1.0)
         r = tl.where(ok, r, float("inf"))
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, r, thr, False)
+    if PV:
         # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i
         ccol = tl.arange(0, 16)[None, :]
         pvp = tl.sum(tl.where(ccol < 3, pv, 0.0), 1) * inv

@@ -111,15 +111,16 @@ def _masking_kwargs(kw):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Triton's interpreter on NumPy 2
 def test_triton_campaign(tmp_path, capsys):
     """``--implementation triton``: the fused kernel against JAX unfused, on a tiny campaign at
     bit 30 (on a CPU through Triton's interpreter, which tests/conftest.py selects)."""
     from compare import faults
 
     assert faults.main(["--implementation", "triton", "--trials", "1", "--bits", "30", "--dtype", "float16,float32",
-                        "--sites", "scores,probs,probs.replica,out", "--clean", "1", "--seed", "5",
+                        "--sites", "scores,probs,out", "--clean", "1", "--seed", "5",
                         "--out", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "torch triton" in text and "torch [triton]: faults by site" in text and "jax [unfused]" in text
     assert "float32 left out" in text and "n/a (triton locates nothing)" in text
     doc = json.loads((tmp_path / "faults.json").read_text())
@@ -131,8 +132,8 @@ def test_triton_campaign(tmp_path, capsys):
     torch_summary = summary["backends"]["torch"]
     assert torch_summary["implementation"] == "triton" and not torch_summary["locates"]
     assert {(s["dtype"], s["site"]) for s in torch_summary["sites"]} == {
-        ("float16", s) for s in ("scores", "probs", "probs.replica", "out")}
-    assert len(doc["trials"]) == 4 and all(t["bit"] == 30 for t in doc["trials"])
+        ("float16", s) for s in ("scores", "probs", "out")}
+    assert len(doc["trials"]) == 3 and all(t["bit"] == 30 for t in doc["trials"])
     for trial in doc["trials"]:
         for name, res in trial["backends"].items():
             # an exponent flip at a protected site is never missed, and what is detected is corrected

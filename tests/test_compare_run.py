@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import os
 
 import pytest
 
@@ -20,7 +23,10 @@ def test_cpu_preset_writes_every_row_and_renders(tmp_path, capsys):
     doc = json.loads((tmp_path / "results.json").read_text())
     shapes = [s.label() for s in PRESETS["cpu"]]
     peer_rows = [r for r in doc["rows"] if r.get("peer")]
-    rows = [r for r in doc["rows"] if not r.get("peer")]
+    rows = [r for r in doc["rows"] if not r.get("peer") and r["implementation"] == "unfused"]
+    triton_rows = [r for r in doc["rows"] if r.get("implementation") == "triton"]
+    assert {(r["shape"], r["scheme"]) for r in triton_rows} == {(s, scheme) for s in shapes for scheme in SCHEME_NAMES}
+    assert all(r["backend"] == "torch" and r["skipped"] for r in triton_rows)  # no GPU: skipped with a reason
     assert {(r["shape"], r["scheme"], r["backend"]) for r in rows} == {
         (s, scheme, b) for s in shapes for scheme in SCHEME_NAMES for b in ("jax", "torch")}
     assert {r["scheme"] for r in peer_rows} == set(peers.TORCH_PEERS + peers.JAX_PEERS)
@@ -90,6 +96,7 @@ def test_notebook_loop_order_charges_start_up_to_the_first_length():
     (["--preset", "nope"], "--preset"), (["--schemes", "full,fast"], "--schemes"),
     (["--backends", "tf"], "--backends"), (["--dtype", "float64"], "--dtype"),
     (["--method", "best"], "--method"), (["--reps", "0"], "--reps"),
+    (["--implementations", "unfused,fused"], "--implementations"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -116,3 +123,62 @@ def test_notebook_method_adds_the_loop_order_rows(tmp_path):
     loop = [r for r in rows if r["method"] == "notebook-loop-order"]
     assert len(loop) == len(PRESETS["cpu"]) and all(r["ms"] > 0 and "xbackend_vs_bound" not in r for r in loop)
     assert json.loads((tmp_path / "results.json").read_text())["config"]["isolate"] == "auto"
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_implementations_option_and_triton_rows_skipped_without_a_gpu(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the triton rows run")
+    args = argparse.Namespace(implementations="unfused,triton")
+    assert run._implementations(args, "torch") == ["unfused", "triton"]
+    assert run._implementations(args, "jax") == ["unfused"]  # JAX has only unfused
+    assert run._implementations(argparse.Namespace(implementations="triton"), "jax") == []
+    argv = ["--preset", "cpu", "--backends", "torch", "--schemes", "baseline,abft_qk_col,full", "--no-peers",
+            "--reps", "1", "--warmup", "0", "--input-sets", "1"]
+    assert run.main(argv + ["--out", str(tmp_path / "both")]) == 0
+    out = capsys.readouterr().out
+    assert "triton rows skipped: triton: no GPU" in out and "[triton]" in out
+    doc = results.load(str(tmp_path / "both" / "results.json"))  # null back to NaN
+    assert doc["config"]["implementations"] == "unfused,triton"
+    shapes = [s.label() for s in PRESETS["cpu"]]
+    triton_rows = [r for r in doc["rows"] if r["implementation"] == "triton"]
+    assert {(r["shape"], r["scheme"]) for r in triton_rows} == {
+        (s, scheme) for s in shapes for scheme in ("baseline", "abft_qk_col", "full")}
+    for r in triton_rows:
+        assert r["ms"] != r["ms"] and r["detected"] is False and "flags" not in r  # NaN: not timed
+        if r["scheme"] == "abft_qk_col":  # the kernel runs no column check, GPU or not
+            assert r["skipped"].startswith("triton: runs none of the checks of abft_qk_col")
+        else:
+            assert r["skipped"] == "triton: no GPU"
+    assert all(r["ms"] > 0 and "skipped" not in r for r in doc["rows"] if r["implementation"] == "unfused")
+    assert run.main(argv + ["--implementations", "unfused", "--out", str(tmp_path / "unfused")]) == 0
+    doc = json.loads((tmp_path / "unfused" / "results.json").read_text())
+    assert {r["implementation"] for r in doc["rows"]} == {"unfused"}
+    assert "[triton]" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH and importlib.util.find_spec("triton") is not None
+                         and os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs jax, torch, triton and TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU)")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Triton's interpreter on NumPy 2
+def test_triton_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
+    """The triton rows' code path on a CPU, through Triton's interpreter on one tiny shape."""
+    monkeypatch.setattr(run, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(run, "preset", lambda name: (Shape(1, 4, 40, 24, 16, K=2),))
+    assert run.main(["--preset", "cpu", "--schemes", "baseline,abft_qk_col,full", "--no-peers", "--isolate", "none",
+                     "--reps", "1", "--warmup", "0", "--input-sets", "1", "--out", str(tmp_path)]) == 0
+    assert "[triton]" in capsys.readouterr().out  # the table labels the rows ("full [triton]", maybe wrapped)
+    rows = {(r["backend"], r["scheme"], r["implementation"]): r
+            for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert set(rows) == {(b, s, "unfused") for b in ("jax", "torch") for s in ("baseline", "abft_qk_col", "full")} | {
+        ("torch", s, "triton") for s in ("baseline", "abft_qk_col", "full")}
+    assert rows[("torch", "abft_qk_col", "triton")]["skipped"]
+    full = rows[("torch", "full", "triton")]
+    assert full["flags"] == {"qk_row": False, "softmax_dmr": False, "pv_row": False} and full["detected"] is False
+    assert full["verdicts_agree"] is True and full["verdicts_compared"] == ["qk_row", "softmax_dmr", "pv_row"]
+    assert full["err_vs_bound"] <= 1 and full["xbackend_vs_bound"] <= 2  # against JAX unfused
+    assert rows[("torch", "baseline", "triton")]["flags"] == {} and full["overhead"] == full["overhead"]
+    assert rows[("jax", "full", "unfused")]["verdicts_agree"] is True  # still against torch unfused
+    assert "verdicts_compared" not in rows[("jax", "full", "unfused")]
