@@ -97,7 +97,7 @@ def _free(backend) -> None:
 
 def _implementations(args, bname: str) -> list[str]:
     """The implementations of ``--implementations`` that backend ``bname`` offers, in that order."""
-    return [i for i in args.implementations.split(",") if i in IMPLEMENTATIONS[bname]]
+    return [i for i in dict.fromkeys(args.implementations.split(",")) if i in IMPLEMENTATIONS[bname]]
 
 
 def scheme_key(scheme: str, implementation: str = "unfused") -> str:
@@ -189,9 +189,9 @@ def _scheme_row(args, be, shape, inputs, scheme: str, impl: str, base_ms, nh: in
         try:
             out, rep = be.sync(fn(*inputs[0]))  # first call: compiles in JAX (and Triton)
         except (ValueError, TypeError) as e:
-            if impl == "unfused":
+            if impl == "unfused" or impl not in str(e):
                 raise
-            # what the kernel does not support (dtype, head dim): its message says which
+            # what the kernel does not support (dtype, head dim): its message names it and says which
             reason = f"{impl}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
             return dict(row, **missing, skipped=reason), None, base_ms
         first_ms = (time.perf_counter() - t0) * 1e3
