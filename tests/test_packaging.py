@@ -33,6 +33,7 @@ def test_ftattn_torch_does_not_import_jax():
     mods = _modules_after_import("ftattn_torch")
     assert "torch" in mods
     assert "jax" not in mods and "jaxlib" not in mods
+    assert "triton" not in mods  # the fused kernels are imported on first use
 
 
 def test_compare_package_imports_without_frameworks():
