@@ -31,6 +31,7 @@ from . import checks, faults
 #: Head dims the kernel compiles for (``tl.arange`` needs a power of two; ``tl.dot`` at least 16).
 HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
 DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 _STAT_PLANES = {"qk_row": 0, "softmax_dmr": 1, "pv_row": 2}
 
 
@@ -171,7 +172,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
         stats = torch.empty((6, B, N, T), dtype=torch.float32, device=dev)
         flags = torch.empty((3, B, N, T), dtype=torch.bool, device=dev)
     if count_inputs:  # with the checks: also the sums of K and the columns of V
-        kern._prepass[(n_chunks, B * K)](
+        kern._prepass[(B * K, n_chunks)](
             key, value, ksum if checks_on else dummy, vcol if checks_on else dummy, count,
             *key.stride(), *value.stride(), K, S, n_chunks, H=H, CHUNK=chunk,
             SUMS=checks_on and bool({"qk_row", "pv_row"} & set(which)),
@@ -181,17 +182,20 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     qk_c = tol.fused_qk_coefficient(S, H, _dt(query), bs.block_m, bs.block_n)
     pv_c, pv_rc, pv_allow = tol.fused_pv_coefficients(S, H, _dt(query))
     a0, a1, a2, dmr_allow = tol.fused_dmr_coefficients(S, bs.block_n)
-    grid = (redo.shape[0],) if redo is not None else (-(-T // bs.block_m), B * N)
     pick = lambda x: dummy if x is None else x  # noqa: E731
-    compiled = kern._forward[grid](
-        query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv, pick(redo),
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        N, N // K, K, T, S, n_chunks, n_faults, B * N * T, scale,
-        qk_c, tol.underflow_allowance(4 * (S + 1) * (H + 1)), pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
-        H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
-        QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
-        PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast, SIGNED=signed, REPLICA_FMA=bs.replica == "fma",
-        num_warps=bs.num_warps, num_stages=bs.num_stages)
+    slices = [(0, redo.shape[0])] if redo is not None else [(o, min(B * N - o, _MAX_GRID_Y))
+                                                           for o in range(0, B * N, _MAX_GRID_Y)]
+    for offset, size in slices:
+        grid = (size,) if redo is not None else (-(-T // bs.block_m), size)
+        compiled = kern._forward[grid](
+            query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
+            pick(redo), *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale,
+            qk_c, tol.underflow_allowance(4 * (S + 1) * (H + 1)), pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
+            H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
+            QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
+            PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
+            SIGNED=signed, REPLICA_FMA=bs.replica == "fma", num_warps=bs.num_warps, num_stages=bs.num_stages)
     return out, stats, flags, count, bs, compiled
 
 

@@ -8,7 +8,7 @@ reference or the unfused path.
 Two kernels, legend of ``ftattn_spec.axes`` (q ``B N T H``, k and v ``B K S H``,
 query head ``n`` reads kv head ``n // G``):
 
-``_prepass`` (grid: key chunks × ``B·K``), in float32:
+``_prepass`` (grid: ``B·K`` × key chunks), in float32:
   * ``KSUM[b, kh, c + 1] = (Σ k_j, Σ |k_j|)`` over the keys of chunk ``c``
     (``CHUNK`` keys); the caller turns it into exclusive prefix sums with one
     ``cumsum``, so ``KSUM[b, kh, c]`` sums the keys before ``c·CHUNK``.
@@ -16,7 +16,8 @@ query head ``n`` reads kv head ``n // G``):
     dtype (hi + mid + lo), ``v̄_j = Σ_h v_jh``, ``w_j = Σ_h |v_jh|``, padded to
     16 columns: the extra MMA columns of the ``pv_row`` check.
 
-``_forward`` (grid: query blocks × ``B·N``, or a list of blocks to recompute):
+``_forward`` (grid: query blocks × ``B·N`` (launched in slices of at most
+65535 heads, the limit of a grid's second axis), or a list of blocks to recompute):
 the online-softmax forward. With ``QK``, ``DMR``, ``PV`` it also keeps, per query row,
   * ``srow``: Σ_j s_ij (raw q·k, masked keys left out), for ``qk_row``;
   * ``l2``, ``d``: a second evaluation of every exponential (a different
@@ -151,8 +152,8 @@ def _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, which: tl.con
 @triton.jit
 def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_chunks,
              H: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr):
-    c = tl.program_id(0)
-    bk = tl.program_id(1)
+    bk = tl.program_id(0)
+    c = tl.program_id(1)
     b = bk // KH
     kh = bk % KH
     rows = c * CHUNK + tl.arange(0, CHUNK)
@@ -275,7 +276,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
 @triton.jit
 def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
              sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sob, son, sot, soh,
-             N, G, KH, T, S, n_chunks, n_faults, plane, scale,
+             N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              CAUSAL: tl.constexpr, QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
@@ -286,7 +287,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
         bn = tl.load(REDO + 2 * tl.program_id(0) + 1)
     else:
         mb = tl.program_id(0)
-        bn = tl.program_id(1)
+        bn = tl.program_id(1) + bn_offset
     b = bn // N
     n = bn % N
     kh = n // G

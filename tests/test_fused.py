@@ -260,3 +260,17 @@ def test_softmax_replica_survives_compilation():
         compiled = fused.forward(q, k, v, scale=0.125, is_causal=False, checks_on=on, blocks=bs)[-1]
         count[on] = len(re.findall(r"\bex2\.approx", compiled.asm["ptx"]))
     assert count[False] > 0 and count[True] >= 2 * count[False] - 4, count
+
+
+def test_heads_beyond_one_grid_axis_launch_in_slices(monkeypatch):
+    """B·N above CUDA's 65535 limit on a grid's second axis runs in slices (shrunk here to 3)."""
+    from ftattn_torch import fused
+
+    (q, k, v), _ = _inputs(12, "normal", "float16", T=20, S=24)
+    whole, rw = ft.attention(q, k, v, implementation="triton", fault=Fault("out", (1, 3, 5, 2), bit=30))
+    monkeypatch.setattr(fused, "_MAX_GRID_Y", 3)
+    sliced, rs = ft.attention(q, k, v, implementation="triton", fault=Fault("out", (1, 3, 5, 2), bit=30))
+    assert torch.equal(whole, sliced)
+    for name in rw.checks:
+        assert torch.equal(rw.checks[name].flagged, rs.checks[name].flagged)
+    assert bool(rs.checks["pv_row"].flagged[1, 3, 5]) and int(rs.checks["pv_row"].flagged.sum()) == 1
