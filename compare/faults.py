@@ -305,7 +305,7 @@ def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str, i
         for (dtype, site), s in sorted(by_site.items(), key=lambda kv: (kv[0][0], CAMPAIGN_SITES.index(kv[0][1]))):
             sites.append(dict(dtype=dtype, site=site, protected=protected(site, scheme, impl), **s,
                               detection=_rate(s["detected"], s["trials"]),
-                              localization=_rate(s["located"], s["locatable"]),
+                              localization=_rate(s["located"], s["locatable"]) if locates else None,
                               correction=_rate(s["corrected"], s["correctable"])))
         prot = [s for s in sites if s["protected"]]
         total = lambda k, ss: sum(s[k] for s in ss)  # noqa: E731
@@ -316,7 +316,7 @@ def summarize(rows: list[dict], clean: dict, backends: list[str], scheme: str, i
             "missed_protected": total("missed", prot),
             "below_limit_protected": total("below_limit", prot),
             "missed_unprotected": total("missed", [s for s in sites if not s["protected"]]),
-            "localization": _rate(total("located", single), total("locatable", single)),
+            "localization": _rate(total("located", single), total("locatable", single)) if locates else None,
             "correction": _rate(total("corrected", prot), total("correctable", prot)),
             "clean": _rate(clean["flagged"][name], clean["runs"]) if clean["runs"] else None,
         }

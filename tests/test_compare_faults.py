@@ -131,6 +131,7 @@ def test_triton_campaign(tmp_path, capsys):
     assert summary["compared_checks"] == ["qk_row", "softmax_dmr", "pv_row"]
     torch_summary = summary["backends"]["torch"]
     assert torch_summary["implementation"] == "triton" and not torch_summary["locates"]
+    assert torch_summary["localization"] is None  # n/a: the kernel locates nothing
     assert {(s["dtype"], s["site"]) for s in torch_summary["sites"]} == {
         ("float16", s) for s in ("scores", "probs", "out")}
     assert len(doc["trials"]) == 3 and all(t["bit"] == 30 for t in doc["trials"])
