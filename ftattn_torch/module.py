@@ -17,8 +17,8 @@ class FaultTolerantAttention(nn.Module):
     ``forward(query, key, value, attn_mask=None, is_causal=None, scale=None, fault=None)``
     has the semantics of ``scaled_dot_product_attention`` (layout ``(B, N, T, H)``);
     ``is_causal=None`` uses the module's default. The settings (``scheme``,
-    ``granularity``, ``on_fault``, ``enable_gqa``) are fixed at construction and
-    validated there.
+    ``granularity``, ``on_fault``, ``enable_gqa``, ``implementation``) are fixed
+    at construction and validated there.
 
     State, so that a fault is counted rather than lost:
 
@@ -31,7 +31,7 @@ class FaultTolerantAttention(nn.Module):
     """
 
     def __init__(self, *, scheme: str = "full", granularity: str = "vector", on_fault: str = "report",
-                 is_causal: bool = False, enable_gqa: bool = False):
+                 is_causal: bool = False, enable_gqa: bool = False, implementation: str | None = None):
         super().__init__()
         self.scheme = v.validate_scheme(scheme)
         self.granularity = v.validate_granularity(granularity)
@@ -40,6 +40,7 @@ class FaultTolerantAttention(nn.Module):
         if not isinstance(enable_gqa, bool):
             raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__} {enable_gqa!r}")
         self.enable_gqa = enable_gqa
+        self.implementation = v.validate_implementation("torch", implementation)
         self.last_report: Report | None = None
         self.register_buffer("faults_detected", torch.zeros((), dtype=torch.int64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
@@ -50,7 +51,7 @@ class FaultTolerantAttention(nn.Module):
         out, report = scaled_dot_product_attention(
             query, key, value, attn_mask, is_causal=causal, scale=scale, enable_gqa=self.enable_gqa,
             scheme=self.scheme, granularity=self.granularity, on_fault=self.on_fault, fault=fault,
-            return_report=True)
+            return_report=True, implementation=self.implementation)
         self.last_report = report
         with torch.no_grad():
             self.faults_detected += report.detected.to(self.faults_detected.device, torch.int64)
@@ -63,4 +64,4 @@ class FaultTolerantAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"scheme={self.scheme!r}, granularity={self.granularity!r}, on_fault={self.on_fault!r}, "
-                f"is_causal={self.is_causal}, enable_gqa={self.enable_gqa}")
+                f"is_causal={self.is_causal}, enable_gqa={self.enable_gqa}, implementation={self.implementation!r}")

@@ -21,7 +21,7 @@ from ftattn_spec import validation as v
 from ftattn_spec.axes import REPORT_AXES
 from ftattn_spec.faults import Fault, FaultDetected, FaultPlan
 from ftattn_spec.report import CheckResult, Report
-from ftattn_spec.schemes import CHECK_ORIENTATION, SCHEMES
+from ftattn_spec.schemes import CHECK_ORIENTATION
 
 from . import core
 from .api import validate
@@ -31,8 +31,8 @@ _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths"
 _BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
 
 
-def _has_located(scheme: str, granularity: str) -> bool:
-    return scheme == "full" and granularity == "vector"
+def _has_located(scheme: str, granularity: str, implementation: str = "unfused") -> bool:
+    return scheme == "full" and granularity == "vector" and implementation == "unfused"
 
 
 def _report_sizes(dims: dict, granularity: str, orientation: str) -> tuple[int, ...]:
@@ -47,12 +47,13 @@ def _flatten(out: Tensor, report: Report) -> list[Tensor]:
     return flat
 
 
-def _unflatten(flat: Sequence[Tensor], scheme: str, granularity: str) -> tuple[Tensor, Report]:
+def _unflatten(flat: Sequence[Tensor], scheme: str, granularity: str,
+               implementation: str = "unfused") -> tuple[Tensor, Report]:
     out, detected, finite, corrected = flat[:4]
-    names = SCHEMES[scheme].checks
+    names = v.implementation_checks(implementation, scheme)
     checks = {n: CheckResult(*flat[4 + 3 * i: 7 + 3 * i]) for i, n in enumerate(names)}
     rest = flat[4 + 3 * len(names):]
-    located = dict(zip(("scores", "out"), rest)) if _has_located(scheme, granularity) else {}
+    located = dict(zip(("scores", "out"), rest)) if _has_located(scheme, granularity, implementation) else {}
     return out, Report(detected=detected, checks=checks, inputs_finite=finite, located=located, corrected=corrected)
 
 
@@ -84,8 +85,18 @@ def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]
 @torch.library.custom_op("ftattn::sdpa", mutates_args=())
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool, scale: float,
           scheme: str, granularity: str, on_fault: str, fault_ints: Optional[Tensor],
-          fault_values: Optional[Tensor]) -> list[Tensor]:
+          fault_values: Optional[Tensor], implementation: str = "unfused") -> list[Tensor]:
     mask, bias = _split_mask(attn_mask)
+    if implementation == "triton":
+        from . import fused
+
+        out, report = fused.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
+                                is_causal=is_causal, on_fault="report" if on_fault == "raise" else on_fault,
+                                plan=_plan(fault_ints, fault_values))
+        if on_fault == "raise" and bool(report.detected):
+            raise FaultDetected(report)
+        flat = _flatten(out, report)  # the kernel's report tensors are views of a few buffers: copy them
+        return flat[:1] + [t.clone() for t in flat[1:]]
     out, report = core.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
                            is_causal=is_causal, on_fault="report" if on_fault == "raise" else on_fault,
                            plan=_plan(fault_ints, fault_values), bias=bias, mask=mask)
@@ -96,15 +107,15 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
 
 @_sdpa.register_fake
 def _sdpa_fake(query, key, value, attn_mask, is_causal, scale, scheme, granularity, on_fault, fault_ints,
-               fault_values):
+               fault_values, implementation="unfused"):
     B, N, T, H = query.shape
     dims = {"B": B, "N": N, "T": T, "S": key.shape[2], "H": H}
     new = query.new_empty
     flat = [torch.empty_like(query), new((), dtype=_BOOL), new((), dtype=_BOOL), new((), dtype=_I32)]
-    for name in SCHEMES[scheme].checks:
+    for name in v.implementation_checks(implementation, scheme):
         size = _report_sizes(dims, granularity, CHECK_ORIENTATION[name])
         flat += [new(size, dtype=_F32), new(size, dtype=_F32), new(size, dtype=_BOOL)]
-    if _has_located(scheme, granularity):
+    if _has_located(scheme, granularity, implementation):
         flat += [new((B, N, 2), dtype=_I32), new((B, N, 2), dtype=_I32)]
     return flat
 
@@ -119,7 +130,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     query, key, value, attn_mask = ctx.saved_tensors
     dq, dk, dv, dmask = plain_attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale, grads[0])
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 _sdpa.register_autograd(_backward, setup_context=_setup_context)
@@ -167,7 +178,8 @@ def plain_attention_backward(query, key, value, attn_mask, is_causal: bool, scal
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False, *, scheme: str = "full",
                                  granularity: str = "vector", on_fault: str = "report",
-                                 fault: Fault | Sequence[Fault] | None = None, return_report: bool = False):
+                                 fault: Fault | Sequence[Fault] | None = None, return_report: bool = False,
+                                 implementation: str | None = None):
     """``torch.nn.functional.scaled_dot_product_attention`` with fault checks.
 
     The positional arguments have SDPA's meaning: query ``(B, N, T, H)``, key
@@ -180,8 +192,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     gives zeros, as SDPA does. ``dropout_p`` must be 0.0: ftattn applies no
     dropout, and says so rather than ignore it.
 
-    Keyword-only extras: ``scheme``, ``granularity``, ``on_fault`` and
-    ``fault`` as in ``ftattn_torch.attention``; ``return_report=True`` returns
+    Keyword-only extras: ``scheme``, ``granularity``, ``on_fault``, ``fault``
+    and ``implementation`` as in ``ftattn_torch.attention`` (``"triton"``: the
+    fused kernel, without ``attn_mask``); ``return_report=True`` returns
     ``(out, report)``.
 
     Runs as the custom operator ``torch.ops.ftattn.sdpa``: it works under
@@ -201,14 +214,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
         query, key, value = query[None], key[None], value[None]
     mask, bias = _split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
     cfg, _ = validate(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
-                      is_causal=is_causal, on_fault=on_fault, fault=fault, names=_NAMES)
+                      is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation,
+                      names=_NAMES)
+    impl = v.validate_implementation("torch", implementation)
+    if impl == "triton":
+        from . import fused
+
+        fused.check_supported(query, key, scheme=cfg.scheme, masking={"attn_mask": attn_mask})
     if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
         raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "
                          f"attention), got K={cfg.dims['K']} (shape {tuple(key.shape)})")
     ints, values = _plan_tensors(cfg.plan)
     flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
-                                 cfg.granularity, cfg.on_fault, ints, values)
-    out, report = _unflatten(flat, cfg.scheme, cfg.granularity)
+                                 cfg.granularity, cfg.on_fault, ints, values, impl)
+    out, report = _unflatten(flat, cfg.scheme, cfg.granularity, impl)
     if squeeze:
         out = out[0]
     return (out, report) if return_report else out

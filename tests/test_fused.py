@@ -274,3 +274,33 @@ def test_heads_beyond_one_grid_axis_launch_in_slices(monkeypatch):
     for name in rw.checks:
         assert torch.equal(rw.checks[name].flagged, rs.checks[name].flagged)
     assert bool(rs.checks["pv_row"].flagged[1, 3, 5]) and int(rs.checks["pv_row"].flagged.sum()) == 1
+
+
+def test_sdpa_dropin_and_module_take_the_kernel():
+    from ftattn_torch import FaultTolerantAttention, scaled_dot_product_attention
+
+    (q, k, v), exact = _inputs(13, "normal", "float16", T=20, S=24)
+    ref_out, ref_rep = ft.attention(q, k, v, is_causal=True, implementation="triton")
+    out, rep = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, implementation="triton",
+                                            return_report=True)
+    assert torch.equal(out, ref_out) and set(rep.checks) == set(ref_rep.checks) and rep.located == {}
+    f = Fault("scores", (1, 3, 7, 2), bit=30)
+    out, rep = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, implementation="triton",
+                                            fault=f, on_fault="correct", return_report=True)
+    assert bool(rep.detected) and torch.equal(out, ref_out)
+    with pytest.raises(ValueError, match="attn_mask"):
+        scaled_dot_product_attention(q, k, v, torch.ones(20, 24, dtype=torch.bool, device=q.device),
+                                     enable_gqa=True, implementation="triton")
+    m = FaultTolerantAttention(is_causal=True, enable_gqa=True, implementation="triton")
+    m(q, k, v)
+    m(q, k, v, fault=f)
+    assert int(m.calls) == 2 and int(m.faults_detected) == 1 and "triton" in repr(m)
+
+
+def test_opcheck_of_the_dropin_with_the_kernel():
+    import ftattn_torch  # noqa: F401  registers the op
+
+    (q, k, v), _ = _inputs(14, "normal", "float16", T=18, S=21)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.ftattn.sdpa.default,
+                          (q, k, v, None, True, 0.3, "full", "vector", "report", None, None, "triton"))
