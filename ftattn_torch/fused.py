@@ -60,14 +60,20 @@ class BlockSizes:
         return cls(128, 128, 8, 2) if checks else cls(128, 128, 8, 3)
 
 
-def _kernels():
-    """Import the kernels, compiled or interpreted; errors say how to get either."""
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("implementation: 'triton' needs the triton package (pip install triton), "
-                         "which is not installed")
-    from . import triton_kernel
+_KERNELS = None
 
-    return triton_kernel
+
+def _kernels():
+    """Import the kernels (once), compiled or interpreted; errors say how to get either."""
+    global _KERNELS
+    if _KERNELS is None:
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("implementation: 'triton' needs the triton package (pip install triton), "
+                             "which is not installed")
+        from . import triton_kernel
+
+        _KERNELS = triton_kernel
+    return _KERNELS
 
 
 def interpreting() -> bool:
@@ -111,13 +117,24 @@ def _triton_version() -> tuple[int, int]:
     return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(device) -> Tensor:
+    """A one-element int32 tensor on ``device`` for the pointer arguments a launch does not use."""
+    key = str(device)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _DUMMIES[key]
+
+
 def _fault_tensors(plan: FaultPlan | None, device) -> tuple[Tensor, Tensor, int]:
     """The plan's faults at the kernel's sites as int32 ``(F, 8)`` and float32 ``(F,)``."""
     kernel_sites = {SITES.index(s) for s in ("scores", "probs", "out")}
     rows = [] if plan is None else [f for f in range(len(plan)) if int(plan.site[f]) in kernel_sites]
-    if not rows:
-        return (torch.zeros((1, 8), dtype=torch.int32, device=device),
-                torch.zeros(1, dtype=torch.float32, device=device), 0)
+    if not rows:  # the kernel reads nothing from these (n_faults = 0)
+        dummy = _dummy(device)
+        return dummy, dummy, 0
     ints = np.stack([np.concatenate([[plan.site[f], plan.replica[f]], plan.index[f], [plan.kind[f], plan.bit[f]]])
                      for f in rows]).astype(np.int32)
     values = np.array([plan.value[f] for f in rows], np.float32)
@@ -162,7 +179,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     checks_on = checks_on and bool(which)
     count_inputs = count_inputs and redo is None
     ft, fv, n_faults = _fault_tensors(plan if redo is None else None, dev)
-    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+    dummy = _dummy(dev)
     stats = flags = count = ksum = vcol = None
     if checks_on or count_inputs:
         count = torch.zeros(2, dtype=torch.int32, device=dev)
