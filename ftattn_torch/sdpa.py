@@ -130,7 +130,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     query, key, value, attn_mask = ctx.saved_tensors
     dq, dk, dv, dmask = plain_attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale, grads[0])
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
+    # one gradient per argument as dispatched: the dispatcher drops a trailing
+    # argument equal to its default (implementation="unfused")
+    return (dq, dk, dv, dmask) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 _sdpa.register_autograd(_backward, setup_context=_setup_context)
