@@ -298,9 +298,18 @@ def test_sdpa_dropin_and_module_take_the_kernel():
 
 
 def test_opcheck_of_the_dropin_with_the_kernel():
-    import ftattn_torch  # noqa: F401  registers the op
-
     (q, k, v), _ = _inputs(14, "normal", "float16", T=18, S=21)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     torch.library.opcheck(torch.ops.ftattn.sdpa.default,
                           (q, k, v, None, True, 0.3, "full", "vector", "report", None, None, "triton"))
+
+
+def test_non_contiguous_inputs():
+    """Inputs laid out B T N H (a transposed view, as a model holds them) give the same result."""
+    (q, k, v), exact = _inputs(15, "normal", "float16")
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    assert not views[0].is_contiguous()
+    a, ra = ft.attention(q, k, v, is_causal=True, implementation="triton")
+    b, rb = ft.attention(*views, is_causal=True, implementation="triton")
+    assert torch.equal(a, b) and not bool(rb.detected)
+    _check_output(b, exact, "float16", True)
