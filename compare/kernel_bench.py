@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         cands = {"sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
                  "triton full (api)": api("full"), "triton baseline (api)": api("baseline"),
                  "triton kernel checks on": kernel(True), "triton kernel checks off": kernel(False)}
-        default = fused.BlockSizes.get_default(H, False)
+        default = fused.BlockSizes.get_default(False)
         for check in ("qk_row", "softmax_dmr", "pv_row"):
             cands[f"triton kernel {check} only"] = kernel(True, which=(check,))
         cands["triton kernel, FMA-pipe replica"] = kernel(True, fused.BlockSizes(

@@ -14,6 +14,7 @@ blocks.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ class BlockSizes:
     replica: str = "mufu"
 
     @classmethod
-    def get_default(cls, head_dim: int, interpret: bool, checks: bool = True) -> "BlockSizes":
+    def get_default(cls, interpret: bool, checks: bool = True) -> "BlockSizes":
         """Measured on an H100 (``python -m compare.kernel_bench --sweep``, docs/kernels.md)."""
         if interpret:  # the interpreter: small tiles run fastest on small tests
             return cls(16, 16, 1, 1)
@@ -164,7 +165,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     K, S = key.shape[1], key.shape[2]
     dev = query.device
     interp = interpreting()
-    bs = blocks or BlockSizes.get_default(H, interp, checks_on and redo is None)
+    bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None)
     upcast = interp and query.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     chunk = tol.FUSED_CHUNK if not interp else min(tol.FUSED_CHUNK, bs.block_m)
     if bs.block_m % chunk:
@@ -196,9 +197,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             num_warps=4 if not interp else 1)
         if checks_on:
             torch.cumsum(ksum, dim=2, out=ksum)
-    qk_c = tol.fused_qk_coefficient(S, H, _dt(query), bs.block_m, bs.block_n)
-    pv_c, pv_rc, pv_allow = tol.fused_pv_coefficients(S, H, _dt(query))
-    a0, a1, a2, dmr_allow = tol.fused_dmr_coefficients(S, bs.block_n)
+    qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow = _coefficients(S, H, _dt(query), bs.block_m,
+                                                                              bs.block_n)
     pick = lambda x: dummy if x is None else x  # noqa: E731
     slices = [(0, redo.shape[0])] if redo is not None else [(o, min(B * N - o, _MAX_GRID_Y))
                                                            for o in range(0, B * N, _MAX_GRID_Y)]
@@ -208,12 +208,19 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
             pick(redo), *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale,
-            qk_c, tol.underflow_allowance(4 * (S + 1) * (H + 1)), pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
+            qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow,
             H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
             SIGNED=signed, REPLICA_FMA=bs.replica == "fma", num_warps=bs.num_warps, num_stages=bs.num_stages)
     return out, stats, flags, count, bs, compiled
+
+
+@functools.lru_cache(maxsize=256)
+def _coefficients(S: int, H: int, dtype: str, block_m: int, block_n: int) -> tuple[float, ...]:
+    """The kernel's threshold coefficients (``tol.fused_*``), computed once per shape."""
+    return (tol.fused_qk_coefficient(S, H, dtype, block_m, block_n), tol.underflow_allowance(4 * (S + 1) * (H + 1)),
+            *tol.fused_pv_coefficients(S, H, dtype), *tol.fused_dmr_coefficients(S, block_n))
 
 
 def _dt(x: Tensor) -> str:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # ftattn_spec.faults.SITES indices of the sites the kernel injects itself
 SITE_SCORES = tl.constexpr(0)
@@ -92,8 +92,7 @@ def _corrupt(x, kind, bit, value, unit):
     ``value`` (2), in the logical units ``x·unit``."""
     logical = x * unit
     flipped = (logical.to(tl.int32, bitcast=True) ^ (1 << bit)).to(tl.float32, bitcast=True)
-    new = tl.where(kind == 0, flipped, tl.where(kind == 1, value, logical + value))
-    return tl.where(kind == 1, value / unit, tl.where(kind == 0, flipped / unit, new / unit))
+    return tl.where(kind == 0, flipped, tl.where(kind == 1, value, logical + value)) / unit
 
 
 @triton.jit
@@ -291,7 +290,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     b = bn // N
     n = bn % N
     kh = n // G
-    c = scale * 1.4426950408889634
+    c = scale * LOG2E
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     hs = tl.arange(0, H)
     rvalid = rows < T
