@@ -49,9 +49,14 @@ def _spec(x):
 
 def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scale, is_causal, query_seq_lengths,
                      key_value_seq_lengths, local_window_size, on_fault, fault, empty, names,
-                     implementation=None):
+                     implementation=None, interpret=None):
     """Validate every argument (errors use ``names`` for the mask arguments) and run."""
-    v.validate_implementation("jax", implementation)
+    impl = v.validate_implementation("jax", implementation)
+    if interpret is not None and not isinstance(interpret, bool):
+        raise TypeError(f"interpret: expected None or a bool, got {type(interpret).__name__} {interpret!r}")
+    if interpret and impl != "pallas":
+        raise ValueError(f"interpret: True applies to implementation='pallas' only, got "
+                         f"implementation={implementation!r}")
     query, key, value = (_as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     extra = [_optional(n, x) for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths))]
     mask, bias, query_seq_lengths, key_value_seq_lengths = extra
@@ -61,6 +66,16 @@ def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scal
                                on_fault=on_fault, fault=fault)
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
+    if impl == "pallas":
+        from . import fused
+
+        fused.check_supported(query, scheme=cfg.scheme, masking=dict(zip(names, (
+            mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size))))
+        out, report = fused.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity,
+                                scale=cfg.scale, is_causal=cfg.is_causal,
+                                on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault, plan=cfg.plan,
+                                interpret=interpret)
+        return _finish(out, report, cfg.on_fault)
     out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
                            is_causal=cfg.is_causal, on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault,
                            plan=cfg.plan, bias=None if bias is None else jnp.asarray(bias),
@@ -68,9 +83,13 @@ def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scal
                            query_lengths=None if query_seq_lengths is None else jnp.asarray(query_seq_lengths),
                            key_lengths=None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths),
                            window=m.window, empty=empty)
-    # a jitted function returns dict entries in sorted key order: restore the scheme's order
+    return _finish(out, report, cfg.on_fault)
+
+
+def _finish(out, report: Report, on_fault: str):
+    """Restore the checks' order (a jitted function returns dict entries sorted) and apply ``"raise"``."""
     report = report._replace(checks={n: report.checks[n] for n in CHECKS if n in report.checks})
-    if cfg.on_fault == "raise":
+    if on_fault == "raise":
         if isinstance(report.detected, jax.core.Tracer):
             checkify.check(~report.detected, "ftattn: a fault was detected in attention")
         elif bool(report.detected):
@@ -85,7 +104,7 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
               scale: float | None = None, is_causal: bool = False, query_seq_lengths=None,
               key_value_seq_lengths=None, local_window_size: int | tuple[int, int] | None = None,
               on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
-              implementation: str | None = None) -> tuple[jax.Array, Report]:
+              implementation: str | None = None, interpret: bool | None = None) -> tuple[jax.Array, Report]:
     """Fault-checked attention in ``jax.nn.dot_product_attention``'s layout.
 
     Args:
@@ -118,7 +137,16 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
         (reproducible fault experiments). Traced data: one compiled function
         serves every fault of the same count.
       implementation: ``None`` (the default), ``"unfused"`` or ``"xla"`` (an
-        alias: the unfused schemes are XLA-compiled).
+        alias: the unfused schemes are XLA-compiled). ``"pallas"``: one fused
+        flash-attention kernel in Pallas with the checks inside (float16 or
+        bfloat16, H in 16, 32, 64, 128, ``is_causal`` but no other mask); its
+        ``full`` runs the row checks ``qk_row``, ``softmax_dmr`` and ``pv_row``
+        and locates nothing, and ``on_fault="correct"`` recomputes the output
+        and replaces the flagged rows. On a GPU it is compiled (Pallas'
+        Triton lowering); elsewhere it runs in Pallas' interpret mode, slowly.
+      interpret: ``implementation="pallas"`` only: ``True`` runs the kernel in
+        Pallas' interpret mode on any device, ``False`` requires compiling it
+        (a GPU), ``None`` (the default) interprets unless the query is on a GPU.
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, T, N, H)`` in the input dtype; ``report``
@@ -133,4 +161,4 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
                             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
                             on_fault=on_fault, fault=fault, empty="zero", names=_NAMES,
-                            implementation=implementation)
+                            implementation=implementation, interpret=interpret)

@@ -250,7 +250,8 @@ def output_coefficients(dtype: str, S: int, H: int, tf32: bool = False) -> tuple
 FUSED_CHUNK: int = 64
 
 
-def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int) -> float:
+def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int,
+                         chunk: int = FUSED_CHUNK) -> float:
     """Coefficient ``c`` of the fused ``qk_row`` threshold ``c·M_i``.
 
     ``M_i = scale·Σ_h |q_ih|·Σ_j |k_jh|`` over the attended keys. The actual
@@ -261,11 +262,13 @@ def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int)
     takes the dot product with q (γ(H) and one rounding per product); each
     s_ij is a dot product (γ(H)). Five float32 roundings remain (the sum of the
     two prediction parts, the difference, and the scale on each side).
+    ``chunk`` is the number of keys per pre-pass chunk (``FUSED_CHUNK``, or
+    ``block_m`` when that is smaller).
     """
     tiles = math.ceil(max(int(S), 1) / block_n)
-    chunks = math.ceil(max(int(S), 1) / FUSED_CHUNK)
+    chunks = math.ceil(max(int(S), 1) / chunk)
     actual = gamma(block_n) + gamma(tiles + 1)
-    prediction = gamma(FUSED_CHUNK) + gamma(chunks + 1) + gamma(block_m)
+    prediction = gamma(chunk) + gamma(chunks + 1) + gamma(block_m)
     return MAGNITUDE_MARGIN * (2.0 * gamma(H) + actual + prediction + 5.0 * U_ACC + product_roundoff(dtype))
 
 

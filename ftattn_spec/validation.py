@@ -145,7 +145,7 @@ def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, sca
 #: ``implementation=None``. ``"xla"`` in JAX names the unfused schemes too (they
 #: are XLA-compiled), so code written for ``jax.nn`` keeps working.
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
-    "jax": ("unfused", "xla"),
+    "jax": ("unfused", "xla", "pallas"),
     "torch": ("unfused", "triton"),
 }
 
@@ -157,6 +157,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
 IMPLEMENTATION_CHECKS: dict[str, tuple[str, ...]] = {
     "unfused": ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col"),
     "triton": ("qk_row", "softmax_dmr", "pv_row"),
+    "pallas": ("qk_row", "softmax_dmr", "pv_row"),
 }
 
 

@@ -198,7 +198,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
         if checks_on:
             torch.cumsum(ksum, dim=2, out=ksum)
     qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow = _coefficients(S, H, _dt(query), bs.block_m,
-                                                                              bs.block_n)
+                                                                              bs.block_n, chunk)
     pick = lambda x: dummy if x is None else x  # noqa: E731
     slices = [(0, redo.shape[0])] if redo is not None else [(o, min(B * N - o, _MAX_GRID_Y))
                                                            for o in range(0, B * N, _MAX_GRID_Y)]
@@ -217,9 +217,9 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
 
 
 @functools.lru_cache(maxsize=256)
-def _coefficients(S: int, H: int, dtype: str, block_m: int, block_n: int) -> tuple[float, ...]:
+def _coefficients(S: int, H: int, dtype: str, block_m: int, block_n: int, chunk: int) -> tuple[float, ...]:
     """The kernel's threshold coefficients (``tol.fused_*``), computed once per shape."""
-    return (tol.fused_qk_coefficient(S, H, dtype, block_m, block_n), tol.underflow_allowance(4 * (S + 1) * (H + 1)),
+    return (tol.fused_qk_coefficient(S, H, dtype, block_m, block_n, chunk), tol.underflow_allowance(4 * (S + 1) * (H + 1)),
             *tol.fused_pv_coefficients(S, H, dtype), *tol.fused_dmr_coefficients(S, block_n))
 
 

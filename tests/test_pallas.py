@@ -1,0 +1,321 @@
+"""``implementation="pallas"``: the portable Pallas kernel against the float64
+reference, the unfused ``full`` scheme and the Triton kernel of ``ftattn_torch``.
+
+``TestPallasGPU`` runs the kernel compiled (Pallas' Triton lowering) and is
+skipped without a GPU; ``TestPallasInterpret`` subclasses it and runs the same
+suite in Pallas' interpret mode, on the CPU in CI. GPU-only tests (the
+compiled kernel's PTX) are marked so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import checkify  # noqa: E402
+
+import ftattn_jax  # noqa: E402
+from ftattn_jax import fused  # noqa: E402
+from ftattn_spec import reference as ref  # noqa: E402
+from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
+from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
+
+HAVE_GPU = jax.default_backend() == "gpu"
+# every axis a different size; T, S not multiples of the tiles; grouped-query (K < N)
+SHAPE = dict(B=2, N=4, K=2, T=37, S=45, H=16)
+
+CASES = [
+    dict(dtype="float16", is_causal=False),
+    dict(dtype="float16", is_causal=True),
+    dict(dtype="bfloat16", is_causal=False),
+    dict(dtype="bfloat16", is_causal=True),
+    dict(dtype="float16", is_causal=True, T=45, S=29),  # T > S: rows past S attend every key
+    dict(dtype="float16", is_causal=False, T=5, S=70, K=1),  # one kv head, one query block
+    dict(dtype="float16", is_causal=True, H=32, N=3, K=3),
+    dict(dtype="bfloat16", is_causal=False, H=64, B=1, N=2, K=1, T=20, S=33),
+]
+
+FAULTS = [
+    Fault("scores", (1, 3, 30, 4), bit=30),
+    Fault("scores", (0, 1, 20, 11), value=1e4),
+    Fault("probs", (0, 2, 17, 9), bit=29),
+    Fault("probs", (1, 0, 36, 2), bit=30, replica=1),
+    Fault("out", (1, 1, 33, 5), bit=30),
+    Fault("out", (0, 3, 0, 0), value=-1e3),
+]
+
+
+def _inputs(seed=0, dist="normal", dtype="float16", **shape):
+    """``(q, k, v)`` in ``BTNH``/``BSKH`` and their float64 values in the torch layout."""
+    dims = {**SHAPE, **shape}
+    q, k, v = draw_qkv(seed, dist, *(dims[a] for a in "BNKTSH"))
+    arrs = [jnp.asarray(np.swapaxes(x, 1, 2), dtype) for x in (q, k, v)]
+    exact = [np.swapaxes(np.asarray(x.astype(jnp.float32), np.float64), 1, 2) for x in arrs]
+    return arrs, exact
+
+
+def _check_output(out, exact, dtype, is_causal, slack=1.0):
+    o64, p, _ = ref.attention(*exact, is_causal=is_causal)
+    bound = ref.output_bound(*exact, p, o64, dtype=dtype, is_causal=is_causal)
+    err = np.abs(np.swapaxes(np.asarray(out.astype(jnp.float32), np.float64), 1, 2) - o64)
+    assert np.isfinite(err).all()
+    worst = (err / bound).max()
+    assert worst <= slack, f"output error {worst:.3g} x the bound"
+
+
+def _ratios(report):
+    return {n: float(jnp.max(c.residual / c.threshold)) for n, c in report.checks.items()}
+
+
+class TestPallasGPU:
+    INTERPRET = False
+
+    @pytest.fixture(autouse=True)
+    def _needs_gpu(self):
+        if not (self.INTERPRET or HAVE_GPU):
+            pytest.skip("compiles the kernel for a GPU (TestPallasInterpret runs the suite on CPU)")
+
+    def attn(self, q, k, v, **kw):
+        return ftattn_jax.attention(q, k, v, implementation="pallas", interpret=self.INTERPRET, **kw)
+
+    @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+    def test_output_within_bound_and_clean_run_not_flagged(self, case):
+        case = dict(case)
+        dtype, causal = case.pop("dtype"), case.pop("is_causal")
+        (q, k, v), exact = _inputs(1, "normal", dtype, **case)
+        out, report = self.attn(q, k, v, is_causal=causal)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        _check_output(out, exact, dtype, causal)
+        assert list(report.checks) == ["qk_row", "softmax_dmr", "pv_row"]
+        assert not bool(report.detected) and bool(report.inputs_finite), _ratios(report)
+        assert report.located == {} and int(report.corrected) == 0
+        B, T, N, _ = q.shape
+        for name, c in report.checks.items():
+            assert c.residual.shape == (B, N, T) and c.flagged.dtype == jnp.bool_, name
+            assert bool(jnp.all(c.threshold > 0)), name
+
+    @pytest.mark.parametrize("dist", DISTRIBUTIONS)
+    def test_clean_runs_never_flagged(self, dist):
+        for seed in range(2):
+            for causal in (False, True):
+                (q, k, v), exact = _inputs(10 + seed, dist, "bfloat16" if seed else "float16")
+                out, report = self.attn(q, k, v, is_causal=causal)
+                assert not bool(report.detected), (dist, seed, causal, _ratios(report))
+                _check_output(out, exact, "bfloat16" if seed else "float16", causal)
+
+    def test_matches_unfused_full(self):
+        (q, k, v), exact = _inputs(3, "uniform", "float16")
+        for causal in (False, True):
+            a, ra = self.attn(q, k, v, is_causal=causal)
+            b, rb = ftattn_jax.attention(q, k, v, is_causal=causal)
+            o64, p, _ = ref.attention(*exact, is_causal=causal)
+            bound = ref.output_bound(*exact, p, o64, dtype="float16", is_causal=causal)
+            diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+            assert (np.swapaxes(diff, 1, 2) <= 2 * bound).all()
+            for name in ra.checks:  # the same quantity: thresholds of the same order
+                assert float(jnp.max(ra.checks[name].threshold / rb.checks[name].threshold)) < 8.0, name
+            assert not bool(ra.detected) and not bool(rb.detected)
+
+    @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f"{f.site}{f.replica}-{f.bit}-{f.value}")
+    @pytest.mark.parametrize("causal", [False, True])
+    def test_verdicts_agree_with_unfused(self, fault, causal):
+        (q, k, v), _ = _inputs(5, "normal", "float16")
+        _, rf = self.attn(q, k, v, is_causal=causal, fault=fault)
+        _, ru = ftattn_jax.attention(q, k, v, is_causal=causal, fault=fault)
+        b, n, i = fault.index[:3]
+        masked = causal and fault.site in ("scores", "probs") and fault.index[3] > i
+        assert bool(rf.detected) == bool(ru.detected) == (not masked)
+        for name in rf.checks:
+            assert (np.asarray(rf.checks[name].flagged) == np.asarray(ru.checks[name].flagged)).all(), name
+        if not masked:
+            hit = [name for name, c in rf.checks.items() if bool(c.flagged[b, n, i])]
+            assert hit, "the faulty row is flagged"
+            assert sum(int(c.flagged.sum()) for c in rf.checks.values()) == len(hit), "only the faulty row is"
+
+    def test_one_compilation_serves_every_fault(self):
+        (q, k, v), _ = _inputs(5, "normal", "float16")
+        for f in FAULTS[:3]:
+            self.attn(q, k, v, fault=f)
+        before = fused._run._cache_size()
+        for f in FAULTS[3:]:
+            _, r = self.attn(q, k, v, fault=f)
+            assert bool(r.detected)
+        assert fused._run._cache_size() == before
+
+    def test_input_faults_and_low_bits(self):
+        (q, k, v), _ = _inputs(6, "normal", "float16")
+        for f in (Fault("scores", (0, 0, 3, 3), bit=0), Fault("out", (1, 2, 7, 1), bit=1)):
+            _, rf = self.attn(q, k, v, fault=f)
+            _, ru = ftattn_jax.attention(q, k, v, fault=f)
+            assert not bool(rf.detected) and not bool(ru.detected)
+        f = Fault("key", (1, 0, 11, 3), bit=14)  # float16 exponent bit of one key
+        _, rf = self.attn(q, k, v, fault=f)
+        _, ru = ftattn_jax.attention(q, k, v, fault=f)
+        assert bool(rf.inputs_finite) and bool(ru.inputs_finite)
+        assert not bool(rf.detected) and not bool(ru.detected)  # an input fault is not a compute fault
+
+    @pytest.mark.parametrize("fault", FAULTS[:1] + FAULTS[2:5], ids=lambda f: f.site)
+    def test_correct_recomputes_the_flagged_rows(self, fault):
+        (q, k, v), exact = _inputs(7, "normal", "float16")
+        clean, _ = self.attn(q, k, v)
+        out, report = self.attn(q, k, v, fault=fault, on_fault="correct")
+        assert bool(report.detected) and int(report.corrected) >= 1
+        assert bool(jnp.all(out == clean))
+        _check_output(out, exact, "float16", False)
+
+    def test_nan_and_raise_policies(self):
+        (q, k, v), _ = _inputs(8, "normal", "float16")
+        f = Fault("out", (1, 2, 9, 3), bit=30)
+        out, _ = self.attn(q, k, v, fault=f, on_fault="nan")
+        bad = np.isnan(np.asarray(out, np.float32)).any(-1)  # B T N
+        assert bad[1, 9, 2] and bad.sum() == 1
+        with pytest.raises(FaultDetected) as e:
+            self.attn(q, k, v, fault=f, on_fault="raise")
+        assert bool(e.value.report.detected)
+        run = checkify.checkify(jax.jit(lambda q, k, v: self.attn(q, k, v, fault=f, on_fault="raise")[0]))
+        err, _ = run(q, k, v)
+        with pytest.raises(checkify.JaxRuntimeError):
+            err.throw()
+
+    def test_global_granularity(self):
+        (q, k, v), _ = _inputs(9, "normal", "float16")
+        _, clean = self.attn(q, k, v, granularity="global")
+        assert not bool(clean.detected) and clean.checks["pv_row"].residual.shape == (2, 4)
+        _, rep = self.attn(q, k, v, granularity="global", fault=Fault("scores", (1, 3, 30, 4), bit=30))
+        assert bool(rep.checks["qk_row"].flagged[1, 3]) and int(rep.checks["qk_row"].flagged.sum()) == 1
+
+    def test_schemes_run_their_row_checks(self):
+        (q, k, v), _ = _inputs(2, "normal", "float16")
+        for scheme, expect in (("baseline", []), ("dmr_softmax", ["softmax_dmr"]), ("abft_qk_row", ["qk_row"]),
+                               ("abft_pv_row", ["pv_row"])):
+            out, rep = self.attn(q, k, v, scheme=scheme)
+            assert list(rep.checks) == expect and not bool(rep.detected) and bool(rep.inputs_finite)
+        with pytest.raises(ValueError, match="abft_qk_col"):
+            self.attn(q, k, v, scheme="abft_qk_col")
+
+    def test_nonfinite_input_fails_closed_and_is_named(self):
+        (q, k, v), _ = _inputs(4, "normal", "float16")
+        for arrs in ((q, k.at[1, 3, 0, 2].set(jnp.nan), v), (q.at[0, 5, 1, 0].set(jnp.inf), k, v)):
+            _, rep = self.attn(*arrs)
+            assert not bool(rep.inputs_finite) and bool(rep.detected)
+            _, rep = self.attn(*arrs, scheme="baseline")
+            assert not bool(rep.inputs_finite)
+
+    def test_jit_vmap_and_grad(self):
+        (q, k, v), _ = _inputs(11, "normal", "float16", T=20, S=24)
+        f = jax.jit(lambda q, k, v: self.attn(q, k, v, is_causal=True))
+        out, rep = f(q, k, v)
+        ref_out, _ = self.attn(q, k, v, is_causal=True)
+        assert bool(jnp.all(out == ref_out)) and not bool(rep.detected)
+        # vmap over an extra leading axis: each slice as its own call
+        stack = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]
+        vo, vr = jax.vmap(lambda q, k, v: self.attn(q, k, v, is_causal=True))(*stack)
+        assert vo.shape == (2, *q.shape) and vr.checks["qk_row"].flagged.shape == (2, 2, 4, 20)
+        assert bool(jnp.all(vo[0] == out)) and not bool(vr.detected.any())
+        # gradients: those of plain attention (the unfused path's)
+        w = jnp.linspace(-1, 1, q.shape[-1])
+        grads = [jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0].astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+                 for fn in (lambda *a: self.attn(*a, is_causal=True),
+                            lambda *a: ftattn_jax.attention(*a, is_causal=True))]
+        for a, b in zip(*grads):
+            assert a.dtype == q.dtype
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3, rtol=1e-2)
+
+    def test_dropin_takes_the_kernel(self):
+        (q, k, v), exact = _inputs(12, "normal", "float16")
+        out, rep = ftattn_jax.dot_product_attention(q, k, v, is_causal=True, implementation="pallas",
+                                                    return_report=True)
+        assert list(rep.checks) == ["qk_row", "softmax_dmr", "pv_row"] and not bool(rep.detected)
+        _check_output(out, exact, "float16", True)
+
+    def test_unsupported_inputs_raise_naming_the_limit(self):
+        (q, k, v), _ = _inputs(0, "normal", "float16")
+        with pytest.raises(TypeError, match="float16 or bfloat16"):
+            self.attn(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+        with pytest.raises(ValueError, match="head dim"):
+            self.attn(q[..., :12], k[..., :12], v[..., :12])
+        with pytest.raises(ValueError, match="mask"):
+            self.attn(q, k, v, mask=jnp.ones((37, 45), bool))
+        with pytest.raises(ValueError, match="local_window_size"):
+            self.attn(q, k, v, local_window_size=4)
+        with pytest.raises(TypeError, match="interpret"):
+            self.attn(q, k, v, interpret="yes") if self.INTERPRET else ftattn_jax.attention(
+                q, k, v, implementation="pallas", interpret=1)
+        with pytest.raises(ValueError, match="interpret"):
+            ftattn_jax.attention(q, k, v, interpret=True)
+        with pytest.raises(ValueError, match="block_m"):
+            fused.run(q, k, v, scheme="full", granularity="vector", scale=0.25, is_causal=False,
+                      interpret=True, blocks=fused.BlockSizes(24, 16))
+
+    @pytest.mark.skipif(not HAVE_GPU, reason="reads the compiled kernel's PTX: needs a GPU")
+    def test_softmax_replica_survives_compilation(self, tmp_path):
+        """The checked kernel evaluates every exponential twice: the PTX that XLA
+        builds from it holds at least twice the ``ex2`` instructions of the kernel
+        with the checks compiled out (a replica merged by CSE, or dropped as dead
+        code, fails this)."""
+        if self.INTERPRET:
+            pytest.skip("interpret mode compiles no kernel")
+        counts = {}
+        for scheme in ("full", "baseline"):
+            dump = tmp_path / scheme
+            code = ("import jax.numpy as jnp, ftattn_jax\n"
+                    "q = jnp.ones((1, 256, 2, 64), jnp.float16)\n"
+                    f"o, r = ftattn_jax.attention(q, q, q, implementation='pallas', scheme={scheme!r})\n"
+                    "o.block_until_ready()\n")
+            env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump}"}
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, res.stderr[-2000:]
+            ptx = "".join(p.read_text() for p in dump.rglob("*.ptx"))
+            assert "ftattn_fused_forward" in ptx, sorted(p.name for p in dump.iterdir())[:20]
+            counts[scheme] = len(re.findall(r"\bex2\.approx", ptx))
+        assert counts["baseline"] > 0 and counts["full"] >= 2 * counts["baseline"] - 4, counts
+
+
+class TestPallasInterpret(TestPallasGPU):
+    """The same suite in Pallas' interpret mode (CPU in CI)."""
+
+    INTERPRET = True
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_cpu_default_interprets():
+    """Without a GPU, ``implementation="pallas"`` runs in interpret mode by itself;
+    ``interpret=False`` (compile) is an error that says what to do."""
+    if HAVE_GPU:
+        pytest.skip("needs a machine without a GPU")
+    (q, k, v), exact = _inputs(13, "normal", "float16")
+    out, rep = ftattn_jax.attention(q, k, v, implementation="pallas")
+    assert not bool(rep.detected)
+    _check_output(out, exact, "float16", False)
+    with pytest.raises(ValueError, match="interpret"):
+        ftattn_jax.attention(q, k, v, implementation="pallas", interpret=False)
+
+
+def test_verdicts_agree_with_the_triton_kernel():
+    """Both backends' fused kernels, on identical inputs and fault plans, flag the same rows."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import ftattn_torch
+
+    dev = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
+    if dev != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel needs a GPU or TRITON_INTERPRET=1")
+    (q, k, v), _ = _inputs(14, "normal", "float16")
+    tq, tk, tv = (torch.from_numpy(np.swapaxes(np.asarray(x, np.float32), 1, 2).copy()).half().to(dev)
+                  for x in (q, k, v))
+    for causal in (False, True):
+        for f in FAULTS:
+            _, rj = ftattn_jax.attention(q, k, v, implementation="pallas", is_causal=causal, fault=f)
+            _, rt = ftattn_torch.attention(tq, tk, tv, implementation="triton", is_causal=causal, fault=f)
+            assert bool(rj.detected) == bool(rt.detected), (f, causal)
+            for name in rj.checks:
+                assert (np.asarray(rj.checks[name].flagged) == rt.checks[name].flagged.cpu().numpy()).all(), name
