@@ -1,0 +1,132 @@
+"""The fused Pallas kernel beside JAX's fastest attention, on a GPU.
+
+``python -m compare.pallas_bench`` times, in one process and on the same
+inputs: ``jax.nn.dot_product_attention`` pinned to cuDNN and to XLA, JAX's own
+Pallas-Triton attention example (``jax.experimental.pallas.ops.gpu.attention``),
+and ``ftattn_jax.attention(..., implementation="pallas")`` with each scheme
+(``baseline`` is the same kernel with the checks compiled out). It prints
+milliseconds, TFLOP/s (4·B·N·T·S·H, halved for causal) and ratios to cuDNN,
+and the extra memory of the checks. ``--sweep`` times block shapes.
+Timing: the median of ``--reps`` timed batches of ``--inner`` calls each
+(``block_until_ready`` after each batch), after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m compare.pallas_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--schemes", default="baseline,full,abft_qk_row,dmr_softmax,abft_pv_row")
+    p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel (full and baseline)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--inner", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    return p.parse_args(argv)
+
+
+#: Block shapes ``--sweep`` tries: (block_m, block_n, warps, stages).
+SWEEP = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
+         (64, 128, 4, 2), (128, 128, 8, 3))
+
+
+def _time(fn, args, reps: int, inner: int) -> float:
+    """Median milliseconds per call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            r = fn(*args)
+        jax.block_until_ready(r)
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    a = _parse(argv)
+    import jax
+    import jax.numpy as jnp
+
+    import ftattn_jax
+    from ftattn_jax import fused
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if jax.default_backend() != "gpu":
+        print("compare.pallas_bench: needs a GPU (jax.default_backend() is "
+              f"{jax.default_backend()!r}); the interpret mode is for tests, not timing")
+        return 2
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind}  jax {jax.__version__}  B={a.batch} N={a.heads} "
+          f"K={a.kv_heads or a.heads} H={a.head_dim} {a.dtype} causal={a.causal}")
+    rows = []
+    for T in a.seq:
+        key = jax.random.split(jax.random.PRNGKey(T), 3)
+        K = a.kv_heads or a.heads
+        q = jax.random.normal(key[0], (a.batch, T, a.heads, a.head_dim), a.dtype)
+        k = jax.random.normal(key[1], (a.batch, T, K, a.head_dim), a.dtype)
+        v = jax.random.normal(key[2], (a.batch, T, K, a.head_dim), a.dtype)
+        flops = 4.0 * a.batch * a.heads * T * T * a.head_dim * (0.5 if a.causal else 1.0)
+        cands = {}
+        for impl in ("cudnn", "xla"):
+            cands[f"jax.nn {impl}"] = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                q, k, v, is_causal=a.causal, implementation=impl))
+        try:
+            from jax.experimental.pallas.ops.gpu import attention as pallas_example
+
+            if K == a.heads:
+                cands["pallas example (triton)"] = jax.jit(lambda q, k, v: pallas_example.mha(
+                    q, k, v, None, sm_scale=a.head_dim ** -0.5, causal=a.causal))
+        except ImportError as e:
+            print(f"  pallas example unavailable: {e}")
+        for scheme in a.schemes.split(","):
+            cands[f"ftattn pallas {scheme}"] = jax.jit(lambda q, k, v, s=scheme: ftattn_jax.attention(
+                q, k, v, scheme=s, is_causal=a.causal, implementation="pallas"))
+        if a.sweep:
+            for bm, bn, w, st in SWEEP:
+                for scheme in ("baseline", "full"):
+                    bs = fused.BlockSizes(bm, bn, w, st)
+                    cands[f"sweep {scheme} {bm}x{bn} w{w} s{st}"] = jax.jit(
+                        lambda q, k, v, s=scheme, bs=bs: fused.run(
+                            q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
+                            is_causal=a.causal, interpret=False, blocks=bs))
+        base = None
+        for name, fn in cands.items():
+            try:
+                ms = _time(fn, (q, k, v), a.reps, a.inner)
+            except Exception as e:  # a candidate that cannot run here is reported, not fatal
+                print(f"  T={T:6d} {name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
+                continue
+            if name == "jax.nn cudnn":
+                base = ms
+            row = dict(T=T, name=name, ms=ms, tflops=flops / ms / 1e9, vs_cudnn=(base / ms) if base else None)
+            rows.append(row)
+            ratio = f"{row['vs_cudnn']:.3f}x cuDNN" if base else ""
+            print(f"  T={T:6d} {name:34s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  {ratio}", flush=True)
+        full = next((r["ms"] for r in rows if r["T"] == T and r["name"] == "ftattn pallas full"), None)
+        off = next((r["ms"] for r in rows if r["T"] == T and r["name"] == "ftattn pallas baseline"), None)
+        if full and off:
+            print(f"  T={T:6d} checks overhead (full / baseline - 1): {100 * (full / off - 1):+.1f}%")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
