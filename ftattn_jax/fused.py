@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
@@ -94,12 +95,20 @@ def check_supported(query, *, scheme: str, masking: dict) -> None:
 
 
 def _split3(x: Float[Array, "..."], dtype) -> list[Array]:
-    """float32 ``x`` as hi + mid + lo in ``dtype`` (their float32 sum carries ~float32 accuracy)."""
-    hi = x.astype(dtype)
-    r = x - hi.astype(F32)
-    mid = r.astype(dtype)
-    lo = (r - mid.astype(F32)).astype(dtype)
-    return [hi, mid, lo]
+    """float32 ``x`` as hi + mid + lo in ``dtype`` (their float32 sum carries ~float32 accuracy).
+
+    Each part passes an optimization barrier before it is widened again: XLA
+    removes a float32 → float16 → float32 round trip by default
+    (``xla_allow_excess_precision``; seen on an H100: ``mid`` and ``lo`` came
+    out zero and ``pv_row`` flagged clean rows). ``lax.reduce_precision``
+    would survive too, but it flushes parts below the normal range to zero.
+    """
+    parts, r = [], x
+    for _ in range(3):
+        part = lax.optimization_barrier(r.astype(dtype))
+        parts.append(part)
+        r = r - part.astype(F32)
+    return parts
 
 
 def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool):
