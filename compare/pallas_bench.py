@@ -39,7 +39,7 @@ def _parse(argv):
 
 #: Block shapes ``--sweep`` tries: (block_m, block_n, warps, stages).
 SWEEP = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
-         (64, 128, 4, 2), (128, 128, 8, 3))
+         (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2))
 
 
 def _time(fn, args, reps: int, inner: int) -> float:
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
             cands[f"ftattn pallas {scheme}"] = jax.jit(lambda q, k, v, s=scheme: ftattn_jax.attention(
                 q, k, v, scheme=s, is_causal=a.causal, implementation="pallas"))
         if a.sweep:
-            for bm, bn, w, st in SWEEP:
-                for scheme in ("baseline", "full"):
+            for (bm, bn, w, st), scheme in [(b, s) for b in SWEEP for s in ("baseline", "full")]:
                     bs = fused.BlockSizes(bm, bn, w, st)
                     cands[f"sweep {scheme} {bm}x{bn} w{w} s{st}"] = jax.jit(
                         lambda q, k, v, s=scheme, bs=bs: fused.run(

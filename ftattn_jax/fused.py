@@ -57,9 +57,7 @@ class BlockSizes:
         GPU: measured on an H100 (docs/kernels.md)."""
         if interpret:
             return cls(16, 16, 1, 1)
-        if head_dim <= 64:
-            return cls(128, 64, 4, 3)
-        return cls(128, 64, 8, 2) if checks else cls(128, 64, 8, 3)
+        return cls(128, 64, 8, 3) if checks else cls(128, 64, 4, 2)
 
     def validate(self) -> "BlockSizes":
         for name in ("block_m", "block_n"):

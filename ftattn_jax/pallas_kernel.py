@@ -216,7 +216,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
     arrays, two per check that ``cfg`` turns on, in the order qk, dmr, pv.
     """
     B, Tp, N, H = q.shape
-    Sp, K = k.shape[1], k.shape[2]
+    Sp = k.shape[1]
     G, BM = cfg.G, cfg.block_m
     grid = (Tp // BM, B, N)
     row_spec = pl.BlockSpec((None, BM, None, H), lambda i, b, n: (b, i, n, 0))
