@@ -16,15 +16,16 @@ from ftattn_spec.report import CheckResult, Report
 
 class JaxBackend:
     name = "jax"
-    implementation = "unfused"  # the only one compare offers for JAX
 
-    def __init__(self):
+    def __init__(self, implementation: str = "unfused"):
         import jax
         import jax.numpy as jnp
 
         import ftattn_jax
 
         self.jax, self.jnp, self.mod = jax, jnp, ftattn_jax
+        #: what :meth:`attention` passes as ``implementation=`` unless the call names one
+        self.implementation = implementation
 
     def array(self, x: np.ndarray, dtype: str):
         """Logical BNTH/BKSH numpy → backend layout BTNH/BSKH in ``dtype``.
@@ -40,8 +41,12 @@ class JaxBackend:
         return np.asarray(a.astype(self.jnp.float32), dtype=np.float64).transpose(0, 2, 1, 3)
 
     def attention(self, q, k, v, **kw):
-        """``ftattn_jax.attention``; NumPy mask arguments (logical BNTS) are converted."""
+        """``ftattn_jax.attention``; NumPy mask arguments (logical BNTS) are converted.
+        ``implementation=`` defaults to the adapter's (``"unfused"``: not passed; ``"pallas"``
+        interprets the kernel unless JAX's default backend is a GPU)."""
         kw = {n: (self.jnp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
+        if self.implementation != "unfused":
+            kw.setdefault("implementation", self.implementation)
         return self.mod.attention(q, k, v, **kw)
 
     def sync(self, tree):
@@ -76,7 +81,16 @@ class JaxBackend:
         import jaxlib
 
         dev = self.jax.devices()[0]
-        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__, "device": dev.device_kind}
+        env = {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__, "device": dev.device_kind}
+        if self.implementation != "unfused":
+            env["implementation"] = self.implementation
+        if self.implementation == "pallas":  # Pallas ships with jax: its version is env["jax"]
+            env["pallas_interpret"] = "1" if self.interpreted() else ""  # like triton_interpret
+        return env
+
+    def interpreted(self) -> bool:
+        """Whether ``implementation="pallas"`` runs in Pallas' interpret mode here (no GPU)."""
+        return self.jax.default_backend() != "gpu"
 
 
 class TorchBackend:
@@ -161,15 +175,16 @@ class TorchBackend:
 
 
 #: The implementations ``make_backend`` can give each backend (the first is the default).
-IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {"jax": ("unfused",), "torch": ("unfused", "triton")}
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {"jax": ("unfused", "pallas"), "torch": ("unfused", "triton")}
 
 
 def make_backend(name: str, implementation: str = "unfused"):
-    """The adapter of backend ``name``, calling ``implementation`` (torch: ``"unfused"`` or ``"triton"``)."""
+    """The adapter of backend ``name``, calling ``implementation`` (jax: ``"unfused"`` or ``"pallas"``;
+    torch: ``"unfused"`` or ``"triton"``)."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"backend: expected 'jax' or 'torch', got {name!r}")
     if implementation not in IMPLEMENTATIONS[name]:
         raise ValueError(f"implementation: backend {name!r} offers {IMPLEMENTATIONS[name]}, got {implementation!r}")
     if name == "jax":
-        return JaxBackend()
+        return JaxBackend(implementation=implementation)
     return TorchBackend(implementation=implementation)

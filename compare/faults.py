@@ -31,15 +31,18 @@ drawn per trial from its seed): ``padding`` (random key lengths), ``window``
 (a causal band of S/4 keys) or ``random`` (a boolean mask keeping 80% of the
 scores). A fault in a masked score changes nothing and counts as harmless.
 
-``--implementation triton`` runs the PyTorch backend through the fused Triton
+``--implementation`` runs one backend through its fused kernel, the other
+through its unfused path: ``triton`` the PyTorch backend through the Triton
 kernel (``attention(..., implementation="triton")``; compiled on a GPU, in
 Triton's interpreter with ``TRITON_INTERPRET=1`` otherwise, which this tool
-sets when no GPU is present). The kernel takes float16 and bfloat16 only
-(float32 is left out of ``--dtype``), no masks (``--mask none`` only), and runs
-the row checks only (``qk_row``, ``softmax_dmr``, ``pv_row``), so it locates
-nothing: its localization is n/a. JAX keeps the unfused path, and the
-cross-backend comparison uses the checks both run. ``--bits`` restricts the
-bit positions (the interpreter is slow).
+sets when no GPU is present), ``pallas`` the JAX backend through the Pallas
+kernel (``attention(..., implementation="pallas")``; compiled on a GPU, in
+Pallas' interpret mode otherwise, by itself). Both kernels take float16 and
+bfloat16 only (float32 is left out of ``--dtype``), no masks (``--mask none``
+only), and run the row checks only (``qk_row``, ``softmax_dmr``, ``pv_row``),
+so they locate nothing: their localization is n/a. The cross-backend
+comparison uses the checks both run. ``--bits`` restricts the bit positions
+(the interpreters are slow). Options: ``compare.fault_options``.
 
 Prints a table, and writes ``faults.json`` and ``faults.png`` (detection rate
 per site × bit) under ``--out``.
@@ -63,6 +66,11 @@ from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESETS
 from ftattn_spec.validation import IMPLEMENTATION_CHECKS, implementation_checks
 
+from . import fault_options as options
+from .fault_options import IMPLEMENTATIONS
+from .fault_options import parse_bits as _parse_bits
+from .fault_options import parse_list as _parse_list
+
 #: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
 CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "query", "key", "value")
 DEFAULT_SHAPE = dict(B=2, N=4, K=2, T=24, S=40, H=16)  # every axis a different size; grouped-query
@@ -71,9 +79,6 @@ CLEAN_SHAPES = (DEFAULT_SHAPE,) + tuple(dict(B=s.B, N=s.N, K=s.kv_heads, T=s.T, 
 
 
 MASKS = ("none", "padding", "window", "random")
-IMPLEMENTATIONS = ("unfused", "triton")
-#: Input dtypes each implementation takes.
-IMPLEMENTATION_DTYPES = {"unfused": ("float16", "bfloat16", "float32"), "triton": ("float16", "bfloat16")}
 
 
 def mask_kwargs(kind: str, shape: dict, seed: int) -> dict:
@@ -420,72 +425,6 @@ def _environment(backends) -> dict:
     return env
 
 
-def _parse_list(text: str, allowed, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(f"--{what}: expected a comma-separated list from {tuple(allowed)}, got {text!r}")
-    return items
-
-
-def _parse_bits(text: str | None):
-    """``--bits``: comma-separated bit positions and ranges ``a-b`` (inclusive); None = every bit."""
-    if text is None:
-        return None
-    bits = set()
-    try:
-        for part in (p.strip() for p in text.split(",")):
-            if part:
-                lo, _, hi = part.partition("-")
-                bits.update(range(int(lo), int(hi if hi else lo) + 1))
-    except ValueError:
-        bits = set()
-    if not bits or min(bits) < 0 or max(bits) > 31:
-        raise SystemExit(f"--bits: expected comma-separated bits or ranges a-b within 0-31, got {text!r}")
-    return bits
-
-
-def _torch_has_cuda() -> bool:
-    """Whether PyTorch sees a CUDA GPU. Importing torch does not import triton."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def _setup_triton(args, names) -> bool:
-    """Check the options ``--implementation triton`` allows; without a GPU, select Triton's
-    interpreter (``TRITON_INTERPRET=1``) before anything imports triton. Returns whether a GPU is present."""
-    if "torch" not in names:
-        raise SystemExit(f"--implementation: triton is a PyTorch implementation; --backends {args.backends!r} "
-                         f"has no torch")
-    if args.mask != "none":
-        raise SystemExit(f"--mask: --implementation triton takes no mask (the kernel supports is_causal only), "
-                         f"expected 'none', got {args.mask!r}")
-    try:
-        implementation_checks("triton", args.scheme)
-    except ValueError as e:
-        raise SystemExit(f"--scheme: {e}") from None
-    gpu = _torch_has_cuda()
-    if not gpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-    return gpu
-
-
-def _check_triton_mode(bks) -> None:
-    """Fail early, with the reason, when Triton's kernels cannot run on the torch backend's device."""
-    from ftattn_torch import fused
-
-    torch_backend = next(b for b in bks if b.name == "torch")
-    if torch_backend.device.type == "cuda" and fused.interpreting():
-        raise SystemExit("--implementation triton: TRITON_INTERPRET=1 is set but a GPU is present; unset it to "
-                         "compile the kernels for the GPU")
-    if torch_backend.device.type != "cuda" and not fused.interpreting():
-        raise SystemExit("--implementation triton: no GPU, and Triton's kernels were imported before "
-                         "TRITON_INTERPRET=1 could be set; run in a fresh process, or export TRITON_INTERPRET=1")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compare.faults", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backends", default="jax,torch")
@@ -499,8 +438,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mask", default="none", choices=MASKS,
                     help="run every call under this mask form (see the module docs)")
     ap.add_argument("--implementation", default="unfused", choices=IMPLEMENTATIONS,
-                    help="what the torch backend runs: unfused, or triton (the fused kernel: float16/bfloat16, "
-                         "no mask; JAX stays unfused)")
+                    help="unfused (both backends), triton (torch's fused kernel; JAX stays unfused) or pallas "
+                         "(JAX's fused kernel; torch stays unfused): the fused ones take float16/bfloat16, no mask")
     ap.add_argument("--bits", default=None, help="comma-separated bit positions or ranges a-b (default: every bit)")
     ap.add_argument("--out", default=None, help="output folder (default results/faults-<timestamp>/)")
     args = ap.parse_args(argv)
@@ -510,16 +449,12 @@ def main(argv=None) -> int:
     bits = _parse_bits(args.bits)
     if args.trials < 1 or args.clean < 0:
         raise SystemExit("--trials: expected >= 1, --clean: expected >= 0")
-    takes = IMPLEMENTATION_DTYPES[args.implementation]
-    dropped = [d for d in dtypes if d not in takes]
-    dtypes = [d for d in dtypes if d in takes]
-    if not dtypes:
-        raise SystemExit(f"--dtype: --implementation {args.implementation} takes {takes}, got {args.dtype!r}")
+    dtypes, dropped = options.restrict_dtypes(args.implementation, dtypes, args.dtype)
     trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
     if not trials:
         raise SystemExit(f"no faulty trials: --sites {args.sites!r}, --bits {args.bits!r} and --dtype select none")
-    triton = args.implementation == "triton"
-    gpu = _setup_triton(args, names) if triton else None  # before anything imports triton: may set TRITON_INTERPRET
+    options.setup_implementation(args, names)  # before anything imports triton: may set TRITON_INTERPRET
+    impl_of = options.backend_implementations(args.implementation, names)
 
     from rich.console import Console
     from rich.progress import Progress
@@ -530,21 +465,13 @@ def main(argv=None) -> int:
     bks = []
     for n in names:
         try:
-            bks.append(adapters.make_backend(n, args.implementation if n == "torch" else "unfused"))
+            bks.append(adapters.make_backend(n, impl_of[n]))
         except ImportError as e:
             console.print(f"[yellow]skipping backend {n}: {e}[/yellow]")
     if not bks:
         raise SystemExit("no backend could be imported")
-    if triton:
-        if "torch" not in [b.name for b in bks]:
-            raise SystemExit("--implementation triton: the torch backend could not be imported")
-        _check_triton_mode(bks)
-        mode = "compiled for the GPU" if gpu else "run in Triton's interpreter: no GPU, TRITON_INTERPRET=1, slow"
-        what = {"triton": f" ({mode}; checks {', '.join(implementation_checks('triton', args.scheme))}; "
-                          f"no localization)"}
-        impls = ", ".join(f"{b.name} {b.implementation}{what.get(b.implementation, '')}" for b in bks)
-        console.print(f"# implementations: {impls}; dtypes {','.join(dtypes)}"
-                      + (f" ({','.join(dropped)} left out: triton takes float16 and bfloat16 only)" if dropped else ""),
+    if args.implementation != "unfused":
+        console.print(options.implementation_header(args.implementation, bks, args.scheme, dtypes, dropped),
                       markup=False, highlight=False)
     start = time.perf_counter()
     rows = []

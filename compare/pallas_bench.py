@@ -61,7 +61,6 @@ def _time(fn, args, reps: int, inner: int) -> float:
 def main(argv=None) -> int:
     a = _parse(argv)
     import jax
-    import jax.numpy as jnp
 
     import ftattn_jax
     from ftattn_jax import fused

@@ -24,15 +24,18 @@ configuration, the environment) and ``plot.png`` under ``--out``;
 SDPA with each backend, ``jax.nn.dot_product_attention`` with XLA and cuDNN)
 are timed in the same run; one that cannot run here is skipped with its reason.
 
-``--implementations`` (default ``unfused,triton``) picks what each backend's
-scheme rows run: ``unfused`` in both, and ``triton`` (PyTorch only: the fused
-kernel, ``attention(..., implementation="triton")``) for every scheme it can
-run, with its own ``baseline`` (the kernel without checks) for the overhead.
-Triton rows are labelled ``<scheme> [triton]`` (``"implementation"`` in the
-JSON rows), need a CUDA GPU (without one they are skipped with the reason
-``triton: no GPU``), and skip ``abft_qk_col``, whose column check the kernel
-does not run. They are cross-checked against JAX's unfused rows, on the
-checks both run.
+``--implementations`` (default ``unfused,triton,pallas``) picks what each
+backend's scheme rows run: ``unfused`` in both; ``triton`` (PyTorch only: the
+fused Triton kernel, ``attention(..., implementation="triton")``) and
+``pallas`` (JAX only: the fused Pallas kernel, ``attention(...,
+implementation="pallas")``) for every scheme they can run, each with its own
+``baseline`` (the kernel without checks) for the overhead. Fused rows are
+labelled ``<scheme> [triton]`` or ``<scheme> [pallas]`` (``"implementation"``
+in the JSON rows), need a GPU (without one they are skipped with the reason
+``triton: no GPU`` or ``pallas: no GPU``: an interpreted kernel's time means
+nothing), and skip ``abft_qk_col``, whose column check the kernels do not
+run. Each is cross-checked against the other backend's unfused rows (triton
+against JAX's, pallas against PyTorch's), on the checks both run.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import numpy as np
 
 from ftattn_spec import reference as ref
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
-from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
+from ftattn_spec.schemes import CHECKS, SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESET_NAMES, preset
 from ftattn_spec.validation import implementation_checks
 
@@ -60,6 +63,10 @@ SUBSAMPLE_HEADS = 2
 #: Run Triton's interpreter on the CPU instead of skipping (tests only: slow, and
 #: TRITON_INTERPRET=1 must have been set before triton was imported).
 TRITON_ON_CPU = False
+#: Run the Pallas kernel in interpret mode on the CPU instead of skipping (tests only).
+PALLAS_ON_CPU = False
+#: The fused implementations: the backend that offers each.
+FUSED = {"triton": "torch", "pallas": "jax"}
 
 
 def _has_gpu() -> bool:
@@ -107,17 +114,20 @@ def scheme_key(scheme: str, implementation: str = "unfused") -> str:
 
 def _skip_reason(be, scheme: str, implementation: str) -> str | None:
     """Why ``implementation`` cannot run ``scheme`` on this backend here (None: it can try)."""
-    if implementation != "triton":
+    if implementation not in FUSED:
         return None
     try:
-        implementation_checks("triton", scheme)
+        implementation_checks(implementation, scheme)
     except ValueError:
-        return (f"triton: runs none of the checks of {scheme} ({', '.join(SCHEMES[scheme].checks)}); "
+        return (f"{implementation}: runs none of the checks of {scheme} ({', '.join(SCHEMES[scheme].checks)}); "
                 f"unfused only")
-    if be.device.type != "cuda" and not TRITON_ON_CPU:
-        return "triton: no GPU"
-    if not _installed("triton"):
-        return "triton: not installed"
+    if implementation == "triton":
+        if be.device.type != "cuda" and not TRITON_ON_CPU:
+            return "triton: no GPU"
+        if not _installed("triton"):
+            return "triton: not installed"
+    elif be.interpreted() and not PALLAS_ON_CPU:  # pallas without a GPU: Pallas' interpret mode
+        return "pallas: no GPU"
     return None
 
 
@@ -281,7 +291,7 @@ def cross_check(rows: list[dict], outs: dict) -> None:
         if r.get("method") == "notebook-loop-order":
             continue  # timed on fresh inputs: no output kept
         other = "torch" if r["backend"] == "jax" else "jax"
-        # the twin is the other backend's unfused row (JAX's, for a triton row)
+        # the twin is the other backend's unfused row (JAX's for a triton row, PyTorch's for a pallas row)
         mine = outs.get((r["backend"], r["shape"], scheme_key(r["scheme"], r.get("implementation", "unfused"))))
         theirs = outs.get((other, r["shape"], r["scheme"]))
         if mine is not None and theirs is not None:
@@ -290,7 +300,8 @@ def cross_check(rows: list[dict], outs: dict) -> None:
         twin = [x for x in rows if x["backend"] == other and x["shape"] == r["shape"] and x["scheme"] == r["scheme"]
                 and x.get("method") == r.get("method") and x.get("implementation", "unfused") == "unfused"]
         if twin and "flags" in r and "flags" in twin[0]:
-            common = [c for c in r["flags"] if c in twin[0]["flags"]]  # a fused kernel runs fewer checks
+            # a fused kernel runs fewer checks; in CHECKS order (a JAX report's checks come sorted by name)
+            common = [c for c in CHECKS if c in r["flags"] and c in twin[0]["flags"]]
             r["verdicts_agree"] = all(r["flags"][c] == twin[0]["flags"][c] for c in common)
             if len(common) < max(len(r["flags"]), len(twin[0]["flags"])):
                 r["verdicts_compared"] = common
@@ -330,8 +341,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default=None, help=f"one of {PRESET_NAMES}; default: seed on a GPU, cpu otherwise")
     ap.add_argument("--schemes", default=",".join(SCHEME_NAMES))
     ap.add_argument("--backends", default="jax,torch")
-    ap.add_argument("--implementations", default="unfused,triton",
-                    help="unfused (both backends) and triton (PyTorch's fused kernel, on a CUDA GPU only)")
+    ap.add_argument("--implementations", default="unfused,triton,pallas",
+                    help="unfused (both backends), triton (PyTorch's fused kernel) and pallas (JAX's fused "
+                         "kernel); the fused ones on a GPU only")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--dist", default="uniform")
     ap.add_argument("--causal", action="store_true")
@@ -440,7 +452,7 @@ def _validate(args) -> None:
     for b in args.backends.split(","):
         one_of("backends", b, ("jax", "torch"))
     for i in args.implementations.split(","):
-        one_of("implementations", i, ("unfused", "triton"))
+        one_of("implementations", i, ("unfused", *FUSED))
     one_of("dtype", args.dtype, ("float16", "bfloat16", "float32"))
     one_of("dist", args.dist, DISTRIBUTIONS)
     one_of("method", args.method, ("robust", "notebook"))

@@ -135,7 +135,8 @@ def _coefficients(S: int, H: int, dtype: str, block_m: int, block_n: int, chunk:
             *tol.fused_pv_coefficients(S, H, dtype), *tol.fused_dmr_coefficients(S, block_n))
 
 
-def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks: BlockSizes, interpret):
+def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks: BlockSizes, interpret,
+            debug=False):
     B, T, N, H = q_shape
     S, K = k_shape[1], k_shape[2]
     chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
@@ -143,7 +144,7 @@ def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blo
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
         chunk=chunk, qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which, n_faults=n_faults,
         coef=_coefficients(S, H, dtype, blocks.block_m, blocks.block_n, chunk),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret, debug=debug)
 
 
 def _pad_to(x, axis: int, size: int):
@@ -283,3 +284,29 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
             out = jnp.where(rows_btn, jnp.asarray(jnp.nan, out.dtype), out)
     results = {name: results[name] for name in wanted}
     return out, Report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
+
+
+def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = False,
+              blocks: BlockSizes | None = None) -> str:
+    """The Triton IR (TTIR text) that Pallas emits for the kernel, lowered for CUDA.
+
+    Works without a GPU (a cross-platform lowering). Used by the test that
+    compiles the IR with Triton and counts the exponentials of the softmax
+    replica (docs/kernels.md, "Testing the compiled kernel").
+    """
+    import contextlib
+    import io
+
+    bs = (blocks or BlockSizes.get_default(False, q_shape[-1], True)).validate()
+    cfg = _config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
+                  which=implementation_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False, debug=True)
+    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), compat.quiet_lowering():
+        jax.jit(lambda q, k, v: _launch(q, k, v, None, None, cfg)).trace(*shapes).lower(lowering_platforms=("cuda",))
+    text = buf.getvalue()
+    marker = "The Triton module for pallas_call"
+    if marker not in text:
+        raise RuntimeError("Pallas printed no Triton module while lowering the kernel")
+    start = text.index("\n", text.index(marker)) + 1
+    return text[start:]

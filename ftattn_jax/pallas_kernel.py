@@ -67,6 +67,7 @@ class Config:
     num_warps: int
     num_stages: int
     interpret: bool
+    debug: bool = False  # Pallas prints the kernel's jaxpr and Triton IR when it lowers it
 
 
 def _corrupt(x, kind, bit, value, unit):
@@ -239,5 +240,5 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
     outs = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, H=H), grid=grid, in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, compiler_params=compat.triton_params(cfg.num_warps, cfg.num_stages),
-        interpret=cfg.interpret, name="ftattn_fused_forward")(*args)
+        interpret=cfg.interpret, debug=cfg.debug, name="ftattn_fused_forward")(*args)
     return outs[0], outs[1], list(outs[2:])

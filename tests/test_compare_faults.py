@@ -158,6 +158,65 @@ def test_triton_campaign_refuses_what_the_kernel_cannot_run(argv, match):
         faults.main(["--implementation", "triton", *argv])
 
 
+def test_pallas_campaign(tmp_path, capsys):
+    """``--implementation pallas``: JAX's fused kernel against PyTorch unfused, on a tiny campaign at
+    bit 30 (on a CPU in Pallas' interpret mode, which the kernel picks by itself)."""
+    import jax
+
+    from compare import faults
+
+    assert faults.main(["--implementation", "pallas", "--trials", "1", "--bits", "30", "--dtype", "float16,float32",
+                        "--sites", "scores,probs,probs.replica,out", "--clean", "1", "--seed", "5",
+                        "--out", str(tmp_path)]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "jax pallas" in text and "jax [pallas]: faults by site" in text and "torch [unfused]" in text
+    assert "float32 left out" in text and "n/a (pallas locates nothing)" in text
+    doc = json.loads((tmp_path / "faults.json").read_text())
+    assert doc["config"]["implementation"] == "pallas" and doc["config"]["dtypes"] == ["float16"]
+    assert doc["config"]["implementations"] == {"jax": "pallas", "torch": "unfused"}
+    env = doc["environment"]["jax"]
+    assert env["implementation"] == "pallas" and env["jax"]
+    assert env["pallas_interpret"] == ("1" if jax.default_backend() != "gpu" else "")
+    summary = doc["summary"]
+    assert summary["implementation"] == "pallas"
+    assert summary["compared_checks"] == ["qk_row", "softmax_dmr", "pv_row"]
+    jax_summary = summary["backends"]["jax"]
+    assert jax_summary["implementation"] == "pallas" and not jax_summary["locates"]
+    assert jax_summary["localization"] is None  # n/a: the kernel locates nothing
+    assert {(s["dtype"], s["site"]) for s in jax_summary["sites"]} == {
+        ("float16", s) for s in ("scores", "probs", "probs.replica", "out")}
+    assert len(doc["trials"]) == 4 and all(t["bit"] == 30 for t in doc["trials"])
+    for trial in doc["trials"]:
+        for name, res in trial["backends"].items():
+            # an exponent flip at a protected site is never missed, and what is detected is corrected
+            assert not (res["harmful"] and not res["detected"] and res["beyond_limit"]), (name, trial)
+            assert "located" not in res or name == "torch"
+            if res["detected"]:
+                assert res["corrected"], (name, trial)
+    for b in summary["backends"].values():
+        assert b["missed_protected"] == 0 and b["clean"]["count"] == 0
+    assert summary["agreement"]["rate"] == 1.0 and summary["agreement_outside_band"]["rate"] == 1.0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--mask", "window"], "--mask"), (["--dtype", "float32"], "--dtype"), (["--scheme", "abft_qk_col"], "--scheme"),
+    (["--backends", "torch"], "--implementation"),
+])
+def test_pallas_campaign_refuses_what_the_kernel_cannot_run(argv, match):
+    from compare import faults
+
+    with pytest.raises(SystemExit, match=match):
+        faults.main(["--implementation", "pallas", *argv])
+
+
+def test_implementation_runs_on_its_own_backend():
+    from compare import fault_options
+
+    assert fault_options.backend_implementations("pallas", ["jax", "torch"]) == {"jax": "pallas", "torch": "unfused"}
+    assert fault_options.backend_implementations("triton", ["jax", "torch"]) == {"jax": "unfused", "torch": "triton"}
+    assert fault_options.backend_implementations("unfused", ["torch"]) == {"torch": "unfused"}
+
+
 def test_bits_option():
     from compare import faults
 

@@ -27,6 +27,9 @@ def test_cpu_preset_writes_every_row_and_renders(tmp_path, capsys):
     triton_rows = [r for r in doc["rows"] if r.get("implementation") == "triton"]
     assert {(r["shape"], r["scheme"]) for r in triton_rows} == {(s, scheme) for s in shapes for scheme in SCHEME_NAMES}
     assert all(r["backend"] == "torch" and r["skipped"] for r in triton_rows)  # no GPU: skipped with a reason
+    pallas_rows = [r for r in doc["rows"] if r.get("implementation") == "pallas"]
+    assert {(r["shape"], r["scheme"]) for r in pallas_rows} == {(s, scheme) for s in shapes for scheme in SCHEME_NAMES}
+    assert all(r["backend"] == "jax" and r["skipped"] for r in pallas_rows)  # no GPU: skipped with a reason
     assert {(r["shape"], r["scheme"], r["backend"]) for r in rows} == {
         (s, scheme, b) for s in shapes for scheme in SCHEME_NAMES for b in ("jax", "torch")}
     assert {r["scheme"] for r in peer_rows} == set(peers.TORCH_PEERS + peers.JAX_PEERS)
@@ -97,6 +100,7 @@ def test_notebook_loop_order_charges_start_up_to_the_first_length():
     (["--backends", "tf"], "--backends"), (["--dtype", "float64"], "--dtype"),
     (["--method", "best"], "--method"), (["--reps", "0"], "--reps"),
     (["--implementations", "unfused,fused"], "--implementations"),
+    (["--implementations", "unfused,pallas,cuda"], "--implementations"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, match):
     with pytest.raises(SystemExit, match=match):
@@ -133,7 +137,7 @@ def test_implementations_option_and_triton_rows_skipped_without_a_gpu(tmp_path, 
         pytest.skip("a GPU is present: the triton rows run")
     args = argparse.Namespace(implementations="unfused,triton")
     assert run._implementations(args, "torch") == ["unfused", "triton"]
-    assert run._implementations(args, "jax") == ["unfused"]  # JAX has only unfused
+    assert run._implementations(args, "jax") == ["unfused"]  # triton is PyTorch's only
     assert run._implementations(argparse.Namespace(implementations="triton"), "jax") == []
     argv = ["--preset", "cpu", "--backends", "torch", "--schemes", "baseline,abft_qk_col,full", "--no-peers",
             "--reps", "1", "--warmup", "0", "--input-sets", "1"]
@@ -141,7 +145,7 @@ def test_implementations_option_and_triton_rows_skipped_without_a_gpu(tmp_path, 
     out = capsys.readouterr().out
     assert "triton rows skipped: triton: no GPU" in out and "[triton]" in out
     doc = results.load(str(tmp_path / "both" / "results.json"))  # null back to NaN
-    assert doc["config"]["implementations"] == "unfused,triton"
+    assert doc["config"]["implementations"] == "unfused,triton,pallas"  # the default
     shapes = [s.label() for s in PRESETS["cpu"]]
     triton_rows = [r for r in doc["rows"] if r["implementation"] == "triton"]
     assert {(r["shape"], r["scheme"]) for r in triton_rows} == {
@@ -168,7 +172,8 @@ def test_triton_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "TRITON_ON_CPU", True)
     monkeypatch.setattr(run, "preset", lambda name: (Shape(1, 4, 40, 24, 16, K=2),))
     assert run.main(["--preset", "cpu", "--schemes", "baseline,abft_qk_col,full", "--no-peers", "--isolate", "none",
-                     "--reps", "1", "--warmup", "0", "--input-sets", "1", "--out", str(tmp_path)]) == 0
+                     "--implementations", "unfused,triton", "--reps", "1", "--warmup", "0", "--input-sets", "1",
+                     "--out", str(tmp_path)]) == 0
     assert "[triton]" in capsys.readouterr().out  # the table labels the rows ("full [triton]", maybe wrapped)
     rows = {(r["backend"], r["scheme"], r["implementation"]): r
             for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
@@ -182,3 +187,68 @@ def test_triton_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     assert rows[("torch", "baseline", "triton")]["flags"] == {} and full["overhead"] == full["overhead"]
     assert rows[("jax", "full", "unfused")]["verdicts_agree"] is True  # still against torch unfused
     assert "verdicts_compared" not in rows[("jax", "full", "unfused")]
+
+
+def _pallas_rows_on_cpu():
+    import jax
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: the pallas rows run")
+
+
+TINY = (Shape(1, 4, 40, 24, 16, K=2),)  # T != S, grouped-query, H = 16: the Pallas kernel's smallest head dim
+
+
+@pytest.mark.skipif(not HAVE_JAX, reason="needs jax")
+def test_pallas_implementation_option_and_rows_skipped_without_a_gpu(tmp_path, monkeypatch, capsys):
+    _pallas_rows_on_cpu()
+    args = argparse.Namespace(implementations="unfused,triton,pallas")
+    assert run._implementations(args, "jax") == ["unfused", "pallas"]
+    assert run._implementations(args, "torch") == ["unfused", "triton"]  # pallas is JAX's only
+    assert run._implementations(argparse.Namespace(implementations="pallas"), "torch") == []
+    monkeypatch.setattr(run, "preset", lambda name: TINY)
+    argv = ["--preset", "cpu", "--backends", "jax", "--schemes", "baseline,abft_qk_col,full", "--no-peers",
+            "--reps", "1", "--warmup", "0", "--input-sets", "1"]
+    assert run.main(argv + ["--out", str(tmp_path / "both")]) == 0
+    out = capsys.readouterr().out
+    assert "pallas rows skipped: pallas: no GPU" in out and "[pallas]" in out
+    doc = results.load(str(tmp_path / "both" / "results.json"))
+    assert doc["config"]["implementations"] == "unfused,triton,pallas"
+    pallas_rows = [r for r in doc["rows"] if r["implementation"] == "pallas"]
+    assert {(r["scheme"], r["backend"]) for r in pallas_rows} == {
+        (scheme, "jax") for scheme in ("baseline", "abft_qk_col", "full")}
+    for r in pallas_rows:
+        assert r["ms"] != r["ms"] and r["detected"] is False and "flags" not in r  # NaN: not timed
+        if r["scheme"] == "abft_qk_col":  # the kernel runs no column check, GPU or not
+            assert r["skipped"].startswith("pallas: runs none of the checks of abft_qk_col")
+        else:
+            assert r["skipped"] == "pallas: no GPU"
+    assert all(r["ms"] > 0 and "skipped" not in r for r in doc["rows"] if r["implementation"] == "unfused")
+    assert run.main(argv + ["--implementations", "unfused,triton", "--out", str(tmp_path / "unfused")]) == 0
+    doc = json.loads((tmp_path / "unfused" / "results.json").read_text())
+    assert {r["implementation"] for r in doc["rows"]} == {"unfused"}
+    assert "[pallas]" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="needs jax and torch")
+def test_pallas_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
+    """The pallas rows' code path on a CPU, in Pallas' interpret mode on one tiny shape,
+    cross-checked against PyTorch's unfused rows."""
+    monkeypatch.setattr(run, "PALLAS_ON_CPU", True)
+    monkeypatch.setattr(run, "preset", lambda name: TINY)
+    assert run.main(["--preset", "cpu", "--schemes", "baseline,abft_qk_col,full", "--no-peers", "--isolate", "none",
+                     "--implementations", "unfused,pallas", "--reps", "1", "--warmup", "0", "--input-sets", "1",
+                     "--out", str(tmp_path)]) == 0
+    assert "[pallas]" in capsys.readouterr().out  # the table labels the rows ("full [pallas]", maybe wrapped)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["backend"], r["scheme"], r["implementation"]): r for r in doc["rows"]}
+    assert set(rows) == {(b, s, "unfused") for b in ("jax", "torch") for s in ("baseline", "abft_qk_col", "full")} | {
+        ("jax", s, "pallas") for s in ("baseline", "abft_qk_col", "full")}
+    assert rows[("jax", "abft_qk_col", "pallas")]["skipped"].startswith("pallas: runs none of the checks")
+    full = rows[("jax", "full", "pallas")]
+    assert full["flags"] == {"qk_row": False, "softmax_dmr": False, "pv_row": False} and full["detected"] is False
+    assert full["verdicts_agree"] is True and full["verdicts_compared"] == ["qk_row", "softmax_dmr", "pv_row"]
+    assert full["err_vs_bound"] <= 1 and full["xbackend_vs_bound"] <= 2  # against PyTorch unfused
+    assert rows[("jax", "baseline", "pallas")]["flags"] == {} and full["overhead"] == full["overhead"]
+    assert rows[("torch", "full", "unfused")]["verdicts_agree"] is True  # still against JAX unfused
+    assert "verdicts_compared" not in rows[("torch", "full", "unfused")]
