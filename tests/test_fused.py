@@ -27,14 +27,13 @@ from ftattn_spec import tolerances as tol  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
 
+from .fused_cases import CASES, FAULTS, SHAPE  # noqa: E402
+
 DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
 GPU = DEVICE == "cuda"
 if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-# every axis a different size; T, S not multiples of the 16-row tiles of the
-# interpreter (nor of the GPU's 128); grouped-query (K < N)
-SHAPE = dict(B=2, N=4, K=2, T=37, S=45, H=16)
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,16 +55,6 @@ def _check_output(out, exact, dtype, is_causal, slack=1.0):
     return o64
 
 
-CASES = [
-    dict(dtype="float16", is_causal=False),
-    dict(dtype="float16", is_causal=True),
-    dict(dtype="bfloat16", is_causal=False),
-    dict(dtype="bfloat16", is_causal=True),
-    dict(dtype="float16", is_causal=True, T=45, S=29),  # T > S: rows past S attend every key
-    dict(dtype="float16", is_causal=False, T=5, S=70, K=1),  # one kv head, one query block
-    dict(dtype="float16", is_causal=True, H=32, N=3, K=3),
-    dict(dtype="bfloat16", is_causal=False, H=64, B=1, N=2, K=1, T=20, S=33),
-]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -120,16 +109,6 @@ def test_thresholds_grow_with_sequence_length():
 
 
 # ---- faults: the same plans as the unfused path, same verdicts
-
-FAULTS = [
-    Fault("scores", (1, 3, 30, 4), bit=30),
-    Fault("scores", (0, 1, 20, 11), value=1e4),
-    Fault("probs", (0, 2, 17, 9), bit=29),
-    Fault("probs", (1, 0, 36, 2), bit=30, replica=1),
-    Fault("out", (1, 1, 33, 5), bit=30),
-    Fault("out", (0, 3, 0, 0), value=-1e3),
-]
-
 
 @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f"{f.site}{f.replica}-{f.bit}-{f.value}")
 @pytest.mark.parametrize("causal", [False, True])

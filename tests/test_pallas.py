@@ -25,29 +25,11 @@ from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
 
+from .fused_cases import CASES, FAULTS, SHAPE  # noqa: E402
+
 HAVE_GPU = jax.default_backend() == "gpu"
-# every axis a different size; T, S not multiples of the tiles; grouped-query (K < N)
-SHAPE = dict(B=2, N=4, K=2, T=37, S=45, H=16)
 
-CASES = [
-    dict(dtype="float16", is_causal=False),
-    dict(dtype="float16", is_causal=True),
-    dict(dtype="bfloat16", is_causal=False),
-    dict(dtype="bfloat16", is_causal=True),
-    dict(dtype="float16", is_causal=True, T=45, S=29),  # T > S: rows past S attend every key
-    dict(dtype="float16", is_causal=False, T=5, S=70, K=1),  # one kv head, one query block
-    dict(dtype="float16", is_causal=True, H=32, N=3, K=3),
-    dict(dtype="bfloat16", is_causal=False, H=64, B=1, N=2, K=1, T=20, S=33),
-]
 
-FAULTS = [
-    Fault("scores", (1, 3, 30, 4), bit=30),
-    Fault("scores", (0, 1, 20, 11), value=1e4),
-    Fault("probs", (0, 2, 17, 9), bit=29),
-    Fault("probs", (1, 0, 36, 2), bit=30, replica=1),
-    Fault("out", (1, 1, 33, 5), bit=30),
-    Fault("out", (0, 3, 0, 0), value=-1e3),
-]
 
 
 def _inputs(seed=0, dist="normal", dtype="float16", **shape):
