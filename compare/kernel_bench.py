@@ -19,8 +19,8 @@ import re
 import sys
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m compare.kernel_bench", description=__doc__.split("\n\n")[0])
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The shape options both kernel benchmarks take (this one and ``compare.pallas_bench``)."""
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=None)
@@ -28,6 +28,11 @@ def _parse(argv):
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--causal", action="store_true")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m compare.kernel_bench", description=__doc__.split("\n\n")[0])
+    add_shape_arguments(p)
     p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel alone")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     return p.parse_args(argv)

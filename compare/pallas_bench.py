@@ -19,16 +19,12 @@ import statistics
 import time
 import warnings
 
+from .kernel_bench import add_shape_arguments
+
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m compare.pallas_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    p.add_argument("--causal", action="store_true")
+    add_shape_arguments(p)
     p.add_argument("--schemes", default="baseline,full,abft_qk_row,dmr_softmax,abft_pv_row")
     p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel (full and baseline)")
     p.add_argument("--reps", type=int, default=7)

@@ -25,15 +25,12 @@ from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.report import Report
-from ftattn_spec.validation import implementation_checks
+from ftattn_spec.validation import check_fused_supported, implementation_checks
 
 from . import checks, faults
 from . import pallas_compat as compat
 from . import pallas_kernel as kernel
 
-#: Head dims the kernel compiles for (Triton needs powers of two, tensor cores at least 16).
-HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
-DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 F32 = jnp.float32
 _CHECK_ORDER = ("qk_row", "softmax_dmr", "pv_row")
 
@@ -77,19 +74,7 @@ def platform_of(x) -> str:
 
 def check_supported(query, *, scheme: str, masking: dict) -> None:
     """Raise ``ValueError``/``TypeError`` naming the limit for what the kernel cannot run."""
-    implementation_checks("pallas", scheme)  # raises for a scheme it cannot run
-    dt = jnp.dtype(query.dtype).name
-    if dt not in DTYPES:
-        raise TypeError(f"query: implementation='pallas' expected float16 or bfloat16, got {dt} "
-                        f"(use implementation='unfused' for float32)")
-    H = query.shape[-1]
-    if H not in HEAD_DIMS:
-        raise ValueError(f"query: implementation='pallas' expected head dim H in {HEAD_DIMS}, got H={H} "
-                         f"(shape {tuple(query.shape)}; use implementation='unfused')")
-    given = [n for n, x in masking.items() if x is not None]
-    if given:
-        raise ValueError(f"{given[0]}: implementation='pallas' supports is_causal only, not {given[0]} "
-                         f"(use implementation='unfused' for masks, biases, windows and lengths)")
+    check_fused_supported("pallas", scheme, jnp.dtype(query.dtype).name, query.shape, masking)
 
 
 def _split3(x: Float[Array, "..."], dtype) -> list[Array]:

@@ -176,6 +176,31 @@ def implementation_checks(implementation: str, scheme: str) -> tuple[str, ...]:
     return run
 
 
+#: What the fused kernels (``triton``, ``pallas``) compile for: dtypes, and head
+#: dims (Triton needs powers of two, the tensor cores at least 16).
+FUSED_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+FUSED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
+
+
+def check_fused_supported(implementation: str, scheme: str, dtype: str, q_shape, masking: dict) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the limit for what a fused kernel cannot run.
+
+    ``masking`` maps the mask arguments' names to their values (None: not given).
+    """
+    implementation_checks(implementation, scheme)  # raises for a scheme it cannot run
+    if dtype not in FUSED_DTYPES:
+        raise TypeError(f"query: implementation={implementation!r} expected float16 or bfloat16, got {dtype} "
+                        f"(use implementation='unfused' for float32)")
+    H = q_shape[-1]
+    if H not in FUSED_HEAD_DIMS:
+        raise ValueError(f"query: implementation={implementation!r} expected head dim H in {FUSED_HEAD_DIMS}, "
+                         f"got H={H} (shape {tuple(q_shape)}; use implementation='unfused')")
+    given = [n for n, x in masking.items() if x is not None]
+    if given:
+        raise ValueError(f"{given[0]}: implementation={implementation!r} supports is_causal only, not {given[0]} "
+                         f"(use implementation='unfused' for masks, biases, windows and lengths)")
+
+
 def validate_implementation(backend: str, implementation) -> str:
     """Resolve ``implementation`` (None = the backend's default) to a name."""
     if implementation is None:

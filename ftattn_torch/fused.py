@@ -25,13 +25,10 @@ from torch import Tensor
 from ftattn_spec import tolerances as tol
 from ftattn_spec.faults import SITES, FaultPlan
 from ftattn_spec.report import CheckResult, Report
-from ftattn_spec.validation import implementation_checks
+from ftattn_spec.validation import check_fused_supported, implementation_checks
 
 from . import checks, faults
 
-#: Head dims the kernel compiles for (``tl.arange`` needs a power of two; ``tl.dot`` at least 16).
-HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
-DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 _STAT_PLANES = {"qk_row": 0, "softmax_dmr": 1, "pv_row": 2}
 
@@ -85,18 +82,7 @@ def interpreting() -> bool:
 
 def check_supported(query: Tensor, key: Tensor, *, scheme: str, masking) -> None:
     """Raise ``ValueError``/``TypeError`` naming the limit for what the kernel cannot run."""
-    implementation_checks("triton", scheme)  # raises for a scheme it cannot run
-    if query.dtype not in DTYPES:
-        raise TypeError(f"query: implementation='triton' expected float16 or bfloat16, got "
-                        f"{str(query.dtype).removeprefix('torch.')} (use implementation='unfused' for float32)")
-    H = query.shape[-1]
-    if H not in HEAD_DIMS:
-        raise ValueError(f"query: implementation='triton' expected head dim H in {HEAD_DIMS}, got H={H} "
-                         f"(shape {tuple(query.shape)}; use implementation='unfused')")
-    given = [n for n, x in masking.items() if x is not None]
-    if given:
-        raise ValueError(f"{given[0]}: implementation='triton' supports is_causal only, not {given[0]} "
-                         f"(use implementation='unfused' for masks, biases, windows and lengths)")
+    check_fused_supported("triton", scheme, _dt(query), query.shape, masking)
     if query.device.type == "cuda":
         if interpreting():
             raise ValueError("implementation: 'triton' got CUDA tensors, but TRITON_INTERPRET=1 was set when "
