@@ -26,6 +26,28 @@ def campaign(tmp_path_factory):
         return json.load(f), out
 
 
+def _assert_kernel_campaign(doc, impl: str, backend: str, sites) -> None:
+    """A tiny bit-30 campaign through fused kernel ``impl`` of ``backend`` (the other backend unfused)."""
+    summary = doc["summary"]
+    assert summary["implementation"] == impl
+    assert summary["compared_checks"] == ["qk_row", "softmax_dmr", "pv_row"]
+    mine = summary["backends"][backend]
+    assert mine["implementation"] == impl and not mine["locates"]
+    assert mine["localization"] is None  # n/a: the kernel locates nothing
+    assert {(s["dtype"], s["site"]) for s in mine["sites"]} == {("float16", s) for s in sites}
+    assert len(doc["trials"]) == len(sites) and all(t["bit"] == 30 for t in doc["trials"])
+    for trial in doc["trials"]:
+        for name, res in trial["backends"].items():
+            # an exponent flip at a protected site is never missed, and what is detected is corrected
+            assert not (res["harmful"] and not res["detected"] and res["beyond_limit"]), (name, trial)
+            assert "located" not in res or name != backend
+            if res["detected"]:
+                assert res["corrected"], (name, trial)
+    for b in summary["backends"].values():
+        assert b["missed_protected"] == 0 and b["clean"]["count"] == 0
+    assert summary["agreement_outside_band"]["rate"] == 1.0
+
+
 def test_campaign_meets_the_targets(campaign):
     doc, out = campaign
     summary = doc["summary"]
@@ -126,25 +148,7 @@ def test_triton_campaign(tmp_path, capsys):
     doc = json.loads((tmp_path / "faults.json").read_text())
     assert doc["config"]["implementation"] == "triton" and doc["config"]["dtypes"] == ["float16"]
     assert doc["config"]["implementations"] == {"jax": "unfused", "torch": "triton"}
-    summary = doc["summary"]
-    assert summary["implementation"] == "triton"
-    assert summary["compared_checks"] == ["qk_row", "softmax_dmr", "pv_row"]
-    torch_summary = summary["backends"]["torch"]
-    assert torch_summary["implementation"] == "triton" and not torch_summary["locates"]
-    assert torch_summary["localization"] is None  # n/a: the kernel locates nothing
-    assert {(s["dtype"], s["site"]) for s in torch_summary["sites"]} == {
-        ("float16", s) for s in ("scores", "probs", "out")}
-    assert len(doc["trials"]) == 3 and all(t["bit"] == 30 for t in doc["trials"])
-    for trial in doc["trials"]:
-        for name, res in trial["backends"].items():
-            # an exponent flip at a protected site is never missed, and what is detected is corrected
-            assert not (res["harmful"] and not res["detected"] and res["beyond_limit"]), (name, trial)
-            assert "located" not in res or name == "jax"
-            if res["detected"]:
-                assert res["corrected"], (name, trial)
-    for b in summary["backends"].values():
-        assert b["missed_protected"] == 0 and b["clean"]["count"] == 0
-    assert summary["agreement_outside_band"]["rate"] == 1.0
+    _assert_kernel_campaign(doc, "triton", "torch", ("scores", "probs", "out"))
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -178,24 +182,8 @@ def test_pallas_campaign(tmp_path, capsys):
     assert env["implementation"] == "pallas" and env["jax"]
     assert env["pallas_interpret"] == ("1" if jax.default_backend() != "gpu" else "")
     summary = doc["summary"]
-    assert summary["implementation"] == "pallas"
-    assert summary["compared_checks"] == ["qk_row", "softmax_dmr", "pv_row"]
-    jax_summary = summary["backends"]["jax"]
-    assert jax_summary["implementation"] == "pallas" and not jax_summary["locates"]
-    assert jax_summary["localization"] is None  # n/a: the kernel locates nothing
-    assert {(s["dtype"], s["site"]) for s in jax_summary["sites"]} == {
-        ("float16", s) for s in ("scores", "probs", "probs.replica", "out")}
-    assert len(doc["trials"]) == 4 and all(t["bit"] == 30 for t in doc["trials"])
-    for trial in doc["trials"]:
-        for name, res in trial["backends"].items():
-            # an exponent flip at a protected site is never missed, and what is detected is corrected
-            assert not (res["harmful"] and not res["detected"] and res["beyond_limit"]), (name, trial)
-            assert "located" not in res or name == "torch"
-            if res["detected"]:
-                assert res["corrected"], (name, trial)
-    for b in summary["backends"].values():
-        assert b["missed_protected"] == 0 and b["clean"]["count"] == 0
-    assert summary["agreement"]["rate"] == 1.0 and summary["agreement_outside_band"]["rate"] == 1.0
+    _assert_kernel_campaign(doc, "pallas", "jax", ("scores", "probs", "probs.replica", "out"))
+    assert summary["agreement"]["rate"] == 1.0
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -17,6 +17,16 @@ from .conftest import HAVE_JAX, HAVE_TORCH
 
 
 @pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="compares both backends")
+def _assert_skipped_without_gpu(rows, impl: str) -> None:
+    """A fused kernel's rows on a machine without a GPU: none timed, each skipped with its reason."""
+    for r in rows:
+        assert r["ms"] != r["ms"] and r["detected"] is False and "flags" not in r  # NaN: not timed
+        if r["scheme"] == "abft_qk_col":  # the kernel runs no column check, GPU or not
+            assert r["skipped"].startswith(f"{impl}: runs none of the checks of abft_qk_col")
+        else:
+            assert r["skipped"] == f"{impl}: no GPU"
+
+
 def test_cpu_preset_writes_every_row_and_renders(tmp_path, capsys):
     assert run.main(["--preset", "cpu", "--out", str(tmp_path), "--reps", "2", "--warmup", "1",
                      "--input-sets", "2"]) == 0
@@ -150,12 +160,7 @@ def test_implementations_option_and_triton_rows_skipped_without_a_gpu(tmp_path, 
     triton_rows = [r for r in doc["rows"] if r["implementation"] == "triton"]
     assert {(r["shape"], r["scheme"]) for r in triton_rows} == {
         (s, scheme) for s in shapes for scheme in ("baseline", "abft_qk_col", "full")}
-    for r in triton_rows:
-        assert r["ms"] != r["ms"] and r["detected"] is False and "flags" not in r  # NaN: not timed
-        if r["scheme"] == "abft_qk_col":  # the kernel runs no column check, GPU or not
-            assert r["skipped"].startswith("triton: runs none of the checks of abft_qk_col")
-        else:
-            assert r["skipped"] == "triton: no GPU"
+    _assert_skipped_without_gpu(triton_rows, "triton")
     assert all(r["ms"] > 0 and "skipped" not in r for r in doc["rows"] if r["implementation"] == "unfused")
     assert run.main(argv + ["--implementations", "unfused", "--out", str(tmp_path / "unfused")]) == 0
     doc = json.loads((tmp_path / "unfused" / "results.json").read_text())
@@ -217,12 +222,7 @@ def test_pallas_implementation_option_and_rows_skipped_without_a_gpu(tmp_path, m
     pallas_rows = [r for r in doc["rows"] if r["implementation"] == "pallas"]
     assert {(r["scheme"], r["backend"]) for r in pallas_rows} == {
         (scheme, "jax") for scheme in ("baseline", "abft_qk_col", "full")}
-    for r in pallas_rows:
-        assert r["ms"] != r["ms"] and r["detected"] is False and "flags" not in r  # NaN: not timed
-        if r["scheme"] == "abft_qk_col":  # the kernel runs no column check, GPU or not
-            assert r["skipped"].startswith("pallas: runs none of the checks of abft_qk_col")
-        else:
-            assert r["skipped"] == "pallas: no GPU"
+    _assert_skipped_without_gpu(pallas_rows, "pallas")
     assert all(r["ms"] > 0 and "skipped" not in r for r in doc["rows"] if r["implementation"] == "unfused")
     assert run.main(argv + ["--implementations", "unfused,triton", "--out", str(tmp_path / "unfused")]) == 0
     doc = json.loads((tmp_path / "unfused" / "results.json").read_text())
