@@ -27,6 +27,8 @@ def _parse(argv):
     add_shape_arguments(p)
     p.add_argument("--schemes", default="baseline,full,abft_qk_row,dmr_softmax,abft_pv_row")
     p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel (full and baseline)")
+    p.add_argument("--lowerings", default="triton,mosaic_gpu",
+                   help="which kernels of implementation='pallas' to time (triton: portable; mosaic_gpu: Hopper)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inner", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -36,6 +38,10 @@ def _parse(argv):
 #: Block shapes ``--sweep`` tries: (block_m, block_n, warps, stages).
 SWEEP = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3),
          (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2))
+
+
+#: Settings of the Hopper kernel ``--sweep`` tries: (block_kv, stages).
+MOSAIC_SWEEP = ((128, 2), (128, 3), (64, 2), (64, 3), (64, 4))
 
 
 def _time(fn, args, reps: int, inner: int) -> float:
@@ -89,16 +95,35 @@ def main(argv=None) -> int:
                     q, k, v, None, sm_scale=a.head_dim ** -0.5, causal=a.causal))
         except ImportError as e:
             print(f"  pallas example unavailable: {e}")
-        for scheme in a.schemes.split(","):
-            cands[f"ftattn pallas {scheme}"] = jax.jit(lambda q, k, v, s=scheme: ftattn_jax.attention(
-                q, k, v, scheme=s, is_causal=a.causal, implementation="pallas"))
+        lowerings = a.lowerings.split(",")
+        if "mosaic_gpu" in lowerings:
+            try:
+                from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu_example
+
+                if a.head_dim % 64 == 0:
+                    cfg = mgpu_example.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                                    causal=a.causal)
+                    cands["mosaic example (FA3)"] = jax.jit(lambda q, k, v: mgpu_example.attention(q, k, v, cfg))
+            except ImportError as e:
+                print(f"  Mosaic GPU example unavailable: {e}")
+        for low in lowerings:
+            tag = "pallas" if low == "triton" else "mosaic"
+            for scheme in a.schemes.split(","):
+                cands[f"ftattn {tag} {scheme}"] = jax.jit(lambda q, k, v, s=scheme, low=low: ftattn_jax.attention(
+                    q, k, v, scheme=s, is_causal=a.causal, implementation="pallas", lowering=low))
         if a.sweep:
             for (bm, bn, w, st), scheme in [(b, s) for b in SWEEP for s in ("baseline", "full")]:
                     bs = fused.BlockSizes(bm, bn, w, st)
                     cands[f"sweep {scheme} {bm}x{bn} w{w} s{st}"] = jax.jit(
                         lambda q, k, v, s=scheme, bs=bs: fused.run(
                             q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
-                            is_causal=a.causal, interpret=False, blocks=bs))
+                            is_causal=a.causal, interpret=False, blocks=bs, lowering="triton"))
+            for (bkv, st), scheme in [(b, s) for b in MOSAIC_SWEEP for s in ("baseline", "full")]:
+                bs = fused.MosaicBlocks(bkv, st)
+                cands[f"sweep mosaic {scheme} kv{bkv} s{st}"] = jax.jit(
+                    lambda q, k, v, s=scheme, bs=bs: fused.run(
+                        q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
+                        is_causal=a.causal, interpret=False, blocks=bs, lowering="mosaic_gpu"))
         base = None
         for name, fn in cands.items():
             try:
@@ -112,10 +137,11 @@ def main(argv=None) -> int:
             rows.append(row)
             ratio = f"{row['vs_cudnn']:.3f}x cuDNN" if base else ""
             print(f"  T={T:6d} {name:34s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  {ratio}", flush=True)
-        full = next((r["ms"] for r in rows if r["T"] == T and r["name"] == "ftattn pallas full"), None)
-        off = next((r["ms"] for r in rows if r["T"] == T and r["name"] == "ftattn pallas baseline"), None)
-        if full and off:
-            print(f"  T={T:6d} checks overhead (full / baseline - 1): {100 * (full / off - 1):+.1f}%")
+        for tag in ("pallas", "mosaic"):
+            full = next((r["ms"] for r in rows if r["T"] == T and r["name"] == f"ftattn {tag} full"), None)
+            off = next((r["ms"] for r in rows if r["T"] == T and r["name"] == f"ftattn {tag} baseline"), None)
+            if full and off:
+                print(f"  T={T:6d} {tag} checks overhead (full / baseline - 1): {100 * (full / off - 1):+.1f}%")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -49,9 +49,17 @@ def _spec(x):
 
 def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scale, is_causal, query_seq_lengths,
                      key_value_seq_lengths, local_window_size, on_fault, fault, empty, names,
-                     implementation=None, interpret=None):
+                     implementation=None, interpret=None, lowering=None):
     """Validate every argument (errors use ``names`` for the mask arguments) and run."""
     impl = v.validate_implementation("jax", implementation)
+    if lowering is not None:
+        from .fused import LOWERINGS
+
+        if not isinstance(lowering, str) or lowering not in LOWERINGS:
+            raise ValueError(f"lowering: expected None or one of {LOWERINGS}, got {lowering!r}")
+        if impl != "pallas":
+            raise ValueError(f"lowering: applies to implementation='pallas' only, got "
+                             f"implementation={implementation!r}")
     if interpret is not None and not isinstance(interpret, bool):
         raise TypeError(f"interpret: expected None or a bool, got {type(interpret).__name__} {interpret!r}")
     if interpret and impl != "pallas":
@@ -74,7 +82,7 @@ def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scal
         out, report = fused.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity,
                                 scale=cfg.scale, is_causal=cfg.is_causal,
                                 on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault, plan=cfg.plan,
-                                interpret=interpret)
+                                interpret=interpret, lowering=lowering)
         return _finish(out, report, cfg.on_fault)
     out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
                            is_causal=cfg.is_causal, on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault,
@@ -104,7 +112,8 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
               scale: float | None = None, is_causal: bool = False, query_seq_lengths=None,
               key_value_seq_lengths=None, local_window_size: int | tuple[int, int] | None = None,
               on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
-              implementation: str | None = None, interpret: bool | None = None) -> tuple[jax.Array, Report]:
+              implementation: str | None = None, interpret: bool | None = None,
+              lowering: str | None = None) -> tuple[jax.Array, Report]:
     """Fault-checked attention in ``jax.nn.dot_product_attention``'s layout.
 
     Args:
@@ -147,6 +156,13 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
       interpret: ``implementation="pallas"`` only: ``True`` runs the kernel in
         Pallas' interpret mode on any device, ``False`` requires compiling it
         (a GPU), ``None`` (the default) interprets unless the query is on a GPU.
+      lowering: ``implementation="pallas"`` only: which kernel. ``None`` or
+        ``"auto"`` (the default) runs the Hopper kernel (Mosaic GPU: TMA,
+        warpgroup MMAs, warp specialization) on an sm_90 GPU for head dims 64
+        and 128 without a fault plan, and the portable kernel (Pallas' Triton
+        lowering) otherwise; ``"triton"`` or ``"mosaic_gpu"`` ask for one
+        (``"mosaic_gpu"`` raises ``ValueError`` where it cannot run).
+        ``ftattn_jax.fused.select_lowering`` tells which one a call takes.
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, T, N, H)`` in the input dtype; ``report``
@@ -161,4 +177,4 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
                             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
                             on_fault=on_fault, fault=fault, empty="zero", names=_NAMES,
-                            implementation=implementation, interpret=interpret)
+                            implementation=implementation, interpret=interpret, lowering=lowering)

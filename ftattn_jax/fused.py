@@ -28,11 +28,14 @@ from ftattn_spec.report import Report
 from ftattn_spec.validation import check_fused_supported, implementation_checks
 
 from . import checks, faults
+from . import mosaic_kernel as mosaic
 from . import pallas_compat as compat
 from . import pallas_kernel as kernel
 
 F32 = jnp.float32
 _CHECK_ORDER = ("qk_row", "softmax_dmr", "pv_row")
+LOWERINGS = ("auto", "triton", "mosaic_gpu")
+MOSAIC_HEAD_DIMS = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,27 @@ class BlockSizes:
             x = getattr(self, name)
             if not isinstance(x, int) or x < 16 or x & (x - 1):
                 raise ValueError(f"blocks.{name}: expected a power of two >= 16, got {x!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class MosaicBlocks:
+    """Settings of the Hopper kernel: ``block_kv`` keys per tile (64 or 128) and
+    ``stages`` shared-memory slots in the K/V ring (query rows are fixed: two
+    warpgroups of 64)."""
+
+    block_kv: int = 128
+    stages: int = 2
+
+    @classmethod
+    def get_default(cls, head_dim: int = 128, checks: bool = True) -> "MosaicBlocks":
+        return cls(128, 2)
+
+    def validate(self) -> "MosaicBlocks":
+        if self.block_kv not in (64, 128):
+            raise ValueError(f"blocks.block_kv: expected 64 or 128, got {self.block_kv!r}")
+        if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
+            raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
         return self
 
 
@@ -120,10 +144,15 @@ def _coefficients(S: int, H: int, dtype: str, block_m: int, block_n: int, chunk:
             *tol.fused_pv_coefficients(S, H, dtype), *tol.fused_dmr_coefficients(S, block_n))
 
 
-def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks: BlockSizes, interpret,
+def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks, interpret,
             debug=False):
     B, T, N, H = q_shape
     S, K = k_shape[1], k_shape[2]
+    if isinstance(blocks, MosaicBlocks):
+        return mosaic.Config(
+            T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
+            qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
+            coef=_coefficients(S, H, dtype, mosaic.BLOCK_Q, blocks.block_kv, mosaic.CHUNK))
     chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
     return kernel.Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
@@ -140,11 +169,28 @@ def _pad_to(x, axis: int, size: int):
     return jnp.pad(x, pad)
 
 
-def _launch(q, k, v, ft, fv, cfg: kernel.Config):
+def _launch_mosaic(q, k, v, cfg: mosaic.Config):
+    T, S, BN = cfg.T, cfg.S, cfg.block_kv
+    rows = mosaic.COMPUTE_WGS * mosaic.BLOCK_Q
+    Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
+    qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
+    kpre, vcol = _side_inputs(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
+    o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg)
+    stats = [x[..., :T] for x in stats]
+    if cfg.qk:
+        qfin, stats = stats[0], stats[1:]
+    else:
+        qfin = jnp.all(jnp.isfinite(q), axis=-1).astype(F32).transpose(0, 2, 1)
+    return o[:, :T], qfin, tuple(stats)
+
+
+def _launch(q, k, v, ft, fv, cfg):
     """Pad, compute the side inputs, run the kernel, cut the padding off.
 
     Returns ``(out B T N H, qfin B N T, stats)``, ``stats`` a tuple of float32 ``(B, N, T)``.
     """
+    if isinstance(cfg, mosaic.Config):
+        return _launch_mosaic(q, k, v, cfg)
     T, S, BM, BN = cfg.T, cfg.S, cfg.block_m, cfg.block_n
     Tp = -(-T // BM) * BM
     Sp = -(-S // BN) * BN
@@ -170,7 +216,7 @@ def _plain_attention(q, k, v, scale: float, causal: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attend(q, k, v, ft, fv, cfg: kernel.Config):
+def _attend(q, k, v, ft, fv, cfg):
     return _launch(q, k, v, ft, fv, cfg)
 
 
@@ -203,11 +249,52 @@ def _fault_table(plan: faults.DevicePlan | None):
     return ints.reshape(-1), values, Fp
 
 
+def mosaic_can_inject() -> bool:
+    """Whether the Hopper kernel can inject faults itself (its bit flips need Mosaic GPU's
+    bitcast of registers, jax >= 0.11)."""
+    return compat.JAX_VERSION >= (0, 11, 0)
+
+
+def select_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None) -> str:
+    """Which kernel ``implementation="pallas"`` runs: ``"triton"`` (the portable
+    kernel) or ``"mosaic_gpu"`` (the Hopper kernel).
+
+    ``lowering=None``/``"auto"`` takes the Hopper kernel when the query lives on
+    an sm_90 GPU, the kernel is compiled (not interpreted), the head dim is 64
+    or 128 and no fault plan is given (fault injection is built into the
+    portable kernel only); otherwise the portable kernel. Asking for
+    ``"mosaic_gpu"`` where it cannot run raises ``ValueError`` naming why.
+    """
+    if lowering is None:
+        lowering = "auto"
+    if not isinstance(lowering, str) or lowering not in LOWERINGS:
+        raise ValueError(f"lowering: expected one of {LOWERINGS} or None, got {lowering!r}")
+    if lowering == "triton":
+        return lowering
+    H = query.shape[-1]
+    why = None
+    if interpret:
+        why = "interpret=True (the Hopper kernel cannot run in interpret mode)"
+    elif platform_of(query) != "gpu" or not mosaic.available():
+        why = "the query is not on an sm_90 (Hopper) GPU with Mosaic GPU available"
+    elif H not in MOSAIC_HEAD_DIMS:
+        why = f"head dim H={H} (the Hopper kernel takes H in {MOSAIC_HEAD_DIMS})"
+    elif plan is not None:
+        why = "a fault plan was given (fault injection runs in the portable kernel: lowering='triton')"
+    if why is None:
+        return "mosaic_gpu"
+    if lowering == "mosaic_gpu":
+        raise ValueError(f"lowering: 'mosaic_gpu' cannot run here: {why}")
+    return "triton"
+
+
 def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_causal: bool,
-        on_fault: str = "report", plan=None, interpret: bool | None = None, blocks: BlockSizes | None = None):
+        on_fault: str = "report", plan=None, interpret: bool | None = None, blocks=None,
+        lowering: str | None = None):
     """The fused path of ``attention``: inputs validated, :func:`check_supported` passed.
 
-    ``interpret=None`` interprets unless the query lives on a GPU.
+    ``interpret=None`` interprets unless the query lives on a GPU;
+    ``lowering`` picks the kernel (:func:`select_lowering`).
     """
     platform = platform_of(query)
     if interpret is None:
@@ -216,7 +303,14 @@ def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_ca
         raise ValueError(f"interpret: False compiles the kernel for a GPU, but the query is on {platform!r}; "
                          f"use interpret=None or True to run it in Pallas' interpret mode")
     wanted = implementation_checks("pallas", scheme)
-    bs = (blocks or BlockSizes.get_default(interpret, query.shape[-1], bool(wanted))).validate()
+    chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan)
+    kind = MosaicBlocks if chosen == "mosaic_gpu" else BlockSizes
+    if blocks is not None and not isinstance(blocks, kind):
+        raise TypeError(f"blocks: the {chosen!r} lowering expected {kind.__name__}, got {type(blocks).__name__}")
+    if chosen == "mosaic_gpu":
+        bs = (blocks or MosaicBlocks.get_default(query.shape[-1], bool(wanted))).validate()
+    else:
+        bs = (blocks or BlockSizes.get_default(interpret, query.shape[-1], bool(wanted))).validate()
     with compat.quiet_lowering():
         return _run(query, key, value, faults.to_device(plan), scheme=scheme, granularity=granularity,
                     scale=scale, is_causal=is_causal, on_fault=on_fault, interpret=bool(interpret), blocks=bs)
@@ -226,7 +320,7 @@ def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_ca
                                              "interpret", "blocks"))
 def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], plan, *,
          scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str, interpret: bool,
-         blocks: BlockSizes):
+         blocks: "BlockSizes | MosaicBlocks"):
     wanted = implementation_checks("pallas", scheme)
     dtype = jnp.dtype(query.dtype).name
     ft, fv, n_faults = _fault_table(plan)

@@ -62,3 +62,18 @@ def mosaic_gpu():
     except ImportError:  # pragma: no cover - depends on the installed jaxlib
         return None
     return plgpu
+
+
+def mgpu_load(ref, layout):
+    """``plgpu.load`` of a whole (already indexed) ref into ``layout``.
+
+    jax 0.10.2 requires the index argument (``()`` for the whole ref); 0.11
+    deprecates it in favour of ``ref.at[...]``.
+    """
+    import inspect
+
+    plgpu = mosaic_gpu()
+    idx = inspect.signature(plgpu.load).parameters["idx"]
+    if idx.default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)

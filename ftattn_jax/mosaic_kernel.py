@@ -1,0 +1,371 @@
+"""The Hopper kernel of ``implementation="pallas"``: the fused, self-checking forward on Mosaic GPU.
+
+The same algebra as :mod:`.pallas_kernel` (``docs/kernels.md``), laid out the
+way a Hopper GPU wants it: a warp-specialized program per 128 query rows with
+two compute warpgroups (64 rows each) and one memory warpgroup. The memory
+warpgroup streams K, V (and the ``pv_row`` columns) through a ring of shared
+memory slots with the bulk tensor copy engine (TMA); the compute warpgroups
+issue asynchronous warpgroup MMAs (``wgmma``) and take turns on the tensor
+cores (a "schedule barrier" between them), so that the softmax and the checks
+of one warpgroup run while the other's MMAs do. It needs sm_90 and does not
+run in interpret mode; nothing here imports the portable kernel or the
+reference.
+
+Legend of ``ftattn_spec.axes``: q ``B T N H``, k and v ``B S K H``, query head
+``n`` reads kv head ``n // G``. The caller (:mod:`.fused`) pads T to a
+multiple of 128 and S to a multiple of ``block_kv`` and passes the true
+lengths; keys at or beyond S are masked in the last tile.
+
+Inputs besides q, k, v (the portable kernel's, computed by the caller in XLA):
+  * ``kpre`` float32 ``(B, K, C + 1, 2, H)``: exclusive prefix sums of
+    ``(k, |k|)`` at multiples of ``CHUNK`` = 64 keys (``C = ceil(S / 64)``;
+    entry ``C`` is the total);
+  * ``vcol`` ``(B, K, S, 16)`` in the input dtype: ``v̄`` and ``Σ_h |v|``, each
+    split in three parts, then zeros.
+
+Per check, as in the portable kernel:
+  * ``qk_row``: ``Σ_j s_ij`` (kept per row while the loop runs) against
+    ``q_i · k̄_i``. Without a causal mask ``k̄`` is the total; with one it is
+    the prefix at the warpgroup's first row ``r0`` (a multiple of 64) plus the
+    keys in ``[r0, i]``. That last part is not a sum of K here: the diagonal
+    tile's scores are computed a second time by a separate MMA and summed under
+    the triangle (redundancy of those at most 64 scores per row instead of a
+    checksum), so no 64×H triangle product has to stay live in registers.
+    The magnitude uses ``Σ|k|`` up to ``r0 + 64`` (a bound).
+  * ``softmax_dmr``: the replica ``p' = exp2(s·c − (m·c + 1))`` (a different
+    argument, its own rescale factor; ``2·Σp'`` estimates ``Σp``), its own
+    running sum ``l'``, and ``d ← α·d + |Σp − 2Σp'|``; range checks at the end.
+  * ``pv_row``: a narrow MMA ``p̂ · vcol`` (BN × 16) into a 64 × 16 accumulator
+    rescaled like the output's.
+
+Outputs: ``o`` ``(B, T, N, H)`` and float32 ``stats`` ``(n_stats, B, N, T)``:
+first the 0/1 "query row finite" when ``qk_row`` runs (from ``Σ|q|·Σ|k|``),
+then per check the signed difference (the residual for ``softmax_dmr``) and
+the threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import pallas_compat as compat
+
+F32 = jnp.float32
+LOG2E = math.log2(math.e)
+CHUNK = 64  # prefix-sum granularity of kpre (= rows per compute warpgroup)
+VCOLS = 16
+BLOCK_Q = 64  # rows per compute warpgroup (the wgmma M)
+COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static settings of one compilation."""
+
+    T: int
+    S: int
+    G: int
+    scale: float
+    causal: bool
+    block_kv: int
+    stages: int
+    qk: bool
+    dmr: bool
+    pv: bool
+    coef: tuple  # (qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow)
+
+    @property
+    def n_stats(self) -> int:
+        return (1 if self.qk else 0) + 2 * (self.qk + self.dmr + self.pv)
+
+
+def available() -> bool:
+    """True where this JAX has Mosaic GPU and the default device is a Hopper GPU (sm_90)."""
+    if compat.mosaic_gpu() is None:
+        return False
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:  # pragma: no cover
+        return False
+    if dev.platform != "gpu":
+        return False
+    cc = getattr(dev, "compute_capability", "")
+    return str(cc).split(".")[0] == "9"
+
+
+def forward(q, k, v, kpre, vcol, cfg: Config):
+    """Launch on padded inputs: ``q`` ``(B, Tp, N, H)``, Tp a multiple of 128;
+    ``k``/``v`` ``(B, Sp, K, H)``, Sp a multiple of ``block_kv``.
+    Returns ``(o, stats)`` (see the module doc)."""
+    plgpu = compat.mosaic_gpu()
+    B, Tp, N, H = q.shape
+    Sp = k.shape[1]
+    dtype = q.dtype
+    BQ, BN, G = BLOCK_Q, cfg.block_kv, cfg.G
+    S = cfg.S
+    stages = max(1, min(cfg.stages, -(-S // BN)))
+    c = cfg.scale * LOG2E
+    n_stats = cfg.n_stats
+    C = -(-S // CHUNK)
+    WGMMA = plgpu.Layout.WGMMA
+    ROW = plgpu.Layout.WGMMA.reduce(1)
+    COL = plgpu.Layout.WGMMA.reduce(0)
+
+    def row_full(value):
+        return plgpu.layout_cast(jnp.full((BQ,), value, dtype=F32), ROW)
+
+    def bcast_rows(x, shape):  # a per-row vector across a tile's columns
+        return lax.broadcast_in_dim(x, shape, [0])
+
+    def kernel(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, o_ref, stats_ref, scoped):
+        (qo_smem2, k_smem, v_smem, vc_smem, ks_smem2, st_smem2), bars, consumed, schedule = scoped
+        k_bars, v_bars, vc_bars, q_bars, ks_bars = bars
+        k_done, v_done = consumed
+        batch = lax.axis_index("batch")
+        head = lax.axis_index("heads")
+        cta = lax.axis_index("q_seq")
+        wg = lax.axis_index("wg")
+        kv_head = lax.div(head, jnp.array(G, head.dtype))
+
+        def schedule_barrier():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        cta_base = cta * (COMPUTE_WGS * BQ)
+        if cfg.causal:
+            cta_steps = pl.cdiv(jnp.minimum(cta_base + COMPUTE_WGS * BQ, S), jnp.array(BN, jnp.int32))
+        else:
+            cta_steps = -(-S // BN)
+
+        @pl.when(wg < COMPUTE_WGS)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            qo_smem = qo_smem2.at[wg]
+            st_smem = st_smem2.at[wg] if n_stats else None
+            r0 = cta_base + wg * BQ
+            if cfg.causal:
+                full_steps = lax.div(jnp.minimum(r0, S), jnp.array(BN, jnp.int32))
+                steps = pl.cdiv(jnp.minimum(r0 + BQ, S), jnp.array(BN, jnp.int32))
+            else:
+                full_steps, steps = S // BN, -(-S // BN)
+
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(r0, BQ), head], qo_smem, q_bars.at[wg])
+            if cfg.qk:
+                # the prefix sums at r0 and r0 + 64 (kpre carries its total twice at the end)
+                chunk = jnp.minimum(lax.div(r0, jnp.array(CHUNK, jnp.int32)), C) if cfg.causal else C
+                plgpu.copy_gmem_to_smem(kpre_ref.at[batch, kv_head, pl.ds(chunk, 2)], ks_smem2.at[wg], ks_bars.at[wg])
+            plgpu.barrier_wait(q_bars.at[wg])
+
+            zero = row_full(0.0)
+            carry = dict(acc=plgpu.layout_cast(jnp.zeros((BQ, H), F32), WGMMA), m=row_full(-jnp.inf), l=zero)
+            if cfg.qk:
+                carry.update(srow=zero, sdiag=zero)
+            if cfg.dmr:
+                carry.update(l2=zero, d=zero)
+            if cfg.dmr or cfg.pv:
+                carry.update(nc=zero, mmax=zero)
+            if cfg.pv:
+                carry["pv"] = plgpu.layout_cast(jnp.zeros((BQ, VCOLS), F32), WGMMA)
+
+            @pl.when(steps > 0)
+            def _():
+                plgpu.barrier_wait(k_bars.at[0])
+
+            pl.when(wg == 1)(schedule_barrier)
+
+            def step(i, carry, masked: bool):
+                carry = dict(carry)
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                cols = None
+                if masked:
+                    rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BQ, BN), 0, layout=WGMMA)
+                    cols = i * BN + plgpu.broadcasted_iota(jnp.int32, (BQ, BN), 1, layout=WGMMA)
+                if masked and cfg.causal and cfg.qk:
+                    # the diagonal scores again, from a separate MMA, summed under the triangle [r0, i]
+                    def again(acc_ref):
+                        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                        return acc_ref[...]
+
+                    s2 = pl.run_scoped(again, plgpu.ACC((BQ, BN), F32))
+                    tri = (cols >= r0) & (cols <= rows) & (cols < S)
+                    carry["sdiag"] = carry["sdiag"] + jnp.sum(jnp.where(tri, s2, 0.0), axis=1)
+
+                def qk_mma(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    schedule_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_mma, plgpu.ACC((BQ, BN), F32))
+                plgpu.barrier_arrive(k_done.at[slot])
+                if masked:
+                    keep = cols < S
+                    if cfg.causal:
+                        keep = keep & (cols <= rows)
+                    s = jnp.where(keep, s, -jnp.inf)
+                    if cfg.qk:
+                        carry["srow"] = carry["srow"] + jnp.sum(jnp.where(keep, s, 0.0), axis=1)
+                elif cfg.qk:
+                    carry["srow"] = carry["srow"] + jnp.sum(s, axis=1)
+                m_old = carry["m"]
+                m_new = jnp.maximum(m_old, s.max(axis=1) * c)  # the maximum in exp2 units
+                alpha = jnp.exp2(m_old - m_new)
+                p = jnp.exp2(s * c - bcast_rows(m_new, s.shape))
+                acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
+                lt = p.sum(axis=1)
+                carry["l"] = carry["l"] * alpha + lt
+                if cfg.dmr:
+                    p2 = jnp.exp2(s * c - bcast_rows(m_new + 1.0, s.shape))
+                    l2t = p2.sum(axis=1) * 2.0
+                    alpha2 = jnp.exp2(m_old - (m_new + 1.0)) * 2.0
+                    carry["l2"] = carry["l2"] * alpha2 + l2t
+                    carry["d"] = carry["d"] * alpha + jnp.abs(lt - l2t)
+                if cfg.dmr or cfg.pv:
+                    carry["nc"] = carry["nc"] + jnp.where((m_new > m_old) & (m_old > -jnp.inf), 1.0, 0.0)
+                    carry["mmax"] = jnp.maximum(carry["mmax"], jnp.abs(m_new))
+                carry["m"] = m_new
+                p16 = p.astype(dtype)
+                pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.pv else None
+                acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
+
+                plgpu.barrier_arrive(schedule)  # softmax done
+                plgpu.barrier_wait(v_bars.at[slot])
+                if cfg.pv:
+                    plgpu.barrier_wait(vc_bars.at[slot])
+                plgpu.barrier_wait(schedule)  # the tensor cores are ours
+
+                def pv_mma(refs):
+                    acc_ref, pv_ref = refs if cfg.pv else (refs, None)
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    if cfg.pv:
+                        plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+                    nxt = i + 1
+
+                    @pl.when(nxt < steps)
+                    def _():
+                        plgpu.barrier_wait(k_bars.at[lax.rem(nxt, jnp.array(stages, i.dtype))])
+
+                if cfg.pv:
+                    acc, carry["pv"] = pl.run_state(pv_mma)((plgpu.ACC.init(acc), plgpu.ACC.init(pv)))
+                else:
+                    acc = pl.run_state(pv_mma)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_done.at[slot])
+                carry["acc"] = acc
+                return carry
+
+            carry = lax.fori_loop(0, full_steps, lambda i, cr: step(i, cr, False), carry)
+            if cfg.causal or S % BN:
+                carry = lax.fori_loop(full_steps, steps, lambda i, cr: step(i, cr, True), carry)
+            if cfg.causal:
+                def drain(i, _):  # the other warpgroup's remaining steps: release the slots, keep the turns
+                    slot = lax.rem(i, jnp.array(stages, i.dtype))
+                    plgpu.barrier_arrive(k_done.at[slot])
+                    plgpu.barrier_arrive(v_done.at[slot])
+                    schedule_barrier()
+                    schedule_barrier()
+
+                lax.fori_loop(steps, cta_steps, drain, None)
+            pl.when(wg == 0)(schedule_barrier)
+
+            acc, m, l = carry["acc"], carry["m"], carry["l"]
+            inv = 1.0 / l
+            o = acc * bcast_rows(inv, (BQ, H))
+            stats = []
+            if cfg.qk:
+                plgpu.barrier_wait(ks_bars.at[wg])
+                qf = compat.mgpu_load(qo_smem, WGMMA).astype(F32)
+                ksum = compat.mgpu_load(ks_smem2.at[wg, 0, 0], COL)
+                kabs = compat.mgpu_load(ks_smem2.at[wg, 1 if cfg.causal else 0, 1], COL)
+                pred = jnp.sum(qf * lax.broadcast_in_dim(ksum, (BQ, H), [1]), axis=1)
+                mag = jnp.sum(jnp.abs(qf) * lax.broadcast_in_dim(kabs, (BQ, H), [1]), axis=1)
+                if cfg.causal:
+                    pred = pred + carry["sdiag"]
+                stats.append(jnp.where(jnp.abs(mag) < jnp.inf, 1.0, 0.0))
+            qo_smem[...] = o.astype(dtype)
+            qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow = cfg.coef
+            if cfg.qk:
+                stats += [(carry["srow"] - pred) * cfg.scale, (qk_c * mag + qk_allow) * cfg.scale]
+            if cfg.dmr:
+                nc = carry["nc"]
+                thr = a0 + a1 * nc + a2 * carry["mmax"] * (1.0 + nc) + dmr_allow * inv
+                l2 = carry["l2"]
+                r = (carry["d"] + jnp.abs(l - l2)) * inv
+                ok = (m > -jnp.inf) & (m < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
+                stats += [jnp.where(ok, r, jnp.inf), thr]
+            if cfg.pv:
+                pvacc = carry["pv"]
+                ccol = plgpu.broadcasted_iota(jnp.int32, (BQ, VCOLS), 1, layout=WGMMA)
+                pvp = jnp.sum(jnp.where(ccol < 3, pvacc, 0.0), axis=1) * inv
+                pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pvacc, 0.0), axis=1) * inv
+                stats += [jnp.sum(o, axis=1) - pvp, (pv_c + pv_rc * carry["nc"]) * pvw + pv_allow]
+            for j, x in enumerate(stats):
+                st_smem.at[j][...] = x
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[batch, pl.ds(r0, BQ), head])
+            for j in range(len(stats)):
+                plgpu.copy_smem_to_gmem(st_smem.at[j], stats_ref.at[j, batch, head, pl.ds(r0, BQ)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == COMPUTE_WGS)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def load(i, slot):
+                rows = (batch, pl.ds(i * BN, BN), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
+                if cfg.pv:
+                    plgpu.copy_gmem_to_smem(vcol_ref.at[batch, kv_head, pl.ds(i * BN, BN)], vc_smem.at[slot],
+                                            vc_bars.at[slot])
+
+            for i in range(stages):
+                pl.when(i < cta_steps)(lambda i=i: load(i, i))
+
+            @pl.loop(0, jnp.maximum(cta_steps - stages, 0))
+            def _(i):
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(k_done.at[slot])
+                plgpu.barrier_wait(v_done.at[slot])
+                load(i + stages, slot)
+
+    def entry(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, o_ref, stats_ref):
+        swz = 128
+        tiled = (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
+        vc_t = (plgpu.TilingTransform((8, VCOLS)), plgpu.SwizzleTransform(VCOLS * jnp.dtype(dtype).itemsize))
+        smem = (
+            plgpu.SMEM((COMPUTE_WGS, BQ, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, BN, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, BN, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, BN, VCOLS), dtype, transforms=vc_t) if cfg.pv else None,
+            plgpu.SMEM((COMPUTE_WGS, 2, 2, H), F32) if cfg.qk else None,
+            plgpu.SMEM((COMPUTE_WGS, max(n_stats, 1), BQ), F32) if n_stats else None,
+        )
+        bars = (
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages) if cfg.pv else None,
+            plgpu.Barrier(num_barriers=COMPUTE_WGS),
+            plgpu.Barrier(num_barriers=COMPUTE_WGS) if cfg.qk else None,
+        )
+        consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2
+        pl.run_scoped(
+            lambda *args: kernel(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, o_ref, stats_ref, args),
+            smem, bars, consumed, plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
+
+    if kpre is None:
+        kpre = jnp.zeros((B, 1, 2, 2, H), F32)
+    else:
+        kpre = jnp.concatenate([kpre, kpre[:, :, -1:]], axis=2)  # C + 2 entries: pl.ds(chunk, 2) stays inside
+    if vcol is None:
+        vcol = jnp.zeros((B, 1, BN, VCOLS), dtype)
+    out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((max(n_stats, 1), B, N, Tp), F32)]
+    o, stats = plgpu.kernel(
+        entry, out_type=out_type, grid=(N, Tp // (COMPUTE_WGS * BQ), B), grid_names=("heads", "q_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, kpre, vcol)
+    return o, stats[:n_stats]

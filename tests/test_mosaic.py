@@ -1,0 +1,180 @@
+"""The Hopper kernel of ``implementation="pallas"`` (Mosaic GPU, ``lowering="mosaic_gpu"``).
+
+It compiles for sm_90 only and has no interpret mode, so ``TestMosaicGPU``
+runs on a Hopper GPU and is skipped elsewhere with the reason. Its outputs
+and verdicts are held to the float64 bound, to the portable kernel and to the
+unfused ``full`` scheme. The tests that need no GPU (selection, errors, that
+the kernel lowers for CUDA on any machine) run everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import ftattn_jax  # noqa: E402
+from ftattn_jax import fused  # noqa: E402
+from ftattn_jax import mosaic_kernel  # noqa: E402
+from ftattn_spec.faults import Fault  # noqa: E402
+from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
+
+from .fused_cases import FAULTS  # noqa: E402
+from .test_pallas import _check_output, _inputs, _ratios  # noqa: E402
+
+HOPPER = mosaic_kernel.available()
+
+# every axis a different size; T, S not multiples of the 128-row programs or the 128-key tiles
+MOSAIC_CASES = [
+    dict(dtype="float16", is_causal=False, H=64, T=200, S=300),
+    dict(dtype="float16", is_causal=True, H=64, T=200, S=300),
+    dict(dtype="bfloat16", is_causal=False, H=128, T=300, S=200),
+    dict(dtype="bfloat16", is_causal=True, H=128, T=300, S=200),  # T > S
+    dict(dtype="float16", is_causal=True, H=128, T=256, S=256, N=6, K=2),
+    dict(dtype="float16", is_causal=False, H=64, T=5, S=70, K=1),
+    dict(dtype="float16", is_causal=False, H=128, T=130, S=1000, B=1, N=2, K=1),
+]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper kernel compiles for sm_90 only (no interpret mode); "
+                    "this machine has no Hopper GPU")
+class TestMosaicGPU:
+    def attn(self, q, k, v, **kw):
+        return ftattn_jax.attention(q, k, v, implementation="pallas", lowering="mosaic_gpu", **kw)
+
+    @pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+    def test_output_within_bound_and_clean_run_not_flagged(self, case):
+        case = dict(case)
+        dtype, causal = case.pop("dtype"), case.pop("is_causal")
+        (q, k, v), exact = _inputs(1, "normal", dtype, **case)
+        out, report = self.attn(q, k, v, is_causal=causal)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        _check_output(out, exact, dtype, causal)
+        assert list(report.checks) == ["qk_row", "softmax_dmr", "pv_row"]
+        assert not bool(report.detected) and bool(report.inputs_finite), _ratios(report)
+        B, T, N, _ = q.shape
+        for name, c in report.checks.items():
+            assert c.residual.shape == (B, N, T), name
+            assert bool(jnp.all(c.threshold > 0)) and bool(jnp.all(jnp.isfinite(c.residual))), name
+        base, rep = self.attn(q, k, v, is_causal=causal, scheme="baseline")
+        assert rep.checks == {} and bool(rep.inputs_finite)
+        _check_output(base, exact, dtype, causal)
+
+    @pytest.mark.parametrize("dist", DISTRIBUTIONS)
+    def test_clean_runs_never_flagged(self, dist):
+        for seed, causal in itertools.product(range(2), (False, True)):
+            dtype = "bfloat16" if seed else "float16"
+            (q, k, v), exact = _inputs(10 + seed, dist, dtype, H=128, T=384, S=520)
+            out, report = self.attn(q, k, v, is_causal=causal)
+            assert not bool(report.detected), (dist, seed, causal, _ratios(report))
+            _check_output(out, exact, dtype, causal)
+
+    def test_matches_the_portable_kernel_and_unfused(self):
+        (q, k, v), exact = _inputs(3, "uniform", "float16", H=64, T=200, S=300)
+        for causal in (False, True):
+            a, ra = self.attn(q, k, v, is_causal=causal)
+            b, rb = ftattn_jax.attention(q, k, v, is_causal=causal, implementation="pallas", lowering="triton")
+            c, rc = ftattn_jax.attention(q, k, v, is_causal=causal)
+            for other, rep in ((b, rb), (c, rc)):
+                diff = np.abs(np.asarray(a, np.float32) - np.asarray(other, np.float32))
+                assert diff.max() < 4e-3, diff.max()
+            for name in ra.checks:  # the same quantity, the same tolerance model
+                ratio = np.asarray(ra.checks[name].threshold / rb.checks[name].threshold)
+                assert 0.1 < ratio.min() and ratio.max() < 10.0, (name, ratio.min(), ratio.max())
+
+    @pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f"{f.site}{f.replica}-{f.bit}-{f.value}")
+    @pytest.mark.parametrize("causal", [False, True])
+    def test_verdicts_agree_with_the_portable_kernel(self, fault, causal):
+        if not fused.mosaic_can_inject():
+            pytest.skip("fault injection in the Hopper kernel needs jax >= 0.11 (bitcast in Mosaic GPU)")
+        (q, k, v), _ = _inputs(5, "normal", "float16", H=64)
+        _, rm = self.attn(q, k, v, is_causal=causal, fault=fault)
+        _, rp = ftattn_jax.attention(q, k, v, is_causal=causal, fault=fault, implementation="pallas",
+                                     lowering="triton")
+        assert bool(rm.detected) == bool(rp.detected)
+        for name in rm.checks:
+            assert (np.asarray(rm.checks[name].flagged) == np.asarray(rp.checks[name].flagged)).all(), name
+
+    def test_schemes_and_nonfinite_inputs(self):
+        (q, k, v), _ = _inputs(2, "normal", "float16", H=64)
+        for scheme, expect in (("baseline", []), ("dmr_softmax", ["softmax_dmr"]), ("abft_qk_row", ["qk_row"]),
+                               ("abft_pv_row", ["pv_row"])):
+            _, rep = self.attn(q, k, v, scheme=scheme)
+            assert list(rep.checks) == expect and not bool(rep.detected) and bool(rep.inputs_finite)
+        for arrs in ((q, k.at[1, 3, 0, 2].set(jnp.nan), v), (q.at[0, 5, 1, 0].set(jnp.inf), k, v),
+                     (q, k, v.at[0, 7, 1, 3].set(-jnp.inf))):
+            _, rep = self.attn(*arrs)
+            assert not bool(rep.inputs_finite) and bool(rep.detected)
+            _, rep = self.attn(*arrs, scheme="baseline")
+            assert not bool(rep.inputs_finite)
+
+    def test_jit_vmap_grad_and_auto_selection(self):
+        (q, k, v), _ = _inputs(11, "normal", "float16", H=64, T=150, S=170)
+        assert fused.select_lowering(q) == "mosaic_gpu"
+        assert fused.select_lowering(q, plan=object()) == "triton"
+        out, rep = jax.jit(lambda q, k, v: self.attn(q, k, v, is_causal=True))(q, k, v)
+        auto, _ = ftattn_jax.attention(q, k, v, implementation="pallas", is_causal=True)
+        assert bool(jnp.all(out == auto)) and not bool(rep.detected)
+        stack = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]
+        vo, vr = jax.vmap(lambda q, k, v: self.attn(q, k, v, is_causal=True))(*stack)
+        assert bool(jnp.all(vo[0] == out)) and not bool(vr.detected.any())
+        w = jnp.linspace(-1, 1, q.shape[-1])
+        grads = [jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0].astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+                 for fn in (lambda *a: self.attn(*a, is_causal=True),
+                            lambda *a: ftattn_jax.attention(*a, is_causal=True))]
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3, rtol=1e-2)
+
+    def test_checks_see_a_corrupted_prediction(self):
+        """The kernel's residuals respond to their predictions: a wrong side input is flagged
+        (checks the wiring; the fault campaign checks detection of real faults)."""
+        (q, k, v), _ = _inputs(4, "normal", "float16", H=128, T=256, S=256)
+        cfg = fused._config(q.shape, k.shape, "float16", scale=128 ** -0.5, causal=False,
+                            which=("qk_row", "softmax_dmr", "pv_row"), n_faults=0, blocks=fused.MosaicBlocks(),
+                            interpret=False)
+        kpre, vcol = fused._side_inputs(k, v, 256, mosaic_kernel.CHUNK, True, True)
+        _, stats = mosaic_kernel.forward(q, k, v, kpre, vcol, cfg)
+        clean = [float(jnp.max(jnp.abs(stats[i]) / stats[i + 1])) for i in (1, 5)]
+        assert max(clean) < 1.0, clean
+        _, bad = mosaic_kernel.forward(q, k, v, kpre.at[0, 1, -1, 0, 5].add(1e4), vcol.at[1, 0, 77, 0].add(1.0), cfg)
+        qk = np.asarray(jnp.abs(bad[1]) > bad[2])
+        pv = np.asarray(jnp.abs(bad[5]) > bad[6])
+        assert qk[0, 2:4].all() and qk.sum() == 2 * 256
+        assert pv[1, 0:2].any() and not pv[0].any()
+
+
+def test_selection_and_errors_anywhere():
+    (q, k, v), _ = _inputs(0, "normal", "float16", H=64)
+    if not HOPPER:
+        assert fused.select_lowering(q) == "triton"
+        with pytest.raises(ValueError, match="mosaic_gpu"):
+            ftattn_jax.attention(q, k, v, implementation="pallas", lowering="mosaic_gpu")
+    with pytest.raises(ValueError, match="lowering"):
+        ftattn_jax.attention(q, k, v, implementation="pallas", lowering="cuda")
+    with pytest.raises(ValueError, match="implementation='pallas' only"):
+        ftattn_jax.attention(q, k, v, lowering="triton")
+    with pytest.raises(ValueError, match="interpret"):
+        ftattn_jax.attention(q, k, v, implementation="pallas", lowering="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="block_kv"):
+        fused.MosaicBlocks(96).validate()
+    out, rep = ftattn_jax.attention(q, k, v, implementation="pallas", lowering="triton", interpret=True)
+    assert not bool(rep.detected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_lowers_for_cuda_anywhere(causal):
+    """The Hopper kernel traces and lowers to Mosaic GPU for CUDA on any machine (no GPU needed),
+    with and without the checks: catches API drift between JAX versions in CI."""
+    if fused.compat.mosaic_gpu() is None:
+        pytest.skip("this jaxlib has no Mosaic GPU")
+    shapes = [jax.ShapeDtypeStruct(s, jnp.float16) for s in ((1, 200, 4, 64), (1, 300, 2, 64), (1, 300, 2, 64))]
+    for which in ((), ("qk_row", "softmax_dmr", "pv_row")):
+        cfg = fused._config((1, 200, 4, 64), (1, 300, 2, 64), "float16", scale=0.125, causal=causal, which=which,
+                            n_faults=0, blocks=fused.MosaicBlocks(), interpret=False)
+        text = jax.jit(lambda q, k, v: fused._launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text.lower()
