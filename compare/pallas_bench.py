@@ -41,7 +41,7 @@ SWEEP = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (6
 
 
 #: Settings of the Hopper kernel ``--sweep`` tries: (block_kv, stages).
-MOSAIC_SWEEP = ((128, 2), (128, 3), (64, 2), (64, 3), (64, 4))
+MOSAIC_SWEEP = ((128, 2, False), (128, 2, True), (128, 3, False), (128, 3, True), (64, 2, False), (64, 3, True))
 
 
 def _time(fn, args, reps: int, inner: int) -> float:
@@ -112,15 +112,17 @@ def main(argv=None) -> int:
                 cands[f"ftattn {tag} {scheme}"] = jax.jit(lambda q, k, v, s=scheme, low=low: ftattn_jax.attention(
                     q, k, v, scheme=s, is_causal=a.causal, implementation="pallas", lowering=low))
         if a.sweep:
-            for (bm, bn, w, st), scheme in [(b, s) for b in SWEEP for s in ("baseline", "full")]:
+            for (bm, bn, w, st), scheme in [(b, s) for b in SWEEP for s in ("baseline", "full")
+                                            if "triton" in lowerings]:
                     bs = fused.BlockSizes(bm, bn, w, st)
                     cands[f"sweep {scheme} {bm}x{bn} w{w} s{st}"] = jax.jit(
                         lambda q, k, v, s=scheme, bs=bs: fused.run(
                             q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
                             is_causal=a.causal, interpret=False, blocks=bs, lowering="triton"))
-            for (bkv, st), scheme in [(b, s) for b in MOSAIC_SWEEP for s in ("baseline", "full")]:
-                bs = fused.MosaicBlocks(bkv, st)
-                cands[f"sweep mosaic {scheme} kv{bkv} s{st}"] = jax.jit(
+            for (bkv, st, late), scheme in [(b, s) for b in MOSAIC_SWEEP for s in ("baseline", "full")
+                                            if "mosaic_gpu" in lowerings and (s == "full" or not b[2])]:
+                bs = fused.MosaicBlocks(bkv, st, late)
+                cands[f"sweep mosaic {scheme} kv{bkv} s{st}{' late' if late else ''}"] = jax.jit(
                     lambda q, k, v, s=scheme, bs=bs: fused.run(
                         q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
                         is_causal=a.causal, interpret=False, blocks=bs, lowering="mosaic_gpu"))

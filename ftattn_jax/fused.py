@@ -75,6 +75,7 @@ class MosaicBlocks:
 
     block_kv: int = 128
     stages: int = 2
+    late_checks: bool = False  # the checks that feed nothing run while the P·V MMA does
 
     @classmethod
     def get_default(cls, head_dim: int = 128, checks: bool = True) -> "MosaicBlocks":
@@ -85,6 +86,7 @@ class MosaicBlocks:
             raise ValueError(f"blocks.block_kv: expected 64 or 128, got {self.block_kv!r}")
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
+
         return self
 
 
@@ -152,7 +154,8 @@ def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blo
         return mosaic.Config(
             T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
             qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
-            coef=_coefficients(S, H, dtype, mosaic.BLOCK_Q, blocks.block_kv, mosaic.CHUNK))
+            coef=_coefficients(S, H, dtype, mosaic.BLOCK_Q, blocks.block_kv, mosaic.CHUNK), inject=n_faults > 0,
+            late_checks=blocks.late_checks)
     chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
     return kernel.Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
@@ -169,13 +172,14 @@ def _pad_to(x, axis: int, size: int):
     return jnp.pad(x, pad)
 
 
-def _launch_mosaic(q, k, v, cfg: mosaic.Config):
+def _launch_mosaic(q, k, v, ft, fv, cfg: mosaic.Config):
     T, S, BN = cfg.T, cfg.S, cfg.block_kv
     rows = mosaic.COMPUTE_WGS * mosaic.BLOCK_Q
     Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
     kpre, vcol = _side_inputs(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
-    o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg)
+    frows = mosaic.fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
+    o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg, frows)
     stats = [x[..., :T] for x in stats]
     if cfg.qk:
         qfin, stats = stats[0], stats[1:]
@@ -190,7 +194,7 @@ def _launch(q, k, v, ft, fv, cfg):
     Returns ``(out B T N H, qfin B N T, stats)``, ``stats`` a tuple of float32 ``(B, N, T)``.
     """
     if isinstance(cfg, mosaic.Config):
-        return _launch_mosaic(q, k, v, cfg)
+        return _launch_mosaic(q, k, v, ft, fv, cfg)
     T, S, BM, BN = cfg.T, cfg.S, cfg.block_m, cfg.block_n
     Tp = -(-T // BM) * BM
     Sp = -(-S // BN) * BN
@@ -249,6 +253,14 @@ def _fault_table(plan: faults.DevicePlan | None):
     return ints.reshape(-1), values, Fp
 
 
+def _slot_conflict(plan) -> bool:
+    """True when two of the plan's in-kernel faults share a (site, replica, batch, head, row)."""
+    idx = np.asarray(plan.index)
+    keys = [(int(s), int(r), *map(int, i[:3])) for s, r, i in zip(np.asarray(plan.site), np.asarray(plan.replica), idx)
+            if int(s) in (0, 1, 2)]
+    return len(keys) != len(set(keys))
+
+
 def mosaic_can_inject() -> bool:
     """Whether the Hopper kernel can inject faults itself (its bit flips need Mosaic GPU's
     bitcast of registers, jax >= 0.11)."""
@@ -261,8 +273,9 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
 
     ``lowering=None``/``"auto"`` takes the Hopper kernel when the query lives on
     an sm_90 GPU, the kernel is compiled (not interpreted), the head dim is 64
-    or 128 and no fault plan is given (fault injection is built into the
-    portable kernel only); otherwise the portable kernel. Asking for
+    or 128, and a fault plan, if any, has at most one fault per site and query
+    row (the Hopper kernel reads faults from a per-row table) on jax >= 0.11;
+    otherwise the portable kernel. Asking for
     ``"mosaic_gpu"`` where it cannot run raises ``ValueError`` naming why.
     """
     if lowering is None:
@@ -279,8 +292,10 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
         why = "the query is not on an sm_90 (Hopper) GPU with Mosaic GPU available"
     elif H not in MOSAIC_HEAD_DIMS:
         why = f"head dim H={H} (the Hopper kernel takes H in {MOSAIC_HEAD_DIMS})"
-    elif plan is not None:
-        why = "a fault plan was given (fault injection runs in the portable kernel: lowering='triton')"
+    elif plan is not None and not mosaic_can_inject():
+        why = f"a fault plan was given and jax {jax.__version__} cannot inject faults in the Hopper kernel (needs 0.11)"
+    elif plan is not None and _slot_conflict(plan):
+        why = "the fault plan puts two faults on one query row of one site (the Hopper kernel takes one per row)"
     if why is None:
         return "mosaic_gpu"
     if lowering == "mosaic_gpu":

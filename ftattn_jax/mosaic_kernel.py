@@ -79,10 +79,27 @@ class Config:
     dmr: bool
     pv: bool
     coef: tuple  # (qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow)
+    inject: bool = False  # compile the fault injection in (a per-row fault table is an input)
+    late_checks: bool = False  # qk_row's sum and the replica after the P·V MMA is issued (beside it)
 
     @property
     def n_stats(self) -> int:
         return (1 if self.qk else 0) + 2 * (self.qk + self.dmr + self.pv)
+
+
+#: Rows of the per-row fault table: slot (scores, probs, probs replica, out) × field (column, kind, bit, value)
+FAULT_SLOTS = 4
+FAULT_FIELDS = 4
+SLOT_SCORES, SLOT_PROBS, SLOT_REPLICA, SLOT_OUT = range(FAULT_SLOTS)
+
+
+def _corrupt(x, kind, bit, value, unit):
+    """``x`` with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2), in the
+    logical units ``x·unit``; ``kind``, ``bit``, ``value`` broadcast against ``x``."""
+    logical = x * unit
+    flipped = lax.bitcast_convert_type(
+        lax.bitcast_convert_type(logical, jnp.int32) ^ jnp.left_shift(jnp.ones_like(bit), bit), F32)
+    return jnp.where(kind == 0, flipped, jnp.where(kind == 1, value, logical + value)) / unit
 
 
 def available() -> bool:
@@ -99,9 +116,12 @@ def available() -> bool:
     return str(cc).split(".")[0] == "9"
 
 
-def forward(q, k, v, kpre, vcol, cfg: Config):
+def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
     """Launch on padded inputs: ``q`` ``(B, Tp, N, H)``, Tp a multiple of 128;
-    ``k``/``v`` ``(B, Sp, K, H)``, Sp a multiple of ``block_kv``.
+    ``k``/``v`` ``(B, Sp, K, H)``, Sp a multiple of ``block_kv``; with
+    ``cfg.inject``, ``frows`` float32 ``(16, B, N, Tp)``: per slot (scores,
+    probs, probs replica, out) and query row the fault's column (−1: none),
+    kind, bit and value (:func:`fault_rows`).
     Returns ``(o, stats)`` (see the module doc)."""
     plgpu = compat.mosaic_gpu()
     B, Tp, N, H = q.shape
@@ -123,9 +143,9 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
     def bcast_rows(x, shape):  # a per-row vector across a tile's columns
         return lax.broadcast_in_dim(x, shape, [0])
 
-    def kernel(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, o_ref, stats_ref, scoped):
-        (qo_smem2, k_smem, v_smem, vc_smem, ks_smem2, st_smem2), bars, consumed, schedule = scoped
-        k_bars, v_bars, vc_bars, q_bars, ks_bars = bars
+    def kernel(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, fr_ref, o_ref, stats_ref, scoped):
+        (qo_smem2, k_smem, v_smem, vc_smem, ks_smem2, st_smem2, fr_smem2), bars, consumed, schedule = scoped
+        k_bars, v_bars, vc_bars, q_bars, ks_bars, fr_bars = bars
         k_done, v_done = consumed
         batch = lax.axis_index("batch")
         head = lax.axis_index("heads")
@@ -160,7 +180,17 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
                 # the prefix sums at r0 and r0 + 64 (kpre carries its total twice at the end)
                 chunk = jnp.minimum(lax.div(r0, jnp.array(CHUNK, jnp.int32)), C) if cfg.causal else C
                 plgpu.copy_gmem_to_smem(kpre_ref.at[batch, kv_head, pl.ds(chunk, 2)], ks_smem2.at[wg], ks_bars.at[wg])
+            if cfg.inject:
+                plgpu.copy_gmem_to_smem(fr_ref.at[:, batch, head, pl.ds(r0, BQ)], fr_smem2.at[wg], fr_bars.at[wg])
+                plgpu.barrier_wait(fr_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
+
+            def inject(x, slot: int, cols, unit: float):
+                """The faults of this slot's table that fall in the tile ``x`` (columns ``cols``)."""
+                field = [compat.mgpu_load(fr_smem2.at[wg, FAULT_FIELDS * slot + f], ROW) for f in range(FAULT_FIELDS)]
+                col, kind, bit, value = (bcast_rows(f, x.shape) for f in field)
+                hit = cols == col.astype(jnp.int32)
+                return jnp.where(hit, _corrupt(x, kind.astype(jnp.int32), bit.astype(jnp.int32), value, unit), x)
 
             zero = row_full(0.0)
             carry = dict(acc=plgpu.layout_cast(jnp.zeros((BQ, H), F32), WGMMA), m=row_full(-jnp.inf), l=zero)
@@ -183,7 +213,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
                 carry = dict(carry)
                 slot = lax.rem(i, jnp.array(stages, i.dtype))
                 cols = None
-                if masked:
+                if masked or cfg.inject:
                     rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BQ, BN), 0, layout=WGMMA)
                     cols = i * BN + plgpu.broadcasted_iota(jnp.int32, (BQ, BN), 1, layout=WGMMA)
                 if masked and cfg.causal and cfg.qk:
@@ -203,32 +233,52 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
 
                 s = pl.run_scoped(qk_mma, plgpu.ACC((BQ, BN), F32))
                 plgpu.barrier_arrive(k_done.at[slot])
+                if cfg.inject:
+                    s = inject(s, SLOT_SCORES, cols, cfg.scale)
+                keep = None
                 if masked:
                     keep = cols < S
                     if cfg.causal:
                         keep = keep & (cols <= rows)
                     s = jnp.where(keep, s, -jnp.inf)
-                    if cfg.qk:
-                        carry["srow"] = carry["srow"] + jnp.sum(jnp.where(keep, s, 0.0), axis=1)
-                elif cfg.qk:
-                    carry["srow"] = carry["srow"] + jnp.sum(s, axis=1)
                 m_old = carry["m"]
                 m_new = jnp.maximum(m_old, s.max(axis=1) * c)  # the maximum in exp2 units
                 alpha = jnp.exp2(m_old - m_new)
                 p = jnp.exp2(s * c - bcast_rows(m_new, s.shape))
+                if cfg.inject:
+                    p = inject(p, SLOT_PROBS, cols, 1.0)
                 acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
                 lt = p.sum(axis=1)
                 carry["l"] = carry["l"] * alpha + lt
-                if cfg.dmr:
-                    p2 = jnp.exp2(s * c - bcast_rows(m_new + 1.0, s.shape))
-                    l2t = p2.sum(axis=1) * 2.0
-                    alpha2 = jnp.exp2(m_old - (m_new + 1.0)) * 2.0
-                    carry["l2"] = carry["l2"] * alpha2 + l2t
-                    carry["d"] = carry["d"] * alpha + jnp.abs(lt - l2t)
                 if cfg.dmr or cfg.pv:
                     carry["nc"] = carry["nc"] + jnp.where((m_new > m_old) & (m_old > -jnp.inf), 1.0, 0.0)
                     carry["mmax"] = jnp.maximum(carry["mmax"], jnp.abs(m_new))
                 carry["m"] = m_new
+
+                def tile_checks(srow, l2, d):
+                    """The checks that feed nothing of the output: qk_row's sum, the softmax replica."""
+                    if cfg.qk:
+                        srow = srow + jnp.sum(s if keep is None else jnp.where(keep, s, 0.0), axis=1)
+                    if cfg.dmr:
+                        p2 = jnp.exp2(s * c - bcast_rows(m_new + 1.0, s.shape))
+                        if cfg.inject:  # the replica's logical value is 2·p'
+                            p2 = inject(p2, SLOT_REPLICA, cols, 2.0)
+                        l2t = p2.sum(axis=1) * 2.0
+                        alpha2 = jnp.exp2(m_old - (m_new + 1.0)) * 2.0
+                        l2 = l2 * alpha2 + l2t
+                        d = d * alpha + jnp.abs(lt - l2t)
+                    return srow, l2, d
+
+                names = [n for n, on in (("srow", cfg.qk), ("l2", cfg.dmr), ("d", cfg.dmr)) if on]
+                zero = row_full(0.0)
+
+                def run_checks(vals):
+                    full = dict(zip(names, vals))
+                    out = tile_checks(full.get("srow", zero), full.get("l2", zero), full.get("d", zero))
+                    return [dict(zip(("srow", "l2", "d"), out))[n] for n in names]
+
+                if not cfg.late_checks:
+                    carry.update(zip(names, run_checks([carry[n] for n in names])))
                 p16 = p.astype(dtype)
                 pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.pv else None
                 acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
@@ -239,21 +289,27 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
                     plgpu.barrier_wait(vc_bars.at[slot])
                 plgpu.barrier_wait(schedule)  # the tensor cores are ours
 
+                late = names if cfg.late_checks else []
+
                 def pv_mma(refs):
-                    acc_ref, pv_ref = refs if cfg.pv else (refs, None)
+                    acc_ref, pv_ref, check_refs = refs
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                     if cfg.pv:
                         plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+                    if late:  # on the CUDA cores while the tensor cores run P·V
+                        for r, x in zip(check_refs, run_checks([r[...] for r in check_refs])):
+                            r[...] = x
                     nxt = i + 1
 
                     @pl.when(nxt < steps)
                     def _():
                         plgpu.barrier_wait(k_bars.at[lax.rem(nxt, jnp.array(stages, i.dtype))])
 
+                init = (plgpu.ACC.init(acc), plgpu.ACC.init(pv) if cfg.pv else None, [carry[n] for n in late])
+                acc, pv, vals = pl.run_state(pv_mma)(init)
                 if cfg.pv:
-                    acc, carry["pv"] = pl.run_state(pv_mma)((plgpu.ACC.init(acc), plgpu.ACC.init(pv)))
-                else:
-                    acc = pl.run_state(pv_mma)(plgpu.ACC.init(acc))
+                    carry["pv"] = pv
+                carry.update(zip(late, vals))
                 plgpu.barrier_arrive(v_done.at[slot])
                 carry["acc"] = acc
                 return carry
@@ -275,6 +331,8 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
             acc, m, l = carry["acc"], carry["m"], carry["l"]
             inv = 1.0 / l
             o = acc * bcast_rows(inv, (BQ, H))
+            if cfg.inject:
+                o = inject(o, SLOT_OUT, plgpu.broadcasted_iota(jnp.int32, (BQ, H), 1, layout=WGMMA), 1.0)
             stats = []
             if cfg.qk:
                 plgpu.barrier_wait(ks_bars.at[wg])
@@ -333,7 +391,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
                 plgpu.barrier_wait(v_done.at[slot])
                 load(i + stages, slot)
 
-    def entry(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, o_ref, stats_ref):
+    def entry(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, fr_ref, o_ref, stats_ref):
         swz = 128
         tiled = (plgpu.TilingTransform((8, swz // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swz))
         vc_t = (plgpu.TilingTransform((8, VCOLS)), plgpu.SwizzleTransform(VCOLS * jnp.dtype(dtype).itemsize))
@@ -344,6 +402,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
             plgpu.SMEM((stages, BN, VCOLS), dtype, transforms=vc_t) if cfg.pv else None,
             plgpu.SMEM((COMPUTE_WGS, 2, 2, H), F32) if cfg.qk else None,
             plgpu.SMEM((COMPUTE_WGS, max(n_stats, 1), BQ), F32) if n_stats else None,
+            plgpu.SMEM((COMPUTE_WGS, FAULT_SLOTS * FAULT_FIELDS, BQ), F32) if cfg.inject else None,
         )
         bars = (
             plgpu.Barrier(num_barriers=stages),
@@ -351,10 +410,11 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
             plgpu.Barrier(num_barriers=stages) if cfg.pv else None,
             plgpu.Barrier(num_barriers=COMPUTE_WGS),
             plgpu.Barrier(num_barriers=COMPUTE_WGS) if cfg.qk else None,
+            plgpu.Barrier(num_barriers=COMPUTE_WGS) if cfg.inject else None,
         )
         consumed = (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, o_ref, stats_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, kpre_ref, vcol_ref, fr_ref, o_ref, stats_ref, args),
             smem, bars, consumed, plgpu.Barrier(num_arrivals=COMPUTE_WGS), collective_axes="wg")
 
     if kpre is None:
@@ -363,9 +423,29 @@ def forward(q, k, v, kpre, vcol, cfg: Config):
         kpre = jnp.concatenate([kpre, kpre[:, :, -1:]], axis=2)  # C + 2 entries: pl.ds(chunk, 2) stays inside
     if vcol is None:
         vcol = jnp.zeros((B, 1, BN, VCOLS), dtype)
+
+    if frows is None:
+        frows = jnp.zeros((FAULT_SLOTS * FAULT_FIELDS, 1, 1, 2 * BQ), F32)
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((max(n_stats, 1), B, N, Tp), F32)]
     o, stats = plgpu.kernel(
         entry, out_type=out_type, grid=(N, Tp // (COMPUTE_WGS * BQ), B), grid_names=("heads", "q_seq", "batch"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, kpre, vcol)
+        compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, kpre, vcol, frows)
     return o, stats[:n_stats]
+
+
+def fault_rows(ft, fv, B: int, N: int, Tp: int):
+    """The plan's ``(F·8,)`` int32 rows (site, replica, b, n, i, j, kind, bit) and ``(F,)``
+    values as the kernel's per-row table ``(16, B, N, Tp)``. One fault per slot and row
+    (the caller checks); input-site faults and padding rows (site −1) are dropped."""
+    F = fv.shape[0]
+    site, rep, b, n, i, j, kind, bit = (ft.reshape(F, 8)[:, x] for x in range(8))
+    slot = jnp.where(site == 0, SLOT_SCORES, jnp.where((site == 1) & (rep == 0), SLOT_PROBS, jnp.where(
+        (site == 1) & (rep == 1), SLOT_REPLICA, jnp.where(site == 2, SLOT_OUT, FAULT_SLOTS))))
+    inside = (b >= 0) & (b < B) & (n >= 0) & (n < N) & (i >= 0) & (i < Tp)
+    slot = jnp.where(inside, slot, FAULT_SLOTS)
+    b, n, i = (jnp.clip(x, 0, hi - 1) for x, hi in ((b, B), (n, N), (i, Tp)))
+    table = jnp.zeros((FAULT_SLOTS + 1, FAULT_FIELDS, B, N, Tp), F32).at[:, 0].set(-1.0)
+    fields = jnp.stack([j.astype(F32), kind.astype(F32), bit.astype(F32), fv.astype(F32)], axis=1)  # F × 4
+    table = table.at[slot, :, b, n, i].set(fields)
+    return table[:FAULT_SLOTS].reshape(FAULT_SLOTS * FAULT_FIELDS, B, N, Tp)
