@@ -41,7 +41,8 @@ SWEEP = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (6
 
 
 #: Settings of the Hopper kernel ``--sweep`` tries: (block_kv, stages).
-MOSAIC_SWEEP = ((128, 2, False), (128, 2, True), (128, 3, False), (128, 3, True), (64, 2, False), (64, 3, True))
+MOSAIC_SWEEP = ((128, 2, False, True), (128, 2, False, False), (128, 2, True, False), (128, 3, False, True),
+                (128, 3, False, False), (64, 2, False, True), (64, 3, False, False))
 
 
 def _time(fn, args, reps: int, inner: int) -> float:
@@ -119,10 +120,11 @@ def main(argv=None) -> int:
                         lambda q, k, v, s=scheme, bs=bs: fused.run(
                             q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
                             is_causal=a.causal, interpret=False, blocks=bs, lowering="triton"))
-            for (bkv, st, late), scheme in [(b, s) for b in MOSAIC_SWEEP for s in ("baseline", "full")
-                                            if "mosaic_gpu" in lowerings and (s == "full" or not b[2])]:
-                bs = fused.MosaicBlocks(bkv, st, late)
-                cands[f"sweep mosaic {scheme} kv{bkv} s{st}{' late' if late else ''}"] = jax.jit(
+            for (bkv, st, late, pp), scheme in [(b, s) for b in MOSAIC_SWEEP for s in ("baseline", "full")
+                                                if "mosaic_gpu" in lowerings and (s == "full" or not b[2])]:
+                bs = fused.MosaicBlocks(bkv, st, late, pp)
+                tag = f"{' late' if late else ''}{'' if pp else ' no-pingpong'}"
+                cands[f"sweep mosaic {scheme} kv{bkv} s{st}{tag}"] = jax.jit(
                     lambda q, k, v, s=scheme, bs=bs: fused.run(
                         q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
                         is_causal=a.causal, interpret=False, blocks=bs, lowering="mosaic_gpu"))

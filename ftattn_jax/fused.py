@@ -76,6 +76,7 @@ class MosaicBlocks:
     block_kv: int = 128
     stages: int = 2
     late_checks: bool = False  # the checks that feed nothing run while the P·V MMA does
+    ping_pong: bool = True  # the compute warpgroups take turns on the tensor cores
 
     @classmethod
     def get_default(cls, head_dim: int = 128, checks: bool = True) -> "MosaicBlocks":
@@ -155,7 +156,7 @@ def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blo
             T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
             qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
             coef=_coefficients(S, H, dtype, mosaic.BLOCK_Q, blocks.block_kv, mosaic.CHUNK), inject=n_faults > 0,
-            late_checks=blocks.late_checks)
+            late_checks=blocks.late_checks, ping_pong=blocks.ping_pong)
     chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
     return kernel.Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
@@ -404,3 +405,40 @@ def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = Fa
         raise RuntimeError("Pallas printed no Triton module while lowering the kernel")
     start = text.index("\n", text.index(marker)) + 1
     return text[start:]
+
+
+def mosaic_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = False,
+              blocks: MosaicBlocks | None = None) -> str:
+    """The Mosaic GPU module (MLIR text) of the Hopper kernel, lowered for CUDA on any machine.
+
+    Pallas serializes the kernel's module into the ``mosaic_gpu`` custom call;
+    this reads it back. Used by the test that counts the softmax replica's
+    exponentials (``docs/kernels.md``, "Testing the compiled kernel").
+    """
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+
+    bs = (blocks or MosaicBlocks.get_default(q_shape[-1], True)).validate()
+    cfg = _config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
+                  which=implementation_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False)
+    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
+    lowered = jax.jit(lambda q, k, v: _launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
+        lowering_platforms=("cuda",))
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region:
+                for o in block.operations:
+                    if o.name == "stablehlo.custom_call" and "mosaic_gpu" in str(o.attributes["call_target_name"]):
+                        calls.append(o)
+                    walk(o)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one mosaic_gpu custom call in the lowered kernel, found {len(calls)}")
+    module = ir.StringAttr(calls[0].attributes["mhlo.backend_config"]["module"]).value_bytes
+    ctx = jax_mlir.make_ir_context()
+    ctx.allow_unregistered_dialects = True
+    with ctx:
+        return str(ir.Module.parse(bytes(module)))

@@ -81,6 +81,7 @@ class Config:
     coef: tuple  # (qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow)
     inject: bool = False  # compile the fault injection in (a per-row fault table is an input)
     late_checks: bool = False  # qk_row's sum and the replica after the P·V MMA is issued (beside it)
+    ping_pong: bool = True  # the two compute warpgroups take turns on the tensor cores (a schedule barrier)
 
     @property
     def n_stats(self) -> int:
@@ -153,9 +154,17 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
         wg = lax.axis_index("wg")
         kv_head = lax.div(head, jnp.array(G, head.dtype))
 
+        def schedule_arrive():
+            if cfg.ping_pong:
+                plgpu.barrier_arrive(schedule)
+
+        def schedule_wait():
+            if cfg.ping_pong:
+                plgpu.barrier_wait(schedule)
+
         def schedule_barrier():
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(schedule)
+            schedule_arrive()
+            schedule_wait()
 
         cta_base = cta * (COMPUTE_WGS * BQ)
         if cfg.causal:
@@ -283,11 +292,11 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.pv else None
                 acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
 
-                plgpu.barrier_arrive(schedule)  # softmax done
+                schedule_arrive()  # softmax done
                 plgpu.barrier_wait(v_bars.at[slot])
                 if cfg.pv:
                     plgpu.barrier_wait(vc_bars.at[slot])
-                plgpu.barrier_wait(schedule)  # the tensor cores are ours
+                schedule_wait()  # the tensor cores are ours
 
                 late = names if cfg.late_checks else []
 

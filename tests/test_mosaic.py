@@ -10,6 +10,10 @@ the kernel lowers for CUDA on any machine) run everywhere.
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,18 +110,24 @@ class TestMosaicGPU:
         assert bool(jnp.all(fixed == clean)) and int(rc.corrected) == int(rm.detected) * int(rc.corrected)
 
     @pytest.mark.parametrize("causal", [False, True])
-    def test_checks_beside_the_pv_mma_give_the_same_verdicts(self, causal):
-        """``MosaicBlocks(late_checks=True)`` moves qk_row's sum and the replica after the P·V MMA."""
+    @pytest.mark.parametrize("variant", [dict(late_checks=True), dict(ping_pong=False), dict(block_kv=64, stages=3)],
+                             ids=["late", "no-ping-pong", "kv64"])
+    def test_kernel_variants_give_the_same_verdicts(self, causal, variant):
+        """``MosaicBlocks`` variants: the checks beside the P·V MMA, no turns on the tensor cores, 64-key tiles."""
         (q, k, v), exact = _inputs(15, "normal", "bfloat16", H=128, T=300, S=520)
         kw = dict(scheme="full", granularity="vector", scale=128 ** -0.5, is_causal=causal, lowering="mosaic_gpu")
-        a, ra = fused.run(q, k, v, blocks=fused.MosaicBlocks(128, 2, False), **kw)
-        b, rb = fused.run(q, k, v, blocks=fused.MosaicBlocks(128, 2, True), **kw)
+        a, ra = fused.run(q, k, v, blocks=fused.MosaicBlocks(), **kw)
+        b, rb = fused.run(q, k, v, blocks=fused.MosaicBlocks(**variant), **kw)
+        _check_output(b, exact, "bfloat16", causal)
+        if "block_kv" in variant:
+            assert not bool(rb.detected)
+            return
         assert bool(jnp.all(a == b)) and not bool(rb.detected)
         for name in ra.checks:
             np.testing.assert_allclose(np.asarray(ra.checks[name].residual), np.asarray(rb.checks[name].residual),
                                        rtol=1e-5, atol=1e-6 * float(jnp.max(ra.checks[name].threshold)))
-        f = plan([Fault("probs", (1, 2, 33, 40), bit=29, replica=1)])
-        _, rf = fused.run(q, k, v, blocks=fused.MosaicBlocks(128, 2, True), plan=f, **kw) if fused.mosaic_can_inject() \
+        f = plan([Fault("probs", (1, 2, 33, 20), bit=29, replica=1)])
+        _, rf = fused.run(q, k, v, blocks=fused.MosaicBlocks(**variant), plan=f, **kw) if fused.mosaic_can_inject() \
             else (None, None)
         if rf is not None:
             assert bool(rf.checks["softmax_dmr"].flagged[1, 2, 33]) and int(rf.checks["softmax_dmr"].flagged.sum()) == 1
@@ -204,3 +214,45 @@ def test_kernel_lowers_for_cuda_anywhere(causal):
         text = jax.jit(lambda q, k, v: fused._launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text.lower()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_replica_in_the_lowered_module(causal):
+    """The Hopper kernel's module, as Mosaic GPU lowers it (any machine), holds one ``ex2.approx``
+    per exponential of the softmax and as many again for the replica (plus the rescale factors)."""
+    if fused.compat.mosaic_gpu() is None:
+        pytest.skip("this jaxlib has no Mosaic GPU")
+    count = {}
+    for scheme in ("baseline", "dmr_softmax", "full"):
+        text = fused.mosaic_ir((1, 256, 2, 64), (1, 256, 2, 64), "float16", scheme=scheme, is_causal=causal)
+        count[scheme] = len(re.findall(r"llvm\.inline_asm[^\n]*ex2\.approx", text))
+    assert count["baseline"] >= 64, count  # 64 elements of S per thread and tile (64 × 128 per warpgroup)
+    assert count["dmr_softmax"] >= 2 * count["baseline"] - 4 and count["full"] == count["dmr_softmax"], count
+
+
+_SASS_SCRIPT = """
+import sys, jax, jax.numpy as jnp, ftattn_jax
+q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 2, 64), jnp.float16)
+out, rep = ftattn_jax.attention(q, q, q, scheme=sys.argv[1], implementation="pallas", lowering="mosaic_gpu")
+jax.block_until_ready(out)
+"""
+
+
+@pytest.mark.skipif(not HOPPER, reason="compiles the Hopper kernel (sm_90) and reads its SASS")
+def test_softmax_replica_survives_compilation(tmp_path):
+    """After ptxas: the SASS of ``dmr_softmax`` holds at least twice the ``MUFU.EX2`` of ``baseline``
+    (a replica merged by LLVM or ptxas, or dropped as dead code, fails this). Mosaic GPU dumps the
+    SASS it compiled with ``MOSAIC_GPU_DUMP_SASS`` and ``MOSAIC_GPU_DUMP_TO``."""
+    counts = {}
+    for scheme in ("baseline", "dmr_softmax"):
+        dump = tmp_path / scheme
+        dump.mkdir()
+        env = dict(os.environ, MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_TO=str(dump),
+                   PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+        run = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, scheme], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        text = "".join(p.read_text(errors="replace") for p in dump.rglob("*") if p.is_file()) + run.stdout
+        counts[scheme] = len(re.findall(r"MUFU\.EX2", text))
+    assert counts["baseline"] > 0, ("no SASS dumped", counts)
+    assert counts["dmr_softmax"] >= 2 * counts["baseline"] - 4, counts
