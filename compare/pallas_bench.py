@@ -61,6 +61,15 @@ def _time(fn, args, reps: int, inner: int) -> float:
     return statistics.median(times)
 
 
+def _temp_mib(fn, args):
+    """Device memory XLA allocates for the call beyond its inputs and outputs (MiB), or None."""
+    try:
+        mem = fn.lower(*args).compile().memory_analysis()
+        return mem.temp_size_in_bytes / 2 ** 20
+    except Exception:  # not every backend reports it
+        return None
+
+
 def main(argv=None) -> int:
     a = _parse(argv)
     import jax
@@ -137,10 +146,12 @@ def main(argv=None) -> int:
                 continue
             if name == "jax.nn cudnn":
                 base = ms
-            row = dict(T=T, name=name, ms=ms, tflops=flops / ms / 1e9, vs_cudnn=(base / ms) if base else None)
+            row = dict(T=T, name=name, ms=ms, tflops=flops / ms / 1e9, vs_cudnn=(base / ms) if base else None,
+                       temp_mib=_temp_mib(fn, (q, k, v)))
             rows.append(row)
             ratio = f"{row['vs_cudnn']:.3f}x cuDNN" if base else ""
-            print(f"  T={T:6d} {name:34s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  {ratio}", flush=True)
+            mem = f"  temp {row['temp_mib']:.1f} MiB" if row["temp_mib"] is not None else ""
+            print(f"  T={T:6d} {name:34s} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  {ratio}{mem}", flush=True)
         for tag in ("pallas", "mosaic"):
             full = next((r["ms"] for r in rows if r["T"] == T and r["name"] == f"ftattn {tag} full"), None)
             off = next((r["ms"] for r in rows if r["T"] == T and r["name"] == f"ftattn {tag} baseline"), None)

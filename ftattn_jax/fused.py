@@ -123,7 +123,22 @@ def _split3(x: Float[Array, "..."], dtype) -> list[Array]:
 
 def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool):
     """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.pallas_kernel`)."""
-    kpre = vcol = None
+    return _side_inputs_and_finite(k, v, S, chunk, qk, pv)[:2]
+
+
+def _finite_from(sums, x):
+    """Whether ``x`` is all finite, read off float32 sums of ``|x|`` when they are finite (a
+    non-finite element makes its sum inf or NaN); otherwise (or when the sums overflowed) by
+    a pass over ``x``. ``sums`` None: the pass."""
+    if sums is None:
+        return jnp.all(jnp.isfinite(x))
+    return lax.cond(jnp.all(jnp.isfinite(sums)), lambda: jnp.asarray(True), lambda: jnp.all(jnp.isfinite(x)))
+
+
+def _side_inputs_and_finite(k, v, S: int, chunk: int, qk: bool, pv: bool):
+    """:func:`_side_inputs` plus whether the first S keys and values are all finite,
+    from the same sums where the checks need them."""
+    kpre = vcol = kabs = vabs = None
     B, Sp, K, H = k.shape
     if qk:
         C = -(-S // chunk)
@@ -133,12 +148,16 @@ def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int,
         pre = jnp.cumsum(sums, axis=1)
         pre = jnp.concatenate([jnp.zeros_like(pre[:, :1]), pre], axis=1)  # exclusive: B C+1 2 K H
         kpre = pre.transpose(0, 3, 1, 2, 4)
+        kabs = pre[:, -1, 1]  # Σ_j |k_j| per (b, kv head, h): B K H
     if pv:
         vf = v.astype(F32)
-        parts = _split3(vf.sum(-1), v.dtype) + _split3(jnp.abs(vf).sum(-1), v.dtype)  # B Sp K each
+        w = jnp.abs(vf).sum(-1)
+        parts = _split3(vf.sum(-1), v.dtype) + _split3(w, v.dtype)  # B Sp K each
         zeros = jnp.zeros_like(parts[0])
         vcol = jnp.stack(parts + [zeros] * (kernel.VCOLS - 6), axis=-1).transpose(0, 2, 1, 3)  # B K Sp 16
-    return kpre, vcol
+        vabs = w[:, :S]
+    finite = _finite_from(kabs, k[:, :S]) & _finite_from(vabs, v[:, :S])
+    return kpre, vcol, finite
 
 
 @functools.lru_cache(maxsize=256)
@@ -178,7 +197,7 @@ def _launch_mosaic(q, k, v, ft, fv, cfg: mosaic.Config):
     rows = mosaic.COMPUTE_WGS * mosaic.BLOCK_Q
     Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
-    kpre, vcol = _side_inputs(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
+    kpre, vcol, kv_finite = _side_inputs_and_finite(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
     frows = mosaic.fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
     o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg, frows)
     stats = [x[..., :T] for x in stats]
@@ -186,13 +205,14 @@ def _launch_mosaic(q, k, v, ft, fv, cfg: mosaic.Config):
         qfin, stats = stats[0], stats[1:]
     else:
         qfin = jnp.all(jnp.isfinite(q), axis=-1).astype(F32).transpose(0, 2, 1)
-    return o[:, :T], qfin, tuple(stats)
+    return o[:, :T], qfin, tuple(stats), kv_finite
 
 
 def _launch(q, k, v, ft, fv, cfg):
     """Pad, compute the side inputs, run the kernel, cut the padding off.
 
-    Returns ``(out B T N H, qfin B N T, stats)``, ``stats`` a tuple of float32 ``(B, N, T)``.
+    Returns ``(out B T N H, qfin B N T, stats, kv_finite)``, ``stats`` a tuple of float32
+    ``(B, N, T)``, ``kv_finite`` whether K and V are all finite (a bool scalar).
     """
     if isinstance(cfg, mosaic.Config):
         return _launch_mosaic(q, k, v, ft, fv, cfg)
@@ -202,9 +222,9 @@ def _launch(q, k, v, ft, fv, cfg):
     if cfg.causal and cfg.qk:
         Sp = max(Sp, Tp)  # the diagonal block of the qk_row prediction reads keys up to Tp
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
-    kpre, vcol = _side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv)
+    kpre, vcol, kv_finite = _side_inputs_and_finite(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv)
     o, qfin, stats = kernel.forward(qp, kp, vp, kpre, vcol, ft, fv, cfg)
-    return o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats)
+    return o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite
 
 
 def _plain_attention(q, k, v, scale: float, causal: bool):
@@ -345,10 +365,10 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     v = faults.inject(value, "value", "BSKH", plan)
     cfg = _config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=wanted, n_faults=n_faults,
                   blocks=blocks, interpret=interpret)
-    out, qfin, stats = _attend(q, k, v, ft, fv, cfg)
+    out, qfin, stats, kv_finite = _attend(q, k, v, ft, fv, cfg)
     qfin, stats = jax.lax.stop_gradient((qfin, stats))
     if plan is None:
-        finite = jnp.all(qfin > 0) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
+        finite = jnp.all(qfin > 0) & kv_finite
     else:  # the kernel saw the corrupted inputs: judge the originals
         finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
     T = query.shape[1]

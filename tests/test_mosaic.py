@@ -252,7 +252,7 @@ def test_softmax_replica_survives_compilation(tmp_path):
         run = subprocess.run([sys.executable, "-c", _SASS_SCRIPT, scheme], env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
-        text = "".join(p.read_text(errors="replace") for p in dump.rglob("*") if p.is_file()) + run.stdout
+        text = "".join(p.read_text(errors="replace") for p in dump.rglob("*") if p.is_file()) + run.stdout + run.stderr
         counts[scheme] = len(re.findall(r"MUFU\.EX2", text))
     assert counts["baseline"] > 0, ("no SASS dumped", counts)
     assert counts["dmr_softmax"] >= 2 * counts["baseline"] - 4, counts

@@ -188,6 +188,17 @@ class TestPallasGPU:
             _, rep = self.attn(*arrs, scheme="baseline")
             assert not bool(rep.inputs_finite)
 
+    def test_huge_finite_inputs_are_finite(self):
+        """``inputs_finite`` reads the checks' float32 sums of |k| and |v| when they are finite; sums that
+        overflow on finite bfloat16 inputs (near 3e38) fall back to a pass over the inputs."""
+        (q, k, v), _ = _inputs(16, "normal", "bfloat16")
+        k = k.at[0, 3:6, 1, :].set(3e38)
+        v = v.at[1, 7:9, 0, :].set(-3e38)
+        _, rep = self.attn(q, k, v)
+        assert bool(rep.inputs_finite)
+        _, rep = self.attn(q, k.at[0, 3, 1, 0].set(jnp.inf), v)
+        assert not bool(rep.inputs_finite)
+
     def test_jit_vmap_and_grad(self):
         (q, k, v), _ = _inputs(11, "normal", "float16", T=20, S=24)
         f = jax.jit(lambda q, k, v: self.attn(q, k, v, is_causal=True))
