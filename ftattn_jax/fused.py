@@ -459,6 +459,16 @@ def mosaic_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = Fa
         raise RuntimeError(f"expected one mosaic_gpu custom call in the lowered kernel, found {len(calls)}")
     module = ir.StringAttr(calls[0].attributes["mhlo.backend_config"]["module"]).value_bytes
     ctx = jax_mlir.make_ir_context()
+    try:  # the Mosaic GPU dialect's types (jax 0.11 serializes memrefs of them)
+        from jax._src.lib import mosaic_gpu_dialect
+
+        mosaic_gpu_dialect.register_dialect(ctx)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
+        pass
     ctx.allow_unregistered_dialects = True
+    try:
+        ctx.load_all_available_dialects()
+    except AttributeError:  # pragma: no cover
+        pass
     with ctx:
         return str(ir.Module.parse(bytes(module)))

@@ -278,6 +278,9 @@ def test_verdicts_agree_with_the_triton_kernel():
     dev = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
     if dev != "cuda" and not torch_fused.interpreting():
         pytest.skip("the Triton kernel needs FTATTN_TEST_TORCH_DEVICE=cuda or TRITON_INTERPRET=1")
+    if dev != "cuda" and tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip(f"Triton 3.6's interpreter fails on numpy {np.__version__} (>= 2.4); "
+                    "run with FTATTN_TEST_TORCH_DEVICE=cuda")
     (q, k, v), _ = _inputs(14, "normal", "float16")
     tq, tk, tv = (torch.from_numpy(np.swapaxes(np.asarray(x, np.float32), 1, 2).copy()).half().to(dev)
                   for x in (q, k, v))
@@ -291,15 +294,18 @@ def test_verdicts_agree_with_the_triton_kernel():
 
 
 def _strip_locations(ttir: str) -> str:
-    """Pallas prints its Triton IR with pretty locations, which Triton's parser rejects: drop them."""
-    lines = []
-    for line in ttir.splitlines():
-        if line.startswith("#loc"):
-            continue
+    """Pallas prints its Triton IR with pretty locations, which Triton's parser rejects: keep the
+    module alone (location aliases are printed around it, some over several lines) and drop the
+    inline location references."""
+    lines = ttir.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("module"))
+    end = next(i for i in range(start + 1, len(lines)) if re.match(r"\}(\s|$)", lines[i]))
+    kept = []
+    for line in lines[start:end + 1]:
         line = re.sub(r'\s+"[^"]*"\(#loc\d*\)', "", line)
         line = re.sub(r"\s+\[unknown\]", "", line)
-        lines.append(re.sub(r"\s+#loc\d*\b", "", line))
-    return "\n".join(lines) + "\n"
+        kept.append(re.sub(r"\s+#loc\d*\b", "", line))
+    return "\n".join(kept) + "\n"
 
 
 @pytest.mark.parametrize("causal", [False, True])
