@@ -40,9 +40,20 @@ SWEEP = ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (6
          (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 4, 2), (64, 64, 4, 2))
 
 
-#: Settings of the Hopper kernel ``--sweep`` tries: (block_kv, stages).
-MOSAIC_SWEEP = ((128, 2, False, True), (128, 2, False, False), (128, 2, True, False), (128, 3, False, True),
-                (128, 3, False, False), (64, 2, False, True), (64, 3, False, False))
+#: Settings of the Hopper kernel ``--sweep`` tries (``fused.MosaicBlocks`` fields; baseline and full,
+#: or full alone where the setting only concerns the checks).
+MOSAIC_SWEEP = (
+    (dict(), ("baseline", "full")),
+    (dict(ping_pong=False), ("baseline", "full")),
+    (dict(late_checks=True), ("full",)),
+    (dict(stages=3), ("baseline",)),
+    (dict(block_kv=64), ("baseline", "full")),
+    (dict(fma_cols=16), ("full",)),
+    (dict(fma_cols=32), ("full",)),
+    (dict(fma_cols=48), ("full",)),
+    (dict(fma_cols=64), ("full",)),
+    (dict(fma_cols=128), ("full",)),
+)
 
 
 def _time(fn, args, reps: int, inner: int) -> float:
@@ -129,14 +140,14 @@ def main(argv=None) -> int:
                         lambda q, k, v, s=scheme, bs=bs: fused.run(
                             q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
                             is_causal=a.causal, interpret=False, blocks=bs, lowering="triton"))
-            for (bkv, st, late, pp), scheme in [(b, s) for b in MOSAIC_SWEEP for s in ("baseline", "full")
-                                                if "mosaic_gpu" in lowerings and (s == "full" or not b[2])]:
-                bs = fused.MosaicBlocks(bkv, st, late, pp)
-                tag = f"{' late' if late else ''}{'' if pp else ' no-pingpong'}"
-                cands[f"sweep mosaic {scheme} kv{bkv} s{st}{tag}"] = jax.jit(
-                    lambda q, k, v, s=scheme, bs=bs: fused.run(
-                        q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
-                        is_causal=a.causal, interpret=False, blocks=bs, lowering="mosaic_gpu"))
+            for kw, schemes in (MOSAIC_SWEEP if "mosaic_gpu" in lowerings else ()):
+                for scheme in schemes:
+                    bs = fused.MosaicBlocks(**kw)
+                    tag = " ".join(f"{k}={v}" for k, v in kw.items()) or "default"
+                    cands[f"sweep mosaic {scheme} {tag}"] = jax.jit(
+                        lambda q, k, v, s=scheme, bs=bs: fused.run(
+                            q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
+                            is_causal=a.causal, interpret=False, blocks=bs, lowering="mosaic_gpu"))
         base = None
         for name, fn in cands.items():
             try:

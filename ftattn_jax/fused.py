@@ -77,6 +77,7 @@ class MosaicBlocks:
     stages: int = 2
     late_checks: bool = False  # the checks that feed nothing run while the P·V MMA does
     ping_pong: bool = True  # the compute warpgroups take turns on the tensor cores
+    fma_cols: int = 0  # columns of a tile whose replica exponentials run on the FMA pipe (a multiple of 8)
 
     @classmethod
     def get_default(cls, head_dim: int = 128, checks: bool = True) -> "MosaicBlocks":
@@ -85,6 +86,8 @@ class MosaicBlocks:
     def validate(self) -> "MosaicBlocks":
         if self.block_kv not in (64, 128):
             raise ValueError(f"blocks.block_kv: expected 64 or 128, got {self.block_kv!r}")
+        if not isinstance(self.fma_cols, int) or self.fma_cols % 8 or not 0 <= self.fma_cols <= self.block_kv:
+            raise ValueError(f"blocks.fma_cols: expected a multiple of 8 in [0, block_kv], got {self.fma_cols!r}")
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
 
@@ -175,7 +178,7 @@ def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blo
             T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
             qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
             coef=_coefficients(S, H, dtype, mosaic.BLOCK_Q, blocks.block_kv, mosaic.CHUNK), inject=n_faults > 0,
-            late_checks=blocks.late_checks, ping_pong=blocks.ping_pong)
+            late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols)
     chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
     return kernel.Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,

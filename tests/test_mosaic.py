@@ -110,8 +110,9 @@ class TestMosaicGPU:
         assert bool(jnp.all(fixed == clean)) and int(rc.corrected) == int(rm.detected) * int(rc.corrected)
 
     @pytest.mark.parametrize("causal", [False, True])
-    @pytest.mark.parametrize("variant", [dict(late_checks=True), dict(ping_pong=False), dict(block_kv=64, stages=3)],
-                             ids=["late", "no-ping-pong", "kv64"])
+    @pytest.mark.parametrize("variant", [dict(late_checks=True), dict(ping_pong=False), dict(block_kv=64, stages=3),
+                                         dict(fma_cols=48), dict(fma_cols=128)],
+                             ids=["late", "no-ping-pong", "kv64", "fma48", "fma128"])
     def test_kernel_variants_give_the_same_verdicts(self, causal, variant):
         """``MosaicBlocks`` variants: the checks beside the P·V MMA, no turns on the tensor cores, 64-key tiles."""
         (q, k, v), exact = _inputs(15, "normal", "bfloat16", H=128, T=300, S=520)
