@@ -125,6 +125,8 @@ class TestMosaicGPU:
             return
         assert bool(jnp.all(a == b)) and not bool(rb.detected)
         for name in ra.checks:
+            if name == "softmax_dmr" and variant.get("fma_cols"):
+                continue  # another replica arithmetic: other rounding, under the same threshold (not detected)
             np.testing.assert_allclose(np.asarray(ra.checks[name].residual), np.asarray(rb.checks[name].residual),
                                        rtol=1e-5, atol=1e-6 * float(jnp.max(ra.checks[name].threshold)))
         f = plan([Fault("probs", (1, 2, 33, 20), bit=29, replica=1)])
