@@ -28,7 +28,8 @@ are timed in the same run; one that cannot run here is skipped with its reason.
 backend's scheme rows run: ``unfused`` in both; ``triton`` (PyTorch only: the
 fused Triton kernel, ``attention(..., implementation="triton")``) and
 ``pallas`` (JAX only: the fused Pallas kernel, ``attention(...,
-implementation="pallas")``) for every scheme they can run, each with its own
+implementation="pallas")``: the Hopper kernel on sm_90 GPUs for head dims 64
+and 128, the portable one otherwise) for every scheme they can run, each with its own
 ``baseline`` (the kernel without checks) for the overhead. Fused rows are
 labelled ``<scheme> [triton]`` or ``<scheme> [pallas]`` (``"implementation"``
 in the JSON rows), need a GPU (without one they are skipped with the reason

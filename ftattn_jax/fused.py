@@ -27,7 +27,7 @@ from ftattn_spec import tolerances as tol
 from ftattn_spec.report import Report
 from ftattn_spec.validation import check_fused_supported, implementation_checks
 
-from . import checks, faults
+from . import checks, faults, kernel_faults
 from . import mosaic_kernel as mosaic
 from . import pallas_compat as compat
 from . import pallas_kernel as kernel
@@ -201,7 +201,7 @@ def _launch_mosaic(q, k, v, ft, fv, cfg: mosaic.Config):
     Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
     kpre, vcol, kv_finite = _side_inputs_and_finite(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
-    frows = mosaic.fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
+    frows = kernel_faults.fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
     o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg, frows)
     stats = [x[..., :T] for x in stats]
     if cfg.qk:
@@ -402,76 +402,3 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
             out = jnp.where(rows_btn, jnp.asarray(jnp.nan, out.dtype), out)
     results = {name: results[name] for name in wanted}
     return out, Report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
-
-
-def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = False,
-              blocks: BlockSizes | None = None) -> str:
-    """The Triton IR (TTIR text) that Pallas emits for the kernel, lowered for CUDA.
-
-    Works without a GPU (a cross-platform lowering). Used by the test that
-    compiles the IR with Triton and counts the exponentials of the softmax
-    replica (docs/kernels.md, "Testing the compiled kernel").
-    """
-    import contextlib
-    import io
-
-    bs = (blocks or BlockSizes.get_default(False, q_shape[-1], True)).validate()
-    cfg = _config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
-                  which=implementation_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False, debug=True)
-    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), compat.quiet_lowering():
-        jax.jit(lambda q, k, v: _launch(q, k, v, None, None, cfg)).trace(*shapes).lower(lowering_platforms=("cuda",))
-    text = buf.getvalue()
-    marker = "The Triton module for pallas_call"
-    if marker not in text:
-        raise RuntimeError("Pallas printed no Triton module while lowering the kernel")
-    start = text.index("\n", text.index(marker)) + 1
-    return text[start:]
-
-
-def mosaic_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = False,
-              blocks: MosaicBlocks | None = None) -> str:
-    """The Mosaic GPU module (MLIR text) of the Hopper kernel, lowered for CUDA on any machine.
-
-    Pallas serializes the kernel's module into the ``mosaic_gpu`` custom call;
-    this reads it back. Used by the test that counts the softmax replica's
-    exponentials (``docs/kernels.md``, "Testing the compiled kernel").
-    """
-    from jax._src.interpreters import mlir as jax_mlir
-    from jax._src.lib.mlir import ir
-
-    bs = (blocks or MosaicBlocks.get_default(q_shape[-1], True)).validate()
-    cfg = _config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
-                  which=implementation_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False)
-    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
-    lowered = jax.jit(lambda q, k, v: _launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
-        lowering_platforms=("cuda",))
-    calls = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region:
-                for o in block.operations:
-                    if o.name == "stablehlo.custom_call" and "mosaic_gpu" in str(o.attributes["call_target_name"]):
-                        calls.append(o)
-                    walk(o)
-
-    walk(lowered.compiler_ir("stablehlo").operation)
-    if len(calls) != 1:
-        raise RuntimeError(f"expected one mosaic_gpu custom call in the lowered kernel, found {len(calls)}")
-    module = ir.StringAttr(calls[0].attributes["mhlo.backend_config"]["module"]).value_bytes
-    ctx = jax_mlir.make_ir_context()
-    try:  # the Mosaic GPU dialect's types (jax 0.11 serializes memrefs of them)
-        from jax._src.lib import mosaic_gpu_dialect
-
-        mosaic_gpu_dialect.register_dialect(ctx)
-    except (ImportError, AttributeError):  # pragma: no cover - depends on the jaxlib
-        pass
-    ctx.allow_unregistered_dialects = True
-    try:
-        ctx.load_all_available_dialects()
-    except AttributeError:  # pragma: no cover
-        pass
-    with ctx:
-        return str(ir.Module.parse(bytes(module)))

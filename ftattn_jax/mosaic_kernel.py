@@ -55,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import pallas_compat as compat
+from .kernel_faults import FAULT_FIELDS, FAULT_SLOTS, SLOT_OUT, SLOT_PROBS, SLOT_REPLICA, SLOT_SCORES, corrupt
 
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
@@ -87,21 +88,6 @@ class Config:
     @property
     def n_stats(self) -> int:
         return (1 if self.qk else 0) + 2 * (self.qk + self.dmr + self.pv)
-
-
-#: Rows of the per-row fault table: slot (scores, probs, probs replica, out) × field (column, kind, bit, value)
-FAULT_SLOTS = 4
-FAULT_FIELDS = 4
-SLOT_SCORES, SLOT_PROBS, SLOT_REPLICA, SLOT_OUT = range(FAULT_SLOTS)
-
-
-def _corrupt(x, kind, bit, value, unit):
-    """``x`` with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2), in the
-    logical units ``x·unit``; ``kind``, ``bit``, ``value`` broadcast against ``x``."""
-    logical = x * unit
-    flipped = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(logical, jnp.int32) ^ jnp.left_shift(jnp.ones_like(bit), bit), F32)
-    return jnp.where(kind == 0, flipped, jnp.where(kind == 1, value, logical + value)) / unit
 
 
 #: 2^f ≈ 1 + f·(c1 + f·(c2 + f·(c3 + f·(c4 + f·c5)))) on |f| <= 1/2: relative error 1.9e-7 in float32
@@ -150,7 +136,6 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
     Returns ``(o, stats)`` (see the module doc)."""
     plgpu = compat.mosaic_gpu()
     B, Tp, N, H = q.shape
-    Sp = k.shape[1]
     dtype = q.dtype
     BQ, BN, G = BLOCK_Q, cfg.block_kv, cfg.G
     S = cfg.S
@@ -223,7 +208,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 field = [compat.mgpu_load(fr_smem2.at[wg, FAULT_FIELDS * slot + f], ROW) for f in range(FAULT_FIELDS)]
                 col, kind, bit, value = (bcast_rows(f, x.shape) for f in field)
                 hit = cols == col.astype(jnp.int32)
-                return jnp.where(hit, _corrupt(x, kind.astype(jnp.int32), bit.astype(jnp.int32), value, unit), x)
+                return jnp.where(hit, corrupt(x, kind.astype(jnp.int32), bit.astype(jnp.int32), value, unit), x)
 
             zero = row_full(0.0)
             carry = dict(acc=plgpu.layout_cast(jnp.zeros((BQ, H), F32), WGMMA), m=row_full(-jnp.inf), l=zero)
@@ -479,19 +464,3 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
         compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, kpre, vcol, frows)
     return o, stats[:n_stats]
 
-
-def fault_rows(ft, fv, B: int, N: int, Tp: int):
-    """The plan's ``(F·8,)`` int32 rows (site, replica, b, n, i, j, kind, bit) and ``(F,)``
-    values as the kernel's per-row table ``(16, B, N, Tp)``. One fault per slot and row
-    (the caller checks); input-site faults and padding rows (site −1) are dropped."""
-    F = fv.shape[0]
-    site, rep, b, n, i, j, kind, bit = (ft.reshape(F, 8)[:, x] for x in range(8))
-    slot = jnp.where(site == 0, SLOT_SCORES, jnp.where((site == 1) & (rep == 0), SLOT_PROBS, jnp.where(
-        (site == 1) & (rep == 1), SLOT_REPLICA, jnp.where(site == 2, SLOT_OUT, FAULT_SLOTS))))
-    inside = (b >= 0) & (b < B) & (n >= 0) & (n < N) & (i >= 0) & (i < Tp)
-    slot = jnp.where(inside, slot, FAULT_SLOTS)
-    b, n, i = (jnp.clip(x, 0, hi - 1) for x, hi in ((b, B), (n, N), (i, Tp)))
-    table = jnp.zeros((FAULT_SLOTS + 1, FAULT_FIELDS, B, N, Tp), F32).at[:, 0].set(-1.0)
-    fields = jnp.stack([j.astype(F32), kind.astype(F32), bit.astype(F32), fv.astype(F32)], axis=1)  # F × 4
-    table = table.at[slot, :, b, n, i].set(fields)
-    return table[:FAULT_SLOTS].reshape(FAULT_SLOTS * FAULT_FIELDS, B, N, Tp)

@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import pallas_compat as compat
+from .kernel_faults import corrupt
 
 LOG2E = math.log2(math.e)
 F32 = jnp.float32
@@ -70,22 +71,13 @@ class Config:
     debug: bool = False  # Pallas prints the kernel's jaxpr and Triton IR when it lowers it
 
 
-def _corrupt(x, kind, bit, value, unit):
-    """``x`` with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2),
-    in the logical units ``x·unit`` (float32)."""
-    logical = x * unit
-    flipped = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(logical, jnp.int32) ^ jnp.left_shift(jnp.int32(1), bit), F32)
-    return jnp.where(kind == 0, flipped, jnp.where(kind == 1, value, logical + value)) / unit
-
-
 def _inject(x, rows, cols, ft_ref, fv_ref, cfg: Config, b, n, site: int, replica: int, unit):
     """Apply the plan's faults at (b, n, row, col) of ``site``/``replica`` that fall in this tile."""
     for f in range(cfg.n_faults):
         here = ((ft_ref[8 * f] == site) & (ft_ref[8 * f + 1] == replica)
                 & (ft_ref[8 * f + 2] == b) & (ft_ref[8 * f + 3] == n))
         hit = here & (rows[:, None] == ft_ref[8 * f + 4]) & (cols[None, :] == ft_ref[8 * f + 5])
-        x = jnp.where(hit, _corrupt(x, ft_ref[8 * f + 6], ft_ref[8 * f + 7], fv_ref[f], unit), x)
+        x = jnp.where(hit, corrupt(x, ft_ref[8 * f + 6], ft_ref[8 * f + 7], fv_ref[f], unit), x)
     return x
 
 

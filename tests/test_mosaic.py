@@ -22,7 +22,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import ftattn_jax  # noqa: E402
-from ftattn_jax import fused  # noqa: E402
+from ftattn_jax import fused, kernel_ir  # noqa: E402
 from ftattn_jax import mosaic_kernel  # noqa: E402
 from ftattn_spec.faults import Fault, plan  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
@@ -227,7 +227,7 @@ def test_softmax_replica_in_the_lowered_module(causal):
         pytest.skip("this jaxlib has no Mosaic GPU")
     count = {}
     for scheme in ("baseline", "dmr_softmax", "full"):
-        text = fused.mosaic_ir((1, 256, 2, 64), (1, 256, 2, 64), "float16", scheme=scheme, is_causal=causal)
+        text = kernel_ir.mosaic_ir((1, 256, 2, 64), (1, 256, 2, 64), "float16", scheme=scheme, is_causal=causal)
         count[scheme] = len(re.findall(r"llvm\.inline_asm[^\n]*ex2\.approx", text))
     assert count["baseline"] >= 64, count  # 64 elements of S per thread and tile (64 × 128 per warpgroup)
     assert count["dmr_softmax"] >= 2 * count["baseline"] - 4 and count["full"] == count["dmr_softmax"], count

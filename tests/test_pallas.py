@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import checkify  # noqa: E402
 
 import ftattn_jax  # noqa: E402
-from ftattn_jax import fused  # noqa: E402
+from ftattn_jax import fused, kernel_ir  # noqa: E402
 from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
@@ -325,7 +325,7 @@ def test_softmax_replica_survives_compilation(tmp_path, causal):
 
     counts = {}
     for scheme in ("full", "baseline"):
-        ttir = fused.triton_ir((1, 256, 2, 64), (1, 256, 2, 64), "float16", scheme=scheme, is_causal=causal,
+        ttir = kernel_ir.triton_ir((1, 256, 2, 64), (1, 256, 2, 64), "float16", scheme=scheme, is_causal=causal,
                                blocks=fused.BlockSizes(128, 64, 4, 2))
         path = tmp_path / f"{scheme}.ttir"
         path.write_text(_strip_locations(ttir))
