@@ -333,7 +333,8 @@ def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_ca
     """The fused path of ``attention``: inputs validated, :func:`check_supported` passed.
 
     ``interpret=None`` interprets unless the query lives on a GPU;
-    ``lowering`` picks the kernel (:func:`select_lowering`).
+    ``lowering`` picks the kernel (:func:`select_lowering`); with ``lowering`` None or
+    ``"auto"``, ``blocks`` (``BlockSizes`` or ``MosaicBlocks``) names it.
     """
     platform = platform_of(query)
     if interpret is None:
@@ -342,6 +343,8 @@ def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_ca
         raise ValueError(f"interpret: False compiles the kernel for a GPU, but the query is on {platform!r}; "
                          f"use interpret=None or True to run it in Pallas' interpret mode")
     wanted = implementation_checks("pallas", scheme)
+    if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
+        lowering = "mosaic_gpu" if isinstance(blocks, MosaicBlocks) else "triton"
     chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan)
     kind = MosaicBlocks if chosen == "mosaic_gpu" else BlockSizes
     if blocks is not None and not isinstance(blocks, kind):

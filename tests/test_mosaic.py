@@ -28,7 +28,7 @@ from ftattn_spec.faults import Fault, plan  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
 
 from .fused_cases import FAULTS  # noqa: E402
-from .test_pallas import _check_output, _inputs, _ratios  # noqa: E402
+from .test_pallas import _check_output, _inputs, _ratios, assert_grads_of_plain_attention, clean_case  # noqa: E402,E501
 
 HOPPER = mosaic_kernel.available()
 
@@ -52,18 +52,7 @@ class TestMosaicGPU:
 
     @pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
     def test_output_within_bound_and_clean_run_not_flagged(self, case):
-        case = dict(case)
-        dtype, causal = case.pop("dtype"), case.pop("is_causal")
-        (q, k, v), exact = _inputs(1, "normal", dtype, **case)
-        out, report = self.attn(q, k, v, is_causal=causal)
-        assert out.shape == q.shape and out.dtype == q.dtype
-        _check_output(out, exact, dtype, causal)
-        assert list(report.checks) == ["qk_row", "softmax_dmr", "pv_row"]
-        assert not bool(report.detected) and bool(report.inputs_finite), _ratios(report)
-        B, T, N, _ = q.shape
-        for name, c in report.checks.items():
-            assert c.residual.shape == (B, N, T), name
-            assert bool(jnp.all(c.threshold > 0)) and bool(jnp.all(jnp.isfinite(c.residual))), name
+        (q, k, v), exact, dtype, causal = clean_case(self.attn, case)
         base, rep = self.attn(q, k, v, is_causal=causal, scheme="baseline")
         assert rep.checks == {} and bool(rep.inputs_finite)
         _check_output(base, exact, dtype, causal)
@@ -161,12 +150,7 @@ class TestMosaicGPU:
         stack = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]
         vo, vr = jax.vmap(lambda q, k, v: self.attn(q, k, v, is_causal=True))(*stack)
         assert bool(jnp.all(vo[0] == out)) and not bool(vr.detected.any())
-        w = jnp.linspace(-1, 1, q.shape[-1])
-        grads = [jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0].astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
-                 for fn in (lambda *a: self.attn(*a, is_causal=True),
-                            lambda *a: ftattn_jax.attention(*a, is_causal=True))]
-        for a, b in zip(*grads):
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3, rtol=1e-2)
+        assert_grads_of_plain_attention(lambda *a: self.attn(*a, is_causal=True), q, k, v)
 
     def test_checks_see_a_corrupted_prediction(self):
         """The kernel's residuals respond to their predictions: a wrong side input is flagged

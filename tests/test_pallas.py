@@ -54,6 +54,36 @@ def _ratios(report):
     return {n: float(jnp.max(c.residual / c.threshold)) for n, c in report.checks.items()}
 
 
+def clean_case(attn, case: dict):
+    """Run one of the fused kernels' cases (``dtype``, ``is_causal`` and shape overrides) through
+    ``attn``: the output within the float64 bound, the three row checks, nothing flagged.
+    Returns ``((q, k, v), exact, dtype, is_causal)``."""
+    case = dict(case)
+    dtype, causal = case.pop("dtype"), case.pop("is_causal")
+    (q, k, v), exact = _inputs(1, "normal", dtype, **case)
+    out, report = attn(q, k, v, is_causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _check_output(out, exact, dtype, causal)
+    assert list(report.checks) == ["qk_row", "softmax_dmr", "pv_row"]
+    assert not bool(report.detected) and bool(report.inputs_finite), _ratios(report)
+    assert report.located == {} and int(report.corrected) == 0
+    B, T, N, _ = q.shape
+    for name, c in report.checks.items():
+        assert c.residual.shape == (B, N, T) and c.flagged.dtype == jnp.bool_, name
+        assert bool(jnp.all(c.threshold > 0)) and bool(jnp.all(jnp.isfinite(c.residual))), name
+    return (q, k, v), exact, dtype, causal
+
+
+def assert_grads_of_plain_attention(attn, q, k, v):
+    """``jax.grad`` through ``attn`` (causal) equals that of the unfused path, in the input dtype."""
+    w = jnp.linspace(-1, 1, q.shape[-1])
+    grads = [jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0].astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
+             for fn in (attn, lambda *a: ftattn_jax.attention(*a, is_causal=True))]
+    for a, b in zip(*grads):
+        assert a.dtype == q.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3, rtol=1e-2)
+
+
 class TestPallasGPU:
     INTERPRET = False
 
@@ -67,19 +97,7 @@ class TestPallasGPU:
 
     @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
     def test_output_within_bound_and_clean_run_not_flagged(self, case):
-        case = dict(case)
-        dtype, causal = case.pop("dtype"), case.pop("is_causal")
-        (q, k, v), exact = _inputs(1, "normal", dtype, **case)
-        out, report = self.attn(q, k, v, is_causal=causal)
-        assert out.shape == q.shape and out.dtype == q.dtype
-        _check_output(out, exact, dtype, causal)
-        assert list(report.checks) == ["qk_row", "softmax_dmr", "pv_row"]
-        assert not bool(report.detected) and bool(report.inputs_finite), _ratios(report)
-        assert report.located == {} and int(report.corrected) == 0
-        B, T, N, _ = q.shape
-        for name, c in report.checks.items():
-            assert c.residual.shape == (B, N, T) and c.flagged.dtype == jnp.bool_, name
-            assert bool(jnp.all(c.threshold > 0)), name
+        clean_case(self.attn, case)
 
     @pytest.mark.parametrize("dist", DISTRIBUTIONS)
     def test_clean_runs_never_flagged(self, dist):
@@ -211,13 +229,7 @@ class TestPallasGPU:
         assert vo.shape == (2, *q.shape) and vr.checks["qk_row"].flagged.shape == (2, 2, 4, 20)
         assert bool(jnp.all(vo[0] == out)) and not bool(vr.detected.any())
         # gradients: those of plain attention (the unfused path's)
-        w = jnp.linspace(-1, 1, q.shape[-1])
-        grads = [jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)[0].astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
-                 for fn in (lambda *a: self.attn(*a, is_causal=True),
-                            lambda *a: ftattn_jax.attention(*a, is_causal=True))]
-        for a, b in zip(*grads):
-            assert a.dtype == q.dtype
-            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3, rtol=1e-2)
+        assert_grads_of_plain_attention(lambda *a: self.attn(*a, is_causal=True), q, k, v)
 
     def test_dropin_takes_the_kernel(self):
         (q, k, v), exact = _inputs(12, "normal", "float16")
