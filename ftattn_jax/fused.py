@@ -310,10 +310,10 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
         return lowering
     H = query.shape[-1]
     why = None
-    if interpret:
+    if platform_of(query) != "gpu" or not mosaic.available():
+        why = f"the query is on {platform_of(query)!r}, not an sm_90 (Hopper) GPU with Mosaic GPU available"
+    elif interpret:
         why = "interpret=True (the Hopper kernel cannot run in interpret mode)"
-    elif platform_of(query) != "gpu" or not mosaic.available():
-        why = "the query is not on an sm_90 (Hopper) GPU with Mosaic GPU available"
     elif H not in MOSAIC_HEAD_DIMS:
         why = f"head dim H={H} (the Hopper kernel takes H in {MOSAIC_HEAD_DIMS})"
     elif plan is not None and not mosaic_can_inject():
