@@ -14,7 +14,12 @@ def main() -> int:
     import jax.numpy as jnp
 
     import ftattn_jax
+    from ftattn_jax import mosaic_kernel
 
+    if not mosaic_kernel.available():
+        print(f"compare.mosaic_smoke: needs an sm_90 (Hopper) GPU; this machine's default device is "
+              f"{jax.devices()[0].device_kind!r}")
+        return 2
     print(f"jax {jax.__version__} device {jax.devices()[0].device_kind}", flush=True)
     shapes = [(1, 256, 2, 2, 256, 64), (2, 200, 4, 2, 300, 128), (1, 300, 2, 1, 200, 128)]
     for (B, T, N, K, S, H), causal, dtype in itertools.product(shapes, (False, True), ("float16", "bfloat16")):
