@@ -81,7 +81,8 @@ class MosaicBlocks:
 
     @classmethod
     def get_default(cls, head_dim: int = 128, checks: bool = True) -> "MosaicBlocks":
-        return cls(128, 2)
+        """The H200 sweeps' best (docs/kernels.md, M2–M6) for every head dim, checks on or off."""
+        return cls()
 
     def validate(self) -> "MosaicBlocks":
         if self.block_kv not in (64, 128):
@@ -90,7 +91,6 @@ class MosaicBlocks:
             raise ValueError(f"blocks.fma_cols: expected a multiple of 8 in [0, block_kv], got {self.fma_cols!r}")
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
-
         return self
 
 
@@ -124,11 +124,6 @@ def _split3(x: Float[Array, "..."], dtype) -> list[Array]:
     return parts
 
 
-def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool):
-    """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.pallas_kernel`)."""
-    return _side_inputs_and_finite(k, v, S, chunk, qk, pv)[:2]
-
-
 def _finite_from(sums, x):
     """Whether ``x`` is all finite, read off float32 sums of ``|x|`` when they are finite (a
     non-finite element makes its sum inf or NaN); otherwise (or when the sums overflowed) by
@@ -138,9 +133,10 @@ def _finite_from(sums, x):
     return lax.cond(jnp.all(jnp.isfinite(sums)), lambda: jnp.asarray(True), lambda: jnp.all(jnp.isfinite(x)))
 
 
-def _side_inputs_and_finite(k, v, S: int, chunk: int, qk: bool, pv: bool):
-    """:func:`_side_inputs` plus whether the first S keys and values are all finite,
-    from the same sums where the checks need them."""
+def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool):
+    """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.pallas_kernel`;
+    None where the check is off), and whether the first S keys and values are all finite,
+    read off the same sums where the checks need them."""
     kpre = vcol = kabs = vabs = None
     B, Sp, K, H = k.shape
     if qk:
@@ -200,7 +196,7 @@ def _launch_mosaic(q, k, v, ft, fv, cfg: mosaic.Config):
     rows = mosaic.COMPUTE_WGS * mosaic.BLOCK_Q
     Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = _side_inputs_and_finite(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
+    kpre, vcol, kv_finite = _side_inputs(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
     frows = kernel_faults.fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
     o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg, frows)
     stats = [x[..., :T] for x in stats]
@@ -225,7 +221,7 @@ def _launch(q, k, v, ft, fv, cfg):
     if cfg.causal and cfg.qk:
         Sp = max(Sp, Tp)  # the diagonal block of the qk_row prediction reads keys up to Tp
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = _side_inputs_and_finite(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv)
+    kpre, vcol, kv_finite = _side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv)
     o, qfin, stats = kernel.forward(qp, kp, vp, kpre, vcol, ft, fv, cfg)
     return o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite
 

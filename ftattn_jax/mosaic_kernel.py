@@ -213,13 +213,17 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
             zero = row_full(0.0)
             carry = dict(acc=plgpu.layout_cast(jnp.zeros((BQ, H), F32), WGMMA), m=row_full(-jnp.inf), l=zero)
             if cfg.qk:
-                carry.update(srow=zero, sdiag=zero)
+                carry["srow"] = zero
+                if cfg.causal:
+                    carry["sdiag"] = zero
             if cfg.dmr:
                 carry.update(l2=zero, d=zero)
             if cfg.dmr or cfg.pv:
                 carry.update(nc=zero, mmax=zero)
             if cfg.pv:
                 carry["pv"] = plgpu.layout_cast(jnp.zeros((BQ, VCOLS), F32), WGMMA)
+
+            check_keys = [n for n, on in (("srow", cfg.qk), ("l2", cfg.dmr), ("d", cfg.dmr)) if on]
 
             @pl.when(steps > 0)
             def _():
@@ -273,10 +277,12 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     carry["mmax"] = jnp.maximum(carry["mmax"], jnp.abs(m_new))
                 carry["m"] = m_new
 
-                def tile_checks(srow, l2, d):
-                    """The checks that feed nothing of the output: qk_row's sum, the softmax replica."""
+                def tile_checks(state):
+                    """The checks that feed nothing of the output (qk_row's sum, the softmax replica):
+                    ``state`` maps ``check_keys`` to their running values; returns them updated."""
+                    state = dict(state)
                     if cfg.qk:
-                        srow = srow + jnp.sum(s if keep is None else jnp.where(keep, s, 0.0), axis=1)
+                        state["srow"] = state["srow"] + jnp.sum(s if keep is None else jnp.where(keep, s, 0.0), axis=1)
                     if cfg.dmr:
                         arg = s * c - bcast_rows(m_new + 1.0, s.shape)
                         F = min(cfg.fma_cols, BN)
@@ -296,20 +302,12 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                             l2t = l2t + p2.sum(axis=1)
                         l2t = l2t * 2.0
                         alpha2 = jnp.exp2(m_old - (m_new + 1.0)) * 2.0
-                        l2 = l2 * alpha2 + l2t
-                        d = d * alpha + jnp.abs(lt - l2t)
-                    return srow, l2, d
-
-                names = [n for n, on in (("srow", cfg.qk), ("l2", cfg.dmr), ("d", cfg.dmr)) if on]
-                zero = row_full(0.0)
-
-                def run_checks(vals):
-                    full = dict(zip(names, vals))
-                    out = tile_checks(full.get("srow", zero), full.get("l2", zero), full.get("d", zero))
-                    return [dict(zip(("srow", "l2", "d"), out))[n] for n in names]
+                        state["l2"] = state["l2"] * alpha2 + l2t
+                        state["d"] = state["d"] * alpha + jnp.abs(lt - l2t)
+                    return state
 
                 if not cfg.late_checks:
-                    carry.update(zip(names, run_checks([carry[n] for n in names])))
+                    carry.update(tile_checks({n: carry[n] for n in check_keys}))
                 p16 = p.astype(dtype)
                 pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.pv else None
                 acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
@@ -320,7 +318,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     plgpu.barrier_wait(vc_bars.at[slot])
                 schedule_wait()  # the tensor cores are ours
 
-                late = names if cfg.late_checks else []
+                late = check_keys if cfg.late_checks else []
 
                 def pv_mma(refs):
                     acc_ref, pv_ref, check_refs = refs
@@ -328,8 +326,9 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     if cfg.pv:
                         plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
                     if late:  # on the CUDA cores while the tensor cores run P·V
-                        for r, x in zip(check_refs, run_checks([r[...] for r in check_refs])):
-                            r[...] = x
+                        new = tile_checks({n: r[...] for n, r in zip(late, check_refs)})
+                        for n, r in zip(late, check_refs):
+                            r[...] = new[n]
                     nxt = i + 1
 
                     @pl.when(nxt < steps)

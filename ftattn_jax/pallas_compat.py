@@ -20,6 +20,7 @@ What moved, and what this module resolves:
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import jax
@@ -64,16 +65,19 @@ def mosaic_gpu():
     return plgpu
 
 
+@functools.cache
+def _load_needs_index() -> bool:
+    import inspect
+
+    return inspect.signature(mosaic_gpu().load).parameters["idx"].default is inspect.Parameter.empty
+
+
 def mgpu_load(ref, layout):
     """``plgpu.load`` of a whole (already indexed) ref into ``layout``.
 
     jax 0.10.2 requires the index argument (``()`` for the whole ref); 0.11
     deprecates it in favour of ``ref.at[...]``.
     """
-    import inspect
-
-    plgpu = mosaic_gpu()
-    idx = inspect.signature(plgpu.load).parameters["idx"]
-    if idx.default is inspect.Parameter.empty:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
+    if _load_needs_index():
+        return mosaic_gpu().load(ref, (), layout=layout)
+    return mosaic_gpu().load(ref, layout=layout)
