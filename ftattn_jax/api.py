@@ -53,10 +53,9 @@ def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scal
     """Validate every argument (errors use ``names`` for the mask arguments) and run."""
     impl = v.validate_implementation("jax", implementation)
     if lowering is not None:
-        from .fused import LOWERINGS
+        from .fused import validate_lowering
 
-        if not isinstance(lowering, str) or lowering not in LOWERINGS:
-            raise ValueError(f"lowering: expected None or one of {LOWERINGS}, got {lowering!r}")
+        validate_lowering(lowering)
         if impl != "pallas":
             raise ValueError(f"lowering: applies to implementation='pallas' only, got "
                              f"implementation={implementation!r}")

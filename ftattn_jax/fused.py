@@ -287,6 +287,15 @@ def mosaic_can_inject() -> bool:
     return compat.JAX_VERSION >= (0, 11, 0)
 
 
+def validate_lowering(lowering) -> str:
+    """``lowering`` as one of ``LOWERINGS`` (None is ``"auto"``), or ``ValueError`` naming it."""
+    if lowering is None:
+        return "auto"
+    if not isinstance(lowering, str) or lowering not in LOWERINGS:
+        raise ValueError(f"lowering: expected None or one of {LOWERINGS}, got {lowering!r}")
+    return lowering
+
+
 def select_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None) -> str:
     """Which kernel ``implementation="pallas"`` runs: ``"triton"`` (the portable
     kernel) or ``"mosaic_gpu"`` (the Hopper kernel).
@@ -298,10 +307,7 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
     otherwise the portable kernel. Asking for
     ``"mosaic_gpu"`` where it cannot run raises ``ValueError`` naming why.
     """
-    if lowering is None:
-        lowering = "auto"
-    if not isinstance(lowering, str) or lowering not in LOWERINGS:
-        raise ValueError(f"lowering: expected one of {LOWERINGS} or None, got {lowering!r}")
+    lowering = validate_lowering(lowering)
     if lowering == "triton":
         return lowering
     H = query.shape[-1]
