@@ -154,11 +154,13 @@ def qk_col(q: Float[Array, "B T K G H"], k: Float[Array, "B S K H"], s_masked: F
     return actual - predicted, tol.threshold(coef, magnitude, T, H)
 
 
-def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"]):
-    """L1 distance between the two softmax replicas of each row, and its threshold
-    (``tol.dmr_threshold``: it depends on S alone)."""
+def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"], mu: Float[Array, "B N T"]):
+    """L1 distance between the two softmax replicas of each row, and its threshold:
+    ``tol.dmr_threshold`` (S alone) plus the term of the logit magnitude ``mu``
+    (``tol.dmr_logit_coefficient``)."""
     l1 = jnp.abs(p - p_replica).sum(axis=-1)
-    return l1, jnp.full_like(l1, tol.dmr_threshold(p.shape[-1]))
+    return l1, tol.dmr_threshold(p.shape[-1]) + jnp.minimum(
+        2.0 * jnp.expm1(2.0 * tol.dmr_logit_coefficient() * mu), tol.DMR_LOGIT_CAP)
 
 
 def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"], dtype: str):

@@ -37,8 +37,12 @@ def flags(diff: Array, thr: Array) -> Array:
 
 
 def _most_suspicious(diff: Float[Array, "B N R"], thr: Float[Array, "B N R"]) -> Int[Array, "B N"]:
+    """Index of the largest ``|diff| / thr``; a non-finite residual or threshold
+    ranks highest (a fault that overflowed a magnitude makes its own threshold
+    infinite and its ratio 0, which must not make it the least suspicious)."""
     ratio = jnp.abs(diff) / thr
-    return jnp.argmax(jnp.where(jnp.isnan(ratio), jnp.inf, ratio), axis=-1)
+    broken = ~(jnp.isfinite(diff) & jnp.isfinite(thr))
+    return jnp.argmax(jnp.where(broken | jnp.isnan(ratio), jnp.inf, ratio), axis=-1)
 
 
 def _passes_after(d, thr, coef, delta, stored, ref):
@@ -49,11 +53,14 @@ def _passes_after(d, thr, coef, delta, stored, ref):
     produced ``d`` carry an extra rounding of up to ``coef·|delta|``: the check's
     own coefficient applied to the corrupted element's magnitude. A non-finite
     ``d`` passes when the stored element is the non-finite one; a finite ``d``
-    never passes with a non-finite ``delta``.
+    never passes with a non-finite ``delta``. A non-finite threshold never
+    passes: its magnitude was computed from corrupted data (a fault upstream of
+    this GEMM), so no single element of the output explains it.
     """
     dz = jnp.where(jnp.isfinite(delta), delta, 0.0)
     ok = (jnp.abs(d - dz) <= thr + coef * jnp.abs(dz)) & jnp.isfinite(delta)
-    return jnp.where(jnp.isfinite(d), ok, ~jnp.isfinite(stored) & jnp.isfinite(ref))
+    ok = jnp.where(jnp.isfinite(d), ok, ~jnp.isfinite(stored) & jnp.isfinite(ref))
+    return ok & jnp.isfinite(thr)
 
 
 def locate(row, col, coefs, stored_fn, ref_fn) -> Located:

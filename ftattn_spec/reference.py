@@ -105,7 +105,9 @@ def magnitudes(q, k, v, *, scale=None, is_causal=False, layout="torch", **masks)
     """Float64 versions of the magnitude terms the thresholds multiply.
 
     Returns ``{"qk_row": M (BNT), "qk_col": M' (BNS), "pv_row": W (BNT),
-    "softmax_dmr": E (BNT)}`` as defined in ``docs/tolerances.md``.
+    "softmax_dmr": E (BNT), "logits": μ (BNT)}`` as defined in ``docs/tolerances.md``
+    (``μ`` over every attended entry, which bounds the backends' ``μ`` over the
+    entries with a nonzero probability).
     """
     _, p, s = attention(q, k, v, scale=scale, is_causal=is_causal, layout=layout, **masks)
     q, k, v = _to_logical(q, k, v, layout)
@@ -121,6 +123,7 @@ def magnitudes(q, k, v, *, scale=None, is_causal=False, layout="torch", **masks)
         "qk_col": A.sum(-2),
         "pv_row": np.einsum("bnts,bns->bnt", p, np.abs(v).sum(-1)),
         "softmax_dmr": E,
+        "logits": np.where(mask & np.isfinite(s), np.abs(s), 0.0).max(-1),
     }
 
 

@@ -206,6 +206,41 @@ def dmr_threshold(S: int) -> float:
     return MAGNITUDE_MARGIN * bound + underflow_allowance(4 * S)
 
 
+#: Per-replica error of the exponent arguments from evaluating a logit twice,
+#: in units of ``U_ACC·μ_i`` (see :func:`dmr_logit_coefficient`).
+DMR_LOGIT_UNITS: float = 4.0
+
+
+def dmr_logit_coefficient() -> float:
+    """Coefficient ``κ`` of the logit-magnitude term ``2·expm1(2κ·μ_i)`` of the
+    unfused ``softmax_dmr`` threshold.
+
+    :func:`dmr_threshold` assumes both replicas and their row maxima read one
+    stored value of each logit. A compiler need not keep it so: XLA re-forms
+    ``l = scale·x (+ bias)`` inside every fusion that reads it and may contract
+    the product with the following subtraction into a fused multiply-add, so
+    one evaluation of ``l_ij`` may differ from another by a rounding of
+    ``|scale·x_ij|`` and one of ``|l_ij|``, each at most ``u·μ_i`` with
+    ``μ_i = max_j max(|scale·x_ij|, |l_ij|)`` over the entries where either
+    replica's probability is nonzero (the other entries add nothing to the L1
+    distance). An argument ``l_ij − m_i`` is then off by at most
+    ``κ·u·μ_i`` (``κ = 4``: two roundings for ``l_ij``, two for the maximum),
+    each replica's probabilities by a factor within ``exp(±2κ·u·μ_i)`` (the
+    numerator and the row sum), and the L1 distance of the two rows, which
+    each sum to 1, by at most ``2·expm1(2κ·u·μ_i)``. Both backends add this
+    term, so their verdicts agree; it grows past 2 (no row can fail the check)
+    only when the logits exceed about 10⁶, where no single evaluation of the
+    softmax is accurate either.
+    """
+    return DMR_LOGIT_UNITS * U_ACC
+
+
+#: Cap of that term: two rows that each sum to 1 within rounding are less than
+#: 2·(1 + γ) apart in L1, so a larger term adds nothing, and a finite cap keeps
+#: the threshold finite (an infinite one fails closed) at any logit magnitude.
+DMR_LOGIT_CAP: float = 4.0
+
+
 def global_factor(n_rows: int) -> float:
     """Factor on Σ of the vector thresholds for a ``granularity="global"`` check.
 

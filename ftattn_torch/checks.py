@@ -144,11 +144,13 @@ def qk_col(q: Float[Tensor, "B K G T H"], k: Float[Tensor, "B K S H"], s_masked:
     return actual - predicted, tol.threshold(coef, magnitude, T, H)
 
 
-def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]):
-    """L1 distance between the two softmax replicas of each row, and its threshold
-    (``tol.dmr_threshold``: it depends on S alone). Overwrites ``p_replica``."""
+def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"], mu: Float[Tensor, "B N T"]):
+    """L1 distance between the two softmax replicas of each row, and its threshold:
+    ``tol.dmr_threshold`` (S alone) plus the term of the logit magnitude ``mu``
+    (``tol.dmr_logit_coefficient``). Overwrites ``p_replica``."""
     l1 = torch.linalg.vector_norm(p_replica.sub_(p), ord=1, dim=-1)
-    return l1, torch.full_like(l1, tol.dmr_threshold(p.shape[-1]))
+    term = torch.expm1(2.0 * tol.dmr_logit_coefficient() * mu.to(torch.float32)).mul_(2.0).clamp_(max=tol.DMR_LOGIT_CAP)
+    return l1, term.add_(tol.dmr_threshold(p.shape[-1]))
 
 
 def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H"], n_heads: int,

@@ -70,6 +70,19 @@ def _softmax_replica(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Te
     return z.mul_(1.0 / (torch.where(d > 0, d, 1.0) if guard else d))
 
 
+def _logit_magnitude(s, s_soft, biased: bool, attended, p, p_replica) -> Float[Tensor, "B N T"]:
+    """``μ_i`` of ``tol.dmr_logit_coefficient``: the largest ``max(|s_ij|, |l_ij|)``
+    over the attended entries where either replica's probability is nonzero
+    (``s_soft`` holds the logits there)."""
+    mag = s_soft.abs()
+    if biased:
+        mag = torch.maximum(mag, s.abs())
+    live = (p != 0) | (p_replica != 0)
+    if attended is not None:
+        live = live & attended
+    return torch.where(live, mag, 0.0).amax(-1)
+
+
 def _scores(qg: Float[Tensor, "B K G T H"], key: Float[Tensor, "B K S H"], scale: float) -> Float[Tensor, "B N T S"]:
     B, K, G, T, H = qg.shape
     S = key.shape[2]
@@ -191,7 +204,8 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     if "softmax_dmr" in wanted:
         with torch.no_grad():
             p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
-            found["softmax_dmr"] = checks.softmax_dmr(p, p_replica)
+            mu = _logit_magnitude(s, s_soft, bias is not None, allowed_ts, p, p_replica)
+            found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, mu)
             del p_replica
             judge(("softmax_dmr",))
             rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None

@@ -37,16 +37,21 @@ def flags(diff: Tensor, thr: Tensor) -> Tensor:
 
 
 def _most_suspicious(diff: Tensor, thr: Tensor) -> Tensor:
+    """Index of the largest ``|diff| / thr``; a non-finite residual or threshold
+    ranks highest (see ``ftattn_jax.repair._most_suspicious``)."""
     ratio = diff.abs() / thr
-    return torch.where(ratio.isnan(), torch.inf, ratio).argmax(-1)
+    broken = ~(diff.isfinite() & thr.isfinite())
+    return torch.where(broken | ratio.isnan(), torch.inf, ratio).argmax(-1)
 
 
 def _passes_after(d, thr, coef, delta, stored, ref):
     """Would the check pass once the element moves by ``-delta``? (See
-    ``ftattn_jax.repair._passes_after`` for the ``coef·|delta|`` term.)"""
+    ``ftattn_jax.repair._passes_after`` for the ``coef·|delta|`` term and why a
+    non-finite threshold never passes.)"""
     dz = torch.where(delta.isfinite(), delta, 0.0)
     ok = ((d - dz).abs() <= thr + coef * dz.abs()) & delta.isfinite()
-    return torch.where(d.isfinite(), ok, ~stored.isfinite() & ref.isfinite())
+    ok = torch.where(d.isfinite(), ok, ~stored.isfinite() & ref.isfinite())
+    return ok & thr.isfinite()
 
 
 def locate(row, col, coefs, stored_fn, ref_fn) -> Located:
