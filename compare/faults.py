@@ -70,6 +70,7 @@ from . import fault_options as options
 from .fault_options import IMPLEMENTATIONS
 from .fault_options import parse_bits as _parse_bits
 from .fault_options import parse_list as _parse_list
+from .results import output_folder
 
 #: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
 CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "query", "key", "value")
@@ -453,6 +454,9 @@ def main(argv=None) -> int:
     trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
     if not trials:
         raise SystemExit(f"no faulty trials: --sites {args.sites!r}, --bits {args.bits!r} and --dtype select none")
+    # checked now, not after the campaign: a bad --out fails in a second
+    out_dir = output_folder(
+        args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     options.setup_implementation(args, names)  # before anything imports triton: may set TRITON_INTERPRET
     impl_of = options.backend_implementations(args.implementation, names)
 
@@ -485,8 +489,6 @@ def main(argv=None) -> int:
                            mask=args.mask)
     summary = summarize(rows, clean, [b.name for b in bks], args.scheme, {b.name: b.implementation for b in bks})
     render(summary, console)
-    out_dir = args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out_dir, exist_ok=True)
     doc = {"config": dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES, dtypes=dtypes,
                           implementations={b.name: b.implementation for b in bks}),
            "environment": _environment(bks), "seconds": round(time.perf_counter() - start, 1),

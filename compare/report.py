@@ -18,7 +18,10 @@ def main(argv=None) -> int:
     path = os.path.join(args.path, "results.json") if os.path.isdir(args.path) else args.path
     if not os.path.exists(path):
         raise SystemExit(f"path: expected a results.json or a folder holding one, got {args.path!r}")
-    doc = results.load(path)
+    try:
+        doc = results.load(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"path: {e}") from None
     cfg = doc["config"]
     title = f"preset={cfg.get('preset')} dtype={cfg.get('dtype')} causal={cfg.get('causal')} method={cfg.get('method')}"
     print(f"# {doc['environment'].get('date', '')} {doc['environment'].get('gpu', 'no GPU')}  {title}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -47,14 +48,44 @@ def _clean(x):
     return x
 
 
+def output_folder(path: str, flag: str = "--out") -> str:
+    """Create ``path`` (a folder) and prove it writable, before any work is done.
+
+    Raises ``SystemExit`` with one line naming ``flag`` when ``path`` is a file,
+    cannot be created, or cannot be written (a read-only or virtual file system
+    such as ``/proc``).
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"{flag}: expected a folder, got {path!r}, which is an existing file")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"{flag}: expected a folder that can be created and written, got {path!r} "
+                         f"({e.strerror or type(e).__name__})") from None
+    return path
+
+
 def save(path: str, doc: dict) -> None:
     with open(path, "w") as f:
         json.dump(_clean(doc), f, indent=1)
 
 
 def load(path: str) -> dict:
+    """Read a ``compare.run`` results file; ``ValueError`` (naming the file) if it
+    is not JSON or not such a file."""
     with open(path) as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: expected a compare.run results file (JSON), got text that is not "
+                             f"JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a compare.run results file (a JSON object), got a JSON "
+                         f"{type(doc).__name__}")
     for key in ("config", "environment", "rows"):
         if key not in doc:
             raise ValueError(f"{path}: expected a compare.run results file with {key!r}, got keys {sorted(doc)}")

@@ -372,8 +372,8 @@ def main(argv=None) -> int:
     names = [b for b in args.backends.split(",")]
     if "baseline" in args.schemes.split(","):
         args.schemes = ",".join(["baseline"] + [s for s in args.schemes.split(",") if s != "baseline"])
-    args.out = args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(args.out, exist_ok=True)
+    args.out = results.output_folder(
+        args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
     isolate = args.isolate == "process" or (args.isolate == "auto" and len(names) > 1)
     print(f"# preset={args.preset} dtype={args.dtype} dist={args.dist} causal={args.causal} method={args.method} "
           f"implementations={args.implementations} isolate={'process' if isolate else 'none'} out={args.out}",

@@ -15,7 +15,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
-from ftattn_spec.report import Report
+from ftattn_spec.report import make_report
 from ftattn_spec.schemes import SCHEMES
 
 from . import checks, faults, repair
@@ -277,5 +277,5 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         poison = functools.reduce(jnp.logical_or, affected)  # B N T
         out = jnp.where(jnp.swapaxes(poison, 1, 2)[..., None], jnp.asarray(jnp.nan, out.dtype), out)
     results = {name: results[name] for name in wanted}
-    return out, Report(detected=detected, checks=results, inputs_finite=finite, located=located,
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
                        corrected=corrected)

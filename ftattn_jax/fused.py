@@ -24,7 +24,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
-from ftattn_spec.report import Report
+from ftattn_spec.report import make_report
 from ftattn_spec.validation import check_fused_supported, implementation_checks
 
 from . import checks, faults, kernel_faults
@@ -406,4 +406,4 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         else:
             out = jnp.where(rows_btn, jnp.asarray(jnp.nan, out.dtype), out)
     results = {name: results[name] for name in wanted}
-    return out, Report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)

@@ -97,7 +97,7 @@ def _kernel(*refs, cfg: Config, H: int):
     q = q_ref[...]
     dt = q.dtype
     qf = q.astype(F32)
-    qfin_ref[...] = jnp.min(jnp.where(jnp.abs(qf) < jnp.inf, 1.0, 0.0), axis=1)
+    qfin_ref[...] = jnp.min(jnp.where(jnp.abs(qf) < jnp.inf, F32(1.0), F32(0.0)), axis=1)
 
     def tile(start_tile, carry, masked: bool):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax = carry
@@ -116,8 +116,12 @@ def _kernel(*refs, cfg: Config, H: int):
             s = jnp.where(keep, s, -jnp.inf)
         m_new = jnp.maximum(m_raw, jnp.max(s, axis=1))
         m_sc = m_new * c
-        p = jnp.exp2(s * c - m_sc[:, None])
-        alpha = jnp.exp2(m_raw * c - m_sc)
+        # (s − m)·c is exactly 0 at the row maximum and never positive: the sum
+        # is at least 1 and nothing overflows at any finite logit (s·c − m·c,
+        # which a compiler contracts into a fused multiply-add, can exceed 0 by
+        # half an ulp of |s·c|: inf above |s·c| ≈ 2³¹)
+        p = jnp.exp2((s - m_new[:, None]) * c)
+        alpha = jnp.exp2((m_raw - m_new) * c)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 0, 1.0)
         lt = jnp.sum(p, axis=1)
@@ -127,11 +131,12 @@ def _kernel(*refs, cfg: Config, H: int):
         if cfg.qk:
             srow = srow + jnp.sum(s if keep is None else jnp.where(keep, s, 0.0), axis=1)
         if cfg.dmr:
-            # the replica: its own argument formula and its own rescale factor
-            p2 = jnp.exp2((s - m_new[:, None]) * c)
+            # the replica: its own argument formula (clamped at 0, see above) and
+            # its own rescale factor
+            p2 = jnp.exp2(jnp.minimum(s * c - m_sc[:, None], 0.0))
             if cfg.n_faults:
                 p2 = _inject(p2, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 1, 1.0)
-            alpha2 = jnp.exp2((m_raw - m_new) * c)
+            alpha2 = jnp.exp2(jnp.minimum(m_raw * c - m_sc, 0.0))
             l2t = jnp.sum(p2, axis=1)
             l2 = l2 * alpha2 + l2t
             d = d * alpha + jnp.abs(lt - l2t)

@@ -34,13 +34,16 @@ class CheckResult(NamedTuple):
 class Report(NamedTuple):
     """What the checks of one ``attention`` call found."""
 
-    #: bool scalar: did any check flag anything.
+    #: bool scalar: did any check flag anything, or was an input not finite
+    #: (``inputs_finite`` is False), whatever the scheme.
     detected: Any
     #: check name → ``CheckResult``, for the checks the scheme runs (in ``CHECKS`` order).
     checks: Mapping[str, CheckResult]
     #: bool scalar: were query, key and value all finite. A NaN or Inf input is
-    #: not a compute fault, but it makes the residuals NaN, so the checks fail
-    #: closed and ``detected`` is True; this field tells the two causes apart.
+    #: not a compute fault, but the output it gives is not usable either, so
+    #: ``detected`` is True with it under every scheme (``on_fault="raise"``
+    #: raises) and the checks that read the value fail closed; this field tells
+    #: the two causes apart.
     inputs_finite: Any
     #: GEMM name (``"scores"`` for S, ``"out"`` for O) → int32 ``(B, N, 2)``:
     #: the ``(row, column)`` of the single bad element located in each
@@ -54,3 +57,15 @@ class Report(NamedTuple):
 
 REPORT_FIELDS: tuple[str, ...] = Report._fields
 CHECK_FIELDS: tuple[str, ...] = CheckResult._fields
+
+
+def make_report(*, detected, checks, inputs_finite, located, corrected) -> Report:
+    """The report of one call, built the same way by every implementation.
+
+    ``detected`` is the checks' verdict; a non-finite input makes it True as
+    well, so that no scheme (``baseline`` and the schemes whose checks do not
+    read the bad value included) returns a NaN output with ``detected=False``.
+    Works on JAX arrays and torch tensors alike (bool ``|`` and ``~``).
+    """
+    return Report(detected=detected | ~inputs_finite, checks=checks, inputs_finite=inputs_finite,
+                  located=located, corrected=corrected)

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ftattn_spec import tolerances as tol
-from ftattn_spec.report import Report
+from ftattn_spec.report import make_report
 from ftattn_spec.schemes import SCHEMES
 
 from . import checks, faults, repair
@@ -256,5 +256,5 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             poison = poison | rows
         out = out.masked_fill(poison[..., None], float("nan"))
     results = {name: results[name] for name in wanted}
-    return out, Report(detected=detected, checks=results, inputs_finite=finite, located=located,
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
                        corrected=corrected)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.faults import SITES, FaultPlan
-from ftattn_spec.report import CheckResult, Report
+from ftattn_spec.report import CheckResult, make_report
 from ftattn_spec.validation import check_fused_supported, implementation_checks
 
 from . import checks, faults
@@ -276,4 +276,4 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, scheme: str, granularity: 
             out = out.masked_fill(rows[..., None], float("nan"))
     if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
         out = _Attention.apply(query, key, value, out, scale, is_causal)
-    return out, Report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)

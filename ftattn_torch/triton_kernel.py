@@ -229,8 +229,12 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_raw, tl.max(qk, 1))
     m_sc = m_new * c
-    p = tl.math.exp2(qk * c - m_sc[:, None])
-    alpha = tl.math.exp2(m_raw * c - m_sc)
+    # (s − m)·c is exactly 0 at the row maximum and never positive: the sum is
+    # at least 1 and nothing overflows at any finite logit (s·c − m·c, which a
+    # compiler contracts into a fused multiply-add, can exceed 0 by half an
+    # ulp of |s·c|: inf above |s·c| ≈ 2³¹)
+    p = tl.math.exp2((qk - m_new[:, None]) * c)
+    alpha = tl.math.exp2((m_raw - m_new) * c)
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
     lt = tl.sum(p, 1)
@@ -248,14 +252,15 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
         else:
             srow += tl.sum(qk, 1)
     if DMR:
-        # the replica: its own argument formula and its own rescale factor
+        # the replica: its own argument formula (clamped at 0, see above) and
+        # its own rescale factor
         if REPLICA_FMA:
-            p2 = _exp2_fma((qk - m_new[:, None]) * c)
+            p2 = _exp2_fma(tl.minimum(qk * c - m_sc[:, None], 0.0))
         else:
-            p2 = tl.math.exp2((qk - m_new[:, None]) * c)
+            p2 = tl.math.exp2(tl.minimum(qk * c - m_sc[:, None], 0.0))
         if INJECT:
             p2 = _inject(p2, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 1, 1.0)
-        alpha2 = tl.math.exp2((m_raw - m_new) * c)
+        alpha2 = tl.math.exp2(tl.minimum(m_raw * c - m_sc, 0.0))
         l2t = tl.sum(p2, 1)
         l2 = l2 * alpha2 + l2t
         d = d * alpha + tl.abs(lt - l2t)
