@@ -133,10 +133,12 @@ def _finite_from(sums, x):
     return lax.cond(jnp.all(jnp.isfinite(sums)), lambda: jnp.asarray(True), lambda: jnp.all(jnp.isfinite(x)))
 
 
-def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool):
+def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool,
+                 vcol_scale: float):
     """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.pallas_kernel`;
     None where the check is off), and whether the first S keys and values are all finite,
-    read off the same sums where the checks need them."""
+    read off the same sums where the checks need them. ``vcol`` holds ``vcol_scale`` times
+    the column sums (``tol.fused_vcol_scale``, a power of two: exact)."""
     kpre = vcol = kabs = vabs = None
     B, Sp, K, H = k.shape
     if qk:
@@ -151,7 +153,7 @@ def _side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int,
     if pv:
         vf = v.astype(F32)
         w = jnp.abs(vf).sum(-1)
-        parts = _split3(vf.sum(-1), v.dtype) + _split3(w, v.dtype)  # B Sp K each
+        parts = _split3(vf.sum(-1) * vcol_scale, v.dtype) + _split3(w * vcol_scale, v.dtype)  # B Sp K each
         zeros = jnp.zeros_like(parts[0])
         vcol = jnp.stack(parts + [zeros] * (kernel.VCOLS - 6), axis=-1).transpose(0, 2, 1, 3)  # B K Sp 16
         vabs = w[:, :S]
@@ -174,13 +176,15 @@ def _config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blo
             T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
             qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
             coef=_coefficients(S, H, dtype, mosaic.BLOCK_Q, blocks.block_kv, mosaic.CHUNK), inject=n_faults > 0,
-            late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols)
+            late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols,
+            vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
     chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
     return kernel.Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
         chunk=chunk, qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which, n_faults=n_faults,
         coef=_coefficients(S, H, dtype, blocks.block_m, blocks.block_n, chunk),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret, debug=debug)
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret, debug=debug,
+        vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
 
 
 def _pad_to(x, axis: int, size: int):
@@ -196,7 +200,7 @@ def _launch_mosaic(q, k, v, ft, fv, cfg: mosaic.Config):
     rows = mosaic.COMPUTE_WGS * mosaic.BLOCK_Q
     Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = _side_inputs(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv)
+    kpre, vcol, kv_finite = _side_inputs(kp, vp, S, mosaic.CHUNK, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale)
     frows = kernel_faults.fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
     o, stats = mosaic.forward(qp, kp, vp, kpre, vcol, cfg, frows)
     stats = [x[..., :T] for x in stats]
@@ -221,7 +225,7 @@ def _launch(q, k, v, ft, fv, cfg):
     if cfg.causal and cfg.qk:
         Sp = max(Sp, Tp)  # the diagonal block of the qk_row prediction reads keys up to Tp
     qp, kp, vp = _pad_to(q, 1, Tp), _pad_to(k, 1, Sp), _pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = _side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv)
+    kpre, vcol, kv_finite = _side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale)
     o, qfin, stats = kernel.forward(qp, kp, vp, kpre, vcol, ft, fv, cfg)
     return o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite
 

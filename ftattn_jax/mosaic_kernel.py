@@ -83,6 +83,7 @@ class Config:
     inject: bool = False  # compile the fault injection in (a per-row fault table is an input)
     late_checks: bool = False  # qk_row's sum and the replica after the P·V MMA is issued (beside it)
     ping_pong: bool = True  # the two compute warpgroups take turns on the tensor cores (a schedule barrier)
+    vcol_unscale: float = 1.0  # 1 / tol.fused_vcol_scale: undoes the scaling of vcol (a power of two)
     fma_cols: int = 0  # the replica's exponentials of the first fma_cols columns of a tile on the FMA pipe
 
     @property
@@ -388,8 +389,8 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
             if cfg.pv:
                 pvacc = carry["pv"]
                 ccol = plgpu.broadcasted_iota(jnp.int32, (BQ, VCOLS), 1, layout=WGMMA)
-                pvp = jnp.sum(jnp.where(ccol < 3, pvacc, 0.0), axis=1) * inv
-                pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pvacc, 0.0), axis=1) * inv
+                pvp = jnp.sum(jnp.where(ccol < 3, pvacc, 0.0), axis=1) * (inv * cfg.vcol_unscale)
+                pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pvacc, 0.0), axis=1) * (inv * cfg.vcol_unscale)
                 stats += [jnp.sum(o, axis=1) - pvp, (pv_c + pv_rc * carry["nc"]) * pvw + pv_allow]
             for j, x in enumerate(stats):
                 st_smem.at[j][...] = x

@@ -68,6 +68,7 @@ class Config:
     num_warps: int
     num_stages: int
     interpret: bool
+    vcol_unscale: float = 1.0  # 1 / tol.fused_vcol_scale: undoes the scaling of vcol (a power of two)
     debug: bool = False  # Pallas prints the kernel's jaxpr and Triton IR when it lowers it
 
 
@@ -200,8 +201,8 @@ def _kernel(*refs, cfg: Config, H: int):
     if cfg.pv:
         # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i
         ccol = lax.broadcasted_iota(jnp.int32, (BM, VCOLS), 1)
-        pvp = jnp.sum(jnp.where(ccol < 3, pv, 0.0), axis=1) * inv
-        pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pv, 0.0), axis=1) * inv
+        pvp = jnp.sum(jnp.where(ccol < 3, pv, 0.0), axis=1) * (inv * cfg.vcol_unscale)
+        pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pv, 0.0), axis=1) * (inv * cfg.vcol_unscale)
         next(outs)[...] = jnp.sum(o, axis=1) - pvp
         next(outs)[...] = (pv_c + pv_rc * nc_f) * pvw + pv_allow
 

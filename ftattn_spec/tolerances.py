@@ -307,6 +307,21 @@ def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int,
     return MAGNITUDE_MARGIN * (2.0 * gamma(H) + actual + prediction + 5.0 * U_ACC + product_roundoff(dtype))
 
 
+def fused_vcol_scale(dtype: str, H: int) -> float:
+    """Power-of-two factor ``σ`` the fused kernels apply to ``v̄_j`` and ``w_j``
+    before splitting them into parts of the input dtype, and undo (exactly)
+    on the ``pv_row`` prediction and magnitude.
+
+    ``|v̄_j| ≤ w_j ≤ H·max|v|`` exceeds the float16 maximum once ``|v|`` does
+    ``65504 / H`` (a sum of ``H`` values near it overflowed to inf, and the
+    check failed closed on clean inputs); ``σ = 2^-⌈log₂ H⌉`` keeps both below
+    ``max|v|``. bfloat16 and float32 have float32's range: ``σ = 1``.
+    """
+    if dtype != "float16":
+        return 1.0
+    return 2.0 ** -math.ceil(math.log2(max(int(H), 1)))
+
+
 def fused_pv_coefficients(S: int, H: int, dtype: str) -> tuple[float, float, float]:
     """``(c, c_rescale, allowance)`` of the fused ``pv_row`` threshold
     ``(c + c_rescale·r_i)·W_i + allowance``.
@@ -318,12 +333,13 @@ def fused_pv_coefficients(S: int, H: int, dtype: str) -> tuple[float, float, flo
     cores (γ(S) each); v̄_j = Σ_h v_jh and the row sum of O (γ(H) each); the
     three-part split of v̄ in the input dtype (relative error u³ per key, and an
     absolute one of ``UNDERFLOW_IN`` per part when a part falls below the
-    normal range); the two divisions by l_i and the sums of the parts.
+    normal range, in units scaled by :func:`fused_vcol_scale`, hence ``/σ``);
+    the two divisions by l_i and the sums of the parts.
     """
     u_in = UNIT_ROUNDOFF[dtype]
     c = MAGNITUDE_MARGIN * (2.0 * gamma(S) + 2.0 * gamma(H) + 6.0 * U_ACC + 4.0 * u_in**3
                             + product_roundoff(dtype))
-    allowance = underflow_allowance(4 * (S + 1) * (H + 1)) + 3.0 * UNDERFLOW_IN[dtype]
+    allowance = underflow_allowance(4 * (S + 1) * (H + 1)) + 3.0 * UNDERFLOW_IN[dtype] / fused_vcol_scale(dtype, H)
     return c, MAGNITUDE_MARGIN * 2.0 * U_ACC, allowance
 
 

@@ -149,7 +149,7 @@ def _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, which: tl.con
 
 
 @triton.jit
-def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_chunks,
+def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, n_chunks, vcol_scale,
              H: tl.constexpr, CHUNK: tl.constexpr, SUMS: tl.constexpr):
     bk = tl.program_id(0)
     c = tl.program_id(1)
@@ -166,11 +166,11 @@ def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH
     if bad > 0:
         tl.atomic_add(COUNT + 1, bad)
     if SUMS:
-        _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H, CHUNK)
+        _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H, CHUNK)
 
 
 @triton.jit
-def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H: tl.constexpr, CHUNK: tl.constexpr):
+def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H: tl.constexpr, CHUNK: tl.constexpr):
     hs = tl.arange(0, H)
     base = KSUM + (bk.to(tl.int64) * (n_chunks + 1)) * 2 * H
     tl.store(base + (c + 1) * 2 * H + hs, tl.sum(k, 0))
@@ -180,8 +180,8 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, H: tl.constex
         tl.store(base + H + hs, tl.zeros([H], tl.float32))
     dt = v.dtype
     v = v.to(tl.float32)
-    vs = tl.sum(v, 1)
-    va = tl.sum(tl.abs(v), 1)
+    vs = tl.sum(v, 1) * vcol_scale  # a power of two (tol.fused_vcol_scale): exact, and no overflow
+    va = tl.sum(tl.abs(v), 1) * vcol_scale
     s_hi = vs.to(dt)
     s_r = vs - s_hi.to(tl.float32)
     s_mid = s_r.to(dt)
@@ -281,7 +281,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
 def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
              sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sob, son, sot, soh,
              N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale,
-             coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr,
+             coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              CAUSAL: tl.constexpr, QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
@@ -386,7 +386,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     if PV:
         # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i
         ccol = tl.arange(0, 16)[None, :]
-        pvp = tl.sum(tl.where(ccol < 3, pv, 0.0), 1) * inv
-        pvw = tl.sum(tl.where((ccol >= 3) & (ccol < 6), pv, 0.0), 1) * inv
+        pvp = tl.sum(tl.where(ccol < 3, pv, 0.0), 1) * (inv * vcol_unscale)
+        pvw = tl.sum(tl.where((ccol >= 3) & (ccol < 6), pv, 0.0), 1) * (inv * vcol_unscale)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, tl.sum(o, 1) - pvp,
                  (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv, SIGNED)

@@ -159,7 +159,7 @@ class TestMosaicGPU:
         cfg = fused._config(q.shape, k.shape, "float16", scale=128 ** -0.5, causal=False,
                             which=("qk_row", "softmax_dmr", "pv_row"), n_faults=0, blocks=fused.MosaicBlocks(),
                             interpret=False)
-        kpre, vcol, _ = fused._side_inputs(k, v, 256, mosaic_kernel.CHUNK, True, True)
+        kpre, vcol, _ = fused._side_inputs(k, v, 256, mosaic_kernel.CHUNK, True, True, 1.0 / cfg.vcol_unscale)
         _, stats = mosaic_kernel.forward(q, k, v, kpre, vcol, cfg)
         clean = [float(jnp.max(jnp.abs(stats[i]) / stats[i + 1])) for i in (1, 5)]
         assert max(clean) < 1.0, clean
