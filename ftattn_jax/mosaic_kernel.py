@@ -265,9 +265,13 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                         keep = keep & (cols <= rows)
                     s = jnp.where(keep, s, -jnp.inf)
                 m_old = carry["m"]
-                m_new = jnp.maximum(m_old, s.max(axis=1) * c)  # the maximum in exp2 units
-                alpha = jnp.exp2(m_old - m_new)
-                p = jnp.exp2(s * c - bcast_rows(m_new, s.shape))
+                m_new = jnp.maximum(m_old, s.max(axis=1))  # the running maximum of the raw scores
+                m_sc = m_new * c  # in exp2 units
+                alpha = jnp.exp2((m_old - m_new) * c)
+                # (s − m)·c is exactly 0 at the row maximum and never positive: the sum is at
+                # least 1 and nothing overflows at any finite logit (s·c − m·c, contracted into
+                # a fused multiply-add, exceeds 0 by up to half an ulp of |s·c|: inf above 2³¹)
+                p = jnp.exp2((s - bcast_rows(m_new, s.shape)) * c)
                 if cfg.inject:
                     p = inject(p, SLOT_PROBS, cols, 1.0)
                 acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
@@ -275,7 +279,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 carry["l"] = carry["l"] * alpha + lt
                 if cfg.dmr or cfg.pv:
                     carry["nc"] = carry["nc"] + jnp.where((m_new > m_old) & (m_old > -jnp.inf), 1.0, 0.0)
-                    carry["mmax"] = jnp.maximum(carry["mmax"], jnp.abs(m_new))
+                    carry["mmax"] = jnp.maximum(carry["mmax"], jnp.abs(m_sc))
                 carry["m"] = m_new
 
                 def tile_checks(state):
@@ -285,7 +289,8 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     if cfg.qk:
                         state["srow"] = state["srow"] + jnp.sum(s if keep is None else jnp.where(keep, s, 0.0), axis=1)
                     if cfg.dmr:
-                        arg = s * c - bcast_rows(m_new + 1.0, s.shape)
+                        # its own formula, clamped at 0 (see the primary's comment)
+                        arg = jnp.minimum(s * c - bcast_rows(m_sc + 1.0, s.shape), 0.0)
                         F = min(cfg.fma_cols, BN)
 
                         def part(lo, hi, fn):
@@ -302,7 +307,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                                 p2 = inject(p2, SLOT_REPLICA, pcols, 2.0)
                             l2t = l2t + p2.sum(axis=1)
                         l2t = l2t * 2.0
-                        alpha2 = jnp.exp2(m_old - (m_new + 1.0)) * 2.0
+                        alpha2 = jnp.exp2(jnp.minimum(m_old * c - (m_sc + 1.0), 0.0)) * 2.0
                         state["l2"] = state["l2"] * alpha2 + l2t
                         state["d"] = state["d"] * alpha + jnp.abs(lt - l2t)
                     return state
