@@ -48,9 +48,6 @@ LOG2E = tl.constexpr(1.4426950408889634)
 SITE_SCORES = tl.constexpr(0)
 SITE_PROBS = tl.constexpr(1)
 SITE_OUT = tl.constexpr(2)
-# |m·c| (exp2 units) from which a tile's primary exponentials take the exact
-# argument (s − m)·c instead of the fused multiply-add s·c − m·c (see _tile)
-HUGE_LOGIT = tl.constexpr(2.0**30)
 
 
 @triton.jit
@@ -232,16 +229,12 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_raw, tl.max(qk, 1))
     m_sc = m_new * c
-    # s·c − m·c is one fused multiply-add per element, but its argument at the
-    # row maximum is the rounding error of m·c, up to half an ulp of |m·c|:
-    # from |m·c| = 2³⁰ on that can overflow exp2 or flush the whole row to 0.
-    # Tiles with such rows take (s − m)·c instead, exactly 0 at the maximum and
-    # never positive (a second operation per element, about 4% of the kernel,
-    # paid only there: docs/kernels.md, M8).
-    if tl.max(tl.abs(m_sc), 0) < HUGE_LOGIT:
-        p = tl.math.exp2(qk * c - m_sc[:, None])
-    else:
-        p = tl.math.exp2((qk - m_new[:, None]) * c)
+    # (s − m)·c is exactly 0 at the row maximum and never positive, so the sum
+    # is at least 1 and nothing overflows at any finite logit. The fused
+    # multiply-add s·c − m·c (one operation instead of two) is off by up to half
+    # an ulp of |m·c| there: from |m·c| = 2³⁰ on it overflows exp2 or flushes a
+    # row to 0. Measured cost and a rejected per-tile switch: docs/kernels.md, M8.
+    p = tl.math.exp2((qk - m_new[:, None]) * c)
     alpha = tl.math.exp2((m_raw - m_new) * c)
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)

@@ -326,8 +326,8 @@ def test_softmax_replica_survives_compilation(tmp_path, causal):
 
     The Triton IR that Pallas emits for the kernel (lowered for CUDA, which
     works on any machine) is compiled by Triton to PTX for sm_90; the PTX of
-    ``full`` must add at least one ``ex2.approx`` per exponential of one branch
-    of the primary's (which has two: the per-tile choice of its argument). A replica merged by CSE (Triton's
+    ``full`` must hold at least twice the ``ex2.approx`` instructions of the
+    kernel with the checks compiled out. A replica merged by CSE (Triton's
     passes, LLVM) or dropped as dead code fails this. The compiler is the
     installed ``triton`` package, not the Triton inside XLA (whose PTX XLA
     does not dump); both are built from the same passes.
@@ -344,11 +344,5 @@ def test_softmax_replica_survives_compilation(tmp_path, causal):
         ptx = triton.compile(str(path), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         counts[scheme] = (len(re.findall(r"__nv_exp2f", ttir)), len(re.findall(r"\bex2\.approx", ptx)))
     (ir_full, ptx_full), (ir_base, ptx_base) = counts["full"], counts["baseline"]
-    # The kernel as written: per loop over tiles, the primary's exponential in both branches
-    # of the per-tile choice of its argument (docs/kernels.md, M8) and its rescale factor;
-    # the replica adds one exponential and its own rescale factor.
-    loops = ir_base // 3
-    assert ir_base == 3 * loops and ir_full == ir_base + 2 * loops, counts
-    # After compilation: the replica's exponentials (full minus baseline) number at least
-    # one branch of the primary's (half of baseline's, less a few rescale factors).
-    assert ptx_base > 0 and ptx_full - ptx_base >= (ptx_base - 4) // 2, counts
+    assert ir_full == 2 * ir_base, counts  # the kernel as written: one replica per exponential
+    assert ptx_base > 0 and ptx_full >= 2 * ptx_base - 4, counts
