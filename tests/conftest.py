@@ -6,8 +6,10 @@ value) and converted by each backend adapter into that backend's layout.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
+import sys
 
 # The Triton kernels (implementation="triton") run in Triton's interpreter when
 # the torch tests run on the CPU; the variable must be set before anything
@@ -61,6 +63,23 @@ class TorchBackend(adapters.TorchBackend):
 
         return core.run(q, k, v, scheme=scheme, granularity=granularity, scale=q.shape[-1] ** -0.5,
                         is_causal=is_causal, on_fault=on_fault, plan=_plan(perturb))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module.
+
+    Every XLA:CPU executable holds its JIT code in memory mappings of its own
+    (about 190 for one ``full`` call), and they live as long as the caches
+    do: the whole suite in one process passed the kernel's limit of 65,530
+    mappings (``vm.max_map_count``), and XLA's compiler crashed with a
+    segmentation fault in whichever test came next. Clearing after each module
+    keeps the count to one module's programs.
+    """
+    yield
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
 
 
 BACKENDS = [
