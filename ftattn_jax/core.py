@@ -170,7 +170,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     if "softmax_dmr" in wanted:
         # Both replicas read S through one barrier. It does not stop XLA from
         # re-forming scale·(QKᵀ) inside each fusion that reads it (seen on
-        # CPU), so the softmax tolerates a re-evaluated logit (``_exp_ready``)
+        # CPU), so the softmax tolerates a re-evaluated logit (``_exp_rows``)
         # and the DMR threshold bounds it (``tol.dmr_logit_coefficient``).
         s = lax.optimization_barrier(s)
     allowed = masks_lib.allowed(B, T, S, mask=mask, is_causal=is_causal, window=window,

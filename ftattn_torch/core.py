@@ -257,4 +257,4 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
         out = out.masked_fill(poison[..., None], float("nan"))
     results = {name: results[name] for name in wanted}
     return out, make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
-                       corrected=corrected)
+                            corrected=corrected)

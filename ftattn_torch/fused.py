@@ -175,10 +175,11 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
         vcol = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
         stats = torch.empty((6, B, N, T), dtype=torch.float32, device=dev)
         flags = torch.empty((3, B, N, T), dtype=torch.bool, device=dev)
+    vcol_scale = tol.fused_vcol_scale(_dt(query), H)  # V's column sums are stored times this (exact)
     if count_inputs:  # with the checks: also the sums of K and the columns of V
         kern._prepass[(B * K, n_chunks)](
             key, value, ksum if checks_on else dummy, vcol if checks_on else dummy, count,
-            *key.stride(), *value.stride(), K, S, n_chunks, tol.fused_vcol_scale(_dt(query), H), H=H, CHUNK=chunk,
+            *key.stride(), *value.stride(), K, S, n_chunks, vcol_scale, H=H, CHUNK=chunk,
             SUMS=checks_on and bool({"qk_row", "pv_row"} & set(which)),
             num_warps=4 if not interp else 1)
         if checks_on:
@@ -194,7 +195,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
             pick(redo), *query.stride(), *key.stride(), *value.stride(), *out.stride(),
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale,
-            qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow, 1.0 / tol.fused_vcol_scale(_dt(query), H),
+            qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow, 1.0 / vcol_scale,
             H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
