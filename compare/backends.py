@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ftattn_spec import implementations as catalogue
 from ftattn_spec.report import CheckResult, Report
 
 
@@ -175,7 +176,8 @@ class TorchBackend:
 
 
 #: The implementations ``make_backend`` can give each backend (the first is the default).
-IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {"jax": ("unfused", "pallas"), "torch": ("unfused", "triton")}
+IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {b: tuple(i.name for i in catalogue.implementations(b))
+                                              for b in catalogue.BACKENDS}
 
 
 def make_backend(name: str, implementation: str = "unfused"):

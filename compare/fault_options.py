@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 
-from ftattn_spec.validation import implementation_checks
+from ftattn_spec import implementations as catalogue
+from ftattn_spec.implementations import run_checks as implementation_checks
 
-IMPLEMENTATIONS = ("unfused", "triton", "pallas")
-#: Input dtypes each implementation takes.
-IMPLEMENTATION_DTYPES = {"unfused": ("float16", "bfloat16", "float32"), "triton": ("float16", "bfloat16"),
-                         "pallas": ("float16", "bfloat16")}
-#: The backend that runs each fused implementation.
-IMPLEMENTATION_BACKEND = {"triton": "torch", "pallas": "jax"}
+IMPLEMENTATIONS = tuple(dict.fromkeys(i.name for i in catalogue.CATALOGUE))
+#: Input dtypes each implementation takes (the catalogue's).
+IMPLEMENTATION_DTYPES = {i.name: i.dtypes for i in catalogue.CATALOGUE}
+#: The backend that runs each fused implementation (the catalogue's).
+IMPLEMENTATION_BACKEND = {i.name: i.backend for i in catalogue.CATALOGUE if i.fused}
 _FRAMEWORK = {"torch": "PyTorch", "jax": "JAX"}
 
 

@@ -64,7 +64,8 @@ from ftattn_spec.faults import SITE_AXES, SITE_CHECKS, Fault, bit_width, wilson_
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESETS
-from ftattn_spec.validation import IMPLEMENTATION_CHECKS, implementation_checks
+from ftattn_spec.implementations import record as implementation_record
+from ftattn_spec.implementations import run_checks as implementation_checks
 
 from . import fault_options as options
 from .fault_options import IMPLEMENTATIONS
@@ -268,7 +269,7 @@ def _rate(k: int, n: int) -> dict:
 
 def _locates(implementation: str) -> bool:
     """Can ``implementation`` locate a bad element at all (row and column checks of one GEMM)?"""
-    runs = set(IMPLEMENTATION_CHECKS[implementation])
+    runs = set(implementation_record(implementation).checks)
     return {"qk_row", "qk_col"} <= runs or {"pv_row", "pv_col"} <= runs
 
 

@@ -14,7 +14,7 @@ def main() -> int:
     import jax.numpy as jnp
 
     import ftattn_jax
-    from ftattn_jax import mosaic_kernel
+    from ftattn_jax.fused import mosaic_kernel
 
     if not mosaic_kernel.available():
         print(f"compare.mosaic_smoke: needs an sm_90 (Hopper) GPU; this machine's default device is "

@@ -19,6 +19,8 @@ import statistics
 import time
 import warnings
 
+from ftattn_spec.implementations import run_checks
+
 from .kernel_bench import add_shape_arguments
 
 
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
                     bs = fused.BlockSizes(bm, bn, w, st)
                     cands[f"sweep {scheme} {bm}x{bn} w{w} s{st}"] = jax.jit(
                         lambda q, k, v, s=scheme, bs=bs: fused.run(
-                            q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
+                            q, k, v, checks=run_checks("pallas", s), granularity="vector", scale=a.head_dim ** -0.5,
                             is_causal=a.causal, interpret=False, blocks=bs, lowering="triton"))
             for kw, schemes in (MOSAIC_SWEEP if "mosaic_gpu" in lowerings else ()):
                 for scheme in schemes:
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
                     tag = " ".join(f"{k}={v}" for k, v in kw.items()) or "default"
                     cands[f"sweep mosaic {scheme} {tag}"] = jax.jit(
                         lambda q, k, v, s=scheme, bs=bs: fused.run(
-                            q, k, v, scheme=s, granularity="vector", scale=a.head_dim ** -0.5,
+                            q, k, v, checks=run_checks("pallas", s), granularity="vector", scale=a.head_dim ** -0.5,
                             is_causal=a.causal, interpret=False, blocks=bs, lowering="mosaic_gpu"))
         base = None
         for name, fn in cands.items():

@@ -55,7 +55,7 @@ from ftattn_spec import reference as ref
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import CHECKS, SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESET_NAMES, preset
-from ftattn_spec.validation import implementation_checks
+from ftattn_spec.implementations import run_checks as implementation_checks
 
 from . import peers, results, timing
 from .backends import IMPLEMENTATIONS, make_backend

@@ -1,22 +1,28 @@
-"""Public entry point of the JAX backend: validate, then dispatch."""
+"""The JAX backend's one dispatcher, and its public entry point ``attention``.
+
+:func:`resolve` validates a call into a :class:`Call` (implementation, the
+checks it runs, lowering: decided once); :func:`execute` runs it, with the one
+``match`` that knows which implementation runs. The drop-ins (``nn``,
+``flax``) translate their arguments and call :func:`dispatch`.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from ftattn_spec import masking
+from ftattn_spec import implementations, masking
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Report
 from ftattn_spec.schemes import CHECKS
 
-from . import core
+from . import fused, unfused
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["jax"]
 
@@ -47,15 +53,25 @@ def _spec(x):
     return None if x is None else (tuple(x.shape), jnp.dtype(x.dtype).name)
 
 
-def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scale, is_causal, query_seq_lengths,
-                     key_value_seq_lengths, local_window_size, on_fault, fault, empty, names,
-                     implementation=None, interpret=None, lowering=None):
-    """Validate every argument (errors use ``names`` for the mask arguments) and run."""
-    impl = v.validate_implementation("jax", implementation)
-    if lowering is not None:
-        from .fused import validate_lowering
+class Call(NamedTuple):
+    """One call, resolved once: the validated settings (implementation and the checks it runs
+    included), the mask forms, and the fused kernel's options."""
 
-        validate_lowering(lowering)
+    settings: v.Settings
+    masking: masking.Masking
+    interpret: bool | None = None
+    lowering: str | None = None
+    empty: str = "zero"
+
+
+def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_causal, query_seq_lengths,
+            key_value_seq_lengths, local_window_size, on_fault, fault, empty, names, implementation=None,
+            interpret=None, lowering=None):
+    """Validate every argument (errors use ``names`` for the mask arguments) into a :class:`Call`;
+    returns ``(call, arrays)``, ``arrays`` the inputs and mask arrays as arrays."""
+    impl = implementations.resolve("jax", implementation)
+    if lowering is not None:
+        fused.validate_lowering(lowering)
         if impl != "pallas":
             raise ValueError(f"lowering: applies to implementation='pallas' only, got "
                              f"implementation={implementation!r}")
@@ -66,30 +82,39 @@ def validate_and_run(query, key, value, *, bias, mask, scheme, granularity, scal
                          f"implementation={implementation!r}")
     query, key, value = (_as_array(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     extra = [_optional(n, x) for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths))]
-    mask, bias, query_seq_lengths, key_value_seq_lengths = extra
     cfg = v.validate_attention("jax", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
                                scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
-                               on_fault=on_fault, fault=fault)
+                               on_fault=on_fault, fault=fault, implementation=impl)
+    mask, bias, query_seq_lengths, key_value_seq_lengths = extra
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
-    if impl == "pallas":
-        from . import fused
+    refusal = implementations.unsupported("jax", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
+                                          masking=list(zip(names, (mask, bias, query_seq_lengths,
+                                                                   key_value_seq_lengths, local_window_size))))
+    if refusal is not None:
+        raise refusal.exception()
+    return Call(cfg, m, interpret, lowering, empty), (query, key, value, *extra)
 
-        fused.check_supported(query, scheme=cfg.scheme, masking=dict(zip(names, (
-            mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size))))
-        out, report = fused.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity,
-                                scale=cfg.scale, is_causal=cfg.is_causal,
-                                on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault, plan=cfg.plan,
-                                interpret=interpret, lowering=lowering)
-        return _finish(out, report, cfg.on_fault)
-    out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
-                           is_causal=cfg.is_causal, on_fault="report" if cfg.on_fault == "raise" else cfg.on_fault,
-                           plan=cfg.plan, bias=None if bias is None else jnp.asarray(bias),
-                           mask=None if mask is None else jnp.asarray(mask),
-                           query_lengths=None if query_seq_lengths is None else jnp.asarray(query_seq_lengths),
-                           key_lengths=None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths),
-                           window=m.window, empty=empty)
+
+def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengths=None,
+            key_value_seq_lengths=None):
+    """Run a resolved call: the only place that knows which implementation runs, and the only
+    place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``)."""
+    cfg = call.settings
+    on_fault = "report" if cfg.on_fault == "raise" else cfg.on_fault
+    common = dict(checks=cfg.checks, granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
+                  on_fault=on_fault, plan=cfg.plan)
+    match cfg.implementation:
+        case "pallas":
+            out, report = fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering, **common)
+        case "unfused":
+            arr = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+            out, report = unfused.run(query, key, value, bias=arr(bias), mask=arr(mask),
+                                      query_lengths=arr(query_seq_lengths), key_lengths=arr(key_value_seq_lengths),
+                                      window=call.masking.window, empty=call.empty, **common)
+        case other:  # pragma: no cover - the catalogue and this match disagree
+            raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
     return _finish(out, report, cfg.on_fault)
 
 
@@ -102,6 +127,12 @@ def _finish(out, report: Report, on_fault: str):
         elif bool(report.detected):
             raise FaultDetected(report)
     return out, report
+
+
+def dispatch(query, key, value, **kwargs):
+    """:func:`resolve`, then :func:`execute`: what every entry point of this backend calls."""
+    call, arrays = resolve(query, key, value, **kwargs)
+    return execute(call, *arrays)
 
 
 _NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
@@ -172,7 +203,7 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
     of plain attention; the backward pass is not checked); all checks run on
     device with no host synchronisation.
     """
-    return validate_and_run(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity,
+    return dispatch(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity,
                             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
                             on_fault=on_fault, fault=fault, empty="zero", names=_NAMES,

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 
 from ftattn_spec.faults import Fault
 
-from .nn import dot_product_attention
+from .api import dispatch
+
+_NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 
 #: The name under which the report is sown.
 REPORT_NAME = "ftattn_report"
@@ -80,11 +82,12 @@ def make_attention_fn(*, scheme: str = "full", granularity: str = "vector", on_f
             mask = jnp.broadcast_to(mask, batch + jnp.asarray(mask).shape[-3:])
         if bias is not None and jnp.asarray(bias).ndim > 4 and n_batch > 1:
             bias = jnp.broadcast_to(bias, batch + jnp.asarray(bias).shape[-3:])
-        out, report = dot_product_attention(
+        out, report = dispatch(  # with jax.nn's semantics (a fully masked row is uniform)
             q, k, v, bias=None if bias is None else _fold(bias, n_batch),
-            mask=None if mask is None else _fold(mask, n_batch), is_causal=is_causal,
+            mask=None if mask is None else _fold(mask, n_batch), is_causal=is_causal, scale=None,
+            query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
             implementation=implementation, scheme=scheme, granularity=granularity, on_fault=on_fault,
-            fault=fault, return_report=True)
+            fault=fault, empty="uniform", names=_NAMES)
         if module is not None:
             _sow(module, sow_name, report)
         return out.reshape(batch + out.shape[1:])

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from ftattn_spec.faults import Fault
 
-from .api import validate_and_run
+from .api import dispatch
 
 _NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 
@@ -49,7 +49,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     squeeze = getattr(query, "ndim", 4) == 3
     if squeeze:  # (T, N, H) like jax.nn: a batch of one
         query, key, value = (x[None] if getattr(x, "ndim", 0) == 3 else x for x in (query, key, value))
-    out, report = validate_and_run(
+    out, report = dispatch(
         query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
         is_causal=is_causal, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size, on_fault=on_fault, fault=fault, empty="uniform", names=_NAMES,

@@ -143,6 +143,30 @@ class FaultPlan(NamedTuple):
         return int(self.site.shape[0])
 
 
+#: The columns of a packed fault row, as the fused kernels and the SDPA operator read them.
+FAULT_ROW: tuple[str, ...] = ("site", "replica", "b", "n", "i", "j", "kind", "bit")
+
+
+def pack_rows(plan, concatenate=np.concatenate):
+    """A plan as ``(F, 8)`` integer rows of ``FAULT_ROW`` and its ``(F,)`` values.
+
+    ``plan`` is a ``FaultPlan`` or any NamedTuple of its fields holding arrays of
+    one framework; ``concatenate`` is that framework's (``jnp.concatenate`` for
+    traced arrays). Dtypes are the caller's to choose.
+    """
+    ints = concatenate([plan.site[:, None], plan.replica[:, None], plan.index, plan.kind[:, None],
+                        plan.bit[:, None]], axis=1)
+    return ints, plan.value
+
+
+def unpack_rows(ints: np.ndarray, values: np.ndarray) -> FaultPlan:
+    """The inverse of :func:`pack_rows` for NumPy arrays."""
+    i = np.asarray(ints).astype(np.int32)
+    col = {name: i[:, k] for k, name in enumerate(FAULT_ROW)}
+    return FaultPlan(site=col["site"], replica=col["replica"], index=i[:, 2:6], kind=col["kind"], bit=col["bit"],
+                     value=np.asarray(values).astype(np.float64))
+
+
 def _site_shape(site: str, dims: dict) -> tuple[int, ...]:
     return tuple(dims[a] for a in SITE_AXES[site])
 

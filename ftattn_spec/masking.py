@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .arrays import ArrayOps
+
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -124,28 +126,71 @@ def validate_masking(dims: dict, *, mask=None, bias=None, query_lengths=None, ke
     return Masking(mask_shape, bias_shape, win, query_lengths is not None, key_lengths is not None)
 
 
+# ---- the mask algebra, written once against a backend's ArrayOps
+
+
+def combine(B: int, T: int, S: int, ops, *, mask=None, is_causal: bool = False, window=None,
+            query_lengths=None, key_lengths=None):
+    """Boolean ``(B|1, N|1, T, S)``, True where query ``i`` attends key ``j`` (the AND of
+    every form given), in the framework of ``ops`` (an ``ftattn_spec.arrays.ArrayOps``).
+
+    None when nothing but ``is_causal`` restricts the keys: the checks then use
+    the causal prefix sums, and the softmax the ``(T, S)`` causal mask.
+    """
+    if mask is None and window is None and query_lengths is None and key_lengths is None:
+        return None
+    i, j = ops.arange(T)[:, None], ops.arange(S)[None, :]
+    a = ops.ones((1, 1, T, S))
+    if mask is not None:
+        a = a & mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if is_causal:
+        a = a & (j <= i)
+    if window is not None:
+        left, right = window
+        a = a & (j >= i - left) & (j <= i + right)
+    if query_lengths is not None:
+        a = a & (ops.arange(T)[None, :] < query_lengths[:, None])[:, None, :, None]
+    if key_lengths is not None:
+        a = a & (ops.arange(S)[None, :] < key_lengths[:, None])[:, None, None, :]
+    return a
+
+
+def attended(allowed_mask, is_causal: bool, T: int, S: int, ops):
+    """The mask the checksums and the softmax apply: ``allowed_mask``, or the ``(T, S)``
+    causal mask when only ``is_causal`` restricts the keys, or None."""
+    if allowed_mask is None and is_causal:
+        return ops.arange(S)[None, :] <= ops.arange(T)[:, None]
+    return allowed_mask
+
+
+def live(T: int, query_lengths, ops):
+    """Rows within the query length (bool ``B 1 T 1``), or None without lengths."""
+    if query_lengths is None:
+        return None
+    return (ops.arange(T)[None, :] < query_lengths[:, None])[:, None, :, None]
+
+
+def _take_last(x, idx):
+    return np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+
+
+#: NumPy's spelling of the spec's array operations (the float64 oracle uses it).
+NUMPY_OPS = ArrayOps(arange=np.arange, ones=lambda shape: np.ones(shape, bool), where=np.where,
+                     isfinite=np.isfinite, isnan=np.isnan, take_last=_take_last,
+                     stack_last=lambda xs: np.stack(xs, axis=-1), int32=lambda x: np.asarray(x).astype(np.int32))
+
+
 def allowed(B: int, N: int, T: int, S: int, *, mask=None, is_causal=False, window=None,
             query_lengths=None, key_lengths=None) -> np.ndarray:
     """NumPy ``(B, N, T, S)`` bool: True where query ``i`` attends key ``j``."""
-    i, j = np.arange(T)[:, None], np.arange(S)[None, :]
-    a = np.ones((B, N, T, S), bool)
-    if mask is not None:
-        m = np.asarray(mask, bool)
-        a &= m.reshape((1,) * (4 - m.ndim) + m.shape)
-    if is_causal:
-        a &= j <= i
-    if window is not None:
-        left, right = normalize_window(window)
-        a &= (j >= i - left) & (j <= i + right)
-    if query_lengths is not None:
-        a &= (np.arange(T)[None, :] < np.asarray(query_lengths)[:, None])[:, None, :, None]
-    if key_lengths is not None:
-        a &= (np.arange(S)[None, :] < np.asarray(key_lengths)[:, None])[:, None, None, :]
-    return a
+    arr = lambda x, dt=None: None if x is None else np.asarray(x, dt)  # noqa: E731
+    a = combine(B, T, S, NUMPY_OPS, mask=arr(mask, bool), is_causal=is_causal, window=normalize_window(window),
+                query_lengths=arr(query_lengths), key_lengths=arr(key_lengths))
+    a = attended(a, is_causal, T, S, NUMPY_OPS)
+    return np.ones((B, N, T, S), bool) if a is None else np.broadcast_to(a, (B, N, T, S)).copy()
 
 
 def live_rows(B: int, T: int, query_lengths=None) -> np.ndarray:
     """``(B, 1, T, 1)`` bool: rows within the query length (all True without lengths)."""
-    if query_lengths is None:
-        return np.ones((B, 1, T, 1), bool)
-    return (np.arange(T)[None, :] < np.asarray(query_lengths)[:, None])[:, None, :, None]
+    rows = live(T, None if query_lengths is None else np.asarray(query_lengths), NUMPY_OPS)
+    return np.ones((B, 1, T, 1), bool) if rows is None else rows

@@ -13,7 +13,9 @@ measured against the sum of the terms' magnitudes.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 #: Unit roundoff of the input/storage formats ftattn accepts.
 UNIT_ROUNDOFF: dict[str, float] = {
@@ -367,3 +369,33 @@ def fused_dmr_coefficients(S: int, block_n: int) -> tuple[float, float, float, f
     a1 = (2.0 * EXP_ERROR_UNITS + 4.0) * U_ACC
     a2 = 8.0 * math.log(2.0) * U_ACC
     return MAGNITUDE_MARGIN * a0, MAGNITUDE_MARGIN * a1, MAGNITUDE_MARGIN * a2, underflow_allowance(4 * S)
+
+
+class FusedCoefficients(NamedTuple):
+    """Every threshold coefficient a fused kernel needs, computed once per shape.
+
+    ``qk``, ``qk_allow``: :func:`fused_qk_coefficient` and the ``qk_row``
+    underflow allowance; ``pv``, ``pv_rescale``, ``pv_allow``:
+    :func:`fused_pv_coefficients`; ``dmr0``, ``dmr_rescale``, ``dmr_mu``,
+    ``dmr_allow``: :func:`fused_dmr_coefficients`. A kernel reads them by
+    name (Triton takes them as scalar arguments in this order).
+    """
+
+    qk: float
+    qk_allow: float
+    pv: float
+    pv_rescale: float
+    pv_allow: float
+    dmr0: float
+    dmr_rescale: float
+    dmr_mu: float
+    dmr_allow: float
+
+
+@functools.lru_cache(maxsize=256)
+def fused_coefficients(S: int, H: int, dtype: str, block_m: int, block_n: int, chunk: int) -> FusedCoefficients:
+    """The :class:`FusedCoefficients` of a fused kernel with these tiles (``chunk``: keys per
+    pre-pass chunk)."""
+    return FusedCoefficients(fused_qk_coefficient(S, H, dtype, block_m, block_n, chunk),
+                             underflow_allowance(4 * (S + 1) * (H + 1)), *fused_pv_coefficients(S, H, dtype),
+                             *fused_dmr_coefficients(S, block_n))

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from .axes import LAYOUTS
 from .faults import ON_FAULT, FaultPlan, validate_faults
+from .implementations import checks_for
 from .schemes import GRANULARITIES, SCHEME_NAMES, SCHEMES
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -120,15 +121,21 @@ class Settings(NamedTuple):
     dims: dict
     on_fault: str = "report"
     plan: FaultPlan | None = None
+    #: the implementation that runs the call (a canonical name of the catalogue)
+    implementation: str = "unfused"
+    #: the checks ``scheme`` runs under ``implementation`` (``implementations.run_checks``)
+    checks: tuple[str, ...] = ()
 
 
 def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, scale, is_causal,
-                       on_fault="report", fault=None) -> Settings:
+                       on_fault="report", fault=None, implementation="unfused") -> Settings:
     """Validate every argument of ``attention`` for ``backend`` (``"jax"`` or ``"torch"``).
 
     ``shapes`` are the (query, key, value) shapes and ``dtypes`` their
     ``(name, is_floating)`` pairs; the order of the checks fixes which error
     a call with several problems gets, the same in both backends.
+    ``implementation`` is a name :func:`implementations.resolve` returned; the
+    checks it runs for ``scheme`` are resolved here, once.
     """
     scheme = validate_scheme(scheme)
     granularity = validate_granularity(granularity)
@@ -138,75 +145,9 @@ def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, sca
     dims = validate_shapes(*LAYOUTS[backend], *shapes)
     scale = resolve_scale(scale, dims["H"])
     plan = validate_faults(fault, dims, dtype, SCHEMES[scheme].checks)
-    return Settings(scheme, granularity, scale, is_causal, dtype, dims, on_fault, plan)
-
-
-#: Implementations each backend offers, the first being the default of
-#: ``implementation=None``. ``"xla"`` in JAX names the unfused schemes too (they
-#: are XLA-compiled), so code written for ``jax.nn`` keeps working.
-IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
-    "jax": ("unfused", "xla", "pallas"),
-    "torch": ("unfused", "triton"),
-}
-
-#: The checks each implementation can run. The fused kernels check rows only:
-#: a column checksum needs a sum over every query block, a reduction across
-#: programs that costs more than it adds (docs/kernels.md), so their ``full``
-#: runs ``qk_row``, ``softmax_dmr`` and ``pv_row``, and cannot locate a
-#: single bad element (``report.located`` is empty).
-IMPLEMENTATION_CHECKS: dict[str, tuple[str, ...]] = {
-    "unfused": ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col"),
-    "triton": ("qk_row", "softmax_dmr", "pv_row"),
-    "pallas": ("qk_row", "softmax_dmr", "pv_row"),
-}
-
-
-def implementation_checks(implementation: str, scheme: str) -> tuple[str, ...]:
-    """The checks ``scheme`` runs under ``implementation`` (in ``CHECKS`` order).
-
-    A scheme whose checks the implementation runs none of (``abft_qk_col``
-    on a fused kernel) is an error, not a silent baseline.
-    """
-    wanted = SCHEMES[scheme].checks
-    run = tuple(c for c in wanted if c in IMPLEMENTATION_CHECKS[implementation])
-    if wanted and not run:
-        raise ValueError(f"scheme: implementation={implementation!r} runs only the checks "
-                         f"{IMPLEMENTATION_CHECKS[implementation]}, none of which scheme {scheme!r} has "
-                         f"({', '.join(wanted)}); use implementation='unfused' for it")
-    return run
-
-
-#: What the fused kernels (``triton``, ``pallas``) compile for: dtypes, and head
-#: dims (Triton needs powers of two, the tensor cores at least 16).
-FUSED_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
-FUSED_HEAD_DIMS: tuple[int, ...] = (16, 32, 64, 128)
-
-
-def check_fused_supported(implementation: str, scheme: str, dtype: str, q_shape, masking: dict) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the limit for what a fused kernel cannot run.
-
-    ``masking`` maps the mask arguments' names to their values (None: not given).
-    """
-    implementation_checks(implementation, scheme)  # raises for a scheme it cannot run
-    if dtype not in FUSED_DTYPES:
-        raise TypeError(f"query: implementation={implementation!r} expected float16 or bfloat16, got {dtype} "
-                        f"(use implementation='unfused' for float32)")
-    H = q_shape[-1]
-    if H not in FUSED_HEAD_DIMS:
-        raise ValueError(f"query: implementation={implementation!r} expected head dim H in {FUSED_HEAD_DIMS}, "
-                         f"got H={H} (shape {tuple(q_shape)}; use implementation='unfused')")
-    given = [n for n, x in masking.items() if x is not None]
-    if given:
-        raise ValueError(f"{given[0]}: implementation={implementation!r} supports is_causal only, not {given[0]} "
-                         f"(use implementation='unfused' for masks, biases, windows and lengths)")
-
-
-def validate_implementation(backend: str, implementation) -> str:
-    """Resolve ``implementation`` (None = the backend's default) to a name."""
-    if implementation is None:
-        return IMPLEMENTATIONS[backend][0]
-    name = _one_of("implementation", implementation, IMPLEMENTATIONS[backend])
-    return "unfused" if name == "xla" else name
+    # a scheme it cannot run at all is refused by implementations.unsupported
+    return Settings(scheme, granularity, scale, is_causal, dtype, dims, on_fault, plan, implementation,
+                    checks_for(backend, implementation, scheme))
 
 
 def validate_dropout(dropout_p) -> None:

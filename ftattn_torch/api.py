@@ -1,18 +1,24 @@
-"""Public entry point of the PyTorch backend: validate, then dispatch."""
+"""The PyTorch backend's one dispatcher, and its public entry point ``attention``.
+
+:func:`resolve` validates a call into a :class:`Call` (implementation and the
+checks it runs: decided once); :func:`execute` runs it, with the one ``match``
+that knows which implementation runs. The drop-ins (``sdpa``, ``module``)
+translate their arguments and call these two.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-from ftattn_spec import masking
+from ftattn_spec import implementations, masking
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Report
 
-from . import core
+from . import fused, unfused
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["torch"]
 
@@ -34,29 +40,37 @@ def _optional(name: str, x):
     raise TypeError(f"{name}: expected None or a torch.Tensor, got {type(x).__name__}")
 
 
+_NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
+
+
 def _spec(x):
     return None if x is None else (tuple(x.shape), str(x.dtype).removeprefix("torch."))
 
 
-_NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
+class Call(NamedTuple):
+    """One call, resolved once: the validated settings (implementation and the checks it runs
+    included) and the mask forms."""
+
+    settings: v.Settings
+    masking: masking.Masking
 
 
-def validate(query, key, value, *, bias=None, mask=None, scheme="full", granularity="vector", scale=None,
-             is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-             on_fault="report", fault=None, implementation=None, names=_NAMES):
-    """Validate every argument of a call; returns ``(Settings, Masking)``.
+def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granularity="vector", scale=None,
+            is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+            on_fault="report", fault=None, implementation=None, names=_NAMES) -> Call:
+    """Validate every argument of a call into a :class:`Call`, or raise naming the argument.
 
     ``names`` are the names of the mask arguments in errors (the SDPA drop-in
     passes its own).
     """
-    v.validate_implementation("torch", implementation)
+    impl = implementations.resolve("torch", implementation)
     query, key, value = (_as_tensor(n, x) for n, x in (("query", query), ("key", key), ("value", value)))
     for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths)):
         _optional(n, x)
     cfg = v.validate_attention("torch", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
                                scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
-                               on_fault=on_fault, fault=fault)
+                               on_fault=on_fault, fault=fault, implementation=impl)
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key, value: expected one device for all three, got query {query.device}, "
                          f"key {key.device}, value {value.device}")
@@ -65,7 +79,34 @@ def validate(query, key, value, *, bias=None, mask=None, scheme="full", granular
     for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths)):
         if x is not None and x.device != query.device:
             raise ValueError(f"{n}: expected the device of query ({query.device}), got {x.device}")
-    return cfg, m
+    refusal = implementations.unsupported("torch", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
+                                          masking=list(zip(names, (mask, bias, query_seq_lengths,
+                                                                   key_value_seq_lengths, local_window_size))))
+    if refusal is not None:
+        raise refusal.exception()
+    if impl == "triton" and (why := fused.unsupported(query)) is not None:
+        raise ValueError(why)
+    return Call(cfg, m)
+
+
+def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], granularity: str, scale: float,
+            is_causal: bool, on_fault: str, plan=None, mask=None, bias=None, query_lengths=None, key_lengths=None,
+            window=None, empty: str = "zero"):
+    """Run validated arguments: the only place that knows which implementation runs, and the only
+    place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``)."""
+    common = dict(checks=checks, granularity=granularity, scale=scale, is_causal=is_causal,
+                  on_fault="report" if on_fault == "raise" else on_fault, plan=plan)
+    match implementation:
+        case "triton":
+            out, report = fused.run(query, key, value, **common)
+        case "unfused":
+            out, report = unfused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
+                                      key_lengths=key_lengths, window=window, empty=empty, **common)
+        case other:  # pragma: no cover - the catalogue and this match disagree
+            raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
+    if on_fault == "raise" and bool(report.detected):
+        raise FaultDetected(report)
+    return out, report
 
 
 def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", granularity: str = "vector",
@@ -119,23 +160,12 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
     Autograd flows through ``out`` as through plain attention (the checks are
     computed without a graph, and the backward pass itself is not checked).
     """
-    cfg, m = validate(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
-                      is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-                      key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
-                      on_fault=on_fault, fault=fault, implementation=implementation)
-    if v.validate_implementation("torch", implementation) == "triton":
-        from . import fused
-
-        fused.check_supported(query, key, scheme=cfg.scheme, masking=dict(zip(_NAMES, (
-            mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size))))
-        out, report = fused.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity,
-                                scale=cfg.scale, is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan)
-        if cfg.on_fault == "raise" and bool(report.detected):
-            raise FaultDetected(report)
-        return out, report
-    out, report = core.run(query, key, value, scheme=cfg.scheme, granularity=cfg.granularity, scale=cfg.scale,
-                           is_causal=cfg.is_causal, on_fault=cfg.on_fault, plan=cfg.plan, bias=bias, mask=mask,
-                           query_lengths=query_seq_lengths, key_lengths=key_value_seq_lengths, window=m.window)
-    if cfg.on_fault == "raise" and bool(report.detected):
-        raise FaultDetected(report)
-    return out, report
+    call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
+                   is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+                   key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+                   on_fault=on_fault, fault=fault, implementation=implementation)
+    cfg = call.settings
+    return execute(query, key, value, implementation=cfg.implementation, checks=cfg.checks,
+                   granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal, on_fault=cfg.on_fault,
+                   plan=cfg.plan, mask=mask, bias=bias, query_lengths=query_seq_lengths,
+                   key_lengths=key_value_seq_lengths, window=call.masking.window)

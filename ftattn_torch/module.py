@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ftattn_spec import implementations
 from ftattn_spec import validation as v
 from ftattn_spec.report import Report
 
@@ -40,7 +41,7 @@ class FaultTolerantAttention(nn.Module):
         if not isinstance(enable_gqa, bool):
             raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__} {enable_gqa!r}")
         self.enable_gqa = enable_gqa
-        self.implementation = v.validate_implementation("torch", implementation)
+        self.implementation = implementations.resolve("torch", implementation)
         self.last_report: Report | None = None
         self.register_buffer("faults_detected", torch.zeros((), dtype=torch.int64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))

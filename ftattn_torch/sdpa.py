@@ -17,22 +17,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ftattn_spec import faults as spec_faults
+from ftattn_spec import implementations
 from ftattn_spec import validation as v
 from ftattn_spec.axes import REPORT_AXES
-from ftattn_spec.faults import Fault, FaultDetected, FaultPlan
+from ftattn_spec.faults import Fault, FaultPlan
 from ftattn_spec.report import CheckResult, Report
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
-from . import core
-from .api import validate
-from .masks import allowed, attended
+from . import reference
+from .api import execute, resolve
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 _BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
-
-
-def _has_located(scheme: str, granularity: str, implementation: str = "unfused") -> bool:
-    return scheme == "full" and granularity == "vector" and implementation == "unfused"
 
 
 def _report_sizes(dims: dict, granularity: str, orientation: str) -> tuple[int, ...]:
@@ -50,59 +47,41 @@ def _flatten(out: Tensor, report: Report) -> list[Tensor]:
 def _unflatten(flat: Sequence[Tensor], scheme: str, granularity: str,
                implementation: str = "unfused") -> tuple[Tensor, Report]:
     out, detected, finite, corrected = flat[:4]
-    names = v.implementation_checks(implementation, scheme)
+    names = implementations.checks_for("torch", implementation, scheme)
     checks = {n: CheckResult(*flat[4 + 3 * i: 7 + 3 * i]) for i, n in enumerate(names)}
     rest = flat[4 + 3 * len(names):]
-    located = dict(zip(("scores", "out"), rest)) if _has_located(scheme, granularity, implementation) else {}
+    located = dict(zip(("scores", "out"), rest)) if implementations.localizes(implementation, scheme, granularity) else {}
     return out, Report(detected=detected, checks=checks, inputs_finite=finite, located=located, corrected=corrected)
 
 
 def _plan_tensors(plan: FaultPlan | None) -> tuple[Tensor | None, Tensor | None]:
-    """A ``FaultPlan`` as two CPU tensors: int64 ``(F, 8)`` (site, replica, index ×4,
-    kind, bit) and float64 ``(F,)`` values."""
+    """A ``FaultPlan`` as two CPU tensors: int64 ``(F, 8)`` rows (``ftattn_spec.faults.FAULT_ROW``)
+    and float64 ``(F,)`` values."""
     if plan is None:
         return None, None
-    ints = np.concatenate([plan.site[:, None], plan.replica[:, None], plan.index, plan.kind[:, None],
-                           plan.bit[:, None]], axis=1).astype(np.int64)
-    return torch.from_numpy(ints), torch.from_numpy(np.asarray(plan.value, np.float64))
+    ints, values = spec_faults.pack_rows(plan)
+    return torch.from_numpy(ints.astype(np.int64)), torch.from_numpy(np.asarray(values, np.float64))
 
 
 def _plan(ints: Tensor | None, values: Tensor | None) -> FaultPlan | None:
     if ints is None:
         return None
-    i = ints.cpu().numpy().astype(np.int32)
-    return FaultPlan(site=i[:, 0], replica=i[:, 1], index=i[:, 2:6], kind=i[:, 6], bit=i[:, 7],
-                     value=values.cpu().numpy().astype(np.float64))
-
-
-def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """SDPA's ``attn_mask``: a bool mask (True = attend) or an additive float bias."""
-    if attn_mask is None:
-        return None, None
-    return (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
+    return spec_faults.unpack_rows(ints.cpu().numpy(), values.cpu().numpy())
 
 
 @torch.library.custom_op("ftattn::sdpa", mutates_args=())
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool, scale: float,
           scheme: str, granularity: str, on_fault: str, fault_ints: Optional[Tensor],
           fault_values: Optional[Tensor], implementation: str = "unfused") -> list[Tensor]:
-    mask, bias = _split_mask(attn_mask)
-    if implementation == "triton":
-        from . import fused
-
-        out, report = fused.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
-                                is_causal=is_causal, on_fault="report" if on_fault == "raise" else on_fault,
-                                plan=_plan(fault_ints, fault_values))
-        if on_fault == "raise" and bool(report.detected):
-            raise FaultDetected(report)
-        flat = _flatten(out, report)  # the kernel's report tensors are views of a few buffers: copy them
-        return flat[:1] + [t.clone() for t in flat[1:]]
-    out, report = core.run(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
-                           is_causal=is_causal, on_fault="report" if on_fault == "raise" else on_fault,
-                           plan=_plan(fault_ints, fault_values), bias=bias, mask=mask)
-    if on_fault == "raise" and bool(report.detected):
-        raise FaultDetected(report)
-    return _flatten(out, report)  # fresh tensors: nothing aliases an input
+    mask, bias = reference.split_mask(attn_mask)
+    out, report = execute(query, key, value, implementation=implementation,
+                          checks=implementations.checks_for("torch", implementation, scheme), granularity=granularity,
+                          scale=scale, is_causal=is_causal, on_fault=on_fault, plan=_plan(fault_ints, fault_values),
+                          mask=mask, bias=bias)
+    flat = _flatten(out, report)
+    if implementation != "unfused":  # a kernel's report tensors are views of a few buffers: copy them
+        flat = flat[:1] + [t.clone() for t in flat[1:]]
+    return flat  # fresh tensors: nothing aliases an input
 
 
 @_sdpa.register_fake
@@ -112,10 +91,10 @@ def _sdpa_fake(query, key, value, attn_mask, is_causal, scale, scheme, granulari
     dims = {"B": B, "N": N, "T": T, "S": key.shape[2], "H": H}
     new = query.new_empty
     flat = [torch.empty_like(query), new((), dtype=_BOOL), new((), dtype=_BOOL), new((), dtype=_I32)]
-    for name in v.implementation_checks(implementation, scheme):
+    for name in implementations.checks_for("torch", implementation, scheme):
         size = _report_sizes(dims, granularity, CHECK_ORIENTATION[name])
         flat += [new(size, dtype=_F32), new(size, dtype=_F32), new(size, dtype=_BOOL)]
-    if _has_located(scheme, granularity, implementation):
+    if implementations.localizes(implementation, scheme, granularity):
         flat += [new((B, N, 2), dtype=_I32), new((B, N, 2), dtype=_I32)]
     return flat
 
@@ -129,52 +108,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     query, key, value, attn_mask = ctx.saved_tensors
-    dq, dk, dv, dmask = plain_attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale, grads[0])
+    dq, dk, dv, dmask = reference.attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale, grads[0])
     # one gradient per argument as dispatched: the dispatcher drops a trailing
     # argument equal to its default (implementation="unfused")
     return (dq, dk, dv, dmask) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 _sdpa.register_autograd(_backward, setup_context=_setup_context)
-
-
-def plain_attention_backward(query, key, value, attn_mask, is_causal: bool, scale: float, grad_out):
-    """Gradients of plain attention (float32, not checked) with respect to query,
-    key, value and a float ``attn_mask`` (None for a bool mask)."""
-    B, N, T, H = query.shape
-    K, S = key.shape[1], key.shape[2]
-    G = N // K
-    mask, bias = _split_mask(attn_mask)
-    if grad_out is None:
-        grad_out = torch.zeros_like(query)
-    qf = query.to(_F32)
-    kf = key.to(_F32).repeat_interleave(G, dim=1)
-    vf = value.to(_F32).repeat_interleave(G, dim=1)
-    s = (qf @ kf.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.to(_F32)
-    a = attended(allowed(B, T, S, query.device, mask=mask, is_causal=is_causal), is_causal, T, S, query.device)
-    if a is not None:
-        s = s.masked_fill(~a, -torch.inf)
-    m = s.amax(-1, keepdim=True)
-    z = (s - m.masked_fill(m == -torch.inf, 0.0)).exp()
-    d = z.sum(-1, keepdim=True)
-    p = z / torch.where(d > 0, d, 1.0)
-    go = grad_out.to(_F32)
-    dv = (p.transpose(-1, -2) @ go).reshape(B, K, G, S, H).sum(2)
-    dp = go @ vf.transpose(-1, -2)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dq = (ds @ kf) * scale
-    dk = ((ds.transpose(-1, -2) @ qf) * scale).reshape(B, K, G, S, H).sum(2)
-    dbias = None
-    if bias is not None:
-        dbias = ds
-        pad = 4 - bias.ndim
-        dims = tuple(i for i in range(4) if i < pad or bias.shape[i - pad] == 1 and ds.shape[i] != 1)
-        if dims:
-            dbias = dbias.sum(dim=dims, keepdim=True)
-        dbias = dbias.reshape(bias.shape).to(bias.dtype)
-    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dbias
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
@@ -214,15 +154,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     squeeze = all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in (query, key, value))
     if squeeze:  # (N, T, H) as SDPA allows: one batch of N heads
         query, key, value = query[None], key[None], value[None]
-    mask, bias = _split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
-    cfg, _ = validate(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
-                      is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation,
-                      names=_NAMES)
-    impl = v.validate_implementation("torch", implementation)
-    if impl == "triton":
-        from . import fused
-
-        fused.check_supported(query, key, scheme=cfg.scheme, masking={"attn_mask": attn_mask})
+    mask, bias = reference.split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
+    cfg = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
+                  is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation,
+                  names=_NAMES).settings
+    impl = cfg.implementation
     if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
         raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "
                          f"attention), got K={cfg.dims['K']} (shape {tuple(key.shape)})")

@@ -47,9 +47,10 @@ class JaxBackend(adapters.JaxBackend):
     def perturbed(self, q, k, v, perturb, *, scheme="full", granularity="vector", is_causal=False,
                   on_fault="report"):
         """Run a scheme with ``delta`` added at one logical element of a site (private hook)."""
-        from ftattn_jax import core
+        from ftattn_jax.unfused import core
+        from ftattn_spec.schemes import SCHEMES
 
-        return core.run(q, k, v, scheme=scheme, granularity=granularity, scale=q.shape[-1] ** -0.5,
+        return core.run(q, k, v, checks=SCHEMES[scheme].checks, granularity=granularity, scale=q.shape[-1] ** -0.5,
                         is_causal=is_causal, on_fault=on_fault, plan=_plan(perturb))
 
 
@@ -59,9 +60,10 @@ class TorchBackend(adapters.TorchBackend):
 
     def perturbed(self, q, k, v, perturb, *, scheme="full", granularity="vector", is_causal=False,
                   on_fault="report"):
-        from ftattn_torch import core
+        from ftattn_torch.unfused import core
+        from ftattn_spec.schemes import SCHEMES
 
-        return core.run(q, k, v, scheme=scheme, granularity=granularity, scale=q.shape[-1] ** -0.5,
+        return core.run(q, k, v, checks=SCHEMES[scheme].checks, granularity=granularity, scale=q.shape[-1] ** -0.5,
                         is_causal=is_causal, on_fault=on_fault, plan=_plan(perturb))
 
 

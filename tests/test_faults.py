@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ftattn_spec import localization
 from ftattn_spec import reference as ref
 from ftattn_spec.faults import Fault, FaultDetected, flip_bit
 
@@ -232,21 +233,24 @@ def test_locate_accepts_only_a_candidate_that_explains_the_residuals(name):
     residual: a clean element (stored == recomputed) must not be 'located'."""
     if name == "jax":
         jnp = pytest.importorskip("jax.numpy")
-        from ftattn_jax import repair
+        from ftattn_jax.common import OPS as ops
 
         arr = lambda x: jnp.asarray(np.asarray(x, np.float32))  # noqa: E731
     else:
         torch = pytest.importorskip("torch")
-        from ftattn_torch import repair
+        from ftattn_torch.common import ops as ops_on
 
+        ops = ops_on(torch.device("cpu"))
         arr = lambda x: torch.tensor(np.asarray(x, np.float32))  # noqa: E731
     row = (arr([[[0.0, 0.2, 5.0, -0.3]]]), arr(np.ones((1, 1, 4))))
     col = (arr([[[0.0, 0.1, 0.0, 0.0, -1.0, 5.0]]]), arr(np.full((1, 1, 6), 10.0)))
     for stored, recomputed, want in ((7.0, 2.0, True), (2.0, 2.0, False), (np.nan, 2.0, False), (9.0, 2.0, False)):
-        loc = repair.locate(row, col, (1e-6, 1e-6), lambda i, j: arr([[stored]]), lambda i, j: arr([[recomputed]]))
+        loc = localization.locate(row, col, (1e-6, 1e-6), lambda i, j: arr([[stored]]), lambda i, j: arr([[recomputed]]),
+                                  ops)
         assert [int(loc.i[0, 0]), int(loc.j[0, 0])] == [2, 5]
         assert bool(loc.ok[0, 0]) == want, (stored, recomputed)
     nan_row = (arr([[[0.0, 0.0, np.nan, 0.0]]]), row[1])
     nan_col = (arr([[[0.0, 0.0, 0.0, 0.0, 0.0, np.nan]]]), col[1])
-    loc = repair.locate(nan_row, nan_col, (1e-6, 1e-6), lambda i, j: arr([[np.nan]]), lambda i, j: arr([[2.0]]))
+    loc = localization.locate(nan_row, nan_col, (1e-6, 1e-6), lambda i, j: arr([[np.nan]]),
+                              lambda i, j: arr([[2.0]]), ops)
     assert bool(loc.ok[0, 0]) and [int(loc.i[0, 0]), int(loc.j[0, 0])] == [2, 5]

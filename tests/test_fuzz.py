@@ -22,7 +22,10 @@ import pytest
 from ftattn_spec import reference as ref
 from ftattn_spec.inputs import ALL_DISTRIBUTIONS, draw_qkv
 from ftattn_spec.schemes import SCHEME_NAMES
-from ftattn_spec.validation import FUSED_DTYPES, FUSED_HEAD_DIMS, implementation_checks
+from ftattn_spec.implementations import lookup
+from ftattn_spec.implementations import run_checks as implementation_checks
+
+FUSED_DTYPES, FUSED_HEAD_DIMS = lookup("torch", "triton").dtypes, lookup("torch", "triton").head_dims
 
 from compare import backends as adapters
 

@@ -11,7 +11,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 
 import ftattn_jax  # noqa: E402
-from ftattn_jax import core  # noqa: E402
+from ftattn_jax.unfused import core  # noqa: E402
 
 from .conftest import SHAPE, draw_qkv  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_grad_matches_jax_attention(scheme):
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 41, 100, 257])
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_blocked_sums_match_plain_sums(n, axis):
-    from ftattn_jax.checks import blocked_cumsum, blocked_sum
+    from ftattn_jax.unfused.checks import blocked_cumsum, blocked_sum
 
     x = jnp.asarray(np.moveaxis(np.random.default_rng(n).normal(size=(3, n, 5)), 1, axis), jnp.float32)
     np.testing.assert_allclose(np.asarray(blocked_sum(x, axis)), np.asarray(x.sum(axis)), rtol=1e-5, atol=1e-5)

@@ -22,8 +22,9 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import ftattn_jax  # noqa: E402
-from ftattn_jax import fused, kernel_ir  # noqa: E402
-from ftattn_jax import mosaic_kernel  # noqa: E402
+from ftattn_jax import fused  # noqa: E402
+from ftattn_jax.fused import kernel_ir  # noqa: E402
+from ftattn_jax.fused import mosaic_kernel  # noqa: E402
 from ftattn_spec.faults import Fault, plan  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
 
@@ -105,7 +106,8 @@ class TestMosaicGPU:
     def test_kernel_variants_give_the_same_verdicts(self, causal, variant):
         """``MosaicBlocks`` variants: the checks beside the P·V MMA, no turns on the tensor cores, 64-key tiles."""
         (q, k, v), exact = _inputs(15, "normal", "bfloat16", H=128, T=300, S=520)
-        kw = dict(scheme="full", granularity="vector", scale=128 ** -0.5, is_causal=causal, lowering="mosaic_gpu")
+        kw = dict(checks=("qk_row", "softmax_dmr", "pv_row"), granularity="vector", scale=128 ** -0.5, is_causal=causal,
+                  lowering="mosaic_gpu")
         a, ra = fused.run(q, k, v, blocks=fused.MosaicBlocks(), **kw)
         b, rb = fused.run(q, k, v, blocks=fused.MosaicBlocks(**variant), **kw)
         _check_output(b, exact, "bfloat16", causal)
@@ -156,10 +158,10 @@ class TestMosaicGPU:
         """The kernel's residuals respond to their predictions: a wrong side input is flagged
         (checks the wiring; the fault campaign checks detection of real faults)."""
         (q, k, v), _ = _inputs(4, "normal", "float16", H=128, T=256, S=256)
-        cfg = fused._config(q.shape, k.shape, "float16", scale=128 ** -0.5, causal=False,
-                            which=("qk_row", "softmax_dmr", "pv_row"), n_faults=0, blocks=fused.MosaicBlocks(),
-                            interpret=False)
-        kpre, vcol, _ = fused._side_inputs(k, v, 256, mosaic_kernel.CHUNK, True, True, 1.0 / cfg.vcol_unscale)
+        cfg = fused.config(q.shape, k.shape, "float16", scale=128 ** -0.5, causal=False,
+                           which=("qk_row", "softmax_dmr", "pv_row"), n_faults=0, blocks=fused.MosaicBlocks(),
+                           interpret=False)
+        kpre, vcol, _ = fused.side_inputs(k, v, 256, mosaic_kernel.CHUNK, True, True, 1.0 / cfg.vcol_unscale)
         _, stats = mosaic_kernel.forward(q, k, v, kpre, vcol, cfg)
         clean = [float(jnp.max(jnp.abs(stats[i]) / stats[i + 1])) for i in (1, 5)]
         assert max(clean) < 1.0, clean
@@ -196,9 +198,9 @@ def test_kernel_lowers_for_cuda_anywhere(causal):
         pytest.skip("this jaxlib has no Mosaic GPU")
     shapes = [jax.ShapeDtypeStruct(s, jnp.float16) for s in ((1, 200, 4, 64), (1, 300, 2, 64), (1, 300, 2, 64))]
     for which in ((), ("qk_row", "softmax_dmr", "pv_row")):
-        cfg = fused._config((1, 200, 4, 64), (1, 300, 2, 64), "float16", scale=0.125, causal=causal, which=which,
-                            n_faults=0, blocks=fused.MosaicBlocks(), interpret=False)
-        text = jax.jit(lambda q, k, v: fused._launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
+        cfg = fused.config((1, 200, 4, 64), (1, 300, 2, 64), "float16", scale=0.125, causal=causal, which=which,
+                           n_faults=0, blocks=fused.MosaicBlocks(), interpret=False)
+        text = jax.jit(lambda q, k, v: fused.launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text.lower()
 

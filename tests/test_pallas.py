@@ -20,7 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import checkify  # noqa: E402
 
 import ftattn_jax  # noqa: E402
-from ftattn_jax import fused, kernel_ir  # noqa: E402
+from ftattn_jax import fused  # noqa: E402
+from ftattn_jax.fused import kernel_ir  # noqa: E402
 from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
@@ -141,11 +142,11 @@ class TestPallasGPU:
         (q, k, v), _ = _inputs(5, "normal", "float16")
         for f in FAULTS[:3]:
             self.attn(q, k, v, fault=f)
-        before = fused._run._cache_size()
+        before = fused.runner._run._cache_size()
         for f in FAULTS[3:]:
             _, r = self.attn(q, k, v, fault=f)
             assert bool(r.detected)
-        assert fused._run._cache_size() == before
+        assert fused.runner._run._cache_size() == before
 
     def test_input_faults_and_low_bits(self):
         (q, k, v), _ = _inputs(6, "normal", "float16")
@@ -254,7 +255,7 @@ class TestPallasGPU:
         with pytest.raises(ValueError, match="interpret"):
             ftattn_jax.attention(q, k, v, interpret=True)
         with pytest.raises(ValueError, match="block_m"):
-            fused.run(q, k, v, scheme="full", granularity="vector", scale=0.25, is_causal=False,
+            fused.run(q, k, v, checks=("qk_row",), granularity="vector", scale=0.25, is_causal=False,
                       interpret=True, blocks=fused.BlockSizes(24, 16))
 
 class TestPallasInterpret(TestPallasGPU):

@@ -84,7 +84,7 @@ def test_cuda_matches_cpu(dtype):
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 41, 100, 257])
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_blocked_sums_match_plain_sums(n, dim):
-    from ftattn_torch.checks import blocked_cumsum, blocked_sum
+    from ftattn_torch.unfused.checks import blocked_cumsum, blocked_sum
 
     x = torch.randn(3, n, 5, dtype=torch.float64).movedim(1, dim)
     torch.testing.assert_close(blocked_sum(x, dim), x.sum(dim))

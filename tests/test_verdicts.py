@@ -19,10 +19,12 @@ import sys
 import numpy as np
 import pytest
 
+from ftattn_spec import localization
 from ftattn_spec import reference as ref
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.schemes import SCHEME_NAMES
-from ftattn_spec.validation import ON_FAULT, implementation_checks
+from ftattn_spec.implementations import run_checks as implementation_checks
+from ftattn_spec.validation import ON_FAULT
 
 from .conftest import HAVE_JAX, HAVE_TORCH
 
@@ -85,12 +87,12 @@ def test_probability_overflow_does_not_blame_a_clean_row(run):
 def test_most_suspicious_ranks_non_finite_first():
     import jax.numpy as jnp
 
-    from ftattn_jax import repair
+    from ftattn_jax.common import OPS
 
     diff = jnp.asarray([[[0.5, 1.0, 3.0, 0.1]]])
     thr = jnp.asarray([[[1.0, 1.0, 1.0, jnp.inf]]])
-    assert int(repair._most_suspicious(diff, thr)[0, 0]) == 3
-    assert int(repair._most_suspicious(diff.at[0, 0, 0].set(jnp.inf), thr.at[0, 0, 3].set(1.0))[0, 0]) == 0
+    assert int(localization.most_suspicious(diff, thr, OPS)[0, 0]) == 3
+    assert int(localization.most_suspicious(diff.at[0, 0, 0].set(jnp.inf), thr.at[0, 0, 3].set(1.0), OPS)[0, 0]) == 0
 
 
 # ---- 2. and 3. large finite logits --------------------------------------------------------------

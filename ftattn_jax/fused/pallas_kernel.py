@@ -4,10 +4,13 @@ It follows the algebra of ``docs/kernels.md`` (the same as the Triton kernel
 of ``ftattn_torch``) and lowers through Pallas' Triton backend on any CUDA GPU,
 or runs in Pallas' interpret mode anywhere (CI runs it on the CPU). Nothing
 here imports the reference, the unfused path or the Mosaic kernel; the
-version differences of the Pallas API live in :mod:`.pallas_compat`.
+version differences of the Pallas API live in :mod:`.compat`. The module's
+interface is that of every kernel of ``ftattn_jax.fused``: :class:`BlockSizes`
+(validated on construction), :func:`unsupported`, :func:`config` and
+:func:`launch` (returning a :class:`~.side_inputs.KernelOutput`).
 
 Legend of ``ftattn_spec.axes``: q ``B T N H``, k and v ``B S K H``, query head
-``n`` reads kv head ``n // G``. The caller (:mod:`.fused`) pads T to a
+``n`` reads kv head ``n // G``. :func:`launch` pads T to a
 multiple of ``block_m`` and S to a multiple of ``block_n`` (and, under a
 causal mask, to at least the padded T) and passes the true lengths; the kernel
 masks keys at or beyond S.
@@ -32,25 +35,76 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import pallas_compat as compat
+from ftattn_spec import tolerances as tol
+from ftattn_spec.tolerances import FusedCoefficients
+
+from . import compat
 from .kernel_faults import corrupt
+from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
 
 LOG2E = math.log2(math.e)
 F32 = jnp.float32
 # ftattn_spec.faults.SITES indices of the sites the kernel injects itself
 SITE_SCORES, SITE_PROBS, SITE_OUT = 0, 1, 2
-VCOLS = 16  # the extra MMA columns of pv_row (at least 16 for the tensor cores)
+#: the lowering name of this kernel (``attention(..., lowering=...)``)
+LOWERING = "triton"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile shape and launch settings of the portable kernel.
+
+    ``block_m`` query rows per program, ``block_n`` keys per tile (powers of
+    two, at least 16).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+    LOWERING: ClassVar[str] = LOWERING
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            x = getattr(self, name)
+            if not isinstance(x, int) or x < 16 or x & (x - 1):
+                raise ValueError(f"blocks.{name}: expected a power of two >= 16, got {x!r}")
+
+    def validate(self) -> "BlockSizes":
+        """Kept for callers of earlier versions: construction validates."""
+        return self
+
+    @classmethod
+    def get_default(cls, interpret: bool, head_dim: int = 128, checks: bool = True) -> "BlockSizes":
+        """Interpret mode: small tiles (fast on small tests, and several tiles per row).
+        GPU: measured on an H100 (docs/kernels.md)."""
+        if interpret:
+            return cls(16, 16, 1, 1)
+        return cls(128, 64, 8, 3) if checks else cls(128, 64, 4, 2)
+
+
+def unsupported(query, *, platform: str, interpret: bool, plan=None) -> str | None:
+    """Why this kernel cannot run the call here, or None (the catalogue has judged the arguments).
+
+    It runs on every GPU Pallas' Triton lowering supports, and interpreted anywhere.
+    """
+    if not interpret and platform != "gpu":
+        return f"it compiles for a GPU, but the query is on {platform!r}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Static settings of one compilation (everything that is not data)."""
+
+    LOWERING: ClassVar[str] = LOWERING
 
     T: int  # true query length
     S: int  # true key length
@@ -64,7 +118,7 @@ class Config:
     dmr: bool
     pv: bool
     n_faults: int  # 0: the injection code is not compiled in
-    coef: tuple  # (qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow)
+    coef: FusedCoefficients
     num_warps: int
     num_stages: int
     interpret: bool
@@ -171,7 +225,7 @@ def _kernel(*refs, cfg: Config, H: int):
         o = _inject(o, rows, hs, ft_ref, fv_ref, cfg, b, n, SITE_OUT, 0, 1.0)
     o_ref[...] = o.astype(o_ref.dtype)
 
-    qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow = cfg.coef
+    co = cfg.coef  # tol.FusedCoefficients
     outs = iter(stat_refs)
     if cfg.qk:
         # ---- qk_row: Σ_j s_ij against q_i·(Σ over attended keys of k)
@@ -190,11 +244,11 @@ def _kernel(*refs, cfg: Config, H: int):
             pred = pred + jnp.sum(qf * compat.dot(tri, kd), axis=1)
             mag = mag + jnp.sum(jnp.abs(qf) * compat.dot(tri, jnp.abs(kd)), axis=1)
         next(outs)[...] = (srow - pred) * cfg.scale
-        next(outs)[...] = (qk_c * mag + qk_allow) * cfg.scale
+        next(outs)[...] = (co.qk * mag + co.qk_allow) * cfg.scale
     nc_f = nc.astype(F32)
     if cfg.dmr:
         # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1)
-        thr = a0 + a1 * nc_f + a2 * mmax * (1.0 + nc_f) + dmr_allow * inv
+        thr = co.dmr0 + co.dmr_rescale * nc_f + co.dmr_mu * mmax * (1.0 + nc_f) + co.dmr_allow * inv
         r = (d + jnp.abs(l - l2)) * inv
         ok = (m_raw > -jnp.inf) & (m_raw < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
         next(outs)[...] = jnp.where(ok, r, jnp.inf)
@@ -205,7 +259,7 @@ def _kernel(*refs, cfg: Config, H: int):
         pvp = jnp.sum(jnp.where(ccol < 3, pv, 0.0), axis=1) * (inv * cfg.vcol_unscale)
         pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pv, 0.0), axis=1) * (inv * cfg.vcol_unscale)
         next(outs)[...] = jnp.sum(o, axis=1) - pvp
-        next(outs)[...] = (pv_c + pv_rc * nc_f) * pvw + pv_allow
+        next(outs)[...] = (co.pv + co.pv_rescale * nc_f) * pvw + co.pv_allow
 
 
 def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
@@ -241,3 +295,30 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
         out_shape=out_shape, compiler_params=compat.triton_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret, debug=cfg.debug, name="ftattn_fused_forward")(*args)
     return outs[0], outs[1], list(outs[2:])
+
+
+def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks: BlockSizes, interpret,
+           debug=False) -> Config:
+    """The static settings of a launch: ``which`` checks, ``n_faults`` slots of the fault table."""
+    B, T, N, H = q_shape
+    S, K = k_shape[1], k_shape[2]
+    chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
+    return Config(
+        T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
+        chunk=chunk, qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which, n_faults=n_faults,
+        coef=tol.fused_coefficients(S, H, dtype, blocks.block_m, blocks.block_n, chunk),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret, debug=debug,
+        vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
+
+
+def launch(q, k, v, ft, fv, cfg: Config) -> KernelOutput:
+    """Pad to whole blocks, compute the side inputs, run the kernel, cut the padding off."""
+    T, S, BM, BN = cfg.T, cfg.S, cfg.block_m, cfg.block_n
+    Tp = -(-T // BM) * BM
+    Sp = -(-S // BN) * BN
+    if cfg.causal and cfg.qk:
+        Sp = max(Sp, Tp)  # the diagonal block of the qk_row prediction reads keys up to Tp
+    qp, kp, vp = pad_to(q, 1, Tp), pad_to(k, 1, Sp), pad_to(v, 1, Sp)
+    kpre, vcol, kv_finite = side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale)
+    o, qfin, stats = forward(qp, kp, vp, kpre, vcol, ft, fv, cfg)
+    return KernelOutput(o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite)

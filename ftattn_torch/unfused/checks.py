@@ -196,15 +196,3 @@ def pv_col(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H
     actual = blocked_sum(o.view(B * K, G, T, H), 2).reshape(B, n_heads, H)
     return (actual - pred_mag[:, :, 0],
             tol.threshold(tol.pv_col_coefficient(T, S, dtype, tf32), pred_mag[:, :, 1], S, T))
-
-
-def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = True) -> CheckResult:
-    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
-    if granularity == "global":
-        n = diff.shape[-1]
-        residual = diff.sum(-1).abs() if signed else diff.sum(-1)
-        threshold = tol.global_factor(n) * threshold.sum(-1)
-    else:
-        residual = diff.abs()
-    residual, threshold = residual.to(F32), threshold.to(F32)
-    return CheckResult(residual, threshold, ~((residual <= threshold) & threshold.isfinite()))

@@ -12,7 +12,7 @@ run in interpret mode; nothing here imports the portable kernel or the
 reference.
 
 Legend of ``ftattn_spec.axes``: q ``B T N H``, k and v ``B S K H``, query head
-``n`` reads kv head ``n // G``. The caller (:mod:`.fused`) pads T to a
+``n`` reads kv head ``n // G``. :func:`launch` pads T to a
 multiple of 128 and S to a multiple of ``block_kv`` and passes the true
 lengths; keys at or beyond S are masked in the last tile.
 
@@ -48,26 +48,100 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+import numpy as np
 
-from . import pallas_compat as compat
-from .kernel_faults import FAULT_FIELDS, FAULT_SLOTS, SLOT_OUT, SLOT_PROBS, SLOT_REPLICA, SLOT_SCORES, corrupt
+from ftattn_spec import tolerances as tol
+from ftattn_spec.tolerances import FusedCoefficients
+
+from . import compat
+from .kernel_faults import (FAULT_FIELDS, FAULT_SLOTS, SLOT_OUT, SLOT_PROBS, SLOT_REPLICA, SLOT_SCORES, corrupt,
+                            fault_rows)
+from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
 
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
 CHUNK = 64  # prefix-sum granularity of kpre (= rows per compute warpgroup)
-VCOLS = 16
 BLOCK_Q = 64  # rows per compute warpgroup (the wgmma M)
 COMPUTE_WGS = 2
+
+
+#: the lowering name of this kernel (``attention(..., lowering=...)``)
+LOWERING = "mosaic_gpu"
+HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlocks:
+    """Settings of the Hopper kernel: ``block_kv`` keys per tile (64 or 128) and
+    ``stages`` shared-memory slots in the K/V ring (query rows are fixed: two
+    warpgroups of 64)."""
+
+    block_kv: int = 128
+    stages: int = 2
+    late_checks: bool = False  # the checks that feed nothing run while the P·V MMA does
+    ping_pong: bool = True  # the compute warpgroups take turns on the tensor cores
+    fma_cols: int = 0  # columns of a tile whose replica exponentials run on the FMA pipe (a multiple of 8)
+    LOWERING: ClassVar[str] = LOWERING
+
+    def __post_init__(self):
+        if self.block_kv not in (64, 128):
+            raise ValueError(f"blocks.block_kv: expected 64 or 128, got {self.block_kv!r}")
+        if not isinstance(self.fma_cols, int) or self.fma_cols % 8 or not 0 <= self.fma_cols <= self.block_kv:
+            raise ValueError(f"blocks.fma_cols: expected a multiple of 8 in [0, block_kv], got {self.fma_cols!r}")
+        if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
+            raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
+
+    def validate(self) -> "MosaicBlocks":
+        """Kept for callers of earlier versions: construction validates."""
+        return self
+
+    @classmethod
+    def get_default(cls, interpret: bool = False, head_dim: int = 128, checks: bool = True) -> "MosaicBlocks":
+        """The H200 sweeps' best (docs/kernels.md, M2–M6) for every head dim, checks on or off."""
+        return cls()
+
+
+def can_inject() -> bool:
+    """Whether this kernel can inject faults itself (its bit flips need Mosaic GPU's
+    bitcast of registers, jax >= 0.11)."""
+    return compat.JAX_VERSION >= (0, 11, 0)
+
+
+def _slot_conflict(plan) -> bool:
+    """True when two of the plan's in-kernel faults share a (site, replica, batch, head, row)."""
+    idx = np.asarray(plan.index)
+    keys = [(int(s), int(r), *map(int, i[:3])) for s, r, i in zip(np.asarray(plan.site), np.asarray(plan.replica), idx)
+            if int(s) in (0, 1, 2)]
+    return len(keys) != len(set(keys))
+
+
+def unsupported(query, *, platform: str, interpret: bool, plan=None) -> str | None:
+    """Why this kernel cannot run the call here, or None."""
+    H = query.shape[-1]
+    if platform != "gpu" or not available():
+        return f"the query is on {platform!r}, not an sm_90 (Hopper) GPU with Mosaic GPU available"
+    if interpret:
+        return "interpret=True (the Hopper kernel cannot run in interpret mode)"
+    if H not in HEAD_DIMS:
+        return f"head dim H={H} (the Hopper kernel takes H in {HEAD_DIMS})"
+    if plan is not None and not can_inject():
+        return f"a fault plan was given and jax {jax.__version__} cannot inject faults in the Hopper kernel (needs 0.11)"
+    if plan is not None and _slot_conflict(plan):
+        return "the fault plan puts two faults on one query row of one site (the Hopper kernel takes one per row)"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Static settings of one compilation."""
+
+    LOWERING: ClassVar[str] = LOWERING
 
     T: int
     S: int
@@ -79,7 +153,7 @@ class Config:
     qk: bool
     dmr: bool
     pv: bool
-    coef: tuple  # (qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow)
+    coef: FusedCoefficients
     inject: bool = False  # compile the fault injection in (a per-row fault table is an input)
     late_checks: bool = False  # qk_row's sum and the replica after the P·V MMA is issued (beside it)
     ping_pong: bool = True  # the two compute warpgroups take turns on the tensor cores (a schedule barrier)
@@ -381,12 +455,12 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     pred = pred + carry["sdiag"]
                 stats.append(jnp.where(jnp.abs(mag) < jnp.inf, 1.0, 0.0))
             qo_smem[...] = o.astype(dtype)
-            qk_c, qk_allow, pv_c, pv_rc, pv_allow, a0, a1, a2, dmr_allow = cfg.coef
+            co = cfg.coef  # tol.FusedCoefficients
             if cfg.qk:
-                stats += [(carry["srow"] - pred) * cfg.scale, (qk_c * mag + qk_allow) * cfg.scale]
+                stats += [(carry["srow"] - pred) * cfg.scale, (co.qk * mag + co.qk_allow) * cfg.scale]
             if cfg.dmr:
                 nc = carry["nc"]
-                thr = a0 + a1 * nc + a2 * carry["mmax"] * (1.0 + nc) + dmr_allow * inv
+                thr = co.dmr0 + co.dmr_rescale * nc + co.dmr_mu * carry["mmax"] * (1.0 + nc) + co.dmr_allow * inv
                 l2 = carry["l2"]
                 r = (carry["d"] + jnp.abs(l - l2)) * inv
                 ok = (m > -jnp.inf) & (m < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
@@ -396,7 +470,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 ccol = plgpu.broadcasted_iota(jnp.int32, (BQ, VCOLS), 1, layout=WGMMA)
                 pvp = jnp.sum(jnp.where(ccol < 3, pvacc, 0.0), axis=1) * (inv * cfg.vcol_unscale)
                 pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pvacc, 0.0), axis=1) * (inv * cfg.vcol_unscale)
-                stats += [jnp.sum(o, axis=1) - pvp, (pv_c + pv_rc * carry["nc"]) * pvw + pv_allow]
+                stats += [jnp.sum(o, axis=1) - pvp, (co.pv + co.pv_rescale * carry["nc"]) * pvw + co.pv_allow]
             for j, x in enumerate(stats):
                 st_smem.at[j][...] = x
             plgpu.commit_smem()
@@ -469,3 +543,32 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
         compiler_params=plgpu.CompilerParams(approx_math=True))(q, k, v, kpre, vcol, frows)
     return o, stats[:n_stats]
 
+
+def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks: MosaicBlocks, interpret=False,
+           debug=False) -> Config:
+    """The static settings of a launch: ``which`` checks; ``n_faults > 0`` compiles the injection in."""
+    B, T, N, H = q_shape
+    S, K = k_shape[1], k_shape[2]
+    return Config(
+        T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
+        qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
+        coef=tol.fused_coefficients(S, H, dtype, BLOCK_Q, blocks.block_kv, CHUNK), inject=n_faults > 0,
+        late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols,
+        vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
+
+
+def launch(q, k, v, ft, fv, cfg: Config) -> KernelOutput:
+    """Pad to whole blocks, compute the side inputs, run the kernel, cut the padding off."""
+    T, S, BN = cfg.T, cfg.S, cfg.block_kv
+    rows = COMPUTE_WGS * BLOCK_Q
+    Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
+    qp, kp, vp = pad_to(q, 1, Tp), pad_to(k, 1, Sp), pad_to(v, 1, Sp)
+    kpre, vcol, kv_finite = side_inputs(kp, vp, S, CHUNK, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale)
+    frows = fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
+    o, stats = forward(qp, kp, vp, kpre, vcol, cfg, frows)
+    stats = [x[..., :T] for x in stats]
+    if cfg.qk:
+        qfin, stats = stats[0], stats[1:]
+    else:
+        qfin = jnp.all(jnp.isfinite(q), axis=-1).astype(F32).transpose(0, 2, 1)
+    return KernelOutput(o[:, :T], qfin, tuple(stats), kv_finite)

@@ -11,10 +11,13 @@ from torch import Tensor
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.report import make_report
-from ftattn_spec.schemes import SCHEMES
 
-from . import checks, faults, repair
-from . import masks as masks_lib
+from ftattn_spec import localization, masking
+
+from .. import faults
+from ..common import ops as ops_on
+from ..common import verdict
+from . import checks as abft
 
 F32 = torch.float32
 NEG = torch.finfo(F32).min  # masked logits: large, finite, so no row is NaN
@@ -66,7 +69,7 @@ def _softmax_replica(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Te
     z = (l - m).mul_(LOG2E).exp2_()
     if keep is not None:
         z.masked_fill_(~keep, 0.0)
-    d = checks.blocked_sum(z, -1)[..., None]
+    d = abft.blocked_sum(z, -1)[..., None]
     return z.mul_(1.0 / (torch.where(d > 0, d, 1.0) if guard else d))
 
 
@@ -100,8 +103,9 @@ def _rows(found: dict, results: dict, row: str, col: str, granularity: str, n_ro
         for c in names[1:]:
             head = head | results[c].flagged
         return head[..., None].expand(*head.shape, n_rows)
-    get = lambda c: repair.flags(*found[c]) if c in found else None  # noqa: E731
-    return repair.affected_rows(get(row), get(col), n_rows, located)
+    ops = ops_on(found[names[0]][0].device)
+    get = lambda c: localization.flags(*found[c], ops) if c in found else None  # noqa: E731
+    return localization.affected_rows(get(row), get(col), n_rows, located, ops)
 
 
 def _repair(x: Float[Tensor, "B N T C"], located, rows: Bool[Tensor, "B N T"], recompute) -> Tensor:
@@ -127,9 +131,9 @@ def _attended(full, bi, ni, i, j, value: Tensor) -> Tensor:
 
 
 def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: Float[Tensor, "B K S H"], *,
-        scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None,
+        checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None,
         bias=None, mask=None, query_lengths=None, key_lengths=None, window=None, empty: str = "zero"):
-    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None.
+    """Run ``checks`` (a scheme's, in ``CHECKS`` order); ``plan`` is a validated ``FaultPlan`` or None.
 
     The mask arguments are those of ``ftattn_spec.masking`` (validated);
     ``empty`` says how a fully masked row is filled (``"zero"`` or ``"uniform"``).
@@ -144,7 +148,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     K, S = key.shape[1], key.shape[2]
     G = N // K
     dtype = str(query.dtype).removeprefix("torch.")
-    wanted = SCHEMES[scheme].checks
+    wanted = checks
     tf32 = uses_tf32(query)
     correct = on_fault == "correct"
     acts = on_fault in ("correct", "nan")  # only these need the implicated rows
@@ -155,36 +159,37 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     def judge(names):
         for name in names:
             if name in wanted:
-                results[name] = checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+                results[name] = verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
 
     # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, K, G, T, H)
     s = faults.inject(_scores(qg, key, scale), "scores", "BNTS", plan)
-    allowed = masks_lib.allowed(B, T, S, dev, mask=mask, is_causal=is_causal, window=window,
+    allowed = masking.combine(B, T, S, ops_on(dev), mask=mask, is_causal=is_causal, window=window,
                                 query_lengths=query_lengths, key_lengths=key_lengths)
-    allowed_ts = masks_lib.attended(allowed, is_causal, T, S, dev)  # None, T S, or B|1 N|1 T S
+    allowed_ts = masking.attended(allowed, is_causal, T, S, ops_on(dev))  # None, T S, or B|1 N|1 T S
     guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
         with torch.no_grad():  # the checks never need a backward graph
             # masked entries are excluded from the checksums (0) and from the softmax (NEG)
             s_masked = s if allowed_ts is None else torch.where(allowed_ts, s, 0.0)
             if "qk_row" in wanted:
-                found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32, allowed)
+                found["qk_row"] = abft.qk_row(qg, key, s_masked, scale, is_causal, dtype, tf32, allowed)
             if "qk_col" in wanted:
-                found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32, allowed)
+                found["qk_col"] = abft.qk_col(qg, key, s_masked, scale, is_causal, dtype, tf32, allowed)
             judge(("qk_row", "qk_col"))
             loc = None
             if "qk_row" in found and "qk_col" in found and granularity == "vector":
                 qf, kf = query.detach().to(F32), key.detach().to(F32)
                 general = allowed is not None
                 full = None if allowed_ts is None else allowed_ts.expand(B, N, T, S)
-                loc = repair.locate(
+                loc = localization.locate(
                     found["qk_row"], found["qk_col"],
                     (tol.qk_coefficient(S, H, dtype, tf32, masked=general),
                      tol.qk_coefficient(T, H, dtype, tf32, masked=general)),
                     lambda i, j: s_masked[bi, ni, i, j],
-                    lambda i, j: _attended(full, bi, ni, i, j, (qf[bi, ni, i] * kf[bi, ni // G, j]).sum(-1) * scale))
-                located["scores"] = loc.indices()
+                    lambda i, j: _attended(full, bi, ni, i, j, (qf[bi, ni, i] * kf[bi, ni // G, j]).sum(-1) * scale),
+                    ops_on(dev))
+                located["scores"] = localization.indices(loc, ops_on(dev))
             del s_masked
             rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
             affected.append(rows)
@@ -197,7 +202,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     s_soft = logits if allowed_ts is None else logits.masked_fill_(~allowed_ts, NEG)
     # probabilities outside `keep` are zero: the masked entries, or (empty="uniform",
     # jax.nn's rule) only the rows beyond the query length
-    keep = allowed_ts if empty == "zero" else masks_lib.live_rows(B, T, dev, query_lengths)
+    keep = allowed_ts if empty == "zero" else masking.live(T, query_lengths, ops_on(dev))
 
     # ---- P = softmax(S), twice under DMR; a third evaluation votes
     p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
@@ -205,7 +210,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
         with torch.no_grad():
             p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
             mu = _logit_magnitude(s, s_soft, bias is not None, allowed_ts, p, p_replica)
-            found["softmax_dmr"] = checks.softmax_dmr(p, p_replica, mu)
+            found["softmax_dmr"] = abft.softmax_dmr(p, p_replica, mu)
             del p_replica
             judge(("softmax_dmr",))
             rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
@@ -227,20 +232,20 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     with torch.no_grad():
         if {"pv_row", "pv_col"} & set(wanted):
             if "pv_row" in wanted:
-                found["pv_row"] = checks.pv_row(o, p_mma, value, N, dtype, tf32)
+                found["pv_row"] = abft.pv_row(o, p_mma, value, N, dtype, tf32)
             if "pv_col" in wanted:
-                found["pv_col"] = checks.pv_col(o, p_mma, value, N, dtype, tf32)
+                found["pv_col"] = abft.pv_col(o, p_mma, value, N, dtype, tf32)
             judge(("pv_row", "pv_col"))
             o4 = o.view(B, N, T, H)
             loc = None
             if "pv_row" in found and "pv_col" in found and granularity == "vector":
                 pn, vt = p_mma.view(B, N, T, S), value.detach().to(F32).transpose(-1, -2)  # vt: B K H S
-                loc = repair.locate(
+                loc = localization.locate(
                     found["pv_row"], found["pv_col"],
                     (tol.pv_coefficient(S, H, dtype, tf32), tol.pv_col_coefficient(T, S, dtype, tf32)),
                     lambda i, h: o4[bi, ni, i, h],
-                    lambda i, h: (pn[bi, ni, i].to(F32) * vt[bi, ni // G, h]).sum(-1))
-                located["out"] = loc.indices()
+                    lambda i, h: (pn[bi, ni, i].to(F32) * vt[bi, ni // G, h]).sum(-1), ops_on(dev))
+                located["out"] = localization.indices(loc, ops_on(dev))
             rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc) if acts else None
             affected.append(rows)
             if correct:

@@ -203,16 +203,3 @@ def pv_col(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"
     actual = blocked_sum(o, 1).reshape(B, K * G, H)
     return (actual - pred_mag[:, :, 0],
             tol.threshold(tol.pv_col_coefficient(T, S, dtype), pred_mag[:, :, 1], S, T))
-
-
-def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True) -> CheckResult:
-    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
-    if granularity == "global":
-        n = diff.shape[-1]
-        residual = jnp.abs(diff.sum(axis=-1)) if signed else diff.sum(axis=-1)
-        threshold = tol.global_factor(n) * threshold.sum(axis=-1)
-    else:
-        residual = jnp.abs(diff)
-    residual = residual.astype(F32)
-    threshold = threshold.astype(F32)
-    return CheckResult(residual, threshold, ~((residual <= threshold) & jnp.isfinite(threshold)))

@@ -16,10 +16,12 @@ from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.report import make_report
-from ftattn_spec.schemes import SCHEMES
 
-from . import checks, faults, repair
-from . import masks as masks_lib
+from ftattn_spec import localization, masking
+
+from .. import faults
+from ..common import OPS, verdict
+from . import checks as abft
 
 F32 = jnp.float32
 NEG = float(jnp.finfo(F32).min)  # masked logits: large, finite, so no row is NaN
@@ -84,7 +86,7 @@ def _softmax_replica(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Arr
     z = _exp_rows(l, guard, jnp.exp2, log2e)
     if keep is not None:
         z = jnp.where(keep, z, 0.0)
-    d = checks.blocked_sum(z, -1)[..., None]
+    d = abft.blocked_sum(z, -1)[..., None]
     return z * (1.0 / (jnp.where(d > 0, d, 1.0) if guard else d))
 
 
@@ -116,31 +118,31 @@ def _rows(found: dict, results: dict, row: str, col: str, granularity: str, n_ro
     if granularity == "global":
         head = functools.reduce(jnp.logical_or, [results[c].flagged for c in names])
         return jnp.broadcast_to(head[..., None], (*head.shape, n_rows))
-    get = lambda c: repair.flags(*found[c]) if c in found else None  # noqa: E731
-    return repair.affected_rows(get(row), get(col), n_rows, located)
+    get = lambda c: localization.flags(*found[c], OPS) if c in found else None  # noqa: E731
+    return localization.affected_rows(get(row), get(col), n_rows, located, OPS)
 
 
 def _count(x: Array) -> Array:
     return jnp.sum(x, dtype=jnp.int32)
 
 
-def run(query, key, value, *, scheme: str, granularity: str, scale: float, is_causal: bool,
+def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool,
         on_fault: str = "report", plan=None, bias=None, mask=None, query_lengths=None, key_lengths=None,
         window=None, empty: str = "zero"):
-    """Run a scheme; ``plan`` is a validated ``ftattn_spec.faults.FaultPlan`` or None.
+    """Run ``checks`` (a scheme's, in ``CHECKS`` order); ``plan`` is a validated ``FaultPlan`` or None.
 
     The mask arguments are those of ``ftattn_spec.masking`` (validated);
     ``empty`` says how a fully masked row is filled (``"zero"`` or ``"uniform"``).
     """
     masks = (bias, mask, query_lengths, key_lengths)
-    return _run(query, key, value, faults.to_device(plan), masks, scheme=scheme, granularity=granularity,
+    return _run(query, key, value, faults.to_device(plan), masks, checks=tuple(checks), granularity=granularity,
                 scale=scale, is_causal=is_causal, on_fault=on_fault, window=window, empty=empty)
 
 
-@functools.partial(jax.jit, static_argnames=("scheme", "granularity", "scale", "is_causal", "on_fault", "window",
+@functools.partial(jax.jit, static_argnames=("checks", "granularity", "scale", "is_causal", "on_fault", "window",
                                              "empty"))
 def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"],
-         plan, masks, *, scheme: str, granularity: str, scale: float, is_causal: bool, on_fault: str,
+         plan, masks, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str,
          window, empty: str):
     bias, mask, query_lengths, key_lengths = masks
     finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
@@ -151,7 +153,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     S, K = key.shape[1], key.shape[2]
     G = N // K
     dtype = jnp.dtype(query.dtype).name
-    wanted = SCHEMES[scheme].checks
+    wanted = checks
     prec = _precision(dtype)
     correct = on_fault == "correct"
     acts = on_fault in ("correct", "nan")  # only these need the implicated rows
@@ -162,7 +164,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     def judge(names):
         for name in names:
             if name in wanted:
-                results[name] = checks.verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+                results[name] = verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
 
     # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, T, K, G, H)
@@ -173,16 +175,16 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         # CPU), so the softmax tolerates a re-evaluated logit (``_exp_rows``)
         # and the DMR threshold bounds it (``tol.dmr_logit_coefficient``).
         s = lax.optimization_barrier(s)
-    allowed = masks_lib.allowed(B, T, S, mask=mask, is_causal=is_causal, window=window,
+    allowed = masking.combine(B, T, S, OPS, mask=mask, is_causal=is_causal, window=window,
                                 query_lengths=query_lengths, key_lengths=key_lengths)
-    allowed_ts = masks_lib.attended(allowed, is_causal, T, S)  # None, T S, or B|1 N|1 T S
+    allowed_ts = masking.attended(allowed, is_causal, T, S, OPS)  # None, T S, or B|1 N|1 T S
     guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
         s_masked = s if allowed_ts is None else jnp.where(allowed_ts, s, 0.0)
         if "qk_row" in wanted:
-            found["qk_row"] = checks.qk_row(qg, key, s_masked, scale, is_causal, dtype, allowed)
+            found["qk_row"] = abft.qk_row(qg, key, s_masked, scale, is_causal, dtype, allowed)
         if "qk_col" in wanted:
-            found["qk_col"] = checks.qk_col(qg, key, s_masked, scale, is_causal, dtype, allowed)
+            found["qk_col"] = abft.qk_col(qg, key, s_masked, scale, is_causal, dtype, allowed)
         judge(("qk_row", "qk_col"))
         loc = None
         if "qk_row" in found and "qk_col" in found and granularity == "vector":
@@ -193,12 +195,12 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
             else:
                 full = jnp.broadcast_to(allowed_ts, (B, N, T, S))
                 attended = lambda i, j: full[bi, ni, i, j]  # noqa: E731
-            loc = repair.locate(
+            loc = localization.locate(
                 found["qk_row"], found["qk_col"],
                 (tol.qk_coefficient(S, H, dtype, masked=general), tol.qk_coefficient(T, H, dtype, masked=general)),
                 lambda i, j: s_masked[bi, ni, i, j],
-                lambda i, j: jnp.where(attended(i, j), jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale, 0.0))
-            located["scores"] = loc.indices()
+                lambda i, j: jnp.where(attended(i, j), jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale, 0.0), OPS)
+            located["scores"] = localization.indices(loc, OPS)
         rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
         affected.append(rows)
         if correct:
@@ -214,13 +216,13 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     s_soft = logits if allowed_ts is None else jnp.where(allowed_ts, logits, NEG)
     # probabilities outside `keep` are zero: the masked entries, or (empty="uniform",
     # jax.nn's rule) only the rows beyond the query length
-    keep = allowed_ts if empty == "zero" else masks_lib.live_rows(B, T, query_lengths)
+    keep = allowed_ts if empty == "zero" else masking.live(T, query_lengths, OPS)
 
     # ---- P = softmax(S), twice under DMR; a third evaluation votes
     p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
     if "softmax_dmr" in wanted:
         p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
-        found["softmax_dmr"] = checks.softmax_dmr(
+        found["softmax_dmr"] = abft.softmax_dmr(
             p, p_replica, _logit_magnitude(s, logits, allowed_ts, p, p_replica))
         judge(("softmax_dmr",))
         rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
@@ -244,18 +246,18 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     if pv:
         o5 = o.reshape(B, T, K, G, H)
         if "pv_row" in wanted:
-            found["pv_row"] = checks.pv_row(o5, p_mma, value, dtype)
+            found["pv_row"] = abft.pv_row(o5, p_mma, value, dtype)
         if "pv_col" in wanted:
-            found["pv_col"] = checks.pv_col(o5, p_mma, value, dtype)
+            found["pv_col"] = abft.pv_col(o5, p_mma, value, dtype)
         judge(("pv_row", "pv_col"))
         loc = None
         if "pv_row" in found and "pv_col" in found and granularity == "vector":
             pf, vt = p_mma.reshape(B, N, T, S).astype(F32), jnp.moveaxis(value.astype(F32), 1, -1)  # vt: B K H S
-            loc = repair.locate(
+            loc = localization.locate(
                 found["pv_row"], found["pv_col"], (tol.pv_coefficient(S, H, dtype), tol.pv_col_coefficient(T, S, dtype)),
                 lambda i, h: o[bi, i, ni, h],
-                lambda i, h: jnp.sum(pf[bi, ni, i] * vt[bi, ni // G, h], -1))
-            located["out"] = loc.indices()
+                lambda i, h: jnp.sum(pf[bi, ni, i] * vt[bi, ni // G, h], -1), OPS)
+            located["out"] = localization.indices(loc, OPS)
         rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc) if acts else None
         affected.append(rows)
         if correct:

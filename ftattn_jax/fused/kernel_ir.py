@@ -13,10 +13,13 @@ import io
 
 import jax
 
-from ftattn_spec.validation import implementation_checks
+from ftattn_spec.implementations import run_checks
 
-from . import pallas_compat as compat
-from .fused import BlockSizes, MosaicBlocks, _config, _launch
+from . import compat
+from . import mosaic_kernel as mosaic
+from . import pallas_kernel as portable
+from .mosaic_kernel import MosaicBlocks
+from .pallas_kernel import BlockSizes
 
 
 def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = False,
@@ -27,13 +30,13 @@ def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = Fa
     compiles the IR with Triton and counts the exponentials of the softmax
     replica (docs/kernels.md, "Testing the compiled kernel").
     """
-    bs = (blocks or BlockSizes.get_default(False, q_shape[-1], True)).validate()
-    cfg = _config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
-                  which=implementation_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False, debug=True)
+    bs = blocks or BlockSizes.get_default(False, q_shape[-1], True)
+    cfg = portable.config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
+                          which=run_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False, debug=True)
     shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), compat.quiet_lowering():
-        jax.jit(lambda q, k, v: _launch(q, k, v, None, None, cfg)).trace(*shapes).lower(lowering_platforms=("cuda",))
+        jax.jit(lambda q, k, v: portable.launch(q, k, v, None, None, cfg)).trace(*shapes).lower(lowering_platforms=("cuda",))
     text = buf.getvalue()
     marker = "The Triton module for pallas_call"
     if marker not in text:
@@ -53,11 +56,11 @@ def mosaic_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = Fa
     from jax._src.interpreters import mlir as jax_mlir
     from jax._src.lib.mlir import ir
 
-    bs = (blocks or MosaicBlocks.get_default(q_shape[-1], True)).validate()
-    cfg = _config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
-                  which=implementation_checks("pallas", scheme), n_faults=0, blocks=bs, interpret=False)
+    bs = blocks or MosaicBlocks.get_default(False, q_shape[-1], True)
+    cfg = mosaic.config(q_shape, k_shape, dtype, scale=q_shape[-1] ** -0.5, causal=is_causal,
+                        which=run_checks("pallas", scheme), n_faults=0, blocks=bs)
     shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
-    lowered = jax.jit(lambda q, k, v: _launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
+    lowered = jax.jit(lambda q, k, v: mosaic.launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
         lowering_platforms=("cuda",))
     calls = []
 

@@ -1,0 +1,37 @@
+"""What the JAX implementations share unchanged: the ``jnp`` spelling of the spec's
+array operations, and the verdict of a check."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from ftattn_spec import tolerances as tol
+from ftattn_spec.arrays import ArrayOps
+from ftattn_spec.report import CheckResult
+
+F32 = jnp.float32
+
+OPS = ArrayOps(
+    arange=jnp.arange,
+    ones=lambda shape: jnp.ones(shape, bool),
+    where=jnp.where,
+    isfinite=jnp.isfinite,
+    isnan=jnp.isnan,
+    take_last=lambda x, idx: jnp.take_along_axis(x, idx[..., None], axis=-1)[..., 0],
+    stack_last=lambda xs: jnp.stack(xs, axis=-1),
+    int32=lambda x: x.astype(jnp.int32),
+)
+
+
+def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True) -> CheckResult:
+    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
+    if granularity == "global":
+        n = diff.shape[-1]
+        residual = jnp.abs(diff.sum(axis=-1)) if signed else diff.sum(axis=-1)
+        threshold = tol.global_factor(n) * threshold.sum(axis=-1)
+    else:
+        residual = jnp.abs(diff)
+    residual = residual.astype(F32)
+    threshold = threshold.astype(F32)
+    return CheckResult(residual, threshold, ~((residual <= threshold) & jnp.isfinite(threshold)))

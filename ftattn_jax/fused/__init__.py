@@ -1,0 +1,18 @@
+"""``implementation="pallas"``: fused, self-checking flash-attention kernels in Pallas.
+
+Kernel modules (:mod:`.pallas_kernel`, the portable kernel; :mod:`.mosaic_kernel`,
+the Hopper kernel) share one interface: a block-size dataclass validated on
+construction, ``unsupported(...)`` (why a call cannot run here, or None),
+``config(...)`` and ``launch(...)`` returning a :class:`KernelOutput`.
+:mod:`.runner` chooses one and makes the report.
+"""
+
+from . import compat, kernel_ir, runner
+from .mosaic_kernel import MosaicBlocks
+from .pallas_kernel import BlockSizes
+from .runner import (KERNELS, LOWERINGS, config, launch, mosaic_can_inject, platform_of, run, select_lowering,
+                     validate_lowering)
+from .side_inputs import KernelOutput, side_inputs
+
+__all__ = ["BlockSizes", "KERNELS", "KernelOutput", "LOWERINGS", "MosaicBlocks", "compat", "config", "kernel_ir", "launch",
+           "mosaic_can_inject", "platform_of", "run", "runner", "select_lowering", "side_inputs", "validate_lowering"]

@@ -1,0 +1,204 @@
+"""``implementation="pallas"``: run one of the fused, self-checking kernels of this package.
+
+``api`` validates a call and calls :func:`run`. This module chooses the kernel
+(:func:`select_lowering`: the Hopper kernel of :mod:`.mosaic_kernel` or the
+portable one of :mod:`.pallas_kernel`, both with the interface of a kernel
+module), turns its per-row statistics into the usual ``Report``, applies
+``on_fault`` and gives ``jax.grad`` the backward of plain attention
+(``ftattn_jax.reference``, a ``custom_vjp``; not checked).
+
+The kernels check rows only (``qk_row``, ``softmax_dmr``, ``pv_row``), like the
+Triton kernel of ``ftattn_torch``: ``full`` runs those three, ``located`` is
+empty, and ``on_fault="correct"`` recomputes the output (once, only when
+something was flagged) and takes the flagged rows from the recomputation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from ftattn_spec import faults as spec_faults
+from ftattn_spec.report import make_report
+
+from .. import faults, reference
+from ..common import verdict
+from . import compat
+from . import mosaic_kernel as mosaic
+from . import pallas_kernel as portable
+from .side_inputs import KernelOutput
+
+F32 = jnp.float32
+_CHECK_ORDER = ("qk_row", "softmax_dmr", "pv_row")
+#: the kernel modules, by lowering name; ``"auto"`` chooses between them
+KERNELS = {portable.LOWERING: portable, mosaic.LOWERING: mosaic}
+LOWERINGS = ("auto", *KERNELS)
+BlockSizes, MosaicBlocks = portable.BlockSizes, mosaic.MosaicBlocks
+
+
+def platform_of(x) -> str:
+    """The platform an array lives on (``"cpu"``, ``"gpu"``...); for a tracer, the default backend."""
+    try:
+        return next(iter(x.devices())).platform
+    except (AttributeError, jax.errors.ConcretizationTypeError, StopIteration, TypeError):
+        return jax.default_backend()
+
+
+def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks, interpret, debug=False):
+    """The static settings of a launch of the kernel ``blocks`` belongs to."""
+    return KERNELS[blocks.LOWERING].config(q_shape, k_shape, dtype, scale=scale, causal=causal, which=which,
+                                           n_faults=n_faults, blocks=blocks, interpret=interpret, debug=debug)
+
+
+def launch(q, k, v, ft, fv, cfg) -> KernelOutput:
+    """Run the kernel ``cfg`` was made for (no gradient rule: see :func:`_attend`)."""
+    return KERNELS[cfg.LOWERING].launch(q, k, v, ft, fv, cfg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attend(q, k, v, ft, fv, cfg):
+    return launch(q, k, v, ft, fv, cfg)
+
+
+def _attend_fwd(q, k, v, ft, fv, cfg):
+    return launch(q, k, v, ft, fv, cfg), (q, k, v, ft, fv)
+
+
+def _attend_bwd(cfg, res, cts):
+    q, k, v, ft, fv = res
+    dq, dk, dv = reference.attention_vjp(q, k, v, cfg.scale, cfg.causal, cts[0])
+    zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
+    return dq, dk, dv, zero_int(ft), None if fv is None else jnp.zeros_like(fv)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _fault_table(plan: faults.DevicePlan | None):
+    """The plan as the kernel's int32 ``(F·8,)`` rows (``ftattn_spec.faults.FAULT_ROW``) and
+    float32 ``(F,)`` values, F padded to a power of two."""
+    if plan is None or plan.site.shape[0] == 0:
+        return None, None, 0
+    F = plan.site.shape[0]
+    Fp = 1 << (F - 1).bit_length()
+    ints, values = spec_faults.pack_rows(plan, jnp.concatenate)
+    ints = jnp.concatenate([ints.astype(jnp.int32), jnp.full((Fp - F, 8), -1, jnp.int32)])
+    values = jnp.concatenate([values.astype(F32), jnp.zeros((Fp - F,), F32)])
+    return ints.reshape(-1), values, Fp
+
+
+def mosaic_can_inject() -> bool:
+    """Whether the Hopper kernel can inject faults itself (jax >= 0.11)."""
+    return mosaic.can_inject()
+
+
+def validate_lowering(lowering) -> str:
+    """``lowering`` as one of ``LOWERINGS`` (None is ``"auto"``), or ``ValueError`` naming it."""
+    if lowering is None:
+        return "auto"
+    if not isinstance(lowering, str) or lowering not in LOWERINGS:
+        raise ValueError(f"lowering: expected None or one of {LOWERINGS}, got {lowering!r}")
+    return lowering
+
+
+def select_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None) -> str:
+    """Which kernel ``implementation="pallas"`` runs: ``"triton"`` (the portable
+    kernel) or ``"mosaic_gpu"`` (the Hopper kernel).
+
+    ``lowering=None``/``"auto"`` takes the Hopper kernel when the query lives on
+    an sm_90 GPU, the kernel is compiled (not interpreted), the head dim is 64
+    or 128, and a fault plan, if any, has at most one fault per site and query
+    row (the Hopper kernel reads faults from a per-row table) on jax >= 0.11;
+    otherwise the portable kernel. Asking for ``"mosaic_gpu"`` where it cannot
+    run raises ``ValueError`` naming why.
+    """
+    lowering = validate_lowering(lowering)
+    if lowering == portable.LOWERING:
+        return lowering
+    why = mosaic.unsupported(query, platform=platform_of(query), interpret=interpret, plan=plan)
+    if why is None:
+        return mosaic.LOWERING
+    if lowering == mosaic.LOWERING:
+        raise ValueError(f"lowering: 'mosaic_gpu' cannot run here: {why}")
+    return portable.LOWERING
+
+
+def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool,
+        on_fault: str = "report", plan=None, interpret: bool | None = None, blocks=None,
+        lowering: str | None = None):
+    """The fused path: inputs validated, the catalogue consulted; ``checks`` are those to run.
+
+    ``interpret=None`` interprets unless the query lives on a GPU;
+    ``lowering`` picks the kernel (:func:`select_lowering`); with ``lowering`` None or
+    ``"auto"``, ``blocks`` (a kernel's block sizes) names it.
+    """
+    platform = platform_of(query)
+    if interpret is None:
+        interpret = platform != "gpu"
+    elif not interpret and platform != "gpu":
+        raise ValueError(f"interpret: False compiles the kernel for a GPU, but the query is on {platform!r}; "
+                         f"use interpret=None or True to run it in Pallas' interpret mode")
+    if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
+        lowering = getattr(blocks, "LOWERING", None)
+    chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan)
+    kernel = KERNELS[chosen]
+    kind = kernel.MosaicBlocks if chosen == mosaic.LOWERING else kernel.BlockSizes
+    if blocks is not None and not isinstance(blocks, kind):
+        raise TypeError(f"blocks: the {chosen!r} lowering expected {kind.__name__}, got {type(blocks).__name__}")
+    bs = blocks or kind.get_default(interpret, query.shape[-1], bool(checks))
+    with compat.quiet_lowering():
+        return _run(query, key, value, faults.to_device(plan), checks=tuple(checks), granularity=granularity,
+                    scale=scale, is_causal=is_causal, on_fault=on_fault, interpret=bool(interpret), blocks=bs)
+
+
+@functools.partial(jax.jit, static_argnames=("checks", "granularity", "scale", "is_causal", "on_fault",
+                                             "interpret", "blocks"))
+def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], plan, *,
+         checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str, interpret: bool,
+         blocks: "BlockSizes | MosaicBlocks"):
+    wanted = checks
+    dtype = jnp.dtype(query.dtype).name
+    ft, fv, n_faults = _fault_table(plan)
+    q = faults.inject(query, "query", "BTNH", plan)
+    k = faults.inject(key, "key", "BSKH", plan)
+    v = faults.inject(value, "value", "BSKH", plan)
+    cfg = config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=wanted, n_faults=n_faults,
+                 blocks=blocks, interpret=interpret)
+    out, qfin, stats, kv_finite = _attend(q, k, v, ft, fv, cfg)
+    qfin, stats = jax.lax.stop_gradient((qfin, stats))
+    if plan is None:
+        finite = jnp.all(qfin > 0) & kv_finite
+    else:  # the kernel saw the corrupted inputs: judge the originals
+        finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
+    T = query.shape[1]
+    results, rows = {}, None
+    stat = iter(stats)
+    for name in _CHECK_ORDER:
+        if name not in wanted:
+            continue
+        diff, thr = next(stat), next(stat)
+        r = verdict(diff, thr, granularity, signed=(name != "softmax_dmr"))
+        results[name] = r
+        flag = jnp.broadcast_to(r.flagged[..., None], (*r.flagged.shape, T)) if granularity == "global" \
+            else r.flagged
+        rows = flag if rows is None else rows | flag
+    detected = jnp.zeros((), bool)
+    for r in results.values():
+        detected = detected | jnp.any(r.flagged)
+    corrected = jnp.zeros((), jnp.int32)
+    if on_fault in ("correct", "nan") and rows is not None:
+        rows_btn = jnp.swapaxes(rows, 1, 2)[..., None]  # B T N 1
+        if on_fault == "correct":
+            clean = config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=(), n_faults=0,
+                           blocks=blocks, interpret=interpret)
+            redo = lambda o: jnp.where(rows_btn, _attend(q, k, v, None, None, clean)[0], o)  # noqa: E731
+            out = jax.lax.cond(detected, redo, lambda o: o, out)
+            corrected = jnp.sum(rows, dtype=jnp.int32)
+        else:
+            out = jnp.where(rows_btn, jnp.asarray(jnp.nan, out.dtype), out)
+    results = {name: results[name] for name in wanted}
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)

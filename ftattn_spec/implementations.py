@@ -1,0 +1,213 @@
+"""The implementation catalogue: what each implementation of each backend can run.
+
+One frozen record per implementation answers every "can it run this" question
+(checks, dtypes, head dims, mask forms, devices, lowerings, localization);
+:func:`unsupported` turns a call into a reason, or None. The backends'
+dispatchers, ``compare`` and the README's support table read this module, and
+nothing else keeps such a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .schemes import CHECKS, SCHEMES
+
+#: The mask forms of ``ftattn_spec.masking``, as the catalogue names them.
+MASK_FORMS: tuple[str, ...] = ("causal", "mask", "bias", "lengths", "window")
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """One kernel behind an implementation (``implementation="pallas"`` has two)."""
+
+    name: str
+    head_dims: tuple[int, ...]
+    devices: tuple[str, ...]
+    summary: str
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """What one implementation of one backend runs.
+
+    ``head_dims`` None means any head dim; ``devices`` are platform names
+    (``"cpu"``, ``"gpu"``), with ``interpreted`` the ones where a fused kernel
+    runs in its framework's interpreter (slowly: for tests and fault
+    experiments). ``localizes``: with ``full`` at vector granularity it
+    locates (and under ``on_fault="correct"`` repairs) a single bad element of
+    S or O; the fused kernels recompute flagged rows instead.
+    """
+
+    backend: str
+    name: str
+    summary: str
+    checks: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    head_dims: tuple[int, ...] | None
+    mask_forms: tuple[str, ...]
+    devices: tuple[str, ...]
+    interpreted: tuple[str, ...] = ()
+    lowerings: tuple[Lowering, ...] = ()
+    localizes: bool = False
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not set(self.checks) <= set(CHECKS):
+            raise ValueError(f"{self.checks=} must be among {CHECKS}")
+        if not set(self.mask_forms) <= set(MASK_FORMS):
+            raise ValueError(f"{self.mask_forms=} must be among {MASK_FORMS}")
+
+    @property
+    def fused(self) -> bool:
+        return self.name != "unfused"
+
+
+_ALL_DTYPES = ("float16", "bfloat16", "float32")
+_FUSED_DTYPES = ("float16", "bfloat16")
+_FUSED_HEAD_DIMS = (16, 32, 64, 128)  # Triton needs powers of two, the tensor cores at least 16
+# The fused kernels check rows only: a column checksum needs a sum over every
+# query block, a reduction across programs that costs more than it adds
+# (docs/kernels.md), so their ``full`` runs these three and locates nothing.
+_ROW_CHECKS = ("qk_row", "softmax_dmr", "pv_row")
+
+CATALOGUE: tuple[Implementation, ...] = (
+    Implementation("jax", "unfused", "the schemes in jit-compiled JAX (XLA)", CHECKS, _ALL_DTYPES, None,
+                   MASK_FORMS, ("cpu", "gpu", "tpu"), localizes=True, aliases=("xla",)),
+    Implementation("jax", "pallas", "one fused flash-attention kernel in Pallas with the checks inside",
+                   _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, ("causal",), ("gpu",), interpreted=("cpu",),
+                   lowerings=(Lowering("triton", _FUSED_HEAD_DIMS, ("gpu",), "portable (Pallas' Triton lowering)"),
+                              Lowering("mosaic_gpu", (64, 128), ("sm_90",),
+                                       "Hopper (Mosaic GPU: TMA, warpgroup MMAs, warp specialization)"))),
+    Implementation("torch", "unfused", "the schemes in eager PyTorch", CHECKS, _ALL_DTYPES, None, MASK_FORMS,
+                   ("cpu", "cuda"), localizes=True),
+    Implementation("torch", "triton", "one fused flash-attention kernel in Triton with the checks inside",
+                   _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, ("causal",), ("cuda",), interpreted=("cpu",)),
+)
+
+BACKENDS: tuple[str, ...] = ("jax", "torch")
+
+
+def implementations(backend: str) -> tuple[Implementation, ...]:
+    """The backend's implementations, the default (``implementation=None``) first."""
+    return tuple(i for i in CATALOGUE if i.backend == backend)
+
+
+def accepted_names(backend: str) -> tuple[str, ...]:
+    """Every string ``implementation=`` takes in ``backend`` (names and aliases)."""
+    out: list[str] = []
+    for i in implementations(backend):
+        out += [i.name, *i.aliases]
+    return tuple(out)
+
+
+def lookup(backend: str, name: str) -> Implementation:
+    """The record of ``name`` (or an alias) in ``backend``; ``KeyError`` if there is none."""
+    for i in implementations(backend):
+        if name == i.name or name in i.aliases:
+            return i
+    raise KeyError((backend, name))
+
+
+def record(name: str) -> Implementation:
+    """The record of an implementation name (names are unique across backends, except ``unfused``)."""
+    return next(i for i in CATALOGUE if i.name == name or name in i.aliases)
+
+
+def resolve(backend: str, implementation) -> str:
+    """``implementation`` (None = the backend's default) as a canonical name, or an error naming it."""
+    if implementation is None:
+        return implementations(backend)[0].name
+    allowed = accepted_names(backend)
+    if not isinstance(implementation, str):
+        raise TypeError(f"implementation: expected a str, one of {allowed}, got "
+                        f"{type(implementation).__name__} {implementation!r}")
+    if implementation not in allowed:
+        raise ValueError(f"implementation: expected one of {allowed}, got {implementation!r}")
+    return lookup(backend, implementation).name
+
+
+def run_checks(implementation: str, scheme: str) -> tuple[str, ...]:
+    """The checks ``scheme`` runs under ``implementation``, in ``CHECKS`` order.
+
+    A scheme whose checks the implementation runs none of (``abft_qk_col`` on
+    a fused kernel) is an error, not a silent baseline.
+    """
+    runs = record(implementation).checks
+    wanted = SCHEMES[scheme].checks
+    out = tuple(c for c in wanted if c in runs)
+    if wanted and not out:
+        raise ValueError(f"scheme: implementation={implementation!r} runs only the checks {runs}, none of which "
+                         f"scheme {scheme!r} has ({', '.join(wanted)}); use implementation='unfused' for it")
+    return out
+
+
+def checks_for(backend: str, implementation: str, scheme: str) -> tuple[str, ...]:
+    """The checks of ``scheme`` that ``implementation`` runs (none: see :func:`unsupported`)."""
+    runs = lookup(backend, implementation).checks
+    return tuple(c for c in SCHEMES[scheme].checks if c in runs)
+
+
+def localizes(implementation: str, scheme: str, granularity: str) -> bool:
+    """Whether the report's ``located`` holds entries: ``full`` at vector granularity, where the
+    implementation locates."""
+    return record(implementation).localizes and scheme == "full" and granularity == "vector"
+
+
+class Refusal(NamedTuple):
+    """Why an implementation cannot run a call: the argument at fault, the sentence, the error type."""
+
+    argument: str
+    message: str
+    error: type
+
+    def exception(self) -> Exception:
+        return self.error(self.message)
+
+
+def unsupported(backend: str, implementation: str, *, scheme: str, dtype: str, q_shape,
+                masking=()) -> Refusal | None:
+    """Why ``implementation`` cannot run the call, or None when the catalogue says it can.
+
+    ``masking`` holds ``(name, value)`` pairs (or a dict) of the mask arguments,
+    named as the caller spells them (two may share a name), None where not given; ``is_causal`` is every record's. The
+    device is the backend's to judge (it knows the runtime: an interpreter,
+    a compiler); this answers for the arguments.
+    """
+    rec = lookup(backend, implementation)
+    name = rec.name
+    try:
+        run_checks(name, scheme)
+    except ValueError as e:
+        return Refusal("scheme", str(e), ValueError)
+    if dtype not in rec.dtypes:
+        return Refusal("query", f"query: implementation={name!r} expected {' or '.join(rec.dtypes)}, got {dtype} "
+                                f"(use implementation='unfused' for float32)", TypeError)
+    H = int(q_shape[-1])
+    if rec.head_dims is not None and H not in rec.head_dims:
+        return Refusal("query", f"query: implementation={name!r} expected head dim H in {rec.head_dims}, got H={H} "
+                                f"(shape {tuple(q_shape)}; use implementation='unfused')", ValueError)
+    pairs = masking.items() if isinstance(masking, dict) else masking
+    given = [n for n, x in pairs if x is not None]
+    if given and rec.mask_forms == ("causal",):
+        return Refusal(given[0], f"{given[0]}: implementation={name!r} supports is_causal only, not {given[0]} "
+                                 f"(use implementation='unfused' for masks, biases, windows and lengths)", ValueError)
+    return None
+
+
+def support_table() -> str:
+    """The README's "what runs where" table, in Markdown, generated from the catalogue."""
+    rows = ["| backend | `implementation=` | checks | dtypes | head dims | masks | devices | locates |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i in CATALOGUE:
+        names = " / ".join(f"`{n}`" for n in (i.name, *i.aliases))
+        heads = "any" if i.head_dims is None else ", ".join(map(str, i.head_dims))
+        devices = ", ".join(i.devices) + "".join(f", {d} (interpreted)" for d in i.interpreted)
+        if i.lowerings:
+            devices += "; kernels: " + "; ".join(f"`{lo.name}` ({lo.summary}; H in "
+                                                 f"{', '.join(map(str, lo.head_dims))}; {', '.join(lo.devices)})"
+                                                 for lo in i.lowerings)
+        rows.append(f"| {i.backend} | {names} | {', '.join(i.checks)} | {', '.join(i.dtypes)} | {heads} | "
+                    f"{', '.join(i.mask_forms)} | {devices} | {'yes' if i.localizes else 'no'} |")
+    return "\n".join(rows)

@@ -1,0 +1,11 @@
+"""``implementation="triton"``: a fused, self-checking flash-attention kernel in Triton.
+
+:mod:`.launch` is the kernel module (block sizes validated on construction,
+``unsupported``, the launch); :mod:`.runner` makes the report and the gradient.
+"""
+
+from .launch import STAT_PLANES, BlockSizes, Launch, dtype_name, forward, interpreting, unsupported
+from . import runner
+from .runner import run
+
+__all__ = ["BlockSizes", "Launch", "STAT_PLANES", "dtype_name", "forward", "interpreting", "run", "unsupported"]

@@ -1,0 +1,89 @@
+"""``implementation="triton"``: run the fused, self-checking kernel of :mod:`.launch`.
+
+``api`` validates a call and calls :func:`run`, which launches the pre-pass
+and the forward kernel, turns the per-row statistics into the usual
+``Report``, applies ``on_fault`` and gives autograd the backward of plain
+attention (``ftattn_torch.reference``; not checked).
+
+The kernel checks rows only (``qk_row``, ``softmax_dmr``, ``pv_row``); a column
+check would need a reduction across programs, so ``full`` runs those three
+(the catalogue, ``ftattn_spec.implementations``), ``located`` is empty, and
+``on_fault="correct"`` recomputes the flagged query blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ftattn_spec.faults import FaultPlan
+from ftattn_spec.report import CheckResult, make_report
+
+from .. import faults, reference
+from ..common import verdict
+from .launch import STAT_PLANES, forward
+
+
+class _Attention(torch.autograd.Function):
+    """The fused forward with the backward of plain attention (float32, not checked)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, out, scale, is_causal):
+        ctx.save_for_backward(query, key, value)
+        ctx.scale, ctx.is_causal = scale, is_causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value = ctx.saved_tensors
+        dq, dk, dv, _ = reference.attention_backward(query, key, value, None, ctx.is_causal, ctx.scale, grad_out)
+        return dq, dk, dv, None, None, None
+
+
+def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], granularity: str, scale: float,
+        is_causal: bool, on_fault: str = "report", plan: FaultPlan | None = None):
+    """The fused path: inputs validated, the catalogue and :func:`.launch.unsupported` consulted;
+    ``checks`` are those to run."""
+    dev = query.device
+    wanted = tuple(checks)
+    with torch.no_grad():
+        q = faults.inject(query.detach(), "query", "BNTH", plan)
+        k = faults.inject(key.detach(), "key", "BKSH", plan)
+        v = faults.inject(value.detach(), "value", "BKSH", plan)
+        glob = granularity == "global"
+        out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal,
+                                                  checks_on=bool(wanted), plan=plan, signed=glob, which=wanted)
+        if faults.targets_any(plan, ("query", "key", "value")):  # the kernels counted the corrupted inputs
+            finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
+        else:
+            finite = count[1] == 0
+        results, rows = {}, None
+        for name in wanted:
+            i = STAT_PLANES[name]
+            if glob:
+                results[name] = verdict(stats[2 * i], stats[2 * i + 1], granularity,
+                                               signed=(name != "softmax_dmr"))
+                flag = results[name].flagged[..., None].expand(*results[name].flagged.shape, query.shape[2])
+            else:
+                results[name] = CheckResult(stats[2 * i], stats[2 * i + 1], flags[i])
+                flag = flags[i]
+            rows = flag if rows is None else rows | flag
+        if not wanted:
+            detected = torch.zeros((), dtype=torch.bool, device=dev)
+        elif glob:
+            detected = torch.stack([r.flagged.any() for r in results.values()]).any()
+        else:
+            detected = count[0] > 0
+        corrected = torch.zeros((), dtype=torch.int32, device=dev)
+        if on_fault == "correct" and rows is not None and bool(detected):
+            B, N, T, _ = query.shape
+            blk = torch.nn.functional.pad(rows, (0, -T % bs.block_m)).view(B * N, -1, bs.block_m).any(-1)
+            bn, mb = torch.nonzero(blk, as_tuple=True)
+            redo = torch.stack([mb, bn], dim=1).to(torch.int32).contiguous()
+            forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=False, blocks=bs, redo=redo, out=out)
+            corrected += rows.sum(dtype=torch.int32)
+        if on_fault == "nan" and rows is not None:
+            out = out.masked_fill(rows[..., None], float("nan"))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
+        out = _Attention.apply(query, key, value, out, scale, is_causal)
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
