@@ -75,7 +75,7 @@ from .results import output_folder
 
 #: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
 CAMPAIGN_SITES: tuple[str, ...] = ("scores", "probs", "probs.replica", "out", "query", "key", "value")
-DEFAULT_SHAPE = dict(B=2, N=4, K=2, T=24, S=40, H=16)  # every axis a different size; grouped-query
+DEFAULT_SHAPE = dict(B=3, N=4, K=2, T=24, S=40, H=16)  # every axis a different size; grouped-query
 #: Clean runs cycle over the default shape and the ``cpu`` preset.
 CLEAN_SHAPES = (DEFAULT_SHAPE,) + tuple(dict(B=s.B, N=s.N, K=s.kv_heads, T=s.T, S=s.S, H=s.H) for s in PRESETS["cpu"])
 

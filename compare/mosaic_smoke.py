@@ -14,9 +14,9 @@ def main() -> int:
     import jax.numpy as jnp
 
     import ftattn_jax
-    from ftattn_jax.fused import mosaic_kernel
+    from ftattn_jax import fused
 
-    if not mosaic_kernel.available():
+    if not fused.KERNELS["mosaic_gpu"].available():
         print(f"compare.mosaic_smoke: needs an sm_90 (Hopper) GPU; this machine's default device is "
               f"{jax.devices()[0].device_kind!r}")
         return 2

@@ -7,8 +7,13 @@
 * ``report``: the ``Report`` and ``CheckResult`` containers.
 * ``faults``: the ``Fault`` specification, ``FaultDetected``, bit-flip model.
 * ``validation``: argument checks shared by both backends.
+* ``implementations``: the catalogue of implementations, and what each can run.
+* ``arrays``, ``localization``: the array operations the shared algebra needs,
+  and the localization of a single bad element.
 * ``reference``: a float64 NumPy oracle.
 """
+
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 from .axes import LAYOUTS, LEGEND, REPORT_AXES, transpose_perm
 from .faults import ON_FAULT, SITES, Fault, FaultDetected
@@ -22,5 +27,5 @@ __all__ = [
     "CHECKS", "CHECK_DESCRIPTIONS", "Fault", "FaultDetected", "ON_FAULT", "SITES", "CHECK_FIELDS", "CHECK_ORIENTATION", "CheckResult",
     "GRANULARITIES", "LAYOUTS", "LEGEND", "PRESETS", "PRESET_NAMES", "REPORT_AXES",
     "REPORT_FIELDS", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
-    "Shape", "preset", "transpose_perm",
+    "Shape", "__version__", "preset", "transpose_perm",
 ]

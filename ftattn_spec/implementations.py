@@ -74,12 +74,12 @@ _ROW_CHECKS = ("qk_row", "softmax_dmr", "pv_row")
 
 CATALOGUE: tuple[Implementation, ...] = (
     Implementation("jax", "unfused", "the schemes in jit-compiled JAX (XLA)", CHECKS, _ALL_DTYPES, None,
-                   MASK_FORMS, ("cpu", "gpu", "tpu"), localizes=True, aliases=("xla",)),
+                   MASK_FORMS, ("cpu", "gpu"), localizes=True, aliases=("xla",)),
     Implementation("jax", "pallas", "one fused flash-attention kernel in Pallas with the checks inside",
                    _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, ("causal",), ("gpu",), interpreted=("cpu",),
-                   lowerings=(Lowering("triton", _FUSED_HEAD_DIMS, ("gpu",), "portable (Pallas' Triton lowering)"),
+                   lowerings=(Lowering("triton", _FUSED_HEAD_DIMS, ("gpu",), "portable: Pallas' Triton lowering"),
                               Lowering("mosaic_gpu", (64, 128), ("sm_90",),
-                                       "Hopper (Mosaic GPU: TMA, warpgroup MMAs, warp specialization)"))),
+                                       "Hopper: Mosaic GPU, TMA, warpgroup MMAs, warp specialization"))),
     Implementation("torch", "unfused", "the schemes in eager PyTorch", CHECKS, _ALL_DTYPES, None, MASK_FORMS,
                    ("cpu", "cuda"), localizes=True),
     Implementation("torch", "triton", "one fused flash-attention kernel in Triton with the checks inside",
@@ -198,16 +198,14 @@ def unsupported(backend: str, implementation: str, *, scheme: str, dtype: str, q
 
 def support_table() -> str:
     """The README's "what runs where" table, in Markdown, generated from the catalogue."""
-    rows = ["| backend | `implementation=` | checks | dtypes | head dims | masks | devices | locates |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| backend | `implementation=` | checks | dtypes | head dims | masks | devices | locates | kernels |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i in CATALOGUE:
         names = " / ".join(f"`{n}`" for n in (i.name, *i.aliases))
         heads = "any" if i.head_dims is None else ", ".join(map(str, i.head_dims))
         devices = ", ".join(i.devices) + "".join(f", {d} (interpreted)" for d in i.interpreted)
-        if i.lowerings:
-            devices += "; kernels: " + "; ".join(f"`{lo.name}` ({lo.summary}; H in "
-                                                 f"{', '.join(map(str, lo.head_dims))}; {', '.join(lo.devices)})"
-                                                 for lo in i.lowerings)
+        kernels = "; ".join(f"`{lo.name}` ({lo.summary}; H in {', '.join(map(str, lo.head_dims))}; "
+                            f"{', '.join(lo.devices)})" for lo in i.lowerings) or "-"
         rows.append(f"| {i.backend} | {names} | {', '.join(i.checks)} | {', '.join(i.dtypes)} | {heads} | "
-                    f"{', '.join(i.mask_forms)} | {devices} | {'yes' if i.localizes else 'no'} |")
+                    f"{', '.join(i.mask_forms)} | {devices} | {'yes' if i.localizes else 'no'} | {kernels} |")
     return "\n".join(rows)

@@ -30,8 +30,36 @@ from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: F401  (re-export
 DTYPES = ("float16", "bfloat16", "float32")
 
 # Every axis a different size, so a swapped axis fails: B, N, K, T, S, H.
-SHAPE = dict(B=3, N=6, K=3, T=37, S=41, H=16)
+SHAPE = dict(B=3, N=6, K=2, T=37, S=41, H=16)
 SHAPE_MHA = dict(B=3, N=5, K=5, T=37, S=41, H=16)
+
+
+def assert_distinct_axes(shape: dict, name: str) -> None:
+    """Every axis of ``shape`` a different size, so that a swap of any two axes (the batch and the
+    kv heads of key/value, say) changes a shape and fails. ``N == K`` only where the shape is
+    multi-head on purpose (``K`` is then ``N``; the other axes still differ from both)."""
+    sizes = [shape[a] for a in "BTSH"] + [shape["N"]] + ([shape["K"]] if shape["K"] != shape["N"] else [])
+    assert len(set(sizes)) == len(sizes), f"{name}: axes of equal size in {shape}"
+    assert shape["N"] % shape["K"] == 0, f"{name}: K must divide N in {shape}"
+
+
+def _check_test_shapes() -> None:
+    from compare.faults import DEFAULT_SHAPE
+
+    from .fused_cases import CASES
+    from .fused_cases import SHAPE as FUSED_SHAPE
+
+    assert_distinct_axes(SHAPE, "conftest.SHAPE")
+    assert SHAPE["N"] != SHAPE["K"], "conftest.SHAPE must be grouped-query"
+    assert_distinct_axes(SHAPE_MHA, "conftest.SHAPE_MHA")
+    assert_distinct_axes(FUSED_SHAPE, "fused_cases.SHAPE")
+    assert FUSED_SHAPE["N"] != FUSED_SHAPE["K"], "fused_cases.SHAPE must be grouped-query"
+    for case in CASES:
+        assert_distinct_axes({**FUSED_SHAPE, **{a: case[a] for a in "BNKTSH" if a in case}}, f"fused case {case}")
+    assert_distinct_axes(DEFAULT_SHAPE, "compare.faults.DEFAULT_SHAPE")
+
+
+_check_test_shapes()
 
 
 def _plan(perturb):

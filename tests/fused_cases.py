@@ -5,7 +5,7 @@ from ftattn_spec.faults import Fault
 
 # every axis a different size; T, S not multiples of the tiles (16 in the
 # interpreters, 64 or 128 on a GPU); grouped-query (K < N)
-SHAPE = dict(B=2, N=4, K=2, T=37, S=45, H=16)
+SHAPE = dict(B=3, N=4, K=2, T=37, S=45, H=16)
 
 CASES = [
     dict(dtype="float16", is_causal=False),
@@ -14,8 +14,8 @@ CASES = [
     dict(dtype="bfloat16", is_causal=True),
     dict(dtype="float16", is_causal=True, T=45, S=29),  # T > S: rows past S attend every key
     dict(dtype="float16", is_causal=False, T=5, S=70, K=1),  # one kv head, one query block
-    dict(dtype="float16", is_causal=True, H=32, N=3, K=3),
-    dict(dtype="bfloat16", is_causal=False, H=64, B=1, N=2, K=1, T=20, S=33),
+    dict(dtype="float16", is_causal=True, H=32, B=2, N=3, K=3),  # multi-head (K = N)
+    dict(dtype="bfloat16", is_causal=False, H=64, B=1, N=4, K=2, T=20, S=33),
 ]
 
 FAULTS = [

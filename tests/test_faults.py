@@ -183,9 +183,9 @@ def test_raise(backend):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (Fault("scores", (3, 0, 0, 0), bit=1), "fault.index"),
-    (Fault("out", (0, 0, 0, 16), bit=1), "fault.index"),
-    (Fault("key", (0, 3, 0, 0), bit=1), "fault.index"),  # K = 3 kv heads
+    (Fault("scores", (B, 0, 0, 0), bit=1), "fault.index"),
+    (Fault("out", (0, 0, 0, H), bit=1), "fault.index"),
+    (Fault("key", (0, K, 0, 0), bit=1), "fault.index"),  # one past the last kv head
     (Fault("scores", (0, 0, 0, 0), bit=32), "fault.bit"),
     (Fault("query", (0, 0, 0, 0), bit=16), "fault.bit"),  # float16 input
 ])

@@ -137,8 +137,9 @@ def test_a_hundred_faults_share_one_compilation():
 
     q, k, v = _inputs(7, shape=dict(SHAPE, T=31))
     rng = np.random.default_rng(0)
-    sizes = {"scores": (3, 6, 31, 41), "probs": (3, 6, 31, 41), "out": (3, 6, 31, 16), "query": (3, 6, 31, 16),
-             "key": (3, 3, 41, 16), "value": (3, 3, 41, 16)}
+    B, N, K, S, H = (SHAPE[a] for a in "BNKSH")
+    sizes = {"scores": (B, N, 31, S), "probs": (B, N, 31, S), "out": (B, N, 31, H), "query": (B, N, 31, H),
+             "key": (B, K, S, H), "value": (B, K, S, H)}
     faults = []
     for n in range(100):
         site = list(sizes)[n % 6]
