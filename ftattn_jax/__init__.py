@@ -9,5 +9,5 @@ from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResu
 from .api import attention
 from .nn import dot_product_attention
 
-__all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault", "FaultDetected", "Report",
-           "attention", "dot_product_attention"]
+__all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
+           "FaultDetected", "Report", "attention", "dot_product_attention"]

@@ -55,7 +55,8 @@ def _spec(x):
 
 class Call(NamedTuple):
     """One call, resolved once: the validated settings (implementation and the checks it runs
-    included), the mask forms, and the fused kernel's options."""
+    included), the mask forms, and for ``"pallas"`` whether it interprets and which kernel
+    (``lowering``: ``"triton"`` or ``"mosaic_gpu"``) runs."""
 
     settings: v.Settings
     masking: masking.Masking
@@ -94,6 +95,9 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                                                    key_value_seq_lengths, local_window_size))))
     if refusal is not None:
         raise refusal.exception()
+    if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
+        interpret = fused.resolve_interpret(query, interpret)
+        lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan)
     return Call(cfg, m, interpret, lowering, empty), (query, key, value, *extra)
 
 

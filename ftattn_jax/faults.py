@@ -36,7 +36,7 @@ def to_device(plan: FaultPlan | None) -> DevicePlan | None:
                       jnp.asarray(plan.kind), jnp.asarray(plan.bit), jnp.asarray(plan.value, jnp.float32))
 
 
-def _uint(dtype) -> jnp.dtype:
+def _uint(dtype) -> type:  # the scalar type (jnp.uint16), not a dtype instance
     return {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
 
 

@@ -24,7 +24,8 @@ from .shapes import PRESET_NAMES, PRESETS, Shape, preset
 from .validation import SUPPORTED_DTYPES
 
 __all__ = [
-    "CHECKS", "CHECK_DESCRIPTIONS", "Fault", "FaultDetected", "ON_FAULT", "SITES", "CHECK_FIELDS", "CHECK_ORIENTATION", "CheckResult",
+    "CHECKS", "CHECK_DESCRIPTIONS", "Fault", "FaultDetected", "ON_FAULT", "SITES", "CHECK_FIELDS",
+    "CHECK_ORIENTATION", "CheckResult",
     "GRANULARITIES", "LAYOUTS", "LEGEND", "PRESETS", "PRESET_NAMES", "REPORT_AXES",
     "REPORT_FIELDS", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
     "Shape", "__version__", "preset", "transpose_perm",

@@ -7,5 +7,5 @@ from .api import attention
 from .module import FaultTolerantAttention
 from .sdpa import scaled_dot_product_attention
 
-__all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault", "FaultDetected",
-           "FaultTolerantAttention", "Report", "attention", "scaled_dot_product_attention"]
+__all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
+           "FaultDetected", "FaultTolerantAttention", "Report", "attention", "scaled_dot_product_attention"]

@@ -50,7 +50,8 @@ def _unflatten(flat: Sequence[Tensor], scheme: str, granularity: str,
     names = implementations.checks_for("torch", implementation, scheme)
     checks = {n: CheckResult(*flat[4 + 3 * i: 7 + 3 * i]) for i, n in enumerate(names)}
     rest = flat[4 + 3 * len(names):]
-    located = dict(zip(("scores", "out"), rest)) if implementations.localizes(implementation, scheme, granularity) else {}
+    has_located = implementations.localizes(implementation, scheme, granularity)
+    located = dict(zip(("scores", "out"), rest)) if has_located else {}
     return out, Report(detected=detected, checks=checks, inputs_finite=finite, located=located, corrected=corrected)
 
 

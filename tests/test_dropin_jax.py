@@ -7,9 +7,9 @@ import pytest
 
 from ftattn_spec import Fault
 from ftattn_spec import reference as ref
-from ftattn_spec.inputs import draw_qkv
 
 from .conftest import HAVE_JAX, SHAPE
+from .inputs import make_qkv
 
 pytestmark = pytest.mark.skipif(not HAVE_JAX, reason="needs jax")
 
@@ -45,11 +45,7 @@ def _jnp(kw):
 
 
 def _inputs(seed, dtype="float32"):
-    import jax.numpy as jnp
-
-    q, k, v = draw_qkv(seed, "normal", **SHAPE)
-    t = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3), dtype)  # noqa: E731  logical → BTNH / BSKH
-    return t(q), t(k), t(v)
+    return make_qkv(seed, "normal", framework="jax", dtype=dtype)
 
 
 def _logical(x):

@@ -10,9 +10,9 @@ import pytest
 
 from ftattn_spec import Fault, FaultDetected
 from ftattn_spec import reference as ref
-from ftattn_spec.inputs import draw_qkv
 
 from .conftest import HAVE_TORCH, SHAPE
+from .inputs import make_qkv
 
 pytestmark = pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
 
@@ -40,11 +40,7 @@ MASKS = _masks()
 
 
 def _inputs(seed, dtype, kv_heads=K):
-    import torch
-
-    q, k, v = draw_qkv(seed, "normal", **{**SHAPE, "K": kv_heads})
-    t = lambda x: torch.tensor(x, dtype=torch.float32).to(DEVICE, getattr(torch, dtype))  # noqa: E731
-    return t(q), t(k), t(v)
+    return make_qkv(seed, "normal", framework="torch", dtype=dtype, device=DEVICE, K=kv_heads)
 
 
 def _np(x):

@@ -25,24 +25,21 @@ import ftattn_torch as ft  # noqa: E402
 from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec import tolerances as tol  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
-from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
+from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
 
 from .fused_cases import CASES, FAULTS, SHAPE  # noqa: E402
+from .inputs import exact, make_qkv  # noqa: E402
 
 DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
 GPU = DEVICE == "cuda"
 if not GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _inputs(seed=0, dist="normal", dtype="float16", **shape):
-    dims = {**SHAPE, **shape}
-    q, k, v = draw_qkv(seed, dist, *(dims[a] for a in "BNKTSH"))
-    t = [torch.tensor(x, dtype=torch.float32).to(DT[dtype]).to(DEVICE) for x in (q, k, v)]
-    exact = [x.double().cpu().numpy() for x in t]  # the reference sees the rounded inputs
-    return t, exact
+    t = make_qkv(seed, dist, framework="torch", dtype=dtype, device=DEVICE, shape=SHAPE, **shape)
+    return t, [exact(x) for x in t]  # the reference sees the rounded inputs
 
 
 def _check_output(out, exact, dtype, is_causal, slack=1.0):
@@ -160,7 +157,7 @@ def test_nan_and_raise_policies():
 def test_global_granularity():
     (q, k, v), _ = _inputs(9, "normal", "float16")
     _, clean = ft.attention(q, k, v, implementation="triton", granularity="global")
-    assert not bool(clean.detected) and clean.checks["pv_row"].residual.shape == (2, 4)
+    assert not bool(clean.detected) and clean.checks["pv_row"].residual.shape == (SHAPE["B"], SHAPE["N"])
     _, rep = ft.attention(q, k, v, implementation="triton", granularity="global",
                           fault=Fault("scores", (1, 3, 30, 4), bit=30))
     assert bool(rep.checks["qk_row"].flagged[1, 3]) and int(rep.checks["qk_row"].flagged.sum()) == 1
@@ -243,11 +240,11 @@ def test_softmax_replica_survives_compilation():
 
 def test_heads_beyond_one_grid_axis_launch_in_slices(monkeypatch):
     """B·N above CUDA's 65535 limit on a grid's second axis runs in slices (shrunk here to 3)."""
-    from ftattn_torch import fused
+    from ftattn_torch.fused import launch
 
     (q, k, v), _ = _inputs(12, "normal", "float16", T=20, S=24)
     whole, rw = ft.attention(q, k, v, implementation="triton", fault=Fault("out", (1, 3, 5, 2), bit=30))
-    monkeypatch.setattr(fused, "_MAX_GRID_Y", 3)
+    monkeypatch.setattr(launch, "_MAX_GRID_Y", 3)
     sliced, rs = ft.attention(q, k, v, implementation="triton", fault=Fault("out", (1, 3, 5, 2), bit=30))
     assert torch.equal(whole, sliced)
     for name in rw.checks:

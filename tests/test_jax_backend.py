@@ -13,11 +13,12 @@ jnp = jax.numpy
 import ftattn_jax  # noqa: E402
 from ftattn_jax.unfused import core  # noqa: E402
 
-from .conftest import SHAPE, draw_qkv  # noqa: E402
+from .conftest import SHAPE  # noqa: E402
+from .inputs import make_qkv  # noqa: E402
 
 
 def _inputs(seed, dtype="float16", shape=SHAPE):
-    return tuple(jnp.asarray(x.transpose(0, 2, 1, 3), dtype) for x in draw_qkv(seed, "normal", **shape))
+    return make_qkv(seed, "normal", framework="jax", dtype=dtype, shape=shape)
 
 
 def count_exponentials(hlo_text: str) -> int:

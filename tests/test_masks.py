@@ -8,9 +8,9 @@ import pytest
 
 from ftattn_spec import Fault
 from ftattn_spec import reference as ref
-from ftattn_spec.inputs import draw_qkv
 
 from .conftest import HAVE_JAX, HAVE_TORCH, SHAPE
+from .inputs import make_qkv
 
 pytestmark = pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="needs jax and torch")
 
@@ -73,8 +73,7 @@ def _tensor(x):
 
 
 def _inputs(seed, dtype="float32"):
-    q, k, v = draw_qkv(seed, "normal", **SHAPE)
-    return tuple(x.astype(dtype) for x in (q, k, v))
+    return make_qkv(seed, "normal", dtype=dtype)
 
 
 @pytest.mark.parametrize("form", list(_forms(np.random.default_rng(0))))

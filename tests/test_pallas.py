@@ -24,9 +24,10 @@ from ftattn_jax import fused  # noqa: E402
 from ftattn_jax.fused import kernel_ir  # noqa: E402
 from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
-from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv  # noqa: E402
+from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
 
 from .fused_cases import CASES, FAULTS, SHAPE  # noqa: E402
+from .inputs import exact, make_qkv  # noqa: E402
 
 HAVE_GPU = jax.default_backend() == "gpu"
 
@@ -35,11 +36,8 @@ HAVE_GPU = jax.default_backend() == "gpu"
 
 def _inputs(seed=0, dist="normal", dtype="float16", **shape):
     """``(q, k, v)`` in ``BTNH``/``BSKH`` and their float64 values in the torch layout."""
-    dims = {**SHAPE, **shape}
-    q, k, v = draw_qkv(seed, dist, *(dims[a] for a in "BNKTSH"))
-    arrs = [jnp.asarray(np.swapaxes(x, 1, 2), dtype) for x in (q, k, v)]
-    exact = [np.swapaxes(np.asarray(x.astype(jnp.float32), np.float64), 1, 2) for x in arrs]
-    return arrs, exact
+    arrs = make_qkv(seed, dist, framework="jax", dtype=dtype, shape=SHAPE, **shape)
+    return arrs, [exact(x) for x in arrs]
 
 
 def _check_output(out, exact, dtype, is_causal, slack=1.0):
@@ -186,7 +184,7 @@ class TestPallasGPU:
     def test_global_granularity(self):
         (q, k, v), _ = _inputs(9, "normal", "float16")
         _, clean = self.attn(q, k, v, granularity="global")
-        assert not bool(clean.detected) and clean.checks["pv_row"].residual.shape == (2, 4)
+        assert not bool(clean.detected) and clean.checks["pv_row"].residual.shape == (SHAPE["B"], SHAPE["N"])
         _, rep = self.attn(q, k, v, granularity="global", fault=Fault("scores", (1, 3, 30, 4), bit=30))
         assert bool(rep.checks["qk_row"].flagged[1, 3]) and int(rep.checks["qk_row"].flagged.sum()) == 1
 
@@ -227,7 +225,7 @@ class TestPallasGPU:
         # vmap over an extra leading axis: each slice as its own call
         stack = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]
         vo, vr = jax.vmap(lambda q, k, v: self.attn(q, k, v, is_causal=True))(*stack)
-        assert vo.shape == (2, *q.shape) and vr.checks["qk_row"].flagged.shape == (2, 2, 4, 20)
+        assert vo.shape == (2, *q.shape) and vr.checks["qk_row"].flagged.shape == (2, SHAPE["B"], SHAPE["N"], 20)
         assert bool(jnp.all(vo[0] == out)) and not bool(vr.detected.any())
         # gradients: those of plain attention (the unfused path's)
         assert_grads_of_plain_attention(lambda *a: self.attn(*a, is_causal=True), q, k, v)

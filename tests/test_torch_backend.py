@@ -9,13 +9,14 @@ torch = pytest.importorskip("torch")
 
 import ftattn_torch  # noqa: E402
 
-from .conftest import SHAPE, draw_qkv  # noqa: E402
+from .conftest import SHAPE  # noqa: E402
+from .inputs import make_qkv  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _inputs(seed, dtype=torch.float16, device="cpu", dist="normal", shape=SHAPE):
-    return tuple(torch.from_numpy(x).to(device=device, dtype=dtype) for x in draw_qkv(seed, dist, **shape))
+    return make_qkv(seed, dist, framework="torch", dtype=str(dtype).removeprefix("torch."), device=device, shape=shape)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -34,7 +35,7 @@ def test_report_has_no_autograd_graph_and_out_has_the_right_gradient():
         out, rep = ftattn_torch.attention(q, k, v, scheme=scheme, is_causal=True)
         assert all(not x.requires_grad for c in rep.checks.values() for x in c)
         g = torch.autograd.grad(out.sum(), (q, k, v))
-        kk, vv = (x.repeat_interleave(2, dim=1) for x in (k, v))
+        kk, vv = (x.repeat_interleave(SHAPE["N"] // SHAPE["K"], dim=1) for x in (k, v))
         ref = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True)
         g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
         for a, b in zip(g, g_ref):

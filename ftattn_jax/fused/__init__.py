@@ -10,9 +10,10 @@ construction, ``unsupported(...)`` (why a call cannot run here, or None),
 from . import compat, kernel_ir, runner
 from .mosaic_kernel import MosaicBlocks
 from .pallas_kernel import BlockSizes
-from .runner import (KERNELS, LOWERINGS, config, launch, mosaic_can_inject, platform_of, run, select_lowering,
-                     validate_lowering)
+from .runner import (KERNELS, LOWERINGS, config, launch, mosaic_can_inject, platform_of, resolve_interpret, run,
+                     select_lowering, validate_lowering)
 from .side_inputs import KernelOutput, side_inputs
 
-__all__ = ["BlockSizes", "KERNELS", "KernelOutput", "LOWERINGS", "MosaicBlocks", "compat", "config", "kernel_ir", "launch",
-           "mosaic_can_inject", "platform_of", "run", "runner", "select_lowering", "side_inputs", "validate_lowering"]
+__all__ = ["BlockSizes", "KERNELS", "KernelOutput", "LOWERINGS", "MosaicBlocks", "compat", "config", "kernel_ir",
+           "launch", "mosaic_can_inject", "platform_of", "resolve_interpret", "run", "runner", "select_lowering",
+           "side_inputs", "validate_lowering"]

@@ -36,7 +36,8 @@ def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = Fa
     shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape)]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), compat.quiet_lowering():
-        jax.jit(lambda q, k, v: portable.launch(q, k, v, None, None, cfg)).trace(*shapes).lower(lowering_platforms=("cuda",))
+        jax.jit(lambda q, k, v: portable.launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
+            lowering_platforms=("cuda",))
     text = buf.getvalue()
     marker = "The Triton module for pallas_call"
     if marker not in text:

@@ -121,7 +121,7 @@ def _slot_conflict(plan) -> bool:
     return len(keys) != len(set(keys))
 
 
-def unsupported(query, *, platform: str, interpret: bool, plan=None) -> str | None:
+def unsupported(query, *, platform: str, interpret: bool | None, plan=None) -> str | None:
     """Why this kernel cannot run the call here, or None."""
     H = query.shape[-1]
     if platform != "gpu" or not available():
@@ -131,7 +131,8 @@ def unsupported(query, *, platform: str, interpret: bool, plan=None) -> str | No
     if H not in HEAD_DIMS:
         return f"head dim H={H} (the Hopper kernel takes H in {HEAD_DIMS})"
     if plan is not None and not can_inject():
-        return f"a fault plan was given and jax {jax.__version__} cannot inject faults in the Hopper kernel (needs 0.11)"
+        return (f"a fault plan was given and jax {jax.__version__} cannot inject faults in the Hopper kernel "
+                f"(needs 0.11)")
     if plan is not None and _slot_conflict(plan):
         return "the fault plan puts two faults on one query row of one site (the Hopper kernel takes one per row)"
     return None

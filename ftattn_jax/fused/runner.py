@@ -116,7 +116,8 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
     otherwise the portable kernel. Asking for ``"mosaic_gpu"`` where it cannot
     run raises ``ValueError`` naming why.
     """
-    lowering = validate_lowering(lowering)
+    if lowering not in KERNELS:  # a name resolved before needs no second validation
+        lowering = validate_lowering(lowering)
     if lowering == portable.LOWERING:
         return lowering
     why = mosaic.unsupported(query, platform=platform_of(query), interpret=interpret, plan=plan)
@@ -125,6 +126,17 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
     if lowering == mosaic.LOWERING:
         raise ValueError(f"lowering: 'mosaic_gpu' cannot run here: {why}")
     return portable.LOWERING
+
+
+def resolve_interpret(query, interpret: bool | None) -> bool:
+    """``interpret=None`` as a bool: interpret unless the query lives on a GPU; ``False`` off a GPU is an error."""
+    platform = platform_of(query)
+    if interpret is None:
+        return platform != "gpu"
+    if not interpret and platform != "gpu":
+        raise ValueError(f"interpret: False compiles the kernel for a GPU, but the query is on {platform!r}; "
+                         f"use interpret=None or True to run it in Pallas' interpret mode")
+    return interpret
 
 
 def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool,
@@ -136,12 +148,7 @@ def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: 
     ``lowering`` picks the kernel (:func:`select_lowering`); with ``lowering`` None or
     ``"auto"``, ``blocks`` (a kernel's block sizes) names it.
     """
-    platform = platform_of(query)
-    if interpret is None:
-        interpret = platform != "gpu"
-    elif not interpret and platform != "gpu":
-        raise ValueError(f"interpret: False compiles the kernel for a GPU, but the query is on {platform!r}; "
-                         f"use interpret=None or True to run it in Pallas' interpret mode")
+    interpret = resolve_interpret(query, interpret)
     if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
         lowering = getattr(blocks, "LOWERING", None)
     chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan)

@@ -16,7 +16,6 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from ftattn_spec import tolerances as tol
-from ftattn_spec.report import CheckResult
 
 F32 = jnp.float32
 
@@ -69,8 +68,8 @@ def _suffix_rows(x: Float[Array, "B L N H"], n_rows: int) -> Float[Array, "B R N
     return c[:, idx]
 
 
-def _heads_dot(a: Float[Array, "B R K G H"] | Float[Array, "B R K H"],
-               b: Float[Array, "B R K G H"] | Float[Array, "B R K H"]) -> Float[Array, "B N R"]:
+def _heads_dot(a: Float[Array, "B #R K #G H"] | Float[Array, "B #R K H"],
+               b: Float[Array, "B #R K #G H"] | Float[Array, "B #R K H"]) -> Float[Array, "B N R"]:
     """Σ_h a·b per (batch, query head, row) as a float32 elementwise product and sum.
 
     Kept off the matrix units on purpose: a float32 matmul may run at TF32

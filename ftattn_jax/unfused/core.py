@@ -199,7 +199,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
                 found["qk_row"], found["qk_col"],
                 (tol.qk_coefficient(S, H, dtype, masked=general), tol.qk_coefficient(T, H, dtype, masked=general)),
                 lambda i, j: s_masked[bi, ni, i, j],
-                lambda i, j: jnp.where(attended(i, j), jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale, 0.0), OPS)
+                lambda i, j: jnp.where(attended(i, j), jnp.sum(qf[bi, i, ni] * kf[bi, j, ni // G], -1) * scale, 0.0),
+                OPS)
             located["scores"] = localization.indices(loc, OPS)
         rows = _rows(found, results, "qk_row", "qk_col", granularity, T, loc) if acts else None
         affected.append(rows)
@@ -254,7 +255,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         if "pv_row" in found and "pv_col" in found and granularity == "vector":
             pf, vt = p_mma.reshape(B, N, T, S).astype(F32), jnp.moveaxis(value.astype(F32), 1, -1)  # vt: B K H S
             loc = localization.locate(
-                found["pv_row"], found["pv_col"], (tol.pv_coefficient(S, H, dtype), tol.pv_col_coefficient(T, S, dtype)),
+                found["pv_row"], found["pv_col"],
+                (tol.pv_coefficient(S, H, dtype), tol.pv_col_coefficient(T, S, dtype)),
                 lambda i, h: o[bi, i, ni, h],
                 lambda i, h: jnp.sum(pf[bi, ni, i] * vt[bi, ni // G, h], -1), OPS)
             located["out"] = localization.indices(loc, OPS)

@@ -8,4 +8,5 @@ from .launch import STAT_PLANES, BlockSizes, Launch, dtype_name, forward, interp
 from . import runner
 from .runner import run
 
-__all__ = ["BlockSizes", "Launch", "STAT_PLANES", "dtype_name", "forward", "interpreting", "run", "unsupported"]
+__all__ = ["BlockSizes", "Launch", "STAT_PLANES", "dtype_name", "forward", "interpreting", "run", "runner",
+           "unsupported"]

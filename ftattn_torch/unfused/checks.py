@@ -13,7 +13,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ftattn_spec import tolerances as tol
-from ftattn_spec.report import CheckResult
 
 F32 = torch.float32
 
