@@ -15,16 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from ftattn_spec import implementations, masking
+from ftattn_spec import implementations, masking, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
-from ftattn_spec.report import Report
+from ftattn_spec.report import Ran, Report
 from ftattn_spec.schemes import CHECKS
 
-from . import fused, unfused
+from . import counters, fused, unfused
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["jax"]
+
+# ``Report.ran`` is plain data: a pytree node with no leaves, so a report crosses ``jax.jit``
+jax.tree_util.register_pytree_node(Ran, lambda r: ((), (r.implementation, r.fallback)), lambda aux, _: Ran(*aux))
 
 
 def _as_array(name: str, x):
@@ -63,6 +66,8 @@ class Call(NamedTuple):
     interpret: bool | None = None
     lowering: str | None = None
     empty: str = "zero"
+    #: why ``implementation="auto"`` did not take the fused kernel (None: it did, or was not asked to choose)
+    fallback: str | None = None
 
 
 def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_causal, query_seq_lengths,
@@ -86,19 +91,30 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
     cfg = v.validate_attention("jax", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
                                scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
-                               on_fault=on_fault, fault=fault, implementation=impl)
+                               on_fault=on_fault, fault=fault,
+                               implementation="unfused" if impl == implementations.AUTO else impl)
     mask, bias, query_seq_lengths, key_value_seq_lengths = extra
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
-    refusal = implementations.unsupported("jax", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
-                                          masking=list(zip(names, (mask, bias, query_seq_lengths,
-                                                                   key_value_seq_lengths, local_window_size))))
-    if refusal is not None:
-        raise refusal.exception()
+    given = list(zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size)))
+    fallback = None
+    if impl == implementations.AUTO:
+        on_gpu = fused.platform_of(query) == "gpu"
+        impl, fallback = implementations.choose("jax", device_reason=None if on_gpu else "not on a GPU",
+                                                scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
+                                                masking=given)
+        if fallback is not None and on_gpu:
+            implementations.warn_fallback("jax", fallback)
+        cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("jax", impl, cfg.scheme))
+    else:
+        refusal = implementations.unsupported("jax", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
+                                              masking=given)
+        if refusal is not None:
+            raise refusal.exception()
     if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
         interpret = fused.resolve_interpret(query, interpret)
         lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan)
-    return Call(cfg, m, interpret, lowering, empty), (query, key, value, *extra)
+    return Call(cfg, m, interpret, lowering, empty, fallback), (query, key, value, *extra)
 
 
 def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengths=None,
@@ -119,7 +135,7 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
                                       window=call.masking.window, empty=call.empty, **common)
         case other:  # pragma: no cover - the catalogue and this match disagree
             raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
-    return _finish(out, report, cfg.on_fault)
+    return _finish(out, report._replace(ran=Ran(cfg.implementation, call.fallback)), cfg.on_fault)
 
 
 def _finish(out, report: Report, on_fault: str):
@@ -133,10 +149,20 @@ def _finish(out, report: Report, on_fault: str):
     return out, report
 
 
-def dispatch(query, key, value, **kwargs):
-    """:func:`resolve`, then :func:`execute`: what every entry point of this backend calls."""
+def dispatch(query, key, value, *, takes_report: bool = True, site=None, **kwargs):
+    """:func:`resolve`, then :func:`execute`: what every entry point of this backend calls.
+
+    ``takes_report=False`` (a drop-in returning the output alone) puts the call under
+    ``ftattn_spec.policy``; every call is counted (``ftattn_jax.counters``) under ``site``
+    (default: the caller's file and line).
+    """
+    site = policy.validate_site(site) or policy.caller_site()
     call, arrays = resolve(query, key, value, **kwargs)
-    return execute(call, *arrays)
+    on_fault, warn = policy.effective_on_fault(call.settings.on_fault, takes_report)
+    call = call._replace(settings=call.settings._replace(on_fault=on_fault))
+    out, report = execute(call, *arrays)
+    counters.record(site, report.detected, warn)
+    return out, report
 
 
 _NAMES = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
@@ -147,7 +173,7 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
               key_value_seq_lengths=None, local_window_size: int | tuple[int, int] | None = None,
               on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
               implementation: str | None = None, interpret: bool | None = None,
-              lowering: str | None = None) -> tuple[jax.Array, Report]:
+              lowering: str | None = None, site: str | int | None = None) -> tuple[jax.Array, Report]:
     """Fault-checked attention in ``jax.nn.dot_product_attention``'s layout.
 
     Args:
@@ -179,7 +205,11 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
       fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
         (reproducible fault experiments). Traced data: one compiled function
         serves every fault of the same count.
-      implementation: ``None`` (the default), ``"unfused"`` or ``"xla"`` (an
+      implementation: ``None`` or ``"auto"`` (the default): ``"pallas"`` when
+        the query is on a GPU and the catalogue (``ftattn_spec.implementations``)
+        says the kernel takes the call, else ``"unfused"``; ``report.ran`` says
+        which ran and, after a fallback, why (a fallback on a GPU also warns,
+        once per reason: ``FallbackWarning``). ``"unfused"`` or ``"xla"`` (an
         alias: the unfused schemes are XLA-compiled). ``"pallas"``: one fused
         flash-attention kernel in Pallas with the checks inside (float16 or
         bfloat16, H in 16, 32, 64, 128, ``is_causal`` but no other mask); its
@@ -197,6 +227,8 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
         lowering) otherwise; ``"triton"`` or ``"mosaic_gpu"`` ask for one
         (``"mosaic_gpu"`` raises ``ValueError`` where it cannot run).
         ``ftattn_jax.fused.select_lowering`` tells which one a call takes.
+      site: the name this call is counted under in ``ftattn_jax.counters``
+        (an int is a layer index); default the caller's file and line.
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, T, N, H)`` in the input dtype; ``report``
@@ -211,4 +243,4 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
                             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                             key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
                             on_fault=on_fault, fault=fault, empty="zero", names=_NAMES,
-                            implementation=implementation, interpret=interpret, lowering=lowering)
+                            implementation=implementation, interpret=interpret, lowering=lowering, site=site)

@@ -87,12 +87,23 @@ def make_attention_fn(*, scheme: str = "full", granularity: str = "vector", on_f
             mask=None if mask is None else _fold(mask, n_batch), is_causal=is_causal, scale=None,
             query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
             implementation=implementation, scheme=scheme, granularity=granularity, on_fault=on_fault,
-            fault=fault, empty="uniform", names=_NAMES)
+            fault=fault, empty="uniform", names=_NAMES, takes_report=module is not None, site=_site(module))
         if module is not None:
             _sow(module, sow_name, report)
         return out.reshape(batch + out.shape[1:])
 
     return attention_fn
+
+
+def _site(module) -> str | None:
+    """The counters' key of a Flax module: its path (linen) or its class and identity (nnx)."""
+    if module is None:
+        return None
+    scope = getattr(module, "scope", None)
+    path = getattr(scope, "path", None)
+    if path:
+        return "/".join(str(p) for p in path)
+    return f"{type(module).__name__}@{id(module):x}"
 
 
 def _sow(module, name: str, report) -> None:

@@ -16,7 +16,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
                           local_window_size: int | tuple[int, int] | None = None, implementation: str | None = None,
                           return_residual: bool = False, scheme: str = "full", granularity: str = "vector",
                           on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
-                          return_report: bool = False):
+                          return_report: bool = False, site: str | int | None = None):
     """``jax.nn.dot_product_attention`` with fault checks.
 
     The positional and keyword arguments up to ``implementation`` have the
@@ -29,14 +29,19 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     masked row is spread uniformly over all keys, as in ``jax.nn``; rows beyond
     ``query_seq_lengths`` are zero.
 
-    ``implementation``: ``None`` (the default implementation), ``"unfused"``,
-    or ``"xla"`` (the same unfused schemes, which XLA compiles). ``"cudnn"``
-    is an error: cuDNN's kernel cannot be checked.
+    ``implementation``: ``None`` or ``"auto"`` (the default: the fused Pallas
+    kernel on a GPU where it takes the call, else unfused; see
+    ``ftattn_jax.attention``), ``"unfused"``, ``"xla"`` (the same unfused
+    schemes, which XLA compiles) or ``"pallas"``. ``"cudnn"`` is an error:
+    cuDNN's kernel cannot be checked.
 
     Keyword-only extras: ``scheme``, ``granularity``, ``on_fault`` and
     ``fault`` as in ``ftattn_jax.attention``; ``return_report=True`` returns
-    ``(out, report)`` instead of ``out``. ``return_residual=True`` is not
-    supported (an error).
+    ``(out, report)`` instead of ``out``; ``site`` names the call in
+    ``ftattn_jax.counters`` (default: the caller's file and line). Without
+    ``return_report`` the call is under ``ftattn_jax.fault_policy`` (what a
+    detection does when nobody reads the report). ``return_residual=True`` is
+    not supported (an error).
 
     Differentiable (``jax.grad``): the gradient is that of plain attention;
     the backward pass is not checked.
@@ -53,7 +58,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
         query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
         is_causal=is_causal, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
         local_window_size=local_window_size, on_fault=on_fault, fault=fault, empty="uniform", names=_NAMES,
-        implementation=implementation)
+        implementation=implementation, takes_report=return_report, site=site)
     if squeeze:
         out = out[0]
     return (out, report) if return_report else out

@@ -17,16 +17,17 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 
 from .axes import LAYOUTS, LEGEND, REPORT_AXES, transpose_perm
 from .faults import ON_FAULT, SITES, Fault, FaultDetected
-from .report import CHECK_FIELDS, REPORT_FIELDS, CheckResult, Report
+from .implementations import FallbackWarning
+from .report import CHECK_FIELDS, REPORT_FIELDS, CheckResult, Ran, Report
 from .schemes import (CHECK_DESCRIPTIONS, CHECK_ORIENTATION, CHECKS, GRANULARITIES, SCHEME_NAMES,
                       SCHEMES, Scheme)
 from .shapes import PRESET_NAMES, PRESETS, Shape, preset
 from .validation import SUPPORTED_DTYPES
 
 __all__ = [
-    "CHECKS", "CHECK_DESCRIPTIONS", "Fault", "FaultDetected", "ON_FAULT", "SITES", "CHECK_FIELDS",
+    "CHECKS", "CHECK_DESCRIPTIONS", "FallbackWarning", "Fault", "FaultDetected", "ON_FAULT", "SITES", "CHECK_FIELDS",
     "CHECK_ORIENTATION", "CheckResult",
     "GRANULARITIES", "LAYOUTS", "LEGEND", "PRESETS", "PRESET_NAMES", "REPORT_AXES",
-    "REPORT_FIELDS", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
+    "REPORT_FIELDS", "Ran", "Report", "SCHEMES", "SCHEME_NAMES", "SUPPORTED_DTYPES", "Scheme",
     "Shape", "__version__", "preset", "transpose_perm",
 ]

@@ -9,9 +9,12 @@ nothing else keeps such a table.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .policy import internal_frame
 from .schemes import CHECKS, SCHEMES
 
 #: The mask forms of ``ftattn_spec.masking``, as the catalogue names them.
@@ -90,7 +93,7 @@ BACKENDS: tuple[str, ...] = ("jax", "torch")
 
 
 def implementations(backend: str) -> tuple[Implementation, ...]:
-    """The backend's implementations, the default (``implementation=None``) first."""
+    """The backend's implementations (the default, ``"auto"``, chooses among them: :func:`choose`)."""
     return tuple(i for i in CATALOGUE if i.backend == backend)
 
 
@@ -115,17 +118,68 @@ def record(name: str) -> Implementation:
     return next(i for i in CATALOGUE if i.name == name or name in i.aliases)
 
 
+#: What ``implementation=None`` means in every entry point: the fused kernel where it fits, else unfused.
+AUTO = "auto"
+
+
 def resolve(backend: str, implementation) -> str:
-    """``implementation`` (None = the backend's default) as a canonical name, or an error naming it."""
-    if implementation is None:
-        return implementations(backend)[0].name
-    allowed = accepted_names(backend)
+    """``implementation`` as a canonical name, ``"auto"`` for None or ``"auto"``, or an error naming it."""
+    if implementation is None or implementation == AUTO:
+        return AUTO
+    allowed = (AUTO, *accepted_names(backend))
     if not isinstance(implementation, str):
         raise TypeError(f"implementation: expected a str, one of {allowed}, got "
                         f"{type(implementation).__name__} {implementation!r}")
     if implementation not in allowed:
         raise ValueError(f"implementation: expected one of {allowed}, got {implementation!r}")
     return lookup(backend, implementation).name
+
+
+def fused_record(backend: str) -> Implementation:
+    """The backend's fused implementation."""
+    return next(i for i in implementations(backend) if i.fused)
+
+
+def choose(backend: str, *, device_reason: str | None, scheme: str, dtype: str, q_shape,
+           masking=()) -> tuple[str, str | None]:
+    """What ``implementation="auto"`` runs: ``(name, fallback reason or None)``.
+
+    The fused kernel when the device can run it (``device_reason`` None: the
+    backend judges its runtime) and :func:`unsupported` finds nothing against
+    the arguments; otherwise ``"unfused"`` with the reason.
+    """
+    fused = fused_record(backend)
+    if device_reason is not None:
+        return "unfused", device_reason
+    refusal = unsupported(backend, fused.name, scheme=scheme, dtype=dtype, q_shape=q_shape, masking=masking)
+    if refusal is not None:
+        return "unfused", refusal.message
+    return fused.name, None
+
+
+class FallbackWarning(UserWarning):
+    """``implementation="auto"`` ran the unfused path on a GPU, where the fused kernel would be
+    much faster; the message says why."""
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside ftattn."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and internal_frame(frame):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_fallback(backend: str, reason: str) -> None:
+    """Warn once per reason (per process) that ``"auto"`` fell back on a GPU, at the user's call."""
+    if (backend, reason) in _WARNED:
+        return
+    _WARNED.add((backend, reason))
+    warnings.warn(f"ftattn ({backend}): implementation='auto' ran the unfused path (much slower than the fused "
+                  f"kernel) because: {reason}", FallbackWarning, stacklevel=_caller_stacklevel())
 
 
 def run_checks(implementation: str, scheme: str) -> tuple[str, ...]:

@@ -16,7 +16,22 @@ detected before the repair.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Ran:
+    """Which implementation ran a call and, when ``implementation="auto"`` fell back to the
+    unfused path, why. Plain Python data, not arrays (the JAX backend makes it a pytree node
+    with no leaves, so a report still crosses ``jax.jit``)."""
+
+    implementation: str
+    #: None when the chosen implementation is the one asked for or the fastest one
+    #: that fits; otherwise the reason the fused kernel was not taken.
+    fallback: str | None = None
 
 
 class CheckResult(NamedTuple):
@@ -53,6 +68,65 @@ class Report(NamedTuple):
     #: int32 scalar: repairs made by ``on_fault="correct"`` (elements replaced,
     #: rows recomputed, softmax rows replaced by the vote); 0 otherwise.
     corrected: Any
+    #: ``Ran``: the implementation that ran the call, and why it fell back if it did
+    #: (None only on reports built below the dispatcher).
+    ran: Ran | None = None
+
+    def summary(self) -> dict:
+        """The report as Python scalars, for logs: ``detected``, ``inputs_finite``,
+        ``corrected``, per check the number of flagged rows (or columns, or heads) and
+        the worst ``residual / threshold``, per GEMM the heads where an element was
+        located, and which implementation ran.
+
+        Reads a few small arrays to the host, so it waits for the device: call it once
+        per step (or on a detection), not after every call of a hot loop. Under a JAX
+        transformation (traced values) it raises ``TypeError``.
+        """
+        checks = {}
+        for name, c in self.checks.items():
+            flagged, residual, threshold = _host(c.flagged), _host(c.residual), _host(c.threshold)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(threshold > 0, residual / threshold, np.where(residual > 0, np.inf, 0.0))
+            worst = float(np.nanmax(np.where(np.isnan(ratio), np.inf, ratio))) if ratio.size else 0.0
+            checks[name] = {"flagged": int(flagged.sum()), "worst_ratio": worst}
+        located = {g: int((_host(x)[..., 0] >= 0).sum()) for g, x in self.located.items()}
+        return {"detected": bool(_host(self.detected)), "inputs_finite": bool(_host(self.inputs_finite)),
+                "corrected": int(_host(self.corrected)), "checks": checks, "located": located,
+                "implementation": None if self.ran is None else self.ran.implementation,
+                "fallback": None if self.ran is None else self.ran.fallback}
+
+    def __repr__(self) -> str:
+        try:
+            d = self.summary()
+        except TypeError:  # traced values: no numbers to show
+            return f"Report(checks={tuple(self.checks)}, traced)"
+        parts = [f"detected={d['detected']}"]
+        if not d["inputs_finite"]:
+            parts.append("inputs_finite=False")
+        for name, c in d["checks"].items():
+            parts.append(f"{name}: {c['flagged']} flagged, worst {c['worst_ratio']:.3g}×thr")
+        if d["located"]:
+            parts.append("located " + ", ".join(f"{g}: {n}" for g, n in d["located"].items()))
+        if d["corrected"]:
+            parts.append(f"corrected={d['corrected']}")
+        if d["implementation"]:
+            parts.append(f"ran {d['implementation']}" + (f" (fallback: {d['fallback']})" if d["fallback"] else ""))
+        return "Report(" + "; ".join(parts) + ")"
+
+    def to_dict(self) -> dict:
+        """Alias of :meth:`summary`."""
+        return self.summary()
+
+
+def _host(x) -> np.ndarray:
+    """An array of either framework (or NumPy) as a NumPy array on the host; ``TypeError`` for a
+    traced value."""
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu()
+    try:
+        return np.asarray(x)
+    except Exception as e:  # JAX raises its TracerArrayConversionError (a TypeError subclass in most versions)
+        raise TypeError(f"report: cannot read a traced value on the host ({type(e).__name__})") from None
 
 
 REPORT_FIELDS: tuple[str, ...] = Report._fields

@@ -3,9 +3,13 @@
 from ftattn_spec import __version__
 from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResult, Fault, FaultDetected, Report
 
+from ftattn_spec.policy import POLICIES, FaultWarning, fault_policy, get_policy, set_policy
+
+from . import counters
 from .api import attention
 from .module import FaultTolerantAttention
 from .sdpa import scaled_dot_product_attention
 
 __all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
-           "FaultDetected", "FaultTolerantAttention", "Report", "attention", "scaled_dot_product_attention"]
+           "FaultDetected", "FaultTolerantAttention", "FaultWarning", "POLICIES", "Report", "attention", "counters",
+           "fault_policy", "get_policy", "scaled_dot_product_attention", "set_policy"]

@@ -8,17 +8,18 @@ translate their arguments and call these two.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
 
-from ftattn_spec import implementations, masking
+from ftattn_spec import implementations, masking, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
-from ftattn_spec.report import Report
+from ftattn_spec.report import Ran, Report
 
-from . import fused, unfused
+from . import counters, fused, unfused
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["torch"]
 
@@ -53,6 +54,8 @@ class Call(NamedTuple):
 
     settings: v.Settings
     masking: masking.Masking
+    #: why ``implementation="auto"`` did not take the fused kernel (None: it did, or was not asked to choose)
+    fallback: str | None = None
 
 
 def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granularity="vector", scale=None,
@@ -70,7 +73,8 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
     cfg = v.validate_attention("torch", (query.shape, key.shape, value.shape),
                                [_dtype_name(x) for x in (query, key, value)],
                                scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
-                               on_fault=on_fault, fault=fault, implementation=impl)
+                               on_fault=on_fault, fault=fault,
+                               implementation="unfused" if impl == implementations.AUTO else impl)
     if not (query.device == key.device == value.device):
         raise ValueError(f"query, key, value: expected one device for all three, got query {query.device}, "
                          f"key {key.device}, value {value.device}")
@@ -79,9 +83,16 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
     for n, x in zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths)):
         if x is not None and x.device != query.device:
             raise ValueError(f"{n}: expected the device of query ({query.device}), got {x.device}")
+    given = list(zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size)))
+    if impl == implementations.AUTO:
+        impl, fallback = implementations.choose("torch", device_reason=_device_reason(query), scheme=cfg.scheme,
+                                                dtype=cfg.dtype, q_shape=query.shape, masking=given)
+        if fallback is not None and query.device.type == "cuda" and not torch.compiler.is_compiling():
+            implementations.warn_fallback("torch", fallback)
+        cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("torch", impl, cfg.scheme))
+        return Call(cfg, m, fallback)
     refusal = implementations.unsupported("torch", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
-                                          masking=list(zip(names, (mask, bias, query_seq_lengths,
-                                                                   key_value_seq_lengths, local_window_size))))
+                                          masking=given)
     if refusal is not None:
         raise refusal.exception()
     if impl == "triton" and (why := fused.unsupported(query)) is not None:
@@ -89,9 +100,20 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
     return Call(cfg, m)
 
 
+def _device_reason(query) -> str | None:
+    """Why ``"auto"`` cannot take the fused kernel on ``query``'s device (None: it can). Off CUDA it never
+    takes it (Triton's interpreter is for tests); on CUDA it needs triton, compiled."""
+    if query.device.type != "cuda":
+        return f"not on a GPU (the query is on {query.device.type})"
+    try:
+        return fused.unsupported(query)
+    except ValueError as e:  # triton is not installed
+        return str(e)
+
+
 def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], granularity: str, scale: float,
             is_causal: bool, on_fault: str, plan=None, mask=None, bias=None, query_lengths=None, key_lengths=None,
-            window=None, empty: str = "zero"):
+            window=None, empty: str = "zero", fallback: str | None = None):
     """Run validated arguments: the only place that knows which implementation runs, and the only
     place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``)."""
     common = dict(checks=checks, granularity=granularity, scale=scale, is_causal=is_causal,
@@ -104,6 +126,7 @@ def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], 
                                       key_lengths=key_lengths, window=window, empty=empty, **common)
         case other:  # pragma: no cover - the catalogue and this match disagree
             raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
+    report = report._replace(ran=Ran(implementation, fallback))
     if on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
     return out, report
@@ -113,7 +136,7 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
               scale: float | None = None, is_causal: bool = False, query_seq_lengths=None,
               key_value_seq_lengths=None, local_window_size: int | tuple[int, int] | None = None,
               on_fault: str = "report", fault: Fault | Sequence[Fault] | None = None,
-              implementation: str | None = None) -> tuple[torch.Tensor, Report]:
+              implementation: str | None = None, site: str | int | None = None) -> tuple[torch.Tensor, Report]:
     """Fault-checked attention in ``scaled_dot_product_attention``'s layout.
 
     Args:
@@ -141,14 +164,20 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
         raise ``FaultDetected`` (``.report`` holds the report).
       fault: a ``ftattn_spec.Fault`` or a sequence of them to inject
         (reproducible fault experiments).
-      implementation: ``None`` (the default) or ``"unfused"``: the schemes in
-        eager PyTorch. ``"triton"``: one fused flash-attention kernel with the
+      implementation: ``None`` or ``"auto"`` (the default): ``"triton"`` for CUDA
+        tensors when triton is installed and the catalogue
+        (``ftattn_spec.implementations``) says the kernel takes the call, else
+        ``"unfused"``; ``report.ran`` says which ran and, after a fallback, why
+        (a fallback on a GPU also warns, once per reason: ``FallbackWarning``).
+        ``"unfused"``: the schemes in eager PyTorch. ``"triton"``: one fused flash-attention kernel with the
         checks inside (float16/bfloat16, H in 16, 32, 64, 128, ``is_causal``
         but no other mask); its ``full`` runs the row checks ``qk_row``,
         ``softmax_dmr`` and ``pv_row`` and locates nothing, and
         ``on_fault="correct"`` recomputes the flagged query blocks. It needs
         CUDA tensors, or ``TRITON_INTERPRET=1`` (set before triton is
         imported) to run in Triton's interpreter on the CPU.
+      site: the name this call is counted under in ``ftattn_torch.counters``
+        (an int is a layer index); default the caller's file and line.
 
     Returns:
       ``(out, report)``: ``out`` is ``(B, N, T, H)`` in the input dtype; ``report``
@@ -160,12 +189,42 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
     Autograd flows through ``out`` as through plain attention (the checks are
     computed without a graph, and the backward pass itself is not checked).
     """
+    site = call_site(site)
     call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
                    is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                    key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
                    on_fault=on_fault, fault=fault, implementation=implementation)
     cfg = call.settings
-    return execute(query, key, value, implementation=cfg.implementation, checks=cfg.checks,
-                   granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal, on_fault=cfg.on_fault,
-                   plan=cfg.plan, mask=mask, bias=bias, query_lengths=query_seq_lengths,
-                   key_lengths=key_value_seq_lengths, window=call.masking.window)
+    out, report = execute(query, key, value, implementation=cfg.implementation, checks=cfg.checks,
+                          granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
+                          on_fault=cfg.on_fault, plan=cfg.plan, mask=mask, bias=bias, query_lengths=query_seq_lengths,
+                          key_lengths=key_value_seq_lengths, window=call.masking.window, fallback=call.fallback)
+    count(site, report)
+    return out, report
+
+
+def call_site(site) -> str:
+    """The counters' key: ``site`` validated, else the caller's file and line (``"compiled"`` while
+    ``torch.compile`` traces: it cannot read the Python stack, and the counters skip traced calls)."""
+    site = policy.validate_site(site)
+    if site is not None:
+        return site
+    return "compiled" if torch.compiler.is_compiling() else policy.caller_site()
+
+
+def under_policy(on_fault: str, takes_report: bool) -> tuple[str, bool]:
+    """``(on_fault, warn)`` for a call under ``ftattn_spec.policy`` (see there)."""
+    return policy.effective_on_fault(on_fault, takes_report)
+
+
+def count(site: str, report: Report, warn: bool = False) -> None:
+    """Add the call to ``ftattn_torch.counters``; under the policy ``"warn"``, warn on a detection
+    (which reads the verdict on the host)."""
+    counters.record(site, report.detected)
+    if warn and not torch.compiler.is_compiling() and bool(report.detected):
+        warnings.warn(f"ftattn (torch): a fault was detected in attention at {site} (nobody reads this call's "
+                      f"report; policy 'warn')", policy.FaultWarning, stacklevel=policy_stacklevel())
+
+
+def policy_stacklevel() -> int:
+    return implementations._caller_stacklevel() - 1

@@ -18,15 +18,15 @@ import torch
 from torch import Tensor
 
 from ftattn_spec import faults as spec_faults
-from ftattn_spec import implementations
+from ftattn_spec import implementations, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import REPORT_AXES
 from ftattn_spec.faults import Fault, FaultPlan
-from ftattn_spec.report import CheckResult, Report
+from ftattn_spec.report import CheckResult, Ran, Report
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
 from . import reference
-from .api import execute, resolve
+from .api import call_site, count, execute, resolve, under_policy
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 _BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
@@ -122,7 +122,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
                                  scale: float | None = None, enable_gqa: bool = False, *, scheme: str = "full",
                                  granularity: str = "vector", on_fault: str = "report",
                                  fault: Fault | Sequence[Fault] | None = None, return_report: bool = False,
-                                 implementation: str | None = None):
+                                 implementation: str | None = None, site: str | int | None = None):
     """``torch.nn.functional.scaled_dot_product_attention`` with fault checks.
 
     The positional arguments have SDPA's meaning: query ``(B, N, T, H)``, key
@@ -138,17 +138,32 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     Keyword-only extras: ``scheme``, ``granularity``, ``on_fault``, ``fault``
     and ``implementation`` as in ``ftattn_torch.attention`` (``"triton"``: the
     fused kernel, without ``attn_mask``); ``return_report=True`` returns
-    ``(out, report)``.
+    ``(out, report)``; ``site`` names the call in ``ftattn_torch.counters``
+    (default: the caller's file and line). Without ``return_report`` the call
+    is under ``ftattn_torch.fault_policy`` (what a detection does when nobody
+    reads the report: count, warn, raise or poison).
 
     Runs as the custom operator ``torch.ops.ftattn.sdpa``: it works under
     ``torch.compile(fullgraph=True)`` and autograd, whose backward is that of
     plain attention (not checked).
     """
+    if not isinstance(return_report, bool):
+        raise TypeError(f"return_report: expected a bool, got {type(return_report).__name__} {return_report!r}")
+    out, report = sdpa_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, scheme=scheme,
+                            granularity=granularity, on_fault=on_fault, fault=fault, takes_report=return_report,
+                            implementation=implementation, site=site)
+    return (out, report) if return_report else out
+
+
+def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+              scale: float | None = None, enable_gqa: bool = False, *, scheme: str = "full", granularity: str = "vector",
+              on_fault: str = "report", fault=None, takes_report: bool = True, implementation: str | None = None,
+              site=None):
+    """:func:`scaled_dot_product_attention` returning ``(out, report)``; ``takes_report=False`` puts
+    the call under the fault policy (``FaultTolerantAttention`` returns the output alone)."""
     v.validate_dropout(dropout_p)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__} {enable_gqa!r}")
-    if not isinstance(return_report, bool):
-        raise TypeError(f"return_report: expected a bool, got {type(return_report).__name__} {return_report!r}")
     if attn_mask is not None and is_causal is True:
         raise ValueError("attn_mask, is_causal: expected at most one of them, got both (as in "
                          "scaled_dot_product_attention; put the causal mask into attn_mask)")
@@ -156,17 +171,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     if squeeze:  # (N, T, H) as SDPA allows: one batch of N heads
         query, key, value = query[None], key[None], value[None]
     mask, bias = reference.split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
-    cfg = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
-                  is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation,
-                  names=_NAMES).settings
+    site = call_site(site)
+    call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
+                   is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation, names=_NAMES)
+    cfg = call.settings
+    run_on_fault, warn = under_policy(cfg.on_fault, takes_report)
     impl = cfg.implementation
     if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
         raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "
                          f"attention), got K={cfg.dims['K']} (shape {tuple(key.shape)})")
     ints, values = _plan_tensors(cfg.plan)
     flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
-                                 cfg.granularity, cfg.on_fault, ints, values, impl)
+                                 cfg.granularity, run_on_fault, ints, values, impl)
     out, report = _unflatten(flat, cfg.scheme, cfg.granularity, impl)
+    report = report._replace(ran=Ran(impl, call.fallback))
+    count(site, report, warn)
     if squeeze:
         out = out[0]
-    return (out, report) if return_report else out
+    return out, report
