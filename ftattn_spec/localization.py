@@ -105,6 +105,6 @@ def affected_rows(row_flags, col_flags, n_rows: int, located: Located | None, op
             head = head & ~row_flags.any(-1)
         rows = rows | head[..., None]
     if located is not None:
-        onehot = ops.arange(n_rows) == located.i[..., None]
+        onehot = ops.arange(n_rows)[None, None, :] == located.i[..., None]
         rows = ops.where(located.ok[..., None], onehot, rows)
     return rows

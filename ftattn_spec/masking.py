@@ -139,7 +139,8 @@ def combine(B: int, T: int, S: int, ops, *, mask=None, is_causal: bool = False, 
     """
     if mask is None and window is None and query_lengths is None and key_lengths is None:
         return None
-    i, j = ops.arange(T)[:, None], ops.arange(S)[None, :]
+    # every operand 4-D: JAX's rank promotion may be set to "raise" (its own tests do)
+    i, j = ops.arange(T)[None, None, :, None], ops.arange(S)[None, None, None, :]
     a = ops.ones((1, 1, T, S))
     if mask is not None:
         a = a & mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
@@ -156,10 +157,10 @@ def combine(B: int, T: int, S: int, ops, *, mask=None, is_causal: bool = False, 
 
 
 def attended(allowed_mask, is_causal: bool, T: int, S: int, ops):
-    """The mask the checksums and the softmax apply: ``allowed_mask``, or the ``(T, S)``
+    """The mask the checksums and the softmax apply: ``allowed_mask``, or the ``(1, 1, T, S)``
     causal mask when only ``is_causal`` restricts the keys, or None."""
     if allowed_mask is None and is_causal:
-        return ops.arange(S)[None, :] <= ops.arange(T)[:, None]
+        return ops.arange(S)[None, None, None, :] <= ops.arange(T)[None, None, :, None]
     return allowed_mask
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ftattn_spec import faults as spec_faults
-from ftattn_spec import implementations, policy
+from ftattn_spec import implementations
 from ftattn_spec import validation as v
 from ftattn_spec.axes import REPORT_AXES
 from ftattn_spec.faults import Fault, FaultPlan
@@ -79,7 +79,7 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
                           checks=implementations.checks_for("torch", implementation, scheme), granularity=granularity,
                           scale=scale, is_causal=is_causal, on_fault=on_fault, plan=_plan(fault_ints, fault_values),
                           mask=mask, bias=bias)
-    flat = _flatten(out, report)
+    flat = _flatten(out.contiguous(), report)
     if implementation != "unfused":  # a kernel's report tensors are views of a few buffers: copy them
         flat = flat[:1] + [t.clone() for t in flat[1:]]
     return flat  # fresh tensors: nothing aliases an input
@@ -91,7 +91,9 @@ def _sdpa_fake(query, key, value, attn_mask, is_causal, scale, scheme, granulari
     B, N, T, H = query.shape
     dims = {"B": B, "N": N, "T": T, "S": key.shape[2], "H": H}
     new = query.new_empty
-    flat = [torch.empty_like(query), new((), dtype=_BOOL), new((), dtype=_BOOL), new((), dtype=_I32)]
+    # the output is contiguous whatever the query's strides (a transposed view, as attention
+    # modules pass it): the real op makes it so, and the fake must say the same
+    flat = [new(query.shape), new((), dtype=_BOOL), new((), dtype=_BOOL), new((), dtype=_I32)]
     for name in implementations.checks_for("torch", implementation, scheme):
         size = _report_sizes(dims, granularity, CHECK_ORIENTATION[name])
         flat += [new(size, dtype=_F32), new(size, dtype=_F32), new(size, dtype=_BOOL)]
@@ -155,6 +157,37 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     return (out, report) if return_report else out
 
 
+def _autocast(query, key, value):
+    """Under ``torch.autocast``, SDPA runs in the autocast dtype (it is on autocast's list of
+    lower-precision ops); a custom operator is not, so cast here, as autocast would."""
+    if not isinstance(query, torch.Tensor) or not query.is_floating_point():
+        return query, key, value
+    device = query.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                 for x in (query, key, value))
+
+
+def _causal_bias(attn_mask, is_causal, query):
+    """``torch.nn.attention.bias.CausalBias`` (``causal_upper_left``, ``causal_lower_right``) as SDPA
+    reads it: upper left is ``is_causal``; lower right a boolean mask ``j <= i + S - T``."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal
+    T, S = attn_mask.seq_len_q, attn_mask.seq_len_kv
+    if query.shape[-2] != T:
+        raise ValueError(f"attn_mask: a CausalBias for {T} queries, got a query of {query.shape[-2]} "
+                         f"(shape {tuple(query.shape)})")
+    if attn_mask.variant == CausalVariant.UPPER_LEFT or T == S:
+        return None, True
+    i = torch.arange(T, device=query.device)[:, None]
+    j = torch.arange(S, device=query.device)[None, :]
+    return j <= i + (S - T), False
+
+
 def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False, *, scheme: str = "full", granularity: str = "vector",
               on_fault: str = "report", fault=None, takes_report: bool = True, implementation: str | None = None,
@@ -167,6 +200,8 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     if attn_mask is not None and is_causal is True:
         raise ValueError("attn_mask, is_causal: expected at most one of them, got both (as in "
                          "scaled_dot_product_attention; put the causal mask into attn_mask)")
+    attn_mask, is_causal = _causal_bias(attn_mask, is_causal, query)
+    query, key, value = _autocast(query, key, value)
     squeeze = all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in (query, key, value))
     if squeeze:  # (N, T, H) as SDPA allows: one batch of N heads
         query, key, value = query[None], key[None], value[None]

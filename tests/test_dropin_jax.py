@@ -225,3 +225,28 @@ def test_vmap_over_an_extra_axis_with_masks():
     assert not bool(rep.detected.any())
     np.testing.assert_allclose(np.asarray(out[1]), np.asarray(ftattn_jax.dot_product_attention(q, k, v, mask=mask[1])),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["full", "dmr_softmax", "baseline"])
+@pytest.mark.parametrize("on_fault", ["report", "correct"])
+def test_strict_rank_promotion(scheme, on_fault):
+    """JAX's own tests set ``jax_numpy_rank_promotion="raise"``: every mask form combined with
+    another still runs (the mask algebra broadcasts 4-D operands only)."""
+    import jax
+    import jax.numpy as jnp
+
+    import ftattn_jax
+
+    q, k, v = _inputs(11)
+    B, T, N, _ = q.shape
+    S = k.shape[1]
+    rng = np.random.default_rng(11)
+    mask = jnp.asarray(rng.random((B, 1, T, S)) > 0.3)
+    bias = jnp.asarray(rng.standard_normal((1, N, T, S)), jnp.float32)
+    forms = [dict(is_causal=True, mask=mask), dict(local_window_size=(2, 1), mask=mask),
+             dict(is_causal=True, key_value_seq_lengths=jnp.full((B,), S - 3)), dict(bias=bias, is_causal=True),
+             dict(is_causal=True, mask=mask, bias=bias, local_window_size=3,
+                  query_seq_lengths=jnp.full((B,), T - 2))]
+    with jax.numpy_rank_promotion("raise"):
+        for kw in forms:
+            ftattn_jax.dot_product_attention(q, k, v, scheme=scheme, on_fault=on_fault, **kw)

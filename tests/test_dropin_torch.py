@@ -224,3 +224,57 @@ def test_three_dimensional_inputs_like_sdpa_and_rank_five_refused():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="query: expected a rank-4"):
         ftattn_torch.scaled_dot_product_attention(q[None], k[None], v[None])
+
+
+def test_torch_compile_with_a_transposed_view():
+    """Attention modules pass ``x.view(B, T, N, H).transpose(1, 2)``: the fake and the real op
+    agree on the output's strides, so Inductor's stride assertion holds."""
+    import torch
+
+    import ftattn_torch
+
+    B, T, N, H = 2, 6, 4, 16
+    x = torch.randn(B, T, N * H, device=DEVICE)
+
+    def f(x):
+        q = x.view(B, T, N, H).transpose(1, 2)
+        return ftattn_torch.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+def test_causal_bias_as_attn_mask(variant):
+    """``torch.nn.attention.bias.causal_upper_left/lower_right`` mean what they mean in SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import bias
+
+    import ftattn_torch
+
+    q, k, v = _inputs(9, "float32")
+    T, S = q.shape[2], k.shape[2]
+    assert T != S
+    cb = getattr(bias, f"causal_{variant}")(T, S)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(q.shape[1] // k.shape[1], 1),
+                                          v.repeat_interleave(q.shape[1] // k.shape[1], 1), attn_mask=cb)
+    got, rep = ftattn_torch.scaled_dot_product_attention(q, k, v, attn_mask=cb, enable_gqa=True, return_report=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not bool(rep.detected)
+    with pytest.raises(ValueError, match="attn_mask"):
+        ftattn_torch.scaled_dot_product_attention(q, k, v, attn_mask=bias.causal_upper_left(T + 1, S), enable_gqa=True)
+
+
+def test_autocast_gives_sdpas_dtype():
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    q = torch.randn(2, 4, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.scaled_dot_product_attention(q, q, q)
+        got = ftattn_torch.scaled_dot_product_attention(q, q, q)
+    assert got.dtype == want.dtype == torch.bfloat16

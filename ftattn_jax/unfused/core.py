@@ -177,7 +177,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         s = lax.optimization_barrier(s)
     allowed = masking.combine(B, T, S, OPS, mask=mask, is_causal=is_causal, window=window,
                                 query_lengths=query_lengths, key_lengths=key_lengths)
-    allowed_ts = masking.attended(allowed, is_causal, T, S, OPS)  # None, T S, or B|1 N|1 T S
+    allowed_ts = masking.attended(allowed, is_causal, T, S, OPS)  # None or B|1 N|1 T S
     guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
         s_masked = s if allowed_ts is None else jnp.where(allowed_ts, s, 0.0)

@@ -166,7 +166,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     s = faults.inject(_scores(qg, key, scale), "scores", "BNTS", plan)
     allowed = masking.combine(B, T, S, ops_on(dev), mask=mask, is_causal=is_causal, window=window,
                                 query_lengths=query_lengths, key_lengths=key_lengths)
-    allowed_ts = masking.attended(allowed, is_causal, T, S, ops_on(dev))  # None, T S, or B|1 N|1 T S
+    allowed_ts = masking.attended(allowed, is_causal, T, S, ops_on(dev))  # None or B|1 N|1 T S
     guard = allowed is not None or bias is not None
     if {"qk_row", "qk_col"} & set(wanted):
         with torch.no_grad():  # the checks never need a backward graph
