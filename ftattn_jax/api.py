@@ -18,6 +18,7 @@ from jax.experimental import checkify
 from ftattn_spec import implementations, masking, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
+from ftattn_spec import faults as spec_faults
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Ran, Report
 from ftattn_spec.schemes import CHECKS
@@ -28,6 +29,12 @@ _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["jax"]
 
 # ``Report.ran`` is plain data: a pytree node with no leaves, so a report crosses ``jax.jit``
 jax.tree_util.register_pytree_node(Ran, lambda r: ((), (r.implementation, r.fallback)), lambda aux, _: Ran(*aux))
+# a ``Fault`` is a pytree whose leaves are its index, bit and value: a fault plan can be an argument of
+# the user's jitted function, and one compilation serves every fault of the same count and sites
+jax.tree_util.register_pytree_node(
+    Fault, lambda f: ((f.index, f.bit, f.value), (f.site, f.replica)),
+    lambda aux, ch: spec_faults._unchecked_fault(aux[0], ch[0], ch[1], ch[2], aux[1]))
+_TRACED_FAULTS = (jnp.stack, lambda x, dtype: jnp.asarray(x, dtype))
 
 
 def _as_array(name: str, x):
@@ -92,7 +99,8 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                [_dtype_name(x) for x in (query, key, value)],
                                scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
                                on_fault=on_fault, fault=fault,
-                               implementation="unfused" if impl == implementations.AUTO else impl)
+                               implementation="unfused" if impl == implementations.AUTO else impl,
+                               traced_faults=_TRACED_FAULTS)
     mask, bias, query_seq_lengths, key_value_seq_lengths = extra
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)

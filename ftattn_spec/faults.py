@@ -125,6 +125,15 @@ class Fault:
             raise ValueError(f"fault.replica: expected 0 for site {self.site!r} (only 'probs' has a replica), got 1")
 
 
+def _unchecked_fault(site: str, index, bit, value, replica: int) -> "Fault":
+    """A ``Fault`` whose leaves may be a framework's traced scalars (rebuilt by ``jax.tree_util``
+    inside a transformation); the checks ran when the user built it."""
+    f = object.__new__(Fault)
+    for name, x in (("site", site), ("index", tuple(index)), ("bit", bit), ("value", value), ("replica", replica)):
+        object.__setattr__(f, name, x)
+    return f
+
+
 class FaultPlan(NamedTuple):
     """Faults as arrays of length F, so that a jit-compiled backend can take them as data.
 
@@ -171,11 +180,13 @@ def _site_shape(site: str, dims: dict) -> tuple[int, ...]:
     return tuple(dims[a] for a in SITE_AXES[site])
 
 
-def validate_faults(fault, dims: dict, dtype: str, checks: tuple[str, ...]) -> FaultPlan | None:
+def validate_faults(fault, dims: dict, dtype: str, checks: tuple[str, ...], traced=None) -> FaultPlan | None:
     """Check ``fault`` (None, a ``Fault`` or a sequence of them) against the call.
 
     ``dims`` are the legend sizes of the call, ``dtype`` the input dtype and
     ``checks`` the scheme's checks. Returns a :class:`FaultPlan` or None.
+    Traced indices and bits cannot be range-checked (an index out of range then
+    corrupts nothing); ``traced`` builds the plan from them (see :func:`plan`).
     """
     if fault is None:
         return None
@@ -187,21 +198,37 @@ def validate_faults(fault, dims: dict, dtype: str, checks: tuple[str, ...]) -> F
         return None
     for f in faults:
         shape = _site_shape(f.site, dims)
-        if any(not 0 <= i < n for i, n in zip(f.index, shape)):
+        if any(_is_int(i) and not 0 <= i < n for i, n in zip(f.index, shape)):
             raise ValueError(f"fault.index: expected 0 <= index < {shape} (logical {SITE_AXES[f.site]} of site "
                              f"{f.site!r}), got {f.index}")
         width = bit_width(f.site, dtype)
-        if f.bit is not None and f.bit >= width:
+        if f.bit is not None and _is_int(f.bit) and f.bit >= width:
             raise ValueError(f"fault.bit: expected 0 <= bit < {width} (site {f.site!r} holds "
                              f"{element_dtype(f.site, dtype)}), got {f.bit}")
         if f.replica == 1 and "softmax_dmr" not in checks:
             raise ValueError("fault.replica: expected 0, because this scheme computes one softmax "
                              "(only schemes with 'softmax_dmr' compute replica 1), got 1")
-    return plan(faults)
+    concrete = all(_is_int(i) for f in faults for i in (*f.index, f.bit if f.bit is not None else 0)) and all(
+        f.value is None or isinstance(f.value, numbers.Real) for f in faults)
+    return plan(faults, None if concrete else traced)
 
 
-def plan(faults) -> FaultPlan:
-    """Encode validated faults as a :class:`FaultPlan` (no shape checks)."""
+def plan(faults, traced=None) -> FaultPlan:
+    """Encode validated faults as a :class:`FaultPlan` (no shape checks).
+
+    ``traced``: for faults whose index, bit or value are a framework's traced
+    scalars (a ``Fault`` passed through ``jax.jit``), a pair ``(stack, asarray)``
+    of that framework; the plan's arrays are then the framework's.
+    """
+    if traced is not None:
+        stack, asarray = traced
+        ints = lambda xs: stack([asarray(x, "int32") for x in xs])  # noqa: E731
+        return FaultPlan(
+            site=ints([SITES.index(f.site) for f in faults]), replica=ints([f.replica for f in faults]),
+            index=stack([ints(f.index) for f in faults]),
+            kind=ints([_KIND["bit"] if f.bit is not None else _KIND["value"] for f in faults]),
+            bit=ints([f.bit if f.bit is not None else 0 for f in faults]),
+            value=stack([asarray(f.value if f.value is not None else 0.0, "float32") for f in faults]))
     return FaultPlan(
         site=np.array([SITES.index(f.site) for f in faults], np.int32),
         replica=np.array([f.replica for f in faults], np.int32),

@@ -128,14 +128,15 @@ class Settings(NamedTuple):
 
 
 def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, scale, is_causal,
-                       on_fault="report", fault=None, implementation="unfused") -> Settings:
+                       on_fault="report", fault=None, implementation="unfused", traced_faults=None) -> Settings:
     """Validate every argument of ``attention`` for ``backend`` (``"jax"`` or ``"torch"``).
 
     ``shapes`` are the (query, key, value) shapes and ``dtypes`` their
     ``(name, is_floating)`` pairs; the order of the checks fixes which error
     a call with several problems gets, the same in both backends.
     ``implementation`` is a name :func:`implementations.resolve` returned; the
-    checks it runs for ``scheme`` are resolved here, once.
+    checks it runs for ``scheme`` are resolved here, once. ``traced_faults``: see
+    ``faults.plan`` (a JAX fault plan passed through ``jax.jit``).
     """
     scheme = validate_scheme(scheme)
     granularity = validate_granularity(granularity)
@@ -144,7 +145,7 @@ def validate_attention(backend: str, shapes, dtypes, *, scheme, granularity, sca
     dtype = validate_dtypes(*(name for name, _ in dtypes), floating=dict(dtypes))
     dims = validate_shapes(*LAYOUTS[backend], *shapes)
     scale = resolve_scale(scale, dims["H"])
-    plan = validate_faults(fault, dims, dtype, SCHEMES[scheme].checks)
+    plan = validate_faults(fault, dims, dtype, SCHEMES[scheme].checks, traced_faults)
     # a scheme it cannot run at all is refused by implementations.unsupported
     return Settings(scheme, granularity, scale, is_causal, dtype, dims, on_fault, plan, implementation,
                     checks_for(backend, implementation, scheme))

@@ -250,3 +250,27 @@ def test_strict_rank_promotion(scheme, on_fault):
     with jax.numpy_rank_promotion("raise"):
         for kw in forms:
             ftattn_jax.dot_product_attention(q, k, v, scheme=scheme, on_fault=on_fault, **kw)
+
+
+def test_a_fault_plan_is_a_pytree_argument_of_jit():
+    """A fault campaign inside the user's jitted step: faults are arguments, and one compilation
+    serves every fault of the same sites."""
+    import jax
+
+    import ftattn_jax
+
+    q, k, v = _inputs(12)
+
+    @jax.jit
+    def step(q, k, v, fault):
+        out, rep = ftattn_jax.attention(q, k, v, fault=fault)
+        return out, rep.detected, rep.located["scores"]
+
+    clean = ftattn_jax.attention(q, k, v)[0]
+    for b, n, i, j in ((1, 2, 3, 4), (0, 1, 5, 2), (2, 0, 7, 9)):
+        out, detected, loc = step(q, k, v, Fault("scores", (b, n, i, j), bit=30))
+        assert bool(detected) and tuple(np.asarray(loc)[b, n]) == (i, j)
+        assert not np.allclose(np.asarray(out), np.asarray(clean))
+    assert step._cache_size() == 1
+    leaves = jax.tree_util.tree_leaves(Fault("probs", (0, 1, 2, 3), value=2.0, replica=1))
+    assert leaves == [0, 1, 2, 3, 2.0]

@@ -114,8 +114,12 @@ def can_inject() -> bool:
 
 
 def _slot_conflict(plan) -> bool:
-    """True when two of the plan's in-kernel faults share a (site, replica, batch, head, row)."""
-    idx = np.asarray(plan.index)
+    """True when two of the plan's in-kernel faults share a (site, replica, batch, head, row), or
+    when the plan is traced (its rows cannot be compared here)."""
+    try:
+        idx = np.asarray(plan.index)
+    except Exception:  # traced: a fault plan passed through jax.jit
+        return True
     keys = [(int(s), int(r), *map(int, i[:3])) for s, r, i in zip(np.asarray(plan.site), np.asarray(plan.replica), idx)
             if int(s) in (0, 1, 2)]
     return len(keys) != len(set(keys))

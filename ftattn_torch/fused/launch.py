@@ -10,6 +10,7 @@ imported (``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,10 +77,23 @@ def _kernels():
     return _KERNELS
 
 
+_INTERPRETING: bool | None = None
+
+
 def interpreting() -> bool:
-    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
-    mod = _kernels()
-    return type(mod._forward).__name__ == "InterpretedFunction"
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import).
+
+    Found once and kept in a plain bool, so that ``torch.compile`` can trace the callers
+    (it cannot trace the kernel object); a first call made while compiling reads the
+    environment variable instead.
+    """
+    global _INTERPRETING
+    if _INTERPRETING is None:
+        if torch.compiler.is_compiling():
+            return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        mod = _kernels()
+        _INTERPRETING = type(mod._forward).__name__ == "InterpretedFunction"
+    return _INTERPRETING
 
 
 def unsupported(query: Tensor) -> str | None:
