@@ -43,11 +43,11 @@ class JaxBackend:
 
     def attention(self, q, k, v, **kw):
         """``ftattn_jax.attention``; NumPy mask arguments (logical BNTS) are converted.
-        ``implementation=`` defaults to the adapter's (``"unfused"``: not passed; ``"pallas"``
-        interprets the kernel unless JAX's default backend is a GPU)."""
+        ``implementation=`` defaults to the adapter's, always passed (the library's default,
+        ``"auto"``, would take the fused kernel on a GPU; ``"pallas"`` interprets the kernel
+        unless JAX's default backend is a GPU)."""
         kw = {n: (self.jnp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in kw.items()}
-        if self.implementation != "unfused":
-            kw.setdefault("implementation", self.implementation)
+        kw.setdefault("implementation", self.implementation)
         return self.mod.attention(q, k, v, **kw)
 
     def sync(self, tree):
@@ -116,12 +116,13 @@ class TorchBackend:
 
     def attention(self, q, k, v, **kw):
         """``ftattn_torch.attention``; NumPy mask arguments (logical BNTS) are converted.
-        ``implementation=`` defaults to the adapter's (``"unfused"``: not passed)."""
+        ``implementation=`` defaults to the adapter's, always passed (the library's default,
+        ``"auto"``, would take the fused kernel on a GPU)."""
         kw = {n: (self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device) if isinstance(x, np.ndarray) else x)
               for n, x in kw.items()}
+        kw.setdefault("implementation", self.implementation)
         if self.implementation == "unfused":
             return self.mod.attention(q, k, v, **kw)
-        kw.setdefault("implementation", self.implementation)
         with np.errstate(all="ignore"):  # Triton's interpreter (NumPy) warns where a GPU makes inf or NaN silently
             return self.mod.attention(q, k, v, **kw)
 

@@ -85,8 +85,8 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
             raise ValueError(f"{n}: expected the device of query ({query.device}), got {x.device}")
     given = list(zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size)))
     if impl == implementations.AUTO:
-        impl, fallback = implementations.choose("torch", device_reason=_device_reason(query), scheme=cfg.scheme,
-                                                dtype=cfg.dtype, q_shape=query.shape, masking=given)
+        impl, fallback = _choose(_device_reason(query.device.type), cfg.scheme, cfg.dtype,
+                                 tuple(int(n) for n in query.shape), tuple(n for n, x in given if x is not None))
         if fallback is not None and query.device.type == "cuda" and not torch.compiler.is_compiling():
             implementations.warn_fallback("torch", fallback)
         cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("torch", impl, cfg.scheme))
@@ -100,13 +100,22 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
     return Call(cfg, m)
 
 
-def _device_reason(query) -> str | None:
-    """Why ``"auto"`` cannot take the fused kernel on ``query``'s device (None: it can). Off CUDA it never
-    takes it (Triton's interpreter is for tests); on CUDA it needs triton, compiled."""
-    if query.device.type != "cuda":
-        return f"not on a GPU (the query is on {query.device.type})"
+@torch.compiler.assume_constant_result
+def _choose(device_reason, scheme: str, dtype: str, q_shape: tuple, given: tuple) -> tuple[str, str | None]:
+    """``implementations.choose`` on plain values: ``torch.compile`` calls it once, eagerly, and
+    keeps the answer as a constant of the graph (it cannot trace the catalogue's records)."""
+    return implementations.choose("torch", device_reason=device_reason, scheme=scheme, dtype=dtype,
+                                  q_shape=q_shape, masking=[(n, True) for n in given])
+
+
+@torch.compiler.assume_constant_result
+def _device_reason(device_type: str) -> str | None:
+    """Why ``"auto"`` cannot take the fused kernel on a device of this type (None: it can). Off
+    CUDA it never takes it (Triton's interpreter is for tests); on CUDA it needs triton, compiled."""
+    if device_type != "cuda":
+        return f"not on a GPU (the query is on {device_type})"
     try:
-        return fused.unsupported(query)
+        return fused.unsupported(torch.empty(0, device=device_type))
     except ValueError as e:  # triton is not installed
         return str(e)
 

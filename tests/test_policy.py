@@ -93,6 +93,8 @@ def test_jax_default_runs_unfused_on_cpu_and_says_so_under_jit():
 
     import ftattn_jax
 
+    if jax.default_backend() == "gpu":
+        pytest.skip("the default takes the kernel on a GPU")
     q, k, v = _jax_inputs()
     _, rep = jax.jit(lambda q, k, v: ftattn_jax.attention(q, k, v))(q, k, v)
     assert rep.ran.implementation == "unfused" and "GPU" in rep.ran.fallback
