@@ -56,32 +56,28 @@ def imports_of(name: str) -> set[str]:
     return found
 
 
-def _rules() -> list[tuple[str, list[str]]]:
-    """The ``imports`` block of DESIGN.md: ``pattern -> allowed patterns``, first match wins."""
+def _block(name: str, arrow: str) -> list[tuple[str, list[str]]]:
+    """The ````name`` block of DESIGN.md as ``(pattern, [names])`` lines split at ``arrow``."""
     text = (ROOT / "DESIGN.md").read_text()
-    block = re.search(r"```imports\n(.*?)```", text, re.S)
-    assert block, "DESIGN.md has no ```imports block"
-    rules = []
-    for line in block.group(1).splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            lhs, _, rhs = line.partition("->")
-            rules.append((lhs.strip(), rhs.split()))
-    return rules
-
-
-def _forbidden() -> list[tuple[str, list[str]]]:
-    """The ``third-party`` block of DESIGN.md: ``pattern -> forbidden top-level packages``."""
-    text = (ROOT / "DESIGN.md").read_text()
-    block = re.search(r"```third-party\n(.*?)```", text, re.S)
-    assert block, "DESIGN.md has no ```third-party block"
+    block = re.search(rf"```{name}\n(.*?)```", text, re.S)
+    assert block, f"DESIGN.md has no ```{name} block"
     out = []
     for line in block.group(1).splitlines():
         line = line.split("#")[0].strip()
         if line:
-            lhs, _, rhs = line.partition("-x")
+            lhs, _, rhs = line.partition(arrow)
             out.append((lhs.strip(), rhs.split()))
     return out
+
+
+def _rules() -> list[tuple[str, list[str]]]:
+    """``module pattern -> allowed patterns``; the first line that matches a module applies."""
+    return _block("imports", "->")
+
+
+def _forbidden() -> list[tuple[str, list[str]]]:
+    """``module pattern -x forbidden top-level packages``."""
+    return _block("third-party", "-x")
 
 
 def _matches(name: str, pattern: str) -> bool:
