@@ -100,7 +100,14 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
     return Call(cfg, m)
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` when
+    ftattn is imported (it imports triton): that decorator only sets this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def _choose(device_reason, scheme: str, dtype: str, q_shape: tuple, given: tuple) -> tuple[str, str | None]:
     """``implementations.choose`` on plain values: ``torch.compile`` calls it once, eagerly, and
     keeps the answer as a constant of the graph (it cannot trace the catalogue's records)."""
@@ -108,7 +115,7 @@ def _choose(device_reason, scheme: str, dtype: str, q_shape: tuple, given: tuple
                                   q_shape=q_shape, masking=[(n, True) for n in given])
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _device_reason(device_type: str) -> str | None:
     """Why ``"auto"`` cannot take the fused kernel on a device of this type (None: it can). Off
     CUDA it never takes it (Triton's interpreter is for tests); on CUDA it needs triton, compiled."""

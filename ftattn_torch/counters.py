@@ -1,10 +1,13 @@
-"""Device-side fault counters of the PyTorch backend: every protected call adds to them.
+"""Fault counters of the PyTorch backend: every protected call adds to them.
 
 Per call site (a layer's ``layer_idx`` for Hugging Face models, a name given by
-the caller, or the file and line of the call) and device: int64 tensors of
-detections and calls, added to on the device, so a call waits for nothing.
-:func:`read` brings them to the host once (call it once per step); a training
-loop reads them, then skips, replays or stops (docs/faults.md, "Counters").
+the caller, or the file and line of the call): detections and calls. A call
+launches nothing and waits for nothing: it keeps a reference to its verdict
+(a bool scalar on the device) and counts itself on the host; every
+``FOLD`` calls a site's verdicts are summed on the device into one int64
+tensor (two launches). :func:`read` brings the sums to the host (call it once
+per step); a training loop reads them, then skips, replays or stops
+(docs/faults.md, "Counters and the fault policy").
 """
 
 from __future__ import annotations
@@ -13,33 +16,52 @@ import threading
 
 import torch
 
+#: verdicts kept per site and device before they are summed on the device
+FOLD = 256
+
 _lock = threading.Lock()
-_counts: dict[tuple[str, str], torch.Tensor] = {}
+_sites: dict[tuple[str, str], "_Site"] = {}
+
+
+class _Site:
+    __slots__ = ("pending", "folded", "calls")
+
+    def __init__(self):
+        self.pending: list[torch.Tensor] = []
+        self.folded: torch.Tensor | None = None
+        self.calls = 0
+
+    def fold(self) -> None:
+        if self.pending:
+            total = torch.stack(self.pending).sum(dtype=torch.int64)
+            self.folded = total if self.folded is None else self.folded + total
+            self.pending = []
 
 
 def record(site: str, detected: torch.Tensor) -> None:
-    """Add one call and its verdict (a bool scalar tensor) to the counters of ``site``."""
+    """Count one call of ``site`` and its verdict (a bool scalar tensor)."""
     if torch.compiler.is_compiling():  # a traced graph cannot update host-held state; see docs
         return
     key = (site, str(detected.device))
     with _lock:
-        c = _counts.get(key)
-        if c is None:
-            c = _counts[key] = torch.zeros(2, dtype=torch.int64, device=detected.device)
-    c[0] += detected.to(torch.int64)
-    c[1] += 1
+        s = _sites.get(key)
+        if s is None:
+            s = _sites[key] = _Site()
+        s.pending.append(detected.detach().reshape(()))
+        s.calls += 1
+        if len(s.pending) >= FOLD:
+            s.fold()
 
 
 def read() -> dict[str, dict[str, int]]:
-    """``{site: {"detected": n, "calls": n}}`` summed over devices (one transfer per device in use)."""
+    """``{site: {"detected": n, "calls": n}}`` summed over devices (waits for the device)."""
     out: dict[str, dict[str, int]] = {}
     with _lock:
-        items = list(_counts.items())
-    for (site, _), c in items:
-        d, n = (int(x) for x in c.tolist())
-        s = out.setdefault(site, {"detected": 0, "calls": 0})
-        s["detected"] += d
-        s["calls"] += n
+        for (site, _), s in _sites.items():
+            s.fold()
+            c = out.setdefault(site, {"detected": 0, "calls": 0})
+            c["detected"] += 0 if s.folded is None else int(s.folded)
+            c["calls"] += s.calls
     return out
 
 
@@ -51,4 +73,4 @@ def detected() -> int:
 def reset() -> None:
     """Zero every counter."""
     with _lock:
-        _counts.clear()
+        _sites.clear()
