@@ -6,6 +6,7 @@
 from ftattn_spec import __version__
 from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResult, Fault, FaultDetected, Report
 
+from ftattn_spec.implementations import FallbackWarning
 from ftattn_spec.policy import POLICIES, FaultWarning, fault_policy, get_policy, set_policy
 
 from . import counters
@@ -13,5 +14,5 @@ from .api import attention
 from .nn import dot_product_attention
 
 __all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
-           "FaultDetected", "FaultWarning", "POLICIES", "Report", "attention", "counters", "dot_product_attention",
-           "fault_policy", "get_policy", "set_policy"]
+           "FallbackWarning", "FaultDetected", "FaultWarning", "POLICIES", "Report", "attention", "counters",
+           "dot_product_attention", "fault_policy", "get_policy", "set_policy"]

@@ -3,6 +3,7 @@
 from ftattn_spec import __version__
 from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResult, Fault, FaultDetected, Report
 
+from ftattn_spec.implementations import FallbackWarning
 from ftattn_spec.policy import POLICIES, FaultWarning, fault_policy, get_policy, set_policy
 
 from . import counters
@@ -11,5 +12,5 @@ from .module import FaultTolerantAttention
 from .sdpa import scaled_dot_product_attention
 
 __all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
-           "FaultDetected", "FaultTolerantAttention", "FaultWarning", "POLICIES", "Report", "attention", "counters",
-           "fault_policy", "get_policy", "scaled_dot_product_attention", "set_policy"]
+           "FallbackWarning", "FaultDetected", "FaultTolerantAttention", "FaultWarning", "POLICIES", "Report",
+           "attention", "counters", "fault_policy", "get_policy", "scaled_dot_product_attention", "set_policy"]
