@@ -9,12 +9,11 @@ nothing else keeps such a table.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .policy import internal_frame
+from .policy import caller_stacklevel
 from .schemes import CHECKS, SCHEMES
 
 #: The mask forms of ``ftattn_spec.masking``, as the catalogue names them.
@@ -165,21 +164,13 @@ class FallbackWarning(UserWarning):
 _WARNED: set[tuple[str, str]] = set()
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside ftattn."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and internal_frame(frame):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def warn_fallback(backend: str, reason: str) -> None:
     """Warn once per reason (per process) that ``"auto"`` fell back on a GPU, at the user's call."""
     if (backend, reason) in _WARNED:
         return
     _WARNED.add((backend, reason))
     warnings.warn(f"ftattn ({backend}): implementation='auto' ran the unfused path (much slower than the fused "
-                  f"kernel) because: {reason}", FallbackWarning, stacklevel=_caller_stacklevel())
+                  f"kernel) because: {reason}", FallbackWarning, stacklevel=caller_stacklevel())
 
 
 def run_checks(implementation: str, scheme: str) -> tuple[str, ...]:

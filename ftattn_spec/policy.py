@@ -88,14 +88,27 @@ def internal_frame(frame) -> bool:
     return name.split(".")[0] in _OURS or name.startswith(_WRAPPERS)
 
 
+def _first_outside(frame) -> tuple:
+    """``(frame, steps)``: the first frame at or above ``frame`` outside ftattn, and how many
+    frames up it is."""
+    steps = 0
+    while frame is not None and internal_frame(frame):
+        frame, steps = frame.f_back, steps + 1
+    return frame, steps
+
+
 def caller_site() -> str:
     """``"file:line"`` of the first frame outside ftattn: the counters' key of a call with no name."""
-    frame = sys._getframe(1)
-    while frame is not None and internal_frame(frame):
-        frame = frame.f_back
+    frame, _ = _first_outside(sys._getframe(1))
     if frame is None:  # pragma: no cover
         return "<unknown>"
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made in the calling function that points the
+    warning at the first frame outside ftattn (the user's call)."""
+    return 1 + _first_outside(sys._getframe(1))[1]
 
 
 def validate_site(site) -> str | None:

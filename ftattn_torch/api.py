@@ -95,7 +95,7 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
                                           masking=given)
     if refusal is not None:
         raise refusal.exception()
-    if impl == "triton" and (why := fused.unsupported(query)) is not None:
+    if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:
         raise ValueError(why)
     return Call(cfg, m)
 
@@ -122,7 +122,7 @@ def _device_reason(device_type: str) -> str | None:
     if device_type != "cuda":
         return f"not on a GPU (the query is on {device_type})"
     try:
-        return fused.unsupported(torch.empty(0, device=device_type))
+        return fused.unsupported(device_type)
     except ValueError as e:  # triton is not installed
         return str(e)
 
@@ -228,19 +228,10 @@ def call_site(site) -> str:
     return "compiled" if torch.compiler.is_compiling() else policy.caller_site()
 
 
-def under_policy(on_fault: str, takes_report: bool) -> tuple[str, bool]:
-    """``(on_fault, warn)`` for a call under ``ftattn_spec.policy`` (see there)."""
-    return policy.effective_on_fault(on_fault, takes_report)
-
-
 def count(site: str, report: Report, warn: bool = False) -> None:
     """Add the call to ``ftattn_torch.counters``; under the policy ``"warn"``, warn on a detection
     (which reads the verdict on the host)."""
     counters.record(site, report.detected)
     if warn and not torch.compiler.is_compiling() and bool(report.detected):
         warnings.warn(f"ftattn (torch): a fault was detected in attention at {site} (nobody reads this call's "
-                      f"report; policy 'warn')", policy.FaultWarning, stacklevel=policy_stacklevel())
-
-
-def policy_stacklevel() -> int:
-    return implementations._caller_stacklevel() - 1
+                      f"report; policy 'warn')", policy.FaultWarning, stacklevel=policy.caller_stacklevel())

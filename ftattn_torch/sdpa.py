@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ftattn_spec import faults as spec_faults
-from ftattn_spec import implementations
+from ftattn_spec import implementations, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import REPORT_AXES
 from ftattn_spec.faults import Fault, FaultPlan
@@ -26,7 +26,7 @@ from ftattn_spec.report import CheckResult, Ran, Report
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
 from . import reference
-from .api import call_site, count, execute, resolve, under_policy
+from .api import call_site, count, execute, resolve
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 _BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
@@ -210,7 +210,7 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
                    is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation, names=_NAMES)
     cfg = call.settings
-    run_on_fault, warn = under_policy(cfg.on_fault, takes_report)
+    run_on_fault, warn = policy.effective_on_fault(cfg.on_fault, takes_report)
     impl = cfg.implementation
     if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
         raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "

@@ -107,6 +107,10 @@ class MosaicBlocks:
         return cls()
 
 
+#: the block-size type of this kernel, under the name every kernel module uses
+Blocks = MosaicBlocks
+
+
 def can_inject() -> bool:
     """Whether this kernel can inject faults itself (its bit flips need Mosaic GPU's
     bitcast of registers, jax >= 0.11)."""

@@ -90,6 +90,10 @@ class BlockSizes:
         return cls(128, 64, 8, 3) if checks else cls(128, 64, 4, 2)
 
 
+#: the block-size type of this kernel, under the name every kernel module uses
+Blocks = BlockSizes
+
+
 def unsupported(query, *, platform: str, interpret: bool, plan=None) -> str | None:
     """Why this kernel cannot run the call here, or None (the catalogue has judged the arguments).
 

@@ -152,8 +152,7 @@ def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: 
     if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
         lowering = getattr(blocks, "LOWERING", None)
     chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan)
-    kernel = KERNELS[chosen]
-    kind = kernel.MosaicBlocks if chosen == mosaic.LOWERING else kernel.BlockSizes
+    kind = KERNELS[chosen].Blocks
     if blocks is not None and not isinstance(blocks, kind):
         raise TypeError(f"blocks: the {chosen!r} lowering expected {kind.__name__}, got {type(blocks).__name__}")
     bs = blocks or kind.get_default(interpret, query.shape[-1], bool(checks))

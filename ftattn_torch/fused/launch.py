@@ -96,16 +96,16 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
-def unsupported(query: Tensor) -> str | None:
-    """Why the kernel cannot run on ``query``'s device here, or None (the catalogue has judged the
-    arguments). The sentence starts with ``implementation: 'triton'``."""
-    if query.device.type == "cuda":
+def unsupported(device_type: str) -> str | None:
+    """Why the kernel cannot run on a device of this type (``query.device.type``) here, or None
+    (the catalogue has judged the arguments). The sentence starts with ``implementation: 'triton'``."""
+    if device_type == "cuda":
         if interpreting():
             return ("implementation: 'triton' got CUDA tensors, but TRITON_INTERPRET=1 was set when "
                     "the kernels were imported; unset it to compile them for the GPU")
         return None
     if not interpreting():
-        return (f"implementation: 'triton' needs CUDA tensors (got {query.device.type}), or Triton's "
+        return (f"implementation: 'triton' needs CUDA tensors (got {device_type}), or Triton's "
                 f"interpreter: set the environment variable TRITON_INTERPRET=1 before the first call "
                 f"(before triton is imported) to run the kernel on the CPU, slowly")
     if tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4) and _triton_version() < (3, 7):
