@@ -85,7 +85,7 @@ CATALOGUE: tuple[Implementation, ...] = (
     Implementation("torch", "unfused", "the schemes in eager PyTorch", CHECKS, _ALL_DTYPES, None, MASK_FORMS,
                    ("cpu", "cuda"), localizes=True),
     Implementation("torch", "triton", "one fused flash-attention kernel in Triton with the checks inside",
-                   _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, ("causal",), ("cuda",), interpreted=("cpu",)),
+                   _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, MASK_FORMS, ("cuda",), interpreted=("cpu",)),
 )
 
 BACKENDS: tuple[str, ...] = ("jax", "torch")
@@ -215,8 +215,9 @@ def unsupported(backend: str, implementation: str, *, scheme: str, dtype: str, q
                 masking=()) -> Refusal | None:
     """Why ``implementation`` cannot run the call, or None when the catalogue says it can.
 
-    ``masking`` holds ``(name, value)`` pairs (or a dict) of the mask arguments,
-    named as the caller spells them (two may share a name), None where not given; ``is_causal`` is every record's. The
+    ``masking`` holds ``(name, value)`` pairs (or a dict) of the mask arguments in the
+    order mask, bias, query lengths, key lengths, window, named as the caller spells
+    them (two may share a name), None where not given; ``is_causal`` is every record's. The
     device is the backend's to judge (it knows the runtime: an interpreter,
     a compiler); this answers for the arguments.
     """
@@ -233,12 +234,17 @@ def unsupported(backend: str, implementation: str, *, scheme: str, dtype: str, q
     if rec.head_dims is not None and H not in rec.head_dims:
         return Refusal("query", f"query: implementation={name!r} expected head dim H in {rec.head_dims}, got H={H} "
                                 f"(shape {tuple(q_shape)}; use implementation='unfused')", ValueError)
-    pairs = masking.items() if isinstance(masking, dict) else masking
-    given = [n for n, x in pairs if x is not None]
-    if given and rec.mask_forms == ("causal",):
-        return Refusal(given[0], f"{given[0]}: implementation={name!r} supports is_causal only, not {given[0]} "
-                                 f"(use implementation='unfused' for masks, biases, windows and lengths)", ValueError)
+    pairs = list(masking.items() if isinstance(masking, dict) else masking)
+    for (arg, x), form in zip(pairs, _ARGUMENT_FORMS):
+        if x is not None and form not in rec.mask_forms:
+            return Refusal(arg, f"{arg}: implementation={name!r} supports the mask forms {rec.mask_forms}, not "
+                                f"{form} (use implementation='unfused')", ValueError)
     return None
+
+
+#: the mask form of each mask argument, in the order every entry point passes them to
+#: :func:`unsupported` (mask, bias, query lengths, key lengths, window)
+_ARGUMENT_FORMS = ("mask", "bias", "lengths", "lengths", "window")
 
 
 def support_table() -> str:

@@ -294,8 +294,10 @@ def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int,
     ``M_i = scale·Σ_h |q_ih|·Σ_j |k_jh|`` over the attended keys. The actual
     side sums each tile's S row in a tree (γ(block_n)) and adds the tile sums
     in a chain (γ(tiles + 1)); the prediction sums chunks of keys (γ(chunk)),
-    adds the chunk sums in a prefix sum (γ(chunks + 1)), adds a causal row's
-    part of the diagonal block with a 0/1 matrix product (γ(block_m)), and
+    adds the chunk sums in a chain (γ(chunks + 1)), takes the keys of a tile
+    that a row attends only in part with a 0/1 matrix product (γ(block_n) per
+    partial tile, or γ(block_m) for a causal diagonal block; these tiles cover
+    disjoint keys, so their chain is bounded by the same γ(chunks + 1)), and
     takes the dot product with q (γ(H) and one rounding per product); each
     s_ij is a dot product (γ(H)). Five float32 roundings remain (the sum of the
     two prediction parts, the difference, and the scale on each side).
@@ -305,7 +307,7 @@ def fused_qk_coefficient(S: int, H: int, dtype: str, block_m: int, block_n: int,
     tiles = math.ceil(max(int(S), 1) / block_n)
     chunks = math.ceil(max(int(S), 1) / chunk)
     actual = gamma(block_n) + gamma(tiles + 1)
-    prediction = gamma(chunk) + gamma(chunks + 1) + gamma(block_m)
+    prediction = gamma(chunk) + gamma(chunks + 1) + gamma(max(block_m, block_n))
     return MAGNITUDE_MARGIN * (2.0 * gamma(H) + actual + prediction + 5.0 * U_ACC + product_roundoff(dtype))
 
 

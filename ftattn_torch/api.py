@@ -86,7 +86,7 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
     given = list(zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size)))
     if impl == implementations.AUTO:
         impl, fallback = _choose(_device_reason(query.device.type), cfg.scheme, cfg.dtype,
-                                 tuple(int(n) for n in query.shape), tuple(n for n, x in given if x is not None))
+                                 tuple(int(n) for n in query.shape), tuple((n, x is not None) for n, x in given))
         if fallback is not None and query.device.type == "cuda" and not torch.compiler.is_compiling():
             implementations.warn_fallback("torch", fallback)
         cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("torch", impl, cfg.scheme))
@@ -112,7 +112,7 @@ def _choose(device_reason, scheme: str, dtype: str, q_shape: tuple, given: tuple
     """``implementations.choose`` on plain values: ``torch.compile`` calls it once, eagerly, and
     keeps the answer as a constant of the graph (it cannot trace the catalogue's records)."""
     return implementations.choose("torch", device_reason=device_reason, scheme=scheme, dtype=dtype,
-                                  q_shape=q_shape, masking=[(n, True) for n in given])
+                                  q_shape=q_shape, masking=[(n, True if g else None) for n, g in given])
 
 
 @_constant_under_compile
@@ -136,7 +136,8 @@ def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], 
                   on_fault="report" if on_fault == "raise" else on_fault, plan=plan)
     match implementation:
         case "triton":
-            out, report = fused.run(query, key, value, **common)
+            out, report = fused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
+                                    key_lengths=key_lengths, window=window, **common)
         case "unfused":
             out, report = unfused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
                                       key_lengths=key_lengths, window=window, empty=empty, **common)
@@ -186,8 +187,8 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
         ``"unfused"``; ``report.ran`` says which ran and, after a fallback, why
         (a fallback on a GPU also warns, once per reason: ``FallbackWarning``).
         ``"unfused"``: the schemes in eager PyTorch. ``"triton"``: one fused flash-attention kernel with the
-        checks inside (float16/bfloat16, H in 16, 32, 64, 128, ``is_causal``
-        but no other mask); its ``full`` runs the row checks ``qk_row``,
+        checks inside (float16/bfloat16, H in 16, 32, 64, 128, every mask
+        form); its ``full`` runs the row checks ``qk_row``,
         ``softmax_dmr`` and ``pv_row`` and locates nothing, and
         ``on_fault="correct"`` recomputes the flagged query blocks. It needs
         CUDA tensors, or ``TRITON_INTERPRET=1`` (set before triton is

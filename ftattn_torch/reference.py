@@ -22,13 +22,18 @@ def split_mask(attn_mask):
     return (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
 
 
-def attention_backward(query, key, value, attn_mask, is_causal: bool, scale: float, grad_out):
+def attention_backward(query, key, value, attn_mask, is_causal: bool, scale: float, grad_out, *,
+                       allowed=None):
     """Gradients of plain attention (float32, not checked) with respect to query,
-    key, value and a float ``attn_mask`` (None for a bool mask)."""
+    key, value and a float ``attn_mask`` (None for a bool mask). ``allowed`` (bool,
+    broadcastable to ``B N T S``) masks further: the combined mask forms of
+    ``ftattn_spec.masking.combine``."""
     B, N, T, H = query.shape
     K, S = key.shape[1], key.shape[2]
     G = N // K
     mask, bias = split_mask(attn_mask)
+    if allowed is not None:
+        mask = allowed if mask is None else mask & allowed
     if grad_out is None:
         grad_out = torch.zeros_like(query)
     qf = query.to(_F32)

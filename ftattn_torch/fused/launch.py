@@ -32,8 +32,8 @@ _REPLICAS = ("mufu", "fma")
 class BlockSizes:
     """Tile shape and launch settings of the forward kernel.
 
-    ``block_m`` query rows per program (a multiple of ``tol.FUSED_CHUNK``
-    on a GPU), ``block_n`` keys per tile.
+    ``block_m`` query rows per program, ``block_n`` keys per tile (and per
+    pre-pass chunk of the sums of K).
     """
 
     block_m: int
@@ -54,10 +54,14 @@ class BlockSizes:
             raise ValueError(f"blocks.replica: expected one of {_REPLICAS}, got {self.replica!r}")
 
     @classmethod
-    def get_default(cls, interpret: bool, checks: bool = True) -> "BlockSizes":
-        """Measured on an H100 (``python -m compare.kernel_bench --sweep``, docs/kernels.md)."""
+    def get_default(cls, interpret: bool, checks: bool = True, T: int | None = None) -> "BlockSizes":
+        """Measured on an H100 (``python -m compare.kernel_bench --sweep``, docs/kernels.md).
+        A short query (``T`` below 128: decoding) takes as few rows per program as cover it."""
         if interpret:  # the interpreter: small tiles run fastest on small tests
             return cls(16, 16, 1, 1)
+        if T is not None and T < 128:
+            bm = max(16, 1 << (int(T) - 1).bit_length())
+            return cls(bm, 128, 4, 2)
         return cls(128, 128, 8, 2) if checks else cls(128, 128, 8, 3)
 
 
@@ -156,10 +160,45 @@ class Launch(NamedTuple):
     compiled: object
 
 
+#: "no bound" for a side of the band of keys a query attends (T and S stay far below it)
+_UNBOUNDED = 1 << 30
+
+
+class Masks(NamedTuple):
+    """The mask forms of one launch, as the kernel reads them (``ftattn_spec.masking``'s
+    semantics): a bool ``mask`` and a float ``bias`` broadcastable to ``(B, N, T, S)``, int
+    ``(B,)`` lengths, a window ``(left, right)``, and ``is_causal``. None where not given."""
+
+    mask: Tensor | None = None
+    bias: Tensor | None = None
+    query_lengths: Tensor | None = None
+    key_lengths: Tensor | None = None
+    window: tuple[int, int] | None = None
+    is_causal: bool = False
+
+
+def _dense(x: Tensor | None, shape, dummy: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x`` (rank <= 4) as the kernel reads it: a tensor and its ``B N T S`` strides (0 where broadcast)."""
+    if x is None:
+        return dummy, (0, 0, 0, 0)
+    x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape)).expand(*shape)
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    return x, x.stride()
+
+
+def _band(masks: Masks) -> tuple[int, int]:
+    """``(left, right)``: query ``i`` attends keys ``i - left <= j <= i + right`` (causal and window combined)."""
+    left, right = masks.window if masks.window is not None else (_UNBOUNDED, _UNBOUNDED)
+    if masks.is_causal:
+        right = min(right, 0)
+    return min(left, _UNBOUNDED), min(right, _UNBOUNDED)
+
+
 def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
             plan: FaultPlan | None = None, blocks: BlockSizes | None = None, redo: Tensor | None = None,
             out: Tensor | None = None, signed: bool = False, count_inputs: bool = True,
-            which: tuple[str, ...] | None = None):
+            which: tuple[str, ...] | None = None, masks: Masks | None = None):
     """Launch the kernels; returns a :class:`Launch` ``(out, stats, flags, count, blocks, compiled)``.
 
     ``stats`` is float32 ``(6, B, N, T)``: (residual, threshold) of
@@ -170,20 +209,20 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     ``redo`` (int32 ``(R, 2)`` of (query block, b·N + n)) recomputes only those
     blocks into ``out``, without checks or faults. ``which`` restricts the
     checks to some of ``("qk_row", "softmax_dmr", "pv_row")`` (default: all
-    three when ``checks_on``; each is compiled in only if asked). ``compiled`` is what the
-    forward launch returned (on a GPU, the compiled kernel, whose ``asm``
-    holds its PTX).
+    three when ``checks_on``; each is compiled in only if asked). ``masks``
+    (:class:`Masks`) holds every mask form besides ``is_causal``. ``compiled``
+    is what the forward launch returned (on a GPU, the compiled kernel, whose
+    ``asm`` holds its PTX).
     """
     kern = _kernels()
     B, N, T, H = query.shape
     K, S = key.shape[1], key.shape[2]
     dev = query.device
     interp = interpreting()
-    bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None)
+    masks = (masks or Masks())._replace(is_causal=is_causal)
+    bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None, T)
     upcast = interp and query.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
-    chunk = tol.FUSED_CHUNK if not interp else min(tol.FUSED_CHUNK, bs.block_m)
-    if bs.block_m % chunk:
-        raise ValueError(f"blocks: expected block_m a multiple of {chunk}, got {bs.block_m}")
+    chunk = bs.block_n  # the pre-pass sums K over each tile of keys
     n_chunks = -(-S // chunk)
     if out is None:
         out = torch.empty_like(query)
@@ -199,7 +238,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     if checks_on or count_inputs:
         count = torch.zeros(2, dtype=torch.int32, device=dev)
     if checks_on:
-        ksum = torch.empty((B, K, n_chunks + 1, 2, H), dtype=torch.float32, device=dev)
+        ksum = torch.empty((B, K, n_chunks, 2, H), dtype=torch.float32, device=dev)
         vcol = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
         stats = torch.empty((6, B, N, T), dtype=torch.float32, device=dev)
         flags = torch.empty((3, B, N, T), dtype=torch.bool, device=dev)
@@ -210,20 +249,25 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             *key.stride(), *value.stride(), K, S, n_chunks, vcol_scale, H=H, CHUNK=chunk,
             SUMS=checks_on and bool({"qk_row", "pv_row"} & set(which)),
             num_warps=4 if not interp else 1)
-        if checks_on:
-            torch.cumsum(ksum, dim=2, out=ksum)
     coef = tol.fused_coefficients(S, H, dtype_name(query), bs.block_m, bs.block_n, chunk)  # 9 scalars, in kernel order
     pick = lambda x: dummy if x is None else x  # noqa: E731
+    mask_t, mask_st = _dense(masks.mask, (B, N, T, S), dummy)
+    bias_t, bias_st = _dense(masks.bias, (B, N, T, S), dummy)
+    lengths = [dummy if x is None else x.contiguous() for x in (masks.query_lengths, masks.key_lengths)]
+    left, right = _band(masks)
     slices = [(0, redo.shape[0])] if redo is not None else [(o, min(B * N - o, _MAX_GRID_Y))
                                                            for o in range(0, B * N, _MAX_GRID_Y)]
     for offset, size in slices:
         grid = (size,) if redo is not None else (-(-T // bs.block_m), size)
         compiled = kern._forward[grid](
             query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
-            pick(redo), *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-            N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale,
+            pick(redo), mask_t, bias_t, *lengths,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_st, *bias_st,
+            N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale, left, right,
             *coef, 1.0 / vcol_scale,
-            H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk, CAUSAL=is_causal,
+            H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n,
+            HAS_MASK=masks.mask is not None, HAS_BIAS=masks.bias is not None,
+            HAS_QLEN=masks.query_lengths is not None, HAS_KLEN=masks.key_lengths is not None,
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
             SIGNED=signed, REPLICA_FMA=bs.replica == "fma", num_warps=bs.num_warps, num_stages=bs.num_stages)

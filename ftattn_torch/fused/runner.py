@@ -3,7 +3,7 @@
 ``api`` validates a call and calls :func:`run`, which launches the pre-pass
 and the forward kernel, turns the per-row statistics into the usual
 ``Report``, applies ``on_fault`` and gives autograd the backward of plain
-attention (``ftattn_torch.reference``; not checked).
+attention (``ftattn_torch.reference``, with the same masks and bias; not checked).
 
 The kernel checks rows only (``qk_row``, ``softmax_dmr``, ``pv_row``); a column
 check would need a reduction across programs, so ``full`` runs those three
@@ -16,34 +16,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ftattn_spec import masking
 from ftattn_spec.faults import FaultPlan
 from ftattn_spec.report import CheckResult, make_report
 
 from .. import faults, reference
+from ..common import ops as ops_on
 from ..common import verdict
-from .launch import STAT_PLANES, forward
+from .launch import STAT_PLANES, Masks, forward
 
 
 class _Attention(torch.autograd.Function):
     """The fused forward with the backward of plain attention (float32, not checked)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, out, scale, is_causal):
-        ctx.save_for_backward(query, key, value)
+    def forward(ctx, query, key, value, bias, out, allowed, scale, is_causal):
+        ctx.save_for_backward(query, key, value, bias, allowed)
         ctx.scale, ctx.is_causal = scale, is_causal
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value = ctx.saved_tensors
-        dq, dk, dv, _ = reference.attention_backward(query, key, value, None, ctx.is_causal, ctx.scale, grad_out)
-        return dq, dk, dv, None, None, None
+        query, key, value, bias, allowed = ctx.saved_tensors
+        dq, dk, dv, dbias = reference.attention_backward(query, key, value, bias, ctx.is_causal, ctx.scale, grad_out,
+                                                         allowed=allowed)
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], granularity: str, scale: float,
-        is_causal: bool, on_fault: str = "report", plan: FaultPlan | None = None):
+        is_causal: bool, on_fault: str = "report", plan: FaultPlan | None = None, bias=None, mask=None,
+        query_lengths=None, key_lengths=None, window=None):
     """The fused path: inputs validated, the catalogue and :func:`.launch.unsupported` consulted;
-    ``checks`` are those to run."""
+    ``checks`` are those to run. The mask arguments are those of ``ftattn_spec.masking`` (validated)."""
     dev = query.device
     wanted = tuple(checks)
     with torch.no_grad():
@@ -51,7 +55,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
         k = faults.inject(key.detach(), "key", "BKSH", plan)
         v = faults.inject(value.detach(), "value", "BKSH", plan)
         glob = granularity == "global"
-        out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal,
+        masks = Masks(mask, None if bias is None else bias.detach(), query_lengths, key_lengths, window, is_causal)
+        out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal, masks=masks,
                                                   checks_on=bool(wanted), plan=plan, signed=glob, which=wanted)
         if faults.targets_any(plan, ("query", "key", "value")):  # the kernels counted the corrupted inputs
             finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
@@ -80,10 +85,14 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
             blk = torch.nn.functional.pad(rows, (0, -T % bs.block_m)).view(B * N, -1, bs.block_m).any(-1)
             bn, mb = torch.nonzero(blk, as_tuple=True)
             redo = torch.stack([mb, bn], dim=1).to(torch.int32).contiguous()
-            forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=False, blocks=bs, redo=redo, out=out)
+            forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=False, blocks=bs, redo=redo, out=out,
+                    masks=masks)
             corrected += rows.sum(dtype=torch.int32)
         if on_fault == "nan" and rows is not None:
             out = out.masked_fill(rows[..., None], float("nan"))
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
-        out = _Attention.apply(query, key, value, out, scale, is_causal)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, bias)):
+        B, N, T, _ = query.shape
+        allowed = masking.combine(B, T, key.shape[2], ops_on(dev), mask=mask, window=window,
+                                  query_lengths=query_lengths, key_lengths=key_lengths)
+        out = _Attention.apply(query, key, value, bias, out, allowed, scale, is_causal)
     return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)

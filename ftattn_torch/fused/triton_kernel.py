@@ -122,6 +122,22 @@ def _inject(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, replica, 
 
 
 @triton.jit
+def _planned(FT, n_faults, b, n, r_lo, r_hi, c_lo, c_hi):
+    """Whether the plan puts a fault into the probabilities of this tile (rows ``r_lo..r_hi``,
+    columns ``c_lo..c_hi``): a tile the masks would skip is then computed, as the unfused path
+    computes every entry of P, so that the fault does what it does there."""
+    hit = 0
+    for f in range(n_faults):
+        row = FT + f * 8
+        here = (tl.load(row) == SITE_PROBS) & (tl.load(row + 2) == b) & (tl.load(row + 3) == n)
+        fi = tl.load(row + 4)
+        fj = tl.load(row + 5)
+        here = here & (fi >= r_lo) & (fi <= r_hi) & (fj >= c_lo) & (fj <= c_hi)
+        hit = hit | here.to(tl.int32)
+    return hit > 0
+
+
+@triton.jit
 def _nonfinite(x, valid):
     """Number of NaN or infinite elements of ``x`` where ``valid``."""
     bad = (x != x) | (tl.abs(x) == float("inf"))
@@ -172,12 +188,9 @@ def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH
 @triton.jit
 def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H: tl.constexpr, CHUNK: tl.constexpr):
     hs = tl.arange(0, H)
-    base = KSUM + (bk.to(tl.int64) * (n_chunks + 1)) * 2 * H
-    tl.store(base + (c + 1) * 2 * H + hs, tl.sum(k, 0))
-    tl.store(base + (c + 1) * 2 * H + H + hs, tl.sum(tl.abs(k), 0))
-    if c == 0:
-        tl.store(base + hs, tl.zeros([H], tl.float32))
-        tl.store(base + H + hs, tl.zeros([H], tl.float32))
+    base = KSUM + ((bk.to(tl.int64) * n_chunks + c) * 2) * H
+    tl.store(base + hs, tl.sum(k, 0))
+    tl.store(base + H + hs, tl.sum(tl.abs(k), 0))
     dt = v.dtype
     v = v.to(tl.float32)
     vs = tl.sum(v, 1) * vcol_scale  # a power of two (tol.fused_vcol_scale): exact, and no overflow
@@ -203,11 +216,29 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H
 
 
 @triton.jit
-def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
-          start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-          H: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK: tl.constexpr):
+    """Where the tile's entries are attended (every mask form but the bias), and how many are."""
+    keep = (cols[None, :] < kend) & (cols[None, :] >= rows[:, None] - win_left)
+    keep = keep & (cols[None, :] <= rows[:, None] + win_right) & live[:, None]
+    if HAS_MASK:
+        mt = tl.load(MASK + m_off + rows[:, None].to(tl.int64) * smt + cols[None, :].to(tl.int64) * sms,
+                     mask=(rows < T)[:, None] & (cols < S)[None, :], other=0)
+        keep = keep & (mt != 0)
+    return keep, tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+
+
+@triton.jit
+def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep, partial,
+          q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
+          start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+          H: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+          HAS_QLEN: tl.constexpr,
           QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
           REPLICA_FMA: tl.constexpr):
+    """One tile of keys. ``MASKED``: ``keep`` says which entries count, and ``partial`` whether
+    some of the tile's entries are masked for live rows (then the qk_row prediction takes a 0/1
+    product with K; otherwise the tile's pre-pass sums). Otherwise every entry counts, except
+    (``HAS_QLEN``) in rows beyond the query length (not ``live``)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
@@ -222,20 +253,31 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
         qk = tl.dot(q, k)
     if INJECT:
         qk = _inject(qk, rows, cols, FT, FV, n_faults, b, n, SITE_SCORES, 0, scale)
+    # the softmax's logits z in units where exp2(z·cz) is the weight: raw q·k (cz = c), or
+    # with a bias scale·q·k + bias (cz = log2 e)
+    if HAS_BIAS:
+        bt = tl.load(BIAS + b_off + rows[:, None].to(tl.int64) * sbt + cols[None, :].to(tl.int64) * sbs,
+                     mask=(rows < T)[:, None] & kvalid[None, :], other=0.0).to(tl.float32)
+        z = qk * scale + bt
+        cz = LOG2E
+    else:
+        z = qk
+        cz = c
     if MASKED:
-        keep = kvalid[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        qk = tl.where(keep, qk, float("-inf"))
-    m_new = tl.maximum(m_raw, tl.max(qk, 1))
-    m_sc = m_new * c
-    # (s − m)·c is exactly 0 at the row maximum and never positive, so the sum
+        z = tl.where(keep, z, float("-inf"))
+    elif HAS_QLEN:
+        z = tl.where(live[:, None], z, float("-inf"))
+    m_new = tl.maximum(m_raw, tl.max(z, 1))
+    # a row with nothing attended so far keeps m = -inf; exp2 then sees -inf, not NaN
+    m_use = tl.where(m_new > float("-inf"), m_new, 0.0)
+    m_sc = m_use * cz
+    # (z − m)·cz is exactly 0 at the row maximum and never positive, so the sum
     # is at least 1 and nothing overflows at any finite logit. The fused
-    # multiply-add s·c − m·c (one operation instead of two) is off by up to half
-    # an ulp of |m·c| there: from |m·c| = 2³⁰ on it overflows exp2 or flushes a
+    # multiply-add z·cz − m·cz (one operation instead of two) is off by up to half
+    # an ulp of |m·cz| there: from |m·cz| = 2³⁰ on it overflows exp2 or flushes a
     # row to 0. Measured cost and a rejected per-tile switch: docs/kernels.md, M8.
-    p = tl.math.exp2((qk - m_new[:, None]) * c)
-    alpha = tl.math.exp2((m_raw - m_new) * c)
+    p = tl.math.exp2((z - m_use[:, None]) * cz)
+    alpha = tl.math.exp2((m_raw - m_use) * cz)
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
     lt = tl.sum(p, 1)
@@ -250,18 +292,39 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
     if QK:
         if MASKED:
             srow += tl.sum(tl.where(keep, qk, 0.0), 1)
+            if partial:
+                # the attended keys of each row: a 0/1 matrix times K (and |K|)
+                kt = tl.trans(k)
+                if UPCAST:
+                    kf = kt.to(tl.float32)
+                    kf_sum = tl.dot(keep.to(tl.float32), kf)
+                    kf_abs = tl.dot(keep.to(tl.float32), tl.abs(kf))
+                else:
+                    kf_sum = tl.dot(keep.to(dt), kt)
+                    kf_abs = tl.dot(keep.to(dt), tl.abs(kt))
+                qf = q.to(tl.float32)
+                pred += tl.sum(qf * kf_sum, 1)
+                mag += tl.sum(tl.abs(qf) * kf_abs, 1)
+            else:
+                kacc += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + hs)
+                kabs += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + H + hs)
         else:
-            srow += tl.sum(qk, 1)
+            if HAS_QLEN:
+                srow += tl.sum(tl.where(live[:, None], qk, 0.0), 1)
+            else:
+                srow += tl.sum(qk, 1)
+            kacc += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + hs)
+            kabs += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + H + hs)
     if DMR:
         # the replica: its own argument formula (clamped at 0, see above) and
         # its own rescale factor
         if REPLICA_FMA:
-            p2 = _exp2_fma(tl.minimum(qk * c - m_sc[:, None], 0.0))
+            p2 = _exp2_fma(tl.minimum(z * cz - m_sc[:, None], 0.0))
         else:
-            p2 = tl.math.exp2(tl.minimum(qk * c - m_sc[:, None], 0.0))
+            p2 = tl.math.exp2(tl.minimum(z * cz - m_sc[:, None], 0.0))
         if INJECT:
             p2 = _inject(p2, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 1, 1.0)
-        alpha2 = tl.math.exp2(tl.minimum(m_raw * c - m_sc, 0.0))
+        alpha2 = tl.math.exp2(tl.minimum(m_raw * cz - m_sc, 0.0))
         l2t = tl.sum(p2, 1)
         l2 = l2 * alpha2 + l2t
         d = d * alpha + tl.abs(lt - l2t)
@@ -275,16 +338,18 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off
             pv = tl.dot(pm, vc.to(tl.float32), pv * alpha[:, None])
         else:
             pv = tl.dot(pm, vc, pv * alpha[:, None])
-    return acc, m_new, l, srow, l2, d, pv, nc, mmax
+    return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs
 
 
 @triton.jit
-def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
+def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BIAS, QLEN, KLEN,
              sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sob, son, sot, soh,
-             N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale,
+             smb, smn, smt, sms, sbb, sbn, sbt, sbs,
+             N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
-             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-             CAUSAL: tl.constexpr, QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
+             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
+             QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
              UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr):
     if REDO_MODE:
@@ -309,6 +374,39 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     kv_off = b.to(tl.int64) * skb + kh.to(tl.int64) * skk
     v_off = b.to(tl.int64) * svb + kh.to(tl.int64) * svk
     vcol_off = (b.to(tl.int64) * KH + kh) * S * 16
+    ksum_off = ((b.to(tl.int64) * KH + kh) * n_chunks) * 2 * H
+    m_off = b.to(tl.int64) * smb + n.to(tl.int64) * smn
+    b_off = b.to(tl.int64) * sbb + n.to(tl.int64) * sbn
+
+    # ---- the band of keys any live row of this block attends: query i attends keys
+    # i - win_left <= j <= i + win_right (is_causal: win_right <= 0) below kend
+    qend = T
+    if HAS_QLEN:
+        qend = tl.minimum(T, tl.load(QLEN + b).to(tl.int32))
+    kend = S
+    if HAS_KLEN:
+        kend = tl.maximum(tl.minimum(S, tl.load(KLEN + b).to(tl.int32)), 0)
+    live = rows < qend
+    r_lo = mb * BLOCK_M
+    r_hi = tl.minimum(r_lo + BLOCK_M, qend) - 1  # the last live row
+    lo = tl.maximum(r_lo - win_left, 0)
+    hi = tl.minimum(kend, r_hi + win_right + 1)
+    hi = tl.where(r_hi < r_lo, 0, tl.maximum(hi, 0))
+    lo = tl.minimum(lo, hi)
+    t_start = lo // BLOCK_N
+    t_end = (hi + BLOCK_N - 1) // BLOCK_N
+    # tiles every live row attends in full: no element mask, the pre-pass sums for qk_row
+    f0 = tl.maximum(t_start, (tl.maximum(r_hi - win_left, 0) + BLOCK_N - 1) // BLOCK_N)
+    f1 = tl.minimum(tl.minimum(t_end, tl.maximum(r_lo + win_right + 1, 0) // BLOCK_N), kend // BLOCK_N)
+    if HAS_MASK:  # a dense mask: every tile is looked at (and skipped when nothing in it is attended)
+        f0 = t_start
+        f1 = t_start
+    if INJECT:  # a planned fault in a masked probability: every tile is looked at (_planned)
+        t_start = 0
+        t_end = (S + BLOCK_N - 1) // BLOCK_N
+        f0 = tl.maximum(f0, t_start)
+    f0 = tl.minimum(f0, t_end)
+    f1 = tl.maximum(f1, f0)
 
     acc = tl.zeros([BLOCK_M, H], tl.float32)
     m_raw = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -319,26 +417,47 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
     pv = tl.zeros([BLOCK_M, 16], tl.float32)
     nc = tl.zeros([BLOCK_M], tl.int32)
     mmax = tl.zeros([BLOCK_M], tl.float32)
+    pred = tl.zeros([BLOCK_M], tl.float32)
+    mag = tl.zeros([BLOCK_M], tl.float32)
+    kacc = tl.zeros([H], tl.float32)
+    kabs = tl.zeros([H], tl.float32)
+    n_live = tl.sum(live.to(tl.int32), 0)
 
-    if CAUSAL:
-        hi = tl.minimum(S, (mb + 1) * BLOCK_M)
-        edge = tl.minimum(S, mb * BLOCK_M)
-    else:
-        hi = S
-        edge = S
-    full_end = (edge // BLOCK_N) * BLOCK_N  # tiles before this need no mask
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
-            start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, False, CAUSAL, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, q, K, V, VCOL, kv_off, v_off, vcol_off, sks, skh, svs, svh,
-            start_n, rows, S, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, True, CAUSAL, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+    for t in range(t_start, f0):
+        start_n = t * BLOCK_N
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep, nk = _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
+        go = nk > 0
+        if INJECT:
+            go = go | _planned(FT, n_faults, b, n, r_lo, r_lo + BLOCK_M - 1, start_n, start_n + BLOCK_N - 1)
+        if go:
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs = _tile(
+                acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep, nk < n_live * BLOCK_N,
+                q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
+                start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+                H, BLOCK_N, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+    for t in range(f0, f1):
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, rows, False,
+            q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
+            t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+            H, BLOCK_N, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+    for t in range(f1, t_end):
+        start_n = t * BLOCK_N
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep, nk = _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
+        go = nk > 0
+        if INJECT:
+            go = go | _planned(FT, n_faults, b, n, r_lo, r_lo + BLOCK_M - 1, start_n, start_n + BLOCK_N - 1)
+        if go:
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs = _tile(
+                acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep, nk < n_live * BLOCK_N,
+                q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
+                start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+                H, BLOCK_N, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
 
-    inv = 1.0 / l
+    # a row with nothing attended (rows beyond the query length included) has output zero
+    inv = tl.where(l > 0.0, 1.0 / l, 0.0)
     o = acc * inv[:, None]
     if INJECT:
         o = _inject(o, rows, hs, FT, FV, n_faults, b, n, SITE_OUT, 0, 1.0)
@@ -347,47 +466,29 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO,
              + hs[None, :] * soh, o_st.to(O.dtype.element_ty), mask=rvalid[:, None])
 
     if QK:
-        # ---- qk_row: Σ_j s_ij against q_i·(Σ over attended keys of k)
-        if CAUSAL:
-            chunk = tl.minimum((mb * BLOCK_M) // CHUNK, n_chunks)
-        else:
-            chunk = n_chunks
-        kbase = KSUM + ((b.to(tl.int64) * KH + kh) * (n_chunks + 1) + chunk) * 2 * H
-        ksum = tl.load(kbase + hs)
-        kabs = tl.load(kbase + H + hs)
+        # ---- qk_row: Σ_j s_ij over the attended keys against q_i·(Σ over those keys of k)
         qf = q.to(tl.float32)
-        pred = tl.sum(qf * ksum[None, :], 1)
-        mag = tl.sum(tl.abs(qf) * kabs[None, :], 1)
-        if CAUSAL:
-            # keys of the diagonal block up to each row: a 0/1 triangle times K
-            dcols = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            kd = tl.load(K + kv_off + dcols[:, None].to(tl.int64) * sks + hs[None, :] * skh,
-                         mask=(dcols < S)[:, None], other=0.0)
-            if UPCAST:
-                tri = (dcols[None, :] <= rows[:, None]).to(tl.float32)
-                ksd = tl.dot(tri, kd.to(tl.float32))
-                kad = tl.dot(tri, tl.abs(kd.to(tl.float32)))
-            else:
-                tri = (dcols[None, :] <= rows[:, None]).to(kd.dtype)
-                ksd = tl.dot(tri, kd)
-                kad = tl.dot(tri, tl.abs(kd))
-            pred += tl.sum(qf * ksd, 1)
-            mag += tl.sum(tl.abs(qf) * kad, 1)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, (srow - pred) * scale,
-                 (coef_qk * mag + allow_qk) * scale, SIGNED)
+        pred += tl.sum(qf * kacc[None, :], 1)
+        mag += tl.sum(tl.abs(qf) * kabs[None, :], 1)
+        diff = tl.where(live, (srow - pred) * scale, 0.0)
+        thr = tl.where(live, (coef_qk * mag + allow_qk) * scale, 0.0)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, diff, thr, SIGNED)
     nc_f = nc.to(tl.float32)
     if DMR:
-        # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1)
+        # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1);
+        # a row with nothing attended has l = l' = 0 and nothing to judge
         thr = dmr_a0 + dmr_a1 * nc_f + dmr_a2 * mmax * (1.0 + nc_f) + allow_dmr * inv
         r = (d + tl.abs(l - l2)) * inv
-        ok = (m_raw > float("-inf")) & (m_raw < float("inf")) & (l < float("inf")) & (l2 < float("inf"))
+        ok = (m_raw < float("inf")) & (l < float("inf")) & (l2 < float("inf"))
         ok = ok & (l * (1.0 + thr) >= 1.0)
         r = tl.where(ok, r, float("inf"))
+        r = tl.where((m_raw == float("-inf")) & (l == 0.0) & (l2 == 0.0), 0.0, r)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, r, thr, False)
     if PV:
         # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i
         ccol = tl.arange(0, 16)[None, :]
         pvp = tl.sum(tl.where(ccol < 3, pv, 0.0), 1) * (inv * vcol_unscale)
         pvw = tl.sum(tl.where((ccol >= 3) & (ccol < 6), pv, 0.0), 1) * (inv * vcol_unscale)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, tl.sum(o, 1) - pvp,
-                 (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv, SIGNED)
+        diff = tl.sum(o, 1) - pvp
+        thr = (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, diff, thr, SIGNED)
