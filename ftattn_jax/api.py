@@ -121,7 +121,8 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
             raise refusal.exception()
     if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
         interpret = fused.resolve_interpret(query, interpret)
-        lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan)
+        lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan,
+                                         masked=next((n for n, x in given if x is not None), None))
     return Call(cfg, m, interpret, lowering, empty, fallback), (query, key, value, *extra)
 
 
@@ -135,7 +136,10 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
                   on_fault=on_fault, plan=cfg.plan)
     match cfg.implementation:
         case "pallas":
-            out, report = fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering, **common)
+            out, report = fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering,
+                                    bias=bias, mask=mask, query_lengths=query_seq_lengths,
+                                    key_lengths=key_value_seq_lengths, masks=call.masking, empty=call.empty,
+                                    **common)
         case "unfused":
             arr = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
             out, report = unfused.run(query, key, value, bias=arr(bias), mask=arr(mask),
@@ -220,7 +224,7 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
         once per reason: ``FallbackWarning``). ``"unfused"`` or ``"xla"`` (an
         alias: the unfused schemes are XLA-compiled). ``"pallas"``: one fused
         flash-attention kernel in Pallas with the checks inside (float16 or
-        bfloat16, H in 16, 32, 64, 128, ``is_causal`` but no other mask); its
+        bfloat16, H in 16, 32, 64, 128, every mask form); its
         ``full`` runs the row checks ``qk_row``, ``softmax_dmr`` and ``pv_row``
         and locates nothing, and ``on_fault="correct"`` recomputes the output
         and replaces the flagged rows. On a GPU it is compiled (Pallas'
@@ -231,8 +235,8 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
       lowering: ``implementation="pallas"`` only: which kernel. ``None`` or
         ``"auto"`` (the default) runs the Hopper kernel (Mosaic GPU: TMA,
         warpgroup MMAs, warp specialization) on an sm_90 GPU for head dims 64
-        and 128 without a fault plan, and the portable kernel (Pallas' Triton
-        lowering) otherwise; ``"triton"`` or ``"mosaic_gpu"`` ask for one
+        and 128 without a fault plan and without a mask form but ``is_causal``,
+        and the portable kernel (Pallas' Triton lowering) otherwise; ``"triton"`` or ``"mosaic_gpu"`` ask for one
         (``"mosaic_gpu"`` raises ``ValueError`` where it cannot run).
         ``ftattn_jax.fused.select_lowering`` tells which one a call takes.
       site: the name this call is counted under in ``ftattn_jax.counters``

@@ -22,12 +22,14 @@ MASK_FORMS: tuple[str, ...] = ("causal", "mask", "bias", "lengths", "window")
 
 @dataclass(frozen=True)
 class Lowering:
-    """One kernel behind an implementation (``implementation="pallas"`` has two)."""
+    """One kernel behind an implementation (``implementation="pallas"`` has two); ``"auto"``
+    takes the first that runs the call."""
 
     name: str
     head_dims: tuple[int, ...]
     devices: tuple[str, ...]
     summary: str
+    mask_forms: tuple[str, ...] = MASK_FORMS
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,11 @@ CATALOGUE: tuple[Implementation, ...] = (
     Implementation("jax", "unfused", "the schemes in jit-compiled JAX (XLA)", CHECKS, _ALL_DTYPES, None,
                    MASK_FORMS, ("cpu", "gpu"), localizes=True, aliases=("xla",)),
     Implementation("jax", "pallas", "one fused flash-attention kernel in Pallas with the checks inside",
-                   _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, ("causal",), ("gpu",), interpreted=("cpu",),
+                   _ROW_CHECKS, _FUSED_DTYPES, _FUSED_HEAD_DIMS, MASK_FORMS, ("gpu",), interpreted=("cpu",),
                    lowerings=(Lowering("triton", _FUSED_HEAD_DIMS, ("gpu",), "portable: Pallas' Triton lowering"),
                               Lowering("mosaic_gpu", (64, 128), ("sm_90",),
-                                       "Hopper: Mosaic GPU, TMA, warpgroup MMAs, warp specialization"))),
+                                       "Hopper: Mosaic GPU, TMA, warpgroup MMAs, warp specialization",
+                                       ("causal",)))),
     Implementation("torch", "unfused", "the schemes in eager PyTorch", CHECKS, _ALL_DTYPES, None, MASK_FORMS,
                    ("cpu", "cuda"), localizes=True),
     Implementation("torch", "triton", "one fused flash-attention kernel in Triton with the checks inside",
@@ -256,7 +259,9 @@ def support_table() -> str:
         heads = "any" if i.head_dims is None else ", ".join(map(str, i.head_dims))
         devices = ", ".join(i.devices) + "".join(f", {d} (interpreted)" for d in i.interpreted)
         kernels = "; ".join(f"`{lo.name}` ({lo.summary}; H in {', '.join(map(str, lo.head_dims))}; "
-                            f"{', '.join(lo.devices)})" for lo in i.lowerings) or "-"
+                            f"{', '.join(lo.devices)}"
+                            + ("" if lo.mask_forms == MASK_FORMS else f"; masks: {', '.join(lo.mask_forms)}") + ")"
+                            for lo in i.lowerings) or "-"
         rows.append(f"| {i.backend} | {names} | {', '.join(i.checks)} | {', '.join(i.dtypes)} | {heads} | "
                     f"{', '.join(i.mask_forms)} | {devices} | {'yes' if i.localizes else 'no'} | {kernels} |")
     return "\n".join(rows)

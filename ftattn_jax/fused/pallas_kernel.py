@@ -11,16 +11,24 @@ interface is that of every kernel of ``ftattn_jax.fused``: :class:`BlockSizes`
 
 Legend of ``ftattn_spec.axes``: q ``B T N H``, k and v ``B S K H``, query head
 ``n`` reads kv head ``n // G``. :func:`launch` pads T to a
-multiple of ``block_m`` and S to a multiple of ``block_n`` (and, under a
-causal mask, to at least the padded T) and passes the true lengths; the kernel
-masks keys at or beyond S.
+multiple of ``block_m`` and S to a multiple of ``block_n`` and passes the true
+lengths; the kernel masks keys at or beyond S.
+
+Masks (``ftattn_spec.masking``): each program visits only the tiles of keys
+its live rows may attend (the band of the window, ``is_causal`` and the key
+length); the tiles every live row attends in full run without an element
+mask, the others mask per element and are skipped when nothing in them is
+attended (a dense mask is read tile by tile). The ``qk_row`` prediction adds
+the pre-pass sums of the full tiles and, for a partial tile, a 0/1 matrix of
+the attended entries times K.
 
 Inputs besides q, k, v, per (batch, kv head), computed by the caller in XLA:
-  * ``kpre`` float32 ``(B, K, C + 1, 2, H)``: ``kpre[b, kh, c] = (Σ k_j, Σ |k_j|)``
-    over the keys before ``c·chunk`` (exclusive prefix sums at chunk
-    boundaries; ``C = ceil(S / chunk)``, so ``c = C`` is the total);
+  * ``kpre`` float32 ``(B, K, C, 2, H)``: ``kpre[b, kh, c] = (Σ k_j, Σ |k_j|)``
+    over the keys of tile ``c`` (``C = ceil(S / block_n)``);
   * ``vcol`` ``(B, K, S, 16)`` in the input dtype: ``v̄_j = Σ_h v_jh`` and
     ``w_j = Σ_h |v_jh|``, each split into three parts (hi + mid + lo), then zeros;
+  * the mask forms given: an int8 mask and a bias ``(B|1, N|1, Tp, Sp)``, int32
+    ``(B,)`` lengths, and under ``uniform`` the mean value row ``(B, K, H)``;
   * with faults: ``ft`` int32 ``(F·8,)`` rows (site, replica, b, n, i, j, kind,
     bit) and ``fv`` float32 ``(F,)`` values, read at run time.
 
@@ -35,12 +43,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array
 
 from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
@@ -128,6 +137,27 @@ class Config:
     interpret: bool
     vcol_unscale: float = 1.0  # 1 / tol.fused_vcol_scale: undoes the scaling of vcol (a power of two)
     debug: bool = False  # Pallas prints the kernel's jaxpr and Triton IR when it lowers it
+    #: the mask forms (``ftattn_spec.masking``): query ``i`` attends keys
+    #: ``i - left <= j <= i + right`` (``is_causal`` and the window combined; None: unbounded),
+    #: and which arrays come in: a dense bool mask, a bias, query and key lengths
+    window: tuple[int, int] | None = None
+    has_mask: bool = False
+    has_bias: bool = False
+    has_qlen: bool = False
+    has_klen: bool = False
+    #: a row with nothing attended gets the mean of every value row (jax.nn's rule), not zero
+    uniform: bool = False
+
+    @property
+    def band(self) -> tuple[int, int]:
+        left, right = self.window if self.window is not None else (_UNBOUNDED, _UNBOUNDED)
+        if self.causal:
+            right = min(right, 0)
+        return min(left, _UNBOUNDED), min(right, _UNBOUNDED)
+
+
+#: "no bound" for a side of the band of keys a query attends (T and S stay far below it)
+_UNBOUNDED = 1 << 30
 
 
 def _inject(x, rows, cols, ft_ref, fv_ref, cfg: Config, b, n, site: int, replica: int, unit):
@@ -140,11 +170,27 @@ def _inject(x, rows, cols, ft_ref, fv_ref, cfg: Config, b, n, site: int, replica
     return x
 
 
+def _planned(ft_ref, cfg: Config, b, n, r_lo, r_hi, c_lo, c_hi):
+    """Whether the plan puts a fault into the probabilities of this tile: a tile the masks would
+    skip is then computed, as the unfused path computes every entry of P."""
+    hit = jnp.zeros((), bool)
+    for f in range(cfg.n_faults):
+        fi, fj = ft_ref[8 * f + 4], ft_ref[8 * f + 5]
+        hit = hit | ((ft_ref[8 * f] == SITE_PROBS) & (ft_ref[8 * f + 2] == b) & (ft_ref[8 * f + 3] == n)
+                     & (fi >= r_lo) & (fi <= r_hi) & (fj >= c_lo) & (fj <= c_hi))
+    return hit
+
+
 def _kernel(*refs, cfg: Config, H: int):
     it = iter(refs)
     q_ref, k_ref, v_ref = next(it), next(it), next(it)
     kpre_ref = next(it) if cfg.qk else None
     vcol_ref = next(it) if cfg.pv else None
+    mask_ref = next(it) if cfg.has_mask else None
+    bias_ref = next(it) if cfg.has_bias else None
+    qlen_ref = next(it) if cfg.has_qlen else None
+    klen_ref = next(it) if cfg.has_klen else None
+    vmean_ref = next(it) if cfg.uniform else None
     ft_ref, fv_ref = (next(it), next(it)) if cfg.n_faults else (None, None)
     o_ref, qfin_ref = next(it), next(it)
     stat_refs = list(it)
@@ -158,30 +204,63 @@ def _kernel(*refs, cfg: Config, H: int):
     qf = q.astype(F32)
     qfin_ref[...] = jnp.min(jnp.where(jnp.abs(qf) < jnp.inf, F32(1.0), F32(0.0)), axis=1)
 
-    def tile(start_tile, carry, masked: bool):
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax = carry
-        start = pl.multiple_of(start_tile * BN, BN)
+    # ---- the band of keys any live row of this block attends (docs/kernels.md, "Masks")
+    left, right = cfg.band
+    qend = jnp.minimum(cfg.T, qlen_ref[b]) if cfg.has_qlen else jnp.int32(cfg.T)
+    kend = jnp.clip(klen_ref[b], 0, cfg.S) if cfg.has_klen else jnp.int32(cfg.S)
+    live = rows < qend
+    n_live = jnp.sum(live.astype(jnp.int32))
+    r_lo = mb * BM
+    r_hi = jnp.minimum(r_lo + BM, qend) - 1
+    lo = jnp.maximum(r_lo - left, 0)
+    hi = jnp.minimum(kend, r_hi + right + 1)
+    hi = jnp.where(r_hi < r_lo, 0, jnp.maximum(hi, 0))
+    lo = jnp.minimum(lo, hi)
+    t_start, t_end = lo // BN, (hi + BN - 1) // BN
+    f0 = jnp.maximum(t_start, (jnp.maximum(r_hi - left, 0) + BN - 1) // BN)
+    f1 = jnp.minimum(jnp.minimum(t_end, jnp.maximum(r_lo + right + 1, 0) // BN), kend // BN)
+    if cfg.has_mask:  # a dense mask: every tile is looked at (and skipped when nothing in it is attended)
+        f0 = f1 = t_start
+    if cfg.n_faults:  # a planned fault in a masked probability: every tile is looked at (_planned)
+        t_start, t_end = jnp.int32(0), jnp.int32((cfg.S + BN - 1) // BN)
+    f0 = jnp.minimum(f0, t_end)
+    f1 = jnp.maximum(f1, f0)
+
+    def keep_of(start):
+        cols = start + lax.broadcasted_iota(jnp.int32, (BN,), 0)
+        keep = ((cols[None, :] < kend) & (cols[None, :] >= rows[:, None] - left)
+                & (cols[None, :] <= rows[:, None] + right) & live[:, None])
+        if cfg.has_mask:
+            keep = keep & (mask_ref[:, pl.ds(start, BN)] != 0)
+        return keep
+
+    def tile(start, carry, keep, partial):
+        """One tile of keys; ``keep`` None: every entry counts (but rows beyond the query length)."""
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen = carry
         k = k_ref[pl.ds(start, BN), :]
         v = v_ref[pl.ds(start, BN), :]
         cols = start + lax.broadcasted_iota(jnp.int32, (BN,), 0)
         s = compat.dot(q, k, trans_b=True)  # float32 BM × BN
         if cfg.n_faults:
             s = _inject(s, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_SCORES, 0, cfg.scale)
-        keep = None
-        if masked:
-            keep = cols[None, :] < cfg.S
-            if cfg.causal:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = jnp.where(keep, s, -jnp.inf)
-        m_new = jnp.maximum(m_raw, jnp.max(s, axis=1))
-        m_sc = m_new * c
-        # (s − m)·c is exactly 0 at the row maximum and never positive, so the sum
+        # the softmax's logits z, weighted by exp2(z·cz): raw q·k, or scale·q·k + bias
+        if cfg.has_bias:
+            z, cz = s * cfg.scale + bias_ref[:, pl.ds(start, BN)].astype(F32), LOG2E
+        else:
+            z, cz = s, c
+        counted = keep if keep is not None else (live[:, None] if cfg.has_qlen else None)
+        if counted is not None:
+            z = jnp.where(counted, z, -jnp.inf)
+        m_new = jnp.maximum(m_raw, jnp.max(z, axis=1))
+        m_use = jnp.where(m_new > -jnp.inf, m_new, 0.0)  # nothing attended yet: exp2 sees -inf, not NaN
+        m_sc = m_use * cz
+        # (z − m)·cz is exactly 0 at the row maximum and never positive, so the sum
         # is at least 1 and nothing overflows at any finite logit. The fused
-        # multiply-add s·c − m·c (one operation instead of two) is off by up to half
-        # an ulp of |m·c| there: from |m·c| = 2³⁰ on it overflows exp2 or flushes a
+        # multiply-add z·cz − m·cz (one operation instead of two) is off by up to half
+        # an ulp of |m·cz| there: from |m·cz| = 2³⁰ on it overflows exp2 or flushes a
         # row to 0. Measured cost and a rejected per-tile switch: docs/kernels.md, M8.
-        p = jnp.exp2((s - m_new[:, None]) * c)
-        alpha = jnp.exp2((m_raw - m_new) * c)
+        p = jnp.exp2((z - m_use[:, None]) * cz)
+        alpha = jnp.exp2((m_raw - m_use) * cz)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 0, 1.0)
         lt = jnp.sum(p, axis=1)
@@ -189,14 +268,31 @@ def _kernel(*refs, cfg: Config, H: int):
         pm = p.astype(dt)
         acc = acc * alpha[:, None] + compat.dot(pm, v)
         if cfg.qk:
-            srow = srow + jnp.sum(s if keep is None else jnp.where(keep, s, 0.0), axis=1)
+            srow = srow + jnp.sum(s if counted is None else jnp.where(counted, s, 0.0), axis=1)
+            t = start // BN
+
+            def by_product(pm_):
+                # the attended keys of each row: a 0/1 matrix times K (and |K|)
+                pred_, mag_, kacc_, kabs_ = pm_
+                w = keep.astype(dt)
+                return (pred_ + jnp.sum(qf * compat.dot(w, k), axis=1),
+                        mag_ + jnp.sum(jnp.abs(qf) * compat.dot(w, jnp.abs(k)), axis=1), kacc_, kabs_)
+
+            def by_sums(pm_):
+                pred_, mag_, kacc_, kabs_ = pm_
+                return pred_, mag_, kacc_ + kpre_ref[t, 0, :], kabs_ + kpre_ref[t, 1, :]
+
+            if keep is None:
+                pred, mag, kacc, kabs = by_sums((pred, mag, kacc, kabs))
+            else:
+                pred, mag, kacc, kabs = lax.cond(partial, by_product, by_sums, (pred, mag, kacc, kabs))
         if cfg.dmr:
             # the replica: its own argument formula (clamped at 0, see above) and
             # its own rescale factor
-            p2 = jnp.exp2(jnp.minimum(s * c - m_sc[:, None], 0.0))
+            p2 = jnp.exp2(jnp.minimum(z * cz - m_sc[:, None], 0.0))
             if cfg.n_faults:
                 p2 = _inject(p2, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 1, 1.0)
-            alpha2 = jnp.exp2(jnp.minimum(m_raw * c - m_sc, 0.0))
+            alpha2 = jnp.exp2(jnp.minimum(m_raw * cz - m_sc, 0.0))
             l2t = jnp.sum(p2, axis=1)
             l2 = l2 * alpha2 + l2t
             d = d * alpha + jnp.abs(lt - l2t)
@@ -206,24 +302,39 @@ def _kernel(*refs, cfg: Config, H: int):
         if cfg.pv:
             vc = vcol_ref[pl.ds(start, BN), :]
             pv = pv * alpha[:, None] + compat.dot(pm, vc)
-        return acc, m_new, l, srow, l2, d, pv, nc, mmax
+        if cfg.uniform:
+            seen = seen | jnp.any(live[:, None] if keep is None else keep, axis=1).astype(jnp.int32)
+        return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen
+
+    def masked_step(t, carry):
+        start = pl.multiple_of(t * BN, BN)
+        keep = keep_of(start)
+        nk = jnp.sum(keep.astype(jnp.int32))
+        go = nk > 0
+        if cfg.n_faults:
+            go = go | _planned(ft_ref, cfg, b, n, r_lo, r_lo + BM - 1, start, start + BN - 1)
+        return lax.cond(go, lambda cr: tile(start, cr, keep, nk < n_live * BN), lambda cr: cr, carry)
+
+    def full_step(t, carry):
+        return tile(pl.multiple_of(t * BN, BN), carry, None, None)
 
     zeros = jnp.zeros((BM,), F32)
     carry = (jnp.zeros((BM, H), F32), jnp.full((BM,), -jnp.inf, F32), zeros, zeros, zeros, zeros,
-             jnp.zeros((BM, VCOLS), F32), jnp.zeros((BM,), jnp.int32), zeros)
-    if cfg.causal:
-        hi = jnp.minimum(cfg.S, (mb + 1) * BM)
-        edge = jnp.minimum(cfg.S, mb * BM)
-    else:
-        hi, edge = cfg.S, cfg.S
-    n_full = edge // BN  # tiles before this one need no mask
-    n_all = (hi + BN - 1) // BN
-    carry = lax.fori_loop(0, n_full, functools.partial(tile, masked=False), carry)
-    carry = lax.fori_loop(n_full, n_all, functools.partial(tile, masked=True), carry)
-    acc, m_raw, l, srow, l2, d, pv, nc, mmax = carry
+             jnp.zeros((BM, VCOLS), F32), jnp.zeros((BM,), jnp.int32), zeros, zeros, zeros,
+             jnp.zeros((H,), F32), jnp.zeros((H,), F32), jnp.zeros((BM,), jnp.int32))
+    carry = lax.fori_loop(t_start, f0, masked_step, carry)
+    carry = lax.fori_loop(f0, f1, full_step, carry)
+    carry = lax.fori_loop(f1, t_end, masked_step, carry)
+    acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen = carry
 
-    inv = 1.0 / l
+    # a row with nothing attended (rows beyond the query length included) has output zero,
+    # or under ``uniform`` (but beyond the query length) the mean of every value row
+    inv = jnp.where(l > 0.0, 1.0 / l, 0.0)
     o = acc * inv[:, None]
+    filled = None
+    if cfg.uniform:
+        filled = live & (seen == 0)
+        o = jnp.where(filled[:, None], vmean_ref[...][None, :], o)
     if cfg.n_faults:
         hs = lax.broadcasted_iota(jnp.int32, (H,), 0)
         o = _inject(o, rows, hs, ft_ref, fv_ref, cfg, b, n, SITE_OUT, 0, 1.0)
@@ -232,46 +343,54 @@ def _kernel(*refs, cfg: Config, H: int):
     co = cfg.coef  # tol.FusedCoefficients
     outs = iter(stat_refs)
     if cfg.qk:
-        # ---- qk_row: Σ_j s_ij against q_i·(Σ over attended keys of k)
-        chunk = jnp.minimum((mb * BM) // cfg.chunk, (cfg.S + cfg.chunk - 1) // cfg.chunk) if cfg.causal \
-            else (cfg.S + cfg.chunk - 1) // cfg.chunk
-        ksum = kpre_ref[chunk, 0, :]
-        kabs = kpre_ref[chunk, 1, :]
-        pred = jnp.sum(qf * ksum[None, :], axis=1)
-        mag = jnp.sum(jnp.abs(qf) * kabs[None, :], axis=1)
-        if cfg.causal:
-            # keys of the diagonal block up to each row: a 0/1 triangle times K
-            d0 = pl.multiple_of(mb * BM, BM)
-            kd = k_ref[pl.ds(d0, BM), :]
-            dcols = d0 + lax.broadcasted_iota(jnp.int32, (BM,), 0)
-            tri = ((dcols[None, :] <= rows[:, None]) & (dcols[None, :] < cfg.S)).astype(dt)
-            pred = pred + jnp.sum(qf * compat.dot(tri, kd), axis=1)
-            mag = mag + jnp.sum(jnp.abs(qf) * compat.dot(tri, jnp.abs(kd)), axis=1)
-        next(outs)[...] = (srow - pred) * cfg.scale
-        next(outs)[...] = (co.qk * mag + co.qk_allow) * cfg.scale
+        # ---- qk_row: Σ_j s_ij over the attended keys against q_i·(Σ over those keys of k)
+        pred = pred + jnp.sum(qf * kacc[None, :], axis=1)
+        mag = mag + jnp.sum(jnp.abs(qf) * kabs[None, :], axis=1)
+        next(outs)[...] = jnp.where(live, (srow - pred) * cfg.scale, 0.0)
+        next(outs)[...] = jnp.where(live, (co.qk * mag + co.qk_allow) * cfg.scale, 0.0)
     nc_f = nc.astype(F32)
     if cfg.dmr:
-        # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1)
+        # ---- softmax_dmr: replica sums, plus range checks (finite max and sums, l >= 1);
+        # a row with nothing attended has l = l' = 0 and nothing to judge
         thr = co.dmr0 + co.dmr_rescale * nc_f + co.dmr_mu * mmax * (1.0 + nc_f) + co.dmr_allow * inv
         r = (d + jnp.abs(l - l2)) * inv
-        ok = (m_raw > -jnp.inf) & (m_raw < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
-        next(outs)[...] = jnp.where(ok, r, jnp.inf)
+        ok = (m_raw < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
+        r = jnp.where(ok, r, jnp.inf)
+        next(outs)[...] = jnp.where((m_raw == -jnp.inf) & (l == 0.0) & (l2 == 0.0), 0.0, r)
         next(outs)[...] = thr
     if cfg.pv:
-        # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i
+        # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i (a filled row's mean is not a product: not judged)
         ccol = lax.broadcasted_iota(jnp.int32, (BM, VCOLS), 1)
         pvp = jnp.sum(jnp.where(ccol < 3, pv, 0.0), axis=1) * (inv * cfg.vcol_unscale)
         pvw = jnp.sum(jnp.where((ccol >= 3) & (ccol < 6), pv, 0.0), axis=1) * (inv * cfg.vcol_unscale)
-        next(outs)[...] = jnp.sum(o, axis=1) - pvp
+        diff = jnp.sum(o, axis=1) - pvp
+        next(outs)[...] = diff if filled is None else jnp.where(filled, 0.0, diff)
         next(outs)[...] = (co.pv + co.pv_rescale * nc_f) * pvw + co.pv_allow
 
 
-def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
+class Masks(NamedTuple):
+    """The mask arrays of one launch (None where not given): ``mask`` bool and ``bias``
+    floating, broadcastable to ``(B, N, T, S)`` (rank 4, as ``ftattn_spec.masking`` pads
+    them), int ``(B,)`` lengths. The window and ``is_causal`` are static (:class:`Config`)."""
+
+    mask: Array | None = None
+    bias: Array | None = None
+    query_lengths: Array | None = None
+    key_lengths: Array | None = None
+
+
+def _dense_spec(x, BM: int):
+    """A ``(B|1, N|1, Tp, Sp)`` array's row blocks for program ``(i, b, n)`` (broadcast axes read 0)."""
+    bb, nb = x.shape[0] > 1, x.shape[1] > 1
+    return pl.BlockSpec((None, None, BM, x.shape[3]), lambda i, b, n: (b if bb else 0, n if nb else 0, i, 0))
+
+
+def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config, masks: Masks = Masks(), vmean=None):
     """Launch the kernel on padded inputs; returns ``(o, qfin, stats)`` (see the module doc).
 
     ``q`` is ``(B, Tp, N, H)``, ``k``/``v`` ``(B, Sp, K, H)``, ``Tp`` and ``Sp``
-    multiples of the block sizes; ``stats`` is a list of float32 ``(B, N, Tp)``
-    arrays, two per check that ``cfg`` turns on, in the order qk, dmr, pv.
+    multiples of the block sizes, the dense masks ``(B|1, N|1, Tp, Sp)``; ``stats`` is a list
+    of float32 ``(B, N, Tp)`` arrays, two per check that ``cfg`` turns on, in the order qk, dmr, pv.
     """
     B, Tp, N, H = q.shape
     Sp = k.shape[1]
@@ -280,6 +399,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
     row_spec = pl.BlockSpec((None, BM, None, H), lambda i, b, n: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, Sp, None, H), lambda i, b, n: (b, 0, n // G, 0))
     stat_spec = pl.BlockSpec((None, None, BM), lambda i, b, n: (b, n, i))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i, b, n: (0,) * x.ndim)  # noqa: E731
     args, in_specs = [q, k, v], [row_spec, kv_spec, kv_spec]
     if cfg.qk:
         args.append(kpre)
@@ -287,9 +407,20 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
     if cfg.pv:
         args.append(vcol)
         in_specs.append(pl.BlockSpec((None, None, Sp, VCOLS), lambda i, b, n: (b, n // G, 0, 0)))
+    for x in (masks.mask, masks.bias):
+        if x is not None:
+            args.append(x)
+            in_specs.append(_dense_spec(x, BM))
+    for x in (masks.query_lengths, masks.key_lengths):
+        if x is not None:
+            args.append(x)
+            in_specs.append(whole(x))
+    if cfg.uniform:
+        args.append(vmean)
+        in_specs.append(pl.BlockSpec((None, None, H), lambda i, b, n: (b, n // G, 0)))
     if cfg.n_faults:
         args += [ft, fv]
-        in_specs += [pl.BlockSpec(ft.shape, lambda i, b, n: (0,)), pl.BlockSpec(fv.shape, lambda i, b, n: (0,))]
+        in_specs += [whole(ft), whole(fv)]
     n_stats = 2 * (cfg.qk + cfg.dmr + cfg.pv)
     stat_shape = jax.ShapeDtypeStruct((B, N, Tp), F32)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape] + [stat_shape] * n_stats
@@ -302,27 +433,45 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config):
 
 
 def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks: BlockSizes, interpret,
-           debug=False) -> Config:
-    """The static settings of a launch: ``which`` checks, ``n_faults`` slots of the fault table."""
+           debug=False, masking=None, uniform: bool = False) -> Config:
+    """The static settings of a launch: ``which`` checks, ``n_faults`` slots of the fault table;
+    ``masking`` a ``ftattn_spec.masking.Masking`` (None: no mask form but ``causal``);
+    ``uniform`` fills a row with nothing attended with the mean of the values."""
     B, T, N, H = q_shape
     S, K = k_shape[1], k_shape[2]
-    chunk = tol.FUSED_CHUNK if blocks.block_m % tol.FUSED_CHUNK == 0 else blocks.block_m
+    chunk = blocks.block_n  # the side inputs sum K over each tile of keys
+    m = masking
     return Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_m=blocks.block_m, block_n=blocks.block_n,
         chunk=chunk, qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which, n_faults=n_faults,
         coef=tol.fused_coefficients(S, H, dtype, blocks.block_m, blocks.block_n, chunk),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret, debug=debug,
-        vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
+        vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H),
+        window=None if m is None else m.window, has_mask=m is not None and m.mask_shape is not None,
+        has_bias=m is not None and m.bias_shape is not None, has_qlen=m is not None and m.query_lengths,
+        has_klen=m is not None and m.key_lengths, uniform=bool(uniform))
 
 
-def launch(q, k, v, ft, fv, cfg: Config) -> KernelOutput:
+def _dense(x, T: int, S: int, Tp: int, Sp: int, dtype=None):
+    """A rank <= 4 mask or bias as ``(B|1, N|1, Tp, Sp)``, zero-padded (padding is masked anyway)."""
+    if x is None:
+        return None
+    x = x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+    x = jnp.broadcast_to(x, (*x.shape[:2], T, S)).astype(dtype or x.dtype)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
+
+
+def launch(q, k, v, ft, fv, cfg: Config, masks: Masks = Masks()) -> KernelOutput:
     """Pad to whole blocks, compute the side inputs, run the kernel, cut the padding off."""
     T, S, BM, BN = cfg.T, cfg.S, cfg.block_m, cfg.block_n
     Tp = -(-T // BM) * BM
     Sp = -(-S // BN) * BN
-    if cfg.causal and cfg.qk:
-        Sp = max(Sp, Tp)  # the diagonal block of the qk_row prediction reads keys up to Tp
     qp, kp, vp = pad_to(q, 1, Tp), pad_to(k, 1, Sp), pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale)
-    o, qfin, stats = forward(qp, kp, vp, kpre, vcol, ft, fv, cfg)
+    kpre, vcol, kv_finite = side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale, prefix=False)
+    padded = Masks(_dense(masks.mask, T, S, Tp, Sp, jnp.int8), _dense(masks.bias, T, S, Tp, Sp),
+                   *(None if x is None else x.astype(jnp.int32) for x in (masks.query_lengths, masks.key_lengths)))
+    vmean = None
+    if cfg.uniform:  # B K H: the output of a row that attends nothing
+        vmean = jnp.mean(v.astype(F32), axis=1)
+    o, qfin, stats = forward(qp, kp, vp, kpre, vcol, ft, fv, cfg, padded, vmean)
     return KernelOutput(o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite)

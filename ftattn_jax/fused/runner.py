@@ -23,10 +23,11 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ftattn_spec import faults as spec_faults
+from ftattn_spec import masking
 from ftattn_spec.report import make_report
 
 from .. import faults, reference
-from ..common import verdict
+from ..common import OPS, verdict
 from . import compat
 from . import mosaic_kernel as mosaic
 from . import pallas_kernel as portable
@@ -48,31 +49,51 @@ def platform_of(x) -> str:
         return jax.default_backend()
 
 
-def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks, interpret, debug=False):
-    """The static settings of a launch of the kernel ``blocks`` belongs to."""
+def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, blocks, interpret, debug=False,
+           masking=None, uniform: bool = False):
+    """The static settings of a launch of the kernel ``blocks`` belongs to (the mask forms
+    besides ``causal`` only for the portable kernel: :func:`select_lowering`)."""
+    extra = dict(masking=masking, uniform=uniform) if blocks.LOWERING == portable.LOWERING else {}
     return KERNELS[blocks.LOWERING].config(q_shape, k_shape, dtype, scale=scale, causal=causal, which=which,
-                                           n_faults=n_faults, blocks=blocks, interpret=interpret, debug=debug)
+                                           n_faults=n_faults, blocks=blocks, interpret=interpret, debug=debug,
+                                           **extra)
 
 
-def launch(q, k, v, ft, fv, cfg) -> KernelOutput:
+def launch(q, k, v, ft, fv, cfg, masks=portable.Masks()) -> KernelOutput:
     """Run the kernel ``cfg`` was made for (no gradient rule: see :func:`_attend`)."""
+    if cfg.LOWERING == portable.LOWERING:
+        return portable.launch(q, k, v, ft, fv, cfg, masks)
     return KERNELS[cfg.LOWERING].launch(q, k, v, ft, fv, cfg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attend(q, k, v, ft, fv, cfg):
-    return launch(q, k, v, ft, fv, cfg)
+def _allowed(cfg, T: int, S: int, mask, query_lengths, key_lengths):
+    """The combined mask forms (but ``causal``) as JAX's ``masking.combine`` makes them, or None."""
+    window = getattr(cfg, "window", None)
+    B = 1 if query_lengths is None and key_lengths is None else (query_lengths if query_lengths is not None
+                                                                 else key_lengths).shape[0]
+    return masking.combine(B, T, S, OPS, mask=mask, window=window, query_lengths=query_lengths,
+                           key_lengths=key_lengths)
 
 
-def _attend_fwd(q, k, v, ft, fv, cfg):
-    return launch(q, k, v, ft, fv, cfg), (q, k, v, ft, fv)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attend(q, k, v, bias, aux, ft, fv, cfg):
+    mask, qlen, klen = aux
+    return launch(q, k, v, ft, fv, cfg, portable.Masks(mask, bias, qlen, klen))
+
+
+def _attend_fwd(q, k, v, bias, aux, ft, fv, cfg):
+    return _attend(q, k, v, bias, aux, ft, fv, cfg), (q, k, v, bias, aux, ft, fv)
 
 
 def _attend_bwd(cfg, res, cts):
-    q, k, v, ft, fv = res
-    dq, dk, dv = reference.attention_vjp(q, k, v, cfg.scale, cfg.causal, cts[0])
+    q, k, v, bias, aux, ft, fv = res
+    mask, qlen, klen = aux
+    allowed = _allowed(cfg, q.shape[1], k.shape[1], mask, qlen, klen)
+    dq, dk, dv, dbias = reference.attention_vjp(q, k, v, cfg.scale, cfg.causal, cts[0], bias=bias, allowed=allowed,
+                                                uniform=getattr(cfg, "uniform", False), query_lengths=qlen)
     zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
-    return dq, dk, dv, zero_int(ft), None if fv is None else jnp.zeros_like(fv)
+    return (dq, dk, dv, dbias, tuple(zero_int(x) for x in aux), zero_int(ft),
+            None if fv is None else jnp.zeros_like(fv))
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -105,14 +126,16 @@ def validate_lowering(lowering) -> str:
     return lowering
 
 
-def select_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None) -> str:
+def select_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None,
+                    masked: str | None = None) -> str:
     """Which kernel ``implementation="pallas"`` runs: ``"triton"`` (the portable
     kernel) or ``"mosaic_gpu"`` (the Hopper kernel).
 
     ``lowering=None``/``"auto"`` takes the Hopper kernel when the query lives on
     an sm_90 GPU, the kernel is compiled (not interpreted), the head dim is 64
-    or 128, and a fault plan, if any, has at most one fault per site and query
-    row (the Hopper kernel reads faults from a per-row table) on jax >= 0.11;
+    or 128, no mask form but ``is_causal`` is given (``masked``: the name of
+    one that is), and a fault plan, if any, has at most one fault per site and
+    query row (the Hopper kernel reads faults from a per-row table) on jax >= 0.11;
     otherwise the portable kernel. Asking for ``"mosaic_gpu"`` where it cannot
     run raises ``ValueError`` naming why.
     """
@@ -121,6 +144,8 @@ def select_lowering(query, *, lowering: str | None = None, interpret: bool | Non
     if lowering == portable.LOWERING:
         return lowering
     why = mosaic.unsupported(query, platform=platform_of(query), interpret=interpret, plan=plan)
+    if why is None and masked is not None:
+        why = f"it supports is_causal only, and {masked} was given (the portable kernel takes every mask form)"
     if why is None:
         return mosaic.LOWERING
     if lowering == mosaic.LOWERING:
@@ -141,31 +166,50 @@ def resolve_interpret(query, interpret: bool | None) -> bool:
 
 def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool,
         on_fault: str = "report", plan=None, interpret: bool | None = None, blocks=None,
-        lowering: str | None = None):
+        lowering: str | None = None, bias=None, mask=None, query_lengths=None, key_lengths=None,
+        masks: masking.Masking | None = None, empty: str = "zero"):
     """The fused path: inputs validated, the catalogue consulted; ``checks`` are those to run.
 
     ``interpret=None`` interprets unless the query lives on a GPU;
     ``lowering`` picks the kernel (:func:`select_lowering`); with ``lowering`` None or
-    ``"auto"``, ``blocks`` (a kernel's block sizes) names it.
+    ``"auto"``, ``blocks`` (a kernel's block sizes) names it. The mask arrays and
+    ``masks`` (their validated ``ftattn_spec.masking.Masking``, window included) are those
+    of the unfused path; ``empty`` how a row with nothing attended is filled.
     """
     interpret = resolve_interpret(query, interpret)
     if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
         lowering = getattr(blocks, "LOWERING", None)
-    chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan)
+    given = _first_form(masks)
+    chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan, masked=given)
     kind = KERNELS[chosen].Blocks
     if blocks is not None and not isinstance(blocks, kind):
         raise TypeError(f"blocks: the {chosen!r} lowering expected {kind.__name__}, got {type(blocks).__name__}")
     bs = blocks or kind.get_default(interpret, query.shape[-1], bool(checks))
+    aux = tuple(None if x is None else jnp.asarray(x) for x in (mask, query_lengths, key_lengths))
     with compat.quiet_lowering():
-        return _run(query, key, value, faults.to_device(plan), checks=tuple(checks), granularity=granularity,
-                    scale=scale, is_causal=is_causal, on_fault=on_fault, interpret=bool(interpret), blocks=bs)
+        return _run(query, key, value, None if bias is None else jnp.asarray(bias), aux, faults.to_device(plan),
+                    checks=tuple(checks), granularity=granularity, scale=scale, is_causal=is_causal,
+                    on_fault=on_fault, interpret=bool(interpret), blocks=bs, masks=masks if given else None,
+                    uniform=empty == "uniform")
+
+
+def _first_form(masks) -> str | None:
+    """The name of the first mask form but ``is_causal`` in ``masks``, or None."""
+    if masks is None:
+        return None
+    for name, on in (("mask", masks.mask_shape is not None), ("bias", masks.bias_shape is not None),
+                     ("query_seq_lengths", masks.query_lengths), ("key_value_seq_lengths", masks.key_lengths),
+                     ("local_window_size", masks.window is not None)):
+        if on:
+            return name
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("checks", "granularity", "scale", "is_causal", "on_fault",
-                                             "interpret", "blocks"))
-def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], plan, *,
-         checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str, interpret: bool,
-         blocks: "BlockSizes | MosaicBlocks"):
+                                             "interpret", "blocks", "masks", "uniform"))
+def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], bias, aux,
+         plan, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str,
+         interpret: bool, blocks: "BlockSizes | MosaicBlocks", masks, uniform: bool):
     wanted = checks
     dtype = jnp.dtype(query.dtype).name
     ft, fv, n_faults = _fault_table(plan)
@@ -173,8 +217,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     k = faults.inject(key, "key", "BSKH", plan)
     v = faults.inject(value, "value", "BSKH", plan)
     cfg = config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=wanted, n_faults=n_faults,
-                 blocks=blocks, interpret=interpret)
-    out, qfin, stats, kv_finite = _attend(q, k, v, ft, fv, cfg)
+                 blocks=blocks, interpret=interpret, masking=masks, uniform=uniform)
+    out, qfin, stats, kv_finite = _attend(q, k, v, bias, aux, ft, fv, cfg)
     qfin, stats = jax.lax.stop_gradient((qfin, stats))
     if plan is None:
         finite = jnp.all(qfin > 0) & kv_finite
@@ -200,8 +244,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         rows_btn = jnp.swapaxes(rows, 1, 2)[..., None]  # B T N 1
         if on_fault == "correct":
             clean = config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=(), n_faults=0,
-                           blocks=blocks, interpret=interpret)
-            redo = lambda o: jnp.where(rows_btn, _attend(q, k, v, None, None, clean)[0], o)  # noqa: E731
+                           blocks=blocks, interpret=interpret, masking=masks, uniform=uniform)
+            redo = lambda o: jnp.where(rows_btn, _attend(q, k, v, bias, aux, None, None, clean)[0], o)  # noqa: E731
             out = jax.lax.cond(detected, redo, lambda o: o, out)
             corrected = jnp.sum(rows, dtype=jnp.int32)
         else:

@@ -55,11 +55,13 @@ def _finite_from(sums, x):
 
 
 def side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool,
-                 vcol_scale: float):
-    """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.pallas_kernel`;
+                 vcol_scale: float, prefix: bool = True):
+    """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.mosaic_kernel`;
     None where the check is off), and whether the first S keys and values are all finite,
     read off the same sums where the checks need them. ``vcol`` holds ``vcol_scale`` times
-    the column sums (``tol.fused_vcol_scale``, a power of two: exact)."""
+    the column sums (``tol.fused_vcol_scale``, a power of two: exact). ``prefix=False``:
+    ``kpre`` is ``(B, K, C, 2, H)``, the sums of each chunk alone (the portable kernel adds
+    those of the tiles it attends in full, :mod:`.pallas_kernel`)."""
     kpre = vcol = kabs = vabs = None
     B, Sp, K, H = k.shape
     if qk:
@@ -67,10 +69,14 @@ def side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, 
         kf = k[:, :S].astype(F32)
         kf = jnp.pad(kf, ((0, 0), (0, C * chunk - S), (0, 0), (0, 0))).reshape(B, C, chunk, K, H)
         sums = jnp.stack([kf.sum(2), jnp.abs(kf).sum(2)], axis=2)  # B C 2 K H
-        pre = jnp.cumsum(sums, axis=1)
-        pre = jnp.concatenate([jnp.zeros_like(pre[:, :1]), pre], axis=1)  # exclusive: B C+1 2 K H
+        if prefix:
+            pre = jnp.cumsum(sums, axis=1)
+            pre = jnp.concatenate([jnp.zeros_like(pre[:, :1]), pre], axis=1)  # exclusive: B C+1 2 K H
+            kabs = pre[:, -1, 1]  # Σ_j |k_j| per (b, kv head, h): B K H
+        else:
+            pre = sums
+            kabs = sums[:, :, 1].sum(1)
         kpre = pre.transpose(0, 3, 1, 2, 4)
-        kabs = pre[:, -1, 1]  # Σ_j |k_j| per (b, kv head, h): B K H
     if pv:
         vf = v.astype(F32)
         w = jnp.abs(vf).sum(-1)
