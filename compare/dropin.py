@@ -2,10 +2,12 @@
 
 ``python -m compare.dropin [--framework jax|torch|both] [--T 2048] [--dtype float16]``
 prints one table: per framework and mask form, the plain function
-(``jax.nn.dot_product_attention`` or ``F.scaled_dot_product_attention``) and
-ftattn's drop-in (scheme ``full``, and ``baseline`` for the unchecked unfused
-cost), median of 10 timed calls after 3 warm-ups, in the same process. For
-PyTorch also ``torch.compile(fullgraph=True)`` of the drop-in. On a machine
+(``jax.nn.dot_product_attention``, also pinned to cuDNN where it takes the
+form, or ``F.scaled_dot_product_attention``) and ftattn's drop-in with its
+defaults (scheme ``full``, and ``baseline`` unchecked; ``ran`` says which
+implementation the default took), median of 10 timed calls after 3 warm-ups,
+in the same process. For PyTorch also ``torch.compile(fullgraph=True)`` of the
+drop-in. ``decode`` is one query per sequence against T cached keys. On a machine
 without a GPU it uses a small shape in float32.
 """
 
@@ -19,17 +21,23 @@ import numpy as np
 from .run import _has_gpu
 from .timing import CudaEventTimer, HostTimer, robust
 
-FORMS = ("causal", "padding", "window", "bias")
+FORMS = ("causal", "padding", "hf-mask", "lengths", "window", "bias", "decode")
 
 
 def _masks(B, N, T, rng):
+    """Each form's arguments; ``decode``: one query per sequence against a cache of T keys."""
     lengths = np.array([T, T // 2] * (B // 2) + [T] * (B % 2), np.int32)
     pad = np.arange(T)[None, :] < lengths[:, None]  # B S: keys beyond the length masked
+    causal = np.arange(T)[None, :] <= np.arange(T)[:, None]
     return {
         "causal": {},
         "padding": dict(mask=np.broadcast_to(pad[:, None, None, :], (B, 1, T, T)).copy()),
+        # what Hugging Face builds for a left-padded batch: padding and causal in one (B, 1, T, S) mask
+        "hf-mask": dict(mask=(causal[None, None] & pad[:, ::-1][:, None, None, :])),
+        "lengths": dict(lengths=lengths),
         "window": dict(window=(256, 0)),
         "bias": dict(bias=(0.1 * rng.standard_normal((1, N, T, T))).astype(np.float32)),
+        "decode": dict(decode=True, lengths=lengths),
     }
 
 
@@ -44,18 +52,31 @@ def run_jax(B, N, T, H, dtype, rows):
     timer = HostTimer(lambda r: jax.block_until_ready(r))
     for form, m in _masks(B, N, T, rng).items():
         kw = dict(is_causal=form in ("causal", "window"))
+        qq = q[:, -1:] if m.get("decode") else q
         if "mask" in m:
             kw["mask"] = jnp.asarray(m["mask"])
         if "bias" in m:
             kw["bias"] = jnp.asarray(m["bias"], dtype)
         if "window" in m:
             kw["local_window_size"] = m["window"]
-        fns = {"jax.nn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw))}
+        if "lengths" in m:
+            kw["key_value_seq_lengths"] = jnp.asarray(m["lengths"])
+            if not m.get("decode"):
+                kw["query_seq_lengths"] = jnp.asarray(m["lengths"])
+        fns = {"jax.nn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kw)),
+               "jax.nn cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
+                                                                                    **kw))}
         for scheme in ("baseline", "full"):
             fns[f"ftattn {scheme}"] = jax.jit(
                 lambda q, k, v, s=scheme: ftattn_jax.dot_product_attention(q, k, v, scheme=s, **kw))
+        _, rep = ftattn_jax.dot_product_attention(qq, k, v, return_report=True, **kw)
         for name, fn in fns.items():
-            rows.append(("jax", form, name, robust(fn, [(q, k, v)], timer)["ms"]))
+            try:
+                ms = robust(fn, [(qq, k, v)], timer)["ms"]
+            except Exception as e:  # noqa: BLE001 - cuDNN refuses some forms: say so, go on
+                print(f"jax {form} {name}: not run ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
+                continue
+            rows.append(("jax", form, name, ms, rep.ran.implementation if name.startswith("ftattn") else ""))
         jax.clear_caches()
 
 
@@ -72,10 +93,15 @@ def run_torch(B, N, T, H, dtype, rows):
     timer = CudaEventTimer(torch) if dev == "cuda" else HostTimer(lambda r: None)
     for form, m in _masks(B, N, T, rng).items():
         am, causal = None, form == "causal"
+        qq = q[:, :, -1:] if m.get("decode") else q
         if "mask" in m:
             am = torch.from_numpy(m["mask"]).to(dev)
         if "bias" in m:
             am = torch.from_numpy(m["bias"]).to(dev, q.dtype)
+        if "lengths" in m:  # SDPA has no lengths: a (B, 1, T|1, S) boolean mask
+            lens = torch.from_numpy(m["lengths"]).to(dev)
+            keys = torch.arange(T, device=dev)[None, :] < lens[:, None]
+            am = keys[:, None, None, :] if m.get("decode") else keys[:, None, :, None] & keys[:, None, None, :]
         if "window" in m:  # SDPA has no window argument: a boolean band mask
             i, j = torch.arange(T, device=dev)[:, None], torch.arange(T, device=dev)[None, :]
             am = (j <= i) & (j >= i - m["window"][0])
@@ -83,10 +109,12 @@ def run_torch(B, N, T, H, dtype, rows):
         for scheme in ("baseline", "full"):
             fns[f"ftattn {scheme}"] = lambda q, k, v, s=scheme: ftattn_torch.scaled_dot_product_attention(
                 q, k, v, am, is_causal=causal, scheme=s)
+        _, rep = ftattn_torch.scaled_dot_product_attention(qq, k, v, am, is_causal=causal, return_report=True)
         torch._dynamo.reset()
         fns["ftattn full, compiled"] = torch.compile(fns["ftattn full"], fullgraph=True)
         for name, fn in fns.items():
-            rows.append(("torch", form, name, robust(fn, [(q, k, v)], timer)["ms"]))
+            rows.append(("torch", form, name, robust(fn, [(qq, k, v)], timer)["ms"],
+                         rep.ran.implementation if name.startswith("ftattn") else ""))
         del fns
 
 
@@ -116,10 +144,10 @@ def main(argv=None) -> int:
         run_torch(B, N, T, H, a.dtype, rows)
     print(f"B={B} N={N} T=S={T} H={H} {a.dtype}; median of 10 calls after 3 warm-ups "
           f"({time.perf_counter() - t0:.0f} s in all)")
-    print(f"{'framework':<10}{'mask':<9}{'function':<24}{'ms':>9}{'x plain':>9}")
-    plain = {(f, m): ms for f, m, n, ms in rows if n in ("jax.nn", "F.sdpa")}
-    for f, m, n, ms in rows:
-        print(f"{f:<10}{m:<9}{n:<24}{ms:>9.3f}{ms / plain[(f, m)]:>9.2f}")
+    print(f"{'framework':<10}{'mask':<9}{'function':<24}{'ms':>9}{'x plain':>9}  ran")
+    plain = {(f, m): ms for f, m, n, ms, _ in rows if n in ("jax.nn", "F.sdpa")}
+    for f, m, n, ms, ran in rows:
+        print(f"{f:<10}{m:<9}{n:<24}{ms:>9.3f}{ms / plain[(f, m)]:>9.2f}  {ran}")
     return 0
 
 

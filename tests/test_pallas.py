@@ -243,10 +243,10 @@ class TestPallasGPU:
             self.attn(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
         with pytest.raises(ValueError, match="head dim"):
             self.attn(q[..., :12], k[..., :12], v[..., :12])
-        with pytest.raises(ValueError, match="mask"):
-            self.attn(q, k, v, mask=jnp.ones((37, 45), bool))
+        with pytest.raises(TypeError, match="mask"):
+            self.attn(q, k, v, mask=jnp.ones((37, 45), jnp.float32))
         with pytest.raises(ValueError, match="local_window_size"):
-            self.attn(q, k, v, local_window_size=4)
+            self.attn(q, k, v, local_window_size=-4)
         with pytest.raises(TypeError, match="interpret"):
             self.attn(q, k, v, interpret="yes") if self.INTERPRET else ftattn_jax.attention(
                 q, k, v, implementation="pallas", interpret=1)

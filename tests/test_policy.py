@@ -38,8 +38,7 @@ def test_auto_takes_the_kernel_where_it_fits_and_says_why_not(backend):
     name, why = implementations.choose(backend, device_reason="not on a GPU", **ok)
     assert (name, why) == ("unfused", "not on a GPU")
     for change, word in ((dict(dtype="float32"), "float32"), (dict(q_shape=(2, 3, 4, 24)), "H=24"),
-                         (dict(scheme="abft_qk_col"), "scheme"),
-                         (dict(masking=[("mask", object())]), "mask")):
+                         (dict(scheme="abft_qk_col"), "scheme")):
         name, why = implementations.choose(backend, device_reason=None, **{**ok, **change})
         assert name == "unfused" and word in why, (change, why)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from ftattn_spec.implementations import CATALOGUE, support_table, unsupported
+from ftattn_spec.implementations import CATALOGUE, MASK_FORMS, support_table, unsupported
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ def test_readme_is_a_front_door():
 
 
 def test_catalogue_answers_with_reasons():
-    """Every fused record refuses float32, odd head dims and masks, naming the argument."""
+    """Every fused record refuses float32 and odd head dims, naming the argument, and takes every
+    mask form; a lowering that takes fewer (the Hopper kernel) names them."""
     for rec in CATALOGUE:
         ok = unsupported(rec.backend, rec.name, scheme="full", dtype="float16", q_shape=(2, 3, 4, 64))
         assert ok is None, (rec, ok)
@@ -44,5 +45,8 @@ def test_catalogue_answers_with_reasons():
         r = unsupported(rec.backend, rec.name, scheme="abft_qk_col", dtype="float16", q_shape=(2, 3, 4, 64))
         assert r.argument == "scheme"
         r = unsupported(rec.backend, rec.name, scheme="full", dtype="float16", q_shape=(2, 3, 4, 64),
-                        masking=[("attn_mask", None), ("attn_mask", object())])
-        assert r.argument == "attn_mask"
+                        masking=[("attn_mask", None), ("attn_mask", object()), ("q_len", object()),
+                                 ("kv_len", object()), ("window", (2, 3))])
+        assert r is None and set(rec.mask_forms) == set(MASK_FORMS)
+        for lo in rec.lowerings:
+            assert set(lo.mask_forms) <= set(MASK_FORMS) and "causal" in lo.mask_forms

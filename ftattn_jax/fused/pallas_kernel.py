@@ -260,7 +260,8 @@ def _kernel(*refs, cfg: Config, H: int):
         # an ulp of |m·cz| there: from |m·cz| = 2³⁰ on it overflows exp2 or flushes a
         # row to 0. Measured cost and a rejected per-tile switch: docs/kernels.md, M8.
         p = jnp.exp2((z - m_use[:, None]) * cz)
-        alpha = jnp.exp2((m_raw - m_use) * cz)
+        # the rescale factor; 1 while the row has attended nothing (then only a fault put anything in l)
+        alpha = jnp.where(m_new > -jnp.inf, jnp.exp2((m_raw - m_use) * cz), 1.0)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 0, 1.0)
         lt = jnp.sum(p, axis=1)
@@ -292,7 +293,7 @@ def _kernel(*refs, cfg: Config, H: int):
             p2 = jnp.exp2(jnp.minimum(z * cz - m_sc[:, None], 0.0))
             if cfg.n_faults:
                 p2 = _inject(p2, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 1, 1.0)
-            alpha2 = jnp.exp2(jnp.minimum(m_raw * cz - m_sc, 0.0))
+            alpha2 = jnp.where(m_new > -jnp.inf, jnp.exp2(jnp.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
             l2t = jnp.sum(p2, axis=1)
             l2 = l2 * alpha2 + l2t
             d = d * alpha + jnp.abs(lt - l2t)

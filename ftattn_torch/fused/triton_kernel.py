@@ -277,7 +277,8 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep,
     # an ulp of |m·cz| there: from |m·cz| = 2³⁰ on it overflows exp2 or flushes a
     # row to 0. Measured cost and a rejected per-tile switch: docs/kernels.md, M8.
     p = tl.math.exp2((z - m_use[:, None]) * cz)
-    alpha = tl.math.exp2((m_raw - m_use) * cz)
+    # the rescale factor; 1 while the row has attended nothing (then only a fault put anything in l)
+    alpha = tl.where(m_new > float("-inf"), tl.math.exp2((m_raw - m_use) * cz), 1.0)
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
     lt = tl.sum(p, 1)
@@ -324,7 +325,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep,
             p2 = tl.math.exp2(tl.minimum(z * cz - m_sc[:, None], 0.0))
         if INJECT:
             p2 = _inject(p2, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 1, 1.0)
-        alpha2 = tl.math.exp2(tl.minimum(m_raw * cz - m_sc, 0.0))
+        alpha2 = tl.where(m_new > float("-inf"), tl.math.exp2(tl.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
         l2t = tl.sum(p2, 1)
         l2 = l2 * alpha2 + l2t
         d = d * alpha + tl.abs(lt - l2t)
