@@ -304,7 +304,8 @@ def _kernel(*refs, cfg: Config, H: int):
             vc = vcol_ref[pl.ds(start, BN), :]
             pv = pv * alpha[:, None] + compat.dot(pm, vc)
         if cfg.uniform:
-            seen = seen | jnp.any(live[:, None] if keep is None else keep, axis=1).astype(jnp.int32)
+            # (a max, not jnp.any: Pallas' Triton lowering has no reduce_or)
+            seen = jnp.maximum(seen, jnp.max((live[:, None] if keep is None else keep).astype(jnp.int32), axis=1))
         return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen
 
     def masked_step(t, carry):

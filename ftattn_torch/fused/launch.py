@@ -32,8 +32,8 @@ _REPLICAS = ("mufu", "fma")
 class BlockSizes:
     """Tile shape and launch settings of the forward kernel.
 
-    ``block_m`` query rows per program, ``block_n`` keys per tile (and per
-    pre-pass chunk of the sums of K).
+    ``block_m`` query rows per program, ``block_n`` keys per tile (a multiple
+    of the pre-pass chunk of the sums of K, ``tol.FUSED_CHUNK``, or smaller).
     """
 
     block_m: int
@@ -222,7 +222,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     masks = (masks or Masks())._replace(is_causal=is_causal)
     bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None, T)
     upcast = interp and query.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
-    chunk = bs.block_n  # the pre-pass sums K over each tile of keys
+    chunk = min(tol.FUSED_CHUNK, bs.block_n)  # the pre-pass sums K over chunks; a tile adds block_n // chunk
     n_chunks = -(-S // chunk)
     if out is None:
         out = torch.empty_like(query)
@@ -265,7 +265,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_st, *bias_st,
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale, left, right,
             *coef, 1.0 / vcol_scale,
-            H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n,
+            H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk,
             HAS_MASK=masks.mask is not None, HAS_BIAS=masks.bias is not None,
             HAS_QLEN=masks.query_lengths is not None, HAS_KLEN=masks.key_lengths is not None,
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,

@@ -122,22 +122,6 @@ def _inject(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, replica, 
 
 
 @triton.jit
-def _planned(FT, n_faults, b, n, r_lo, r_hi, c_lo, c_hi):
-    """Whether the plan puts a fault into the probabilities of this tile (rows ``r_lo..r_hi``,
-    columns ``c_lo..c_hi``): a tile the masks would skip is then computed, as the unfused path
-    computes every entry of P, so that the fault does what it does there."""
-    hit = 0
-    for f in range(n_faults):
-        row = FT + f * 8
-        here = (tl.load(row) == SITE_PROBS) & (tl.load(row + 2) == b) & (tl.load(row + 3) == n)
-        fi = tl.load(row + 4)
-        fj = tl.load(row + 5)
-        here = here & (fi >= r_lo) & (fi <= r_hi) & (fj >= c_lo) & (fj <= c_hi)
-        hit = hit | here.to(tl.int32)
-    return hit > 0
-
-
-@triton.jit
 def _nonfinite(x, valid):
     """Number of NaN or infinite elements of ``x`` where ``valid``."""
     bad = (x != x) | (tl.abs(x) == float("inf"))
@@ -217,28 +201,46 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H
 
 @triton.jit
 def _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK: tl.constexpr):
-    """Where the tile's entries are attended (every mask form but the bias), and how many are."""
+    """Where the tile's entries are attended (every mask form but the bias)."""
     keep = (cols[None, :] < kend) & (cols[None, :] >= rows[:, None] - win_left)
     keep = keep & (cols[None, :] <= rows[:, None] + win_right) & live[:, None]
     if HAS_MASK:
         mt = tl.load(MASK + m_off + rows[:, None].to(tl.int64) * smt + cols[None, :].to(tl.int64) * sms,
                      mask=(rows < T)[:, None] & (cols < S)[None, :], other=0)
         keep = keep & (mt != 0)
-    return keep, tl.sum(tl.sum(keep.to(tl.int32), 1), 0)
+    return keep
 
 
 @triton.jit
-def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep, partial,
-          q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
+def _tile_sums(KSUM, ksum_off, start_n, n_chunks, H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """(Σ k, Σ |k|) over the keys of the tile at ``start_n``: the sums of its pre-pass chunks."""
+    hs = tl.arange(0, H)
+    c = start_n // CHUNK
+    ks = tl.zeros([H], tl.float32)
+    ka = tl.zeros([H], tl.float32)
+    for r in tl.static_range(BLOCK_N // CHUNK):
+        there = c + r < n_chunks
+        ks += tl.load(KSUM + ksum_off + (c + r) * 2 * H + hs, mask=(hs < H) & there, other=0.0)
+        ka += tl.load(KSUM + ksum_off + (c + r) * 2 * H + H + hs, mask=(hs < H) & there, other=0.0)
+    return ks, ka
+
+
+@triton.jit
+def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
+          q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
+          sbs,
           start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-          H: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-          HAS_QLEN: tl.constexpr,
+          H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+          HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr,
           QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
           REPLICA_FMA: tl.constexpr):
-    """One tile of keys. ``MASKED``: ``keep`` says which entries count, and ``partial`` whether
-    some of the tile's entries are masked for live rows (then the qk_row prediction takes a 0/1
-    product with K; otherwise the tile's pre-pass sums). Otherwise every entry counts, except
-    (``HAS_QLEN``) in rows beyond the query length (not ``live``)."""
+    """One tile of keys. ``MASKED``: ``keep`` says which entries count (the qk_row prediction
+    takes a 0/1 product with K); otherwise every entry counts, except (``HAS_QLEN``) in rows
+    beyond the query length (not ``live``), and the prediction adds the tile's pre-pass sums.
+
+    No branch depends on data inside the loop over tiles: on the H200 (triton 3.6) an ``if``
+    around a tile, or around the 0/1 product, made the ``pv_row`` accumulator wrong for H >= 32
+    and read out of bounds (docs/kernels.md, "Masks")."""
     cols = start_n + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
@@ -291,31 +293,22 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep,
         pm = p.to(dt)
         acc = tl.dot(pm, v, acc)
     if QK:
+        ks, ka = _tile_sums(KSUM, ksum_off, start_n, n_chunks, H, BLOCK_N, CHUNK)
+        kabs += ka  # the magnitude: every key of a visited tile (an upper bound when some are masked)
         if MASKED:
             srow += tl.sum(tl.where(keep, qk, 0.0), 1)
-            if partial:
-                # the attended keys of each row: a 0/1 matrix times K (and |K|)
-                kt = tl.trans(k)
-                if UPCAST:
-                    kf = kt.to(tl.float32)
-                    kf_sum = tl.dot(keep.to(tl.float32), kf)
-                    kf_abs = tl.dot(keep.to(tl.float32), tl.abs(kf))
-                else:
-                    kf_sum = tl.dot(keep.to(dt), kt)
-                    kf_abs = tl.dot(keep.to(dt), tl.abs(kt))
-                qf = q.to(tl.float32)
-                pred += tl.sum(qf * kf_sum, 1)
-                mag += tl.sum(tl.abs(qf) * kf_abs, 1)
+            # the attended keys of each row: a 0/1 matrix times K
+            if UPCAST:
+                kf_sum = tl.dot(keep.to(tl.float32), tl.trans(k).to(tl.float32))
             else:
-                kacc += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + hs)
-                kabs += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + H + hs)
+                kf_sum = tl.dot(keep.to(dt), tl.trans(k))
+            pred += tl.sum(q.to(tl.float32) * kf_sum, 1)
         else:
             if HAS_QLEN:
                 srow += tl.sum(tl.where(live[:, None], qk, 0.0), 1)
             else:
                 srow += tl.sum(qk, 1)
-            kacc += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + hs)
-            kabs += tl.load(KSUM + ksum_off + (start_n // BLOCK_N) * 2 * H + H + hs)
+            kacc += ks
     if DMR:
         # the replica: its own argument formula (clamped at 0, see above) and
         # its own rescale factor
@@ -339,7 +332,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep,
             pv = tl.dot(pm, vc.to(tl.float32), pv * alpha[:, None])
         else:
             pv = tl.dot(pm, vc, pv * alpha[:, None])
-    return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs
+    return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs
 
 
 @triton.jit
@@ -348,7 +341,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BI
              smb, smn, smt, sms, sbb, sbn, sbt, sbs,
              N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
-             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
@@ -399,10 +392,10 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BI
     # tiles every live row attends in full: no element mask, the pre-pass sums for qk_row
     f0 = tl.maximum(t_start, (tl.maximum(r_hi - win_left, 0) + BLOCK_N - 1) // BLOCK_N)
     f1 = tl.minimum(tl.minimum(t_end, tl.maximum(r_lo + win_right + 1, 0) // BLOCK_N), kend // BLOCK_N)
-    if HAS_MASK:  # a dense mask: every tile is looked at (and skipped when nothing in it is attended)
+    if HAS_MASK:  # a dense mask: every tile of the band is masked per element
         f0 = t_start
         f1 = t_start
-    if INJECT:  # a planned fault in a masked probability: every tile is looked at (_planned)
+    if INJECT:  # a planned fault may sit in any probability, as in the unfused path: every tile is computed
         t_start = 0
         t_end = (S + BLOCK_N - 1) // BLOCK_N
         f0 = tl.maximum(f0, t_start)
@@ -419,43 +412,33 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BI
     nc = tl.zeros([BLOCK_M], tl.int32)
     mmax = tl.zeros([BLOCK_M], tl.float32)
     pred = tl.zeros([BLOCK_M], tl.float32)
-    mag = tl.zeros([BLOCK_M], tl.float32)
     kacc = tl.zeros([H], tl.float32)
     kabs = tl.zeros([H], tl.float32)
-    n_live = tl.sum(live.to(tl.int32), 0)
 
     for t in range(t_start, f0):
         start_n = t * BLOCK_N
-        cols = start_n + tl.arange(0, BLOCK_N)
-        keep, nk = _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
-        go = nk > 0
-        if INJECT:
-            go = go | _planned(FT, n_faults, b, n, r_lo, r_lo + BLOCK_M - 1, start_n, start_n + BLOCK_N - 1)
-        if go:
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs = _tile(
-                acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep, nk < n_live * BLOCK_N,
-                q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
-                start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-                H, BLOCK_N, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+        keep = _keep(rows, start_n + tl.arange(0, BLOCK_N), live, kend, win_left, win_right, MASK, m_off, smt,
+                     sms, T, S, HAS_MASK)
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
+            q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
+            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
     for t in range(f0, f1):
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, rows, False,
-            q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
-            t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, rows,
+            q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
+            sbs, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+            H, BLOCK_N, CHUNK, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
     for t in range(f1, t_end):
         start_n = t * BLOCK_N
-        cols = start_n + tl.arange(0, BLOCK_N)
-        keep, nk = _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
-        go = nk > 0
-        if INJECT:
-            go = go | _planned(FT, n_faults, b, n, r_lo, r_lo + BLOCK_M - 1, start_n, start_n + BLOCK_N - 1)
-        if go:
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs = _tile(
-                acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, keep, nk < n_live * BLOCK_N,
-                q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, b_off, sks, skh, svs, svh, sbt, sbs,
-                start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-                H, BLOCK_N, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+        keep = _keep(rows, start_n + tl.arange(0, BLOCK_N), live, kend, win_left, win_right, MASK, m_off, smt,
+                     sms, T, S, HAS_MASK)
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
+            q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
+            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
 
     # a row with nothing attended (rows beyond the query length included) has output zero
     inv = tl.where(l > 0.0, 1.0 / l, 0.0)
@@ -470,7 +453,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BI
         # ---- qk_row: Σ_j s_ij over the attended keys against q_i·(Σ over those keys of k)
         qf = q.to(tl.float32)
         pred += tl.sum(qf * kacc[None, :], 1)
-        mag += tl.sum(tl.abs(qf) * kabs[None, :], 1)
+        mag = tl.sum(tl.abs(qf) * kabs[None, :], 1)
         diff = tl.where(live, (srow - pred) * scale, 0.0)
         thr = tl.where(live, (coef_qk * mag + allow_qk) * scale, 0.0)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, diff, thr, SIGNED)
