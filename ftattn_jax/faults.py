@@ -37,7 +37,7 @@ def to_device(plan: FaultPlan | None) -> DevicePlan | None:
 
 
 def _uint(dtype) -> type:  # the scalar type (jnp.uint16), not a dtype instance
-    return {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+    return {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[jnp.dtype(dtype).itemsize]
 
 
 def corrupt(old: Array, kind: Array, bit: Array, value: Array) -> Array:

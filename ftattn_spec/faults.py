@@ -68,13 +68,14 @@ SITE_CHECKS: dict[str, tuple[str, ...]] = {
 #: What ``on_fault=`` accepts.
 ON_FAULT: tuple[str, ...] = ("report", "correct", "raise", "nan")
 
-_WIDTH = {"float16": 16, "bfloat16": 16, "float32": 32}
+_WIDTH = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
 _KIND = {"bit": 0, "value": 1, "add": 2}
 
 
 def element_dtype(site: str, dtype: str) -> str:
-    """The dtype of the element a fault at ``site`` corrupts, for inputs of ``dtype``."""
-    return dtype if site in INPUT_SITES else "float32"
+    """The dtype of the element a fault at ``site`` corrupts, for inputs of ``dtype`` (the
+    intermediates are float32, or float64 for float64 inputs)."""
+    return dtype if site in INPUT_SITES or dtype == "float64" else "float32"
 
 
 def bit_width(site: str, dtype: str) -> int:
@@ -246,7 +247,8 @@ def additive_plan(site: str, index, delta: float, replica: int = 0) -> FaultPlan
                      np.zeros(1, np.int32), np.array([delta], np.float64))
 
 
-_NP_DTYPES = {"float16": (np.float16, np.uint16), "float32": (np.float32, np.uint32)}
+_NP_DTYPES = {"float16": (np.float16, np.uint16), "float32": (np.float32, np.uint32),
+              "float64": (np.float64, np.uint64)}
 
 
 def flip_bit(x: float, dtype: str, bit: int) -> float:

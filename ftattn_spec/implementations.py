@@ -68,7 +68,7 @@ class Implementation:
         return self.name != "unfused"
 
 
-_ALL_DTYPES = ("float16", "bfloat16", "float32")
+_ALL_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _FUSED_DTYPES = ("float16", "bfloat16")
 _FUSED_HEAD_DIMS = (16, 32, 64, 128)  # Triton needs powers of two, the tensor cores at least 16
 # The fused kernels check rows only: a column checksum needs a sum over every
@@ -232,7 +232,7 @@ def unsupported(backend: str, implementation: str, *, scheme: str, dtype: str, q
         return Refusal("scheme", str(e), ValueError)
     if dtype not in rec.dtypes:
         return Refusal("query", f"query: implementation={name!r} expected {' or '.join(rec.dtypes)}, got {dtype} "
-                                f"(use implementation='unfused' for float32)", TypeError)
+                                f"(use implementation='unfused' for float32 and float64)", TypeError)
     H = int(q_shape[-1])
     if rec.head_dims is not None and H not in rec.head_dims:
         return Refusal("query", f"query: implementation={name!r} expected head dim H in {rec.head_dims}, got H={H} "

@@ -17,11 +17,15 @@ import functools
 import math
 from typing import NamedTuple
 
-#: Unit roundoff of the input/storage formats ftattn accepts.
+#: Unit roundoff of the input/storage formats ftattn accepts. float64 inputs
+#: are computed in float64 (the unfused path only), but the checks' side sums
+#: run in float32 like every other dtype's, so the model judges them as float32
+#: inputs: their float64 rounding is far below every term (an upper bound).
 UNIT_ROUNDOFF: dict[str, float] = {
     "float16": 2.0**-11,
     "bfloat16": 2.0**-8,
     "float32": 2.0**-24,
+    "float64": 2.0**-24,
 }
 
 #: Every accumulation, softmax and checksum runs in float32.
@@ -121,7 +125,7 @@ def product_roundoff(dtype: str, tf32: bool = False) -> float:
     """
     if dtype not in UNIT_ROUNDOFF:
         raise ValueError(f"dtype: expected one of {tuple(UNIT_ROUNDOFF)}, got {dtype!r}")
-    if dtype != "float32":
+    if dtype not in ("float32", "float64"):
         return 0.0
     return 2.0 * U_TF32 + U_TF32**2 if tf32 else U_ACC
 
@@ -255,7 +259,7 @@ def global_factor(n_rows: int) -> float:
 #: Largest absolute rounding error of a value that falls below the normal range
 #: of each storage format: half the subnormal spacing for float16, and the
 #: smallest normal number for formats a GPU may flush to zero.
-UNDERFLOW_IN: dict[str, float] = {"float16": 2.0**-25, "bfloat16": TINY, "float32": TINY}
+UNDERFLOW_IN: dict[str, float] = {"float16": 2.0**-25, "bfloat16": TINY, "float32": TINY, "float64": TINY}
 
 
 def output_coefficients(dtype: str, S: int, H: int, tf32: bool = False) -> tuple[float, float, float, float]:

@@ -16,7 +16,7 @@ from .faults import ON_FAULT, FaultPlan, validate_faults
 from .implementations import checks_for
 from .schemes import GRANULARITIES, SCHEME_NAMES, SCHEMES
 
-SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
 
 
 def _one_of(name: str, value, allowed: tuple[str, ...]) -> str:

@@ -12,7 +12,8 @@ from torch import Tensor
 from ftattn_spec.axes import transpose_perm
 from ftattn_spec.faults import SITE_AXES, SITES, FaultPlan
 
-_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+        torch.bfloat16: torch.int16}
 
 
 def corrupt(old: Tensor, kind: int, bit: int, value: float) -> Tensor:

@@ -31,7 +31,7 @@ LOG2E = math.log2(math.e)
 def _precision(dtype: str):
     # float32 inputs get true float32 products (no TF32), as the tolerance
     # model assumes; float16/bfloat16 products are exact at any precision.
-    return lax.Precision.HIGHEST if dtype == "float32" else None
+    return lax.Precision.HIGHEST if dtype in ("float32", "float64") else None
 
 
 def _exp_rows(l: Float[Array, "B N T S"], guard: bool, exp, scale=None) -> Float[Array, "B N T S"]:
@@ -82,7 +82,7 @@ def _softmax_replica(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Arr
     exponentials (seen with jax 0.10.2 on CPU). ``tests/test_jax_backend.py``
     counts the exponentials in the compiled HLO.
     """
-    l, log2e = lax.optimization_barrier((l, jnp.float32(LOG2E)))
+    l, log2e = lax.optimization_barrier((l, jnp.asarray(LOG2E, l.dtype)))
     z = _exp_rows(l, guard, jnp.exp2, log2e)
     if keep is not None:
         z = jnp.where(keep, z, 0.0)
@@ -100,14 +100,19 @@ def _logit_magnitude(s, logits, attended, p, p_replica) -> Float[Array, "B N T"]
     return jnp.max(jnp.where(live, mag, 0.0), axis=-1)
 
 
+def _working(dtype) -> type:
+    """The precision of the computation: float64 for float64 inputs, float32 otherwise."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else F32
+
+
 def _scores(qg: Float[Array, "B T K G H"], key: Float[Array, "B S K H"], scale: float, prec) -> Float[Array, "B N T S"]:
     B, T, K, G, H = qg.shape
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=F32)
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, key, precision=prec, preferred_element_type=_working(qg.dtype))
     return s.reshape(B, K * G, T, key.shape[1]) * scale
 
 
 def _outputs(p_mma: Array, value: Float[Array, "B S K H"], prec) -> Float[Array, "B T K G H"]:
-    return jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=F32)
+    return jnp.einsum("bkgts,bskh->btkgh", p_mma, value, precision=prec, preferred_element_type=_working(value.dtype))
 
 
 def _rows(found: dict, results: dict, row: str, col: str, granularity: str, n_rows: int, located):
@@ -188,7 +193,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         judge(("qk_row", "qk_col"))
         loc = None
         if "qk_row" in found and "qk_col" in found and granularity == "vector":
-            qf, kf = query.astype(F32), key.astype(F32)
+            qf, kf = query.astype(_working(query.dtype)), key.astype(_working(query.dtype))
             general = allowed is not None
             if allowed_ts is None:
                 attended = lambda i, j: True  # noqa: E731
@@ -213,7 +218,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
                 rows[..., None], _scores(*lax.optimization_barrier((qg, key)), scale, prec), s)
             s = lax.cond(jnp.any(rows), redo, lambda s: s, s)
             corrected += _count(rows)
-    logits = s if bias is None else s + bias.astype(F32).reshape((1,) * (4 - bias.ndim) + bias.shape)
+    logits = s if bias is None else s + bias.astype(s.dtype).reshape((1,) * (4 - bias.ndim) + bias.shape)
     s_soft = logits if allowed_ts is None else jnp.where(allowed_ts, logits, NEG)
     # probabilities outside `keep` are zero: the masked entries, or (empty="uniform",
     # jax.nn's rule) only the rows beyond the query length
@@ -253,7 +258,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         judge(("pv_row", "pv_col"))
         loc = None
         if "pv_row" in found and "pv_col" in found and granularity == "vector":
-            pf, vt = p_mma.reshape(B, N, T, S).astype(F32), jnp.moveaxis(value.astype(F32), 1, -1)  # vt: B K H S
+            wd = _working(value.dtype)
+            pf, vt = p_mma.reshape(B, N, T, S).astype(wd), jnp.moveaxis(value.astype(wd), 1, -1)  # vt: B K H S
             loc = localization.locate(
                 found["pv_row"], found["pv_col"],
                 (tol.pv_coefficient(S, H, dtype), tol.pv_col_coefficient(T, S, dtype)),

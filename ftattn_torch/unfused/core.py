@@ -30,8 +30,11 @@ def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
     On CUDA, float16/bfloat16 operands go to the tensor cores with a float32
     output (``out_dtype``, which autograd cannot differentiate); elsewhere, and
     when a gradient is needed, the operands are upcast, which is exact.
-    Either way the products are exact and the sums are float32.
+    Either way the products are exact and the sums are float32. float64
+    operands stay float64.
     """
+    if a.dtype == torch.float64:  # float64 inputs are computed in float64
+        return torch.bmm(a, b.to(torch.float64))
     grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)  # out_dtype has no derivative
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and not grad:
         return torch.bmm(a, b, out_dtype=F32)
@@ -148,6 +151,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     K, S = key.shape[1], key.shape[2]
     G = N // K
     dtype = str(query.dtype).removeprefix("torch.")
+    W = torch.float64 if query.dtype == torch.float64 else F32  # the working precision
     wanted = checks
     tf32 = uses_tf32(query)
     correct = on_fault == "correct"
@@ -179,7 +183,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             judge(("qk_row", "qk_col"))
             loc = None
             if "qk_row" in found and "qk_col" in found and granularity == "vector":
-                qf, kf = query.detach().to(F32), key.detach().to(F32)
+                qf, kf = query.detach().to(W), key.detach().to(W)
                 general = allowed is not None
                 full = None if allowed_ts is None else allowed_ts.expand(B, N, T, S)
                 loc = localization.locate(
@@ -197,7 +201,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             # and the gradient is that of the clean S the repair restores.
             if correct:
                 corrected += _repair(s, loc, rows, lambda: _scores(qg, key, scale))
-    logits = s if bias is None else s + bias.to(F32).reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
+    logits = s if bias is None else s + bias.to(W).reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
     # s itself is not needed again
     s_soft = logits if allowed_ts is None else logits.masked_fill_(~allowed_ts, NEG)
     # probabilities outside `keep` are zero: the masked entries, or (empty="uniform",
@@ -239,12 +243,12 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             o4 = o.view(B, N, T, H)
             loc = None
             if "pv_row" in found and "pv_col" in found and granularity == "vector":
-                pn, vt = p_mma.view(B, N, T, S), value.detach().to(F32).transpose(-1, -2)  # vt: B K H S
+                pn, vt = p_mma.view(B, N, T, S), value.detach().to(W).transpose(-1, -2)  # vt: B K H S
                 loc = localization.locate(
                     found["pv_row"], found["pv_col"],
                     (tol.pv_coefficient(S, H, dtype, tf32), tol.pv_col_coefficient(T, S, dtype, tf32)),
                     lambda i, h: o4[bi, ni, i, h],
-                    lambda i, h: (pn[bi, ni, i].to(F32) * vt[bi, ni // G, h]).sum(-1), ops_on(dev))
+                    lambda i, h: (pn[bi, ni, i].to(W) * vt[bi, ni // G, h]).sum(-1), ops_on(dev))
                 located["out"] = localization.indices(loc, ops_on(dev))
             rows = _rows(found, results, "pv_row", "pv_col", granularity, T, loc) if acts else None
             affected.append(rows)
