@@ -91,9 +91,14 @@ def test_matches_unfused_full():
         o64, p, _ = ref.attention(*exact, is_causal=causal)
         bound = ref.output_bound(*exact, p, o64, dtype="float16", is_causal=causal)
         assert (np.abs(a.double().cpu().numpy() - b.double().cpu().numpy()) <= 2 * bound).all()
-        # the same checks measure the same quantity: residuals of both are far below thresholds
+        # the same checks measure the same quantity: residuals of both are far below thresholds.
+        # Under a mask the kernel's qk_row magnitude counts every key of a tile it visits (an
+        # upper bound: docs/tolerances.md), so a causal row's threshold may grow by up to the
+        # keys per tile over the keys it attends
+        tile = ft.fused.BlockSizes.get_default(ft.fused.interpreting()).block_n
         for name in ra.checks:
-            assert float((ra.checks[name].threshold / rb.checks[name].threshold).max()) < 8.0, name
+            limit = 8.0 * (tile if causal and name == "qk_row" else 1)
+            assert float((ra.checks[name].threshold / rb.checks[name].threshold).max()) < limit, name
         assert not bool(ra.detected) and not bool(rb.detected)
 
 
