@@ -82,9 +82,6 @@ def setup_implementation(args, names) -> None:
     if backend not in names:
         raise SystemExit(f"--implementation: {impl} is a {_FRAMEWORK[backend]} implementation; --backends "
                          f"{args.backends!r} has no {backend}")
-    if args.mask != "none":
-        raise SystemExit(f"--mask: --implementation {impl} takes no mask (the kernel supports is_causal only), "
-                         f"expected 'none', got {args.mask!r}")
     try:
         implementation_checks(impl, args.scheme)
     except ValueError as e:

@@ -29,6 +29,16 @@ BOUND_FORMS = [f if f in _QUICK[2:] else pytest.param(f, marks=pytest.mark.slow)
 PLAN_FORMS = [f if f in _QUICK[:2] else pytest.param(f, marks=pytest.mark.slow) for f in FORMS]
 
 
+def _plan_cases():
+    """(backend, form) pairs of the fault campaigns: Triton's interpreter is the slow one, so it
+    runs one form by default."""
+    for backend in BACKENDS:
+        for form in PLAN_FORMS:
+            name = form if isinstance(form, str) else form.values[0]
+            slow = not isinstance(form, str) or (backend.values[0] == "torch" and name != _QUICK[0])
+            yield pytest.param(backend.values[0], name, marks=[*backend.marks, *([pytest.mark.slow] if slow else [])])
+
+
 def _torch_ready():
     if not HAVE_TORCH:
         return False
@@ -110,8 +120,7 @@ def _plans(kw, seed):
     return plans
 
 
-@pytest.mark.parametrize("form", PLAN_FORMS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,form", list(_plan_cases()))
 def test_fused_and_unfused_verdicts_agree_on_every_plan(backend, form):
     kw = _kw(form)
     q, k, v = make_qkv(12, "normal", dtype="float16")
