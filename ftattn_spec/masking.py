@@ -89,6 +89,20 @@ def normalize_window(local_window_size) -> tuple[int, int] | None:
     return left, right
 
 
+#: "no bound" for a side of the band of keys a query attends (T and S stay far below it)
+UNBOUNDED: int = 1 << 30
+
+
+def band(window, is_causal: bool) -> tuple[int, int]:
+    """``(left, right)``: query ``i`` attends keys ``i - left <= j <= i + right`` under a normalized
+    ``window`` (or None) and ``is_causal`` combined; ``UNBOUNDED`` where a side has no bound. The
+    fused kernels visit only the tiles of keys in this band."""
+    left, right = window if window is not None else (UNBOUNDED, UNBOUNDED)
+    if is_causal:
+        right = min(right, 0)
+    return min(left, UNBOUNDED), min(right, UNBOUNDED)
+
+
 def validate_masking(dims: dict, *, mask=None, bias=None, query_lengths=None, key_lengths=None,
                      window=None, names=("mask", "bias", "query_seq_lengths", "key_value_seq_lengths",
                                          "local_window_size")) -> Masking:

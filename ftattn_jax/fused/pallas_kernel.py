@@ -51,6 +51,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array
 
+from ftattn_spec import masking
 from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
 
@@ -150,14 +151,8 @@ class Config:
 
     @property
     def band(self) -> tuple[int, int]:
-        left, right = self.window if self.window is not None else (_UNBOUNDED, _UNBOUNDED)
-        if self.causal:
-            right = min(right, 0)
-        return min(left, _UNBOUNDED), min(right, _UNBOUNDED)
-
-
-#: "no bound" for a side of the band of keys a query attends (T and S stay far below it)
-_UNBOUNDED = 1 << 30
+        """``(left, right)`` of ``ftattn_spec.masking.band``."""
+        return masking.band(self.window, self.causal)
 
 
 def _inject(x, rows, cols, ft_ref, fv_ref, cfg: Config, b, n, site: int, replica: int, unit):

@@ -66,13 +66,10 @@ def launch(q, k, v, ft, fv, cfg, masks=portable.Masks()) -> KernelOutput:
     return KERNELS[cfg.LOWERING].launch(q, k, v, ft, fv, cfg)
 
 
-def _allowed(cfg, T: int, S: int, mask, query_lengths, key_lengths):
+def _allowed(cfg, B: int, T: int, S: int, mask, query_lengths, key_lengths):
     """The combined mask forms (but ``causal``) as JAX's ``masking.combine`` makes them, or None."""
-    window = getattr(cfg, "window", None)
-    B = 1 if query_lengths is None and key_lengths is None else (query_lengths if query_lengths is not None
-                                                                 else key_lengths).shape[0]
-    return masking.combine(B, T, S, OPS, mask=mask, window=window, query_lengths=query_lengths,
-                           key_lengths=key_lengths)
+    return masking.combine(B, T, S, OPS, mask=mask, window=getattr(cfg, "window", None),
+                           query_lengths=query_lengths, key_lengths=key_lengths)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -88,7 +85,7 @@ def _attend_fwd(q, k, v, bias, aux, ft, fv, cfg):
 def _attend_bwd(cfg, res, cts):
     q, k, v, bias, aux, ft, fv = res
     mask, qlen, klen = aux
-    allowed = _allowed(cfg, q.shape[1], k.shape[1], mask, qlen, klen)
+    allowed = _allowed(cfg, q.shape[0], q.shape[1], k.shape[1], mask, qlen, klen)
     dq, dk, dv, dbias = reference.attention_vjp(q, k, v, cfg.scale, cfg.causal, cts[0], bias=bias, allowed=allowed,
                                                 uniform=getattr(cfg, "uniform", False), query_lengths=qlen)
     zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ftattn_spec import faults as spec_faults
+from ftattn_spec import masking
 from ftattn_spec import tolerances as tol
 from ftattn_spec.faults import SITES, FaultPlan
 
@@ -163,10 +164,6 @@ class Launch(NamedTuple):
     compiled: object
 
 
-#: "no bound" for a side of the band of keys a query attends (T and S stay far below it)
-_UNBOUNDED = 1 << 30
-
-
 class Masks(NamedTuple):
     """The mask forms of one launch, as the kernel reads them (``ftattn_spec.masking``'s
     semantics): a bool ``mask`` and a float ``bias`` broadcastable to ``(B, N, T, S)``, int
@@ -188,14 +185,6 @@ def _dense(x: Tensor | None, shape, dummy: Tensor) -> tuple[Tensor, tuple[int, .
     if x.dtype == torch.bool:
         x = x.view(torch.uint8)
     return x, x.stride()
-
-
-def _band(masks: Masks) -> tuple[int, int]:
-    """``(left, right)``: query ``i`` attends keys ``i - left <= j <= i + right`` (causal and window combined)."""
-    left, right = masks.window if masks.window is not None else (_UNBOUNDED, _UNBOUNDED)
-    if masks.is_causal:
-        right = min(right, 0)
-    return min(left, _UNBOUNDED), min(right, _UNBOUNDED)
 
 
 def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
@@ -257,7 +246,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     mask_t, mask_st = _dense(masks.mask, (B, N, T, S), dummy)
     bias_t, bias_st = _dense(masks.bias, (B, N, T, S), dummy)
     lengths = [dummy if x is None else x.contiguous() for x in (masks.query_lengths, masks.key_lengths)]
-    left, right = _band(masks)
+    left, right = masking.band(masks.window, masks.is_causal)
     slices = [(0, redo.shape[0])] if redo is not None else [(o, min(B * N - o, _MAX_GRID_Y))
                                                            for o in range(0, B * N, _MAX_GRID_Y)]
     for offset, size in slices:
