@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax.numpy as jnp
+
+from ftattn_spec import implementations
+from ftattn_spec import validation as v
+from ftattn_spec.axes import REPORT_AXES
 from ftattn_spec.faults import Fault
+from ftattn_spec.report import CheckResult, Ran, make_report
+from ftattn_spec.schemes import CHECK_ORIENTATION
 
 from .api import dispatch
 
@@ -54,6 +61,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     squeeze = getattr(query, "ndim", 4) == 3
     if squeeze:  # (T, N, H) like jax.nn: a batch of one
         query, key, value = (x[None] if getattr(x, "ndim", 0) == 3 else x for x in (query, key, value))
+    if _has_zero_size(query, key, value):
+        out, report = _zero_size(query, key, value, scheme=scheme, granularity=granularity, scale=scale,
+                                 is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation)
+        if squeeze:
+            out = out[0]
+        return (out, report) if return_report else out
     out, report = dispatch(
         query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
         is_causal=is_causal, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
@@ -62,3 +75,38 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     if squeeze:
         out = out[0]
     return (out, report) if return_report else out
+
+
+def _has_zero_size(*arrays) -> bool:
+    return all(hasattr(x, "shape") for x in arrays) and any(0 in tuple(x.shape) for x in arrays)
+
+
+def _zero_size(query, key, value, *, scheme, granularity, scale, is_causal, on_fault, fault, implementation):
+    """A call with an axis of size zero, as ``jax.nn`` computes it: an empty output, or zeros for
+    ``S = 0``. Every other argument is validated as usual (on sizes of at least one); the report
+    is clean, and ``ran`` says that there was nothing to check."""
+    if fault is not None:
+        raise ValueError(f"fault: expected None for inputs with a zero-size axis (query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}), where there is nothing to corrupt; got {fault!r}")
+    ones = [tuple(max(int(n), 1) for n in x.shape) for x in (query, key, value)]
+    dtypes = [(jnp.dtype(x.dtype).name, jnp.issubdtype(x.dtype, jnp.floating)) for x in (query, key, value)]
+    cfg = v.validate_attention("jax", ones, dtypes, scheme=scheme, granularity=granularity, scale=scale,
+                               is_causal=is_causal, on_fault=on_fault, fault=None, implementation="unfused")
+    if tuple(key.shape) != tuple(value.shape):
+        raise ValueError(f"value: expected the shape of key {tuple(key.shape)} (layout BSKH), got {tuple(value.shape)}")
+    impl = implementations.resolve("jax", implementation)
+    if impl not in (implementations.AUTO, "unfused", "xla"):
+        raise ValueError(f"implementation: {impl!r} cannot run inputs with a zero-size axis (query "
+                         f"{tuple(query.shape)}, key {tuple(key.shape)}); use 'auto', 'unfused' or 'xla'")
+    B, T, N, H = (int(n) for n in query.shape)
+    dims = {"B": B, "N": N, "T": T, "S": int(key.shape[1]), "H": H}
+    checks = {}
+    for name in implementations.checks_for("jax", "unfused", cfg.scheme):
+        size = tuple(dims[a] for a in REPORT_AXES[(cfg.granularity, CHECK_ORIENTATION[name])])
+        checks[name] = CheckResult(jnp.zeros(size, jnp.float32), jnp.zeros(size, jnp.float32),
+                                   jnp.zeros(size, jnp.bool_))
+    why = (f"a zero-size axis (query {tuple(query.shape)}, key {tuple(key.shape)}): an empty output or zeros, "
+           f"with no products to check")
+    report = make_report(detected=jnp.zeros((), jnp.bool_), checks=checks, inputs_finite=jnp.ones((), jnp.bool_),
+                         located={}, corrected=jnp.zeros((), jnp.int32))
+    return jnp.zeros(query.shape, query.dtype), report._replace(ran=Ran("unfused", why))

@@ -25,7 +25,7 @@ from ftattn_spec.faults import Fault, FaultPlan
 from ftattn_spec.report import CheckResult, Ran, Report
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
-from . import reference
+from . import reference, sdpa_shapes
 from .api import call_site, count, execute, resolve
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
@@ -145,9 +145,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: f
     is under ``ftattn_torch.fault_policy`` (what a detection does when nobody
     reads the report: count, warn, raise or poison).
 
-    Runs as the custom operator ``torch.ops.ftattn.sdpa``: it works under
-    ``torch.compile(fullgraph=True)`` and autograd, whose backward is that of
-    plain attention (not checked).
+    Traced (``torch.compile``, ``torch.func``, tensor subclasses) it runs as the
+    custom operator ``torch.ops.ftattn.sdpa``, which works under
+    ``torch.compile(fullgraph=True)``; eagerly on plain tensors it skips the
+    operator's dispatch and runs the same implementation directly. Either way
+    the backward is that of plain attention (not checked).
     """
     if not isinstance(return_report, bool):
         raise TypeError(f"return_report: expected a bool, got {type(return_report).__name__} {return_report!r}")
@@ -188,6 +190,18 @@ def _causal_bias(attn_mask, is_causal, query):
     return j <= i + (S - T), False
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call runs eagerly on plain tensors: not traced by ``torch.compile``, under no
+    ``torch.func`` transform, and no tensor subclass (a fake, meta-functional or distributed
+    tensor). Such calls skip the custom operator; every other call goes through it."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(x is None or type(x) in _PLAIN for x in tensors)
+
+
 def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: float | None = None, enable_gqa: bool = False, *, scheme: str = "full", granularity: str = "vector",
               on_fault: str = "report", fault=None, takes_report: bool = True, implementation: str | None = None,
@@ -202,11 +216,16 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
                          "scaled_dot_product_attention; put the causal mask into attn_mask)")
     attn_mask, is_causal = _causal_bias(attn_mask, is_causal, query)
     query, key, value = _autocast(query, key, value)
-    squeeze = all(isinstance(x, torch.Tensor) and x.ndim == 3 for x in (query, key, value))
-    if squeeze:  # (N, T, H) as SDPA allows: one batch of N heads
-        query, key, value = query[None], key[None], value[None]
+    shaped = sdpa_shapes.canonical(query, key, value, attn_mask)  # (..., N, T, H) as (B, N, T, H)
+    query, key, value, attn_mask = shaped.query, shaped.key, shaped.value, shaped.attn_mask
     mask, bias = reference.split_mask(attn_mask) if isinstance(attn_mask, torch.Tensor) else (attn_mask, None)
     site = call_site(site)
+    if isinstance(query, torch.Tensor) and sdpa_shapes.has_zero_size(query, key, value):
+        out, report = _zero_size(query, key, value, mask, bias, is_causal, scale, enable_gqa, scheme=scheme,
+                                 granularity=granularity, on_fault=on_fault, fault=fault,
+                                 implementation=implementation)
+        count(site, report)
+        return sdpa_shapes.restore(out, shaped), report
     call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
                    is_causal=is_causal, on_fault=on_fault, fault=fault, implementation=implementation, names=_NAMES)
     cfg = call.settings
@@ -215,12 +234,48 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
         raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "
                          f"attention), got K={cfg.dims['K']} (shape {tuple(key.shape)})")
-    ints, values = _plan_tensors(cfg.plan)
-    flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
-                                 cfg.granularity, run_on_fault, ints, values, impl)
-    out, report = _unflatten(flat, cfg.scheme, cfg.granularity, impl)
+    if _eager(query, key, value, attn_mask):
+        # the custom operator's dispatch (and the copies its outputs need) is for tracing; eagerly,
+        # the same ``execute`` runs directly, with the implementation's own autograd
+        out, report = execute(query, key, value, implementation=impl, checks=cfg.checks,
+                              granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
+                              on_fault=run_on_fault, plan=cfg.plan, mask=mask, bias=bias)
+        out = out.contiguous()
+    else:
+        ints, values = _plan_tensors(cfg.plan)
+        flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
+                                     cfg.granularity, run_on_fault, ints, values, impl)
+        out, report = _unflatten(flat, cfg.scheme, cfg.granularity, impl)
     report = report._replace(ran=Ran(impl, call.fallback))
     count(site, report, warn)
-    if squeeze:
-        out = out[0]
-    return out, report
+    return sdpa_shapes.restore(out, shaped), report
+
+
+def _zero_size(query, key, value, mask, bias, is_causal, scale, enable_gqa, *, scheme, granularity, on_fault,
+               fault, implementation):
+    """A call with an axis of size zero: every other argument validated as usual (on sizes of at
+    least one), then computed by ``sdpa_shapes.degenerate``; nothing to check, and ``ran`` says so."""
+    if fault is not None:
+        raise ValueError(f"fault: expected None for inputs with a zero-size axis (query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}), where there is nothing to corrupt; got {fault!r}")
+    if query.shape[3] != key.shape[3] or key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"key, value: expected key (B, K, S, H) with the query's B and H, and value (B, K, S, Hv), "
+                         f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+    ones = [tuple(max(int(n), 1) for n in x.shape) for x in (query, key, value)]
+    ones[2] = ones[2][:3] + ones[1][3:]  # the value's head dim is free here (H = 0 averages values of any width)
+    cfg = v.validate_attention("torch", ones, [(str(x.dtype).removeprefix("torch."), x.dtype.is_floating_point)
+                                               for x in (query, key, value)],
+                               scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
+                               on_fault=on_fault, fault=fault, implementation="unfused")
+    if cfg.dims["K"] != cfg.dims["N"] and not enable_gqa and cfg.dims["K"] != 1:
+        raise ValueError(f"key: expected N={cfg.dims['N']} kv heads (or enable_gqa=True for grouped-query "
+                         f"attention), got K={cfg.dims['K']} (shape {tuple(key.shape)})")
+    impl = implementations.resolve("torch", implementation)
+    if impl not in (implementations.AUTO, "unfused"):
+        raise ValueError(f"implementation: {impl!r} cannot run inputs with a zero-size axis (query "
+                         f"{tuple(query.shape)}, key {tuple(key.shape)}); use 'auto' or 'unfused'")
+    out, report = sdpa_shapes.degenerate(query, key, value, mask, bias, is_causal, scale, scheme=cfg.scheme,
+                                         granularity=cfg.granularity)
+    why = (f"a zero-size axis (query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}): "
+           f"computed as plain attention, with no products to check")
+    return out, report._replace(ran=Ran("unfused", why))

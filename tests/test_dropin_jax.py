@@ -274,3 +274,27 @@ def test_a_fault_plan_is_a_pytree_argument_of_jit():
     assert step._cache_size() == 1
     leaves = jax.tree_util.tree_leaves(Fault("probs", (0, 1, 2, 3), value=2.0, replica=1))
     assert leaves == [0, 1, 2, 3, 2.0]
+
+
+@pytest.mark.parametrize("zero", ["B", "T", "S", "H"])
+def test_zero_size_axes_like_jax_nn(zero):
+    """An axis of size zero gives ``jax.nn``'s result (empty, or zeros for S = 0), under jit too,
+    with a clean report whose ``ran`` says nothing was checked."""
+    import jax
+    import jax.numpy as jnp
+
+    import ftattn_jax
+
+    sizes = dict(B=2, T=5, S=7, N=3, H=8)
+    sizes[zero] = 0
+    q = jax.random.normal(jax.random.key(1), (sizes["B"], sizes["T"], sizes["N"], sizes["H"]))
+    k = jax.random.normal(jax.random.key(2), (sizes["B"], sizes["S"], sizes["N"], sizes["H"]))
+    for kw in ({}, {"is_causal": True}):
+        out, report = jax.jit(lambda q, k: ftattn_jax.dot_product_attention(q, k, k, return_report=True, **kw))(q, k)
+        want = jax.nn.dot_product_attention(q, k, k, **kw)
+        assert out.shape == want.shape
+        assert jnp.allclose(out, want)
+        assert not bool(report.detected)
+    assert "zero-size" in ftattn_jax.dot_product_attention(q, k, k, return_report=True)[1].ran.fallback
+    with pytest.raises(ValueError, match="implementation"):
+        ftattn_jax.dot_product_attention(q, k, k, implementation="pallas")

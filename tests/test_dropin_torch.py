@@ -210,7 +210,7 @@ def test_module_counts_faults():
     assert int(attn.calls) == 1
 
 
-def test_three_dimensional_inputs_like_sdpa_and_rank_five_refused():
+def test_three_dimensional_inputs_like_sdpa():
     import torch
     import torch.nn.functional as F
 
@@ -222,8 +222,71 @@ def test_three_dimensional_inputs_like_sdpa_and_rank_five_refused():
     want = F.scaled_dot_product_attention(q[1], k[1, :1].expand(N, S, H), v[1, :1].expand(N, S, H), is_causal=True)
     assert out.shape == (N, T, H)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="query: expected a rank-4"):
-        ftattn_torch.scaled_dot_product_attention(q[None], k[None], v[None])
+
+
+@pytest.mark.parametrize("form", ["rank5", "rank5-broadcast-mask", "rank2", "kv-batch-broadcast", "rank5-bias"])
+def test_shapes_sdpa_takes_beyond_rank_four(form):
+    """SDPA takes any number of leading axes, broadcast between query, key and value, and (T, H):
+    the drop-in flattens them into B and gives SDPA's output shape and values (and gradients)."""
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    g = torch.Generator().manual_seed(7)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float32)  # noqa: E731
+    kw = {}
+    if form == "rank2":
+        q, k, v = r(5, 8), r(7, 8), r(7, 8)
+    elif form == "kv-batch-broadcast":
+        q, k, v = r(3, 2, 5, 8), r(1, 2, 7, 8), r(1, 2, 7, 8)
+    else:
+        q, k, v = r(3, 2, 4, 5, 8), r(3, 2, 4, 7, 8), r(3, 2, 4, 7, 8)
+        if form == "rank5-broadcast-mask":
+            q, k, v = q, k[:1], v[:1]
+            kw["attn_mask"] = torch.rand(3, 1, 1, 5, 7, generator=g) > 0.3
+        if form == "rank5-bias":
+            kw["attn_mask"] = r(2, 1, 5, 7)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    out, report = ftattn_torch.scaled_dot_product_attention(q, k, v, return_report=True, **kw)
+    want = F.scaled_dot_product_attention(q, k, v, **kw)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert not bool(report.detected)
+    got = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("zero", ["B", "N", "T", "S", "H"])
+def test_zero_size_axes_like_sdpa(zero):
+    """An axis of size zero gives SDPA's result (empty, zeros, or for H = 0 the mean of the
+    attended values), a clean report, and ``ran`` saying nothing was checked."""
+    import torch
+    import torch.nn.functional as F
+
+    import ftattn_torch
+
+    sizes = dict(B=2, N=3, T=5, S=7, H=8)
+    sizes[zero] = 0
+    B, N, T, S, Hd = (sizes[a] for a in "BNTSH")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, N, T, Hd, generator=g)
+    k = torch.randn(B, N, S, Hd, generator=g)
+    v = torch.randn(B, N, S, 6, generator=g) if zero == "H" else torch.randn(B, N, S, Hd, generator=g)
+    mask = torch.rand(T, S, generator=g) > 0.3
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask}):
+        out, report = ftattn_torch.scaled_dot_product_attention(q, k, v, return_report=True, **kw)
+        want = F.scaled_dot_product_attention(q, k, v, **kw)
+        if zero == "H" and "attn_mask" in kw:  # a fully masked row: SDPA's math path gives NaN, ftattn zeros
+            want = torch.nan_to_num(want)
+        assert out.shape == want.shape
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        assert not bool(report.detected) and "zero-size" in report.ran.fallback
+    with pytest.raises(ValueError, match="implementation"):
+        ftattn_torch.scaled_dot_product_attention(q, k, v, implementation="triton")
 
 
 def test_torch_compile_with_a_transposed_view():

@@ -217,7 +217,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     chunk = min(tol.FUSED_CHUNK, bs.block_n)  # the pre-pass sums K over chunks; a tile adds block_n // chunk
     n_chunks = -(-S // chunk)
     if out is None:
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=dev)  # contiguous, whatever the query's strides
     checks_on = checks_on and redo is None
     which = tuple(STAT_PLANES) if which is None else tuple(which)
     if not set(which) <= set(STAT_PLANES):
