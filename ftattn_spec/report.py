@@ -133,13 +133,15 @@ REPORT_FIELDS: tuple[str, ...] = Report._fields
 CHECK_FIELDS: tuple[str, ...] = CheckResult._fields
 
 
-def make_report(*, detected, checks, inputs_finite, located, corrected) -> Report:
+def make_report(*, detected, checks, inputs_finite, located, corrected, combined: bool = False) -> Report:
     """The report of one call, built the same way by every implementation.
 
     ``detected`` is the checks' verdict; a non-finite input makes it True as
     well, so that no scheme (``baseline`` and the schemes whose checks do not
     read the bad value included) returns a NaN output with ``detected=False``.
+    ``combined=True``: the caller's ``detected`` already includes that (a fused
+    kernel counts both in one array; this saves two launches per call).
     Works on JAX arrays and torch tensors alike (bool ``|`` and ``~``).
     """
-    return Report(detected=detected | ~inputs_finite, checks=checks, inputs_finite=inputs_finite,
-                  located=located, corrected=corrected)
+    return Report(detected=detected if combined else detected | ~inputs_finite, checks=checks,
+                  inputs_finite=inputs_finite, located=located, corrected=corrected)

@@ -55,9 +55,11 @@ class BlockSizes:
             raise ValueError(f"blocks.replica: expected one of {_REPLICAS}, got {self.replica!r}")
 
     @classmethod
-    def get_default(cls, interpret: bool, checks: bool = True, T: int | None = None) -> "BlockSizes":
+    def get_default(cls, interpret: bool, checks: bool = True, T: int | None = None,
+                    dense: bool = False) -> "BlockSizes":
         """Measured on an H100 (``python -m compare.kernel_bench --sweep``, docs/kernels.md).
-        A short query (``T`` below 128: decoding) takes as few rows per program as cover it."""
+        A short query (``T`` below 128: decoding) takes as few rows per program as cover it.
+        ``dense``: a dense mask or bias is read tile by tile (more shared memory per stage)."""
         if interpret:  # the interpreter: small tiles run fastest on small tests
             return cls(16, 16, 1, 1)
         if T is not None and T < 128:
@@ -66,7 +68,9 @@ class BlockSizes:
         # with the checks, 128 keys per tile need more shared memory than an H200 has once the
         # 0/1 product of a masked tile is compiled in (262144 bytes at H=128); one stage
         # computed wrong results on the H200 (docs/kernels.md, "Masks")
-        return cls(128, 64, 8, 3) if checks else cls(128, 128, 8, 3)
+        # without checks a dense mask or bias alone overflows it too at 128 keys (262144 bytes at
+        # H=128, measured on the H200 by compare.dropin's "baseline" rows)
+        return cls(128, 64, 8, 3) if checks or dense else cls(128, 128, 8, 3)
 
 
 _KERNELS = None
@@ -212,7 +216,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     dev = query.device
     interp = interpreting()
     masks = (masks or Masks())._replace(is_causal=is_causal)
-    bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None, T)
+    bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None, T,
+                                          dense=masks.mask is not None or masks.bias is not None)
     upcast = interp and query.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     chunk = min(tol.FUSED_CHUNK, bs.block_n)  # the pre-pass sums K over chunks; a tile adds block_n // chunk
     n_chunks = -(-S // chunk)

@@ -58,27 +58,29 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
         masks = Masks(mask, None if bias is None else bias.detach(), query_lengths, key_lengths, window, is_causal)
         out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal, masks=masks,
                                                   checks_on=bool(wanted), plan=plan, signed=glob, which=wanted)
-        if faults.targets_any(plan, ("query", "key", "value")):  # the kernels counted the corrupted inputs
-            finite = torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
-        else:
-            finite = count[1] == 0
+        # the kernels counted the corrupted inputs, not the caller's: judge those here
+        inputs_hit = faults.targets_any(plan, ("query", "key", "value"))
+        finite = (torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
+                  if inputs_hit else count[1] == 0)
         results, rows = {}, None
         for name in wanted:
             i = STAT_PLANES[name]
             if glob:
                 results[name] = verdict(stats[2 * i], stats[2 * i + 1], granularity,
                                                signed=(name != "softmax_dmr"))
-                flag = results[name].flagged[..., None].expand(*results[name].flagged.shape, query.shape[2])
             else:
                 results[name] = CheckResult(stats[2 * i], stats[2 * i + 1], flags[i])
-                flag = flags[i]
-            rows = flag if rows is None else rows | flag
+        if on_fault in ("correct", "nan"):  # the rows any check flagged
+            for r in results.values():
+                flag = r.flagged[..., None].expand(*r.flagged.shape, query.shape[2]) if glob else r.flagged
+                rows = flag if rows is None else rows | flag
+        combined = not (glob or inputs_hit or not wanted)
         if not wanted:
             detected = torch.zeros((), dtype=torch.bool, device=dev)
         elif glob:
             detected = torch.stack([r.flagged.any() for r in results.values()]).any()
-        else:
-            detected = count[0] > 0
+        else:  # flagged rows or non-finite inputs, in one launch
+            detected = count.any() if combined else count[0] > 0
         corrected = torch.zeros((), dtype=torch.int32, device=dev)
         if on_fault == "correct" and rows is not None and bool(detected):
             B, N, T, _ = query.shape
@@ -95,4 +97,5 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
         allowed = masking.combine(B, T, key.shape[2], ops_on(dev), mask=mask, window=window,
                                   query_lengths=query_lengths, key_lengths=key_lengths)
         out = _Attention.apply(query, key, value, bias, out, allowed, scale, is_causal)
-    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected)
+    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected,
+                            combined=combined)
