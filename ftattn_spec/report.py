@@ -129,6 +129,14 @@ def _host(x) -> np.ndarray:
         raise TypeError(f"report: cannot read a traced value on the host ({type(e).__name__})") from None
 
 
+def with_ran(report: Report, ran: Ran) -> Report:
+    """``report`` with ``ran`` set. Not ``report._replace``: under ``torch.compile`` (torch 2.11)
+    a named tuple made by ``_replace`` inside the graph cannot leave it (Dynamo loses its class),
+    while one made by calling the class can."""
+    return Report(detected=report.detected, checks=report.checks, inputs_finite=report.inputs_finite,
+                  located=report.located, corrected=report.corrected, ran=ran)
+
+
 REPORT_FIELDS: tuple[str, ...] = Report._fields
 CHECK_FIELDS: tuple[str, ...] = CheckResult._fields
 

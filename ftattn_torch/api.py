@@ -17,7 +17,7 @@ from ftattn_spec import implementations, masking, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
-from ftattn_spec.report import Ran, Report
+from ftattn_spec.report import Ran, Report, with_ran
 
 from . import counters, fused, unfused
 
@@ -143,7 +143,7 @@ def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], 
                                       key_lengths=key_lengths, window=window, empty=empty, **common)
         case other:  # pragma: no cover - the catalogue and this match disagree
             raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
-    report = report._replace(ran=Ran(implementation, fallback))
+    report = with_ran(report, Ran(implementation, fallback))
     if on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
     return out, report

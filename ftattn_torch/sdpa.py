@@ -22,7 +22,7 @@ from ftattn_spec import implementations, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import REPORT_AXES
 from ftattn_spec.faults import Fault, FaultPlan
-from ftattn_spec.report import CheckResult, Ran, Report
+from ftattn_spec.report import CheckResult, Ran, Report, with_ran
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
 from . import reference, sdpa_shapes
@@ -246,7 +246,7 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
         flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
                                      cfg.granularity, run_on_fault, ints, values, impl)
         out, report = _unflatten(flat, cfg.scheme, cfg.granularity, impl)
-    report = report._replace(ran=Ran(impl, call.fallback))
+    report = with_ran(report, Ran(impl, call.fallback))
     count(site, report, warn)
     return sdpa_shapes.restore(out, shaped), report
 
@@ -278,4 +278,4 @@ def _zero_size(query, key, value, mask, bias, is_causal, scale, enable_gqa, *, s
                                          granularity=cfg.granularity)
     why = (f"a zero-size axis (query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}): "
            f"computed as plain attention, with no products to check")
-    return out, report._replace(ran=Ran("unfused", why))
+    return out, with_ran(report, Ran("unfused", why))

@@ -273,7 +273,10 @@ def test_sdpa_dropin_and_module_take_the_kernel():
     causal = torch.ones(20, 24, dtype=torch.bool, device=q.device).tril()
     out, rep = scaled_dot_product_attention(q, k, v, causal, enable_gqa=True, implementation="triton",
                                             return_report=True)
-    assert rep.ran.implementation == "triton" and torch.equal(out, ref_out)
+    # the masked tiles take another path through the kernel: on a GPU the float32 sums may round
+    # differently, so the outputs agree to the output's rounding (a few float16 ulps), not bitwise
+    ulp = float(ref_out.abs().max()) * 2.0 ** -10
+    assert rep.ran.implementation == "triton" and float((out - ref_out).abs().max()) <= 4 * ulp
     m = FaultTolerantAttention(is_causal=True, enable_gqa=True, implementation="triton")
     m(q, k, v)
     m(q, k, v, fault=f)
