@@ -194,7 +194,7 @@ def _dense(x: Tensor | None, shape, dummy: Tensor) -> tuple[Tensor, tuple[int, .
 def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causal: bool, checks_on: bool,
             plan: FaultPlan | None = None, blocks: BlockSizes | None = None, redo: Tensor | None = None,
             out: Tensor | None = None, signed: bool = False, count_inputs: bool = True,
-            which: tuple[str, ...] | None = None, masks: Masks | None = None):
+            which: tuple[str, ...] | None = None, masks: Masks | None = None, lse: Tensor | None = None):
     """Launch the kernels; returns a :class:`Launch` ``(out, stats, flags, count, blocks, compiled)``.
 
     ``stats`` is float32 ``(6, B, N, T)``: (residual, threshold) of
@@ -208,7 +208,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     three when ``checks_on``; each is compiled in only if asked). ``masks``
     (:class:`Masks`) holds every mask form besides ``is_causal``. ``compiled``
     is what the forward launch returned (on a GPU, the compiled kernel, whose
-    ``asm`` holds its PTX).
+    ``asm`` holds its PTX). ``lse`` (float32 ``(B, N, T)``, contiguous): where the
+    rows' base-2 log-sum-exp is written, for :func:`backward` (also by a ``redo``).
     """
     kern = _kernels()
     B, N, T, H = query.shape
@@ -257,7 +258,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     for offset, size in slices:
         grid = (size,) if redo is not None else (-(-T // bs.block_m), size)
         compiled = kern._forward[grid](
-            query, key, value, out, pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
+            query, key, value, out, pick(lse), pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
             pick(redo), mask_t, bias_t, *lengths,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_st, *bias_st,
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale, left, right,
@@ -267,8 +268,80 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             HAS_QLEN=masks.query_lengths is not None, HAS_KLEN=masks.key_lengths is not None,
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
-            SIGNED=signed, REPLICA_FMA=bs.replica == "fma", num_warps=bs.num_warps, num_stages=bs.num_stages)
+            SIGNED=signed, REPLICA_FMA=bs.replica == "fma", STORE_LSE=lse is not None, num_warps=bs.num_warps,
+            num_stages=bs.num_stages)
     return Launch(out, stats, flags, count, bs, compiled)
+
+
+_BACKWARD = None
+
+
+def _backward_kernels():
+    global _BACKWARD
+    if _BACKWARD is None:
+        _kernels()  # the same import checks
+        from . import triton_backward
+
+        _BACKWARD = triton_backward
+    return _BACKWARD
+
+
+@dataclass(frozen=True)
+class BackwardBlocks:
+    """Tiles of the backward kernels: ``block_m`` query rows, ``block_n`` keys (both kernels)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            x = getattr(self, name)
+            if not isinstance(x, int) or x < 16 or x & (x - 1):
+                raise ValueError(f"blocks.{name}: expected a power of two >= 16, got {x!r}")
+
+    @classmethod
+    def get_default(cls, interpret: bool) -> "BackwardBlocks":
+        return cls(16, 16, 1, 1) if interpret else cls(64, 64, 4, 2)
+
+
+def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *,
+             scale: float, masks: Masks, bias_grad: bool = False, blocks: BackwardBlocks | None = None):
+    """The fused backward (:mod:`.triton_backward`): ``(dq, dk, dv, ds)``, with ``ds`` the float32
+    ``(B, N, T, S)`` gradient of the logits when ``bias_grad`` (for a bias), else None."""
+    kern = _backward_kernels()
+    B, N, T, H = query.shape
+    K, S = key.shape[1], key.shape[2]
+    dev = query.device
+    interp = interpreting()
+    bs = blocks or BackwardBlocks.get_default(interp)
+    upcast = interp and query.dtype == torch.bfloat16
+    dd = (grad_out.float() * out.float()).sum(-1).contiguous()  # D_i = Σ_h dO_ih·O_ih, (B, N, T)
+    dq = torch.empty(query.shape, dtype=query.dtype, device=dev)
+    dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
+    dv = torch.empty(value.shape, dtype=value.dtype, device=dev)
+    dummy = _dummy(dev)
+    ds = torch.zeros((B, N, T, S), dtype=torch.float32, device=dev) if bias_grad else None
+    mask_t, mask_st = _dense(masks.mask, (B, N, T, S), dummy)
+    bias_t, bias_st = _dense(masks.bias, (B, N, T, S), dummy)
+    lengths = [dummy if x is None else x.contiguous() for x in (masks.query_lengths, masks.key_lengths)]
+    left, right = masking.band(masks.window, masks.is_causal)
+    flags = dict(H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, HAS_MASK=masks.mask is not None,
+                 HAS_BIAS=masks.bias is not None, HAS_QLEN=masks.query_lengths is not None,
+                 HAS_KLEN=masks.key_lengths is not None, UPCAST=upcast, num_warps=bs.num_warps,
+                 num_stages=bs.num_stages)
+    common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride())
+    for offset in range(0, B * K, _MAX_GRID_Y):
+        kern._bwd_dkdv[(-(-S // bs.block_n), min(B * K - offset, _MAX_GRID_Y))](
+            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, *common,
+            *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset, **flags)
+    for offset in range(0, B * N, _MAX_GRID_Y):
+        kern._bwd_dq[(-(-T // bs.block_m), min(B * N - offset, _MAX_GRID_Y))](
+            query, key, value, grad_out, lse, dd, dq, dummy if ds is None else ds, mask_t, bias_t, *lengths,
+            *common, *dq.stride(), *mask_st, *bias_st, N, N // K, T, S, scale, left, right, offset,
+            STORE_DS=bias_grad, **flags)
+    return dq, dk, dv, ds
 
 
 def dtype_name(x: Tensor) -> str:

@@ -2,8 +2,8 @@
 
 ``api`` validates a call and calls :func:`run`, which launches the pre-pass
 and the forward kernel, turns the per-row statistics into the usual
-``Report``, applies ``on_fault`` and gives autograd the backward of plain
-attention (``ftattn_torch.reference``, with the same masks and bias; not checked).
+``Report``, applies ``on_fault`` and gives autograd the fused backward
+(:func:`.launch.backward`, with the same masks and bias; not checked yet).
 
 The kernel checks rows only (``qk_row``, ``softmax_dmr``, ``pv_row``); a column
 check would need a reduction across programs, so ``full`` runs those three
@@ -16,31 +16,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ftattn_spec import masking
 from ftattn_spec.faults import FaultPlan
 from ftattn_spec.report import CheckResult, make_report
 
-from .. import faults, reference
-from ..common import ops as ops_on
+from .. import faults
 from ..common import verdict
-from .launch import STAT_PLANES, Masks, forward
+from .launch import STAT_PLANES, Masks, backward, forward
 
 
 class _Attention(torch.autograd.Function):
-    """The fused forward with the backward of plain attention (float32, not checked)."""
+    """The fused forward with the fused backward (:func:`.launch.backward`: P recomputed tile by
+    tile from the saved log-sum-exp; memory O(B·N·T) beyond the gradients; not checked yet)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, out, allowed, scale, is_causal):
-        ctx.save_for_backward(query, key, value, bias, allowed)
-        ctx.scale, ctx.is_causal = scale, is_causal
+    def forward(ctx, query, key, value, bias, out, lse, scale, masks):
+        ctx.save_for_backward(query, key, value, bias, out, lse, masks.mask, masks.query_lengths,
+                              masks.key_lengths)
+        ctx.scale, ctx.window, ctx.is_causal = scale, masks.window, masks.is_causal
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, bias, allowed = ctx.saved_tensors
-        dq, dk, dv, dbias = reference.attention_backward(query, key, value, bias, ctx.is_causal, ctx.scale, grad_out,
-                                                         allowed=allowed)
-        return dq, dk, dv, dbias, None, None, None, None
+        query, key, value, bias, out, lse, mask, qlen, klen = ctx.saved_tensors
+        masks = Masks(mask, None if bias is None else bias.detach(), qlen, klen, ctx.window, ctx.is_causal)
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, ds = backward(query.detach(), key.detach(), value.detach(), out, lse, grad_out,
+                                  scale=ctx.scale, masks=masks, bias_grad=bias_grad)
+        return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, None, None, None, None
+
+
+def _reduce_to(ds: Tensor, bias: Tensor) -> Tensor:
+    """The logits' gradient ``(B, N, T, S)`` summed over the axes ``bias`` broadcasts along."""
+    pad = 4 - bias.ndim
+    dims = tuple(i for i in range(4) if i < pad or bias.shape[i - pad] == 1 and ds.shape[i] != 1)
+    if dims:
+        ds = ds.sum(dim=dims, keepdim=True)
+    return ds.reshape(bias.shape).to(bias.dtype)
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], granularity: str, scale: float,
@@ -50,14 +61,17 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
     ``checks`` are those to run. The mask arguments are those of ``ftattn_spec.masking`` (validated)."""
     dev = query.device
     wanted = tuple(checks)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, bias))
     with torch.no_grad():
         q = faults.inject(query.detach(), "query", "BNTH", plan)
         k = faults.inject(key.detach(), "key", "BKSH", plan)
         v = faults.inject(value.detach(), "value", "BKSH", plan)
         glob = granularity == "global"
         masks = Masks(mask, None if bias is None else bias.detach(), query_lengths, key_lengths, window, is_causal)
+        lse = torch.empty(query.shape[:3], dtype=torch.float32, device=dev) if grad else None
         out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal, masks=masks,
-                                                  checks_on=bool(wanted), plan=plan, signed=glob, which=wanted)
+                                                  checks_on=bool(wanted), plan=plan, signed=glob, which=wanted,
+                                                  lse=lse)
         # the kernels counted the corrupted inputs, not the caller's: judge those here
         inputs_hit = faults.targets_any(plan, ("query", "key", "value"))
         finite = (torch.isfinite(query).all() & torch.isfinite(key).all() & torch.isfinite(value).all()
@@ -88,14 +102,11 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
             bn, mb = torch.nonzero(blk, as_tuple=True)
             redo = torch.stack([mb, bn], dim=1).to(torch.int32).contiguous()
             forward(q, k, v, scale=scale, is_causal=is_causal, checks_on=False, blocks=bs, redo=redo, out=out,
-                    masks=masks)
+                    masks=masks, lse=lse)
             corrected += rows.sum(dtype=torch.int32)
         if on_fault == "nan" and rows is not None:
             out = out.masked_fill(rows[..., None], float("nan"))
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, bias)):
-        B, N, T, _ = query.shape
-        allowed = masking.combine(B, T, key.shape[2], ops_on(dev), mask=mask, window=window,
-                                  query_lengths=query_lengths, key_lengths=key_lengths)
-        out = _Attention.apply(query, key, value, bias, out, allowed, scale, is_causal)
+    if grad:
+        out = _Attention.apply(query, key, value, bias, out, lse, scale, masks)
     return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected,
                             combined=combined)

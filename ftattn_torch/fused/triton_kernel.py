@@ -18,7 +18,9 @@ query head ``n`` reads kv head ``n // G``):
 
 ``_forward`` (grid: query blocks × ``B·N`` (launched in slices of at most
 65535 heads, the limit of a grid's second axis), or a list of blocks to recompute):
-the online-softmax forward. With ``QK``, ``DMR``, ``PV`` it also keeps, per query row,
+the online-softmax forward; with ``STORE_LSE`` it saves each row's log-sum-exp in
+base 2 (``LSE``, float32 ``(B, N, T)``) for the backward (:mod:`.triton_backward`).
+With ``QK``, ``DMR``, ``PV`` it also keeps, per query row,
   * ``srow``: Σ_j s_ij (raw q·k, masked keys left out), for ``qk_row``;
   * ``l2``, ``d``: a second evaluation of every exponential (a different
     formula: ``exp2((s − m)·c)`` against ``exp2(s·c − m·c)``), its running sum
@@ -336,7 +338,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
 
 
 @triton.jit
-def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BIAS, QLEN, KLEN,
+def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BIAS, QLEN, KLEN,
              sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sob, son, sot, soh,
              smb, smn, smt, sms, sbb, sbn, sbt, sbs,
              N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
@@ -345,7 +347,7 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BI
              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
-             UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr):
+             UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr, STORE_LSE: tl.constexpr):
     if REDO_MODE:
         mb = tl.load(REDO + 2 * tl.program_id(0))
         bn = tl.load(REDO + 2 * tl.program_id(0) + 1)
@@ -443,6 +445,11 @@ def _forward(Q, K, V, O, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BI
     # a row with nothing attended (rows beyond the query length included) has output zero
     inv = tl.where(l > 0.0, 1.0 / l, 0.0)
     o = acc * inv[:, None]
+    if STORE_LSE:  # for the backward: p_ij = exp2(z_ij·c_z − LSE_i); +inf where nothing is attended
+        cz_f = LOG2E if HAS_BIAS else c
+        m_f = tl.where(m_raw > float("-inf"), m_raw, 0.0)
+        lse = tl.where(l > 0.0, m_f * cz_f + tl.math.log2(tl.where(l > 0.0, l, 1.0)), float("inf"))
+        tl.store(LSE + (b.to(tl.int64) * N + n) * T + rows, lse, mask=rvalid)
     if INJECT:
         o = _inject(o, rows, hs, FT, FV, n_faults, b, n, SITE_OUT, 0, 1.0)
     o_st = _round_bf16(o) if UPCAST else o

@@ -1,0 +1,136 @@
+"""The fused backward of ``implementation="triton"`` (``ftattn_torch/fused/triton_backward.py``).
+
+As FlashAttention's tests: each gradient's error against float64 stays within a small
+multiple of the error of a low-precision reference (plain attention computed in the input
+dtype, from the same rounded inputs), for every mask form, GQA and T ≠ S. And the
+backward keeps nothing of size T·S: what the forward saves is O(B·N·T) beyond the inputs.
+
+Interpreted on the CPU (``TRITON_INTERPRET=1``, ``tests/conftest.py``), compiled with
+``FTATTN_TEST_TORCH_DEVICE=cuda``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import ftattn_torch as ft  # noqa: E402
+
+from .fused_cases import SHAPE  # noqa: E402
+
+DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
+if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+#: the kernel's error may be this many times the low-precision reference's (FlashAttention's tests use 2)
+RATIO = 3.0
+
+FORMS = {
+    "none": {},
+    "causal": {"is_causal": True},
+    "window-lengths": {"local_window_size": (5, 3), "query_seq_lengths": [30, 37, 12],
+                       "key_value_seq_lengths": [45, 20, 33]},
+    "mask-bias": {"mask": "dense", "bias": "dense"},
+    "causal-T>S": {"is_causal": True, "T": 45, "S": 29},
+}
+
+
+def _call(form: str, dtype, seed: int):
+    kw = dict(FORMS[form])
+    shape = dict(SHAPE)
+    shape.update({a: kw.pop(a) for a in ("T", "S") if a in kw})
+    B, N, K, T, S, H = (shape[a] for a in "BNKTSH")
+    assert len({B, N, K, T, S, H}) == 6  # a swapped axis fails
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, T, H, generator=g)
+    k = torch.randn(B, K, S, H, generator=g)
+    v = torch.randn(B, K, S, H, generator=g)
+    grad_out = torch.randn(B, N, T, H, generator=g)
+    if kw.get("mask") == "dense":
+        kw["mask"] = (torch.rand(B, 1, T, S, generator=g) > 0.3).to(DEVICE)
+    if kw.get("bias") == "dense":
+        kw["bias"] = torch.randn(1, N, T, S, generator=g)
+    for name in ("query_seq_lengths", "key_value_seq_lengths"):
+        if name in kw:
+            kw[name] = torch.tensor(kw[name], device=DEVICE)
+    leaves = {"q": q, "k": k, "v": v}
+    if "bias" in kw:
+        leaves["bias"] = kw.pop("bias")
+    return leaves, grad_out, kw
+
+
+def _grads(leaves, grad_out, kw, dtype, implementation):
+    xs = {n: x.to(DEVICE, dtype).requires_grad_(True) for n, x in leaves.items()}
+    out, report = ft.attention(xs["q"], xs["k"], xs["v"], bias=xs.get("bias"), implementation=implementation,
+                               **kw)
+    grads = torch.autograd.grad(out, list(xs.values()), grad_out.to(DEVICE, dtype))
+    return dict(zip(xs, grads)), report
+
+
+def _low_precision(leaves, grad_out, kw, dtype):
+    """Plain attention with every product and the softmax's output in ``dtype`` (float32
+    exponentials), from the same rounded inputs: the low-precision reference."""
+    xs = {n: x.to(dtype).requires_grad_(True) for n, x in leaves.items()}
+    q, k, v = xs["q"], xs["k"], xs["v"]
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = (q @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if "bias" in xs:
+        s = s + xs["bias"]
+    B, N, T, S = s.shape
+    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    keep = torch.ones(B, 1, T, S, dtype=torch.bool)
+    if kw.get("is_causal"):
+        keep = keep & (j <= i)
+    if "local_window_size" in kw:
+        left, right = kw["local_window_size"]
+        keep = keep & (j >= i - left) & (j <= i + right)
+    if "query_seq_lengths" in kw:
+        keep = keep & (i[None, None] < kw["query_seq_lengths"].cpu()[:, None, None, None])
+    if "key_value_seq_lengths" in kw:
+        keep = keep & (j[None, None] < kw["key_value_seq_lengths"].cpu()[:, None, None, None])
+    if "mask" in kw:
+        keep = keep & kw["mask"].cpu()
+    p = torch.softmax(s.float().masked_fill(~keep, -torch.inf), -1).nan_to_num(0.0).to(dtype)
+    out = p @ vv
+    grads = torch.autograd.grad(out, list(xs.values()), grad_out.to(dtype))
+    return dict(zip(xs, grads))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_gradients_within_a_multiple_of_a_low_precision_reference(form, dtype):
+    dt = getattr(torch, dtype)
+    leaves, grad_out, kw = _call(form, dt, seed=len(form))
+    rounded = {n: x.to(dt) for n, x in leaves.items()}
+    exact, _ = _grads({n: x.double() for n, x in rounded.items()}, grad_out.to(dt).double(), kw, torch.float64,
+                      "unfused")
+    fused, report = _grads(rounded, grad_out.to(dt), kw, dt, "triton")
+    assert report.ran.implementation == "triton" and not bool(report.detected)
+    low = _low_precision({n: x.float() for n, x in rounded.items()}, grad_out.to(dt).float(), kw, dt)
+    for name in exact:
+        want = exact[name].cpu()
+        err = float((fused[name].double().cpu() - want).abs().max())
+        ref_err = float((low[name].double() - want).abs().max())
+        floor = float(want.abs().max()) * torch.finfo(dt).eps  # a reference that happens to be exact
+        assert err <= RATIO * max(ref_err, floor), f"d{name}: {err:.3g} against the reference's {ref_err:.3g}"
+
+
+def test_backward_keeps_nothing_of_size_T_times_S():
+    """What the fused forward saves for the backward: the inputs, the output and the per-row
+    log-sum-exp; nothing of T·S (the old backward built a (B, T, S) mask and (B, N, T, S) P)."""
+    shape = dict(SHAPE, T=64, S=80)
+    B, N, K, T, S, H = (shape[a] for a in "BNKTSH")
+    q = torch.randn(B, N, T, H, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(B, K, S, H, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(B, K, S, H, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    out, _ = ft.attention(q, k, v, is_causal=True, local_window_size=(9, 0), implementation="triton")
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    assert max(t.numel() for t in saved) <= max(x.numel() for x in (q, k, v))
+    assert any(t.shape == (B, N, T) and t.dtype == torch.float32 for t in saved)  # the log-sum-exp
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
