@@ -204,7 +204,8 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
       attended key has output zero.
 
     Autograd flows through ``out`` as through plain attention (the checks are
-    computed without a graph, and the backward pass itself is not checked).
+    computed without a graph, and the backward pass itself is not checked; with
+    ``"triton"`` it is the fused backward kernel, whose memory is O(B·N·T)).
     """
     site = call_site(site)
     call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
