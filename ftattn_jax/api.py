@@ -101,6 +101,9 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                on_fault=on_fault, fault=fault,
                                implementation="unfused" if impl == implementations.AUTO else impl,
                                traced_faults=_TRACED_FAULTS)
+    if sites := spec_faults.sites_in(cfg.plan, spec_faults.BACKWARD_SITES):
+        raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only the PyTorch "
+                         f"backend's implementation='triton' has")
     mask, bias, query_seq_lengths, key_value_seq_lengths = extra
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)

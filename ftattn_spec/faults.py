@@ -46,7 +46,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-SITES: tuple[str, ...] = ("scores", "probs", "out", "query", "key", "value")
+SITES: tuple[str, ...] = ("scores", "probs", "out", "query", "key", "value",
+                          "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds", "bwd_dq", "bwd_dk", "bwd_dv")
+
+#: Sites inside the fused backward (``implementation="triton"``): S and P recomputed, dP, dS,
+#: and the three gradients before their scale. S, P, dP and dS are computed by both backward
+#: kernels: ``replica`` 0 is the dQ kernel's, 1 the dK/dV kernel's.
+BACKWARD_SITES: tuple[str, ...] = ("bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds", "bwd_dq", "bwd_dk", "bwd_dv")
 
 #: Sites whose element is an input, in the input dtype.
 INPUT_SITES: tuple[str, ...] = ("query", "key", "value")
@@ -55,6 +61,8 @@ INPUT_SITES: tuple[str, ...] = ("query", "key", "value")
 SITE_AXES: dict[str, str] = {
     "scores": "BNTS", "probs": "BNTS", "out": "BNTH",
     "query": "BNTH", "key": "BKSH", "value": "BKSH",
+    "bwd_scores": "BNTS", "bwd_probs": "BNTS", "bwd_dp": "BNTS", "bwd_ds": "BNTS",
+    "bwd_dq": "BNTH", "bwd_dk": "BKSH", "bwd_dv": "BKSH",
 }
 
 #: The checks that can see a fault at each site (in a scheme that runs them).
@@ -63,7 +71,13 @@ SITE_CHECKS: dict[str, tuple[str, ...]] = {
     "probs": ("softmax_dmr",),
     "out": ("pv_row", "pv_col"),
     "query": (), "key": (), "value": (),
+    "bwd_scores": ("bwd_qk_row", "bwd_qk_col"), "bwd_probs": ("bwd_softmax", "bwd_softmax_kv"),
+    "bwd_dp": ("bwd_dp_row", "bwd_dp_col"), "bwd_ds": ("bwd_ds", "bwd_ds_kv"),
+    "bwd_dq": ("bwd_dq",), "bwd_dk": ("bwd_dk",), "bwd_dv": ("bwd_dv",),
 }
+
+#: Sites with a second evaluation that ``replica=1`` selects.
+REPLICA_SITES: tuple[str, ...] = ("probs", "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds")
 
 #: What ``on_fault=`` accepts.
 ON_FAULT: tuple[str, ...] = ("report", "correct", "raise", "nan")
@@ -96,7 +110,9 @@ class Fault:
       bit: flip this bit of the element (0 = least significant).
       value: set the element to this number (rounded to the element's dtype).
       replica: for ``site="probs"``, which softmax evaluation: 0 (the one the
-        output uses) or 1 (the DMR's second evaluation).
+        output uses) or 1 (the DMR's second evaluation); for the backward's
+        S, P, dP and dS (``BACKWARD_SITES``), which kernel's evaluation: 0 the
+        dQ kernel's, 1 the dK/dV kernel's.
     """
 
     site: str
@@ -122,8 +138,9 @@ class Fault:
             raise ValueError(f"fault.value: expected a real number, got {type(self.value).__name__} {self.value!r}")
         if not _is_int(self.replica) or self.replica not in (0, 1):
             raise ValueError(f"fault.replica: expected 0 or 1, got {self.replica!r}")
-        if self.replica == 1 and self.site != "probs":
-            raise ValueError(f"fault.replica: expected 0 for site {self.site!r} (only 'probs' has a replica), got 1")
+        if self.replica == 1 and self.site not in REPLICA_SITES:
+            raise ValueError(f"fault.replica: expected 0 for site {self.site!r} (only {REPLICA_SITES} have a "
+                             f"replica), got 1")
 
 
 def _unchecked_fault(site: str, index, bit, value, replica: int) -> "Fault":
@@ -155,6 +172,14 @@ class FaultPlan(NamedTuple):
 
 #: The columns of a packed fault row, as the fused kernels and the SDPA operator read them.
 FAULT_ROW: tuple[str, ...] = ("site", "replica", "b", "n", "i", "j", "kind", "bit")
+
+
+def sites_in(plan: "FaultPlan | None", sites) -> list[str]:
+    """The names among ``sites`` that ``plan`` corrupts, in ``SITES`` order."""
+    if plan is None:
+        return []
+    codes = {int(c) for c in np.asarray(plan.site).reshape(-1)}
+    return [s for s in SITES if s in sites and SITES.index(s) in codes]
 
 
 def pack_rows(plan, concatenate=np.concatenate):
@@ -206,7 +231,7 @@ def validate_faults(fault, dims: dict, dtype: str, checks: tuple[str, ...], trac
         if f.bit is not None and _is_int(f.bit) and f.bit >= width:
             raise ValueError(f"fault.bit: expected 0 <= bit < {width} (site {f.site!r} holds "
                              f"{element_dtype(f.site, dtype)}), got {f.bit}")
-        if f.replica == 1 and "softmax_dmr" not in checks:
+        if f.replica == 1 and f.site == "probs" and "softmax_dmr" not in checks:
             raise ValueError("fault.replica: expected 0, because this scheme computes one softmax "
                              "(only schemes with 'softmax_dmr' compute replica 1), got 1")
     concrete = all(_is_int(i) for f in faults for i in (*f.index, f.bit if f.bit is not None else 0)) and all(

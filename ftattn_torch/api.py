@@ -13,6 +13,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ftattn_spec import faults as spec_faults
 from ftattn_spec import implementations, masking, policy
 from ftattn_spec import validation as v
 from ftattn_spec.axes import LAYOUTS
@@ -90,6 +91,7 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
         if fallback is not None and query.device.type == "cuda" and not torch.compiler.is_compiling():
             implementations.warn_fallback("torch", fallback)
         cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("torch", impl, cfg.scheme))
+        _backward_sites_need_triton(cfg.plan, impl)
         return Call(cfg, m, fallback)
     refusal = implementations.unsupported("torch", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
                                           masking=given)
@@ -97,7 +99,15 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
         raise refusal.exception()
     if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:
         raise ValueError(why)
+    _backward_sites_need_triton(cfg.plan, impl)
     return Call(cfg, m)
+
+
+def _backward_sites_need_triton(plan, impl: str) -> None:
+    sites = spec_faults.sites_in(plan, spec_faults.BACKWARD_SITES)
+    if sites and impl != "triton":
+        raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only "
+                         f"implementation='triton' has; this call runs {impl!r}")
 
 
 def _constant_under_compile(fn):
@@ -129,15 +139,20 @@ def _device_reason(device_type: str) -> str | None:
 
 def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], granularity: str, scale: float,
             is_causal: bool, on_fault: str, plan=None, mask=None, bias=None, query_lengths=None, key_lengths=None,
-            window=None, empty: str = "zero", fallback: str | None = None):
+            window=None, empty: str = "zero", fallback: str | None = None, site: str | None = None,
+            warn: bool = False):
     """Run validated arguments: the only place that knows which implementation runs, and the only
-    place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``)."""
+    place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``).
+
+    The fused backward's verdict comes back through :func:`_backward_hook`: counted under
+    ``site`` + ``" (backward)"``, and raised, or warned about, as ``on_fault`` and ``warn`` say."""
     common = dict(checks=checks, granularity=granularity, scale=scale, is_causal=is_causal,
                   on_fault="report" if on_fault == "raise" else on_fault, plan=plan)
     match implementation:
         case "triton":
             out, report = fused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
-                                    key_lengths=key_lengths, window=window, **common)
+                                    key_lengths=key_lengths, window=window,
+                                    backward_hook=_backward_hook(site, on_fault, warn), **common)
         case "unfused":
             out, report = unfused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
                                       key_lengths=key_lengths, window=window, empty=empty, **common)
@@ -147,6 +162,18 @@ def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], 
     if on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
     return out, report
+
+
+def _backward_hook(site: str | None, on_fault: str, warn: bool):
+    """What the fused backward does with its report: count it, then raise or warn as asked."""
+    name = f"{site or 'unnamed'} (backward)"
+
+    def hook(report: Report) -> None:
+        count(name, report, warn)
+        if on_fault == "raise" and not torch.compiler.is_compiling() and bool(report.detected):
+            raise FaultDetected(report)
+
+    return hook
 
 
 def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", granularity: str = "vector",
@@ -216,7 +243,8 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
     out, report = execute(query, key, value, implementation=cfg.implementation, checks=cfg.checks,
                           granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
                           on_fault=cfg.on_fault, plan=cfg.plan, mask=mask, bias=bias, query_lengths=query_seq_lengths,
-                          key_lengths=key_value_seq_lengths, window=call.masking.window, fallback=call.fallback)
+                          key_lengths=key_value_seq_lengths, window=call.masking.window, fallback=call.fallback,
+                          site=site)
     count(site, report)
     return out, report
 

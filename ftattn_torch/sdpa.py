@@ -239,7 +239,7 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
         # the same ``execute`` runs directly, with the implementation's own autograd
         out, report = execute(query, key, value, implementation=impl, checks=cfg.checks,
                               granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
-                              on_fault=run_on_fault, plan=cfg.plan, mask=mask, bias=bias)
+                              on_fault=run_on_fault, plan=cfg.plan, mask=mask, bias=bias, site=site, warn=warn)
         out = out.contiguous()
     else:
         ints, values = _plan_tensors(cfg.plan)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ftattn_spec import faults as spec_faults
 from ftattn_spec import masking
+from ftattn_spec import backward_tolerances as btol
 from ftattn_spec import tolerances as tol
 from ftattn_spec.faults import SITES, FaultPlan
 
@@ -144,10 +145,10 @@ def _dummy(device) -> Tensor:
     return _DUMMIES[key]
 
 
-def _fault_tensors(plan: FaultPlan | None, device) -> tuple[Tensor, Tensor, int]:
-    """The plan's faults at the kernel's sites as int32 ``(F, 8)`` rows (``ftattn_spec.faults.FAULT_ROW``)
-    and float32 ``(F,)`` values."""
-    kernel_sites = {SITES.index(s) for s in ("scores", "probs", "out")}
+def _fault_tensors(plan: FaultPlan | None, device, sites=("scores", "probs", "out")) -> tuple[Tensor, Tensor, int]:
+    """The plan's faults at the kernel's ``sites`` as int32 ``(F, 8)`` rows
+    (``ftattn_spec.faults.FAULT_ROW``) and float32 ``(F,)`` values."""
+    kernel_sites = {SITES.index(s) for s in sites}
     rows = [] if plan is None else [f for f in range(len(plan)) if int(plan.site[f]) in kernel_sites]
     if not rows:  # the kernel reads nothing from these (n_faults = 0)
         dummy = _dummy(device)
@@ -306,10 +307,37 @@ class BackwardBlocks:
         return cls(16, 16, 1, 1) if interpret else cls(64, 64, 4, 2)
 
 
+#: the backward's checks, in the planes of its two stats arrays
+#: (B, N, T), judged by the dQ kernel; the last two judge the dK/dV kernel's P and dS
+BACKWARD_ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds", "bwd_softmax_kv",
+                       "bwd_ds_kv")
+BACKWARD_KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv")  # (B, K, S), the dK/dV kernel
+
+
+class BackwardLaunch(NamedTuple):
+    """What :func:`backward` returns: the gradients, ``ds`` (the logits' gradient, float32
+    ``(B, N, T, S)``, only for a bias), and with checks the (residual, threshold) planes and
+    flags of ``BACKWARD_ROW_CHECKS`` (``(8·2, B, N, T)``, ``(8, B, N, T)``) and
+    ``BACKWARD_KEY_CHECKS`` (``(4·2, B, K, S)``, ``(4, B, K, S)``), and ``count`` int32 ``(2,)``:
+    flagged query rows and flagged keys."""
+
+    dq: Tensor
+    dk: Tensor
+    dv: Tensor
+    ds: Tensor | None
+    row_stats: Tensor | None
+    row_flags: Tensor | None
+    key_stats: Tensor | None
+    key_flags: Tensor | None
+    count: Tensor | None
+
+
 def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *,
-             scale: float, masks: Masks, bias_grad: bool = False, blocks: BackwardBlocks | None = None):
-    """The fused backward (:mod:`.triton_backward`): ``(dq, dk, dv, ds)``, with ``ds`` the float32
-    ``(B, N, T, S)`` gradient of the logits when ``bias_grad`` (for a bias), else None."""
+             scale: float, masks: Masks, bias_grad: bool = False, checks: bool = True,
+             plan: FaultPlan | None = None, blocks: BackwardBlocks | None = None,
+             forward_block_n: int | None = None) -> BackwardLaunch:
+    """The fused backward (:mod:`.triton_backward`), with its checks unless ``checks=False``;
+    faults of ``plan`` at the backward's sites are injected in the kernels."""
     kern = _backward_kernels()
     B, N, T, H = query.shape
     K, S = key.shape[1], key.shape[2]
@@ -327,21 +355,36 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     bias_t, bias_st = _dense(masks.bias, (B, N, T, S), dummy)
     lengths = [dummy if x is None else x.contiguous() for x in (masks.query_lengths, masks.key_lengths)]
     left, right = masking.band(masks.window, masks.is_causal)
+    ft, fv, n_faults = _fault_tensors(plan, dev, spec_faults.BACKWARD_SITES)
+    row_stats = row_flags = key_stats = key_flags = count = None
+    if checks:
+        row_stats = torch.empty((2 * len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.float32, device=dev)
+        row_flags = torch.empty((len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.bool, device=dev)
+        key_stats = torch.empty((2 * len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.float32, device=dev)
+        key_flags = torch.empty((len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.bool, device=dev)
+        count = torch.zeros(2, dtype=torch.int32, device=dev)
+    rowacc = torch.zeros((3, B, N, T), dtype=torch.float32, device=dev) if checks else None
+    coef = btol.backward_coefficients(T, S, H, N // K, dtype_name(query), bs.block_m, bs.block_n,
+                                      forward_block_n or bs.block_n)
+    pick = lambda x: dummy if x is None else x  # noqa: E731
     flags = dict(H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, HAS_MASK=masks.mask is not None,
                  HAS_BIAS=masks.bias is not None, HAS_QLEN=masks.query_lengths is not None,
-                 HAS_KLEN=masks.key_lengths is not None, UPCAST=upcast, num_warps=bs.num_warps,
-                 num_stages=bs.num_stages)
+                 HAS_KLEN=masks.key_lengths is not None, CHECKS=checks, INJECT=n_faults > 0, UPCAST=upcast,
+                 num_warps=bs.num_warps, num_stages=bs.num_stages)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride())
     for offset in range(0, B * K, _MAX_GRID_Y):
         kern._bwd_dkdv[(-(-S // bs.block_n), min(B * K - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, *common,
-            *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset, **flags)
+            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, pick(key_stats),
+            pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(rowacc), *common,
+            *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
+            n_faults, B * K * S, B * N * T, coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_dq[(-(-T // bs.block_m), min(B * N - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, lse, dd, dq, dummy if ds is None else ds, mask_t, bias_t, *lengths,
-            *common, *dq.stride(), *mask_st, *bias_st, N, N // K, T, S, scale, left, right, offset,
-            STORE_DS=bias_grad, **flags)
-    return dq, dk, dv, ds
+            query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, pick(row_stats),
+            pick(row_flags), pick(count), ft, fv, pick(rowacc), *common, *out.stride(), *dq.stride(), *mask_st, *bias_st,
+            N, N // K, T, S, scale, left, right, offset, n_faults, B * N * T, coef.qk_row, coef.dp_row, coef.dq,
+            coef.d, coef.softmax0, coef.softmax_mu, coef.ds, coef.allow_row, STORE_DS=bias_grad, **flags)
+    return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count)
 
 
 def dtype_name(x: Tensor) -> str:

@@ -13,36 +13,85 @@ check would need a reduction across programs, so ``full`` runs those three
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
 from ftattn_spec.faults import FaultPlan
-from ftattn_spec.report import CheckResult, make_report
+from ftattn_spec.report import CheckResult, Report, make_report
 
 from .. import faults
 from ..common import verdict
-from .launch import STAT_PLANES, Masks, backward, forward
+from .launch import BACKWARD_KEY_CHECKS, BACKWARD_ROW_CHECKS, STAT_PLANES, BackwardLaunch, Masks, backward, forward
+
+
+class Backward(NamedTuple):
+    """How the fused backward of one call runs: its masks, whether it checks, the fault plan
+    (its backward sites are injected), ``on_fault`` (``"nan"`` and ``"correct"`` apply here),
+    and ``hook``, called with the backward's ``Report`` (the caller counts it and applies
+    ``"raise"``)."""
+
+    scale: float
+    masks: Masks
+    checks: bool
+    plan: FaultPlan | None
+    on_fault: str
+    forward_block_n: int
+    hook: Callable[[Report], None] | None = None
 
 
 class _Attention(torch.autograd.Function):
-    """The fused forward with the fused backward (:func:`.launch.backward`: P recomputed tile by
-    tile from the saved log-sum-exp; memory O(B·N·T) beyond the gradients; not checked yet)."""
+    """The fused forward with the fused, checked backward (:func:`.launch.backward`: P recomputed
+    tile by tile from the saved log-sum-exp; memory O(B·N·T) beyond the gradients)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, out, lse, scale, masks):
-        ctx.save_for_backward(query, key, value, bias, out, lse, masks.mask, masks.query_lengths,
-                              masks.key_lengths)
-        ctx.scale, ctx.window, ctx.is_causal = scale, masks.window, masks.is_causal
+    def forward(ctx, query, key, value, bias, out, lse, settings):
+        m = settings.masks
+        ctx.save_for_backward(query, key, value, bias, out, lse, m.mask, m.query_lengths, m.key_lengths)
+        ctx.settings = settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, bias, out, lse, mask, qlen, klen = ctx.saved_tensors
-        masks = Masks(mask, None if bias is None else bias.detach(), qlen, klen, ctx.window, ctx.is_causal)
+        st: Backward = ctx.settings
+        masks = st.masks._replace(mask=mask, bias=None if bias is None else bias.detach(), query_lengths=qlen,
+                                  key_lengths=klen)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, ds = backward(query.detach(), key.detach(), value.detach(), out, lse, grad_out,
-                                  scale=ctx.scale, masks=masks, bias_grad=bias_grad)
-        return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, None, None, None, None
+        q, k, v = query.detach(), key.detach(), value.detach()
+        run = lambda plan: backward(q, k, v, out, lse, grad_out, scale=st.scale, masks=masks,  # noqa: E731
+                                    bias_grad=bias_grad, checks=st.checks, plan=plan,
+                                    forward_block_n=st.forward_block_n)
+        got = run(st.plan)
+        dq, dk, dv, ds = got.dq, got.dk, got.dv, got.ds
+        if st.checks:
+            detected = got.count.any()
+            corrected = torch.zeros((), dtype=torch.int32, device=q.device)
+            if st.on_fault == "correct" and bool(detected):  # recompute, without the (transient) faults
+                again = run(None)
+                dq, dk, dv, ds = again.dq, again.dk, again.dv, again.ds
+                corrected += got.count.sum(dtype=torch.int32)
+            if st.on_fault == "nan":  # poison the gradient rows the flagged checks implicate
+                dq = dq.masked_fill(got.row_flags.any(0)[..., None], float("nan"))
+                keys = got.key_flags.any(0)[..., None]
+                dk, dv = dk.masked_fill(keys, float("nan")), dv.masked_fill(keys, float("nan"))
+            if st.hook is not None:
+                st.hook(backward_report(got, detected, corrected))
+        return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, None, None, None
+
+
+def backward_report(got: BackwardLaunch, detected: Tensor, corrected: Tensor) -> Report:
+    """The backward's ``Report``: one ``CheckResult`` per check of ``BACKWARD_ROW_CHECKS``
+    (per query row, ``(B, N, T)``) and ``BACKWARD_KEY_CHECKS`` (per key, ``(B, K, S)``)."""
+    results = {}
+    for names, stats, flags in ((BACKWARD_ROW_CHECKS, got.row_stats, got.row_flags),
+                                (BACKWARD_KEY_CHECKS, got.key_stats, got.key_flags)):
+        for i, name in enumerate(names):
+            results[name] = CheckResult(stats[2 * i], stats[2 * i + 1], flags[i])
+    finite = torch.ones((), dtype=torch.bool, device=detected.device)
+    return make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected,
+                       combined=True)
 
 
 def _reduce_to(ds: Tensor, bias: Tensor) -> Tensor:
@@ -56,7 +105,7 @@ def _reduce_to(ds: Tensor, bias: Tensor) -> Tensor:
 
 def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], granularity: str, scale: float,
         is_causal: bool, on_fault: str = "report", plan: FaultPlan | None = None, bias=None, mask=None,
-        query_lengths=None, key_lengths=None, window=None):
+        query_lengths=None, key_lengths=None, window=None, backward_hook: Callable[[Report], None] | None = None):
     """The fused path: inputs validated, the catalogue and :func:`.launch.unsupported` consulted;
     ``checks`` are those to run. The mask arguments are those of ``ftattn_spec.masking`` (validated)."""
     dev = query.device
@@ -107,6 +156,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
         if on_fault == "nan" and rows is not None:
             out = out.masked_fill(rows[..., None], float("nan"))
     if grad:
-        out = _Attention.apply(query, key, value, bias, out, lse, scale, masks)
+        settings = Backward(scale, masks, bool(wanted), plan, on_fault, bs.block_n, backward_hook)
+        out = _Attention.apply(query, key, value, bias, out, lse, settings)
     return out, make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected,
                             combined=combined)

@@ -12,9 +12,14 @@ LSE_i)`` is recomputed tile by tile from Q and K, never stored. ``DD`` is
 ``_bwd_dkdv`` (grid: key blocks × ``B·K``): for its keys, over the ``G`` query heads of the
   group and the query blocks that attend them, ``dV += Pᵀ·dO`` and ``dK += dSᵀ·Q·scale`` with
   ``dS = P ∘ (dO·Vᵀ − D)``: dK and dV are summed over the group inside one program.
-``_bwd_dq`` (grid: query blocks × ``B·N``): ``dQ += dS·K·scale`` over the keys its rows
-  attend; with ``STORE_DS`` it also writes ``dS`` (the bias gradient, float32 ``(B, N, T, S)``,
-  only when a bias needs one).
+``_bwd_dq`` (grid: query blocks × ``B·N``, launched after ``_bwd_dkdv``): ``dQ += dS·K·scale``
+  over the keys its rows attend; with ``STORE_DS`` it also writes ``dS`` (the bias gradient,
+  float32 ``(B, N, T, S)``, only when a bias needs one).
+
+With ``CHECKS`` both kernels verify each product by a row (or key) sum predicted from a summed
+operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's to 0. The dK/dV
+kernel sees a key block only, so it adds its rows' partial sums of P and dS into ``ROWACC``
+(float32 ``(3, B, N, T)``, atomics) and the dQ kernel judges them with its own.
 
 Every mask form of the forward (``_keep``) applies per element; the loops visit only the
 band of tiles that the window, ``is_causal`` and the lengths leave, and contain no
@@ -27,20 +32,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _keep
+from .triton_kernel import _inject, _keep, _verdict
 
 LOG2E_B = tl.constexpr(1.4426950408889634)
 
+# ftattn_spec.faults.SITES indices of the backward's sites
+SITE_BWD_SCORES = tl.constexpr(6)
+SITE_BWD_PROBS = tl.constexpr(7)
+SITE_BWD_DP = tl.constexpr(8)
+SITE_BWD_DS = tl.constexpr(9)
+SITE_BWD_DQ = tl.constexpr(10)
+SITE_BWD_DK = tl.constexpr(11)
+SITE_BWD_DV = tl.constexpr(12)
+
 
 @triton.jit
-def _probs(q, k, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
-           T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
-    """P of one (query block × key block) tile, recomputed in float32 from the saved ``lse``;
-    zero wherever a mask form leaves the entry out. ``k`` is ``H × BLOCK_N``."""
+def _scores(q, k, UPCAST: tl.constexpr):
     if UPCAST:
-        qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
-    else:
-        qk = tl.dot(q, k)
+        return tl.dot(q.to(tl.float32), k.to(tl.float32))
+    return tl.dot(q, k)
+
+
+@triton.jit
+def _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
+           T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """P of one (query block × key block) tile from the raw scores ``qk``, recomputed in
+    float32 from the saved ``lse``; zero wherever a mask form leaves the entry out."""
     zc = qk * c
     if HAS_BIAS:
         bt = tl.load(BIAS + b_off + rows[:, None].to(tl.int64) * sbt + cols[None, :].to(tl.int64) * sbs,
@@ -60,13 +77,14 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN,
+def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV, ROWACC,
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-              N, G, KH, T, S, scale, win_left, win_right, bk_offset,
+              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_q,
+              coef_qk, coef_dp, coef_dk, coef_dv, allow,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
-              UPCAST: tl.constexpr):
+              CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
     nb = tl.program_id(0)
     bk = tl.program_id(1) + bk_offset
     b = bk // KH
@@ -97,6 +115,19 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN,
     m_end = (hi + BLOCK_M - 1) // BLOCK_M
     dk = tl.zeros([BLOCK_N, H], tl.float32)
     dv = tl.zeros([BLOCK_N, H], tl.float32)
+    # the checks' column sums over the query rows: actual, predicted, magnitude
+    kf = k_t.to(tl.float32)
+    vf = v_t.to(tl.float32)
+    s_act = tl.zeros([BLOCK_N], tl.float32)
+    s_pred = tl.zeros([BLOCK_N], tl.float32)
+    s_mag = tl.zeros([BLOCK_N], tl.float32)
+    p_act = tl.zeros([BLOCK_N], tl.float32)
+    p_pred = tl.zeros([BLOCK_N], tl.float32)
+    p_mag = tl.zeros([BLOCK_N], tl.float32)
+    dk_pred = tl.zeros([BLOCK_N], tl.float32)
+    dk_mag = tl.zeros([BLOCK_N], tl.float32)
+    dv_pred = tl.zeros([BLOCK_N], tl.float32)
+    dv_mag = tl.zeros([BLOCK_N], tl.float32)
     for g in range(G):
         n = kh * G + g
         q_off = b.to(tl.int64) * sqb + n.to(tl.int64) * sqn
@@ -114,11 +145,56 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN,
                          other=0.0)
             lse = tl.load(LSE + r_off + rows, mask=rvalid, other=float("inf"))
             di = tl.load(DD + r_off + rows, mask=rvalid, other=0.0)
-            p = _probs(q, k_t, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS,
-                       b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS, UPCAST)
-            dv += _mm(tl.trans(p.to(dt)), do, UPCAST)
-            ds = p * (_mm(do, v_t, UPCAST) - di[:, None])
-            dk += _mm(tl.trans(ds.to(dt)), q, UPCAST)
+            qk = _scores(q, k_t, UPCAST)
+            if INJECT:
+                qk = _inject(qk, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_SCORES, 1, scale)
+            p = _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS,
+                       b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+            if INJECT:
+                p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_PROBS, 1, 1.0)
+            pm = p.to(dt)
+            dv += _mm(tl.trans(pm), do, UPCAST)
+            dp = _mm(do, v_t, UPCAST)
+            if INJECT:
+                dp = _inject(dp, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_DP, 1, 1.0)
+            ds = p * (dp - di[:, None])
+            if INJECT:
+                ds = _inject(ds, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_DS, 1, 1.0)
+            dsm = ds.to(dt)
+            dk += _mm(tl.trans(dsm), q, UPCAST)
+            if CHECKS:
+                qf = q.to(tl.float32)
+                dof = do.to(tl.float32)
+                s_act += tl.sum(qk, 0)
+                s_pred += tl.sum(kf * tl.sum(qf, 0)[:, None], 0)
+                s_mag += tl.sum(tl.abs(kf) * tl.sum(tl.abs(qf), 0)[:, None], 0)
+                p_act += tl.sum(dp, 0)
+                p_pred += tl.sum(vf * tl.sum(dof, 0)[:, None], 0)
+                p_mag += tl.sum(tl.abs(vf) * tl.sum(tl.abs(dof), 0)[:, None], 0)
+                dsf = dsm.to(tl.float32)
+                dk_pred += tl.sum(dsf * tl.sum(qf, 1)[:, None], 0)
+                dk_mag += tl.sum(tl.abs(dsf) * tl.sum(tl.abs(qf), 1)[:, None], 0)
+                pf = pm.to(tl.float32)
+                dv_pred += tl.sum(pf * tl.sum(dof, 1)[:, None], 0)
+                dv_mag += tl.sum(pf * tl.sum(tl.abs(dof), 1)[:, None], 0)
+                # this kernel's P and dS, per query row, for the dQ kernel to judge: Σ_j p_ij (1 over
+                # all keys), Σ_j ds_ij (0 over all keys) and Σ_j p_ij·Σ_h |v_jh| (its magnitude)
+                tl.atomic_add(ROWACC + r_off + rows, tl.sum(p, 1), mask=rvalid)
+                tl.atomic_add(ROWACC + plane_q + r_off + rows, tl.sum(ds, 1), mask=rvalid)
+                tl.atomic_add(ROWACC + 2 * plane_q + r_off + rows, tl.sum(p * tl.sum(tl.abs(vf), 0)[None, :], 1),
+                              mask=rvalid)
+    if INJECT:
+        dk = _inject(dk, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DK, 0, scale)
+        dv = _inject(dv, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DV, 0, 1.0)
+    if CHECKS:
+        _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 0, (s_act - s_pred) * scale,
+                 (coef_qk * s_mag + allow) * scale, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 1, p_act - p_pred,
+                 coef_dp * p_mag + allow, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 2, (tl.sum(dk, 1) - dk_pred) * scale,
+                 (coef_dk * dk_mag + allow) * scale, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 3, tl.sum(dv, 1) - dv_pred,
+                 coef_dv * dv_mag + allow, False)
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * skgb + kh.to(tl.int64) * skgk + cols[:, None].to(tl.int64) * skgs
              + hs[None, :] * skgh, dk.to(DK.dtype.element_ty), mask=kvalid[:, None])
@@ -127,13 +203,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN,
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN,
-            sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
+def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV, ROWACC,
+            sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
             sqgb, sqgn, sqgt, sqgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-            N, G, T, S, scale, win_left, win_right, bn_offset,
+            N, G, T, S, scale, win_left, win_right, bn_offset, n_faults, plane,
+            coef_qk, coef_dp, coef_dq, coef_d, soft0, soft_mu, coef_ds, allow,
             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
-            STORE_DS: tl.constexpr, UPCAST: tl.constexpr):
+            STORE_DS: tl.constexpr, CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
     mb = tl.program_id(0)
     bn = tl.program_id(1) + bn_offset
     b = bn // N
@@ -170,6 +247,19 @@ def _bwd_dq(Q, K, V, DO, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN,
     hi = tl.where(r_hi < r_lo, 0, tl.maximum(hi, 0))
     lo = tl.minimum(lo, hi)
     dq = tl.zeros([BLOCK_M, H], tl.float32)
+    qf = q.to(tl.float32)
+    dof = do.to(tl.float32)
+    s_act = tl.zeros([BLOCK_M], tl.float32)
+    s_pred = tl.zeros([BLOCK_M], tl.float32)
+    s_mag = tl.zeros([BLOCK_M], tl.float32)
+    p_act = tl.zeros([BLOCK_M], tl.float32)
+    p_pred = tl.zeros([BLOCK_M], tl.float32)
+    p_mag = tl.zeros([BLOCK_M], tl.float32)
+    psum = tl.zeros([BLOCK_M], tl.float32)
+    dq_pred = tl.zeros([BLOCK_M], tl.float32)
+    dq_mag = tl.zeros([BLOCK_M], tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], tl.float32)
+    pw = tl.zeros([BLOCK_M], tl.float32)
     for t in range(lo // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         kvalid = cols < S
@@ -177,13 +267,71 @@ def _bwd_dq(Q, K, V, DO, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN,
                       other=0.0)  # H × BLOCK_N
         v_t = tl.load(V + v_off + cols[None, :].to(tl.int64) * svs + hs[:, None] * svh, mask=kvalid[None, :],
                       other=0.0)
-        p = _probs(q, k_t, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS,
-                   b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS, UPCAST)
-        ds = p * (_mm(do, v_t, UPCAST) - di[:, None])
-        dq += _mm(ds.to(dt), tl.trans(k_t), UPCAST)
+        qk = _scores(q, k_t, UPCAST)
+        if INJECT:
+            qk = _inject(qk, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_SCORES, 0, scale)
+        p = _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS,
+                   b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+        if INJECT:
+            p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_PROBS, 0, 1.0)
+        dp = _mm(do, v_t, UPCAST)
+        if INJECT:
+            dp = _inject(dp, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_DP, 0, 1.0)
+        ds = p * (dp - di[:, None])
+        if INJECT:
+            ds = _inject(ds, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_DS, 0, 1.0)
+        dsm = ds.to(dt)
+        dq += _mm(dsm, tl.trans(k_t), UPCAST)
         if STORE_DS:
             tl.store(DS + ((b.to(tl.int64) * N + n) * T + rows[:, None]) * S + cols[None, :], ds,
                      mask=rvalid[:, None] & kvalid[None, :])
+        if CHECKS:
+            kf = k_t.to(tl.float32)
+            vf = v_t.to(tl.float32)
+            s_act += tl.sum(qk, 1)
+            s_pred += tl.sum(qf * tl.sum(kf, 1)[None, :], 1)
+            s_mag += tl.sum(tl.abs(qf) * tl.sum(tl.abs(kf), 1)[None, :], 1)
+            p_act += tl.sum(dp, 1)
+            p_pred += tl.sum(dof * tl.sum(vf, 1)[None, :], 1)
+            p_mag += tl.sum(tl.abs(dof) * tl.sum(tl.abs(vf), 1)[None, :], 1)
+            psum += tl.sum(p, 1)
+            dsf = dsm.to(tl.float32)
+            dq_pred += tl.sum(dsf * tl.sum(kf, 0)[None, :], 1)
+            dq_mag += tl.sum(tl.abs(dsf) * tl.sum(tl.abs(kf), 0)[None, :], 1)
+            ds_sum += tl.sum(ds, 1)
+            pw += tl.sum(p * tl.sum(tl.abs(vf), 0)[None, :], 1)
+    if INJECT:
+        dq = _inject(dq, rows, hs, FT, FV, n_faults, b, n, SITE_BWD_DQ, 0, scale)
+    if CHECKS:
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, (s_act - s_pred) * scale,
+                 (coef_qk * s_mag + allow) * scale, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, p_act - p_pred,
+                 coef_dp * p_mag + allow, False)
+        # P's rows sum to 1, or to 0 where the forward attended nothing (LSE = +inf)
+        attended = lse < float("inf")
+        target = tl.where(attended, 1.0, 0.0)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, psum - target,
+                 tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0) + allow, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 3, (tl.sum(dq, 1) - dq_pred) * scale,
+                 (coef_dq * dq_mag + allow) * scale, False)
+        o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + rows[:, None].to(tl.int64) * sot
+                    + hs[None, :] * soh, mask=rvalid[:, None], other=0.0).to(tl.float32)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 4, tl.sum(dof * o, 1) - di,
+                 coef_d * tl.sum(tl.abs(dof * o), 1) + allow, False)
+        # dS's rows sum to 0 (Σ_j p_ij·dp_ij = D_i): judged against ‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|,
+        # a bound on Σ_j p_ij·|dO_i|·|v_j|, with P's own error on top (docs/tolerances.md)
+        dmax = tl.max(tl.abs(dof), 1)
+        soft = tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, ds_sum,
+                 (coef_ds + 2.0 * soft) * dmax * pw + allow, False)
+        # the dK/dV kernel's P and dS, summed over its key blocks by atomics
+        p1 = tl.load(ROWACC + r_off + rows, mask=rvalid, other=0.0)
+        ds1 = tl.load(ROWACC + plane + r_off + rows, mask=rvalid, other=0.0)
+        pw1 = tl.load(ROWACC + 2 * plane + r_off + rows, mask=rvalid, other=0.0)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 6, p1 - target,
+                 tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0) + allow, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 7, ds1,
+                 (coef_ds + 2.0 * soft) * dmax * pw1 + allow, False)
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sqgb + n.to(tl.int64) * sqgn + rows[:, None].to(tl.int64) * sqgt
              + hs[None, :] * sqgh, dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])

@@ -1,0 +1,144 @@
+"""Thresholds of the fused backward's checks (docs/tolerances.md, "The fused backward").
+
+The backward recomputes S and P tile by tile and forms dP = dO·Vᵀ, dS = P∘(dP − D),
+dQ = dS·K·scale, dK = dSᵀ·Q·scale, dV = Pᵀ·dO. Each check compares a sum of one product's
+output with the same sum predicted from a summed operand, on the CUDA cores, and accumulates
+the signed difference over tiles; the threshold is a coefficient times a magnitude the kernel
+accumulates alongside (the same sums with absolute values), plus an underflow allowance. The
+checks and their sums, per row ``i`` (query) or key ``j``:
+
+* ``bwd_qk_row``: Σ_j s_ij against q_i·Σ_j k_j over the visited tiles (dQ kernel);
+  ``bwd_qk_col``: Σ_i s_ij against (Σ_i q_i)·k_j over the query blocks of the group (dK/dV
+  kernel). Magnitude Σ_h |q|·|k| summed alike.
+* ``bwd_dp_row``, ``bwd_dp_col``: the same for dP = dO·Vᵀ.
+* ``bwd_softmax``: Σ_j p_ij against 1 (0 for a row that attends nothing): catches a corrupted
+  log-sum-exp or exponential.
+* ``bwd_dq``: Σ_h dq_ih against Σ_j ds̃_ij·(Σ_h k_jh), with ds̃ the dS fed to the product
+  (in the input dtype, so both sides read the same values); magnitude Σ_j |ds̃_ij|·Σ_h |k_jh|.
+  ``bwd_dk`` (Σ_i ds̃_ij·Σ_h q_ih) and ``bwd_dv`` (Σ_i p̃_ij·Σ_h do_ih) likewise, per key.
+* ``bwd_d``: D_i recomputed in the kernel against the one the backward was given.
+
+Every coefficient is a sum of the float32 accumulation bounds ``tol.gamma`` of the sums on
+both sides, plus one ``u`` per rounding, times ``tol.MAGNITUDE_MARGIN``; which sums enter
+each is written next to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+from . import tolerances as tol
+
+_G = tol.gamma
+_U = tol.U_ACC
+
+
+class BackwardCoefficients(NamedTuple):
+    """The fused backward's threshold coefficients, by check (a kernel takes them by name, in
+    this order). ``*_allow`` are absolute underflow allowances."""
+
+    qk_row: float
+    qk_col: float
+    dp_row: float
+    dp_col: float
+    softmax0: float
+    softmax_mu: float
+    dq: float
+    dk: float
+    dv: float
+    d: float
+    ds: float
+    allow_row: float
+    allow_col: float
+
+
+def _product_check(H: int, tile: int, tiles: int, dtype: str) -> float:
+    """A row (or column) sum of a tile product X·Yᵀ against x·(Σ y): each element a dot product
+    of H exact products (γ(H)); the tile's sum (γ(tile)); the prediction's operand sum
+    (γ(tile)) and dot product (γ(H)); both sides chained over ``tiles`` tiles (γ(tiles + 1)
+    each); five float32 roundings (the tile sums' additions, the difference)."""
+    return tol.MAGNITUDE_MARGIN * (2.0 * _G(H) + 2.0 * _G(tile) + 2.0 * _G(tiles + 1) + 5.0 * _U
+                                   + tol.product_roundoff(dtype))
+
+
+def _gradient_check(n: int, H: int, tile: int, tiles: int, dtype: str) -> float:
+    """Σ_h g_jh of a gradient accumulated over ``n`` rows (``tiles`` tiles of ``tile``) on the
+    tensor cores (γ(n)), summed over H (γ(H)), against Σ_i a_i·(Σ_h b_ih): the operand row sums
+    (γ(H)), each tile's products and sum (γ(tile), one rounding), chained over the tiles
+    (γ(tiles + 1)); four more roundings."""
+    return tol.MAGNITUDE_MARGIN * (_G(n) + 2.0 * _G(H) + _G(tile) + _G(tiles + 1) + 5.0 * _U
+                                   + tol.product_roundoff(dtype))
+
+
+def softmax_coefficients(S: int, block_n: int, fwd_block_n: int) -> tuple[float, float]:
+    """``(a0, a_mu)`` of the ``bwd_softmax`` threshold ``a0 + a_mu·|LSE_i|`` on |Σ_j p_ij − 1|.
+
+    p_ij = exp2(x_ij − LSE_i) with x_ij = z_ij·c_z. Per element: the exponential
+    (``EXP_ERROR_UNITS``·u); the argument's roundings, ``u·(3|x_ij| + |x_ij − LSE_i|)``
+    (the products and, with a bias, the addition forming x, and the subtraction); LSE's own
+    error, ``u·|LSE|`` for its addition, ``u·|m·c_z|`` for the product, and log2 of l: l's
+    relative error ε_l over ln 2, plus the hardware logarithm's absolute error (``2⁻²¹``,
+    counted as ``4u·|LSE|``-independent slack ``2⁻²⁰``). ε_l is the forward's sum: its tile
+    sums (γ(fwd_block_n)), their chain (γ(tiles + 1)), two roundings per rescale (at most one
+    per tile) and the forward's exponentials and arguments, bounded as here. Summed with weights
+    p_ij (Σ p = 1): |x_ij| ≤ |LSE_i| + (LSE_i − x_ij), and Σ_j p_ij·(LSE_i − x_ij) ≤ log2 S
+    (an entropy), so every |x| term becomes |LSE| plus log2 S. The backward's own sum of P
+    adds γ(block_n) + γ(tiles + 1).
+    """
+    S = max(int(S), 1)
+    tiles_b = math.ceil(S / block_n)
+    tiles_f = math.ceil(S / fwd_block_n)
+    ln2 = math.log(2.0)
+    lg = math.log2(S) + 1.0
+    per_element = 2.0 * tol.EXP_ERROR_UNITS * _U + ln2 * _U * 8.0 * lg
+    forward_sum = _G(fwd_block_n) + _G(tiles_f + 1) + 2.0 * _U * tiles_f
+    backward_sum = _G(block_n) + _G(tiles_b + 1)
+    a0 = per_element + forward_sum / ln2 + backward_sum + 2.0 ** -20
+    a_mu = ln2 * _U * 12.0
+    return tol.MAGNITUDE_MARGIN * a0, tol.MAGNITUDE_MARGIN * a_mu
+
+
+def ds_coefficient(S: int, H: int, dtype: str, block_n: int) -> float:
+    """Coefficient ``c`` of the ``bwd_ds`` threshold ``(c + 2·ε_P)·‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|`` on
+    |Σ_j ds_ij|, which is 0 exactly because Σ_j p_ij·dp_ij = dO_i·O_i = D_i.
+
+    The identity holds for the forward's exact O; the stored O differs by the forward's P̂
+    rounding (u_in per p), its accumulation over keys (γ(S)) and its rounding to the input
+    dtype (u_in): each at most ``Σ_j p_ij·|v_jh|`` per element, so at most
+    ``Σ_j p_ij·|dO_i|·|v_j| ≤ ‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|`` (the magnitude) in D. The backward's
+    dP (γ(H) per element), D (γ(H)), and its sum of dS over the tiles (γ(block_n) + γ(tiles + 1),
+    relative to Σ_j |ds_ij| ≤ 2× the magnitude) add to it; ε_P, P's recomputation error
+    (:func:`softmax_coefficients`), enters on Σ_j p_ij·|dp_ij − D_i| ≤ 2× the magnitude.
+    """
+    u_in = tol.UNIT_ROUNDOFF[dtype]
+    tiles = math.ceil(max(int(S), 1) / block_n)
+    return tol.MAGNITUDE_MARGIN * (_G(S) + 2.0 * u_in + 3.0 * _G(H) + 2.0 * (_G(block_n) + _G(tiles + 1))
+                                   + 4.0 * _U)
+
+
+@functools.lru_cache(maxsize=256)
+def backward_coefficients(T: int, S: int, H: int, G: int, dtype: str, block_m: int, block_n: int,
+                          fwd_block_n: int) -> BackwardCoefficients:
+    """The :class:`BackwardCoefficients` of one launch: T queries and S keys per head, G query
+    heads per kv head, tiles of ``block_m`` queries and ``block_n`` keys (the forward's tiles
+    had ``fwd_block_n`` keys)."""
+    key_tiles = math.ceil(max(S, 1) / block_n)
+    query_tiles = G * math.ceil(max(T, 1) / block_m)
+    s0, smu = softmax_coefficients(S, block_n, fwd_block_n)
+    d = tol.MAGNITUDE_MARGIN * (2.0 * _G(H) + 4.0 * _U)  # two dot products of H terms, in any order
+    return BackwardCoefficients(
+        qk_row=_product_check(H, block_n, key_tiles, dtype),
+        qk_col=_product_check(H, block_m, query_tiles, dtype),
+        dp_row=_product_check(H, block_n, key_tiles, dtype),
+        dp_col=_product_check(H, block_m, query_tiles, dtype),
+        softmax0=s0, softmax_mu=smu,
+        dq=_gradient_check(S, H, block_n, key_tiles, dtype),
+        dk=_gradient_check(G * T, H, block_m, query_tiles, dtype),
+        dv=_gradient_check(G * T, H, block_m, query_tiles, dtype),
+        d=d,
+        ds=ds_coefficient(S, H, dtype, block_n),
+        allow_row=tol.underflow_allowance(4 * (S + 1) * (H + 1)),
+        allow_col=tol.underflow_allowance(4 * (G * T + 1) * (H + 1)),
+    )
