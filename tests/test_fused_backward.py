@@ -101,8 +101,13 @@ def _low_precision(leaves, grad_out, kw, dtype):
     return dict(zip(xs, grads))
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("form", list(FORMS))
+_DEFAULT_GRAD = {("none", "float16"), ("mask-bias", "bfloat16"), ("window-lengths", "float16"),
+                 ("causal-T>S", "bfloat16")}
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("form,dtype", [pytest.param(f, d, marks=() if (f, d) in _DEFAULT_GRAD else SLOW)
+                                        for f in FORMS for d in ("float16", "bfloat16")])
 def test_gradients_within_a_multiple_of_a_low_precision_reference(form, dtype):
     dt = getattr(torch, dtype)
     leaves, grad_out, kw = _call(form, dt, seed=len(form))
@@ -134,3 +139,86 @@ def test_backward_keeps_nothing_of_size_T_times_S():
     assert any(t.shape == (B, N, T) and t.dtype == torch.float32 for t in saved)  # the log-sum-exp
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+# ---- the backward's checks ---------------------------------------------------------------------
+
+BACKWARD_FAULTS = [  # (site, index, replica): every site, both kernels where a site is computed twice
+    ("bwd_scores", (1, 3, 30, 4), 0), ("bwd_scores", (2, 1, 20, 11), 1),
+    ("bwd_probs", (0, 1, 20, 11), 0), ("bwd_probs", (1, 2, 33, 17), 1),
+    ("bwd_dp", (2, 2, 17, 9), 0), ("bwd_dp", (0, 0, 36, 30), 1),
+    ("bwd_ds", (1, 0, 36, 2), 0),
+    # the dK/dV kernel's dS is judged per head group (a sum over all its rows): its floor is
+    # coarser, so its fault is a harmful one (a flip of bit 27 that shrinks a value is not seen)
+    ("bwd_ds", (2, 3, 25, 21), 1, 30),
+    ("bwd_dq", (1, 1, 33, 5), 0), ("bwd_dk", (0, 1, 7, 5), 0), ("bwd_dv", (2, 0, 30, 3), 0),
+]
+
+
+def _qkv(seed, dist="normal", dtype="float16"):
+    from .inputs import make_qkv
+
+    shape = dict(SHAPE)
+    return [x.requires_grad_(True) for x in make_qkv(seed, dist, framework="torch", dtype=dtype, device=DEVICE,
+                                                         shape=shape)]
+
+
+def _backward_counts(site, **kw):
+    ft.counters.reset()
+    q, k, v = _qkv(kw.pop("seed", 0), kw.pop("dist", "normal"), kw.pop("dtype", "float16"))
+    out, _ = ft.attention(q, k, v, implementation="triton", site=site, **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+    out.backward(g)
+    return ft.counters.read()[f"{site} (backward)"], (q.grad, k.grad, v.grad)
+
+
+def _dists():
+    from ftattn_spec.inputs import ALL_DISTRIBUTIONS
+
+    for dist in ALL_DISTRIBUTIONS:
+        for causal in (False, True):
+            quick = (dist, causal) in {("normal", True), ("large", False), ("huge", True)}
+            yield pytest.param(dist, causal, marks=() if quick else SLOW)
+
+
+@pytest.mark.parametrize("dist,is_causal", list(_dists()))
+def test_clean_backward_never_flagged(dist, is_causal):
+    counts, grads = _backward_counts("clean", dist=dist, is_causal=is_causal, seed=11)
+    assert counts == {"detected": 0, "calls": 1}
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("site,index,replica,bit", [pytest.param(*f, *((27,) if len(f) == 3 else ()),
+                                                              marks=() if i % 3 == 1 else SLOW)
+                                                 for i, f in enumerate(BACKWARD_FAULTS)], ids=lambda x: str(x))
+def test_a_fault_at_each_backward_site_is_detected(site, index, replica, bit):
+    from ftattn_spec import Fault
+
+    fault = Fault(site, index, bit=bit, replica=replica)
+    counts, _ = _backward_counts("faulty", fault=fault, is_causal=True)
+    assert counts == {"detected": 1, "calls": 1}
+
+
+def test_backward_policies_raise_nan_correct():
+    from ftattn_spec import Fault
+    from ftattn_spec.faults import FaultDetected
+
+    fault = Fault("bwd_dq", (1, 1, 33, 5), bit=27)
+    _, clean = _backward_counts("p", is_causal=True)
+    with pytest.raises(FaultDetected):
+        _backward_counts("p", is_causal=True, fault=fault, on_fault="raise")
+    _, poisoned = _backward_counts("p", is_causal=True, fault=fault, on_fault="nan")
+    assert torch.isnan(poisoned[0][1, 1, 33]).all() and int(torch.isnan(poisoned[0]).any(-1).sum()) == 1
+    assert torch.isfinite(poisoned[1]).all() and torch.isfinite(poisoned[2]).all()
+    counts, fixed = _backward_counts("p", is_causal=True, fault=fault, on_fault="correct")
+    assert counts["detected"] == 1
+    for a, b in zip(fixed, clean):
+        assert torch.equal(a, b)
+
+
+def test_backward_sites_need_the_fused_backward():
+    from ftattn_spec import Fault
+
+    q, k, v = _qkv(0)
+    with pytest.raises(ValueError, match="fault.site"):
+        ft.attention(q, k, v, implementation="unfused", fault=Fault("bwd_dv", (0, 0, 1, 1), bit=3))

@@ -308,16 +308,17 @@ class BackwardBlocks:
 
 
 #: the backward's checks, in the planes of its two stats arrays
-#: (B, N, T), judged by the dQ kernel; the last two judge the dK/dV kernel's P and dS
-BACKWARD_ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds", "bwd_softmax_kv",
-                       "bwd_ds_kv")
+#: (B, N, T), judged by the dQ kernel
+BACKWARD_ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds")
+#: (B, K): the dK/dV kernel's P and dS, per head group (``_group_checks``)
+BACKWARD_GROUP_CHECKS = ("bwd_softmax_kv", "bwd_ds_kv")
 BACKWARD_KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv")  # (B, K, S), the dK/dV kernel
 
 
 class BackwardLaunch(NamedTuple):
     """What :func:`backward` returns: the gradients, ``ds`` (the logits' gradient, float32
     ``(B, N, T, S)``, only for a bias), and with checks the (residual, threshold) planes and
-    flags of ``BACKWARD_ROW_CHECKS`` (``(8·2, B, N, T)``, ``(8, B, N, T)``) and
+    flags of ``BACKWARD_ROW_CHECKS`` (``(6·2, B, N, T)``, ``(6, B, N, T)``) and
     ``BACKWARD_KEY_CHECKS`` (``(4·2, B, K, S)``, ``(4, B, K, S)``), and ``count`` int32 ``(2,)``:
     flagged query rows and flagged keys."""
 
@@ -330,6 +331,8 @@ class BackwardLaunch(NamedTuple):
     key_stats: Tensor | None
     key_flags: Tensor | None
     count: Tensor | None
+    #: ``BACKWARD_GROUP_CHECKS``' (residual, threshold) pairs, ``(B, K)`` each
+    group: tuple | None = None
 
 
 def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *,
@@ -363,7 +366,8 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
         key_stats = torch.empty((2 * len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.float32, device=dev)
         key_flags = torch.empty((len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.bool, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
-    rowacc = torch.zeros((3, B, N, T), dtype=torch.float32, device=dev) if checks else None
+    n_blocks = -(-S // bs.block_n)
+    blocks_out = torch.empty((2, B * K, n_blocks), dtype=torch.float32, device=dev) if checks else None
     coef = btol.backward_coefficients(T, S, H, N // K, dtype_name(query), bs.block_m, bs.block_n,
                                       forward_block_n or bs.block_n)
     pick = lambda x: dummy if x is None else x  # noqa: E731
@@ -375,16 +379,32 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     for offset in range(0, B * K, _MAX_GRID_Y):
         kern._bwd_dkdv[(-(-S // bs.block_n), min(B * K - offset, _MAX_GRID_Y))](
             query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, pick(key_stats),
-            pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(rowacc), *common,
+            pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,
             *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
-            n_faults, B * K * S, B * N * T, coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, **flags)
+            n_faults, B * K * S, B * K * n_blocks, coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_dq[(-(-T // bs.block_m), min(B * N - offset, _MAX_GRID_Y))](
             query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, pick(row_stats),
-            pick(row_flags), pick(count), ft, fv, pick(rowacc), *common, *out.stride(), *dq.stride(), *mask_st, *bias_st,
+            pick(row_flags), pick(count), ft, fv, *common, *out.stride(), *dq.stride(), *mask_st, *bias_st,
             N, N // K, T, S, scale, left, right, offset, n_faults, B * N * T, coef.qk_row, coef.dp_row, coef.dq,
             coef.d, coef.softmax0, coef.softmax_mu, coef.ds, coef.allow_row, STORE_DS=bias_grad, **flags)
-    return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count)
+    group = _group_checks(blocks_out, row_stats, lse, K, bs, S) if checks else None
+    return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count, group)
+
+
+def _group_checks(blocks_out: Tensor, row_stats: Tensor, lse: Tensor, K: int, bs: "BackwardBlocks", S: int):
+    """``BACKWARD_GROUP_CHECKS``: the dK/dV kernel's totals of P and dS per head group against
+    the attended rows (P) and 0 (dS), with thresholds twice the sum of the rows' own (the same
+    terms summed in another order), plus the reordering of the sum of P (γ of the tile and of
+    the block chain, on a total that is the number of rows). Returns (residual, threshold)
+    pairs, each ``(B, K)``."""
+    B, N, T = lse.shape
+    totals = blocks_out.sum(-1).view(2, B, K)
+    attended = torch.isfinite(lse).view(B, K, -1).sum(-1).to(torch.float32)
+    soft = row_stats[2 * BACKWARD_ROW_CHECKS.index("bwd_softmax") + 1].view(B, K, -1).sum(-1)
+    ds = row_stats[2 * BACKWARD_ROW_CHECKS.index("bwd_ds") + 1].view(B, K, -1).sum(-1)
+    order = tol.gamma(bs.block_m * bs.block_n) + tol.gamma(-(-S // bs.block_n) + 1) + tol.gamma(N // K * T + 1)
+    return ((totals[0] - attended).abs(), 2.0 * soft + order * attended), (totals[1].abs(), 2.0 * ds)
 
 
 def dtype_name(x: Tensor) -> str:

@@ -23,7 +23,7 @@ from ftattn_spec.report import CheckResult, Report, make_report
 
 from .. import faults
 from ..common import verdict
-from .launch import BACKWARD_KEY_CHECKS, BACKWARD_ROW_CHECKS, STAT_PLANES, BackwardLaunch, Masks, backward, forward
+from .launch import BACKWARD_GROUP_CHECKS, BACKWARD_KEY_CHECKS, BACKWARD_ROW_CHECKS, STAT_PLANES, BackwardLaunch, Masks, backward, forward
 
 
 class Backward(NamedTuple):
@@ -66,7 +66,8 @@ class _Attention(torch.autograd.Function):
         got = run(st.plan)
         dq, dk, dv, ds = got.dq, got.dk, got.dv, got.ds
         if st.checks:
-            detected = got.count.any()
+            group = [verdict(r, t, "vector") for r, t in got.group]
+            detected = got.count.any() | group[0].flagged.any() | group[1].flagged.any()
             corrected = torch.zeros((), dtype=torch.int32, device=q.device)
             if st.on_fault == "correct" and bool(detected):  # recompute, without the (transient) faults
                 again = run(None)
@@ -76,15 +77,18 @@ class _Attention(torch.autograd.Function):
                 dq = dq.masked_fill(got.row_flags.any(0)[..., None], float("nan"))
                 keys = got.key_flags.any(0)[..., None]
                 dk, dv = dk.masked_fill(keys, float("nan")), dv.masked_fill(keys, float("nan"))
+                heads = (group[0].flagged | group[1].flagged)[:, :, None, None]  # a whole head group's dK, dV
+                dk, dv = dk.masked_fill(heads, float("nan")), dv.masked_fill(heads, float("nan"))
             if st.hook is not None:
-                st.hook(backward_report(got, detected, corrected))
+                st.hook(backward_report(got, group, detected, corrected))
         return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, None, None, None
 
 
-def backward_report(got: BackwardLaunch, detected: Tensor, corrected: Tensor) -> Report:
+def backward_report(got: BackwardLaunch, group, detected: Tensor, corrected: Tensor) -> Report:
     """The backward's ``Report``: one ``CheckResult`` per check of ``BACKWARD_ROW_CHECKS``
-    (per query row, ``(B, N, T)``) and ``BACKWARD_KEY_CHECKS`` (per key, ``(B, K, S)``)."""
-    results = {}
+    (per query row, ``(B, N, T)``), ``BACKWARD_KEY_CHECKS`` (per key, ``(B, K, S)``) and
+    ``BACKWARD_GROUP_CHECKS`` (per head group, ``(B, K)``)."""
+    results = dict(zip(BACKWARD_GROUP_CHECKS, group))
     for names, stats, flags in ((BACKWARD_ROW_CHECKS, got.row_stats, got.row_flags),
                                 (BACKWARD_KEY_CHECKS, got.key_stats, got.key_flags)):
         for i, name in enumerate(names):

@@ -18,8 +18,10 @@ LSE_i)`` is recomputed tile by tile from Q and K, never stored. ``DD`` is
 
 With ``CHECKS`` both kernels verify each product by a row (or key) sum predicted from a summed
 operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's to 0. The dK/dV
-kernel sees a key block only, so it adds its rows' partial sums of P and dS into ``ROWACC``
-(float32 ``(3, B, N, T)``, atomics) and the dQ kernel judges them with its own.
+kernel sees a key block only: it writes its block's totals of P and dS into ``BLOCKS``
+(float32 ``(2, B·K, key blocks)``), which the runner adds up per head group and judges
+against the rows' own totals and thresholds (per-row atomics from every key block were
+tried first: 20× slower on the H200, docs/kernels.md).
 
 Every mask form of the forward (``_keep``) applies per element; the loops visit only the
 band of tiles that the window, ``is_causal`` and the lengths leave, and contain no
@@ -64,7 +66,10 @@ def _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off,
                      mask=(rows < T)[:, None] & (cols < S)[None, :], other=0.0).to(tl.float32)
         zc = zc + bt * LOG2E_B
     keep = _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
-    return tl.where(keep, tl.math.exp2(zc - lse[:, None]), 0.0)
+    # clamped at 0 (p <= 1): with logits near 2^24 and beyond, the GPU contracts z·c − LSE into one
+    # fused multiply-add whose result at the row maximum can be positive by half an ulp of |z·c|
+    # (2^1024 at |z·c| = 2^34: inf; measured on the H200 with the "huge" inputs)
+    return tl.where(keep, tl.math.exp2(tl.minimum(zc - lse[:, None], 0.0)), 0.0)
 
 
 @triton.jit
@@ -77,10 +82,10 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV, ROWACC,
+def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_q,
+              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk,
               coef_qk, coef_dp, coef_dk, coef_dv, allow,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
@@ -128,6 +133,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
     dk_mag = tl.zeros([BLOCK_N], tl.float32)
     dv_pred = tl.zeros([BLOCK_N], tl.float32)
     dv_mag = tl.zeros([BLOCK_N], tl.float32)
+    blk_p = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    blk_ds = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     for g in range(G):
         n = kh * G + g
         q_off = b.to(tl.int64) * sqb + n.to(tl.int64) * sqn
@@ -177,16 +184,17 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
                 pf = pm.to(tl.float32)
                 dv_pred += tl.sum(pf * tl.sum(dof, 1)[:, None], 0)
                 dv_mag += tl.sum(pf * tl.sum(tl.abs(dof), 1)[:, None], 0)
-                # this kernel's P and dS, per query row, for the dQ kernel to judge: Σ_j p_ij (1 over
-                # all keys), Σ_j ds_ij (0 over all keys) and Σ_j p_ij·Σ_h |v_jh| (its magnitude)
-                tl.atomic_add(ROWACC + r_off + rows, tl.sum(p, 1), mask=rvalid)
-                tl.atomic_add(ROWACC + plane_q + r_off + rows, tl.sum(ds, 1), mask=rvalid)
-                tl.atomic_add(ROWACC + 2 * plane_q + r_off + rows, tl.sum(p * tl.sum(tl.abs(vf), 0)[None, :], 1),
-                              mask=rvalid)
+                # this kernel's P and dS summed over its tiles: the runner adds the blocks of a
+                # head group and compares them with the rows' totals (1 and 0 per attended row)
+                blk_p += tl.sum(tl.sum(p, 1), 0)
+                blk_ds += tl.sum(tl.sum(ds, 1), 0)
     if INJECT:
         dk = _inject(dk, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DK, 0, scale)
         dv = _inject(dv, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DV, 0, 1.0)
     if CHECKS:
+        n_blocks = tl.num_programs(0)
+        tl.store(BLOCKS + bk.to(tl.int64) * n_blocks + nb, blk_p)
+        tl.store(BLOCKS + plane_blk + bk.to(tl.int64) * n_blocks + nb, blk_ds)
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 0, (s_act - s_pred) * scale,
                  (coef_qk * s_mag + allow) * scale, False)
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 1, p_act - p_pred,
@@ -203,7 +211,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV, ROWACC,
+def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV,
             sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
             sqgb, sqgn, sqgt, sqgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
             N, G, T, S, scale, win_left, win_right, bn_offset, n_faults, plane,
@@ -324,14 +332,7 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAG
         soft = tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, ds_sum,
                  (coef_ds + 2.0 * soft) * dmax * pw + allow, False)
-        # the dK/dV kernel's P and dS, summed over its key blocks by atomics
-        p1 = tl.load(ROWACC + r_off + rows, mask=rvalid, other=0.0)
-        ds1 = tl.load(ROWACC + plane + r_off + rows, mask=rvalid, other=0.0)
-        pw1 = tl.load(ROWACC + 2 * plane + r_off + rows, mask=rvalid, other=0.0)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 6, p1 - target,
-                 tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0) + allow, False)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 7, ds1,
-                 (coef_ds + 2.0 * soft) * dmax * pw1 + allow, False)
+
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sqgb + n.to(tl.int64) * sqgn + rows[:, None].to(tl.int64) * sqgt
              + hs[None, :] * sqgh, dq.to(DQ.dtype.element_ty), mask=rvalid[:, None])
