@@ -252,3 +252,14 @@ def test_pallas_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     assert rows[("jax", "baseline", "pallas")]["flags"] == {} and full["overhead"] == full["overhead"]
     assert rows[("torch", "full", "unfused")]["verdicts_agree"] is True  # still against JAX unfused
     assert "verdicts_compared" not in rows[("torch", "full", "unfused")]
+
+
+def test_compare_train_runs_on_a_cpu(capsys):
+    """``python -m compare.train`` times forward plus backward for both frameworks; on a CPU it
+    takes the unfused path and says so."""
+    from compare import train
+
+    assert train.main(["--T", "24", "--N", "3", "--H", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU" in out and "F.sdpa" in out and "jax.nn" in out
+    assert out.count("ftattn full") == 2 and out.count("ftattn baseline") == 2
