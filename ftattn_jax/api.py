@@ -101,7 +101,7 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                on_fault=on_fault, fault=fault,
                                implementation="unfused" if impl == implementations.AUTO else impl,
                                traced_faults=_TRACED_FAULTS)
-    if sites := spec_faults.sites_in(cfg.plan, spec_faults.BACKWARD_SITES):
+    if sites := spec_faults.sites_of(fault, spec_faults.BACKWARD_SITES):
         raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only the PyTorch "
                          f"backend's implementation='triton' has")
     mask, bias, query_seq_lengths, key_value_seq_lengths = extra

@@ -174,12 +174,12 @@ class FaultPlan(NamedTuple):
 FAULT_ROW: tuple[str, ...] = ("site", "replica", "b", "n", "i", "j", "kind", "bit")
 
 
-def sites_in(plan: "FaultPlan | None", sites) -> list[str]:
-    """The names among ``sites`` that ``plan`` corrupts, in ``SITES`` order."""
-    if plan is None:
-        return []
-    codes = {int(c) for c in np.asarray(plan.site).reshape(-1)}
-    return [s for s in SITES if s in sites and SITES.index(s) in codes]
+def sites_of(fault, sites) -> list[str]:
+    """The names among ``sites`` that ``fault`` (None, a ``Fault`` or a sequence of them, as a
+    user passes it) corrupts. Reads only the sites, which are never traced."""
+    faults = [fault] if isinstance(fault, Fault) else list(fault) if isinstance(fault, (list, tuple)) else []
+    named = {f.site for f in faults if isinstance(f, Fault)}
+    return [s for s in SITES if s in sites and s in named]
 
 
 def pack_rows(plan, concatenate=np.concatenate):

@@ -91,7 +91,7 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
         if fallback is not None and query.device.type == "cuda" and not torch.compiler.is_compiling():
             implementations.warn_fallback("torch", fallback)
         cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("torch", impl, cfg.scheme))
-        _backward_sites_need_triton(cfg.plan, impl)
+        _backward_sites_need_triton(fault, impl)
         return Call(cfg, m, fallback)
     refusal = implementations.unsupported("torch", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
                                           masking=given)
@@ -99,12 +99,12 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
         raise refusal.exception()
     if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:
         raise ValueError(why)
-    _backward_sites_need_triton(cfg.plan, impl)
+    _backward_sites_need_triton(fault, impl)
     return Call(cfg, m)
 
 
-def _backward_sites_need_triton(plan, impl: str) -> None:
-    sites = spec_faults.sites_in(plan, spec_faults.BACKWARD_SITES)
+def _backward_sites_need_triton(fault, impl: str) -> None:
+    sites = spec_faults.sites_of(fault, spec_faults.BACKWARD_SITES)
     if sites and impl != "triton":
         raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only "
                          f"implementation='triton' has; this call runs {impl!r}")

@@ -186,3 +186,15 @@ def test_correct_and_faults_under_vmap():
     for i in range(2):
         clean, _ = ftattn_jax.attention(qs[i], ks[i], vs[i])
         np.testing.assert_allclose(np.asarray(out[i], np.float32), np.asarray(clean, np.float32), atol=2e-3)
+
+
+def test_backward_fault_sites_are_refused_in_jax():
+    """The fused backward's sites exist in the PyTorch Triton kernel only: JAX says so by name."""
+    import jax.numpy as jnp
+
+    import ftattn_jax
+    from ftattn_spec import Fault
+
+    q = jnp.ones((1, 5, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="fault.site: 'bwd_dq'"):
+        ftattn_jax.attention(q, q, q, fault=Fault("bwd_dq", (0, 0, 1, 1), bit=3))
