@@ -140,7 +140,7 @@ def _device_reason(device_type: str) -> str | None:
 def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], granularity: str, scale: float,
             is_causal: bool, on_fault: str, plan=None, mask=None, bias=None, query_lengths=None, key_lengths=None,
             window=None, empty: str = "zero", fallback: str | None = None, site: str | None = None,
-            warn: bool = False):
+            warn: bool = False, lse_out=None):
     """Run validated arguments: the only place that knows which implementation runs, and the only
     place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``).
 
@@ -152,7 +152,7 @@ def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], 
         case "triton":
             out, report = fused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
                                     key_lengths=key_lengths, window=window,
-                                    backward_hook=_backward_hook(site, on_fault, warn), **common)
+                                    backward_hook=_backward_hook(site, on_fault, warn), lse_out=lse_out, **common)
         case "unfused":
             out, report = unfused.run(query, key, value, bias=bias, mask=mask, query_lengths=query_lengths,
                                       key_lengths=key_lengths, window=window, empty=empty, **common)
@@ -162,6 +162,26 @@ def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], 
     if on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
     return out, report
+
+
+def execute_backward(implementation: str, query, key, value, out, lse, grad_out, *, mask, bias, is_causal: bool,
+                     scale: float, checks: bool, on_fault: str, plan=None, bias_grad: bool = False):
+    """The backward of a call that ``execute`` ran without autograd (the SDPA custom operator's):
+    ``(dq, dk, dv, dbias)``. Only ``"triton"`` has a backward of its own (fused and checked, from
+    the forward's log-sum-exp ``lse``); it applies ``on_fault`` here, ``"raise"`` included."""
+    match implementation:
+        case "triton":
+            blocks = fused.BlockSizes.get_default(fused.interpreting(), checks, query.shape[2],
+                                                  dense=mask is not None or bias is not None)
+            st = fused.Backward(scale, fused.Masks(mask, bias, is_causal=is_causal), checks, plan,
+                                "report" if on_fault == "raise" else on_fault, blocks.block_n)
+            dq, dk, dv, dbias, report = fused.checked_backward(query, key, value, bias, out, lse, grad_out, st,
+                                                               bias_grad)
+        case other:  # pragma: no cover - only the kernel keeps a log-sum-exp
+            raise NotImplementedError(f"implementation: {other!r} has no backward of its own")
+    if report is not None and on_fault == "raise" and bool(report.detected):
+        raise FaultDetected(report)
+    return dq, dk, dv, dbias
 
 
 def _backward_hook(site: str | None, on_fault: str, warn: bool):

@@ -3,8 +3,10 @@
 The computation is one custom operator, ``ftattn::sdpa``
 (``torch.library.custom_op``), with a fake implementation (shapes only), so
 ``torch.compile(fullgraph=True)`` traces through it as one opaque node, and an
-autograd formula (the backward of plain attention, in float32), so
-``torch.library.opcheck`` passes. The operator returns the output and the
+autograd formula (the backward of plain attention, in float32; with the Triton
+kernel its fused, checked backward, the operator ``ftattn::sdpa_backward``, from
+the log-sum-exp the forward operator also returns), so ``torch.library.opcheck``
+passes. The operator returns the output and the
 report as a flat list of tensors; :func:`scaled_dot_product_attention` turns
 the list back into a ``Report``.
 """
@@ -26,7 +28,7 @@ from ftattn_spec.report import CheckResult, Ran, Report, with_ran
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
 from . import reference, sdpa_shapes
-from .api import call_site, count, execute, resolve
+from .api import call_site, count, execute, execute_backward, resolve
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
 _BOOL, _I32, _F32 = torch.bool, torch.int32, torch.float32
@@ -75,14 +77,16 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
           scheme: str, granularity: str, on_fault: str, fault_ints: Optional[Tensor],
           fault_values: Optional[Tensor], implementation: str = "unfused") -> list[Tensor]:
     mask, bias = reference.split_mask(attn_mask)
+    fused = implementation == "triton"  # the kernel keeps the rows' log-sum-exp for its own backward
+    lse = query.new_empty(query.shape[:3], dtype=_F32) if fused else None
     out, report = execute(query, key, value, implementation=implementation,
                           checks=implementations.checks_for("torch", implementation, scheme), granularity=granularity,
                           scale=scale, is_causal=is_causal, on_fault=on_fault, plan=_plan(fault_ints, fault_values),
-                          mask=mask, bias=bias)
+                          mask=mask, bias=bias, lse_out=lse)
     flat = _flatten(out.contiguous(), report)
     if implementation != "unfused":  # a kernel's report tensors are views of a few buffers: copy them
         flat = flat[:1] + [t.clone() for t in flat[1:]]
-    return flat  # fresh tensors: nothing aliases an input
+    return flat + ([lse] if fused else [])  # fresh tensors: nothing aliases an input
 
 
 @_sdpa.register_fake
@@ -99,22 +103,56 @@ def _sdpa_fake(query, key, value, attn_mask, is_causal, scale, scheme, granulari
         flat += [new(size, dtype=_F32), new(size, dtype=_F32), new(size, dtype=_BOOL)]
     if implementations.localizes(implementation, scheme, granularity):
         flat += [new((B, N, 2), dtype=_I32), new((B, N, 2), dtype=_I32)]
+    if implementation == "triton":
+        flat.append(new((B, N, T), dtype=_F32))  # the log-sum-exp
     return flat
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, is_causal, scale = inputs[:6]
-    ctx.save_for_backward(query, key, value, attn_mask)
-    ctx.mark_non_differentiable(*output[1:])  # the report
-    ctx.is_causal, ctx.scale = is_causal, scale
+    query, key, value, attn_mask, is_causal, scale, scheme, _, on_fault, fault_ints, fault_values = inputs[:11]
+    implementation = inputs[11] if len(inputs) > 11 else "unfused"
+    fused = implementation == "triton"
+    ctx.save_for_backward(query, key, value, attn_mask, output[0] if fused else None, output[-1] if fused else None,
+                          fault_ints, fault_values)
+    ctx.mark_non_differentiable(*output[1:])  # the report (and the log-sum-exp)
+    ctx.is_causal, ctx.scale, ctx.fused, ctx.on_fault = is_causal, scale, fused, on_fault
+    ctx.checks = bool(implementations.checks_for("torch", implementation, scheme))
 
 
 def _backward(ctx, grads):
-    query, key, value, attn_mask = ctx.saved_tensors
-    dq, dk, dv, dmask = reference.attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale, grads[0])
+    query, key, value, attn_mask, out, lse, fault_ints, fault_values = ctx.saved_tensors
+    if ctx.fused:  # the kernel's own backward, checked: one opaque operator for torch.compile too
+        bias_grad = attn_mask is not None and attn_mask.dtype != torch.bool and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = torch.ops.ftattn.sdpa_backward(
+            query, key, value, attn_mask, out, lse, grads[0], ctx.is_causal, ctx.scale, ctx.checks, ctx.on_fault,
+            fault_ints, fault_values, bias_grad)
+        dmask = dmask if bias_grad else None
+    else:
+        dq, dk, dv, dmask = reference.attention_backward(query, key, value, attn_mask, ctx.is_causal, ctx.scale,
+                                                         grads[0])
     # one gradient per argument as dispatched: the dispatcher drops a trailing
     # argument equal to its default (implementation="unfused")
     return (dq, dk, dv, dmask) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+@torch.library.custom_op("ftattn::sdpa_backward", mutates_args=())
+def _sdpa_backward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], out: Tensor,
+                   lse: Tensor, grad_out: Tensor, is_causal: bool, scale: float, checks: bool, on_fault: str,
+                   fault_ints: Optional[Tensor], fault_values: Optional[Tensor], bias_grad: bool) -> list[Tensor]:
+    """The fused kernel's backward as one operator: ``[dq, dk, dv, dbias]`` (``dbias`` empty unless
+    ``bias_grad``). ``on_fault`` applies inside it (``"raise"`` raises from the backward)."""
+    mask, bias = reference.split_mask(attn_mask)
+    dq, dk, dv, dbias = execute_backward("triton", query, key, value, out, lse, grad_out, mask=mask, bias=bias,
+                                         is_causal=is_causal, scale=scale, checks=checks, on_fault=on_fault,
+                                         plan=_plan(fault_ints, fault_values), bias_grad=bias_grad)
+    return [dq, dk, dv, dbias if bias_grad else query.new_empty(0)]
+
+
+@_sdpa_backward.register_fake
+def _sdpa_backward_fake(query, key, value, attn_mask, out, lse, grad_out, is_causal, scale, checks, on_fault,
+                        fault_ints, fault_values, bias_grad):
+    return [query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            attn_mask.new_empty(attn_mask.shape) if bias_grad else query.new_empty(0)]
 
 
 _sdpa.register_autograd(_backward, setup_context=_setup_context)
@@ -245,6 +283,8 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
         ints, values = _plan_tensors(cfg.plan)
         flat = torch.ops.ftattn.sdpa(query, key, value, attn_mask, cfg.is_causal, cfg.scale, cfg.scheme,
                                      cfg.granularity, run_on_fault, ints, values, impl)
+        if impl == "triton":  # the last output is the log-sum-exp, for the backward only
+            flat = flat[:-1]
         out, report = _unflatten(flat, cfg.scheme, cfg.granularity, impl)
     report = with_ran(report, Ran(impl, call.fallback))
     count(site, report, warn)

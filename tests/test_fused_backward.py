@@ -222,3 +222,34 @@ def test_backward_sites_need_the_fused_backward():
     q, k, v = _qkv(0)
     with pytest.raises(ValueError, match="fault.site"):
         ft.attention(q, k, v, implementation="unfused", fault=Fault("bwd_dv", (0, 0, 1, 1), bit=3))
+
+
+def test_compiled_dropin_takes_the_fused_checked_backward():
+    """Under ``torch.compile(fullgraph=True)`` the SDPA drop-in's operator keeps the kernel's
+    log-sum-exp and its backward is the fused one (``ftattn::sdpa_backward``): the gradients are
+    those of the eager call, and a backward fault raises from ``backward()`` under ``"raise"``."""
+    from ftattn_spec import Fault
+    from ftattn_spec.faults import FaultDetected
+
+    q, k, v = _qkv(3)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
+
+    def f(q, k, v, **kw):
+        return ft.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, implementation="triton",
+                                               **kw)
+
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v), g)
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(q, k, v), (q, k, v), g)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+    fault = Fault("bwd_dv", (2, 0, 30, 3), bit=27)
+    torch._dynamo.reset()
+    out = torch.compile(lambda q, k, v: f(q, k, v, fault=fault, on_fault="raise"), fullgraph=True)(q, k, v)
+    with pytest.raises(FaultDetected):
+        out.backward(g)
+    torch.library.opcheck(torch.ops.ftattn.sdpa_backward.default,
+                          (q.detach(), k.detach(), v.detach(), None, compiled[0].detach(),
+                           torch.zeros(q.shape[:3], device=DEVICE), g, True, 0.25, True, "report", None, None,
+                           False),
+                          test_utils=("test_schema", "test_faketensor"))

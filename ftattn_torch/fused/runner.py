@@ -56,32 +56,42 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, bias, out, lse, mask, qlen, klen = ctx.saved_tensors
         st: Backward = ctx.settings
-        masks = st.masks._replace(mask=mask, bias=None if bias is None else bias.detach(), query_lengths=qlen,
-                                  key_lengths=klen)
+        st = st._replace(masks=st.masks._replace(mask=mask, bias=None if bias is None else bias.detach(),
+                                                 query_lengths=qlen, key_lengths=klen))
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        q, k, v = query.detach(), key.detach(), value.detach()
-        run = lambda plan: backward(q, k, v, out, lse, grad_out, scale=st.scale, masks=masks,  # noqa: E731
-                                    bias_grad=bias_grad, checks=st.checks, plan=plan,
-                                    forward_block_n=st.forward_block_n)
-        got = run(st.plan)
-        dq, dk, dv, ds = got.dq, got.dk, got.dv, got.ds
-        if st.checks:
-            group = [verdict(r, t, "vector") for r, t in got.group]
-            detected = got.count.any() | group[0].flagged.any() | group[1].flagged.any()
-            corrected = torch.zeros((), dtype=torch.int32, device=q.device)
-            if st.on_fault == "correct" and bool(detected):  # recompute, without the (transient) faults
-                again = run(None)
-                dq, dk, dv, ds = again.dq, again.dk, again.dv, again.ds
-                corrected += got.count.sum(dtype=torch.int32)
-            if st.on_fault == "nan":  # poison the gradient rows the flagged checks implicate
-                dq = dq.masked_fill(got.row_flags.any(0)[..., None], float("nan"))
-                keys = got.key_flags.any(0)[..., None]
-                dk, dv = dk.masked_fill(keys, float("nan")), dv.masked_fill(keys, float("nan"))
-                heads = (group[0].flagged | group[1].flagged)[:, :, None, None]  # a whole head group's dK, dV
-                dk, dv = dk.masked_fill(heads, float("nan")), dv.masked_fill(heads, float("nan"))
-            if st.hook is not None:
-                st.hook(backward_report(got, group, detected, corrected))
-        return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, None, None, None
+        dq, dk, dv, dbias, report = checked_backward(query, key, value, bias, out, lse, grad_out, st, bias_grad)
+        if report is not None and st.hook is not None:
+            st.hook(report)
+        return dq, dk, dv, dbias, None, None, None
+
+
+def checked_backward(query, key, value, bias, out, lse, grad_out, st: Backward, bias_grad: bool):
+    """The fused backward of one call with its checks and ``st.on_fault`` (``"nan"``: poison the
+    implicated gradient rows; ``"correct"``: run it again without the plan's transient faults):
+    ``(dq, dk, dv, dbias, report)``, the report None without checks."""
+    q, k, v = query.detach(), key.detach(), value.detach()
+    run = lambda plan: backward(q, k, v, out, lse, grad_out, scale=st.scale, masks=st.masks,  # noqa: E731
+                                bias_grad=bias_grad, checks=st.checks, plan=plan,
+                                forward_block_n=st.forward_block_n)
+    got = run(st.plan)
+    dq, dk, dv, ds = got.dq, got.dk, got.dv, got.ds
+    report = None
+    if st.checks:
+        group = [verdict(r, t, "vector") for r, t in got.group]
+        detected = got.count.any() | group[0].flagged.any() | group[1].flagged.any()
+        corrected = torch.zeros((), dtype=torch.int32, device=q.device)
+        if st.on_fault == "correct" and bool(detected):  # recompute, without the (transient) faults
+            again = run(None)
+            dq, dk, dv, ds = again.dq, again.dk, again.dv, again.ds
+            corrected += got.count.sum(dtype=torch.int32)
+        if st.on_fault == "nan":  # poison the gradient rows the flagged checks implicate
+            dq = dq.masked_fill(got.row_flags.any(0)[..., None], float("nan"))
+            keys = got.key_flags.any(0)[..., None]
+            dk, dv = dk.masked_fill(keys, float("nan")), dv.masked_fill(keys, float("nan"))
+            heads = (group[0].flagged | group[1].flagged)[:, :, None, None]  # a whole head group's dK, dV
+            dk, dv = dk.masked_fill(heads, float("nan")), dv.masked_fill(heads, float("nan"))
+        report = backward_report(got, group, detected, corrected)
+    return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, report
 
 
 def backward_report(got: BackwardLaunch, group, detected: Tensor, corrected: Tensor) -> Report:
@@ -109,9 +119,14 @@ def _reduce_to(ds: Tensor, bias: Tensor) -> Tensor:
 
 def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], granularity: str, scale: float,
         is_causal: bool, on_fault: str = "report", plan: FaultPlan | None = None, bias=None, mask=None,
-        query_lengths=None, key_lengths=None, window=None, backward_hook: Callable[[Report], None] | None = None):
+        query_lengths=None, key_lengths=None, window=None, backward_hook: Callable[[Report], None] | None = None,
+        lse_out: Tensor | None = None):
     """The fused path: inputs validated, the catalogue and :func:`.launch.unsupported` consulted;
-    ``checks`` are those to run. The mask arguments are those of ``ftattn_spec.masking`` (validated)."""
+    ``checks`` are those to run. The mask arguments are those of ``ftattn_spec.masking`` (validated).
+
+    When a gradient is needed, the output carries the fused backward (:func:`checked_backward`),
+    whose report goes to ``backward_hook``. ``lse_out`` (float32 ``(B, N, T)``) receives the rows'
+    log-sum-exp without autograd (the custom operator keeps it for its own backward)."""
     dev = query.device
     wanted = tuple(checks)
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (query, key, value, bias))
@@ -121,7 +136,7 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
         v = faults.inject(value.detach(), "value", "BKSH", plan)
         glob = granularity == "global"
         masks = Masks(mask, None if bias is None else bias.detach(), query_lengths, key_lengths, window, is_causal)
-        lse = torch.empty(query.shape[:3], dtype=torch.float32, device=dev) if grad else None
+        lse = torch.empty(query.shape[:3], dtype=torch.float32, device=dev) if grad else lse_out
         out, stats, flags, count, bs, _ = forward(q, k, v, scale=scale, is_causal=is_causal, masks=masks,
                                                   checks_on=bool(wanted), plan=plan, signed=glob, which=wanted,
                                                   lse=lse)

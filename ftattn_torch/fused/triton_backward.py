@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _inject, _keep, _verdict
+from .triton_kernel import _band, _ends, _inject, _keep, _verdict
 
 LOG2E_B = tl.constexpr(1.4426950408889634)
 
@@ -103,19 +103,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
     v_t = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + cols[None, :].to(tl.int64) * svs
                   + hs[:, None] * svh, mask=kvalid[None, :], other=0.0)  # H × BLOCK_N
     dt = k_t.dtype
-    qend = T
-    if HAS_QLEN:
-        qend = tl.minimum(T, tl.load(QLEN + b).to(tl.int32))
-    kend = S
-    if HAS_KLEN:
-        kend = tl.maximum(tl.minimum(S, tl.load(KLEN + b).to(tl.int32)), 0)
+    qend, kend = _ends(QLEN, KLEN, b, T, S, HAS_QLEN, HAS_KLEN)
     # the query rows that attend a key of this block: j - win_right <= i <= j + win_left
     c_lo = nb * BLOCK_N
-    c_hi = tl.minimum(c_lo + BLOCK_N, kend) - 1
-    lo = tl.maximum(c_lo - win_right, 0)
-    hi = tl.minimum(qend, c_hi + win_left + 1)
-    hi = tl.where(c_hi < c_lo, 0, tl.maximum(hi, 0))
-    lo = tl.minimum(lo, hi)
+    lo, hi = _band(c_lo, tl.minimum(c_lo + BLOCK_N, kend) - 1, qend, win_right, win_left)
     m_start = lo // BLOCK_M
     m_end = (hi + BLOCK_M - 1) // BLOCK_M
     dk = tl.zeros([BLOCK_N, H], tl.float32)
@@ -240,20 +231,11 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAG
     v_off = b.to(tl.int64) * svb + kh.to(tl.int64) * svk
     m_off = b.to(tl.int64) * smb + n.to(tl.int64) * smn
     b_off = b.to(tl.int64) * sbb + n.to(tl.int64) * sbn
-    qend = T
-    if HAS_QLEN:
-        qend = tl.minimum(T, tl.load(QLEN + b).to(tl.int32))
-    kend = S
-    if HAS_KLEN:
-        kend = tl.maximum(tl.minimum(S, tl.load(KLEN + b).to(tl.int32)), 0)
+    qend, kend = _ends(QLEN, KLEN, b, T, S, HAS_QLEN, HAS_KLEN)
     live = rows < qend
     # the band of keys the block's live rows attend, as in the forward
     r_lo = mb * BLOCK_M
-    r_hi = tl.minimum(r_lo + BLOCK_M, qend) - 1
-    lo = tl.maximum(r_lo - win_left, 0)
-    hi = tl.minimum(kend, r_hi + win_right + 1)
-    hi = tl.where(r_hi < r_lo, 0, tl.maximum(hi, 0))
-    lo = tl.minimum(lo, hi)
+    lo, hi = _band(r_lo, tl.minimum(r_lo + BLOCK_M, qend) - 1, kend, win_left, win_right)
     dq = tl.zeros([BLOCK_M, H], tl.float32)
     qf = q.to(tl.float32)
     dof = do.to(tl.float32)

@@ -214,6 +214,29 @@ def _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T,
 
 
 @triton.jit
+def _ends(QLEN, KLEN, b, T, S, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr):
+    """``(qend, kend)``: batch ``b``'s query and key lengths, clipped to ``T`` and ``S``."""
+    qend = T
+    if HAS_QLEN:
+        qend = tl.minimum(T, tl.load(QLEN + b).to(tl.int32))
+    kend = S
+    if HAS_KLEN:
+        kend = tl.maximum(tl.minimum(S, tl.load(KLEN + b).to(tl.int32)), 0)
+    return qend, kend
+
+
+@triton.jit
+def _band(r_lo, r_hi, end, left, right):
+    """``[lo, hi)``: the keys that rows ``r_lo..r_hi`` attend (key ``j`` with ``i - left <= j <=
+    i + right``, below ``end``); ``hi = lo = 0`` when ``r_hi < r_lo`` (no live row). With the roles
+    swapped (keys for rows, ``right`` for ``left``) it gives the rows that attend some keys."""
+    lo = tl.maximum(r_lo - left, 0)
+    hi = tl.minimum(end, r_hi + right + 1)
+    hi = tl.where(r_hi < r_lo, 0, tl.maximum(hi, 0))
+    return tl.minimum(lo, hi), hi
+
+
+@triton.jit
 def _tile_sums(KSUM, ksum_off, start_n, n_chunks, H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """(Σ k, Σ |k|) over the keys of the tile at ``start_n``: the sums of its pre-pass chunks."""
     hs = tl.arange(0, H)
@@ -376,19 +399,11 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
 
     # ---- the band of keys any live row of this block attends: query i attends keys
     # i - win_left <= j <= i + win_right (is_causal: win_right <= 0) below kend
-    qend = T
-    if HAS_QLEN:
-        qend = tl.minimum(T, tl.load(QLEN + b).to(tl.int32))
-    kend = S
-    if HAS_KLEN:
-        kend = tl.maximum(tl.minimum(S, tl.load(KLEN + b).to(tl.int32)), 0)
+    qend, kend = _ends(QLEN, KLEN, b, T, S, HAS_QLEN, HAS_KLEN)
     live = rows < qend
     r_lo = mb * BLOCK_M
     r_hi = tl.minimum(r_lo + BLOCK_M, qend) - 1  # the last live row
-    lo = tl.maximum(r_lo - win_left, 0)
-    hi = tl.minimum(kend, r_hi + win_right + 1)
-    hi = tl.where(r_hi < r_lo, 0, tl.maximum(hi, 0))
-    lo = tl.minimum(lo, hi)
+    lo, hi = _band(r_lo, r_hi, kend, win_left, win_right)
     t_start = lo // BLOCK_N
     t_end = (hi + BLOCK_N - 1) // BLOCK_N
     # tiles every live row attends in full: no element mask, the pre-pass sums for qk_row
