@@ -142,7 +142,7 @@ def test_no_import_cycle():
 
 def test_the_checker_sees_function_local_imports():
     """The rule checker is able to fail: the torch SDPA drop-in imports the dispatcher, and the
-    fused runner imports the reference inside ``from .. import``."""
+    fused runner imports the fault injection inside ``from .. import``."""
     assert "ftattn_torch.api" in imports_of("ftattn_torch.sdpa")
-    assert "ftattn_torch.reference" in imports_of("ftattn_torch.fused.runner")
+    assert "ftattn_torch.faults" in imports_of("ftattn_torch.fused.runner")
     assert "ftattn_torch.fused.triton_kernel" in imports_of("ftattn_torch.fused.launch")  # a local import
