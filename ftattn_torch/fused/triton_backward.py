@@ -21,7 +21,7 @@ operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's t
 kernel sees a key block only: it writes its block's totals of P and dS into ``BLOCKS``
 (float32 ``(2, B·K, key blocks)``), which the runner adds up per head group and judges
 against the rows' own totals and thresholds (per-row atomics from every key block were
-tried first: 20× slower on the H200, docs/kernels.md).
+tried first: 8–15× the unchecked time on the H200, docs/kernels.md).
 
 Every mask form of the forward (``_keep``) applies per element; the loops visit only the
 band of tiles that the window, ``is_causal`` and the lengths leave, and contain no
