@@ -265,7 +265,6 @@ def test_zero_size_axes_like_sdpa(zero):
     """An axis of size zero gives SDPA's result (empty, zeros, or for H = 0 the mean of the
     attended values), a clean report, and ``ran`` saying nothing was checked."""
     import torch
-    import torch.nn.functional as F
 
     import ftattn_torch
 
