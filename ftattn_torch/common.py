@@ -40,3 +40,13 @@ def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = Tr
         residual = diff.abs()
     residual, threshold = residual.to(F32), threshold.to(F32)
     return CheckResult(residual, threshold, ~((residual <= threshold) & threshold.isfinite()))
+
+
+def reduce_to(ds: Tensor, bias: Tensor) -> Tensor:
+    """The logits' gradient ``(B, N, T, S)`` summed over the axes ``bias`` broadcasts along, in
+    ``bias``'s shape and dtype: the bias gradient of both backward passes."""
+    pad = 4 - bias.ndim
+    dims = tuple(i for i in range(4) if i < pad or bias.shape[i - pad] == 1 and ds.shape[i] != 1)
+    if dims:
+        ds = ds.sum(dim=dims, keepdim=True)
+    return ds.reshape(bias.shape).to(bias.dtype)

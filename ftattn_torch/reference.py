@@ -11,6 +11,7 @@ import torch
 from ftattn_spec import masking
 
 from .common import ops as ops_on
+from .common import reduce_to
 
 _F32 = torch.float32
 
@@ -56,12 +57,5 @@ def attention_backward(query, key, value, attn_mask, is_causal: bool, scale: flo
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dq = (ds @ kf) * scale
     dk = ((ds.transpose(-1, -2) @ qf) * scale).reshape(B, K, G, S, H).sum(2)
-    dbias = None
-    if bias is not None:
-        dbias = ds
-        pad = 4 - bias.ndim
-        dims = tuple(i for i in range(4) if i < pad or bias.shape[i - pad] == 1 and ds.shape[i] != 1)
-        if dims:
-            dbias = dbias.sum(dim=dims, keepdim=True)
-        dbias = dbias.reshape(bias.shape).to(bias.dtype)
+    dbias = None if bias is None else reduce_to(ds, bias)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), dbias

@@ -2,8 +2,8 @@
 
 ``api`` validates a call and calls :func:`run`, which launches the pre-pass
 and the forward kernel, turns the per-row statistics into the usual
-``Report``, applies ``on_fault`` and gives autograd the fused backward
-(:func:`.launch.backward`, with the same masks and bias; not checked yet).
+``Report``, applies ``on_fault`` and gives autograd the fused, checked backward
+(:func:`checked_backward`, with the same masks and bias).
 
 The kernel checks rows only (``qk_row``, ``softmax_dmr``, ``pv_row``); a column
 check would need a reduction across programs, so ``full`` runs those three
@@ -22,7 +22,7 @@ from ftattn_spec.faults import FaultPlan
 from ftattn_spec.report import CheckResult, Report, make_report
 
 from .. import faults
-from ..common import verdict
+from ..common import reduce_to, verdict
 from .launch import BACKWARD_GROUP_CHECKS, BACKWARD_KEY_CHECKS, BACKWARD_ROW_CHECKS, STAT_PLANES, BackwardLaunch, Masks, backward, forward
 
 
@@ -91,7 +91,7 @@ def checked_backward(query, key, value, bias, out, lse, grad_out, st: Backward, 
             heads = (group[0].flagged | group[1].flagged)[:, :, None, None]  # a whole head group's dK, dV
             dk, dv = dk.masked_fill(heads, float("nan")), dv.masked_fill(heads, float("nan"))
         report = backward_report(got, group, detected, corrected)
-    return dq, dk, dv, _reduce_to(ds, bias) if bias_grad else None, report
+    return dq, dk, dv, reduce_to(ds, bias) if bias_grad else None, report
 
 
 def backward_report(got: BackwardLaunch, group, detected: Tensor, corrected: Tensor) -> Report:
@@ -106,15 +106,6 @@ def backward_report(got: BackwardLaunch, group, detected: Tensor, corrected: Ten
     finite = torch.ones((), dtype=torch.bool, device=detected.device)
     return make_report(detected=detected, checks=results, inputs_finite=finite, located={}, corrected=corrected,
                        combined=True)
-
-
-def _reduce_to(ds: Tensor, bias: Tensor) -> Tensor:
-    """The logits' gradient ``(B, N, T, S)`` summed over the axes ``bias`` broadcasts along."""
-    pad = 4 - bias.ndim
-    dims = tuple(i for i in range(4) if i < pad or bias.shape[i - pad] == 1 and ds.shape[i] != 1)
-    if dims:
-        ds = ds.sum(dim=dims, keepdim=True)
-    return ds.reshape(bias.shape).to(bias.dtype)
 
 
 def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], granularity: str, scale: float,
