@@ -348,7 +348,6 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     interp = interpreting()
     bs = blocks or BackwardBlocks.get_default(interp)
     upcast = interp and query.dtype == torch.bfloat16
-    dd = (grad_out.float() * out.float()).sum(-1).contiguous()  # D_i = Σ_h dO_ih·O_ih, (B, N, T)
     dq = torch.empty(query.shape, dtype=query.dtype, device=dev)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     dv = torch.empty(value.shape, dtype=value.dtype, device=dev)
@@ -359,15 +358,21 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     lengths = [dummy if x is None else x.contiguous() for x in (masks.query_lengths, masks.key_lengths)]
     left, right = masking.band(masks.window, masks.is_causal)
     ft, fv, n_faults = _fault_tensors(plan, dev, spec_faults.BACKWARD_SITES)
-    row_stats = row_flags = key_stats = key_flags = count = None
+    n_mblocks, n_nblocks = -(-T // bs.block_m), -(-S // bs.block_n)
+    f32 = dict(dtype=torch.float32, device=dev)
+    dd = torch.empty((B, N, T), **f32)  # D_i = Σ_h dO_ih·O_ih
+    row_stats = row_flags = key_stats = key_flags = count = blocks_out = None
+    # the checks' operand sums (module docstring of triton_backward)
+    rs, rb, ks, kb = (dummy,) * 4
     if checks:
-        row_stats = torch.empty((2 * len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.float32, device=dev)
+        row_stats = torch.empty((2 * len(BACKWARD_ROW_CHECKS), B, N, T), **f32)
         row_flags = torch.empty((len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.bool, device=dev)
-        key_stats = torch.empty((2 * len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.float32, device=dev)
+        key_stats = torch.empty((2 * len(BACKWARD_KEY_CHECKS), B, K, S), **f32)
         key_flags = torch.empty((len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.bool, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
-    n_blocks = -(-S // bs.block_n)
-    blocks_out = torch.empty((2, B * K, n_blocks), dtype=torch.float32, device=dev) if checks else None
+        blocks_out = torch.empty((2, B * K, n_nblocks), **f32)
+        rs, rb = torch.empty((4, B, N, T), **f32), torch.empty((4, B * N, n_mblocks, H), **f32)
+        ks, kb = torch.empty((3, B, K, S), **f32), torch.empty((4, B * K, n_nblocks, H), **f32)
     coef = btol.backward_coefficients(T, S, H, N // K, dtype_name(query), bs.block_m, bs.block_n,
                                       forward_block_n or bs.block_n)
     pick = lambda x: dummy if x is None else x  # noqa: E731
@@ -375,18 +380,29 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
                  HAS_BIAS=masks.bias is not None, HAS_QLEN=masks.query_lengths is not None,
                  HAS_KLEN=masks.key_lengths is not None, CHECKS=checks, INJECT=n_faults > 0, UPCAST=upcast,
                  num_warps=bs.num_warps, num_stages=bs.num_stages)
+    small = dict(H=H, num_warps=bs.num_warps)
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride())
+    for offset in range(0, B * N, _MAX_GRID_Y):
+        kern._bwd_rows[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
+            query, grad_out, out, dd, rs, rb, *query.stride(), *grad_out.stride(), *out.stride(), N, T, offset,
+            B * N * T, B * N * n_mblocks * H, BLOCK_M=bs.block_m, CHECKS=checks, **small)
     for offset in range(0, B * K, _MAX_GRID_Y):
-        kern._bwd_dkdv[(-(-S // bs.block_n), min(B * K - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, pick(key_stats),
+        if checks:
+            kern._bwd_keys[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
+                key, value, ks, kb, *key.stride(), *value.stride(), K, S, offset, B * K * S,
+                B * K * n_nblocks * H, BLOCK_N=bs.block_n, **small)
+        kern._bwd_dkdv[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
+            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rs, rb, pick(key_stats),
             pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,
             *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
-            n_faults, B * K * S, B * K * n_blocks, coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, **flags)
+            n_faults, B * K * S, B * K * n_nblocks, B * N * T, B * N * n_mblocks * H, n_mblocks,
+            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):
-        kern._bwd_dq[(-(-T // bs.block_m), min(B * N - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, pick(row_stats),
-            pick(row_flags), pick(count), ft, fv, *common, *out.stride(), *dq.stride(), *mask_st, *bias_st,
-            N, N // K, T, S, scale, left, right, offset, n_faults, B * N * T, coef.qk_row, coef.dp_row, coef.dq,
+        kern._bwd_dq[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
+            query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, ks, kb,
+            pick(row_stats), pick(row_flags), pick(count), ft, fv, *common, *out.stride(), *dq.stride(), *mask_st,
+            *bias_st, N, N // K, K, T, S, scale, left, right, offset, n_faults, B * N * T, B * K * S,
+            B * K * n_nblocks * H, n_nblocks, coef.qk_row, coef.dp_row, coef.dq,
             coef.d, coef.softmax0, coef.softmax_mu, coef.ds, coef.allow_row, STORE_DS=bias_grad, **flags)
     group = _group_checks(blocks_out, row_stats, lse, K, bs, S) if checks else None
     return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count, group)

@@ -6,27 +6,36 @@ interprets). Legend of ``ftattn_spec.axes``: q ``B N T H``, k and v ``B K S H``,
 
 The forward saves ``LSE``, float32 ``(B, N, T)``: per row ``m·c_z + log2 l`` in base-2 units
 of the logits (``+inf`` for a row that attends nothing), so that ``p_ij = exp2(z_ij·c_z −
-LSE_i)`` is recomputed tile by tile from Q and K, never stored. ``DD`` is
-``D_i = Σ_h dO_ih·O_ih`` (float32, ``(B, N, T)``). Two kernels, no atomics:
+LSE_i)`` is recomputed tile by tile from Q and K, never stored. Four kernels, no atomics:
 
+``_bwd_rows`` (grid: query blocks × ``B·N``): ``D_i = Σ_h dO_ih·O_ih`` into ``DD`` (float32,
+  ``(B, N, T)``); with ``CHECKS`` also the checks' operand sums of Q and dO: per row
+  (``RS``, ``(4, B, N, T)``: Σ_h q, Σ_h |q|, Σ_h do, Σ_h |do|) and per query block (``RB``,
+  ``(4, B·N, query blocks, H)``: the same summed over the block's rows instead).
+``_bwd_keys`` (grid: key blocks × ``B·K``, only with ``CHECKS``): the same for K and V (``KS``,
+  ``(3, B, K, S)``: Σ_h k, Σ_h |k|, Σ_h |v|; ``KB``, ``(4, B·K, key blocks, H)``: Σ_j k,
+  Σ_j |k|, Σ_j v, Σ_j |v| over the block's keys).
 ``_bwd_dkdv`` (grid: key blocks × ``B·K``): for its keys, over the ``G`` query heads of the
   group and the query blocks that attend them, ``dV += Pᵀ·dO`` and ``dK += dSᵀ·Q·scale`` with
-  ``dS = P ∘ (dO·Vᵀ − D)``: dK and dV are summed over the group inside one program.
-``_bwd_dq`` (grid: query blocks × ``B·N``, launched after ``_bwd_dkdv``): ``dQ += dS·K·scale``
-  over the keys its rows attend; with ``STORE_DS`` it also writes ``dS`` (the bias gradient,
-  float32 ``(B, N, T, S)``, only when a bias needs one).
+  ``dS = P ∘ (dO·Vᵀ − D)``: dK and dV are summed over the group inside one program. Its tiles
+  are transposed (keys × queries), so that the checks' sums over queries stay within a warp.
+``_bwd_dq`` (grid: query blocks × ``B·N``): ``dQ += dS·K·scale`` over the keys its rows
+  attend; with ``STORE_DS`` it also writes ``dS`` (the bias gradient, float32 ``(B, N, T, S)``,
+  only when a bias needs one).
 
 With ``CHECKS`` both kernels verify each product by a row (or key) sum predicted from a summed
-operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's to 0. The dK/dV
-kernel sees a key block only: it writes its block's totals of P and dS into ``BLOCKS``
-(float32 ``(2, B·K, key blocks)``), which the runner adds up per head group and judges
-against the rows' own totals and thresholds (per-row atomics from every key block were
-tried first: 8–15× the unchecked time on the H200, docs/kernels.md).
+operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's to 0. The
+predictions read the operand sums of the first two kernels, so the loops add only row sums
+of their tiles (per-tile reductions of K, V, Q or dO, and float32 copies of them held across
+the loop, made the first checked version 6–14× the unchecked one on the H200,
+docs/kernels.md). The dK/dV kernel sees a key block only: it writes its block's totals of P
+and dS into ``BLOCKS`` (float32 ``(2, B·K, key blocks)``), which the runner adds up per head
+group and judges against the rows' own totals and thresholds.
 
 Every mask form of the forward (``_keep``) applies per element; the loops visit only the
 band of tiles that the window, ``is_causal`` and the lengths leave, and contain no
 data-dependent branch (docs/kernels.md, "Masks": such branches miscompiled on the H200).
-Memory beyond inputs, outputs and gradients: ``LSE`` and ``DD``, O(B·N·T).
+Memory beyond inputs, outputs and gradients: ``LSE``, ``DD`` and the operand sums, O(B·N·T).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _band, _ends, _inject, _keep, _verdict
+from .triton_kernel import _band, _ends, _inject, _inject_at, _keep_at, _verdict
 
 LOG2E_B = tl.constexpr(1.4426950408889634)
 
@@ -49,30 +58,6 @@ SITE_BWD_DV = tl.constexpr(12)
 
 
 @triton.jit
-def _scores(q, k, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(q.to(tl.float32), k.to(tl.float32))
-    return tl.dot(q, k)
-
-
-@triton.jit
-def _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
-           T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """P of one (query block × key block) tile from the raw scores ``qk``, recomputed in
-    float32 from the saved ``lse``; zero wherever a mask form leaves the entry out."""
-    zc = qk * c
-    if HAS_BIAS:
-        bt = tl.load(BIAS + b_off + rows[:, None].to(tl.int64) * sbt + cols[None, :].to(tl.int64) * sbs,
-                     mask=(rows < T)[:, None] & (cols < S)[None, :], other=0.0).to(tl.float32)
-        zc = zc + bt * LOG2E_B
-    keep = _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
-    # clamped at 0 (p <= 1): with logits near 2^24 and beyond, the GPU contracts z·c − LSE into one
-    # fused multiply-add whose result at the row maximum can be positive by half an ulp of |z·c|
-    # (2^1024 at |z·c| = 2^34: inf; measured on the H200 with the "huge" inputs)
-    return tl.where(keep, tl.math.exp2(tl.minimum(zc - lse[:, None], 0.0)), 0.0)
-
-
-@triton.jit
 def _mm(a, b, UPCAST: tl.constexpr):
     """``a·b`` with float32 accumulation (operands upcast in the interpreter, whose bfloat16
     ``tl.dot`` is wrong)."""
@@ -82,11 +67,89 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
+def _probs(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
+           T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """P of one tile from the raw scores ``qk``, recomputed in float32 from the saved log-sum-exp
+    (``lse2``, broadcast like ``r2``); zero wherever a mask form leaves the entry out. The
+    tile's query and key indices broadcast from ``r2`` and ``c2`` (either orientation)."""
+    zc = qk * c
+    if HAS_BIAS:
+        bt = tl.load(BIAS + b_off + r2.to(tl.int64) * sbt + c2.to(tl.int64) * sbs, mask=(r2 < T) & (c2 < S),
+                     other=0.0).to(tl.float32)
+        zc = zc + bt * LOG2E_B
+    keep = _keep_at(r2, c2, live2, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK)
+    # clamped at 0 (p <= 1): with logits near 2^24 and beyond, the GPU contracts z·c − LSE into one
+    # fused multiply-add whose result at the row maximum can be positive by half an ulp of |z·c|
+    # (2^1024 at |z·c| = 2^34: inf; measured on the H200 with the "huge" inputs)
+    return tl.where(keep, tl.math.exp2(tl.minimum(zc - lse2, 0.0)), 0.0)
+
+
+@triton.jit
+def _store_sums(RS, RB, x, r_at, valid, b_at, plane, plane_blk, which: tl.constexpr):
+    """Σ_h x and Σ_h |x| per row into planes ``which``, ``which + 1`` of ``RS``; the same summed
+    over the block's rows instead into those of ``RB`` (x is zero at invalid rows)."""
+    a = tl.abs(x)
+    tl.store(RS + which * plane + r_at, tl.sum(x, 1), mask=valid)
+    tl.store(RS + (which + 1) * plane + r_at, tl.sum(a, 1), mask=valid)
+    tl.store(RB + which * plane_blk + b_at, tl.sum(x, 0))
+    tl.store(RB + (which + 1) * plane_blk + b_at, tl.sum(a, 0))
+
+
+@triton.jit
+def _bwd_rows(Q, DO, O, DD, RS, RB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
+              N, T, bn_offset, plane, plane_blk, H: tl.constexpr, BLOCK_M: tl.constexpr, CHECKS: tl.constexpr):
+    mb = tl.program_id(0)
+    bn = tl.program_id(1) + bn_offset
+    b = bn // N
+    n = bn % N
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    hs = tl.arange(0, H)
+    rvalid = rows < T
+    at = rows[:, None].to(tl.int64)
+    do = tl.load(DO + b.to(tl.int64) * sdb + n.to(tl.int64) * sdn + at * sdt + hs[None, :] * sdh,
+                 mask=rvalid[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + at * sot + hs[None, :] * soh,
+                mask=rvalid[:, None], other=0.0).to(tl.float32)
+    r_at = bn.to(tl.int64) * T + rows
+    tl.store(DD + r_at, tl.sum(do * o, 1), mask=rvalid)
+    if CHECKS:
+        q = tl.load(Q + b.to(tl.int64) * sqb + n.to(tl.int64) * sqn + at * sqt + hs[None, :] * sqh,
+                    mask=rvalid[:, None], other=0.0).to(tl.float32)
+        b_at = (bn.to(tl.int64) * tl.num_programs(0) + mb) * H + hs
+        _store_sums(RS, RB, q, r_at, rvalid, b_at, plane, plane_blk, 0)
+        _store_sums(RS, RB, do, r_at, rvalid, b_at, plane, plane_blk, 2)
+
+
+@triton.jit
+def _bwd_keys(K, V, KS, KB, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, bk_offset, plane, plane_blk,
+              H: tl.constexpr, BLOCK_N: tl.constexpr):
+    nb = tl.program_id(0)
+    bk = tl.program_id(1) + bk_offset
+    b = bk // KH
+    kh = bk % KH
+    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    hs = tl.arange(0, H)
+    kvalid = cols < S
+    at = cols[:, None].to(tl.int64)
+    k = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + at * sks + hs[None, :] * skh,
+                mask=kvalid[:, None], other=0.0).to(tl.float32)
+    v = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + at * svs + hs[None, :] * svh,
+                mask=kvalid[:, None], other=0.0).to(tl.float32)
+    c_at = bk.to(tl.int64) * S + cols
+    b_at = (bk.to(tl.int64) * tl.num_programs(0) + nb) * H + hs
+    _store_sums(KS, KB, k, c_at, kvalid, b_at, plane, plane_blk, 0)
+    va = tl.abs(v)
+    tl.store(KS + 2 * plane + c_at, tl.sum(va, 1), mask=kvalid)
+    tl.store(KB + 2 * plane_blk + b_at, tl.sum(v, 0))
+    tl.store(KB + 3 * plane_blk + b_at, tl.sum(va, 0))
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk,
-              coef_qk, coef_dp, coef_dk, coef_dv, allow,
+              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk, rplane, rplane_blk,
+              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, allow,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
               CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
@@ -98,11 +161,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
-    k_t = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + cols[None, :].to(tl.int64) * sks
-                  + hs[:, None] * skh, mask=kvalid[None, :], other=0.0)  # H × BLOCK_N
-    v_t = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + cols[None, :].to(tl.int64) * svs
-                  + hs[:, None] * svh, mask=kvalid[None, :], other=0.0)  # H × BLOCK_N
-    dt = k_t.dtype
+    k = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + cols[:, None].to(tl.int64) * sks
+                + hs[None, :] * skh, mask=kvalid[:, None], other=0.0)  # BLOCK_N × H
+    v = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + cols[:, None].to(tl.int64) * svs
+                + hs[None, :] * svh, mask=kvalid[:, None], other=0.0)  # BLOCK_N × H
+    dt = k.dtype
     qend, kend = _ends(QLEN, KLEN, b, T, S, HAS_QLEN, HAS_KLEN)
     # the query rows that attend a key of this block: j - win_right <= i <= j + win_left
     c_lo = nb * BLOCK_N
@@ -111,21 +174,21 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
     m_end = (hi + BLOCK_M - 1) // BLOCK_M
     dk = tl.zeros([BLOCK_N, H], tl.float32)
     dv = tl.zeros([BLOCK_N, H], tl.float32)
-    # the checks' column sums over the query rows: actual, predicted, magnitude
-    kf = k_t.to(tl.float32)
-    vf = v_t.to(tl.float32)
+    # the checks' sums over the query rows, per key: actual and predicted, and magnitudes; the
+    # operand sums of Q and dO over the visited query blocks
     s_act = tl.zeros([BLOCK_N], tl.float32)
-    s_pred = tl.zeros([BLOCK_N], tl.float32)
-    s_mag = tl.zeros([BLOCK_N], tl.float32)
     p_act = tl.zeros([BLOCK_N], tl.float32)
-    p_pred = tl.zeros([BLOCK_N], tl.float32)
-    p_mag = tl.zeros([BLOCK_N], tl.float32)
     dk_pred = tl.zeros([BLOCK_N], tl.float32)
     dk_mag = tl.zeros([BLOCK_N], tl.float32)
     dv_pred = tl.zeros([BLOCK_N], tl.float32)
     dv_mag = tl.zeros([BLOCK_N], tl.float32)
-    blk_p = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-    blk_ds = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    p_tot = tl.zeros([BLOCK_N], tl.float32)
+    ds_tot = tl.zeros([BLOCK_N], tl.float32)
+    q_sum = tl.zeros([H], tl.float32)
+    q_abs = tl.zeros([H], tl.float32)
+    do_sum = tl.zeros([H], tl.float32)
+    do_abs = tl.zeros([H], tl.float32)
+    c2 = cols[:, None]
     for g in range(G):
         n = kh * G + g
         q_off = b.to(tl.int64) * sqb + n.to(tl.int64) * sqn
@@ -137,55 +200,70 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
             rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             rvalid = rows < T
             live = rows < qend
-            q = tl.load(Q + q_off + rows[:, None].to(tl.int64) * sqt + hs[None, :] * sqh, mask=rvalid[:, None],
-                        other=0.0)
+            r2 = rows[None, :]
+            q_t = tl.load(Q + q_off + r2.to(tl.int64) * sqt + hs[:, None] * sqh, mask=rvalid[None, :],
+                          other=0.0)  # H × BLOCK_M
             do = tl.load(DO + d_off + rows[:, None].to(tl.int64) * sdt + hs[None, :] * sdh, mask=rvalid[:, None],
-                         other=0.0)
+                         other=0.0)  # BLOCK_M × H
             lse = tl.load(LSE + r_off + rows, mask=rvalid, other=float("inf"))
             di = tl.load(DD + r_off + rows, mask=rvalid, other=0.0)
-            qk = _scores(q, k_t, UPCAST)
+            qk = _mm(k, q_t, UPCAST)  # BLOCK_N × BLOCK_M: keys × queries
             if INJECT:
-                qk = _inject(qk, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_SCORES, 1, scale)
-            p = _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS,
-                       b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+                qk = _inject_at(qk, r2, c2, mb * BLOCK_M, mb * BLOCK_M + BLOCK_M - 1, c_lo, c_lo + BLOCK_N - 1,
+                                FT, FV, n_faults, b, n, SITE_BWD_SCORES, 1, scale)
+            p = _probs(qk, r2, c2, live[None, :], kend, win_left, win_right, lse[None, :], c, MASK, m_off, smt, sms,
+                       BIAS, b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
             if INJECT:
-                p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_PROBS, 1, 1.0)
+                p = _inject_at(p, r2, c2, mb * BLOCK_M, mb * BLOCK_M + BLOCK_M - 1, c_lo, c_lo + BLOCK_N - 1,
+                               FT, FV, n_faults, b, n, SITE_BWD_PROBS, 1, 1.0)
             pm = p.to(dt)
-            dv += _mm(tl.trans(pm), do, UPCAST)
-            dp = _mm(do, v_t, UPCAST)
+            dv += _mm(pm, do, UPCAST)
+            dp = _mm(v, tl.trans(do), UPCAST)
             if INJECT:
-                dp = _inject(dp, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_DP, 1, 1.0)
-            ds = p * (dp - di[:, None])
+                dp = _inject_at(dp, r2, c2, mb * BLOCK_M, mb * BLOCK_M + BLOCK_M - 1, c_lo, c_lo + BLOCK_N - 1,
+                                FT, FV, n_faults, b, n, SITE_BWD_DP, 1, 1.0)
+            ds = p * (dp - di[None, :])
             if INJECT:
-                ds = _inject(ds, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_DS, 1, 1.0)
+                ds = _inject_at(ds, r2, c2, mb * BLOCK_M, mb * BLOCK_M + BLOCK_M - 1, c_lo, c_lo + BLOCK_N - 1,
+                                FT, FV, n_faults, b, n, SITE_BWD_DS, 1, 1.0)
             dsm = ds.to(dt)
-            dk += _mm(tl.trans(dsm), q, UPCAST)
+            dk += _mm(dsm, tl.trans(q_t), UPCAST)
             if CHECKS:
-                qf = q.to(tl.float32)
-                dof = do.to(tl.float32)
-                s_act += tl.sum(qk, 0)
-                s_pred += tl.sum(kf * tl.sum(qf, 0)[:, None], 0)
-                s_mag += tl.sum(tl.abs(kf) * tl.sum(tl.abs(qf), 0)[:, None], 0)
-                p_act += tl.sum(dp, 0)
-                p_pred += tl.sum(vf * tl.sum(dof, 0)[:, None], 0)
-                p_mag += tl.sum(tl.abs(vf) * tl.sum(tl.abs(dof), 0)[:, None], 0)
+                at = r_off + rows
+                qr = tl.load(RS + at, mask=rvalid, other=0.0)
+                qra = tl.load(RS + rplane + at, mask=rvalid, other=0.0)
+                dor = tl.load(RS + 2 * rplane + at, mask=rvalid, other=0.0)
+                dora = tl.load(RS + 3 * rplane + at, mask=rvalid, other=0.0)
+                blk = ((b.to(tl.int64) * N + n) * n_mblocks + mb) * H + hs
+                q_sum += tl.load(RB + blk)
+                q_abs += tl.load(RB + rplane_blk + blk)
+                do_sum += tl.load(RB + 2 * rplane_blk + blk)
+                do_abs += tl.load(RB + 3 * rplane_blk + blk)
+                s_act += tl.sum(qk, 1)
+                p_act += tl.sum(dp, 1)
                 dsf = dsm.to(tl.float32)
-                dk_pred += tl.sum(dsf * tl.sum(qf, 1)[:, None], 0)
-                dk_mag += tl.sum(tl.abs(dsf) * tl.sum(tl.abs(qf), 1)[:, None], 0)
+                dk_pred += tl.sum(dsf * qr[None, :], 1)
+                dk_mag += tl.sum(tl.abs(dsf) * qra[None, :], 1)
                 pf = pm.to(tl.float32)
-                dv_pred += tl.sum(pf * tl.sum(dof, 1)[:, None], 0)
-                dv_mag += tl.sum(pf * tl.sum(tl.abs(dof), 1)[:, None], 0)
+                dv_pred += tl.sum(pf * dor[None, :], 1)
+                dv_mag += tl.sum(pf * dora[None, :], 1)
                 # this kernel's P and dS summed over its tiles: the runner adds the blocks of a
                 # head group and compares them with the rows' totals (1 and 0 per attended row)
-                blk_p += tl.sum(tl.sum(p, 1), 0)
-                blk_ds += tl.sum(tl.sum(ds, 1), 0)
+                p_tot += tl.sum(p, 1)
+                ds_tot += tl.sum(ds, 1)
     if INJECT:
         dk = _inject(dk, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DK, 0, scale)
         dv = _inject(dv, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DV, 0, 1.0)
     if CHECKS:
         n_blocks = tl.num_programs(0)
-        tl.store(BLOCKS + bk.to(tl.int64) * n_blocks + nb, blk_p)
-        tl.store(BLOCKS + plane_blk + bk.to(tl.int64) * n_blocks + nb, blk_ds)
+        tl.store(BLOCKS + bk.to(tl.int64) * n_blocks + nb, tl.sum(p_tot, 0))
+        tl.store(BLOCKS + plane_blk + bk.to(tl.int64) * n_blocks + nb, tl.sum(ds_tot, 0))
+        kf = k.to(tl.float32)
+        vf = v.to(tl.float32)
+        s_pred = tl.sum(kf * q_sum[None, :], 1)
+        s_mag = tl.sum(tl.abs(kf) * q_abs[None, :], 1)
+        p_pred = tl.sum(vf * do_sum[None, :], 1)
+        p_mag = tl.sum(tl.abs(vf) * do_abs[None, :], 1)
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 0, (s_act - s_pred) * scale,
                  (coef_qk * s_mag + allow) * scale, False)
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 1, p_act - p_pred,
@@ -202,10 +280,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, STATS, FLAGS
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAGS, COUNT, FT, FV,
+def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STATS, FLAGS, COUNT, FT, FV,
             sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
             sqgb, sqgn, sqgt, sqgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-            N, G, T, S, scale, win_left, win_right, bn_offset, n_faults, plane,
+            N, G, KH, T, S, scale, win_left, win_right, bn_offset, n_faults, plane, kplane, kplane_blk, n_nblocks,
             coef_qk, coef_dp, coef_dq, coef_d, soft0, soft_mu, coef_ds, allow,
             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
@@ -231,37 +309,39 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAG
     v_off = b.to(tl.int64) * svb + kh.to(tl.int64) * svk
     m_off = b.to(tl.int64) * smb + n.to(tl.int64) * smn
     b_off = b.to(tl.int64) * sbb + n.to(tl.int64) * sbn
+    ks_off = (b.to(tl.int64) * KH + kh) * S
+    kb_off = (b.to(tl.int64) * KH + kh) * n_nblocks
     qend, kend = _ends(QLEN, KLEN, b, T, S, HAS_QLEN, HAS_KLEN)
     live = rows < qend
+    r2 = rows[:, None]
     # the band of keys the block's live rows attend, as in the forward
     r_lo = mb * BLOCK_M
     lo, hi = _band(r_lo, tl.minimum(r_lo + BLOCK_M, qend) - 1, kend, win_left, win_right)
     dq = tl.zeros([BLOCK_M, H], tl.float32)
-    qf = q.to(tl.float32)
-    dof = do.to(tl.float32)
     s_act = tl.zeros([BLOCK_M], tl.float32)
-    s_pred = tl.zeros([BLOCK_M], tl.float32)
-    s_mag = tl.zeros([BLOCK_M], tl.float32)
     p_act = tl.zeros([BLOCK_M], tl.float32)
-    p_pred = tl.zeros([BLOCK_M], tl.float32)
-    p_mag = tl.zeros([BLOCK_M], tl.float32)
     psum = tl.zeros([BLOCK_M], tl.float32)
     dq_pred = tl.zeros([BLOCK_M], tl.float32)
     dq_mag = tl.zeros([BLOCK_M], tl.float32)
     ds_sum = tl.zeros([BLOCK_M], tl.float32)
     pw = tl.zeros([BLOCK_M], tl.float32)
+    k_sum = tl.zeros([H], tl.float32)
+    k_abs = tl.zeros([H], tl.float32)
+    v_sum = tl.zeros([H], tl.float32)
+    v_abs = tl.zeros([H], tl.float32)
     for t in range(lo // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         kvalid = cols < S
-        k_t = tl.load(K + k_off + cols[None, :].to(tl.int64) * sks + hs[:, None] * skh, mask=kvalid[None, :],
+        c2 = cols[None, :]
+        k_t = tl.load(K + k_off + c2.to(tl.int64) * sks + hs[:, None] * skh, mask=kvalid[None, :],
                       other=0.0)  # H × BLOCK_N
-        v_t = tl.load(V + v_off + cols[None, :].to(tl.int64) * svs + hs[:, None] * svh, mask=kvalid[None, :],
+        v_t = tl.load(V + v_off + c2.to(tl.int64) * svs + hs[:, None] * svh, mask=kvalid[None, :],
                       other=0.0)
-        qk = _scores(q, k_t, UPCAST)
+        qk = _mm(q, k_t, UPCAST)
         if INJECT:
             qk = _inject(qk, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_SCORES, 0, scale)
-        p = _probs(qk, rows, cols, live, kend, win_left, win_right, lse, c, MASK, m_off, smt, sms, BIAS,
-                   b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+        p = _probs(qk, r2, c2, live[:, None], kend, win_left, win_right, lse[:, None], c, MASK, m_off, smt, sms,
+                   BIAS, b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
         if INJECT:
             p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_BWD_PROBS, 0, 1.0)
         dp = _mm(do, v_t, UPCAST)
@@ -273,35 +353,39 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAG
         dsm = ds.to(dt)
         dq += _mm(dsm, tl.trans(k_t), UPCAST)
         if STORE_DS:
-            tl.store(DS + ((b.to(tl.int64) * N + n) * T + rows[:, None]) * S + cols[None, :], ds,
-                     mask=rvalid[:, None] & kvalid[None, :])
+            tl.store(DS + ((b.to(tl.int64) * N + n) * T + r2) * S + c2, ds, mask=rvalid[:, None] & kvalid[None, :])
         if CHECKS:
-            kf = k_t.to(tl.float32)
-            vf = v_t.to(tl.float32)
+            kc = tl.load(KS + ks_off + cols, mask=kvalid, other=0.0)
+            kca = tl.load(KS + kplane + ks_off + cols, mask=kvalid, other=0.0)
+            vca = tl.load(KS + 2 * kplane + ks_off + cols, mask=kvalid, other=0.0)
+            blk = (kb_off + t) * H + hs
+            k_sum += tl.load(KB + blk)
+            k_abs += tl.load(KB + kplane_blk + blk)
+            v_sum += tl.load(KB + 2 * kplane_blk + blk)
+            v_abs += tl.load(KB + 3 * kplane_blk + blk)
             s_act += tl.sum(qk, 1)
-            s_pred += tl.sum(qf * tl.sum(kf, 1)[None, :], 1)
-            s_mag += tl.sum(tl.abs(qf) * tl.sum(tl.abs(kf), 1)[None, :], 1)
             p_act += tl.sum(dp, 1)
-            p_pred += tl.sum(dof * tl.sum(vf, 1)[None, :], 1)
-            p_mag += tl.sum(tl.abs(dof) * tl.sum(tl.abs(vf), 1)[None, :], 1)
             psum += tl.sum(p, 1)
             dsf = dsm.to(tl.float32)
-            dq_pred += tl.sum(dsf * tl.sum(kf, 0)[None, :], 1)
-            dq_mag += tl.sum(tl.abs(dsf) * tl.sum(tl.abs(kf), 0)[None, :], 1)
+            dq_pred += tl.sum(dsf * kc[None, :], 1)
+            dq_mag += tl.sum(tl.abs(dsf) * kca[None, :], 1)
             ds_sum += tl.sum(ds, 1)
-            pw += tl.sum(p * tl.sum(tl.abs(vf), 0)[None, :], 1)
+            pw += tl.sum(p * vca[None, :], 1)
     if INJECT:
         dq = _inject(dq, rows, hs, FT, FV, n_faults, b, n, SITE_BWD_DQ, 0, scale)
     if CHECKS:
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0, (s_act - s_pred) * scale,
-                 (coef_qk * s_mag + allow) * scale, False)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, p_act - p_pred,
-                 coef_dp * p_mag + allow, False)
+        qf = q.to(tl.float32)
+        dof = do.to(tl.float32)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 0,
+                 (s_act - tl.sum(qf * k_sum[None, :], 1)) * scale,
+                 (coef_qk * tl.sum(tl.abs(qf) * k_abs[None, :], 1) + allow) * scale, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, p_act - tl.sum(dof * v_sum[None, :], 1),
+                 coef_dp * tl.sum(tl.abs(dof) * v_abs[None, :], 1) + allow, False)
         # P's rows sum to 1, or to 0 where the forward attended nothing (LSE = +inf)
         attended = lse < float("inf")
         target = tl.where(attended, 1.0, 0.0)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, psum - target,
-                 tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0) + allow, False)
+        soft = tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, psum - target, soft + allow, False)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 3, (tl.sum(dq, 1) - dq_pred) * scale,
                  (coef_dq * dq_mag + allow) * scale, False)
         o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + rows[:, None].to(tl.int64) * sot
@@ -311,7 +395,6 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, STATS, FLAG
         # dS's rows sum to 0 (Σ_j p_ij·dp_ij = D_i): judged against ‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|,
         # a bound on Σ_j p_ij·|dO_i|·|v_j|, with P's own error on top (docs/tolerances.md)
         dmax = tl.max(tl.abs(dof), 1)
-        soft = tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, ds_sum,
                  (coef_ds + 2.0 * soft) * dmax * pw + allow, False)
 

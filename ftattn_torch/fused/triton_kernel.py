@@ -100,10 +100,14 @@ def _corrupt(x, kind, bit, value, unit):
 @triton.jit
 def _inject(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, replica, unit):
     """Apply the faults of ``site``/``replica`` at (b, n, row, col) that fall in this tile."""
-    r_lo = tl.min(rows, 0)
-    r_hi = tl.max(rows, 0)
-    c_lo = tl.min(cols, 0)
-    c_hi = tl.max(cols, 0)
+    return _inject_at(x, rows[:, None], cols[None, :], tl.min(rows, 0), tl.max(rows, 0), tl.min(cols, 0),
+                      tl.max(cols, 0), FT, FV, n_faults, b, n, site, replica, unit)
+
+
+@triton.jit
+def _inject_at(x, r2, c2, r_lo, r_hi, c_lo, c_hi, FT, FV, n_faults, b, n, site: tl.constexpr, replica, unit):
+    """:func:`_inject` on a tile whose row and column indices broadcast from ``r2`` and ``c2``
+    (either orientation), spanning rows ``r_lo..r_hi`` and columns ``c_lo..c_hi``."""
     for f in range(n_faults):
         row = FT + f * 8
         fs = tl.load(row)
@@ -118,7 +122,7 @@ def _inject(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, replica, 
             kind = tl.load(row + 6)
             bit = tl.load(row + 7)
             value = tl.load(FV + f)
-            hit = (rows[:, None] == fi) & (cols[None, :] == fj)
+            hit = (r2 == fi) & (c2 == fj)
             x = tl.where(hit, _corrupt(x, kind, bit, value, unit), x)
     return x
 
@@ -204,11 +208,16 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H
 @triton.jit
 def _keep(rows, cols, live, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK: tl.constexpr):
     """Where the tile's entries are attended (every mask form but the bias)."""
-    keep = (cols[None, :] < kend) & (cols[None, :] >= rows[:, None] - win_left)
-    keep = keep & (cols[None, :] <= rows[:, None] + win_right) & live[:, None]
+    return _keep_at(rows[:, None], cols[None, :], live[:, None], kend, win_left, win_right, MASK, m_off, smt, sms,
+                    T, S, HAS_MASK)
+
+
+@triton.jit
+def _keep_at(r2, c2, live2, kend, win_left, win_right, MASK, m_off, smt, sms, T, S, HAS_MASK: tl.constexpr):
+    """:func:`_keep` on a tile whose row and column indices broadcast from ``r2`` and ``c2``."""
+    keep = (c2 < kend) & (c2 >= r2 - win_left) & (c2 <= r2 + win_right) & live2
     if HAS_MASK:
-        mt = tl.load(MASK + m_off + rows[:, None].to(tl.int64) * smt + cols[None, :].to(tl.int64) * sms,
-                     mask=(rows < T)[:, None] & (cols < S)[None, :], other=0)
+        mt = tl.load(MASK + m_off + r2.to(tl.int64) * smt + c2.to(tl.int64) * sms, mask=(r2 < T) & (c2 < S), other=0)
         keep = keep & (mt != 0)
     return keep
 
