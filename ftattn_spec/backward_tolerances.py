@@ -16,6 +16,14 @@ checks and their sums, per row ``i`` (query) or key ``j``:
 * ``bwd_dq``: Σ_h dq_ih against Σ_j ds̃_ij·(Σ_h k_jh), with ds̃ the dS fed to the product
   (in the input dtype, so both sides read the same values); magnitude Σ_j |ds̃_ij|·Σ_h |k_jh|.
   ``bwd_dk`` (Σ_i ds̃_ij·Σ_h q_ih) and ``bwd_dv`` (Σ_i p̃_ij·Σ_h do_ih) likewise, per key.
+  The prediction and the magnitude are extra columns of a tensor-core product: the operand
+  sums (Σ_h k_jh, ...) are scaled by ``σ`` (:func:`ftattn_spec.tolerances.fused_vcol_scale`),
+  split into three parts of the input dtype, and multiplied by ds̃ (or |ds̃|, or p̃) with
+  float32 accumulation, beside a column of ones whose result Σ_j |w_ij| scales the parts'
+  underflow allowance ``under``. ``bwd_ds``'s magnitude Σ_j p_ij·Σ_h |v_jh| is read the same
+  way with p̃ (P rounded to the input dtype) in place of p, hence the factor ``mag_up`` and
+  ``p_under`` times Σ_j Σ_h |v_jh| over the visited keys (p̃ may underflow where p does not:
+  measured on the H200 with the "huge" inputs, whose P is meaningless noise near 2⁻¹⁰⁰).
 * ``bwd_d``: D_i recomputed in the kernel against the one the backward was given.
 
 Every coefficient is a sum of the float32 accumulation bounds ``tol.gamma`` of the sums on
@@ -52,6 +60,14 @@ class BackwardCoefficients(NamedTuple):
     ds: float
     allow_row: float
     allow_col: float
+    #: the split operand sums: their scale σ, the factor that keeps a magnitude read from
+    #: one rounded part an upper bound, and the absolute error of the parts per unit weight
+    sigma: float
+    mag_up: float
+    under: float
+    #: p̃'s own underflow (absolute, per element): where P rounds to zero in the input dtype
+    #: (float16 below 2⁻²⁵), the bwd_ds magnitude read with p̃ misses it
+    p_under: float
 
 
 def _product_check(H: int, tile: int, tiles: int, dtype: str) -> float:
@@ -63,12 +79,13 @@ def _product_check(H: int, tile: int, tiles: int, dtype: str) -> float:
                                    + tol.product_roundoff(dtype))
 
 
-def _gradient_check(n: int, H: int, tile: int, tiles: int, dtype: str) -> float:
-    """Σ_h g_jh of a gradient accumulated over ``n`` rows (``tiles`` tiles of ``tile``) on the
-    tensor cores (γ(n)), summed over H (γ(H)), against Σ_i a_i·(Σ_h b_ih): the operand row sums
-    (γ(H)), each tile's products and sum (γ(tile), one rounding), chained over the tiles
-    (γ(tiles + 1)); four more roundings."""
-    return tol.MAGNITUDE_MARGIN * (_G(n) + 2.0 * _G(H) + _G(tile) + _G(tiles + 1) + 5.0 * _U
+def _gradient_check(n: int, H: int, dtype: str) -> float:
+    """Σ_h g_jh of a gradient accumulated over ``n`` rows on the tensor cores (γ(n)), summed over
+    H (γ(H)), against Σ_i a_i·(Σ_h b_ih) accumulated alike as extra columns of a product (γ(n)):
+    the operand row sums (γ(H)), their split into three parts (u_in³ relative, four parts'
+    worth), the sum of the parts' columns and the difference (five roundings)."""
+    u_in = tol.UNIT_ROUNDOFF[dtype]
+    return tol.MAGNITUDE_MARGIN * (2.0 * _G(n) + 2.0 * _G(H) + 4.0 * u_in**3 + 5.0 * _U
                                    + tol.product_roundoff(dtype))
 
 
@@ -127,6 +144,7 @@ def backward_coefficients(T: int, S: int, H: int, G: int, dtype: str, block_m: i
     key_tiles = math.ceil(max(S, 1) / block_n)
     query_tiles = G * math.ceil(max(T, 1) / block_m)
     s0, smu = softmax_coefficients(S, block_n, fwd_block_n)
+    sigma = tol.fused_vcol_scale(dtype, H)
     d = tol.MAGNITUDE_MARGIN * (2.0 * _G(H) + 4.0 * _U)  # two dot products of H terms, in any order
     return BackwardCoefficients(
         qk_row=_product_check(H, block_n, key_tiles, dtype),
@@ -134,11 +152,18 @@ def backward_coefficients(T: int, S: int, H: int, G: int, dtype: str, block_m: i
         dp_row=_product_check(H, block_n, key_tiles, dtype),
         dp_col=_product_check(H, block_m, query_tiles, dtype),
         softmax0=s0, softmax_mu=smu,
-        dq=_gradient_check(S, H, block_n, key_tiles, dtype),
-        dk=_gradient_check(G * T, H, block_m, query_tiles, dtype),
-        dv=_gradient_check(G * T, H, block_m, query_tiles, dtype),
+        dq=_gradient_check(S, H, dtype),
+        dk=_gradient_check(G * T, H, dtype),
+        dv=_gradient_check(G * T, H, dtype),
         d=d,
         ds=ds_coefficient(S, H, dtype, block_n),
         allow_row=tol.underflow_allowance(4 * (S + 1) * (H + 1)),
         allow_col=tol.underflow_allowance(4 * (G * T + 1) * (H + 1)),
+        sigma=sigma,
+        # p ≤ (1 + u_in)·p̃, and the magnitude's own parts and sums (u_in covers them)
+        mag_up=1.0 + 2.0 * tol.UNIT_ROUNDOFF[dtype],
+        # the three parts of the prediction and the three of the magnitude: each may fall below the
+        # normal range (absolute error UNDERFLOW_IN, scaled by σ)
+        under=6.0 * tol.UNDERFLOW_IN[dtype] / sigma,
+        p_under=tol.UNDERFLOW_IN[dtype],
     )

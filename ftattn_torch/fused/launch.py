@@ -362,8 +362,8 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     f32 = dict(dtype=torch.float32, device=dev)
     dd = torch.empty((B, N, T), **f32)  # D_i = Σ_h dO_ih·O_ih
     row_stats = row_flags = key_stats = key_flags = count = blocks_out = None
-    # the checks' operand sums (module docstring of triton_backward)
-    rs, rb, ks, kb = (dummy,) * 4
+    # the checks' operand sums and weights (module docstring of triton_backward)
+    rb, wq, kb, wk = (dummy,) * 4
     if checks:
         row_stats = torch.empty((2 * len(BACKWARD_ROW_CHECKS), B, N, T), **f32)
         row_flags = torch.empty((len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.bool, device=dev)
@@ -371,8 +371,9 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
         key_flags = torch.empty((len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.bool, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
         blocks_out = torch.empty((2, B * K, n_nblocks), **f32)
-        rs, rb = torch.empty((4, B, N, T), **f32), torch.empty((4, B * N, n_mblocks, H), **f32)
-        ks, kb = torch.empty((3, B, K, S), **f32), torch.empty((4, B * K, n_nblocks, H), **f32)
+        rb, kb = torch.empty((4, B * N, n_mblocks, H), **f32), torch.empty((4, B * K, n_nblocks, H), **f32)
+        wq = torch.empty((B, N, T, 16), dtype=query.dtype, device=dev)
+        wk = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
     coef = btol.backward_coefficients(T, S, H, N // K, dtype_name(query), bs.block_m, bs.block_n,
                                       forward_block_n or bs.block_n)
     pick = lambda x: dummy if x is None else x  # noqa: E731
@@ -384,26 +385,28 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride())
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_rows[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
-            query, grad_out, out, dd, rs, rb, *query.stride(), *grad_out.stride(), *out.stride(), N, T, offset,
-            B * N * T, B * N * n_mblocks * H, BLOCK_M=bs.block_m, CHECKS=checks, **small)
+            query, grad_out, out, dd, rb, wq, *query.stride(), *grad_out.stride(), *out.stride(), N, T, offset,
+            B * N * n_mblocks * H, coef.sigma, BLOCK_M=bs.block_m, CHECKS=checks, **small)
     for offset in range(0, B * K, _MAX_GRID_Y):
         if checks:
             kern._bwd_keys[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
-                key, value, ks, kb, *key.stride(), *value.stride(), K, S, offset, B * K * S,
-                B * K * n_nblocks * H, BLOCK_N=bs.block_n, **small)
+                key, value, kb, wk, *key.stride(), *value.stride(), K, S, offset, B * K * n_nblocks * H,
+                coef.sigma, BLOCK_N=bs.block_n, **small)
         kern._bwd_dkdv[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rs, rb, pick(key_stats),
+            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rb, wq, pick(key_stats),
             pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,
             *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
-            n_faults, B * K * S, B * K * n_nblocks, B * N * T, B * N * n_mblocks * H, n_mblocks,
-            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, **flags)
+            n_faults, B * K * S, B * K * n_nblocks, B * N * n_mblocks * H, n_mblocks,
+            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, coef.sigma, coef.under, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_dq[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, ks, kb,
+            query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, kb, wk,
             pick(row_stats), pick(row_flags), pick(count), ft, fv, *common, *out.stride(), *dq.stride(), *mask_st,
-            *bias_st, N, N // K, K, T, S, scale, left, right, offset, n_faults, B * N * T, B * K * S,
-            B * K * n_nblocks * H, n_nblocks, coef.qk_row, coef.dp_row, coef.dq,
-            coef.d, coef.softmax0, coef.softmax_mu, coef.ds, coef.allow_row, STORE_DS=bias_grad, **flags)
+            *bias_st, N, N // K, K, T, S, scale, left, right, offset, n_faults, B * N * T,
+            B * K * n_nblocks * H, n_nblocks, coef.qk_row, coef.dp_row, coef.dq, coef.d, coef.softmax0,
+            coef.softmax_mu, coef.ds, coef.allow_row, coef.sigma, coef.mag_up, coef.under, coef.p_under,
+            STORE_DS=bias_grad,
+            **flags)
     group = _group_checks(blocks_out, row_stats, lse, K, bs, S) if checks else None
     return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count, group)
 

@@ -9,12 +9,12 @@ of the logits (``+inf`` for a row that attends nothing), so that ``p_ij = exp2(z
 LSE_i)`` is recomputed tile by tile from Q and K, never stored. Four kernels, no atomics:
 
 ``_bwd_rows`` (grid: query blocks × ``B·N``): ``D_i = Σ_h dO_ih·O_ih`` into ``DD`` (float32,
-  ``(B, N, T)``); with ``CHECKS`` also the checks' operand sums of Q and dO: per row
-  (``RS``, ``(4, B, N, T)``: Σ_h q, Σ_h |q|, Σ_h do, Σ_h |do|) and per query block (``RB``,
-  ``(4, B·N, query blocks, H)``: the same summed over the block's rows instead).
-``_bwd_keys`` (grid: key blocks × ``B·K``, only with ``CHECKS``): the same for K and V (``KS``,
-  ``(3, B, K, S)``: Σ_h k, Σ_h |k|, Σ_h |v|; ``KB``, ``(4, B·K, key blocks, H)``: Σ_j k,
-  Σ_j |k|, Σ_j v, Σ_j |v| over the block's keys).
+  ``(B, N, T)``); with ``CHECKS`` also the checks' operands for the rows: ``RB`` (float32
+  ``(4, B·N, query blocks, H)``: Σ q, Σ |q|, Σ dO, Σ |dO| over the block's rows) and the
+  weights ``WQ`` (input dtype, ``(B, N, T, 16)``: per row Σ_h q, Σ_h |q|, Σ_h dO, Σ_h |dO|,
+  each scaled by σ and split into three parts, and a column of ones; ``_weights``).
+``_bwd_keys`` (grid: key blocks × ``B·K``, only with ``CHECKS``): the same for the keys:
+  ``KB`` (Σ k, Σ |k|, Σ v, Σ |v| over the block's keys) and ``WK`` (Σ_h k, Σ_h |k|, Σ_h |v|).
 ``_bwd_dkdv`` (grid: key blocks × ``B·K``): for its keys, over the ``G`` query heads of the
   group and the query blocks that attend them, ``dV += Pᵀ·dO`` and ``dK += dSᵀ·Q·scale`` with
   ``dS = P ∘ (dO·Vᵀ − D)``: dK and dV are summed over the group inside one program. Its tiles
@@ -25,12 +25,13 @@ LSE_i)`` is recomputed tile by tile from Q and K, never stored. Four kernels, no
 
 With ``CHECKS`` both kernels verify each product by a row (or key) sum predicted from a summed
 operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's to 0. The
-predictions read the operand sums of the first two kernels, so the loops add only row sums
-of their tiles (per-tile reductions of K, V, Q or dO, and float32 copies of them held across
-the loop, made the first checked version 6–14× the unchecked one on the H200,
-docs/kernels.md). The dK/dV kernel sees a key block only: it writes its block's totals of P
-and dS into ``BLOCKS`` (float32 ``(2, B·K, key blocks)``), which the runner adds up per head
-group and judges against the rows' own totals and thresholds.
+sums of S, dP, P and dS are row sums of the tiles on the CUDA cores; the gradients'
+predictions and magnitudes are products of P̃, dS̃ and |dS̃| with the weights on the tensor
+cores, accumulated across tiles like the gradients themselves (on the CUDA cores, with
+float32 copies of the operands held across the loop, the first checked version was 6–14×
+the unchecked one on the H200; docs/kernels.md). The dK/dV kernel sees a key block only:
+it writes its block's totals of P and dS into ``BLOCKS`` (float32 ``(2, B·K, key blocks)``),
+which the runner adds up per head group and judges against the rows' own totals.
 
 Every mask form of the forward (``_keep``) applies per element; the loops visit only the
 band of tiles that the window, ``is_causal`` and the lengths leave, and contain no
@@ -43,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _band, _ends, _inject, _inject_at, _keep_at, _verdict
+from .triton_kernel import _band, _ends, _inject, _inject_at, _keep_at, _put_parts, _verdict
 
 LOG2E_B = tl.constexpr(1.4426950408889634)
 
@@ -85,19 +86,29 @@ def _probs(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, s
 
 
 @triton.jit
-def _store_sums(RS, RB, x, r_at, valid, b_at, plane, plane_blk, which: tl.constexpr):
-    """Σ_h x and Σ_h |x| per row into planes ``which``, ``which + 1`` of ``RS``; the same summed
-    over the block's rows instead into those of ``RB`` (x is zero at invalid rows)."""
-    a = tl.abs(x)
-    tl.store(RS + which * plane + r_at, tl.sum(x, 1), mask=valid)
-    tl.store(RS + (which + 1) * plane + r_at, tl.sum(a, 1), mask=valid)
+def _store_block_sums(RB, x, b_at, plane_blk, which: tl.constexpr):
+    """Σ x and Σ |x| over the block's rows (``x`` is zero at invalid rows) into planes ``which``
+    and ``which + 1`` of ``RB``."""
     tl.store(RB + which * plane_blk + b_at, tl.sum(x, 0))
-    tl.store(RB + (which + 1) * plane_blk + b_at, tl.sum(a, 0))
+    tl.store(RB + (which + 1) * plane_blk + b_at, tl.sum(tl.abs(x), 0))
 
 
 @triton.jit
-def _bwd_rows(Q, DO, O, DD, RS, RB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
-              N, T, bn_offset, plane, plane_blk, H: tl.constexpr, BLOCK_M: tl.constexpr, CHECKS: tl.constexpr):
+def _weights(x, y, z, sigma, dt, ROWS: tl.constexpr):
+    """The 16 columns the gradients' checks multiply on the tensor cores (module docstring):
+    ``Σ_h x``, ``Σ_h |x|``, ``Σ_h y``, ``Σ_h |z|`` of each row, scaled by ``sigma`` and split
+    into three parts of ``dt`` each (columns 0–11), and ones (column 12)."""
+    col = tl.arange(0, 16)[None, :]
+    t = tl.where(col == 12, 1.0, tl.zeros([ROWS, 16], tl.float32)).to(dt)
+    t = _put_parts(t, tl.sum(x, 1) * sigma, col, 0)
+    t = _put_parts(t, tl.sum(tl.abs(x), 1) * sigma, col, 3)
+    t = _put_parts(t, tl.sum(y, 1) * sigma, col, 6)
+    return _put_parts(t, tl.sum(tl.abs(z), 1) * sigma, col, 9)
+
+
+@triton.jit
+def _bwd_rows(Q, DO, O, DD, RB, WQ, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
+              N, T, bn_offset, plane_blk, sigma, H: tl.constexpr, BLOCK_M: tl.constexpr, CHECKS: tl.constexpr):
     mb = tl.program_id(0)
     bn = tl.program_id(1) + bn_offset
     b = bn // N
@@ -106,8 +117,9 @@ def _bwd_rows(Q, DO, O, DD, RS, RB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob,
     hs = tl.arange(0, H)
     rvalid = rows < T
     at = rows[:, None].to(tl.int64)
-    do = tl.load(DO + b.to(tl.int64) * sdb + n.to(tl.int64) * sdn + at * sdt + hs[None, :] * sdh,
-                 mask=rvalid[:, None], other=0.0).to(tl.float32)
+    do_in = tl.load(DO + b.to(tl.int64) * sdb + n.to(tl.int64) * sdn + at * sdt + hs[None, :] * sdh,
+                    mask=rvalid[:, None], other=0.0)
+    do = do_in.to(tl.float32)
     o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + at * sot + hs[None, :] * soh,
                 mask=rvalid[:, None], other=0.0).to(tl.float32)
     r_at = bn.to(tl.int64) * T + rows
@@ -116,12 +128,15 @@ def _bwd_rows(Q, DO, O, DD, RS, RB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob,
         q = tl.load(Q + b.to(tl.int64) * sqb + n.to(tl.int64) * sqn + at * sqt + hs[None, :] * sqh,
                     mask=rvalid[:, None], other=0.0).to(tl.float32)
         b_at = (bn.to(tl.int64) * tl.num_programs(0) + mb) * H + hs
-        _store_sums(RS, RB, q, r_at, rvalid, b_at, plane, plane_blk, 0)
-        _store_sums(RS, RB, do, r_at, rvalid, b_at, plane, plane_blk, 2)
+        _store_block_sums(RB, q, b_at, plane_blk, 0)
+        _store_block_sums(RB, do, b_at, plane_blk, 2)
+        # columns: Σ q (0–2), Σ |q| (3–5), Σ do (6–8), Σ |do| (9–11), 1 (12)
+        w = _weights(q, do, do, sigma, do_in.dtype, BLOCK_M)
+        tl.store(WQ + r_at[:, None] * 16 + tl.arange(0, 16)[None, :], w, mask=rvalid[:, None])
 
 
 @triton.jit
-def _bwd_keys(K, V, KS, KB, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, bk_offset, plane, plane_blk,
+def _bwd_keys(K, V, KB, WK, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, bk_offset, plane_blk, sigma,
               H: tl.constexpr, BLOCK_N: tl.constexpr):
     nb = tl.program_id(0)
     bk = tl.program_id(1) + bk_offset
@@ -131,25 +146,40 @@ def _bwd_keys(K, V, KS, KB, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, bk_of
     hs = tl.arange(0, H)
     kvalid = cols < S
     at = cols[:, None].to(tl.int64)
-    k = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + at * sks + hs[None, :] * skh,
-                mask=kvalid[:, None], other=0.0).to(tl.float32)
+    k_in = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + at * sks + hs[None, :] * skh,
+                   mask=kvalid[:, None], other=0.0)
+    k = k_in.to(tl.float32)
     v = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + at * svs + hs[None, :] * svh,
                 mask=kvalid[:, None], other=0.0).to(tl.float32)
-    c_at = bk.to(tl.int64) * S + cols
     b_at = (bk.to(tl.int64) * tl.num_programs(0) + nb) * H + hs
-    _store_sums(KS, KB, k, c_at, kvalid, b_at, plane, plane_blk, 0)
-    va = tl.abs(v)
-    tl.store(KS + 2 * plane + c_at, tl.sum(va, 1), mask=kvalid)
-    tl.store(KB + 2 * plane_blk + b_at, tl.sum(v, 0))
-    tl.store(KB + 3 * plane_blk + b_at, tl.sum(va, 0))
+    _store_block_sums(KB, k, b_at, plane_blk, 0)
+    _store_block_sums(KB, v, b_at, plane_blk, 2)
+    # columns: Σ k (0–2), Σ |k| (3–5), Σ |v| (6–8; 9–11 unused), 1 (12)
+    w = _weights(k, tl.abs(v), v, sigma, k_in.dtype, BLOCK_N)
+    tl.store(WK + (bk.to(tl.int64) * S + cols)[:, None] * 16 + tl.arange(0, 16)[None, :], w, mask=kvalid[:, None])
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
+def _mm_acc(a, b, acc, UPCAST: tl.constexpr):
+    """``acc + a·b`` on the tensor cores (upcast in the interpreter, as :func:`_mm`)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _column(acc, c0: tl.constexpr, parts: tl.constexpr):
+    """The sum of columns ``c0..c0+parts-1`` of a ``(rows, 16)`` accumulator."""
+    col = tl.arange(0, 16)[None, :]
+    return tl.sum(tl.where((col >= c0) & (col < c0 + parts), acc, 0.0), 1)
+
+
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk, rplane, rplane_blk,
-              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, allow,
+              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk, rplane_blk,
+              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, allow, sigma, under,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
               CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
@@ -174,14 +204,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STAT
     m_end = (hi + BLOCK_M - 1) // BLOCK_M
     dk = tl.zeros([BLOCK_N, H], tl.float32)
     dv = tl.zeros([BLOCK_N, H], tl.float32)
-    # the checks' sums over the query rows, per key: actual and predicted, and magnitudes; the
+    # the checks' sums over the query rows, per key: of S, dP, P and dS; the gradients' predictions
+    # and magnitudes as products with the rows' weights (e_p: P̃·W, e_d: dS̃·W, e_a: |dS̃|·W); the
     # operand sums of Q and dO over the visited query blocks
     s_act = tl.zeros([BLOCK_N], tl.float32)
     p_act = tl.zeros([BLOCK_N], tl.float32)
-    dk_pred = tl.zeros([BLOCK_N], tl.float32)
-    dk_mag = tl.zeros([BLOCK_N], tl.float32)
-    dv_pred = tl.zeros([BLOCK_N], tl.float32)
-    dv_mag = tl.zeros([BLOCK_N], tl.float32)
+    e_p = tl.zeros([BLOCK_N, 16], tl.float32)
+    e_d = tl.zeros([BLOCK_N, 16], tl.float32)
+    e_a = tl.zeros([BLOCK_N, 16], tl.float32)
     p_tot = tl.zeros([BLOCK_N], tl.float32)
     ds_tot = tl.zeros([BLOCK_N], tl.float32)
     q_sum = tl.zeros([H], tl.float32)
@@ -229,11 +259,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STAT
             dsm = ds.to(dt)
             dk += _mm(dsm, tl.trans(q_t), UPCAST)
             if CHECKS:
-                at = r_off + rows
-                qr = tl.load(RS + at, mask=rvalid, other=0.0)
-                qra = tl.load(RS + rplane + at, mask=rvalid, other=0.0)
-                dor = tl.load(RS + 2 * rplane + at, mask=rvalid, other=0.0)
-                dora = tl.load(RS + 3 * rplane + at, mask=rvalid, other=0.0)
+                w = tl.load(WQ + (r_off + rows)[:, None] * 16 + tl.arange(0, 16)[None, :], mask=rvalid[:, None],
+                            other=0.0)
+                e_p = _mm_acc(pm, w, e_p, UPCAST)
+                e_d = _mm_acc(dsm, w, e_d, UPCAST)
+                e_a = _mm_acc(tl.abs(dsm), w, e_a, UPCAST)
                 blk = ((b.to(tl.int64) * N + n) * n_mblocks + mb) * H + hs
                 q_sum += tl.load(RB + blk)
                 q_abs += tl.load(RB + rplane_blk + blk)
@@ -241,12 +271,6 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STAT
                 do_abs += tl.load(RB + 3 * rplane_blk + blk)
                 s_act += tl.sum(qk, 1)
                 p_act += tl.sum(dp, 1)
-                dsf = dsm.to(tl.float32)
-                dk_pred += tl.sum(dsf * qr[None, :], 1)
-                dk_mag += tl.sum(tl.abs(dsf) * qra[None, :], 1)
-                pf = pm.to(tl.float32)
-                dv_pred += tl.sum(pf * dor[None, :], 1)
-                dv_mag += tl.sum(pf * dora[None, :], 1)
                 # this kernel's P and dS summed over its tiles: the runner adds the blocks of a
                 # head group and compares them with the rows' totals (1 and 0 per attended row)
                 p_tot += tl.sum(p, 1)
@@ -268,10 +292,14 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STAT
                  (coef_qk * s_mag + allow) * scale, False)
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 1, p_act - p_pred,
                  coef_dp * p_mag + allow, False)
+        dk_pred = _column(e_d, 0, 3) / sigma
+        dk_mag = _column(e_a, 3, 3) / sigma
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 2, (tl.sum(dk, 1) - dk_pred) * scale,
-                 (coef_dk * dk_mag + allow) * scale, False)
+                 (coef_dk * dk_mag + allow + under * _column(e_a, 12, 1)) * scale, False)
+        dv_pred = _column(e_p, 6, 3) / sigma
+        dv_mag = _column(e_p, 9, 3) / sigma
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 3, tl.sum(dv, 1) - dv_pred,
-                 coef_dv * dv_mag + allow, False)
+                 coef_dv * dv_mag + allow + under * _column(e_p, 12, 1), False)
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * skgb + kh.to(tl.int64) * skgk + cols[:, None].to(tl.int64) * skgs
              + hs[None, :] * skgh, dk.to(DK.dtype.element_ty), mask=kvalid[:, None])
@@ -280,11 +308,11 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RS, RB, STAT
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STATS, FLAGS, COUNT, FT, FV,
+def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STATS, FLAGS, COUNT, FT, FV,
             sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
             sqgb, sqgn, sqgt, sqgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-            N, G, KH, T, S, scale, win_left, win_right, bn_offset, n_faults, plane, kplane, kplane_blk, n_nblocks,
-            coef_qk, coef_dp, coef_dq, coef_d, soft0, soft_mu, coef_ds, allow,
+            N, G, KH, T, S, scale, win_left, win_right, bn_offset, n_faults, plane, kplane_blk, n_nblocks,
+            coef_qk, coef_dp, coef_dq, coef_d, soft0, soft_mu, coef_ds, allow, sigma, mag_up, under, p_under,
             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
             STORE_DS: tl.constexpr, CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
@@ -309,7 +337,7 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STA
     v_off = b.to(tl.int64) * svb + kh.to(tl.int64) * svk
     m_off = b.to(tl.int64) * smb + n.to(tl.int64) * smn
     b_off = b.to(tl.int64) * sbb + n.to(tl.int64) * sbn
-    ks_off = (b.to(tl.int64) * KH + kh) * S
+    ks_off = (b.to(tl.int64) * KH + kh) * S  # WK's rows of this kv head
     kb_off = (b.to(tl.int64) * KH + kh) * n_nblocks
     qend, kend = _ends(QLEN, KLEN, b, T, S, HAS_QLEN, HAS_KLEN)
     live = rows < qend
@@ -321,10 +349,11 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STA
     s_act = tl.zeros([BLOCK_M], tl.float32)
     p_act = tl.zeros([BLOCK_M], tl.float32)
     psum = tl.zeros([BLOCK_M], tl.float32)
-    dq_pred = tl.zeros([BLOCK_M], tl.float32)
-    dq_mag = tl.zeros([BLOCK_M], tl.float32)
     ds_sum = tl.zeros([BLOCK_M], tl.float32)
-    pw = tl.zeros([BLOCK_M], tl.float32)
+    # products with the keys' weights (as in _bwd_dkdv): e_d = dS̃·W, e_a = |dS̃|·W, e_p = P̃·W
+    e_d = tl.zeros([BLOCK_M, 16], tl.float32)
+    e_a = tl.zeros([BLOCK_M, 16], tl.float32)
+    e_p = tl.zeros([BLOCK_M, 16], tl.float32)
     k_sum = tl.zeros([H], tl.float32)
     k_abs = tl.zeros([H], tl.float32)
     v_sum = tl.zeros([H], tl.float32)
@@ -355,9 +384,11 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STA
         if STORE_DS:
             tl.store(DS + ((b.to(tl.int64) * N + n) * T + r2) * S + c2, ds, mask=rvalid[:, None] & kvalid[None, :])
         if CHECKS:
-            kc = tl.load(KS + ks_off + cols, mask=kvalid, other=0.0)
-            kca = tl.load(KS + kplane + ks_off + cols, mask=kvalid, other=0.0)
-            vca = tl.load(KS + 2 * kplane + ks_off + cols, mask=kvalid, other=0.0)
+            w = tl.load(WK + (ks_off + cols)[:, None] * 16 + tl.arange(0, 16)[None, :], mask=kvalid[:, None],
+                        other=0.0)
+            e_d = _mm_acc(dsm, w, e_d, UPCAST)
+            e_a = _mm_acc(tl.abs(dsm), w, e_a, UPCAST)
+            e_p = _mm_acc(p.to(dt), w, e_p, UPCAST)
             blk = (kb_off + t) * H + hs
             k_sum += tl.load(KB + blk)
             k_abs += tl.load(KB + kplane_blk + blk)
@@ -366,11 +397,7 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STA
             s_act += tl.sum(qk, 1)
             p_act += tl.sum(dp, 1)
             psum += tl.sum(p, 1)
-            dsf = dsm.to(tl.float32)
-            dq_pred += tl.sum(dsf * kc[None, :], 1)
-            dq_mag += tl.sum(tl.abs(dsf) * kca[None, :], 1)
             ds_sum += tl.sum(ds, 1)
-            pw += tl.sum(p * vca[None, :], 1)
     if INJECT:
         dq = _inject(dq, rows, hs, FT, FV, n_faults, b, n, SITE_BWD_DQ, 0, scale)
     if CHECKS:
@@ -386,8 +413,10 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STA
         target = tl.where(attended, 1.0, 0.0)
         soft = tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, psum - target, soft + allow, False)
+        dq_pred = _column(e_d, 0, 3) / sigma
+        dq_mag = _column(e_a, 3, 3) / sigma
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 3, (tl.sum(dq, 1) - dq_pred) * scale,
-                 (coef_dq * dq_mag + allow) * scale, False)
+                 (coef_dq * dq_mag + allow + under * _column(e_a, 12, 1)) * scale, False)
         o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + rows[:, None].to(tl.int64) * sot
                     + hs[None, :] * soh, mask=rvalid[:, None], other=0.0).to(tl.float32)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 4, tl.sum(dof * o, 1) - di,
@@ -395,6 +424,7 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KS, KB, STA
         # dS's rows sum to 0 (Σ_j p_ij·dp_ij = D_i): judged against ‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|,
         # a bound on Σ_j p_ij·|dO_i|·|v_j|, with P's own error on top (docs/tolerances.md)
         dmax = tl.max(tl.abs(dof), 1)
+        pw = _column(e_p, 6, 3) / sigma * mag_up + under * _column(e_p, 12, 1) + p_under * tl.sum(v_abs, 0)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, ds_sum,
                  (coef_ds + 2.0 * soft) * dmax * pw + allow, False)
 

@@ -176,6 +176,22 @@ def _prepass(K, V, KSUM, VCOL, COUNT, skb, skk, sks, skh, svb, svk, svs, svh, KH
 
 
 @triton.jit
+def _put_parts(t, x, col, c0: tl.constexpr):
+    """``t`` (rows × 16, in the input dtype) with float32 ``x`` split into three parts of that
+    dtype in columns ``c0..c0+2``: ``x − Σ parts`` is within ``u_in³·|x|`` (or the dtype's
+    underflow) of zero, so a product of a tile with ``t`` on the tensor cores yields ``x``'s
+    weighted sums nearly exactly."""
+    dt = t.dtype
+    hi = x.to(dt)
+    r = x - hi.to(tl.float32)
+    mid = r.to(dt)
+    lo = (r - mid.to(tl.float32)).to(dt)
+    t = tl.where(col == c0, hi[:, None], t)
+    t = tl.where(col == c0 + 1, mid[:, None], t)
+    return tl.where(col == c0 + 2, lo[:, None], t)
+
+
+@triton.jit
 def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H: tl.constexpr, CHUNK: tl.constexpr):
     hs = tl.arange(0, H)
     base = KSUM + ((bk.to(tl.int64) * n_chunks + c) * 2) * H
@@ -185,22 +201,10 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H
     v = v.to(tl.float32)
     vs = tl.sum(v, 1) * vcol_scale  # a power of two (tol.fused_vcol_scale): exact, and no overflow
     va = tl.sum(tl.abs(v), 1) * vcol_scale
-    s_hi = vs.to(dt)
-    s_r = vs - s_hi.to(tl.float32)
-    s_mid = s_r.to(dt)
-    s_lo = (s_r - s_mid.to(tl.float32)).to(dt)
-    a_hi = va.to(dt)
-    a_r = va - a_hi.to(tl.float32)
-    a_mid = a_r.to(dt)
-    a_lo = (a_r - a_mid.to(tl.float32)).to(dt)
     col = tl.arange(0, 16)[None, :]
-    zero = tl.zeros([CHUNK, 16], tl.float32).to(dt)
-    t = tl.where(col == 0, s_hi[:, None], zero)
-    t = tl.where(col == 1, s_mid[:, None], t)
-    t = tl.where(col == 2, s_lo[:, None], t)
-    t = tl.where(col == 3, a_hi[:, None], t)
-    t = tl.where(col == 4, a_mid[:, None], t)
-    t = tl.where(col == 5, a_lo[:, None], t)
+    t = tl.zeros([CHUNK, 16], tl.float32).to(dt)
+    t = _put_parts(t, vs, col, 0)
+    t = _put_parts(t, va, col, 3)
     out = VCOL + (bk.to(tl.int64) * S + rows[:, None]) * 16 + col
     tl.store(out, t, mask=valid[:, None])
 
