@@ -101,9 +101,6 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                on_fault=on_fault, fault=fault,
                                implementation="unfused" if impl == implementations.AUTO else impl,
                                traced_faults=_TRACED_FAULTS)
-    if sites := spec_faults.sites_of(fault, spec_faults.BACKWARD_SITES):
-        raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only the PyTorch "
-                         f"backend's implementation='triton' has")
     mask, bias, query_seq_lengths, key_value_seq_lengths = extra
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
@@ -122,6 +119,9 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                               masking=given)
         if refusal is not None:
             raise refusal.exception()
+    if (sites := spec_faults.sites_of(fault, spec_faults.BACKWARD_SITES)) and impl != "pallas":
+        raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only "
+                         f"implementation='pallas' has; this call runs {impl!r}")
     if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
         interpret = fused.resolve_interpret(query, interpret)
         lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan,
@@ -130,9 +130,10 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
 
 
 def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengths=None,
-            key_value_seq_lengths=None):
+            key_value_seq_lengths=None, site: str | None = None, warn: bool = False):
     """Run a resolved call: the only place that knows which implementation runs, and the only
-    place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``)."""
+    place that applies ``on_fault="raise"`` (the implementations apply ``"correct"`` and ``"nan"``).
+    The fused backward counts its verdict under ``site`` plus ``" (backward)"``."""
     cfg = call.settings
     on_fault = "report" if cfg.on_fault == "raise" else cfg.on_fault
     common = dict(checks=cfg.checks, granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
@@ -142,6 +143,8 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
             out, report = fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering,
                                     bias=bias, mask=mask, query_lengths=query_seq_lengths,
                                     key_lengths=key_value_seq_lengths, masks=call.masking, empty=call.empty,
+                                    backward=fused.BackwardSettings(f"{site or 'unnamed'} (backward)",
+                                                                    cfg.on_fault, warn, counters.record),
                                     **common)
         case "unfused":
             arr = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
@@ -175,7 +178,7 @@ def dispatch(query, key, value, *, takes_report: bool = True, site=None, **kwarg
     call, arrays = resolve(query, key, value, **kwargs)
     on_fault, warn = policy.effective_on_fault(call.settings.on_fault, takes_report)
     call = call._replace(settings=call.settings._replace(on_fault=on_fault))
-    out, report = execute(call, *arrays)
+    out, report = execute(call, *arrays, site=site, warn=warn)
     counters.record(site, report.detected, warn)
     return out, report
 

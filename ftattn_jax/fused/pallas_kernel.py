@@ -33,7 +33,8 @@ Inputs besides q, k, v, per (batch, kv head), computed by the caller in XLA:
     bit) and ``fv`` float32 ``(F,)`` values, read at run time.
 
 Outputs: ``o`` ``(B, T, N, H)``, ``qfin`` float32 ``(B, N, T)`` (1 where the
-query row is finite), and per check two float32 ``(B, N, T)`` arrays: the
+query row is finite), with ``Config.lse`` each row's base-2 log-sum-exp (float32
+``(B, N, T)``), and per check two float32 ``(B, N, T)`` arrays: the
 signed difference (``qk_row``, ``pv_row``; the residual for ``softmax_dmr``)
 and the threshold.
 """
@@ -148,6 +149,8 @@ class Config:
     has_klen: bool = False
     #: a row with nothing attended gets the mean of every value row (jax.nn's rule), not zero
     uniform: bool = False
+    #: also write each row's base-2 log-sum-exp (for the fused backward, :mod:`.pallas_backward`)
+    lse: bool = False
 
     @property
     def band(self) -> tuple[int, int]:
@@ -155,8 +158,9 @@ class Config:
         return masking.band(self.window, self.causal)
 
 
-def _inject(x, rows, cols, ft_ref, fv_ref, cfg: Config, b, n, site: int, replica: int, unit):
-    """Apply the plan's faults at (b, n, row, col) of ``site``/``replica`` that fall in this tile."""
+def _inject(x, rows, cols, ft_ref, fv_ref, cfg, b, n, site: int, replica: int, unit):
+    """Apply the plan's faults at (b, n, row, col) of ``site``/``replica`` that fall in this tile
+    (``cfg``: any kernel's config with ``n_faults``, the backward's too)."""
     for f in range(cfg.n_faults):
         here = ((ft_ref[8 * f] == site) & (ft_ref[8 * f + 1] == replica)
                 & (ft_ref[8 * f + 2] == b) & (ft_ref[8 * f + 3] == n))
@@ -176,6 +180,12 @@ def _planned(ft_ref, cfg: Config, b, n, r_lo, r_hi, c_lo, c_hi):
     return hit
 
 
+def cz_of(cfg: Config) -> float:
+    """The factor ``c_z`` that turns the kernel's logits z into base-2 units: ``scale·log2 e`` on
+    raw scores, ``log2 e`` with a bias (z is then ``scale·s + bias``)."""
+    return LOG2E if cfg.has_bias else cfg.scale * LOG2E
+
+
 def _kernel(*refs, cfg: Config, H: int):
     it = iter(refs)
     q_ref, k_ref, v_ref = next(it), next(it), next(it)
@@ -188,6 +198,7 @@ def _kernel(*refs, cfg: Config, H: int):
     vmean_ref = next(it) if cfg.uniform else None
     ft_ref, fv_ref = (next(it), next(it)) if cfg.n_faults else (None, None)
     o_ref, qfin_ref = next(it), next(it)
+    lse_ref = next(it) if cfg.lse else None
     stat_refs = list(it)
 
     BM, BN = cfg.block_m, cfg.block_n
@@ -336,6 +347,9 @@ def _kernel(*refs, cfg: Config, H: int):
         hs = lax.broadcasted_iota(jnp.int32, (H,), 0)
         o = _inject(o, rows, hs, ft_ref, fv_ref, cfg, b, n, SITE_OUT, 0, 1.0)
     o_ref[...] = o.astype(o_ref.dtype)
+    if cfg.lse:  # p_ij = exp2(z_ij·c_z − LSE_i); +inf for a row that attends nothing
+        lse_ref[...] = jnp.where(l > 0.0, jnp.where(m_raw > -jnp.inf, m_raw, 0.0) * cz_of(cfg) + jnp.log2(l),
+                                 jnp.inf)
 
     co = cfg.coef  # tol.FusedCoefficients
     outs = iter(stat_refs)
@@ -420,6 +434,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config, masks: Masks = Masks(), vm
         in_specs += [whole(ft), whole(fv)]
     n_stats = 2 * (cfg.qk + cfg.dmr + cfg.pv)
     stat_shape = jax.ShapeDtypeStruct((B, N, Tp), F32)
+    n_stats += cfg.lse
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape] + [stat_shape] * n_stats
     out_specs = [row_spec, stat_spec] + [stat_spec] * n_stats
     outs = pl.pallas_call(
@@ -471,4 +486,5 @@ def launch(q, k, v, ft, fv, cfg: Config, masks: Masks = Masks()) -> KernelOutput
     if cfg.uniform:  # B K H: the output of a row that attends nothing
         vmean = jnp.mean(v.astype(F32), axis=1)
     o, qfin, stats = forward(qp, kp, vp, kpre, vcol, ft, fv, cfg, padded, vmean)
-    return KernelOutput(o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite)
+    lse = stats.pop(0)[..., :T] if cfg.lse else None
+    return KernelOutput(o[:, :T], qfin[..., :T], tuple(x[..., :T] for x in stats), kv_finite, lse)

@@ -4,8 +4,9 @@
 (:func:`select_lowering`: the Hopper kernel of :mod:`.mosaic_kernel` or the
 portable one of :mod:`.pallas_kernel`, both with the interface of a kernel
 module), turns its per-row statistics into the usual ``Report``, applies
-``on_fault`` and gives ``jax.grad`` the backward of plain attention
-(``ftattn_jax.reference``, a ``custom_vjp``; not checked).
+``on_fault``, and gives ``jax.grad`` the fused backward (a ``custom_vjp``:
+:mod:`.pallas_backward`'s kernels, checked when the forward is, their verdict
+handled by :mod:`.gradients`).
 
 The kernels check rows only (``qk_row``, ``softmax_dmr``, ``pv_row``), like the
 Triton kernel of ``ftattn_torch``: ``full`` runs those three, ``located`` is
@@ -15,7 +16,9 @@ something was flagged) and takes the flagged rows from the recomputation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +29,11 @@ from ftattn_spec import faults as spec_faults
 from ftattn_spec import masking
 from ftattn_spec.report import make_report
 
-from .. import faults, reference
+from .. import faults
 from ..common import OPS, verdict
-from . import compat
+from . import compat, gradients
 from . import mosaic_kernel as mosaic
+from . import pallas_backward as backward
 from . import pallas_kernel as portable
 from .side_inputs import KernelOutput
 
@@ -72,22 +76,56 @@ def _allowed(cfg, B: int, T: int, S: int, mask, query_lengths, key_lengths):
                            query_lengths=query_lengths, key_lengths=key_lengths)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attend(q, k, v, bias, aux, ft, fv, cfg):
+class BackwardSettings(NamedTuple):
+    """What the fused backward does with its verdict (static: part of the compiled function).
+
+    ``record(site, detected, warn)`` counts it (``ftattn_jax.counters.record``, handed in by the
+    API layer) under ``site``; ``on_fault`` is the caller's policy: ``"nan"`` and ``"raise"``
+    poison the implicated gradient rows (a traced backward cannot raise; the count and, for
+    ``"raise"``, a ``FaultWarning`` say why), ``"correct"`` runs the backward again without the
+    plan's faults when something was flagged."""
+
+    site: str = "unnamed (backward)"
+    on_fault: str = "report"
+    warn: bool = False
+    record: Callable | None = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _attend(q, k, v, bias, aux, ft, fv, cfg, grad: BackwardSettings):
     mask, qlen, klen = aux
     return launch(q, k, v, ft, fv, cfg, portable.Masks(mask, bias, qlen, klen))
 
 
-def _attend_fwd(q, k, v, bias, aux, ft, fv, cfg):
-    return _attend(q, k, v, bias, aux, ft, fv, cfg), (q, k, v, bias, aux, ft, fv)
+def _trainable(cfg, q_shape, k_shape, dtype: str, n_faults: int):
+    """The portable kernel's config that computes what ``cfg`` does and saves the log-sum-exp: the
+    Hopper kernel does not save it yet, so a differentiated call runs the portable forward."""
+    if cfg.LOWERING == portable.LOWERING:
+        return dataclasses.replace(cfg, lse=True)
+    which = tuple(n for n, on in zip(_CHECK_ORDER, (cfg.qk, cfg.dmr, cfg.pv)) if on)
+    bs = portable.BlockSizes.get_default(False, q_shape[-1], bool(which))
+    fwd = portable.config(q_shape, k_shape, dtype, scale=cfg.scale, causal=cfg.causal, which=which,
+                          n_faults=n_faults, blocks=bs, interpret=False)
+    return dataclasses.replace(fwd, lse=True)
 
 
-def _attend_bwd(cfg, res, cts):
-    q, k, v, bias, aux, ft, fv = res
+def _attend_fwd(q, k, v, bias, aux, ft, fv, cfg, grad):
     mask, qlen, klen = aux
-    allowed = _allowed(cfg, q.shape[0], q.shape[1], k.shape[1], mask, qlen, klen)
-    dq, dk, dv, dbias = reference.attention_vjp(q, k, v, cfg.scale, cfg.causal, cts[0], bias=bias, allowed=allowed,
-                                                uniform=getattr(cfg, "uniform", False), query_lengths=qlen)
+    n_faults = 0 if fv is None else fv.shape[0]
+    fwd = _trainable(cfg, q.shape, k.shape, jnp.dtype(q.dtype).name, n_faults)
+    got = launch(q, k, v, ft, fv, fwd, portable.Masks(mask, bias, qlen, klen))
+    return got._replace(lse=None), (q, k, v, bias, aux, ft, fv, got.out, got.lse)
+
+
+def _attend_bwd(cfg, grad, res, cts):
+    q, k, v, bias, aux, ft, fv, out, lse = res
+    mask, qlen, klen = aux
+    dtype = jnp.dtype(q.dtype).name
+    fwd = _trainable(cfg, q.shape, k.shape, dtype, 0 if fv is None else fv.shape[0])
+    checks = bool(fwd.qk or fwd.dmr or fwd.pv)
+    bcfg = backward.backward_config(fwd, q.shape[-1], dtype, checks=checks)
+    masks = portable.Masks(mask, bias, qlen, klen)
+    dq, dk, dv, dbias = gradients.checked(q, k, v, out, lse, cts[0], ft, fv, bcfg, masks, grad, fwd.uniform)
     zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
     return (dq, dk, dv, dbias, tuple(zero_int(x) for x in aux), zero_int(ft),
             None if fv is None else jnp.zeros_like(fv))
@@ -164,14 +202,15 @@ def resolve_interpret(query, interpret: bool | None) -> bool:
 def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool,
         on_fault: str = "report", plan=None, interpret: bool | None = None, blocks=None,
         lowering: str | None = None, bias=None, mask=None, query_lengths=None, key_lengths=None,
-        masks: masking.Masking | None = None, empty: str = "zero"):
+        masks: masking.Masking | None = None, empty: str = "zero", backward: BackwardSettings | None = None):
     """The fused path: inputs validated, the catalogue consulted; ``checks`` are those to run.
 
     ``interpret=None`` interprets unless the query lives on a GPU;
     ``lowering`` picks the kernel (:func:`select_lowering`); with ``lowering`` None or
     ``"auto"``, ``blocks`` (a kernel's block sizes) names it. The mask arrays and
     ``masks`` (their validated ``ftattn_spec.masking.Masking``, window included) are those
-    of the unfused path; ``empty`` how a row with nothing attended is filled.
+    of the unfused path; ``empty`` how a row with nothing attended is filled; ``backward`` what
+    the fused backward does with its verdict (:class:`BackwardSettings`).
     """
     interpret = resolve_interpret(query, interpret)
     if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
@@ -187,7 +226,7 @@ def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: 
         return _run(query, key, value, None if bias is None else jnp.asarray(bias), aux, faults.to_device(plan),
                     checks=tuple(checks), granularity=granularity, scale=scale, is_causal=is_causal,
                     on_fault=on_fault, interpret=bool(interpret), blocks=bs, masks=masks if given else None,
-                    uniform=empty == "uniform")
+                    uniform=empty == "uniform", grad=backward or BackwardSettings())
 
 
 def _first_form(masks) -> str | None:
@@ -203,10 +242,10 @@ def _first_form(masks) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=("checks", "granularity", "scale", "is_causal", "on_fault",
-                                             "interpret", "blocks", "masks", "uniform"))
+                                             "interpret", "blocks", "masks", "uniform", "grad"))
 def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], bias, aux,
          plan, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str,
-         interpret: bool, blocks: "BlockSizes | MosaicBlocks", masks, uniform: bool):
+         interpret: bool, blocks: "BlockSizes | MosaicBlocks", masks, uniform: bool, grad: BackwardSettings):
     wanted = checks
     dtype = jnp.dtype(query.dtype).name
     ft, fv, n_faults = _fault_table(plan)
@@ -215,7 +254,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     v = faults.inject(value, "value", "BSKH", plan)
     cfg = config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=wanted, n_faults=n_faults,
                  blocks=blocks, interpret=interpret, masking=masks, uniform=uniform)
-    out, qfin, stats, kv_finite = _attend(q, k, v, bias, aux, ft, fv, cfg)
+    out, qfin, stats, kv_finite, _ = _attend(q, k, v, bias, aux, ft, fv, cfg, grad)
     qfin, stats = jax.lax.stop_gradient((qfin, stats))
     if plan is None:
         finite = jnp.all(qfin > 0) & kv_finite
@@ -242,7 +281,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         if on_fault == "correct":
             clean = config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=(), n_faults=0,
                            blocks=blocks, interpret=interpret, masking=masks, uniform=uniform)
-            redo = lambda o: jnp.where(rows_btn, _attend(q, k, v, bias, aux, None, None, clean)[0], o)  # noqa: E731
+            redo = lambda o: jnp.where(rows_btn, _attend(q, k, v, bias, aux, None, None, clean, grad)[0], o)  # noqa: E731
             out = jax.lax.cond(detected, redo, lambda o: o, out)
             corrected = jnp.sum(rows, dtype=jnp.int32)
         else:

@@ -26,6 +26,7 @@ class KernelOutput(NamedTuple):
     qfin: Array
     stats: tuple
     kv_finite: Array
+    lse: Array | None = None  # float32 (B, N, T), base 2, where the kernel saved it for its backward
 
 
 def _split3(x: Float[Array, "..."], dtype) -> list[Array]:
