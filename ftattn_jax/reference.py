@@ -1,8 +1,8 @@
-"""Plain attention in float32, unchecked: the fused kernels' backward and the gradient oracle.
+"""Plain attention in float32, unchecked: the readable oracle of outputs and gradients.
 
-``attention`` is the readable formula the fused kernel's ``custom_vjp`` differentiates
-(its backward is this function's, not checked), and what tests compare
-gradients against. It imports nothing of the implementations.
+``attention`` is the formula tests compare the implementations' outputs and gradients
+against (the fused kernels have their own backward, ``fused/pallas_backward.py``). It
+imports nothing of the implementations.
 """
 
 from __future__ import annotations
@@ -49,15 +49,3 @@ def attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"], v: Float[A
         p = jnp.where(empty, 1.0 / S, p)
     o = jnp.einsum("bnts,bsnh->btnh", p, vf, precision=jax.lax.Precision.HIGHEST)
     return o
-
-
-def attention_vjp(q, k, v, scale: float, causal: bool, grad_out, *, bias=None, allowed=None, uniform=False,
-                  query_lengths=None):
-    """Gradients of :func:`attention` with respect to ``q``, ``k``, ``v`` and ``bias`` (None
-    without one), in their dtypes."""
-    fn = lambda q, k, v, b: attention(q, k, v, scale, causal, bias=b, allowed=allowed,  # noqa: E731
-                                      uniform=uniform, query_lengths=query_lengths)
-    _, vjp = jax.vjp(fn, q, k, v, bias)
-    dq, dk, dv, db = vjp(grad_out.astype(F32))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-            None if bias is None else db.astype(bias.dtype))

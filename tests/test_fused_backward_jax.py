@@ -217,3 +217,34 @@ def test_unchecked_scheme_runs_the_fused_backward_without_checks():
     _, checked = _backward_counts("base", SMALL, is_causal=True)
     for a, b in zip(grads, checked):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dropin_gradients_match_jax_nn_with_an_empty_row_and_a_bias():
+    """The drop-in through the fused backward against ``jax.nn.dot_product_attention``'s own
+    gradient (XLA, float32): a row whose mask is all False takes the mean of every value row
+    (jax.nn's rule), so its dO reaches every value row; the bias gets its gradient."""
+    from ftattn_jax.nn import dot_product_attention
+
+    B, T, S, N, K, H = 2, 19, 23, 4, 2, 16
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    bias = jnp.asarray(rng.standard_normal((1, N, T, S)), jnp.float32)
+    mask = np.asarray(rng.random((B, 1, T, S)) > 0.4)
+    mask[1, 0, 5] = False  # an empty row
+    mask = jnp.asarray(mask)
+    g = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+
+    def loss(f):
+        return lambda q, k, v, b: jnp.sum(f(q, k, v, bias=b, mask=mask) * g)
+
+    half = [x.astype(jnp.float16) for x in (q, k, v, bias)]
+    fused = jax.grad(loss(lambda *a, **kw: dot_product_attention(*a, implementation="pallas", **kw)),
+                     argnums=(0, 1, 2, 3))(*half)
+    plain = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2, 3))(
+        *(x.astype(jnp.float32) for x in half))
+    for name, a, b in zip(("q", "k", "v", "bias"), fused, plain):
+        assert a.shape == b.shape and a.dtype == jnp.float16
+        b = np.asarray(b)  # float16 products and P: about 1e-3 of the largest gradient
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * np.abs(b).max(), rtol=0,
+                                   err_msg=f"d{name}")
