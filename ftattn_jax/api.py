@@ -253,9 +253,10 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
       is a ``ftattn_spec.Report`` pytree of arrays (see its docs for shapes). A
       row with no attended key has output zero.
 
-    Works under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (the gradient is that
-    of plain attention; the backward pass is not checked); all checks run on
-    device with no host synchronisation.
+    Works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``; all checks run on device
+    with no host synchronisation. With ``implementation="pallas"`` the backward is the
+    fused one, checked when the forward is (its verdict counted under ``site`` plus
+    ``" (backward)"``, docs/faults.md); the unfused path's backward is plain autodiff.
     """
     return dispatch(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity,
                             scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,

@@ -50,8 +50,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale: flo
     detection does when nobody reads the report). ``return_residual=True`` is
     not supported (an error).
 
-    Differentiable (``jax.grad``): the gradient is that of plain attention;
-    the backward pass is not checked.
+    Differentiable (``jax.grad``): on the fused kernel the backward is fused and
+    checked (docs/faults.md, "The backward's verdict"); on the unfused path it is
+    plain autodiff, not checked.
     """
     if return_residual is not False:
         raise ValueError(f"return_residual: expected False (ftattn does not return the logsumexp), "

@@ -65,8 +65,9 @@ class BackwardCoefficients(NamedTuple):
     sigma: float
     mag_up: float
     under: float
-    #: p̃'s own underflow (absolute, per element): where P rounds to zero in the input dtype
-    #: (float16 below 2⁻²⁵), the bwd_ds magnitude read with p̃ misses it
+    #: the input dtype's underflow (absolute, per element): where P̃ rounds to zero (float16
+    #: below 2⁻²⁵) the bwd_ds magnitude read with it misses that, and the forward's stored P̂
+    #: and O carry it into D: bwd_ds adds p_under·(‖dO_i‖∞·Σ_j Σ_h |v_jh| + Σ_h |dO_ih|)
     p_under: float
 
 

@@ -394,6 +394,7 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
         of = o_ref[...].astype(F32)
         attended = lse < jnp.inf
         soft = jnp.where(attended, co.softmax0 + co.softmax_mu * jnp.abs(lse), 0.0)
+        dmax = jnp.max(jnp.abs(dof), axis=1)
         pw = _column(e_p, 6, 3) / sig * co.mag_up + co.under * _column(e_p, 12, 1) + co.p_under * jnp.sum(va)
         pairs = (
             ((s_act - jnp.sum(qf * ks[None, :], 1)) * cfg.scale,
@@ -403,7 +404,8 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
             ((jnp.sum(dq, 1) - _column(e_d, 0, 3) / sig) * cfg.scale,
              (co.dq * _column(e_a, 3, 3) / sig + co.allow_row + co.under * _column(e_a, 12, 1)) * cfg.scale),
             (jnp.sum(dof * of, 1) - di, co.d * jnp.sum(jnp.abs(dof * of), 1) + co.allow_row),
-            (ds_sum, (co.ds + 2.0 * soft) * jnp.max(jnp.abs(dof), axis=1) * pw + co.allow_row),
+            (ds_sum, (co.ds + 2.0 * soft) * dmax * pw + co.allow_row
+             + co.p_under * (dmax * jnp.sum(va) + jnp.sum(jnp.abs(dof), 1))),
         )
         o = iter(outs)
         for diff, thr in pairs:

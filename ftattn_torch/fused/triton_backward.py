@@ -425,8 +425,10 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STA
         # a bound on Σ_j p_ij·|dO_i|·|v_j|, with P's own error on top (docs/tolerances.md)
         dmax = tl.max(tl.abs(dof), 1)
         pw = _column(e_p, 6, 3) / sigma * mag_up + under * _column(e_p, 12, 1) + p_under * tl.sum(v_abs, 0)
+        # the forward's P̂ and O, stored in the input dtype, may underflow (p_under per element)
+        under_o = p_under * (dmax * tl.sum(v_abs, 0) + tl.sum(tl.abs(dof), 1))
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, ds_sum,
-                 (coef_ds + 2.0 * soft) * dmax * pw + allow, False)
+                 (coef_ds + 2.0 * soft) * dmax * pw + under_o + allow, False)
 
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sqgb + n.to(tl.int64) * sqgn + rows[:, None].to(tl.int64) * sqgt
