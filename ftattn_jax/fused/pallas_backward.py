@@ -211,15 +211,18 @@ def _flag_pair(diff, thr):
     return jnp.abs(diff), thr
 
 
+def _optional_refs(it, cfg: BackwardConfig):
+    """The mask, bias, length and fault-table refs that follow a kernel's fixed inputs (None
+    where ``cfg`` has none), in :func:`launch`'s order."""
+    return tuple(next(it) if on else None for on in (cfg.has_mask, cfg.has_bias, cfg.has_qlen, cfg.has_klen,
+                                                      cfg.n_faults, cfg.n_faults))
+
+
 def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
     it = iter(refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, dd_ref = (next(it) for _ in range(6))
     rb_ref, wq_ref = (next(it), next(it)) if cfg.checks else (None, None)
-    mask_ref = next(it) if cfg.has_mask else None
-    bias_ref = next(it) if cfg.has_bias else None
-    qlen_ref = next(it) if cfg.has_qlen else None
-    klen_ref = next(it) if cfg.has_klen else None
-    ft_ref, fv_ref = (next(it), next(it)) if cfg.n_faults else (None, None)
+    mask_ref, bias_ref, qlen_ref, klen_ref, ft_ref, fv_ref = _optional_refs(it, cfg)
     dk_ref, dv_ref = next(it), next(it)
     outs = list(it)
 
@@ -312,11 +315,7 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
     it = iter(refs)
     q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dd_ref = (next(it) for _ in range(7))
     kb_ref, wk_ref = (next(it), next(it)) if cfg.checks else (None, None)
-    mask_ref = next(it) if cfg.has_mask else None
-    bias_ref = next(it) if cfg.has_bias else None
-    qlen_ref = next(it) if cfg.has_qlen else None
-    klen_ref = next(it) if cfg.has_klen else None
-    ft_ref, fv_ref = (next(it), next(it)) if cfg.n_faults else (None, None)
+    mask_ref, bias_ref, qlen_ref, klen_ref, ft_ref, fv_ref = _optional_refs(it, cfg)
     dq_ref = next(it)
     ds_ref = next(it) if cfg.has_bias else None
     outs = list(it)

@@ -1,5 +1,5 @@
 """dkdv check-cost variants: kernel times (profiler) and registers/spills. bf16 causal B2 N16 T4096 H128."""
-import importlib, re, sys, torch
+import importlib, re, torch
 import ftattn_torch as ft
 from ftattn_torch.fused import launch
 from torch.profiler import profile, ProfilerActivity
