@@ -283,6 +283,7 @@ def test_sdpa_dropin_and_module_take_the_kernel():
     assert int(m.calls) == 2 and int(m.faults_detected) == 1 and "triton" in repr(m)
 
 
+@pytest.mark.slow
 def test_opcheck_of_the_dropin_with_the_kernel():
     (q, k, v), _ = _inputs(14, "normal", "float16", T=18, S=21)
     q, k, v = (x.requires_grad_() for x in (q, k, v))

@@ -278,6 +278,7 @@ def test_cpu_default_interprets():
         ftattn_jax.attention(q, k, v, implementation="pallas", interpret=False)
 
 
+@pytest.mark.slow
 def test_verdicts_agree_with_the_triton_kernel():
     """Both backends' fused kernels, on identical inputs and fault plans, flag the same rows."""
     torch = pytest.importorskip("torch")
