@@ -346,3 +346,18 @@ def test_softmax_replica_survives_compilation(tmp_path, causal):
     (ir_full, ptx_full), (ir_base, ptx_base) = counts["full"], counts["baseline"]
     assert ir_full == 2 * ir_base, counts  # the kernel as written: one replica per exponential
     assert ptx_base > 0 and ptx_full >= 2 * ptx_base - 4, counts
+
+
+def test_checked_backward_kernels_compile_for_sm90(tmp_path):
+    """The fused backward's two kernels (``ftattn_jax/fused/pallas_backward.py``), checks on, go
+    through Pallas' Triton lowering for CUDA and Triton's compiler to sm_90 code on any machine,
+    within the H200's shared memory (228 KB per block)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    irs = kernel_ir.backward_triton_ir((1, 256, 4, 64), (1, 192, 2, 64), "bfloat16", checks=True)
+    for name, ttir in irs.items():
+        path = tmp_path / f"{name}.ttir"
+        path.write_text(_strip_locations(ttir))
+        compiled = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+        assert "ptx" in compiled.asm and 0 < compiled.metadata.shared <= 228 * 1024, name

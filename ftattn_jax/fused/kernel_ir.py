@@ -9,6 +9,7 @@ exponentials read them (``docs/kernels.md``, "Testing the compiled kernel").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import jax
@@ -17,6 +18,7 @@ from ftattn_spec.implementations import run_checks
 
 from . import compat
 from . import mosaic_kernel as mosaic
+from . import pallas_backward as backward
 from . import pallas_kernel as portable
 from .mosaic_kernel import MosaicBlocks
 from .pallas_kernel import BlockSizes
@@ -44,6 +46,33 @@ def triton_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = Fa
         raise RuntimeError("Pallas printed no Triton module while lowering the kernel")
     start = text.index("\n", text.index(marker)) + 1
     return text[start:]
+
+
+def backward_triton_ir(q_shape, k_shape, dtype: str, *, checks: bool, is_causal: bool = True,
+                       blocks: "backward.BackwardBlocks | None" = None) -> dict[str, str]:
+    """The Triton IR of the two fused backward kernels (:mod:`.pallas_backward`), lowered for
+    CUDA on any machine: ``{"dkdv": ttir, "dq": ttir}``. The test that compiles them for sm_90
+    without a GPU reads them."""
+    B, T, N, H = q_shape
+    fwd = portable.config(q_shape, k_shape, dtype, scale=H ** -0.5, causal=is_causal,
+                          which=run_checks("pallas", "full"), n_faults=0,
+                          blocks=BlockSizes.get_default(False, H, True), interpret=False)
+    cfg = backward.backward_config(fwd, H, dtype, checks=checks, blocks=blocks)
+    cfg = dataclasses.replace(cfg, debug=True)
+    shapes = [jax.ShapeDtypeStruct(s, dtype) for s in (q_shape, k_shape, k_shape, q_shape)]
+    shapes += [jax.ShapeDtypeStruct((B, N, T), "float32"), jax.ShapeDtypeStruct(q_shape, dtype)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), compat.quiet_lowering():
+        jax.jit(lambda q, k, v, o, lse, do: backward.launch(q, k, v, o, lse, do, None, None, cfg,
+                                                           portable.Masks())).trace(*shapes).lower(
+            lowering_platforms=("cuda",))
+    out = {}
+    for part in buf.getvalue().split("The Triton module for pallas_call")[1:]:
+        head, body = part.split("\n", 1)
+        out["dkdv" if "backward_dkdv" in head else "dq"] = body
+    if set(out) != {"dkdv", "dq"}:
+        raise RuntimeError(f"Pallas printed {sorted(out)} while lowering the backward, expected dkdv and dq")
+    return out
 
 
 def mosaic_ir(q_shape, k_shape, dtype: str, *, scheme: str, is_causal: bool = False,

@@ -109,6 +109,7 @@ class BackwardConfig:
     has_bias: bool = False
     has_qlen: bool = False
     has_klen: bool = False
+    debug: bool = False  # Pallas prints the kernels' jaxpr and Triton IR when it lowers them
 
     @property
     def band(self) -> tuple[int, int]:
@@ -448,7 +449,8 @@ def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardO
     sums = side_sums(qp, kp, vp, op, dop, cfg)
     dense = [_dense(masks.mask, T, S, Tp, Sp, jnp.int8), _dense(masks.bias, T, S, Tp, Sp)]
     lengths = [None if x is None else x.astype(jnp.int32) for x in (masks.query_lengths, masks.key_lengths)]
-    params = dict(compiler_params=compat.triton_params(cfg.num_warps, cfg.num_stages), interpret=cfg.interpret)
+    params = dict(compiler_params=compat.triton_params(cfg.num_warps, cfg.num_stages), interpret=cfg.interpret,
+                  debug=cfg.debug)
 
     # ---- dK, dV: grid key blocks × B × N
     full_q = pl.BlockSpec((None, Tp, None, H), lambda j, b, n: (b, 0, n, 0))
