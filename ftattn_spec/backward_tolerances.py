@@ -25,6 +25,10 @@ checks and their sums, per row ``i`` (query) or key ``j``:
   ``p_under`` times Σ_j Σ_h |v_jh| over the visited keys (p̃ may underflow where p does not:
   measured on the H200 with the "huge" inputs, whose P is meaningless noise near 2⁻¹⁰⁰).
 * ``bwd_d``: D_i recomputed in the kernel against the one the backward was given.
+* ``bwd_ds`` (per row, dQ kernel) and ``bwd_ds_col`` (per key, dK/dV kernel): the sum of dS
+  as the kernel fed it to its product against a second evaluation of each term,
+  ``p·dp − p·D`` (:func:`ds_coefficient`). A fault in dS, which the gradient checks cannot see
+  (they read dS̃ on both sides), shows there; faults in P, dP and D have checks of their own.
 
 Every coefficient is a sum of the float32 accumulation bounds ``tol.gamma`` of the sums on
 both sides, plus one ``u`` per rounding, times ``tol.MAGNITUDE_MARGIN``; which sums enter
@@ -66,8 +70,7 @@ class BackwardCoefficients(NamedTuple):
     mag_up: float
     under: float
     #: the input dtype's underflow (absolute, per element): where P̃ rounds to zero (float16
-    #: below 2⁻²⁵) the bwd_ds magnitude read with it misses that, and the forward's stored P̂
-    #: and O carry it into D: bwd_ds adds p_under·(‖dO_i‖∞·Σ_j Σ_h |v_jh| + Σ_h |dO_ih|)
+    #: below 2⁻²⁵), a magnitude read from P̃ misses up to this much of each p
     p_under: float
 
 
@@ -118,22 +121,21 @@ def softmax_coefficients(S: int, block_n: int, fwd_block_n: int) -> tuple[float,
     return tol.MAGNITUDE_MARGIN * a0, tol.MAGNITUDE_MARGIN * a_mu
 
 
-def ds_coefficient(S: int, H: int, dtype: str, block_n: int) -> float:
-    """Coefficient ``c`` of the ``bwd_ds`` threshold ``(c + 2·ε_P)·‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|`` on
-    |Σ_j ds_ij|, which is 0 exactly because Σ_j p_ij·dp_ij = dO_i·O_i = D_i.
+def ds_coefficient() -> float:
+    """Coefficient ``c`` of the ``bwd_ds`` (per row) and ``bwd_ds_col`` (per key) thresholds
+    ``c·Σ p·(|dp| + |D|) + allowance`` on ``|Σ (ds − (p·dp − p·D))|``: the sum of dS as the
+    kernel used it against a second evaluation of each term in another form.
 
-    The identity holds for the forward's exact O; the stored O differs by the forward's P̂
-    rounding (u_in per p), its accumulation over keys (γ(S)) and its rounding to the input
-    dtype (u_in): each at most ``Σ_j p_ij·|v_jh|`` per element, so at most
-    ``Σ_j p_ij·|dO_i|·|v_j| ≤ ‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|`` (the magnitude) in D. The backward's
-    dP (γ(H) per element), D (γ(H)), and its sum of dS over the tiles (γ(block_n) + γ(tiles + 1),
-    relative to Σ_j |ds_ij| ≤ 2× the magnitude) add to it; ε_P, P's recomputation error
-    (:func:`softmax_coefficients`), enters on Σ_j p_ij·|dp_ij − D_i| ≤ 2× the magnitude.
+    Both forms read the same float32 p, dp and D: ``ds = fl(p·fl(dp − D))`` is within
+    ``2u·p·|dp − D|`` of ``p·(dp − D)``, and ``fl(fl(p·dp) − fl(p·D))`` within
+    ``u·p·|dp| + u·p·|D| + u·|p·dp − p·D|``, so each term of the difference is within
+    ``4u·p·(|dp| + |D|)`` of zero (a fused multiply-add rounds less); the sum of those terms
+    adds a relative γ of itself, below one more ``u`` of the magnitude. The magnitude is
+    bounded from above: per row, ``‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh| + |D_i|·Σ_j p_ij``; per key,
+    ``(Σ_h |v_jh| + max_k Σ_h |v_kh|)·Σ_i p_ij·‖dO_i‖∞`` (|D_i| ≤ ‖dO_i‖∞·‖o_i‖₁, and o_i is an
+    average of value rows).
     """
-    u_in = tol.UNIT_ROUNDOFF[dtype]
-    tiles = math.ceil(max(int(S), 1) / block_n)
-    return tol.MAGNITUDE_MARGIN * (_G(S) + 2.0 * u_in + 3.0 * _G(H) + 2.0 * (_G(block_n) + _G(tiles + 1))
-                                   + 4.0 * _U)
+    return tol.MAGNITUDE_MARGIN * 6.0 * _U
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,7 +159,7 @@ def backward_coefficients(T: int, S: int, H: int, G: int, dtype: str, block_m: i
         dk=_gradient_check(G * T, H, dtype),
         dv=_gradient_check(G * T, H, dtype),
         d=d,
-        ds=ds_coefficient(S, H, dtype, block_n),
+        ds=ds_coefficient(),
         allow_row=tol.underflow_allowance(4 * (S + 1) * (H + 1)),
         allow_col=tol.underflow_allowance(4 * (G * T + 1) * (H + 1)),
         sigma=sigma,

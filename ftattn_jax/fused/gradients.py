@@ -27,16 +27,14 @@ F32 = jnp.float32
 
 
 def _group(got: pb.BackwardOutput, lse, cfg: pb.BackwardConfig):
-    """``bwd_softmax_kv``, ``bwd_ds_kv`` per (batch, query head): the dK/dV kernel's totals of P
-    and dS over every key against the attended rows and 0, with twice the rows' thresholds (the
-    same terms in another order) plus the reordering of P's total (as in PyTorch)."""
-    totals = got.cols.sum(-1)  # 2 B N
+    """``bwd_softmax_kv`` per (batch, query head): the dK/dV kernel's total of P over every key
+    against the attended rows, with twice the rows' thresholds (the same terms in another
+    order) plus the reordering of P's total (as in PyTorch)."""
+    total = got.cols.sum(-1)  # B N
     attended = jnp.sum(jnp.isfinite(lse), axis=-1).astype(F32)
     soft = got.rows[2 * pb.ROW_CHECKS.index("bwd_softmax") + 1].sum(-1)
-    ds = got.rows[2 * pb.ROW_CHECKS.index("bwd_ds") + 1].sum(-1)
     order = tol.gamma(cfg.block_m * cfg.block_n) + tol.gamma(-(-cfg.S // cfg.block_n) + 1) + tol.gamma(cfg.T + 1)
-    return (verdict(jnp.abs(totals[0] - attended), 2.0 * soft + order * attended, "vector", signed=False),
-            verdict(jnp.abs(totals[1]), 2.0 * ds, "vector", signed=False))
+    return (verdict(jnp.abs(total - attended), 2.0 * soft + order * attended, "vector", signed=False),)
 
 
 def _reduce_to(ds, bias):
@@ -87,7 +85,7 @@ def checked(q, k, v, out, lse, do, ft, fv, cfg: pb.BackwardConfig, masks, grad, 
             key = jnp.zeros((B, N, S), bool)
             for r in keys:
                 key = key | r.flagged
-            head = group[0].flagged | group[1].flagged  # B N: that head's whole dK, dV
+            head = group[0].flagged  # B N: that head's whole dK, dV
             key = key | head[..., None]
             key = key.reshape(B, K, N // K, S).any(2).transpose(0, 2, 1)[..., None]  # B S K 1
             nan = jnp.asarray(jnp.nan, dq.dtype)

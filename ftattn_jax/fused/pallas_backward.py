@@ -20,9 +20,9 @@ Two kernels:
   that attend them, ``dV += P̃ᵀ·dO`` and ``dK += dS̃ᵀ·Q`` with ``dS = P ∘ (dO·Vᵀ − D)``. It
   writes float32 partial gradients per query head, ``(B, S, N, H)``, which XLA sums over
   each group of ``G`` heads (no atomics; ``G`` = 1 needs no sum), and its key checks per
-  (batch, query head, key): ``bwd_qk_col``, ``bwd_dp_col``, ``bwd_dk``, ``bwd_dv``, and each
-  key's sums of P and dS over the rows, which XLA totals per head (``bwd_softmax_kv``,
-  ``bwd_ds_kv``; per query head here, per head group in PyTorch).
+  (batch, query head, key): ``bwd_qk_col``, ``bwd_dp_col``, ``bwd_dk``, ``bwd_dv``,
+  ``bwd_ds_col``, and each key's sum of P over the rows, which XLA totals per head
+  (``bwd_softmax_kv``; per query head here, per head group in PyTorch).
 ``_dq`` (grid: query blocks × B × N): ``dQ += dS̃·K`` over the keys its rows attend, and the
   row checks ``bwd_qk_row``, ``bwd_dp_row``, ``bwd_softmax``, ``bwd_dq``, ``bwd_d``,
   ``bwd_ds``; with a bias it also writes dS (float32 ``(B, N, T, S)``: the bias gradient).
@@ -60,8 +60,8 @@ W = 16  # the weights' columns
 _SITE = {s: spec_faults.SITES.index(s) for s in spec_faults.BACKWARD_SITES}
 #: the backward's checks, in the order of the kernels' outputs
 ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds")  # (B, N, T), _dq
-KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv")  # (B, N, S), _dkdv
-GROUP_CHECKS = ("bwd_softmax_kv", "bwd_ds_kv")  # (B, N)
+KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col")  # (B, N, S), _dkdv
+GROUP_CHECKS = ("bwd_softmax_kv",)  # (B, N)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,19 +135,22 @@ class Sums(NamedTuple):
 
     dd: jax.Array  # float32 (B, N, Tp)
     rb: jax.Array | None  # float32 (B, N, Tp/BM, 4, H): Σ q, Σ |q|, Σ dO, Σ |dO| per query block
-    wq: jax.Array | None  # (B, N, Tp, 16), input dtype
+    wq: jax.Array | None  # (B, N, Tp, 16), input dtype; column 13: ‖dO_i‖∞
     kb: jax.Array | None  # float32 (B, K, Sp/BN, 4, H): Σ k, Σ |k|, Σ v, Σ |v| per key block
     wk: jax.Array | None  # (B, K, Sp, 16), input dtype
+    vmax: jax.Array | None  # float32 (B, K): max_j Σ_h |v_jh| (bwd_ds_col's bound on |D|)
+    totdo: jax.Array | None  # float32 (B, N): Σ_i ‖dO_i‖∞ (bwd_ds_col's allowance for P̃'s underflow)
 
 
-def _weights(x, y, z, sigma: float, dtype):
-    """Per row (axis -1 summed): σ·Σ x, σ·Σ |x|, σ·Σ y, σ·Σ |z|, three parts each, then ones."""
+def _weights(x, y, z, sigma: float, dtype, last=None):
+    """Per row (axis -1 summed): σ·Σ x, σ·Σ |x|, σ·Σ y, σ·Σ |z|, three parts each, then ones, then
+    ``last`` (or zeros) in column 13."""
     cols = []
     for s in (x.sum(-1), jnp.abs(x).sum(-1), y.sum(-1), jnp.abs(z).sum(-1)):
         cols += _split3(s * sigma, dtype)
     one = jnp.ones_like(cols[0])
     zero = jnp.zeros_like(cols[0])
-    return jnp.stack(cols + [one] + [zero] * (W - 13), axis=-1)
+    return jnp.stack(cols + [one, zero if last is None else last.astype(dtype)] + [zero] * (W - 14), axis=-1)
 
 
 def _block_sums(x, block: int):
@@ -162,14 +165,17 @@ def side_sums(q, k, v, o, do, cfg: BackwardConfig) -> Sums:
     dof, of = do.astype(F32), o.astype(F32)
     dd = jnp.sum(dof * of, -1).transpose(0, 2, 1)
     if not cfg.checks:
-        return Sums(dd, None, None, None, None)
+        return Sums(dd, None, None, None, None, None, None)
     qf, kf, vf = q.astype(F32), k.astype(F32), v.astype(F32)
     sigma = cfg.coef.sigma
     rb = jnp.concatenate([_block_sums(qf, cfg.block_m), _block_sums(dof, cfg.block_m)], axis=3)
     kb = jnp.concatenate([_block_sums(kf, cfg.block_n), _block_sums(vf, cfg.block_n)], axis=3)
-    wq = _weights(qf, dof, dof, sigma, q.dtype).transpose(0, 2, 1, 3)  # B N Tp 16
+    do_max = jnp.max(jnp.abs(do), axis=-1)  # B Tp N, in the input dtype (exact)
+    wq = _weights(qf, dof, dof, sigma, q.dtype, do_max).transpose(0, 2, 1, 3)  # B N Tp 16
     wk = _weights(kf, jnp.abs(vf), vf, sigma, k.dtype).transpose(0, 2, 1, 3)  # B K Sp 16
-    return Sums(dd, rb, wq, kb, wk)
+    vmax = jnp.max(jnp.abs(vf).sum(-1), axis=1)  # B K (padding rows are zero)
+    totdo = do_max.astype(F32).sum(1)  # B N
+    return Sums(dd, rb, wq, kb, wk, vmax, totdo)
 
 
 def _probs(s, rows, cols, live, kend, lse, cfg: BackwardConfig, mask_t, bias_t):
@@ -222,7 +228,7 @@ def _optional_refs(it, cfg: BackwardConfig):
 def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
     it = iter(refs)
     q_ref, k_ref, v_ref, do_ref, lse_ref, dd_ref = (next(it) for _ in range(6))
-    rb_ref, wq_ref = (next(it), next(it)) if cfg.checks else (None, None)
+    rb_ref, wq_ref, vmax_ref, totdo_ref = (next(it) for _ in range(4)) if cfg.checks else (None,) * 4
     mask_ref, bias_ref, qlen_ref, klen_ref, ft_ref, fv_ref = _optional_refs(it, cfg)
     dk_ref, dv_ref = next(it), next(it)
     outs = list(it)
@@ -242,7 +248,7 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
     zh = jnp.zeros((H,), F32)
 
     def step(mb, carry):
-        dk, dv, s_act, p_act, p_col, ds_col, e_p, e_d, e_a, qs, qa, ds_, da = carry
+        dk, dv, s_act, p_act, p_col, r_col, e_p, e_d, e_a, qs, qa, ds_, da = carry
         start = pl.multiple_of(mb * BM, BM)
         rows = start + lax.broadcasted_iota(jnp.int32, (BM,), 0)
         q = q_ref[pl.ds(start, BM), :]
@@ -275,13 +281,13 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
             s_act = s_act + jnp.sum(s, axis=0)
             p_act = p_act + jnp.sum(dp, axis=0)
             p_col = p_col + jnp.sum(p, axis=0)
-            ds_col = ds_col + jnp.sum(ds, axis=0)
+            r_col = r_col + jnp.sum(ds - (p * dp - p * di[:, None]), axis=0)
             qs, qa = qs + rb_ref[mb, 0, :], qa + rb_ref[mb, 1, :]
             ds_, da = ds_ + rb_ref[mb, 2, :], da + rb_ref[mb, 3, :]
-        return dk, dv, s_act, p_act, p_col, ds_col, e_p, e_d, e_a, qs, qa, ds_, da
+        return dk, dv, s_act, p_act, p_col, r_col, e_p, e_d, e_a, qs, qa, ds_, da
 
     carry = (jnp.zeros((BN, H), F32), jnp.zeros((BN, H), F32), zf, zf, zf, zf, zw, zw, zw, zh, zh, zh, zh)
-    dk, dv, s_act, p_act, p_col, ds_col, e_p, e_d, e_a, qs, qa, ds_, da = lax.fori_loop(
+    dk, dv, s_act, p_act, p_col, r_col, e_p, e_d, e_a, qs, qa, ds_, da = lax.fori_loop(
         lo // BM, (hi + BM - 1) // BM, step, carry)
     if cfg.n_faults:  # a fault names the kv head: the group's first query head carries it
         hs = lax.broadcasted_iota(jnp.int32, (H,), 0)
@@ -302,6 +308,10 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
              (co.dk * _column(e_a, 3, 3) / sig + co.allow_col + co.under * _column(e_a, 12, 1)) * cfg.scale),
             (jnp.sum(dv, 1) - _column(e_p, 6, 3) / sig,
              co.dv * _column(e_p, 9, 3) / sig + co.allow_col + co.under * _column(e_p, 12, 1)),
+            # dS against p·dp − p·D; Σ_i p_ij·(|dp_ij| + |D_i|) <= (‖v_j‖₁ + max ‖v‖₁)·Σ_i p_ij·‖dO_i‖∞
+            (r_col, co.ds * (jnp.sum(jnp.abs(vf), 1) + vmax_ref[b, n // cfg.G] * co.mag_up)
+             * (_column(e_p, 13, 1) * co.mag_up + co.under * _column(e_p, 12, 1) + co.p_under * totdo_ref[b, n])
+             + co.allow_col),
         )
         o = iter(outs)
         for diff, thr in pairs:
@@ -309,7 +319,6 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
             next(o)[...] = r
             next(o)[...] = t
         next(o)[...] = p_col
-        next(o)[...] = ds_col
 
 
 def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
@@ -345,7 +354,7 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
         lax.fori_loop(0, ds_ref.shape[1] // BN, clear, 0)
 
     def step(t, carry):
-        dq, s_act, p_act, psum, ds_sum, e_d, e_a, e_p, ks, ka, vs, va = carry
+        dq, s_act, p_act, psum, r_sum, e_d, e_a, e_p, ks, ka, vs, va = carry
         start = pl.multiple_of(t * BN, BN)
         cols = start + lax.broadcasted_iota(jnp.int32, (BN,), 0)
         k = k_ref[pl.ds(start, BN), :]
@@ -375,13 +384,13 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
             s_act = s_act + jnp.sum(s, axis=1)
             p_act = p_act + jnp.sum(dp, axis=1)
             psum = psum + jnp.sum(p, axis=1)
-            ds_sum = ds_sum + jnp.sum(ds, axis=1)
+            r_sum = r_sum + jnp.sum(ds - (p * dp - p * di[:, None]), axis=1)
             ks, ka = ks + kb_ref[t, 0, :], ka + kb_ref[t, 1, :]
             vs, va = vs + kb_ref[t, 2, :], va + kb_ref[t, 3, :]
-        return dq, s_act, p_act, psum, ds_sum, e_d, e_a, e_p, ks, ka, vs, va
+        return dq, s_act, p_act, psum, r_sum, e_d, e_a, e_p, ks, ka, vs, va
 
     carry = (jnp.zeros((BM, H), F32), zr, zr, zr, zr, zw, zw, zw, zh, zh, zh, zh)
-    dq, s_act, p_act, psum, ds_sum, e_d, e_a, e_p, ks, ka, vs, va = lax.fori_loop(
+    dq, s_act, p_act, psum, r_sum, e_d, e_a, e_p, ks, ka, vs, va = lax.fori_loop(
         lo // BN, (hi + BN - 1) // BN, step, carry)
     if cfg.n_faults:
         hs = lax.broadcasted_iota(jnp.int32, (H,), 0)
@@ -404,8 +413,7 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
             ((jnp.sum(dq, 1) - _column(e_d, 0, 3) / sig) * cfg.scale,
              (co.dq * _column(e_a, 3, 3) / sig + co.allow_row + co.under * _column(e_a, 12, 1)) * cfg.scale),
             (jnp.sum(dof * of, 1) - di, co.d * jnp.sum(jnp.abs(dof * of), 1) + co.allow_row),
-            (ds_sum, (co.ds + 2.0 * soft) * dmax * pw + co.allow_row
-             + co.p_under * (dmax * jnp.sum(va) + jnp.sum(jnp.abs(dof), 1))),
+            (r_sum, co.ds * (dmax * pw + jnp.abs(di) * psum) + co.allow_row),
         )
         o = iter(outs)
         for diff, thr in pairs:
@@ -419,8 +427,8 @@ class BackwardOutput(NamedTuple):
     (float32 ``(B, N, T, S)``, or None), and without checks None for the rest.
 
     ``rows``: (residual, threshold) float32 ``(B, N, T)`` per check of ``ROW_CHECKS``;
-    ``keys``: the same ``(B, N, S)`` per ``KEY_CHECKS``; ``cols``: each key's sums of P and dS
-    over one head's rows, float32 ``(2, B, N, S)``."""
+    ``keys``: the same ``(B, N, S)`` per ``KEY_CHECKS``; ``cols``: each key's sum of P over one
+    head's rows, float32 ``(B, N, S)``."""
 
     dq: jax.Array
     dk: jax.Array
@@ -459,9 +467,10 @@ def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardO
     args = [qp, kp, vp, dop, lsep, sums.dd]
     specs = [full_q, kv_blk, kv_blk, full_q, row_all, row_all]
     if cfg.checks:
-        args += [sums.rb, sums.wq]
+        args += [sums.rb, sums.wq, sums.vmax, sums.totdo]
         specs += [pl.BlockSpec((None, None, *sums.rb.shape[2:]), lambda j, b, n: (b, n, 0, 0, 0)),
-                  pl.BlockSpec((None, None, Tp, W), lambda j, b, n: (b, n, 0, 0))]
+                  pl.BlockSpec((None, None, Tp, W), lambda j, b, n: (b, n, 0, 0)), _whole(sums.vmax),
+                  _whole(sums.totdo)]
     for x in dense:
         if x is not None:
             bb, nb = x.shape[0] > 1, x.shape[1] > 1
@@ -475,7 +484,7 @@ def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardO
     part_spec = pl.BlockSpec((None, BN, None, H), lambda j, b, n: (b, j, n, 0))
     key_stat = jax.ShapeDtypeStruct((B, N, Sp), F32)
     key_spec = pl.BlockSpec((None, None, BN), lambda j, b, n: (b, n, j))
-    n_key = 2 * len(KEY_CHECKS) + 2 if cfg.checks else 0
+    n_key = 2 * len(KEY_CHECKS) + 1 if cfg.checks else 0
     res = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, H=H), grid=(Sp // BN, B, N), in_specs=specs,
         out_specs=[part_spec, part_spec] + [key_spec] * n_key, out_shape=[part, part] + [key_stat] * n_key,
@@ -520,6 +529,6 @@ def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardO
     if not cfg.checks:
         return BackwardOutput(dq, dk, dv, ds, None, None, None)
     rows = tuple(x[..., :T] for x in row_out)
-    keys = tuple(x[..., :S] for x in key_out[:-2])
-    cols = jnp.stack([x[..., :S] for x in key_out[-2:]])
+    keys = tuple(x[..., :S] for x in key_out[:-1])
+    cols = key_out[-1][..., :S]
     return BackwardOutput(dq, dk, dv, ds, rows, keys, cols)

@@ -311,8 +311,8 @@ class BackwardBlocks:
 #: (B, N, T), judged by the dQ kernel
 BACKWARD_ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds")
 #: (B, K): the dK/dV kernel's P and dS, per head group (``_group_checks``)
-BACKWARD_GROUP_CHECKS = ("bwd_softmax_kv", "bwd_ds_kv")
-BACKWARD_KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv")  # (B, K, S), the dK/dV kernel
+BACKWARD_GROUP_CHECKS = ("bwd_softmax_kv",)
+BACKWARD_KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col")  # (B, K, S), the dK/dV kernel
 
 
 class BackwardLaunch(NamedTuple):
@@ -363,14 +363,19 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     dd = torch.empty((B, N, T), **f32)  # D_i = Σ_h dO_ih·O_ih
     row_stats = row_flags = key_stats = key_flags = count = blocks_out = None
     # the checks' operand sums and weights (module docstring of triton_backward)
-    rb, wq, kb, wk = (dummy,) * 4
+    rb, wq, kb, wk, vmax, totdo = (dummy,) * 6
     if checks:
         row_stats = torch.empty((2 * len(BACKWARD_ROW_CHECKS), B, N, T), **f32)
         row_flags = torch.empty((len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.bool, device=dev)
         key_stats = torch.empty((2 * len(BACKWARD_KEY_CHECKS), B, K, S), **f32)
         key_flags = torch.empty((len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.bool, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
-        blocks_out = torch.empty((2, B * K, n_nblocks), **f32)
+        blocks_out = torch.empty((1, B * K, n_nblocks), **f32)
+        # bwd_ds_col's bounds per (batch, kv head): max_j ‖v_j‖₁ and the group's Σ_i ‖dO_i‖∞
+        vmax = torch.linalg.vector_norm(value, ord=1, dim=-1, dtype=torch.float32).amax(-1).contiguous() if S \
+            else torch.zeros((B, K), **f32)
+        totdo = grad_out.abs().amax(-1).float().sum(-1).view(B, K, N // K).sum(-1).contiguous() if H \
+            else torch.zeros((B, K), **f32)
         rb, kb = torch.empty((4, B * N, n_mblocks, H), **f32), torch.empty((4, B * K, n_nblocks, H), **f32)
         wq = torch.empty((B, N, T, 16), dtype=query.dtype, device=dev)
         wk = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
@@ -393,11 +398,12 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
                 key, value, kb, wk, *key.stride(), *value.stride(), K, S, offset, B * K * n_nblocks * H,
                 coef.sigma, BLOCK_N=bs.block_n, **small)
         kern._bwd_dkdv[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
-            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rb, wq, pick(key_stats),
+            query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rb, wq, vmax, totdo, pick(key_stats),
             pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,
             *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
             n_faults, B * K * S, B * K * n_nblocks, B * N * n_mblocks * H, n_mblocks,
-            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.allow_col, coef.sigma, coef.under, **flags)
+            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.ds, coef.allow_col, coef.sigma, coef.mag_up, coef.under,
+            coef.p_under, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_dq[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
             query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, kb, wk,
@@ -412,18 +418,16 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
 
 
 def _group_checks(blocks_out: Tensor, row_stats: Tensor, lse: Tensor, K: int, bs: "BackwardBlocks", S: int):
-    """``BACKWARD_GROUP_CHECKS``: the dK/dV kernel's totals of P and dS per head group against
-    the attended rows (P) and 0 (dS), with thresholds twice the sum of the rows' own (the same
-    terms summed in another order), plus the reordering of the sum of P (γ of the tile and of
-    the block chain, on a total that is the number of rows). Returns (residual, threshold)
-    pairs, each ``(B, K)``."""
+    """``BACKWARD_GROUP_CHECKS``: the dK/dV kernel's total of P per head group against the
+    attended rows, with a threshold twice the sum of the rows' own (the same terms summed in
+    another order) plus the reordering of the sum (γ of the tile and of the block chain, on a
+    total that is the number of rows). Returns one (residual, threshold) pair, ``(B, K)`` each."""
     B, N, T = lse.shape
-    totals = blocks_out.sum(-1).view(2, B, K)
+    totals = blocks_out.sum(-1).view(B, K)
     attended = torch.isfinite(lse).view(B, K, -1).sum(-1).to(torch.float32)
     soft = row_stats[2 * BACKWARD_ROW_CHECKS.index("bwd_softmax") + 1].view(B, K, -1).sum(-1)
-    ds = row_stats[2 * BACKWARD_ROW_CHECKS.index("bwd_ds") + 1].view(B, K, -1).sum(-1)
     order = tol.gamma(bs.block_m * bs.block_n) + tol.gamma(-(-S // bs.block_n) + 1) + tol.gamma(N // K * T + 1)
-    return ((totals[0] - attended).abs(), 2.0 * soft + order * attended), (totals[1].abs(), 2.0 * ds)
+    return ((totals - attended).abs(), 2.0 * soft + order * attended),
 
 
 def dtype_name(x: Tensor) -> str:

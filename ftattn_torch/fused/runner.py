@@ -78,7 +78,7 @@ def checked_backward(query, key, value, bias, out, lse, grad_out, st: Backward, 
     report = None
     if st.checks:
         group = [verdict(r, t, "vector") for r, t in got.group]
-        detected = got.count.any() | group[0].flagged.any() | group[1].flagged.any()
+        detected = got.count.any() | group[0].flagged.any()
         corrected = torch.zeros((), dtype=torch.int32, device=q.device)
         if st.on_fault == "correct" and bool(detected):  # recompute, without the (transient) faults
             again = run(None)
@@ -88,7 +88,7 @@ def checked_backward(query, key, value, bias, out, lse, grad_out, st: Backward, 
             dq = dq.masked_fill(got.row_flags.any(0)[..., None], float("nan"))
             keys = got.key_flags.any(0)[..., None]
             dk, dv = dk.masked_fill(keys, float("nan")), dv.masked_fill(keys, float("nan"))
-            heads = (group[0].flagged | group[1].flagged)[:, :, None, None]  # a whole head group's dK, dV
+            heads = group[0].flagged[:, :, None, None]  # a whole head group's dK, dV
             dk, dv = dk.masked_fill(heads, float("nan")), dv.masked_fill(heads, float("nan"))
         report = backward_report(got, group, detected, corrected)
     return dq, dk, dv, reduce_to(ds, bias) if bias_grad else None, report

@@ -12,7 +12,8 @@ LSE_i)`` is recomputed tile by tile from Q and K, never stored. Four kernels, no
   ``(B, N, T)``); with ``CHECKS`` also the checks' operands for the rows: ``RB`` (float32
   ``(4, B·N, query blocks, H)``: Σ q, Σ |q|, Σ dO, Σ |dO| over the block's rows) and the
   weights ``WQ`` (input dtype, ``(B, N, T, 16)``: per row Σ_h q, Σ_h |q|, Σ_h dO, Σ_h |dO|,
-  each scaled by σ and split into three parts, and a column of ones; ``_weights``).
+  each scaled by σ and split into three parts, a column of ones, and ‖dO_i‖∞ in column 13;
+  ``_weights``).
 ``_bwd_keys`` (grid: key blocks × ``B·K``, only with ``CHECKS``): the same for the keys:
   ``KB`` (Σ k, Σ |k|, Σ v, Σ |v| over the block's keys) and ``WK`` (Σ_h k, Σ_h |k|, Σ_h |v|).
 ``_bwd_dkdv`` (grid: key blocks × ``B·K``): for its keys, over the ``G`` query heads of the
@@ -24,14 +25,15 @@ LSE_i)`` is recomputed tile by tile from Q and K, never stored. Four kernels, no
   only when a bias needs one).
 
 With ``CHECKS`` both kernels verify each product by a row (or key) sum predicted from a summed
-operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1 and dS's to 0. The
-sums of S, dP, P and dS are row sums of the tiles on the CUDA cores; the gradients'
-predictions and magnitudes are products of P̃, dS̃ and |dS̃| with the weights on the tensor
-cores, accumulated across tiles like the gradients themselves (on the CUDA cores, with
-float32 copies of the operands held across the loop, the first checked version was 6–14×
-the unchecked one on the H200; docs/kernels.md). The dK/dV kernel sees a key block only:
-it writes its block's totals of P and dS into ``BLOCKS`` (float32 ``(2, B·K, key blocks)``),
-which the runner adds up per head group and judges against the rows' own totals.
+operand (``ftattn_spec.backward_tolerances``); P's rows must sum to 1, and dS is compared,
+summed per row (per key), with a second evaluation of each term, ``p·dp − p·D``. The
+sums of S, dP, P and that difference are row sums of the tiles on the CUDA cores; the
+gradients' predictions and magnitudes are products of P̃, dS̃ and |dS̃| with the weights on
+the tensor cores, accumulated across tiles like the gradients themselves (on the CUDA cores,
+with float32 copies of the operands held across the loop, the first checked version was
+6–14× the unchecked one on the H200; docs/kernels.md). The dK/dV kernel sees a key block
+only: it writes its block's total of P into ``BLOCKS`` (float32 ``(1, B·K, key blocks)``),
+which the runner adds up per head group and judges against the attended rows.
 
 Every mask form of the forward (``_keep``) applies per element; the loops visit only the
 band of tiles that the window, ``is_causal`` and the lengths leave, and contain no
@@ -132,6 +134,8 @@ def _bwd_rows(Q, DO, O, DD, RB, WQ, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob,
         _store_block_sums(RB, do, b_at, plane_blk, 2)
         # columns: Σ q (0–2), Σ |q| (3–5), Σ do (6–8), Σ |do| (9–11), 1 (12)
         w = _weights(q, do, do, sigma, do_in.dtype, BLOCK_M)
+        # column 13: ‖dO_i‖∞, for the bwd_ds_col magnitude (a value of the input dtype: exact)
+        w = tl.where(tl.arange(0, 16)[None, :] == 13, tl.max(tl.abs(do), 1)[:, None].to(do_in.dtype), w)
         tl.store(WQ + r_at[:, None] * 16 + tl.arange(0, 16)[None, :], w, mask=rvalid[:, None])
 
 
@@ -175,11 +179,11 @@ def _column(acc, c0: tl.constexpr, parts: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
+def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX, TOTDO, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
               N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk, rplane_blk,
-              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, allow, sigma, under,
+              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, coef_ds, allow, sigma, mag_up, under, p_under,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
               CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
@@ -213,7 +217,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, STAT
     e_d = tl.zeros([BLOCK_N, 16], tl.float32)
     e_a = tl.zeros([BLOCK_N, 16], tl.float32)
     p_tot = tl.zeros([BLOCK_N], tl.float32)
-    ds_tot = tl.zeros([BLOCK_N], tl.float32)
+    r_tot = tl.zeros([BLOCK_N], tl.float32)
     q_sum = tl.zeros([H], tl.float32)
     q_abs = tl.zeros([H], tl.float32)
     do_sum = tl.zeros([H], tl.float32)
@@ -271,17 +275,16 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, STAT
                 do_abs += tl.load(RB + 3 * rplane_blk + blk)
                 s_act += tl.sum(qk, 1)
                 p_act += tl.sum(dp, 1)
-                # this kernel's P and dS summed over its tiles: the runner adds the blocks of a
-                # head group and compares them with the rows' totals (1 and 0 per attended row)
+                # this kernel's P summed over its tiles: the runner adds the blocks of a head group
+                # and compares them with the attended rows; dS against its second evaluation
                 p_tot += tl.sum(p, 1)
-                ds_tot += tl.sum(ds, 1)
+                r_tot += tl.sum(ds - (p * dp - p * di[None, :]), 1)
     if INJECT:
         dk = _inject(dk, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DK, 0, scale)
         dv = _inject(dv, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DV, 0, 1.0)
     if CHECKS:
         n_blocks = tl.num_programs(0)
         tl.store(BLOCKS + bk.to(tl.int64) * n_blocks + nb, tl.sum(p_tot, 0))
-        tl.store(BLOCKS + plane_blk + bk.to(tl.int64) * n_blocks + nb, tl.sum(ds_tot, 0))
         kf = k.to(tl.float32)
         vf = v.to(tl.float32)
         s_pred = tl.sum(kf * q_sum[None, :], 1)
@@ -300,6 +303,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, STAT
         dv_mag = _column(e_p, 9, 3) / sigma
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 3, tl.sum(dv, 1) - dv_pred,
                  coef_dv * dv_mag + allow + under * _column(e_p, 12, 1), False)
+        # bwd_ds_col: Σ_i p_ij·(|dp_ij| + |D_i|) <= (‖v_j‖₁ + max_k ‖v_k‖₁)·Σ_i p_ij·‖dO_i‖∞, read with
+        # p̃ from column 13 (mag_up, `under` for the column's underflow), plus P̃'s own underflow
+        # (p_under per element) times the group's Σ_i ‖dO_i‖∞ (TOTDO)
+        vspan = tl.sum(tl.abs(vf), 1) + tl.load(VMAX + bk) * mag_up
+        ds_mag = vspan * (_column(e_p, 13, 1) * mag_up + under * _column(e_p, 12, 1) + p_under * tl.load(TOTDO + bk))
+        _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 4, r_tot, coef_ds * ds_mag + allow, False)
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * skgb + kh.to(tl.int64) * skgk + cols[:, None].to(tl.int64) * skgs
              + hs[None, :] * skgh, dk.to(DK.dtype.element_ty), mask=kvalid[:, None])
@@ -349,7 +358,7 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STA
     s_act = tl.zeros([BLOCK_M], tl.float32)
     p_act = tl.zeros([BLOCK_M], tl.float32)
     psum = tl.zeros([BLOCK_M], tl.float32)
-    ds_sum = tl.zeros([BLOCK_M], tl.float32)
+    r_sum = tl.zeros([BLOCK_M], tl.float32)
     # products with the keys' weights (as in _bwd_dkdv): e_d = dS̃·W, e_a = |dS̃|·W, e_p = P̃·W
     e_d = tl.zeros([BLOCK_M, 16], tl.float32)
     e_a = tl.zeros([BLOCK_M, 16], tl.float32)
@@ -397,7 +406,7 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STA
             s_act += tl.sum(qk, 1)
             p_act += tl.sum(dp, 1)
             psum += tl.sum(p, 1)
-            ds_sum += tl.sum(ds, 1)
+            r_sum += tl.sum(ds - (p * dp - p * di[:, None]), 1)
     if INJECT:
         dq = _inject(dq, rows, hs, FT, FV, n_faults, b, n, SITE_BWD_DQ, 0, scale)
     if CHECKS:
@@ -421,14 +430,12 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STA
                     + hs[None, :] * soh, mask=rvalid[:, None], other=0.0).to(tl.float32)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 4, tl.sum(dof * o, 1) - di,
                  coef_d * tl.sum(tl.abs(dof * o), 1) + allow, False)
-        # dS's rows sum to 0 (Σ_j p_ij·dp_ij = D_i): judged against ‖dO_i‖∞·Σ_j p_ij·Σ_h |v_jh|,
-        # a bound on Σ_j p_ij·|dO_i|·|v_j|, with P's own error on top (docs/tolerances.md)
+        # bwd_ds: dS as used against its second evaluation p·dp − p·D, per row; magnitude
+        # Σ_j p_ij·(|dp_ij| + |D_i|) <= ‖dO_i‖∞·Σ_j p_ij·‖v_j‖₁ + |D_i|·Σ_j p_ij (pw: read with p̃)
         dmax = tl.max(tl.abs(dof), 1)
         pw = _column(e_p, 6, 3) / sigma * mag_up + under * _column(e_p, 12, 1) + p_under * tl.sum(v_abs, 0)
-        # the forward's P̂ and O, stored in the input dtype, may underflow (p_under per element)
-        under_o = p_under * (dmax * tl.sum(v_abs, 0) + tl.sum(tl.abs(dof), 1))
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, ds_sum,
-                 (coef_ds + 2.0 * soft) * dmax * pw + under_o + allow, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 5, r_sum,
+                 coef_ds * (dmax * pw + tl.abs(di) * psum) + allow, False)
 
     dq = dq * scale
     tl.store(DQ + b.to(tl.int64) * sqgb + n.to(tl.int64) * sqgn + rows[:, None].to(tl.int64) * sqgt
