@@ -401,7 +401,7 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
             query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rb, wq, vmax, totdo, pick(key_stats),
             pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,
             *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
-            n_faults, B * K * S, B * K * n_nblocks, B * N * n_mblocks * H, n_mblocks,
+            n_faults, B * K * S, B * N * n_mblocks * H, n_mblocks,
             coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.ds, coef.allow_col, coef.sigma, coef.mag_up, coef.under,
             coef.p_under, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):

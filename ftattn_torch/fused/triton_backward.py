@@ -182,7 +182,7 @@ def _column(acc, c0: tl.constexpr, parts: tl.constexpr):
 def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX, TOTDO, STATS, FLAGS, COUNT, FT, FV, BLOCKS,
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, plane_blk, rplane_blk,
+              N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, rplane_blk,
               n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, coef_ds, allow, sigma, mag_up, under, p_under,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
