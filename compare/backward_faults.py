@@ -139,6 +139,19 @@ def classify(grads, det: int, exact, low) -> tuple[str, float]:
     return ("harmless" if worst <= 1.0 else "missed"), worst
 
 
+def parse_shape(text: str) -> dict:
+    """``"B=2,N=4,..."`` -> a full shape dict; a usage error (``SystemExit`` with its message) otherwise."""
+    shape = dict(SHAPE)
+    for part in filter(None, text.split(",")):
+        name, _, n = part.partition("=")
+        if name.strip() not in SHAPE or not n.strip().isdigit() or int(n) < 1:
+            raise SystemExit(f"--shape: expected a=n pairs with a in {','.join(SHAPE)} and n >= 1, got {part!r}")
+        shape[name.strip()] = int(n)
+    if shape["N"] % shape["K"]:
+        raise SystemExit(f"--shape: N={shape['N']} must be a multiple of K={shape['K']}")
+    return shape
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compare.backward_faults", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -150,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clean", type=int, default=2, help="clean runs per backend and dtype")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--causal", action="store_true", help="causal attention")
+    ap.add_argument("--shape", default=",".join(f"{a}={n}" for a, n in SHAPE.items()),
+                    help="B,N,K,T,S,H as a=n pairs; N a multiple of K")
     ap.add_argument("--out", default=None, help="output folder (default results/backward-faults-<timestamp>/)")
     try:
         args = ap.parse_args(argv)
@@ -157,6 +172,7 @@ def main(argv=None) -> int:
         dtypes = parse_list(args.dtype, ("float16", "bfloat16"), "dtype")
         sites = parse_list(args.sites, BACKWARD_SITES, "sites")
         bits = sorted(parse_bits(args.bits))
+        shape = parse_shape(args.shape)
     except SystemExit as e:  # argparse's (--help: 0; a usage error: 2) or a list's (its message)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
@@ -171,7 +187,7 @@ def main(argv=None) -> int:
     rows, results, false_pos = {}, [], 0
     for dtype in dtypes:
         for n in range(args.clean):
-            q, k, v, g = inputs(args.seed * 1000 + n, SHAPE)
+            q, k, v, g = inputs(args.seed * 1000 + n, shape)
             for b in backends:
                 _, det = BACKENDS[b](q, k, v, g, dtype, args.causal)
                 false_pos += int(det > 0)
@@ -180,9 +196,9 @@ def main(argv=None) -> int:
             for bit in bits:
                 for trial in range(args.trials):
                     seed = int(rng.integers(2**31))
-                    q, k, v, g = inputs(seed, SHAPE)
+                    q, k, v, g = inputs(seed, shape)
                     exact, low = exact_grads(q, k, v, g, dtype, args.causal)
-                    fault = Fault(site, fault_index(site, np.random.default_rng(seed), SHAPE, args.causal), bit=bit,
+                    fault = Fault(site, fault_index(site, np.random.default_rng(seed), shape, args.causal), bit=bit,
                                   replica=replica)
                     for b in backends:
                         grads, det = BACKENDS[b](q, k, v, g, dtype, args.causal, fault)
@@ -206,7 +222,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join("results", "backward-faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "backward_faults.json"), "w") as f:
-        json.dump(dict(command=" ".join(sys.argv), shape=SHAPE, causal=args.causal, bits=bits, results=results),
+        json.dump(dict(command=" ".join(sys.argv), shape=shape, causal=args.causal, bits=bits, results=results),
                   f, indent=1)
     print(f"wrote {out}/backward_faults.json")
     return 0 if missed == 0 and false_pos == 0 else 1

@@ -25,6 +25,12 @@ checks and their sums, per row ``i`` (query) or key ``j``:
   ``p_under`` times Σ_j Σ_h |v_jh| over the visited keys (p̃ may underflow where p does not:
   measured on the H200 with the "huge" inputs, whose P is meaningless noise near 2⁻¹⁰⁰).
 * ``bwd_d``: D_i recomputed in the kernel against the one the backward was given.
+* ``bwd_softmax_col`` (per key, dK/dV kernel): that kernel's P against a second evaluation
+  of each exponential on the FMA pipe (the polynomial of the forward's softmax replica), as
+  Σ over tiles of |Σ_i (p_ij − p'_ij)| (:func:`softmax_col_coefficient`). The kernel sees a
+  key block at a time, so no row of its P sums to 1 there; without this check its P was
+  judged only by a per-head-group total, whose floor grows with the rows (a campaign on the
+  H200 at T=200 missed 5 of 20 faults there).
 * ``bwd_ds`` (per row, dQ kernel) and ``bwd_ds_col`` (per key, dK/dV kernel): the sum of dS
   as the kernel fed it to its product against a second evaluation of each term,
   ``p·dp − p·D`` (:func:`ds_coefficient`). A fault in dS, which the gradient checks cannot see
@@ -62,6 +68,7 @@ class BackwardCoefficients(NamedTuple):
     dv: float
     d: float
     ds: float
+    softmax_col: float
     allow_row: float
     allow_col: float
     #: the split operand sums: their scale σ, the factor that keeps a magnitude read from
@@ -138,6 +145,25 @@ def ds_coefficient() -> float:
     return tol.MAGNITUDE_MARGIN * 6.0 * _U
 
 
+def softmax_col_coefficient(block_m: int, row_tiles: int) -> float:
+    """Coefficient ``c`` of the ``bwd_softmax_col`` threshold ``c·Σ_i p_ij + allowance`` on
+    ``Σ_tiles |Σ_i (p_ij − p'_ij)|``, with p from the hardware exponential and p' from the
+    FMA polynomial, both of the same argument x.
+
+    Each is within ``EXP_ERROR_UNITS``·u of 2^x (the polynomial's own bound, 6.2u, is below
+    it), so ``|p − p'| ≤ 2·EXP_ERROR_UNITS·u·2^x`` and 2^x ≤ p·(1 + EXP_ERROR_UNITS·u); the
+    subtraction is exact (Sterbenz: p and p' are within a factor 2); a tile's sum of the
+    differences adds γ(block_m) of their absolute sum, the chain over ``row_tiles`` tiles
+    γ(row_tiles + 1); the magnitude Σ_i p_ij, summed alike in float32, is low by at most
+    γ(block_m) + γ(row_tiles + 1) of itself. Where 2^x is below float32's normal range the two
+    differ by at most 2⁻¹²⁴ per element: the absolute allowance ``allow_col`` covers it
+    (4·(H+1) tiny values per row).
+    """
+    chain = _G(block_m) + _G(row_tiles + 1)
+    return tol.MAGNITUDE_MARGIN * (2.0 * tol.EXP_ERROR_UNITS * _U * (1.0 + tol.EXP_ERROR_UNITS * _U)
+                                   * (1.0 + 2.0 * chain) + _U)
+
+
 @functools.lru_cache(maxsize=256)
 def backward_coefficients(T: int, S: int, H: int, G: int, dtype: str, block_m: int, block_n: int,
                           fwd_block_n: int) -> BackwardCoefficients:
@@ -160,6 +186,7 @@ def backward_coefficients(T: int, S: int, H: int, G: int, dtype: str, block_m: i
         dv=_gradient_check(G * T, H, dtype),
         d=d,
         ds=ds_coefficient(),
+        softmax_col=softmax_col_coefficient(block_m, query_tiles),
         allow_row=tol.underflow_allowance(4 * (S + 1) * (H + 1)),
         allow_col=tol.underflow_allowance(4 * (G * T + 1) * (H + 1)),
         sigma=sigma,

@@ -71,7 +71,8 @@ SITE_CHECKS: dict[str, tuple[str, ...]] = {
     "probs": ("softmax_dmr",),
     "out": ("pv_row", "pv_col"),
     "query": (), "key": (), "value": (),
-    "bwd_scores": ("bwd_qk_row", "bwd_qk_col"), "bwd_probs": ("bwd_softmax", "bwd_softmax_kv"),
+    "bwd_scores": ("bwd_qk_row", "bwd_qk_col"),
+    "bwd_probs": ("bwd_softmax", "bwd_softmax_col", "bwd_softmax_kv"),
     "bwd_dp": ("bwd_dp_row", "bwd_dp_col"), "bwd_ds": ("bwd_ds", "bwd_ds_col"),
     "bwd_dq": ("bwd_dq",), "bwd_dk": ("bwd_dk",), "bwd_dv": ("bwd_dv",),
 }

@@ -199,6 +199,28 @@ def test_a_fault_at_each_backward_site_is_detected(site, index, replica, bit):
     assert counts == {"detected": 1, "calls": 1}
 
 
+#: longer sequences, where the dK/dV kernel's per-head-group total of P has a floor above a
+#: small error in one p (20x its threshold in this probe; the per-key check sees it)
+LONG = dict(SHAPE, B=1, T=150, S=140)
+
+
+@pytest.mark.parametrize("bit", [18, pytest.param(22, marks=SLOW)])
+def test_a_small_probs_fault_in_the_dkdv_kernel_is_flagged_at_its_key(bit):
+    from ftattn_spec import Fault
+    from ftattn_spec.faults import FaultDetected
+
+    q, k, v = _qkv(3, shape=LONG)
+    fault = Fault("bwd_probs", (0, 3, 90, 61), bit=bit, replica=1)
+    out, _ = ft.attention(q, k, v, implementation="triton", is_causal=True, fault=fault, on_fault="raise")
+    with pytest.raises(FaultDetected) as caught:
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out))
+    checks = caught.value.report.checks
+    # query head 3 reads kv head 3 // (N // K) = 1
+    assert checks["bwd_softmax_col"].flagged.nonzero().tolist() == [[0, 1, 61]]
+    group = checks["bwd_softmax_kv"]
+    assert not bool(group.flagged.any())  # below the group total's floor: only the per-key check sees it
+
+
 def test_backward_policies_raise_nan_correct():
     from ftattn_spec import Fault
     from ftattn_spec.faults import FaultDetected

@@ -182,6 +182,16 @@ def test_a_fault_at_each_backward_site_is_detected(site, index, replica, bit):
     assert counts == {"detected": 1, "calls": 1}
 
 
+@pytest.mark.parametrize("bit", [18])
+def test_a_small_probs_fault_in_the_dkdv_kernel_is_detected(bit):
+    """As in PyTorch: an error far below the per-head total's floor, seen per key."""
+    from ftattn_spec import Fault
+
+    fault = Fault("bwd_probs", (0, 3, 90, 61), bit=bit, replica=1)
+    counts, _ = _backward_counts("faulty", dict(SHAPE, B=1, T=150, S=140), seed=3, fault=fault, is_causal=True)
+    assert counts == {"detected": 1, "calls": 1}
+
+
 def test_backward_policies_nan_correct_under_jit():
     from ftattn_spec import Fault
 

@@ -59,13 +59,15 @@ F32 = jnp.float32
 _SITE = {s: spec_faults.SITES.index(s) for s in spec_faults.BACKWARD_SITES}
 #: the backward's checks, in the order of the kernels' outputs
 ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds")  # (B, N, T), _dq
-KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col")  # (B, N, S), _dkdv
+#: (B, N, S), _dkdv
+KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col", "bwd_softmax_col")
 GROUP_CHECKS = ("bwd_softmax_kv",)  # (B, N)
 
 
-def _probs(s, rows, cols, live, kend, lse, cfg: BackwardConfig, mask_t, bias_t):
-    """P of one ``(rows × cols)`` tile from the raw scores ``s``, zero where a mask form leaves
-    an entry out; the exponent is clamped at 0 as in the Triton backward."""
+def _exponent(s, rows, cols, live, kend, lse, cfg: BackwardConfig, mask_t, bias_t):
+    """The argument ``x_ij = z_ij·c_z − LSE_i`` of P's exponential for one ``(rows × cols)``
+    tile of raw scores ``s``, clamped at 0 as in the Triton backward, and where a mask form
+    keeps the entry."""
     left, right = cfg.band
     if cfg.has_bias:
         zc = (s * cfg.scale + bias_t.astype(F32)) * LOG2E
@@ -75,7 +77,33 @@ def _probs(s, rows, cols, live, kend, lse, cfg: BackwardConfig, mask_t, bias_t):
             & (cols[None, :] <= rows[:, None] + right) & live[:, None])
     if cfg.has_mask:
         keep = keep & (mask_t != 0)
-    return jnp.where(keep, jnp.exp2(jnp.minimum(zc - lse[:, None], 0.0)), 0.0)
+    return jnp.minimum(zc - lse[:, None], 0.0), keep
+
+
+def _probs(*args):
+    """P of one tile (:func:`_exponent`'s arguments), zero where a mask form leaves an entry out."""
+    x, keep = _exponent(*args)
+    return jnp.where(keep, jnp.exp2(x), 0.0)
+
+
+#: 2^f on [-1/2, 1/2], degree 5 (relative error 2.8e-7), highest power first
+_EXP2_POLY = (0.0013240507105365396, 0.009663134813308716, 0.05550714582204819, 0.240223690867424,
+              0.6931470632553101, 1.0)
+
+
+def _exp2_fma(x):
+    """2^x for x <= 0 on the FMA pipe, not the exponential unit: ``bwd_softmax_col``'s second
+    evaluation. r = floor(x + 1/2) goes into the exponent bits, a polynomial gives 2^f for
+    f = x − r in [-1/2, 1/2); x < -125 gives 0. (Rounding by adding and subtracting 1.5·2²³,
+    as the Triton kernel does, is folded away by XLA's simplifier in interpret mode.)"""
+    xc = jnp.maximum(x, -127.0)
+    r = jnp.floor(xc + 0.5)
+    f = xc - r
+    poly = jnp.full_like(f, _EXP2_POLY[0])
+    for coef in _EXP2_POLY[1:]:
+        poly = poly * f + coef
+    bits = lax.bitcast_convert_type(poly, jnp.int32) + jnp.left_shift(r.astype(jnp.int32), 23)
+    return jnp.where(x < -125.0, 0.0, lax.bitcast_convert_type(bits, F32))
 
 
 def _ends(cfg: BackwardConfig, qlen_ref, klen_ref, b):
@@ -128,7 +156,7 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
     zh = jnp.zeros((H,), F32)
 
     def step(mb, carry):
-        dk, dv, s_act, p_act, p_col, r_col, e_p, e_d, e_a, qs, qa, ds_, da = carry
+        dk, dv, s_act, p_act, p_col, x_dev, r_col, e_p, e_d, e_a, qs, qa, ds_, da = carry
         start = pl.multiple_of(mb * BM, BM)
         rows = start + lax.broadcasted_iota(jnp.int32, (BM,), 0)
         q = q_ref[pl.ds(start, BM), :]
@@ -138,9 +166,10 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
         s = compat.dot(q, k, trans_b=True)  # BM × BN
         if cfg.n_faults:
             s = _inject(s, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_scores"], 1, cfg.scale)
-        p = _probs(s, rows, cols, rows < qend, kend, lse, cfg,
-                   mask_ref[pl.ds(start, BM), :] if cfg.has_mask else None,
-                   bias_ref[pl.ds(start, BM), :] if cfg.has_bias else None)
+        x, keep = _exponent(s, rows, cols, rows < qend, kend, lse, cfg,
+                            mask_ref[pl.ds(start, BM), :] if cfg.has_mask else None,
+                            bias_ref[pl.ds(start, BM), :] if cfg.has_bias else None)
+        p = jnp.where(keep, jnp.exp2(x), 0.0)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_probs"], 1, 1.0)
         pm = p.astype(dt)
@@ -161,13 +190,15 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
             s_act = s_act + jnp.sum(s, axis=0)
             p_act = p_act + jnp.sum(dp, axis=0)
             p_col = p_col + jnp.sum(p, axis=0)
+            # bwd_softmax_col: P against a second exponential on the FMA pipe, per key and tile
+            x_dev = x_dev + jnp.abs(jnp.sum(p - jnp.where(keep, _exp2_fma(x), 0.0), axis=0))
             r_col = r_col + jnp.sum(ds - (p * dp - p * di[:, None]), axis=0)
             qs, qa = qs + rb_ref[mb, 0, :], qa + rb_ref[mb, 1, :]
             ds_, da = ds_ + rb_ref[mb, 2, :], da + rb_ref[mb, 3, :]
-        return dk, dv, s_act, p_act, p_col, r_col, e_p, e_d, e_a, qs, qa, ds_, da
+        return dk, dv, s_act, p_act, p_col, x_dev, r_col, e_p, e_d, e_a, qs, qa, ds_, da
 
-    carry = (jnp.zeros((BN, H), F32), jnp.zeros((BN, H), F32), zf, zf, zf, zf, zw, zw, zw, zh, zh, zh, zh)
-    dk, dv, s_act, p_act, p_col, r_col, e_p, e_d, e_a, qs, qa, ds_, da = lax.fori_loop(
+    carry = (jnp.zeros((BN, H), F32), jnp.zeros((BN, H), F32), zf, zf, zf, zf, zf, zw, zw, zw, zh, zh, zh, zh)
+    dk, dv, s_act, p_act, p_col, x_dev, r_col, e_p, e_d, e_a, qs, qa, ds_, da = lax.fori_loop(
         lo // BM, (hi + BM - 1) // BM, step, carry)
     if cfg.n_faults:  # a fault names the kv head: the group's first query head carries it
         hs = lax.broadcasted_iota(jnp.int32, (H,), 0)
@@ -192,6 +223,7 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
             (r_col, co.ds * (jnp.sum(jnp.abs(vf), 1) + vmax_ref[b, n // cfg.G] * co.mag_up)
              * (_column(e_p, 13, 1) * co.mag_up + co.under * _column(e_p, 12, 1) + co.p_under * totdo_ref[b, n])
              + co.allow_col),
+            (x_dev, co.softmax_col * p_col + co.allow_col),
         )
         o = iter(outs)
         for diff, thr in pairs:  # (residual, threshold): what gradients.py judges

@@ -312,14 +312,15 @@ class BackwardBlocks:
 BACKWARD_ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds")
 #: (B, K): the dK/dV kernel's P and dS, per head group (``_group_checks``)
 BACKWARD_GROUP_CHECKS = ("bwd_softmax_kv",)
-BACKWARD_KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col")  # (B, K, S), the dK/dV kernel
+#: (B, K, S), judged by the dK/dV kernel
+BACKWARD_KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col", "bwd_softmax_col")
 
 
 class BackwardLaunch(NamedTuple):
     """What :func:`backward` returns: the gradients, ``ds`` (the logits' gradient, float32
     ``(B, N, T, S)``, only for a bias), and with checks the (residual, threshold) planes and
     flags of ``BACKWARD_ROW_CHECKS`` (``(6·2, B, N, T)``, ``(6, B, N, T)``) and
-    ``BACKWARD_KEY_CHECKS`` (``(4·2, B, K, S)``, ``(4, B, K, S)``), and ``count`` int32 ``(2,)``:
+    ``BACKWARD_KEY_CHECKS`` (``(6·2, B, K, S)``, ``(6, B, K, S)``), and ``count`` int32 ``(2,)``:
     flagged query rows and flagged keys."""
 
     dq: Tensor
@@ -402,8 +403,8 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
             pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,
             *dk.stride(), *dv.stride(), *mask_st, *bias_st, N, N // K, K, T, S, scale, left, right, offset,
             n_faults, B * K * S, B * N * n_mblocks * H, n_mblocks,
-            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.ds, coef.allow_col, coef.sigma, coef.mag_up, coef.under,
-            coef.p_under, **flags)
+            coef.qk_col, coef.dp_col, coef.dk, coef.dv, coef.ds, coef.softmax_col, coef.allow_col, coef.sigma,
+            coef.mag_up, coef.under, coef.p_under, **flags)
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_dq[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
             query, key, value, grad_out, out, lse, dd, dq, pick(ds), mask_t, bias_t, *lengths, kb, wk,

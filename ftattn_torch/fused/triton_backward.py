@@ -46,7 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _band, _ends, _inject, _inject_at, _keep_at, _put_parts, _verdict
+from .triton_kernel import _band, _ends, _exp2_fma, _inject, _inject_at, _keep_at, _put_parts, _verdict
 
 LOG2E_B = tl.constexpr(1.4426950408889634)
 
@@ -70,11 +70,11 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _probs(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
-           T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """P of one tile from the raw scores ``qk``, recomputed in float32 from the saved log-sum-exp
-    (``lse2``, broadcast like ``r2``); zero wherever a mask form leaves the entry out. The
-    tile's query and key indices broadcast from ``r2`` and ``c2`` (either orientation)."""
+def _exponent(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
+              T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The argument ``x_ij = z_ij·c_z − LSE_i`` of P's exponential for one tile of raw scores
+    ``qk``, and where a mask form keeps the entry (the tile's query and key indices broadcast
+    from ``r2`` and ``c2``, in either orientation)."""
     zc = qk * c
     if HAS_BIAS:
         bt = tl.load(BIAS + b_off + r2.to(tl.int64) * sbt + c2.to(tl.int64) * sbs, mask=(r2 < T) & (c2 < S),
@@ -84,7 +84,17 @@ def _probs(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, s
     # clamped at 0 (p <= 1): with logits near 2^24 and beyond, the GPU contracts z·c − LSE into one
     # fused multiply-add whose result at the row maximum can be positive by half an ulp of |z·c|
     # (2^1024 at |z·c| = 2^34: inf; measured on the H200 with the "huge" inputs)
-    return tl.where(keep, tl.math.exp2(tl.minimum(zc - lse2, 0.0)), 0.0)
+    return tl.minimum(zc - lse2, 0.0), keep
+
+
+@triton.jit
+def _probs(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, smt, sms, BIAS, b_off, sbt, sbs,
+           T, S, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """P of one tile, recomputed in float32 from the saved log-sum-exp; zero wherever a mask
+    form leaves the entry out."""
+    x, keep = _exponent(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, smt, sms, BIAS, b_off,
+                        sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+    return tl.where(keep, tl.math.exp2(x), 0.0)
 
 
 @triton.jit
@@ -183,7 +193,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX
               sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sdb, sdn, sdt, sdh,
               skgb, skgk, skgs, skgh, svgb, svgk, svgs, svgh, smb, smn, smt, sms, sbb, sbn, sbt, sbs,
               N, G, KH, T, S, scale, win_left, win_right, bk_offset, n_faults, plane, rplane_blk,
-              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, coef_ds, allow, sigma, mag_up, under, p_under,
+              n_mblocks, coef_qk, coef_dp, coef_dk, coef_dv, coef_ds, coef_pc, allow, sigma, mag_up, under, p_under,
               H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
               CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
@@ -217,6 +227,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX
     e_d = tl.zeros([BLOCK_N, 16], tl.float32)
     e_a = tl.zeros([BLOCK_N, 16], tl.float32)
     p_tot = tl.zeros([BLOCK_N], tl.float32)
+    x_dev = tl.zeros([BLOCK_N], tl.float32)
     r_tot = tl.zeros([BLOCK_N], tl.float32)
     q_sum = tl.zeros([H], tl.float32)
     q_abs = tl.zeros([H], tl.float32)
@@ -245,8 +256,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX
             if INJECT:
                 qk = _inject_at(qk, r2, c2, mb * BLOCK_M, mb * BLOCK_M + BLOCK_M - 1, c_lo, c_lo + BLOCK_N - 1,
                                 FT, FV, n_faults, b, n, SITE_BWD_SCORES, 1, scale)
-            p = _probs(qk, r2, c2, live[None, :], kend, win_left, win_right, lse[None, :], c, MASK, m_off, smt, sms,
-                       BIAS, b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+            x, keep = _exponent(qk, r2, c2, live[None, :], kend, win_left, win_right, lse[None, :], c, MASK, m_off,
+                                smt, sms, BIAS, b_off, sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
+            p = tl.where(keep, tl.math.exp2(x), 0.0)
             if INJECT:
                 p = _inject_at(p, r2, c2, mb * BLOCK_M, mb * BLOCK_M + BLOCK_M - 1, c_lo, c_lo + BLOCK_N - 1,
                                FT, FV, n_faults, b, n, SITE_BWD_PROBS, 1, 1.0)
@@ -278,6 +290,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX
                 # this kernel's P summed over its tiles: the runner adds the blocks of a head group
                 # and compares them with the attended rows; dS against its second evaluation
                 p_tot += tl.sum(p, 1)
+                # bwd_softmax_col: P against a second exponential on the FMA pipe, per key and tile
+                x_dev += tl.abs(tl.sum(p - tl.where(keep, _exp2_fma(x), 0.0), 1))
                 r_tot += tl.sum(ds - (p * dp - p * di[None, :]), 1)
     if INJECT:
         dk = _inject(dk, cols, hs, FT, FV, n_faults, b, kh, SITE_BWD_DK, 0, scale)
@@ -309,6 +323,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DD, DK, DV, MASK, BIAS, QLEN, KLEN, RB, WQ, VMAX
         vspan = tl.sum(tl.abs(vf), 1) + tl.load(VMAX + bk) * mag_up
         ds_mag = vspan * (_column(e_p, 13, 1) * mag_up + under * _column(e_p, 12, 1) + p_under * tl.load(TOTDO + bk))
         _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 4, r_tot, coef_ds * ds_mag + allow, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, kh, KH, S, cols, kvalid, 5, x_dev, coef_pc * p_tot + allow, False)
     dk = dk * scale
     tl.store(DK + b.to(tl.int64) * skgb + kh.to(tl.int64) * skgk + cols[:, None].to(tl.int64) * skgs
              + hs[None, :] * skgh, dk.to(DK.dtype.element_ty), mask=kvalid[:, None])
