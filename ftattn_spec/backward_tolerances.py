@@ -145,23 +145,31 @@ def ds_coefficient() -> float:
     return tol.MAGNITUDE_MARGIN * 6.0 * _U
 
 
+#: Relative error bound, in units of u, of the hardware or library exponential 2^x over the
+#: whole range that matters here, x in [-126, 0]. ``EXP_ERROR_UNITS`` (16) covers the GPUs'
+#: ``ex2``; XLA's CPU ``exp2`` (what JAX's interpret mode runs) computes exp(x·ln 2), whose error
+#: grows with |x|: measured 1.4u for |x| < 1, 34u below 50, 68.9u at |x| up to 125 (jax
+#: 0.10.2, 200001 points against float64).
+EXP2_WIDE_UNITS: float = 80.0
+
+
 def softmax_col_coefficient(block_m: int, row_tiles: int) -> float:
     """Coefficient ``c`` of the ``bwd_softmax_col`` threshold ``c·Σ_i p_ij + allowance`` on
-    ``Σ_tiles |Σ_i (p_ij − p'_ij)|``, with p from the hardware exponential and p' from the
-    FMA polynomial, both of the same argument x.
+    ``Σ_tiles |Σ_i (p_ij − p'_ij)|``, with p from the exponential and p' from the FMA
+    polynomial, both of the same argument x (its roundings cancel).
 
-    Each is within ``EXP_ERROR_UNITS``·u of 2^x (the polynomial's own bound, 6.2u, is below
-    it), so ``|p − p'| ≤ 2·EXP_ERROR_UNITS·u·2^x`` and 2^x ≤ p·(1 + EXP_ERROR_UNITS·u); the
-    subtraction is exact (Sterbenz: p and p' are within a factor 2); a tile's sum of the
-    differences adds γ(block_m) of their absolute sum, the chain over ``row_tiles`` tiles
-    γ(row_tiles + 1); the magnitude Σ_i p_ij, summed alike in float32, is low by at most
-    γ(block_m) + γ(row_tiles + 1) of itself. Where 2^x is below float32's normal range the two
-    differ by at most 2⁻¹²⁴ per element: the absolute allowance ``allow_col`` covers it
-    (4·(H+1) tiny values per row).
+    p is within ``EXP2_WIDE_UNITS``·u of 2^x, p' within ``EXP_ERROR_UNITS``·u (its own bound,
+    6.2u, is below that), so ``|p − p'| ≤ (EXP2_WIDE_UNITS + EXP_ERROR_UNITS)·u·2^x`` and
+    2^x ≤ p·(1 + EXP2_WIDE_UNITS·u); the subtraction is exact (Sterbenz: p and p' are within
+    a factor 2); a tile's sum of the differences adds γ(block_m) of their absolute sum, the
+    chain over ``row_tiles`` tiles γ(row_tiles + 1); the magnitude Σ_i p_ij, summed alike in
+    float32, is low by at most γ(block_m) + γ(row_tiles + 1) of itself. Where 2^x is below
+    float32's normal range the two differ by at most 2⁻¹²⁴ per element: the absolute
+    allowance ``allow_col`` covers it (4·(H+1) tiny values per row).
     """
     chain = _G(block_m) + _G(row_tiles + 1)
-    return tol.MAGNITUDE_MARGIN * (2.0 * tol.EXP_ERROR_UNITS * _U * (1.0 + tol.EXP_ERROR_UNITS * _U)
-                                   * (1.0 + 2.0 * chain) + _U)
+    units = EXP2_WIDE_UNITS + tol.EXP_ERROR_UNITS
+    return tol.MAGNITUDE_MARGIN * (units * _U * (1.0 + EXP2_WIDE_UNITS * _U) * (1.0 + 2.0 * chain) + _U)
 
 
 @functools.lru_cache(maxsize=256)

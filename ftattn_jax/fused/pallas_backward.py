@@ -17,7 +17,8 @@ dtype, and a column of ones.
 Two kernels:
 
 ``_dkdv`` (grid: key blocks × B × N): for its keys and one query head, over the query blocks
-  that attend them, ``dV += P̃ᵀ·dO`` and ``dK += dS̃ᵀ·Q`` with ``dS = P ∘ (dO·Vᵀ − D)``. It
+  that attend them, ``dV += P̃ᵀ·dO`` and ``dK += dS̃ᵀ·Q`` with ``dS = P ∘ (dO·Vᵀ − D)``, in
+  tiles of keys × queries (the checks' sums over queries then stay within a warp). It
   writes float32 partial gradients per query head, ``(B, S, N, H)``, which XLA sums over
   each group of ``G`` heads (no atomics; ``G`` = 1 needs no sum), and its key checks per
   (batch, query head, key): ``bwd_qk_col``, ``bwd_dp_col``, ``bwd_dk``, ``bwd_dv``,
@@ -64,20 +65,20 @@ KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col", "bwd
 GROUP_CHECKS = ("bwd_softmax_kv",)  # (B, N)
 
 
-def _exponent(s, rows, cols, live, kend, lse, cfg: BackwardConfig, mask_t, bias_t):
-    """The argument ``x_ij = z_ij·c_z − LSE_i`` of P's exponential for one ``(rows × cols)``
-    tile of raw scores ``s``, clamped at 0 as in the Triton backward, and where a mask form
-    keeps the entry."""
+def _exponent(s, r2, c2, live2, kend, lse2, cfg: BackwardConfig, mask_t, bias_t):
+    """The argument ``x_ij = z_ij·c_z − LSE_i`` of P's exponential for one tile of raw scores
+    ``s``, clamped at 0 as in the Triton backward, and where a mask form keeps the entry. The
+    tile's query and key indices (and the rows' liveness and LSE) broadcast from ``r2`` and
+    ``c2``: queries × keys in the dQ kernel, keys × queries in the dK/dV kernel."""
     left, right = cfg.band
     if cfg.has_bias:
         zc = (s * cfg.scale + bias_t.astype(F32)) * LOG2E
     else:
         zc = s * (cfg.scale * LOG2E)
-    keep = ((cols[None, :] < kend) & (cols[None, :] >= rows[:, None] - left)
-            & (cols[None, :] <= rows[:, None] + right) & live[:, None])
+    keep = (c2 < kend) & (c2 >= r2 - left) & (c2 <= r2 + right) & live2
     if cfg.has_mask:
         keep = keep & (mask_t != 0)
-    return jnp.minimum(zc - lse[:, None], 0.0), keep
+    return jnp.minimum(zc - lse2, 0.0), keep
 
 
 def _probs(*args):
@@ -163,36 +164,40 @@ def _dkdv_kernel(*refs, cfg: BackwardConfig, H: int):
         do = do_ref[pl.ds(start, BM), :]
         lse = lse_ref[pl.ds(start, BM)]
         di = dd_ref[pl.ds(start, BM)]
-        s = compat.dot(q, k, trans_b=True)  # BM × BN
+        # tiles are keys × queries (transposed), so that the checks' sums over the queries are
+        # sums along a row (within a warp), as in the Triton backward
+        s = compat.dot(k, q, trans_b=True)  # BN × BM
+        inject = lambda x, site: _inject(x.T, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE[site], 1,  # noqa: E731
+                                         cfg.scale if site == "bwd_scores" else 1.0).T
         if cfg.n_faults:
-            s = _inject(s, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_scores"], 1, cfg.scale)
-        x, keep = _exponent(s, rows, cols, rows < qend, kend, lse, cfg,
-                            mask_ref[pl.ds(start, BM), :] if cfg.has_mask else None,
-                            bias_ref[pl.ds(start, BM), :] if cfg.has_bias else None)
+            s = inject(s, "bwd_scores")
+        x, keep = _exponent(s, rows[None, :], cols[:, None], (rows < qend)[None, :], kend, lse[None, :], cfg,
+                            mask_ref[pl.ds(start, BM), :].T if cfg.has_mask else None,
+                            bias_ref[pl.ds(start, BM), :].T if cfg.has_bias else None)
         p = jnp.where(keep, jnp.exp2(x), 0.0)
         if cfg.n_faults:
-            p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_probs"], 1, 1.0)
+            p = inject(p, "bwd_probs")
         pm = p.astype(dt)
-        dv = dv + compat.dot(pm, do, trans_a=True)
-        dp = compat.dot(do, v, trans_b=True)
+        dv = dv + compat.dot(pm, do)
+        dp = compat.dot(v, do, trans_b=True)
         if cfg.n_faults:
-            dp = _inject(dp, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_dp"], 1, 1.0)
-        ds = p * (dp - di[:, None])
+            dp = inject(dp, "bwd_dp")
+        ds = p * (dp - di[None, :])
         if cfg.n_faults:
-            ds = _inject(ds, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_ds"], 1, 1.0)
+            ds = inject(ds, "bwd_ds")
         dsm = ds.astype(dt)
-        dk = dk + compat.dot(dsm, q, trans_a=True)
+        dk = dk + compat.dot(dsm, q)
         if cfg.checks:
             w = wq_ref[pl.ds(start, BM), :]
-            e_p = e_p + compat.dot(pm, w, trans_a=True)
-            e_d = e_d + compat.dot(dsm, w, trans_a=True)
-            e_a = e_a + compat.dot(jnp.abs(dsm), w, trans_a=True)
-            s_act = s_act + jnp.sum(s, axis=0)
-            p_act = p_act + jnp.sum(dp, axis=0)
-            p_col = p_col + jnp.sum(p, axis=0)
+            e_p = e_p + compat.dot(pm, w)
+            e_d = e_d + compat.dot(dsm, w)
+            e_a = e_a + compat.dot(jnp.abs(dsm), w)
+            s_act = s_act + jnp.sum(s, axis=1)
+            p_act = p_act + jnp.sum(dp, axis=1)
+            p_col = p_col + jnp.sum(p, axis=1)
             # bwd_softmax_col: P against a second exponential on the FMA pipe, per key and tile
-            x_dev = x_dev + jnp.abs(jnp.sum(p - jnp.where(keep, _exp2_fma(x), 0.0), axis=0))
-            r_col = r_col + jnp.sum(ds - (p * dp - p * di[:, None]), axis=0)
+            x_dev = x_dev + jnp.abs(jnp.sum(p - jnp.where(keep, _exp2_fma(x), 0.0), axis=1))
+            r_col = r_col + jnp.sum(ds - (p * dp - p * di[None, :]), axis=1)
             qs, qa = qs + rb_ref[mb, 0, :], qa + rb_ref[mb, 1, :]
             ds_, da = ds_ + rb_ref[mb, 2, :], da + rb_ref[mb, 3, :]
         return dk, dv, s_act, p_act, p_col, x_dev, r_col, e_p, e_d, e_a, qs, qa, ds_, da
@@ -273,7 +278,8 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
         s = compat.dot(q, k, trans_b=True)
         if cfg.n_faults:
             s = _inject(s, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_scores"], 0, cfg.scale)
-        p = _probs(s, rows, cols, live, kend, lse, cfg, mask_ref[:, pl.ds(start, BN)] if cfg.has_mask else None,
+        p = _probs(s, rows[:, None], cols[None, :], live[:, None], kend, lse[:, None], cfg,
+                   mask_ref[:, pl.ds(start, BN)] if cfg.has_mask else None,
                    bias_ref[:, pl.ds(start, BN)] if cfg.has_bias else None)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, _SITE["bwd_probs"], 0, 1.0)
