@@ -1,5 +1,5 @@
 """fwd+bwd grid: SDPA vs ftattn triton baseline/full. median of 10 after 3 warm-ups, same process."""
-import torch, torch.nn.functional as F
+import os, sys, torch, torch.nn.functional as F
 import ftattn_torch as ft
 def bench(fn, n=10):
     for _ in range(3): fn()
