@@ -1,6 +1,6 @@
 """The fused backward's settings and side inputs (:mod:`.pallas_backward` runs the kernels).
 
-:class:`BackwardBlocks` (tiles, validated on construction), :class:`BackwardConfig` (the
+:class:`BackwardBlocks` (tiles; ``ftattn_spec.backward_blocks``, shared with PyTorch), :class:`BackwardConfig` (the
 static settings of one compilation, made by :func:`backward_config` from the forward's), and
 :func:`side_sums`: what the kernels read besides Q, K, V, O, dO and the log-sum-exp, computed
 in XLA: ``D_i = Σ_h dO_ih·O_ih``; with the checks, the block sums of Q, |Q|, dO, |dO| (per
@@ -13,42 +13,20 @@ and the bounds of ``bwd_ds_col``.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from ftattn_spec import backward_tolerances as btol
 from ftattn_spec import masking
+from ftattn_spec.backward_blocks import BackwardBlocks
 from ftattn_spec.backward_tolerances import BackwardCoefficients
 
 from .side_inputs import _split3
 
 F32 = jnp.float32
 W = 16  # the weights' columns
-
-
-@dataclasses.dataclass(frozen=True)
-class BackwardBlocks:
-    """Tiles of both backward kernels: ``block_m`` query rows, ``block_n`` keys (powers of two,
-    at least 16)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-    LOWERING: ClassVar[str] = "triton"
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            x = getattr(self, name)
-            if not isinstance(x, int) or x < 16 or x & (x - 1):
-                raise ValueError(f"blocks.{name}: expected a power of two >= 16, got {x!r}")
-
-    @classmethod
-    def get_default(cls, interpret: bool) -> "BackwardBlocks":
-        """Interpret mode: small tiles; GPU: the Triton backward's 64×64 (not tuned for Pallas)."""
-        return cls(16, 16, 1, 1) if interpret else cls(64, 64, 4, 2)
 
 
 @dataclasses.dataclass(frozen=True)

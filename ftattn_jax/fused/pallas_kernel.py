@@ -59,6 +59,7 @@ from ftattn_spec.tolerances import FusedCoefficients
 from . import compat
 from .kernel_faults import corrupt
 from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
+from .tiles import _band, _ends
 
 LOG2E = math.log2(math.e)
 F32 = jnp.float32
@@ -212,16 +213,12 @@ def _kernel(*refs, cfg: Config, H: int):
 
     # ---- the band of keys any live row of this block attends (docs/kernels.md, "Masks")
     left, right = cfg.band
-    qend = jnp.minimum(cfg.T, qlen_ref[b]) if cfg.has_qlen else jnp.int32(cfg.T)
-    kend = jnp.clip(klen_ref[b], 0, cfg.S) if cfg.has_klen else jnp.int32(cfg.S)
+    qend, kend = _ends(cfg, qlen_ref, klen_ref, b)
     live = rows < qend
     n_live = jnp.sum(live.astype(jnp.int32))
     r_lo = mb * BM
     r_hi = jnp.minimum(r_lo + BM, qend) - 1
-    lo = jnp.maximum(r_lo - left, 0)
-    hi = jnp.minimum(kend, r_hi + right + 1)
-    hi = jnp.where(r_hi < r_lo, 0, jnp.maximum(hi, 0))
-    lo = jnp.minimum(lo, hi)
+    lo, hi = _band(r_lo, r_hi, kend, left, right)
     t_start, t_end = lo // BN, (hi + BN - 1) // BN
     f0 = jnp.maximum(t_start, (jnp.maximum(r_hi - left, 0) + BN - 1) // BN)
     f1 = jnp.minimum(jnp.minimum(t_end, jnp.maximum(r_lo + right + 1, 0) // BN), kend // BN)

@@ -22,6 +22,7 @@ from ftattn_spec import faults as spec_faults
 from ftattn_spec import masking
 from ftattn_spec import backward_tolerances as btol
 from ftattn_spec import tolerances as tol
+from ftattn_spec.backward_blocks import BackwardBlocks
 from ftattn_spec.faults import SITES, FaultPlan
 
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
@@ -287,26 +288,6 @@ def _backward_kernels():
     return _BACKWARD
 
 
-@dataclass(frozen=True)
-class BackwardBlocks:
-    """Tiles of the backward kernels: ``block_m`` query rows, ``block_n`` keys (both kernels)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            x = getattr(self, name)
-            if not isinstance(x, int) or x < 16 or x & (x - 1):
-                raise ValueError(f"blocks.{name}: expected a power of two >= 16, got {x!r}")
-
-    @classmethod
-    def get_default(cls, interpret: bool) -> "BackwardBlocks":
-        return cls(16, 16, 1, 1) if interpret else cls(64, 64, 4, 2)
-
-
 #: the backward's checks, in the planes of its two stats arrays
 #: (B, N, T), judged by the dQ kernel
 BACKWARD_ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd_ds")
@@ -364,7 +345,7 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     dd = torch.empty((B, N, T), **f32)  # D_i = Σ_h dO_ih·O_ih
     row_stats = row_flags = key_stats = key_flags = count = blocks_out = None
     # the checks' operand sums and weights (module docstring of triton_backward)
-    rb, wq, kb, wk, vmax, totdo = (dummy,) * 6
+    rb, wq, kb, wk, vmax, totdo, dob, vb = (dummy,) * 8
     if checks:
         row_stats = torch.empty((2 * len(BACKWARD_ROW_CHECKS), B, N, T), **f32)
         row_flags = torch.empty((len(BACKWARD_ROW_CHECKS), B, N, T), dtype=torch.bool, device=dev)
@@ -372,11 +353,8 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
         key_flags = torch.empty((len(BACKWARD_KEY_CHECKS), B, K, S), dtype=torch.bool, device=dev)
         count = torch.zeros(2, dtype=torch.int32, device=dev)
         blocks_out = torch.empty((1, B * K, n_nblocks), **f32)
-        # bwd_ds_col's bounds per (batch, kv head): max_j ‖v_j‖₁ and the group's Σ_i ‖dO_i‖∞
-        vmax = torch.linalg.vector_norm(value, ord=1, dim=-1, dtype=torch.float32).amax(-1).contiguous() if S \
-            else torch.zeros((B, K), **f32)
-        totdo = grad_out.abs().amax(-1).float().sum(-1).view(B, K, N // K).sum(-1).contiguous() if H \
-            else torch.zeros((B, K), **f32)
+        # per block, for bwd_ds_col's bounds: Σ_i ‖dO_i‖∞ and max_j ‖v_j‖₁ (the prepass writes them)
+        dob, vb = torch.zeros((B * N, n_mblocks), **f32), torch.zeros((B * K, n_nblocks), **f32)
         rb, kb = torch.empty((4, B * N, n_mblocks, H), **f32), torch.empty((4, B * K, n_nblocks, H), **f32)
         wq = torch.empty((B, N, T, 16), dtype=query.dtype, device=dev)
         wk = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
@@ -391,13 +369,17 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     common = (*query.stride(), *key.stride(), *value.stride(), *grad_out.stride())
     for offset in range(0, B * N, _MAX_GRID_Y):
         kern._bwd_rows[(n_mblocks, min(B * N - offset, _MAX_GRID_Y))](
-            query, grad_out, out, dd, rb, wq, *query.stride(), *grad_out.stride(), *out.stride(), N, T, offset,
+            query, grad_out, out, dd, rb, wq, dob, *query.stride(), *grad_out.stride(), *out.stride(), N, T, offset,
             B * N * n_mblocks * H, coef.sigma, BLOCK_M=bs.block_m, CHECKS=checks, **small)
-    for offset in range(0, B * K, _MAX_GRID_Y):
-        if checks:
+    if checks:
+        for offset in range(0, B * K, _MAX_GRID_Y):
             kern._bwd_keys[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
-                key, value, kb, wk, *key.stride(), *value.stride(), K, S, offset, B * K * n_nblocks * H,
+                key, value, kb, wk, vb, *key.stride(), *value.stride(), K, S, offset, B * K * n_nblocks * H,
                 coef.sigma, BLOCK_N=bs.block_n, **small)
+        # bwd_ds_col's bounds per (batch, kv head): max_j ‖v_j‖₁ and the group's Σ_i ‖dO_i‖∞
+        vmax = vb.amax(-1).view(B, K) if n_nblocks else torch.zeros((B, K), **f32)
+        totdo = dob.view(B, K, (N // K) * n_mblocks).sum(-1)
+    for offset in range(0, B * K, _MAX_GRID_Y):
         kern._bwd_dkdv[(n_nblocks, min(B * K - offset, _MAX_GRID_Y))](
             query, key, value, grad_out, lse, dd, dk, dv, mask_t, bias_t, *lengths, rb, wq, vmax, totdo, pick(key_stats),
             pick(key_flags), dummy if count is None else count[1:], ft, fv, pick(blocks_out), *common,

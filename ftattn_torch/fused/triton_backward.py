@@ -8,14 +8,8 @@ The forward saves ``LSE``, float32 ``(B, N, T)``: per row ``m·c_z + log2 l`` in
 of the logits (``+inf`` for a row that attends nothing), so that ``p_ij = exp2(z_ij·c_z −
 LSE_i)`` is recomputed tile by tile from Q and K, never stored. Four kernels, no atomics:
 
-``_bwd_rows`` (grid: query blocks × ``B·N``): ``D_i = Σ_h dO_ih·O_ih`` into ``DD`` (float32,
-  ``(B, N, T)``); with ``CHECKS`` also the checks' operands for the rows: ``RB`` (float32
-  ``(4, B·N, query blocks, H)``: Σ q, Σ |q|, Σ dO, Σ |dO| over the block's rows) and the
-  weights ``WQ`` (input dtype, ``(B, N, T, 16)``: per row Σ_h q, Σ_h |q|, Σ_h dO, Σ_h |dO|,
-  each scaled by σ and split into three parts, a column of ones, and ‖dO_i‖∞ in column 13;
-  ``_weights``).
-``_bwd_keys`` (grid: key blocks × ``B·K``, only with ``CHECKS``): the same for the keys:
-  ``KB`` (Σ k, Σ |k|, Σ v, Σ |v| over the block's keys) and ``WK`` (Σ_h k, Σ_h |k|, Σ_h |v|).
+``_bwd_rows`` and ``_bwd_keys`` (:mod:`.triton_backward_prepass`): D, and with ``CHECKS`` the
+  checks' operand sums and weights, per query row and per key.
 ``_bwd_dkdv`` (grid: key blocks × ``B·K``): for its keys, over the ``G`` query heads of the
   group and the query blocks that attend them, ``dV += Pᵀ·dO`` and ``dK += dSᵀ·Q·scale`` with
   ``dS = P ∘ (dO·Vᵀ − D)``: dK and dV are summed over the group inside one program. Its tiles
@@ -46,7 +40,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernel import _band, _ends, _exp2_fma, _inject, _inject_at, _keep_at, _put_parts, _verdict
+from .triton_backward_prepass import _bwd_keys, _bwd_rows  # noqa: F401 - the launcher's
+from .triton_kernel import _band, _ends, _exp2_fma, _inject, _inject_at, _keep_at, _verdict
 
 LOG2E_B = tl.constexpr(1.4426950408889634)
 
@@ -95,82 +90,6 @@ def _probs(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, s
     x, keep = _exponent(qk, r2, c2, live2, kend, win_left, win_right, lse2, c, MASK, m_off, smt, sms, BIAS, b_off,
                         sbt, sbs, T, S, HAS_MASK, HAS_BIAS)
     return tl.where(keep, tl.math.exp2(x), 0.0)
-
-
-@triton.jit
-def _store_block_sums(RB, x, b_at, plane_blk, which: tl.constexpr):
-    """Σ x and Σ |x| over the block's rows (``x`` is zero at invalid rows) into planes ``which``
-    and ``which + 1`` of ``RB``."""
-    tl.store(RB + which * plane_blk + b_at, tl.sum(x, 0))
-    tl.store(RB + (which + 1) * plane_blk + b_at, tl.sum(tl.abs(x), 0))
-
-
-@triton.jit
-def _weights(x, y, z, sigma, dt, ROWS: tl.constexpr):
-    """The 16 columns the gradients' checks multiply on the tensor cores (module docstring):
-    ``Σ_h x``, ``Σ_h |x|``, ``Σ_h y``, ``Σ_h |z|`` of each row, scaled by ``sigma`` and split
-    into three parts of ``dt`` each (columns 0–11), and ones (column 12)."""
-    col = tl.arange(0, 16)[None, :]
-    t = tl.where(col == 12, 1.0, tl.zeros([ROWS, 16], tl.float32)).to(dt)
-    t = _put_parts(t, tl.sum(x, 1) * sigma, col, 0)
-    t = _put_parts(t, tl.sum(tl.abs(x), 1) * sigma, col, 3)
-    t = _put_parts(t, tl.sum(y, 1) * sigma, col, 6)
-    return _put_parts(t, tl.sum(tl.abs(z), 1) * sigma, col, 9)
-
-
-@triton.jit
-def _bwd_rows(Q, DO, O, DD, RB, WQ, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
-              N, T, bn_offset, plane_blk, sigma, H: tl.constexpr, BLOCK_M: tl.constexpr, CHECKS: tl.constexpr):
-    mb = tl.program_id(0)
-    bn = tl.program_id(1) + bn_offset
-    b = bn // N
-    n = bn % N
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    hs = tl.arange(0, H)
-    rvalid = rows < T
-    at = rows[:, None].to(tl.int64)
-    do_in = tl.load(DO + b.to(tl.int64) * sdb + n.to(tl.int64) * sdn + at * sdt + hs[None, :] * sdh,
-                    mask=rvalid[:, None], other=0.0)
-    do = do_in.to(tl.float32)
-    o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + at * sot + hs[None, :] * soh,
-                mask=rvalid[:, None], other=0.0).to(tl.float32)
-    r_at = bn.to(tl.int64) * T + rows
-    tl.store(DD + r_at, tl.sum(do * o, 1), mask=rvalid)
-    if CHECKS:
-        q = tl.load(Q + b.to(tl.int64) * sqb + n.to(tl.int64) * sqn + at * sqt + hs[None, :] * sqh,
-                    mask=rvalid[:, None], other=0.0).to(tl.float32)
-        b_at = (bn.to(tl.int64) * tl.num_programs(0) + mb) * H + hs
-        _store_block_sums(RB, q, b_at, plane_blk, 0)
-        _store_block_sums(RB, do, b_at, plane_blk, 2)
-        # columns: Σ q (0–2), Σ |q| (3–5), Σ do (6–8), Σ |do| (9–11), 1 (12)
-        w = _weights(q, do, do, sigma, do_in.dtype, BLOCK_M)
-        # column 13: ‖dO_i‖∞, for the bwd_ds_col magnitude (a value of the input dtype: exact)
-        w = tl.where(tl.arange(0, 16)[None, :] == 13, tl.max(tl.abs(do), 1)[:, None].to(do_in.dtype), w)
-        tl.store(WQ + r_at[:, None] * 16 + tl.arange(0, 16)[None, :], w, mask=rvalid[:, None])
-
-
-@triton.jit
-def _bwd_keys(K, V, KB, WK, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, bk_offset, plane_blk, sigma,
-              H: tl.constexpr, BLOCK_N: tl.constexpr):
-    nb = tl.program_id(0)
-    bk = tl.program_id(1) + bk_offset
-    b = bk // KH
-    kh = bk % KH
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    hs = tl.arange(0, H)
-    kvalid = cols < S
-    at = cols[:, None].to(tl.int64)
-    k_in = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + at * sks + hs[None, :] * skh,
-                   mask=kvalid[:, None], other=0.0)
-    k = k_in.to(tl.float32)
-    v = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + at * svs + hs[None, :] * svh,
-                mask=kvalid[:, None], other=0.0).to(tl.float32)
-    b_at = (bk.to(tl.int64) * tl.num_programs(0) + nb) * H + hs
-    _store_block_sums(KB, k, b_at, plane_blk, 0)
-    _store_block_sums(KB, v, b_at, plane_blk, 2)
-    # columns: Σ k (0–2), Σ |k| (3–5), Σ |v| (6–8; 9–11 unused), 1 (12)
-    w = _weights(k, tl.abs(v), v, sigma, k_in.dtype, BLOCK_N)
-    tl.store(WK + (bk.to(tl.int64) * S + cols)[:, None] * 16 + tl.arange(0, 16)[None, :], w, mask=kvalid[:, None])
 
 
 @triton.jit

@@ -7,7 +7,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from ftattn_torch.fused import triton_backward as tb
 PTR_BF16 = {"Q","K","V","DO","O","DK","DV","DQ","WQ","WK"}
-PTR_F32 = {"LSE","DD","STATS","BLOCKS","RB","KB","VMAX","TOTDO","FV","DS","BIAS","KS","RS"}
+PTR_F32 = {"LSE","DD","STATS","BLOCKS","RB","KB","VMAX","TOTDO","DOB","VB","FV","DS","BIAS","KS","RS"}
 FLOATS = {"scale","allow","sigma","mag_up","under","p_under","soft0","soft_mu"}
 def sig(fn, const):
     s = {}
