@@ -12,11 +12,12 @@ import numpy as np
 from ftattn_spec.schemes import CHECKS
 
 from . import results
+from .table import series_label
 
 
 def scheme_key(scheme: str, implementation: str = "unfused") -> str:
     """A scheme row's label: the scheme, with ``[implementation]`` unless unfused."""
-    return results.series_label({"scheme": scheme, "implementation": implementation})
+    return series_label({"scheme": scheme, "implementation": implementation})
 
 
 def tflops(flops: float, ms: float) -> float:

@@ -93,3 +93,19 @@ def peers_for(backend) -> dict:
 
     return {"jax-xla": make_jax("xla"), "jax-cudnn": make_jax("cudnn"),
             "notebook-baseline": nb_jax(False), "notebook-all-ft": nb_jax(True)}
+
+
+#: peers that need a GPU (on a CPU their libraries refuse with messages about backends; PyTorch has
+#: a flash kernel for CPUs)
+GPU_ONLY: tuple[str, ...] = ("sdpa-cudnn", "sdpa-efficient", "jax-cudnn")
+
+
+def skip_reason(name: str, error: Exception, *, on_gpu: bool) -> str:
+    """Why peer ``name`` did not run, for the table: ``"needs a GPU"`` where that is the reason,
+    out of memory, or the library's first line (at most 120 characters)."""
+    text = str(error).splitlines()[0][:120] if str(error) else ""
+    if not on_gpu and name in GPU_ONLY:
+        return "needs a GPU"
+    if "out of memory" in str(error).lower() or "RESOURCE_EXHAUSTED" in str(error):
+        return "out of device memory"
+    return f"{type(error).__name__}: {text}"

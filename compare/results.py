@@ -1,7 +1,12 @@
-"""Results of ``compare.run`` as JSON, and their table and plot.
+"""Results of every ``compare`` command as one JSON schema, and their table and plot.
 
-``python -m compare.report results/<run>/results.json`` re-renders both from the
-JSON alone.
+A results file is a JSON object: ``schema`` (:data:`SCHEMA`), ``command`` (``run``,
+``train``, ...), ``config`` (the command's options), ``environment`` (date, command line,
+Python, the GPU and its driver when there is one, and per framework its versions and
+device under ``backends``) and ``rows`` (one dict per timed or skipped row; a missing
+measurement is null). ``python -m compare.report <file or folder>`` re-renders the table
+and the plot from the file alone; it also reads files written before the schema had a
+name (their environment kept the host's facts under ``host``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import shutil
 import subprocess
 import sys
 
+from . import plots, table
 
-def host_environment() -> dict:
-    """Date, command line, Python, and the GPU driver if ``nvidia-smi`` answers."""
+
+SCHEMA = "ftattn.compare/2"
+
+
+def host_environment(command: str = "run") -> dict:
+    """Date, command line, Python, and the GPU and its driver if ``nvidia-smi`` answers."""
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([sys.executable.split("/")[-1], "-m", "compare.run", *sys.argv[1:]]),
+           "command": " ".join([sys.executable.split("/")[-1], "-m", f"compare.{command}", *sys.argv[1:]]),
            "python": platform.python_version(), "machine": platform.machine()}
     if shutil.which("nvidia-smi"):
         try:
@@ -69,6 +79,27 @@ def output_folder(path: str, flag: str = "--out") -> str:
     return path
 
 
+def document(command: str, config: dict, backends: dict, rows: list[dict]) -> dict:
+    """A results file's content: :data:`SCHEMA`, the command, its options, the environment
+    (the host's facts, and ``backends``: each framework's), and the rows."""
+    return {"schema": SCHEMA, "command": command, "config": config,
+            "environment": {**host_environment(command), "backends": backends}, "rows": rows}
+
+
+def gpu_of(environment: dict) -> str | None:
+    """The GPU a results file was measured on, or None: ``environment.gpu`` (this schema),
+    ``environment.host.gpu`` (older files), or a backend's CUDA device name."""
+    for env in (environment, environment.get("host") or {}):
+        if env.get("gpu"):
+            return str(env["gpu"])
+    for env in (environment.get("backends") or {}, environment):
+        for v in env.values():
+            dev = v.get("device") if isinstance(v, dict) else None
+            if dev and not str(dev).lower().startswith("cpu"):
+                return str(dev)
+    return None
+
+
 def save(path: str, doc: dict) -> None:
     with open(path, "w") as f:
         json.dump(_clean(doc), f, indent=1)
@@ -88,7 +119,8 @@ def load(path: str) -> dict:
                          f"{type(doc).__name__}")
     for key in ("config", "environment", "rows"):
         if key not in doc:
-            raise ValueError(f"{path}: expected a compare.run results file with {key!r}, got keys {sorted(doc)}")
+            raise ValueError(f"{path}: expected a compare results file with {key!r}, got keys {sorted(doc)}")
+    doc.setdefault("command", "run")
     restore_nans(doc["rows"])
     return doc
 
@@ -102,71 +134,11 @@ def restore_nans(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _fmt(x, spec: str) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def render(rows: list[dict], title: str = "", *, wide: bool = False, width: int | None = None) -> None:
+    """The terminal table (:mod:`.table`)."""
+    table.render(rows, title, wide=wide, width=width)
 
 
-def series_label(r: dict) -> str:
-    """A row's scheme, with ``[implementation]`` when it is not the unfused one (``full [triton]``)."""
-    impl = r.get("implementation", "unfused")
-    return r["scheme"] if impl == "unfused" else f"{r['scheme']} [{impl}]"
-
-
-def render(rows: list[dict], title: str = "") -> None:
-    head = ["shape", "scheme", "backend", "ms", "first call ms", "TFLOP/s", "overhead", "vs fastest", "err/bound",
-            "jax-torch/bound", "verdicts agree", "detected"]
-    cells = []
-    for r in rows:
-        ms = "OOM" if r.get("oom") else ("skipped" if r.get("skipped") else _fmt(r["ms"], ".3f"))
-        over = r.get("overhead")
-        fastest = r.get("vs_fastest_unprotected")
-        label = series_label(r) + (" (peer)" if r.get("peer") else "")
-        if r.get("method") == "notebook-loop-order":
-            label += " (loop order)"
-        cells.append([r["shape"], label, r["backend"], ms, _fmt(r.get("first_call_ms"), ".0f"),
-                      _fmt(r.get("tflops"), ".2f"),
-                      "–" if over is None or over != over else f"{100 * over:+.0f}%",
-                      "–" if fastest is None or fastest != fastest else f"{fastest:.2f}x",
-                      _fmt(r.get("err_vs_bound"), ".3f"), _fmt(r.get("xbackend_vs_bound"), ".3f"),
-                      str(r.get("verdicts_agree", "–")),
-                      "–" if r.get("peer") or r.get("skipped") else str(r.get("detected"))])
-    try:
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-
-        t = Table(*head, title=title or None)
-        for c in cells:
-            t.add_row(*(escape(x) for x in c))  # "full [triton]" is a label, not markup
-        Console(width=max(150, Console().width)).print(t)
-    except ImportError:
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-        for c in cells:
-            print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
-
-
-def plot(rows: list[dict], path: str, title: str = "") -> None:
-    """TFLOP/s against sequence length, one line per scheme and backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    series = sorted({(series_label(r), r["backend"]) for r in rows})
-    for scheme, backend in series:
-        pts = sorted((r["T"], r["tflops"]) for r in rows
-                     if series_label(r) == scheme and r["backend"] == backend and r.get("tflops") == r.get("tflops"))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="-" if backend == "jax" else "--", label=f"{scheme} · {backend}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length T (= S)")
-    ax.set_ylabel("TFLOP/s (4·B·N·T·S·H, halved when causal)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def plot(rows: list[dict], path: str, title: str = "") -> str | None:
+    """The relative-time plot and its CSV (:mod:`.plots`)."""
+    return plots.plot(rows, path, title)

@@ -129,10 +129,17 @@ def _skip_reason(be, scheme: str, implementation: str) -> str | None:
 
 
 def _timed(args, be, fn, inputs) -> dict:
-    timer = timing.timer_for(be)
+    """The framework's protocol (``compare.timing.measure``), or the notebook's methods."""
     if args.method == "notebook":
-        return timing.notebook(fn, inputs, timer)
-    return timing.robust(fn, inputs, timer, warmup=args.warmup, reps=args.reps)
+        return timing.notebook(fn, inputs, timing.timer_for(be))
+    on_gpu = be.device.type == "cuda" if be.name == "torch" else not be.interpreted()
+    return timing.measure(fn, inputs, backend_name=be.name, on_gpu=on_gpu, sync=be.sync,
+                          torch=getattr(be, "torch", None), warmup=args.warmup, reps=args.reps)
+
+
+def _timing_fields(timed: dict) -> dict:
+    """What a row keeps of a measurement besides the median: the spread and how it was taken."""
+    return {k: timed[k] for k in ("times_ms", "iqr_ms", "dispatch_ms", "protocol") if k in timed}
 
 
 def run_backend(args, bname: str, progress=None):
@@ -170,7 +177,7 @@ def run_backend(args, bname: str, progress=None):
                 if progress:
                     progress()
         if args.peers:
-            rows += _peer_rows(args, be, shape, inputs, nh, o64, bound, progress)
+            rows += _peer_rows(args, be, shape, inputs, nh, o64, bound, progress, said)
         del inputs
         _free(be)
     if args.method == "notebook" and "baseline" in args.schemes.split(","):
@@ -213,7 +220,7 @@ def _scheme_row(args, be, shape, inputs, scheme: str, impl: str, base_ms, nh: in
     o = be.logical(out)[:1, :nh]
     base_ms = ms if scheme == "baseline" else base_ms
     report = be.numpy_report(rep)
-    row = dict(row, ms=ms, first_call_ms=first_ms, tflops=tflops(shape.flops(args.causal), ms),
+    row = dict(row, **_timing_fields(timed), ms=ms, first_call_ms=first_ms, tflops=tflops(shape.flops(args.causal), ms),
                overhead=(ms / base_ms - 1.0) if base_ms else float("nan"),
                err_vs_bound=float(np.max(np.abs(o - o64) / bound)),
                detected=bool(np.asarray(report.detected)),
@@ -249,7 +256,12 @@ def loop_order_rows(args, be) -> list[dict]:
                  err_vs_bound=float("nan"), detected=False) for label, s in shapes.items()]
 
 
-def _peer_rows(args, be, shape, inputs, nh, o64, bound, progress) -> list[dict]:
+def _on_gpu(be) -> bool:
+    return be.device.type == "cuda" if be.name == "torch" else not be.interpreted()
+
+
+def _peer_rows(args, be, shape, inputs, nh, o64, bound, progress, said=None) -> list[dict]:
+    said = set() if said is None else said
     out_rows = []
     for name, peer in peers.peers_for(be).items():
         fn = lambda q, k, v, p=peer: p(q, k, v, args.causal)  # noqa: E731
@@ -259,8 +271,10 @@ def _peer_rows(args, be, shape, inputs, nh, o64, bound, progress) -> list[dict]:
             out = be.sync(fn(*inputs[0]))
             timed = _timed(args, be, fn, inputs)
         except Exception as e:  # noqa: BLE001 - a peer that cannot run here is skipped, with the reason
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            print(f"{shape.label()} {name}: skipped ({reason})", flush=True)
+            reason = peers.skip_reason(name, e, on_gpu=_on_gpu(be))
+            if reason not in said:
+                said.add(reason)
+                print(f"{be.name} peer {name}: skipped ({reason})", flush=True)
             out_rows.append(dict(row, ms=float("nan"), tflops=float("nan"), overhead=float("nan"),
                                  err_vs_bound=float("nan"), skipped=reason, oom=_is_oom(e)))
             _free(be)
@@ -268,7 +282,8 @@ def _peer_rows(args, be, shape, inputs, nh, o64, bound, progress) -> list[dict]:
                 progress()
             continue
         o = be.logical(out)[:1, :nh]
-        out_rows.append(dict(row, ms=timed["ms"], tflops=tflops(shape.flops(args.causal), timed["ms"]),
+        out_rows.append(dict(row, **_timing_fields(timed), ms=timed["ms"],
+                             tflops=tflops(shape.flops(args.causal), timed["ms"]),
                              overhead=float("nan"), err_vs_bound=float(np.max(np.abs(o - o64) / bound))))
         if progress:
             progress()
@@ -281,30 +296,43 @@ def _installed(bname: str) -> bool:
     return importlib.util.find_spec(bname) is not None
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default=None, help=f"one of {PRESET_NAMES}; default: seed on a GPU, cpu otherwise")
-    ap.add_argument("--schemes", default=",".join(SCHEME_NAMES))
-    ap.add_argument("--backends", default="jax,torch")
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                    help="shapes to run; default: seed on a GPU, cpu otherwise")
+    ap.add_argument("--schemes", default=",".join(SCHEME_NAMES), help=f"comma-separated, of {SCHEME_NAMES}")
+    ap.add_argument("--backends", default="jax,torch", help="comma-separated: jax, torch")
     ap.add_argument("--implementations", default="unfused,triton,pallas",
-                    help="unfused (both backends), triton (PyTorch's fused kernel) and pallas (JAX's fused "
-                         "kernel); the fused ones on a GPU only")
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--dist", default="uniform")
-    ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--method", default="robust", help="robust (warm-up, median) or notebook (10 calls, no warm-up)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--reps", type=int, default=10)
+                    help="comma-separated: unfused (both backends), triton (PyTorch's fused kernel), pallas (JAX's "
+                         "fused kernel); the fused ones on a GPU only")
+    ap.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                    help="default: float16 on a GPU, float32 on a CPU (where jax.nn runs)")
+    ap.add_argument("--dist", default="uniform", choices=DISTRIBUTIONS, help="input distribution")
+    ap.add_argument("--causal", action="store_true", help="causal attention")
+    ap.add_argument("--method", default="robust", choices=("robust", "notebook"),
+                    help="robust: each framework's protocol (compare.timing: warm-up, then the median and quartiles); "
+                         "notebook: the seed notebook's 10 calls without warm-up")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    ap.add_argument("--reps", type=int, default=10, help="timed repetitions")
     ap.add_argument("--input-sets", type=int, default=3, help="rotate this many input sets while timing")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     ap.add_argument("--out", default=None, help="output folder (default results/<timestamp>/)")
-    ap.add_argument("--isolate", default="auto", help="process (each backend in its own process), none, or auto "
-                                                      "(process when more than one backend runs)")
+    ap.add_argument("--isolate", default="auto", choices=("auto", "process", "none"),
+                    help="process: each backend in its own process; auto: process when more than one backend runs")
     ap.add_argument("--no-peers", dest="peers", action="store_false",
                     help="skip the peer kernels (SDPA backends, jax.nn.dot_product_attention)")
+    ap.add_argument("--wide", action="store_true", help="every column in the table (the JSON has them all anyway)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
-    _validate(args)
+    _validate(args, ap)
+    if args.dtype is None:
+        args.dtype = "float16" if _has_gpu() else "float32"
     # Both frameworks may share one GPU: stop JAX from taking 75% of it up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.worker:  # a child process: one backend, results to a file
@@ -322,7 +350,7 @@ def main(argv=None) -> int:
     print(f"# preset={args.preset} dtype={args.dtype} dist={args.dist} causal={args.causal} method={args.method} "
           f"implementations={args.implementations} isolate={'process' if isolate else 'none'} out={args.out}",
           flush=True)
-    rows, outs, env = [], {}, {"host": results.host_environment()}
+    rows, outs, env = [], {}, {}
     for bname in names:
         if not _installed(bname):
             print(f"skipping backend {bname}: {bname} is not installed", flush=True)
@@ -344,15 +372,15 @@ def main(argv=None) -> int:
         env[bname] = benv
     cross_check(rows, outs)
     title = f"preset={args.preset} dtype={args.dtype} causal={args.causal} method={args.method}"
-    results.render(rows, title)
-    doc = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "environment": env, "rows": rows}
+    results.render(rows, title, wide=args.wide)
+    doc = results.document("run", {k: v for k, v in vars(args).items() if k != "worker"}, env, rows)
     results.save(os.path.join(args.out, "results.json"), doc)
     if rows:
         results.plot(rows, os.path.join(args.out, "plot.png"), title)
     bad = [r for r in rows if r["detected"] or r["err_vs_bound"] > 1 or r.get("xbackend_vs_bound", 0) > 2]
     bad = [r for r in bad if not r.get("peer") and r["err_vs_bound"] == r["err_vs_bound"]]  # peers: reported
     print(f"# {len(rows)} rows; {len(bad)} with a false positive or an output outside its bound; "
-          f"wrote {args.out}/results.json and plot.png")
+          f"wrote {args.out}/results.json, plot.png and plot.csv")
     return 1 if bad else 0
 
 
@@ -385,28 +413,23 @@ def _run_with_progress(args, bname: str):
         return run_backend(args, bname, progress=lambda: bar.advance(task))
 
 
-def _validate(args) -> None:
+def _validate(args, ap) -> None:
+    """Usage errors exit with status 2 and one line naming the option (``ap.error``)."""
     def one_of(name, value, allowed):
         if value not in allowed:
-            raise SystemExit(f"--{name}: expected one of {tuple(allowed)}, got {value!r}")
+            ap.error(f"--{name}: expected one of {tuple(allowed)}, got {value!r}")
 
-    if args.preset is not None:
-        one_of("preset", args.preset, PRESET_NAMES)
     for s in args.schemes.split(","):
         one_of("schemes", s, SCHEME_NAMES)
     for b in args.backends.split(","):
         one_of("backends", b, ("jax", "torch"))
     for i in args.implementations.split(","):
         one_of("implementations", i, ("unfused", *FUSED))
-    one_of("dtype", args.dtype, ("float16", "bfloat16", "float32"))
-    one_of("dist", args.dist, DISTRIBUTIONS)
-    one_of("method", args.method, ("robust", "notebook"))
-    one_of("isolate", args.isolate, ("auto", "process", "none"))
     if args.reps < 1 or args.warmup < 0 or args.input_sets < 1:
-        raise SystemExit("--reps >= 1, --warmup >= 0 and --input-sets >= 1 expected")
+        ap.error(f"--reps >= 1, --warmup >= 0 and --input-sets >= 1 expected, got {args.reps}, {args.warmup}, "
+                 f"{args.input_sets}")
     if args.preset in ("seed", "seed-tokens", "seed-small-heads") and not args.worker and not _has_gpu():
-        raise SystemExit(f"--preset {args.preset}: needs a GPU (its shapes take gigabytes); "
-                         f"use --preset cpu on this machine")
+        ap.error(f"--preset {args.preset}: needs a GPU (its shapes take gigabytes); use --preset cpu on this machine")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,13 @@ def test_cpu_preset_writes_every_row_and_renders(tmp_path, capsys):
         assert r["err_vs_bound"] <= 1 and r["xbackend_vs_bound"] <= 2
         assert r["detected"] is False and r["verdicts_agree"] is True
         assert r["vs_fastest_unprotected"] > 0
-    assert set(doc["environment"]) == {"host", "jax", "torch"}
+    assert doc["schema"] == results.SCHEMA and doc["command"] == "run"
+    assert set(doc["environment"]["backends"]) == {"jax", "torch"} and doc["environment"]["date"]
+    assert doc["config"]["dtype"] == "float32"  # on a CPU: the dtype at which the jax.nn peer runs
+    assert all(r["ms"] > 0 for r in peer_rows if r["scheme"] == "jax-xla")
+    assert all(r["skipped"] == "needs a GPU" for r in peer_rows if r["scheme"] in peers.GPU_ONLY)
     assert doc["config"]["isolate"] == "auto"  # two backends: one process each
-    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    assert (tmp_path / "plot.png").stat().st_size > 10_000 and (tmp_path / "plot.csv").stat().st_size > 100
     capsys.readouterr()
     assert report.main([str(tmp_path), "--no-plot"]) == 0
     assert "full" in capsys.readouterr().out
@@ -112,9 +116,11 @@ def test_notebook_loop_order_charges_start_up_to_the_first_length():
     (["--implementations", "unfused,fused"], "--implementations"),
     (["--implementations", "unfused,pallas,cuda"], "--implementations"),
 ])
-def test_bad_arguments_exit_with_a_message(argv, match):
-    with pytest.raises(SystemExit, match=match):
+def test_bad_arguments_exit_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
         run.main(argv)
+    assert e.value.code == 2  # a usage error, not a failed check
+    assert match in capsys.readouterr().err
 
 
 def test_results_json_round_trip(tmp_path):
@@ -177,7 +183,7 @@ def test_triton_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "TRITON_ON_CPU", True)
     monkeypatch.setattr(run, "preset", lambda name: (Shape(1, 4, 40, 24, 16, K=2),))
     assert run.main(["--preset", "cpu", "--schemes", "baseline,abft_qk_col,full", "--no-peers", "--isolate", "none",
-                     "--implementations", "unfused,triton", "--reps", "1", "--warmup", "0", "--input-sets", "1",
+                     "--implementations", "unfused,triton", "--dtype", "float16", "--reps", "1", "--warmup", "0", "--input-sets", "1",
                      "--out", str(tmp_path)]) == 0
     assert "[triton]" in capsys.readouterr().out  # the table labels the rows ("full [triton]", maybe wrapped)
     rows = {(r["backend"], r["scheme"], r["implementation"]): r
@@ -237,7 +243,7 @@ def test_pallas_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "PALLAS_ON_CPU", True)
     monkeypatch.setattr(run, "preset", lambda name: TINY)
     assert run.main(["--preset", "cpu", "--schemes", "baseline,abft_qk_col,full", "--no-peers", "--isolate", "none",
-                     "--implementations", "unfused,pallas", "--reps", "1", "--warmup", "0", "--input-sets", "1",
+                     "--implementations", "unfused,pallas", "--dtype", "float16", "--reps", "1", "--warmup", "0", "--input-sets", "1",
                      "--out", str(tmp_path)]) == 0
     assert "[pallas]" in capsys.readouterr().out  # the table labels the rows ("full [pallas]", maybe wrapped)
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -254,12 +260,22 @@ def test_pallas_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     assert "verdicts_compared" not in rows[("torch", "full", "unfused")]
 
 
-def test_compare_train_runs_on_a_cpu(capsys):
+def test_compare_train_runs_on_a_cpu(tmp_path, capsys):
     """``python -m compare.train`` times forward plus backward for both frameworks; on a CPU it
-    takes the unfused path and says so."""
+    takes the unfused path and says so; its rows share compare.run's schema and table."""
     from compare import train
 
-    assert train.main(["--T", "24", "--N", "3", "--H", "8"]) == 0
+    assert train.main(["--T", "24", "--N", "3", "--H", "8", "--reps", "2", "--warmup", "1",
+                       "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "no GPU" in out and "F.sdpa" in out and "jax.nn" in out
-    assert out.count("ftattn full") == 2 and out.count("ftattn baseline") == 2
+    doc = results.load(str(tmp_path / "results.json"))
+    assert doc["command"] == "train" and doc["schema"] == results.SCHEMA
+    rows = doc["rows"]
+    assert {(r["backend"], r["scheme"]) for r in rows} == {
+        ("torch", "F.sdpa"), ("torch", "baseline"), ("torch", "full"),
+        ("jax", "jax.nn"), ("jax", "baseline"), ("jax", "full")}
+    assert all(r["pass"] == "fwd+bwd" and r["ms"] > 0 and r["vs_fastest_unprotected"] > 0 for r in rows)
+    assert {r["protocol"] for r in rows} == {"host", "pipelined"}
+    assert all(r["iqr_ms"][0] <= r["ms"] <= r["iqr_ms"][1] for r in rows)
+    assert report.main([str(tmp_path), "--no-plot"]) == 0
