@@ -8,7 +8,8 @@ prints milliseconds, TFLOP/s (4·B·N·T·S·H, halved for causal) and ratios to
 cuDNN, the extra memory of the checks, and the count of ``ex2`` instructions
 in the compiled kernel with and without the checks (the softmax replica must
 double them). ``--sweep`` times block shapes of the kernel alone.
-Timing: ``triton.testing.do_bench`` medians after warm-up.
+Timing: PyTorch's protocol of every ``compare`` command (``compare.timing.measure``: CUDA
+events, the median of 50 calls after 10 warm-ups).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import argparse
 import json
 import re
 import sys
+
+from . import timing
 
 
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +58,7 @@ def count_fma(compiled) -> int:
 
 def main(argv=None) -> int:
     import torch
-    import triton.testing
+    import triton  # noqa: F401 - the kernel benchmark needs it (a clear ImportError otherwise)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import ftattn_torch
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
             try:
                 fn()
                 torch.cuda.synchronize()
-                ms = triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+                ms = timing.measure(lambda: fn(), [()], backend_name="torch", on_gpu=True, sync=lambda r: None,
+                                    torch=torch, warmup=10, reps=50)["ms"]
             except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
                 print(f"T={T} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue

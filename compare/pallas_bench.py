@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import warnings
 
 from ftattn_spec.implementations import run_checks
 
+from . import timing
 from .kernel_bench import add_shape_arguments
 
 
@@ -59,19 +58,11 @@ MOSAIC_SWEEP = (
 
 
 def _time(fn, args, reps: int, inner: int) -> float:
-    """Median milliseconds per call."""
+    """Median milliseconds per call: JAX's protocol of every ``compare`` command
+    (``compare.timing.pipelined``: ``inner`` calls back to back per repetition)."""
     import jax
 
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            r = fn(*args)
-        jax.block_until_ready(r)
-        times.append((time.perf_counter() - t0) * 1e3 / inner)
-    return statistics.median(times)
+    return timing.pipelined(fn, [args], jax.block_until_ready, warmup=2, reps=reps, calls=inner)["ms"]
 
 
 def _temp_mib(fn, args):
