@@ -5,7 +5,7 @@ prints one table: per framework and mask form, the plain function
 (``jax.nn.dot_product_attention``, also pinned to cuDNN where it takes the
 form, or ``F.scaled_dot_product_attention``) and ftattn's drop-in with its
 defaults (scheme ``full``, and ``baseline`` unchecked; ``ran`` says which
-implementation the default took), median of 10 timed calls after 3 warm-ups,
+implementation the default took), timed with the framework's protocol (``compare.timing.measure``),
 in the same process. For PyTorch also ``torch.compile(fullgraph=True)`` of the
 drop-in. ``decode`` is one query per sequence against T cached keys. On a machine
 without a GPU it uses a small shape in float32.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from .run import _has_gpu
-from .timing import CudaEventTimer, HostTimer, robust
+from .timing import measure
 
 FORMS = ("causal", "padding", "hf-mask", "lengths", "window", "bias", "decode")
 
@@ -49,7 +49,7 @@ def run_jax(B, N, T, H, dtype, rows):
 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H)), dtype) for _ in range(3))
-    timer = HostTimer(lambda r: jax.block_until_ready(r))
+    gpu = jax.default_backend() == "gpu"
     for form, m in _masks(B, N, T, rng).items():
         kw = dict(is_causal=form in ("causal", "window"))
         qq = q[:, -1:] if m.get("decode") else q
@@ -72,7 +72,7 @@ def run_jax(B, N, T, H, dtype, rows):
         _, rep = ftattn_jax.dot_product_attention(qq, k, v, return_report=True, **kw)
         for name, fn in fns.items():
             try:
-                ms = robust(fn, [(qq, k, v)], timer)["ms"]
+                ms = measure(fn, [(qq, k, v)], backend_name="jax", on_gpu=gpu, sync=jax.block_until_ready)["ms"]
             except Exception as e:  # noqa: BLE001 - cuDNN refuses some forms: say so, go on
                 print(f"jax {form} {name}: not run ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
                 continue
@@ -90,7 +90,6 @@ def run_torch(B, N, T, H, dtype, rows):
     rng = np.random.default_rng(0)
     q, k, v = (torch.tensor(rng.standard_normal((B, N, T, H)), device=dev, dtype=getattr(torch, dtype))
                for _ in range(3))
-    timer = CudaEventTimer(torch) if dev == "cuda" else HostTimer(lambda r: None)
     for form, m in _masks(B, N, T, rng).items():
         am, causal = None, form == "causal"
         qq = q[:, :, -1:] if m.get("decode") else q
@@ -113,8 +112,9 @@ def run_torch(B, N, T, H, dtype, rows):
         torch._dynamo.reset()
         fns["ftattn full, compiled"] = torch.compile(fns["ftattn full"], fullgraph=True)
         for name, fn in fns.items():
-            rows.append(("torch", form, name, robust(fn, [(qq, k, v)], timer)["ms"],
-                         rep.ran.implementation if name.startswith("ftattn") else ""))
+            ms = measure(fn, [(qq, k, v)], backend_name="torch", on_gpu=dev == "cuda", sync=lambda r: None,
+                         torch=torch)["ms"]
+            rows.append(("torch", form, name, ms, rep.ran.implementation if name.startswith("ftattn") else ""))
         del fns
 
 
