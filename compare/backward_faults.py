@@ -14,9 +14,14 @@ per gradient.
 * **harmless**: not detected, and every gradient is still within the tolerance of float64;
 * **missed**: not detected, and some gradient is beyond it. The target is zero.
 
-Clean backwards are run as well: any detection there is a false positive. Prints a table,
-writes ``backward_faults.json`` under ``--out``; exits 0 when nothing was missed and nothing
-clean was flagged, 1 otherwise, 2 on a usage error.
+Clean backwards are run as well: any detection there is a false positive. Prints a table (the
+raw count of each outcome, and every miss count with the one-sided 95% Clopper–Pearson upper
+bound on the miss rate among the faults that mattered, detected + missed: harmless faults say
+nothing about the checks; ``compare.scorecard.miss_upper_bound``), and writes under ``--out``
+``backward_faults.json`` (options, every run, the summary with the bounds, the outcome map),
+``outcomes.csv`` (per backend, dtype, site and bit the count of each outcome) and
+``backward_faults.png`` (that outcome map drawn). Exit status: 0 when nothing was missed and
+nothing clean was flagged, 1 otherwise, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import numpy as np
 
 from ftattn_spec.faults import BACKWARD_SITES, REPLICA_SITES, Fault
 
-from .fault_options import parse_bits, parse_list
+from .fault_options import UsageError, parse_bits, parse_list, report_usage_error
+from .scorecard import BACKWARD_OUTCOMES, DEFINITIONS, bound_text, mattered, miss_rate, save_outcomes
 
 SHAPE = dict(B=2, N=4, K=2, T=24, S=20, H=16)  # every axis a different size
 RATIO = 3.0
@@ -140,32 +146,94 @@ def classify(grads, det: int, exact, low) -> tuple[str, float]:
 
 
 def parse_shape(text: str) -> dict:
-    """``"B=2,N=4,..."`` -> a full shape dict; a usage error (``SystemExit`` with its message) otherwise."""
+    """``"B=2,N=4,..."`` -> a full shape dict; :class:`UsageError` (exit status 2) otherwise."""
     shape = dict(SHAPE)
     for part in filter(None, text.split(",")):
         name, _, n = part.partition("=")
         if name.strip() not in SHAPE or not n.strip().isdigit() or int(n) < 1:
-            raise SystemExit(f"--shape: expected a=n pairs with a in {','.join(SHAPE)} and n >= 1, got {part!r}")
+            raise UsageError(f"--shape: expected a=n pairs with a in {','.join(SHAPE)} and n >= 1, got {part!r}")
         shape[name.strip()] = int(n)
     if shape["N"] % shape["K"]:
-        raise SystemExit(f"--shape: N={shape['N']} must be a multiple of K={shape['K']}")
+        raise UsageError(f"--shape: expected N a multiple of K, got N={shape['N']}, K={shape['K']}")
     return shape
+
+
+def site_label(site: str, replica: int) -> str:
+    """A site's name in the outcome map: ``bwd_ds.r1`` where the site is computed twice."""
+    return f"{site}.r{replica}" if site in REPLICA_SITES else site
+
+
+def outcome_table(results: list[dict]) -> list[dict]:
+    """The outcome map's data: one dict per (backend, dtype, site, bit) of the faulty runs in
+    ``results`` with ``backend, dtype, site`` (:func:`site_label`), ``bit``, the count of each of
+    ``compare.scorecard.BACKWARD_OUTCOMES`` and ``trials`` (their sum), in the order run."""
+    cells = {}
+    for r in results:
+        if r["kind"] == "fault":
+            key = (r["backend"], r["dtype"], site_label(r["site"], r["replica"]), r["bit"])
+            cells.setdefault(key, dict.fromkeys(BACKWARD_OUTCOMES, 0))[r["outcome"]] += 1
+    backends = list(dict.fromkeys(k[0] for k in cells))
+    return [dict(backend=k[0], dtype=k[1], site=k[2], bit=k[3], **c, trials=sum(c.values()))
+            for k, c in sorted(cells.items(), key=lambda kv: backends.index(kv[0][0]))]
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per (backend, dtype, site, replica) and in total: the count of each outcome, the faults
+    that mattered (detected + missed) and the misses with their 95% upper bound among those;
+    the clean runs and how many were flagged (false positives)."""
+    groups = {}
+    for r in results:
+        if r["kind"] == "fault":
+            key = (r["backend"], r["dtype"], r["site"], r["replica"])
+            groups.setdefault(key, dict.fromkeys(BACKWARD_OUTCOMES, 0))[r["outcome"]] += 1
+    rows = [dict(backend=b, dtype=d, site=s, replica=rep, **c, trials=sum(c.values()), mattered=mattered(c),
+                 miss=miss_rate(c["missed"], mattered(c))) for (b, d, s, rep), c in groups.items()]
+    total = {c: sum(r[c] for r in rows) for c in BACKWARD_OUTCOMES}
+    clean = [r for r in results if r["kind"] == "clean"]
+    return dict(definitions=DEFINITIONS, rows=rows, **total, trials=sum(total.values()), mattered=mattered(total),
+                miss=miss_rate(total["missed"], mattered(total)),
+                clean={"runs": len(clean), "flagged": sum(1 for r in clean if r["detected"])})
+
+
+def exit_status(summary: dict) -> int:
+    """0 when no fault was missed and no clean run flagged, 1 otherwise (every backward site is
+    checked: a miss anywhere fails)."""
+    return 1 if summary["missed"] or summary["clean"]["flagged"] else 0
+
+
+def print_summary(summary: dict) -> None:
+    """The table: per row the raw counts and the misses with their 95% upper bound; the totals."""
+    print(f"{'backend':7s} {'dtype':8s} {'site':10s} {'replica':7s} {'detected':>8s} {'harmless':>8s} "
+          f"{'missed (≤ 95% bound)':>22s}")
+    for r in summary["rows"]:
+        m = r["miss"]
+        missed = f"{m['count']} (≤ {100 * m['upper95']:.3g}%)" if m["of"] else f"{m['count']} (of 0)"
+        print(f"{r['backend']:7s} {r['dtype']:8s} {r['site']:10s} {r['replica']:7d} {r['detected']:8d} "
+              f"{r['harmless']:8d} {missed:>22s}")
+    print("missed (≤ x%): the one-sided 95% Clopper–Pearson upper bound on the miss rate among the faults that "
+          "mattered (detected + missed; harmless faults excluded)")
+    print(f"\n{summary['trials']} faulty backwards, {summary['mattered']} of which mattered "
+          f"({summary['harmless']} harmless): {bound_text(summary['missed'], summary['mattered'])}; "
+          f"{summary['clean']['runs']} clean: {summary['clean']['flagged']} flagged")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compare.backward_faults", description=__doc__.split("\n\n")[0],
+                                 epilog="exit status: 0 nothing missed and no clean run flagged, 1 otherwise, "
+                                        "2 a usage error",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
-    ap.add_argument("--dtype", default="float16,bfloat16", help="comma-separated: float16, bfloat16")
-    ap.add_argument("--sites", default=",".join(BACKWARD_SITES), help="comma-separated backward sites")
-    ap.add_argument("--bits", default=DEFAULT_BITS, help="comma-separated bit positions or ranges a-b")
-    ap.add_argument("--trials", type=int, default=1, help="faulty runs per (backend, dtype, site, replica, bit)")
-    ap.add_argument("--clean", type=int, default=2, help="clean runs per backend and dtype")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backends", default="torch,jax", help="comma-separated, from: torch, jax")
+    ap.add_argument("--dtype", default="float16,bfloat16", help="comma-separated, from: float16, bfloat16")
+    ap.add_argument("--sites", default=",".join(BACKWARD_SITES),
+                    help=f"comma-separated backward sites, from: {', '.join(BACKWARD_SITES)}")
+    ap.add_argument("--bits", default=DEFAULT_BITS, help="comma-separated bit positions or ranges a-b within 0-31")
+    ap.add_argument("--trials", type=int, default=1, help="faulty runs per (backend, dtype, site, replica, bit); >= 1")
+    ap.add_argument("--clean", type=int, default=2, help="clean runs per backend and dtype; >= 0")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the trial plan")
     ap.add_argument("--causal", action="store_true", help="causal attention")
     ap.add_argument("--shape", default=",".join(f"{a}={n}" for a, n in SHAPE.items()),
                     help="B,N,K,T,S,H as a=n pairs; N a multiple of K")
-    ap.add_argument("--out", default=None, help="output folder (default results/backward-faults-<timestamp>/)")
+    ap.add_argument("--out", default=None, help="output folder; None: results/backward-faults-<timestamp>/")
     try:
         args = ap.parse_args(argv)
         backends = parse_list(args.backends, BACKENDS, "backends")
@@ -173,10 +241,14 @@ def main(argv=None) -> int:
         sites = parse_list(args.sites, BACKWARD_SITES, "sites")
         bits = sorted(parse_bits(args.bits))
         shape = parse_shape(args.shape)
-    except SystemExit as e:  # argparse's (--help: 0; a usage error: 2) or a list's (its message)
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            return 2
+        if args.trials < 1:
+            raise UsageError(f"--trials: expected an integer >= 1, got {args.trials}")
+        if args.clean < 0:
+            raise UsageError(f"--clean: expected an integer >= 0, got {args.clean}")
+    except UsageError as e:  # an option's: its message, then 2
+        report_usage_error(ap, e)
+        return 2
+    except SystemExit as e:  # argparse's (--help: 0; a usage error: 2, its message printed)
         return 2 if e.code else 0
     if "torch" in backends:
         import torch
@@ -184,13 +256,12 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
     rng = np.random.default_rng(args.seed)
-    rows, results, false_pos = {}, [], 0
+    results = []
     for dtype in dtypes:
         for n in range(args.clean):
             q, k, v, g = inputs(args.seed * 1000 + n, shape)
             for b in backends:
                 _, det = BACKENDS[b](q, k, v, g, dtype, args.causal)
-                false_pos += int(det > 0)
                 results.append(dict(kind="clean", backend=b, dtype=dtype, detected=int(det)))
         for site, replica in combos(sites):
             for bit in bits:
@@ -205,27 +276,23 @@ def main(argv=None) -> int:
                         outcome, worst = classify(grads, det, exact, low)
                         results.append(dict(kind="fault", backend=b, dtype=dtype, site=site, replica=replica,
                                             bit=bit, index=list(fault.index), outcome=outcome, worst=worst))
-                        key = (b, dtype, site, replica)
-                        rows.setdefault(key, {"detected": 0, "harmless": 0, "missed": 0})[outcome] += 1
                         print(f"{b:5s} {dtype:8s} {site:10s} r{replica} bit {bit:2d}: {outcome:8s} "
                               f"(largest error {worst:.3g}× the tolerance)", flush=True)
-    missed = sum(r["missed"] for r in rows.values())
+    summary = summarize(results)
     print()
-    print(f"{'backend':7s} {'dtype':8s} {'site':10s} {'replica':7s} {'detected':>8s} {'harmless':>8s} {'missed':>6s}")
-    for (b, dtype, site, replica), r in rows.items():
-        print(f"{b:7s} {dtype:8s} {site:10s} {replica:7d} {r['detected']:8d} {r['harmless']:8d} {r['missed']:6d}")
-    n_faults = sum(sum(r.values()) for r in rows.values())
-    n_clean = sum(1 for r in results if r["kind"] == "clean")
-    bound = 1 - 0.05 ** (1 / max(n_faults, 1))
-    why = f"95% upper bound on the miss rate {bound:.1%}" if missed == 0 else "the target is 0"
-    print(f"\n{n_faults} faulty backwards: {missed} missed ({why}); {n_clean} clean: {false_pos} flagged")
+    print_summary(summary)
+    status = exit_status(summary)
     out = args.out or os.path.join("results", "backward-faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
+    table = outcome_table(results)
     with open(os.path.join(out, "backward_faults.json"), "w") as f:
-        json.dump(dict(command=" ".join(sys.argv), shape=shape, causal=args.causal, bits=bits, results=results),
-                  f, indent=1)
-    print(f"wrote {out}/backward_faults.json")
-    return 0 if missed == 0 and false_pos == 0 else 1
+        json.dump(dict(command=" ".join(sys.argv), shape=shape, causal=args.causal, bits=bits, exit_status=status,
+                       summary=summary, outcomes=table, results=results), f, indent=1)
+    if table:
+        save_outcomes(table, out, "backward_faults.png", BACKWARD_OUTCOMES, title="backward fault outcomes")
+    print(f"wrote {out}/backward_faults.json" + (", outcomes.csv and backward_faults.png" if table else ""))
+    print(f"exit status {status}: " + ("nothing missed, no clean run flagged" if not status else "a check failed"))
+    return status
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 
 ``--implementation`` names what one backend runs; the other keeps its unfused
 path: ``triton`` is PyTorch's fused Triton kernel, ``pallas`` JAX's fused
-Pallas kernel. Both kernels take float16 and bfloat16 only, no masks, and run
-the row checks only. Triton runs in its interpreter without a GPU, which needs
+Pallas kernel. Both kernels take float16 and bfloat16 only (every mask form),
+and run the row checks only. Triton runs in its interpreter without a GPU, which needs
 ``TRITON_INTERPRET=1`` before anything imports triton (:func:`setup_implementation`
 sets it); Pallas interprets by itself wherever JAX has no GPU.
+
+A bad option raises :class:`UsageError`: exit status 2, argparse's for a usage error
+(1 means a failed check, 0 that every check held).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from ftattn_spec import implementations as catalogue
 from ftattn_spec.implementations import run_checks as implementation_checks
@@ -23,11 +27,32 @@ IMPLEMENTATION_BACKEND = {i.name: i.backend for i in catalogue.CATALOGUE if i.fu
 _FRAMEWORK = {"torch": "PyTorch", "jax": "JAX"}
 
 
+class UsageError(SystemExit):
+    """A bad option, or one this machine cannot run: exit status 2 (argparse's), not 1 (a failed
+    check). ``str()`` is the message, which names the option, what it expects and what it got.
+    A ``SystemExit`` so that an uncaught one still ends ``python -m ...`` with status 2; the
+    command's ``main`` prints the message to stderr (:func:`report_usage_error`) first."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def report_usage_error(parser, error: UsageError) -> None:
+    """Print ``error`` as argparse prints its own: the usage line, then ``prog: error: message``."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+
+
 def parse_list(text: str, allowed, what: str) -> list[str]:
+    """``--what``: a comma-separated list, every item from ``allowed``; :class:`UsageError` otherwise."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
-        raise SystemExit(f"--{what}: expected a comma-separated list from {tuple(allowed)}, got {text!r}")
+        raise UsageError(f"--{what}: expected a comma-separated list from {tuple(allowed)}, got {text!r}")
     return items
 
 
@@ -44,7 +69,7 @@ def parse_bits(text: str | None):
     except ValueError:
         bits = set()
     if not bits or min(bits) < 0 or max(bits) > 31:
-        raise SystemExit(f"--bits: expected comma-separated bits or ranges a-b within 0-31, got {text!r}")
+        raise UsageError(f"--bits: expected comma-separated bits or ranges a-b within 0-31, got {text!r}")
     return bits
 
 
@@ -59,7 +84,7 @@ def restrict_dtypes(implementation: str, dtypes: list[str], text: str) -> tuple[
     takes = IMPLEMENTATION_DTYPES[implementation]
     kept = [d for d in dtypes if d in takes]
     if not kept:
-        raise SystemExit(f"--dtype: --implementation {implementation} takes {takes}, got {text!r}")
+        raise UsageError(f"--dtype: --implementation {implementation} takes {takes}, got {text!r}")
     return kept, [d for d in dtypes if d not in takes]
 
 
@@ -80,12 +105,12 @@ def setup_implementation(args, names) -> None:
         return
     backend = IMPLEMENTATION_BACKEND[impl]
     if backend not in names:
-        raise SystemExit(f"--implementation: {impl} is a {_FRAMEWORK[backend]} implementation; --backends "
+        raise UsageError(f"--implementation: {impl} is a {_FRAMEWORK[backend]} implementation; --backends "
                          f"{args.backends!r} has no {backend}")
     try:
         implementation_checks(impl, args.scheme)
     except ValueError as e:
-        raise SystemExit(f"--scheme: {e}") from None
+        raise UsageError(f"--scheme: {e}") from None
     if impl == "triton" and not _torch_has_cuda():
         os.environ["TRITON_INTERPRET"] = "1"
 
@@ -96,7 +121,7 @@ def check_implementation_mode(implementation: str, bks) -> str:
     backend = IMPLEMENTATION_BACKEND[implementation]
     adapter = next((b for b in bks if b.name == backend), None)
     if adapter is None:
-        raise SystemExit(f"--implementation {implementation}: the {backend} backend could not be imported")
+        raise UsageError(f"--implementation {implementation}: the {backend} backend could not be imported")
     if implementation == "pallas":
         if adapter.interpreted():
             return "run in Pallas' interpret mode: no GPU, slow"
@@ -104,10 +129,10 @@ def check_implementation_mode(implementation: str, bks) -> str:
     from ftattn_torch import fused
 
     if adapter.device.type == "cuda" and fused.interpreting():
-        raise SystemExit("--implementation triton: TRITON_INTERPRET=1 is set but a GPU is present; unset it to "
+        raise UsageError("--implementation triton: TRITON_INTERPRET=1 is set but a GPU is present; unset it to "
                          "compile the kernels for the GPU")
     if adapter.device.type != "cuda" and not fused.interpreting():
-        raise SystemExit("--implementation triton: no GPU, and Triton's kernels were imported before "
+        raise UsageError("--implementation triton: no GPU, and Triton's kernels were imported before "
                          "TRITON_INTERPRET=1 could be set; run in a fresh process, or export TRITON_INTERPRET=1")
     if adapter.device.type == "cuda":
         return "compiled for the GPU"

@@ -38,14 +38,25 @@ Triton's interpreter with ``TRITON_INTERPRET=1`` otherwise, which this tool
 sets when no GPU is present), ``pallas`` the JAX backend through the Pallas
 kernel (``attention(..., implementation="pallas")``; compiled on a GPU, in
 Pallas' interpret mode otherwise, by itself). Both kernels take float16 and
-bfloat16 only (float32 is left out of ``--dtype``), no masks (``--mask none``
-only), and run the row checks only (``qk_row``, ``softmax_dmr``, ``pv_row``),
-so they locate nothing: their localization is n/a. The cross-backend
+bfloat16 only (float32 is left out of ``--dtype``), every ``--mask`` form, and
+run the row checks only (``qk_row``, ``softmax_dmr``, ``pv_row``), so they
+locate nothing: their localization is n/a. The cross-backend
 comparison uses the checks both run. ``--bits`` restricts the bit positions
 (the interpreters are slow). Options: ``compare.fault_options``.
 
-Prints a table, and writes ``faults.json`` and ``faults.png`` (detection rate
-per site × bit) under ``--out``.
+The scorecard (``compare.scorecard``) keeps the raw count of every outcome; its
+detection rate is over the faults that mattered (detected + below limit + missed:
+a harmless fault says nothing about the checks), and every miss count comes with
+the one-sided 95% Clopper–Pearson upper bound on the miss rate among them.
+
+Prints a table, and writes under ``--out``: ``faults.json`` (options, environment,
+summary, every trial, the exit status and the failed checks), ``outcomes.csv`` (per
+backend, dtype, site and bit the count of each outcome) and ``faults.png`` (that
+outcome map drawn; each panel titled with its misses and their 95% bound).
+
+Exit status: 0 every check holds; 1 a check failed (a clean run flagged, or a miss
+at a protected site; misses at the unprotected ``query``/``key``/``value`` are
+expected); 2 a usage error (a bad option, or one this machine cannot run).
 """
 
 from __future__ import annotations
@@ -66,12 +77,21 @@ from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
 from ftattn_spec.shapes import PRESETS
 
 from . import fault_options as options
-from .fault_options import IMPLEMENTATIONS
+from .fault_options import IMPLEMENTATIONS, UsageError
 from .fault_options import parse_bits as _parse_bits
 from .fault_options import parse_list as _parse_list
 from .results import output_folder
-from .scorecard import CAMPAIGN_SITES, heatmap, protected, render, summarize  # noqa: F401  (public here too)
-from .scorecard import AGREEMENT_BAND
+from .scorecard import (  # noqa: F401  (public here too)
+    AGREEMENT_BAND,
+    CAMPAIGN_SITES,
+    exit_status,
+    failures,
+    outcome_table,
+    protected,
+    render,
+    save_outcomes,
+    summarize,
+)
 
 #: Campaign sites: the fault sites, with the DMR's second softmax as its own row.
 DEFAULT_SHAPE = dict(B=3, N=4, K=2, T=24, S=40, H=16)  # every axis a different size; grouped-query
@@ -263,38 +283,72 @@ def _environment(backends) -> dict:
     return env
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m compare.faults", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backends", default="jax,torch")
-    ap.add_argument("--scheme", default="full", choices=SCHEME_NAMES)
-    ap.add_argument("--dtype", default="float16,bfloat16,float32", help="comma-separated dtypes")
-    ap.add_argument("--sites", default=",".join(CAMPAIGN_SITES))
-    ap.add_argument("--trials", type=int, default=2, help="faulty runs per (dtype, site, bit)")
-    ap.add_argument("--clean", type=int, default=300, help="clean runs per backend")
-    ap.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m compare.faults``, each with its help and default."""
+    ap = argparse.ArgumentParser(prog="python -m compare.faults", description=__doc__.split("\n\n")[0],
+                                 epilog="exit status: 0 every check holds, 1 a check failed (a clean run flagged, "
+                                        "or a miss at a protected site), 2 a usage error",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--backends", default="jax,torch", help="comma-separated, from: jax, torch")
+    ap.add_argument("--scheme", default="full", choices=SCHEME_NAMES, help="the checks every call runs")
+    ap.add_argument("--dtype", default="float16,bfloat16,float32",
+                    help="comma-separated, from: float16, bfloat16, float32")
+    ap.add_argument("--sites", default=",".join(CAMPAIGN_SITES),
+                    help=f"comma-separated fault sites, from: {', '.join(CAMPAIGN_SITES)}")
+    ap.add_argument("--trials", type=int, default=2, help="faulty runs per (dtype, site, bit); >= 1")
+    ap.add_argument("--clean", type=int, default=300, help="clean runs per backend; >= 0")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the trial plan and the clean runs")
     ap.add_argument("--causal", action="store_true", help="use the causal mask in the faulty runs")
     ap.add_argument("--mask", default="none", choices=MASKS,
                     help="run every call under this mask form (see the module docs)")
     ap.add_argument("--implementation", default="unfused", choices=IMPLEMENTATIONS,
                     help="unfused (both backends), triton (torch's fused kernel; JAX stays unfused) or pallas "
-                         "(JAX's fused kernel; torch stays unfused): the fused ones take float16/bfloat16, no mask")
-    ap.add_argument("--bits", default=None, help="comma-separated bit positions or ranges a-b (default: every bit)")
-    ap.add_argument("--out", default=None, help="output folder (default results/faults-<timestamp>/)")
-    args = ap.parse_args(argv)
+                         "(JAX's fused kernel; torch stays unfused): the fused ones take float16/bfloat16")
+    ap.add_argument("--bits", default=None,
+                    help="comma-separated bit positions or ranges a-b within 0-31; None: every bit")
+    ap.add_argument("--out", default=None, help="output folder; None: results/faults-<timestamp>/")
+    return ap
+
+
+def main(argv=None) -> int:
+    """Run the campaign; the exit status is :func:`compare.scorecard.exit_status`'s (0 or 1). A
+    usage error prints its message to stderr and raises :class:`UsageError` (exit status 2)."""
+    ap = build_parser()
+    args = ap.parse_args(argv)  # argparse's own usage errors exit 2
+    try:
+        return _campaign(args)
+    except UsageError as e:
+        options.report_usage_error(ap, e)
+        raise
+
+
+def _output_folder(args) -> str:
+    """``--out`` created and writable now, not after the campaign; a bad one is a usage error."""
+    path = args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    try:
+        return output_folder(path)
+    except UsageError:
+        raise
+    except SystemExit as e:
+        raise UsageError(str(e.code)) from None
+
+
+def _campaign(args) -> int:
     names = _parse_list(args.backends, ("jax", "torch"), "backends")
     dtypes = _parse_list(args.dtype, ("float16", "bfloat16", "float32"), "dtype")
     sites = _parse_list(args.sites, CAMPAIGN_SITES, "sites")
     bits = _parse_bits(args.bits)
-    if args.trials < 1 or args.clean < 0:
-        raise SystemExit("--trials: expected >= 1, --clean: expected >= 0")
+    if args.trials < 1:
+        raise UsageError(f"--trials: expected an integer >= 1, got {args.trials}")
+    if args.clean < 0:
+        raise UsageError(f"--clean: expected an integer >= 0, got {args.clean}")
     dtypes, dropped = options.restrict_dtypes(args.implementation, dtypes, args.dtype)
     trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
     if not trials:
-        raise SystemExit(f"no faulty trials: --sites {args.sites!r}, --bits {args.bits!r} and --dtype select none")
-    # checked now, not after the campaign: a bad --out fails in a second
-    out_dir = output_folder(
-        args.out or os.path.join("results", "faults-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+        raise UsageError(f"--sites, --bits, --dtype: expected a selection with at least one faulty trial, got "
+                         f"--sites {args.sites!r}, --bits {args.bits!r}, --dtype {args.dtype!r}")
     options.setup_implementation(args, names)  # before anything imports triton: may set TRITON_INTERPRET
+    out_dir = _output_folder(args)  # checked now, not after the campaign: a bad --out fails in a second
     impl_of = options.backend_implementations(args.implementation, names)
 
     from rich.console import Console
@@ -310,7 +364,7 @@ def main(argv=None) -> int:
         except ImportError as e:
             console.print(f"[yellow]skipping backend {n}: {e}[/yellow]")
     if not bks:
-        raise SystemExit("no backend could be imported")
+        raise UsageError(f"--backends: expected a backend that can be imported here, got {args.backends!r}")
     if args.implementation != "unfused":
         console.print(options.implementation_header(args.implementation, bks, args.scheme, dtypes, dropped),
                       markup=False, highlight=False)
@@ -326,15 +380,20 @@ def main(argv=None) -> int:
                            mask=args.mask)
     summary = summarize(rows, clean, [b.name for b in bks], args.scheme, {b.name: b.implementation for b in bks})
     render(summary, console)
+    failed = failures(summary)
+    status = exit_status(summary)
     doc = {"config": dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES, dtypes=dtypes,
                           implementations={b.name: b.implementation for b in bks}),
            "environment": _environment(bks), "seconds": round(time.perf_counter() - start, 1),
-           "summary": summary, "clean": clean, "trials": rows}
+           "exit_status": status, "failures": failed, "summary": summary, "clean": clean, "trials": rows}
     with open(os.path.join(out_dir, "faults.json"), "w") as f:
         json.dump(doc, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    heatmap(summary, os.path.join(out_dir, "faults.png"))
-    console.print(f"wrote {out_dir}/faults.json and faults.png in {doc['seconds']} s")
-    return 0
+    save_outcomes(summary["outcomes"], out_dir, "faults.png", title="forward fault outcomes")
+    console.print(f"wrote {out_dir}/faults.json, outcomes.csv and faults.png in {doc['seconds']} s")
+    for line in failed:
+        console.print(f"[red]check failed:[/red] {line}")
+    console.print(f"exit status {status}: " + ("every check holds" if not status else f"{len(failed)} check(s) failed"))
+    return status
 
 
 if __name__ == "__main__":
