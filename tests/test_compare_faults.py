@@ -62,8 +62,10 @@ def test_campaign_meets_the_targets(campaign):
         for dtype in ("float16", "float32"):
             s = sites[(dtype, "scores")]
             assert s["trials"] == 32
-            # every exponent flip of a logit far from zero is caught; the low mantissa bits are harmless
-            assert 0.2 < s["detection"]["rate"] < 1.0
+            # every exponent flip of a logit far from zero is caught; the low mantissa bits are harmless,
+            # and the detection rate counts only the faults that mattered (harmless ones left out)
+            assert s["missed"] == 0 and s["harmless"] > 0 and s["detection"]["of"] == s["trials"] - s["harmless"]
+            assert s["detection"]["rate"] == 1.0
             lo, hi = s["detection"]["ci95"]
             assert lo <= s["detection"]["rate"] <= hi
     assert summary["agreement_outside_band"]["rate"] == 1.0  # flags differ only by rounding near a threshold

@@ -279,3 +279,25 @@ def test_compare_train_runs_on_a_cpu(tmp_path, capsys):
     assert {r["protocol"] for r in rows} == {"host", "pipelined"}
     assert all(r["iqr_ms"][0] <= r["ms"] <= r["iqr_ms"][1] for r in rows)
     assert report.main([str(tmp_path), "--no-plot"]) == 0
+
+
+@pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="both frameworks")
+def test_training_rows_share_the_table_json_and_plot(tmp_path, monkeypatch, capsys):
+    """``--train``: forward plus backward rows at each shape, in the same results file, table and
+    plot as the forward rows (their own plot panels)."""
+    from compare import plots
+
+    monkeypatch.setattr(run, "preset", lambda name: (Shape(1, 2, 24, 24, 8),))
+    assert run.main(["--preset", "cpu", "--schemes", "baseline,full", "--no-peers", "--isolate", "none",
+                     "--implementations", "unfused", "--reps", "1", "--warmup", "0", "--input-sets", "1",
+                     "--train", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(fwd+bwd)" in out
+    rows = results.load(str(tmp_path / "results.json"))["rows"]
+    train_rows = [r for r in rows if r.get("pass") == "fwd+bwd"]
+    assert {(r["backend"], r["scheme"]) for r in train_rows} == {
+        ("torch", "F.sdpa"), ("torch", "baseline"), ("torch", "full"),
+        ("jax", "jax.nn"), ("jax", "baseline"), ("jax", "full")}
+    assert all(r["ms"] > 0 for r in train_rows)
+    panels = set(plots.relative_series(rows))
+    assert {"torch unfused (fwd+bwd)", "jax unfused (fwd+bwd)", "torch unfused", "jax unfused"} <= panels
