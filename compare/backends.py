@@ -50,6 +50,16 @@ class JaxBackend:
         kw.setdefault("implementation", self.implementation)
         return self.mod.attention(q, k, v, **kw)
 
+    def jitted(self, **kw):
+        """:meth:`attention` with these keyword arguments (static: strings, bools, None), under
+        ``jax.jit``, as a user calls it and as the ``jax.nn`` peers are timed; one compiled
+        function per set of arguments."""
+        cache = self.__dict__.setdefault("_jitted", {})
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = self.jax.jit(lambda q, k, v: self.attention(q, k, v, **kw))
+        return cache[key]
+
     def sync(self, tree):
         return self.jax.block_until_ready(tree)
 

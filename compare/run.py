@@ -190,7 +190,10 @@ def _scheme_row(args, be, shape, inputs, scheme: str, impl: str, base_ms, nh: in
     """Time one scheme under one implementation. Returns ``(row, subsample output or None, base_ms)``:
     ``base_ms`` is the time of this implementation's ``baseline`` once measured."""
     kw = {} if impl == "unfused" else {"implementation": impl}
-    fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal, **kw)  # noqa: E731
+    if be.name == "jax":  # under jax.jit, as users call it and as the jax.nn peers are timed
+        fn = be.jitted(scheme=scheme, is_causal=args.causal, **kw)
+    else:
+        fn = lambda q, k, v, s=scheme: be.attention(q, k, v, scheme=s, is_causal=args.causal, **kw)  # noqa: E731
     row = {"shape": shape.label(), "T": shape.T, "S": shape.S, "scheme": scheme, "backend": be.name,
            "method": args.method, "flops": shape.flops(args.causal), "implementation": impl}
     missing = dict(ms=float("nan"), tflops=float("nan"), overhead=float("nan"), err_vs_bound=float("nan"),
@@ -347,8 +350,11 @@ def main(argv=None) -> int:
     names = [b for b in args.backends.split(",")]
     if "baseline" in args.schemes.split(","):
         args.schemes = ",".join(["baseline"] + [s for s in args.schemes.split(",") if s != "baseline"])
-    args.out = results.output_folder(
-        args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    try:
+        args.out = results.output_folder(
+            args.out or os.path.join("results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    except SystemExit as e:  # a folder that cannot be written is a usage error (status 2)
+        ap.error(str(e.code))
     isolate = args.isolate == "process" or (args.isolate == "auto" and len(names) > 1)
     print(f"# preset={args.preset} dtype={args.dtype} dist={args.dist} causal={args.causal} method={args.method} "
           f"implementations={args.implementations} isolate={'process' if isolate else 'none'} out={args.out}",

@@ -160,8 +160,11 @@ def main(argv=None) -> int:
     if a.reps < 1 or a.warmup < 0:
         p.error(f"--reps >= 1 and --warmup >= 0 expected, got {a.reps} and {a.warmup}")
     dtype = a.dtype or ("bfloat16" if gpu else "float32")
-    out = results.output_folder(a.out or os.path.join(
-        "results", "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    try:
+        out = results.output_folder(a.out or os.path.join(
+            "results", "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")))
+    except SystemExit as e:  # a folder that cannot be written is a usage error (status 2)
+        p.error(str(e.code))
     rows: list = []
     backends = {}
     if a.framework in ("torch", "both"):

@@ -215,12 +215,14 @@ def test_nonfinite_input_is_detected(backend, implementation, scheme):
 # ---- 6. command-line tools --------------------------------------------------------------------------
 
 def _one_line_exit(main, argv, capsys, needle):
+    """A usage error: exit status 2, and one ``prog: error: ...`` line naming the option on stderr."""
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code not in (0, None)
-    msg = str(e.value.code)
-    assert "\n" not in msg.strip() and needle in msg, msg
-    assert "Traceback" not in capsys.readouterr().err
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last and needle in last, err
+    assert "Traceback" not in err
 
 
 def test_compare_tools_reject_bad_paths(tmp_path, capsys):
