@@ -37,6 +37,7 @@ import numpy as np
 from ftattn_spec.faults import BACKWARD_SITES, REPLICA_SITES, Fault
 
 from .fault_options import UsageError, parse_bits, parse_list, report_usage_error
+from .results import document
 from .scorecard import BACKWARD_OUTCOMES, DEFINITIONS, bound_text, mattered, miss_rate, save_outcomes
 
 SHAPE = dict(B=2, N=4, K=2, T=24, S=20, H=16)  # every axis a different size
@@ -286,8 +287,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     table = outcome_table(results)
     with open(os.path.join(out, "backward_faults.json"), "w") as f:
-        json.dump(dict(command=" ".join(sys.argv), shape=shape, causal=args.causal, bits=bits, exit_status=status,
-                       summary=summary, outcomes=table, results=results), f, indent=1)
+        doc = document("backward-faults", dict(vars(args), shape=shape, bits=bits), {}, table)
+        doc.update(exit_status=status, summary=summary, outcomes=table, results=results)
+        json.dump(doc, f, indent=1)
     if table:
         save_outcomes(table, out, "backward_faults.png", BACKWARD_OUTCOMES, title="backward fault outcomes")
     print(f"wrote {out}/backward_faults.json" + (", outcomes.csv and backward_faults.png" if table else ""))

@@ -80,6 +80,7 @@ from . import fault_options as options
 from .fault_options import IMPLEMENTATIONS, UsageError
 from .fault_options import parse_bits as _parse_bits
 from .fault_options import parse_list as _parse_list
+from . import results
 from .results import output_folder
 from .scorecard import (  # noqa: F401  (public here too)
     AGREEMENT_BAND,
@@ -275,14 +276,6 @@ def clean_runs(backends, scheme: str, dtypes, n_runs: int, seed: int, progress=N
     return {"runs": n_runs, "flagged": flagged, "examples": examples[:20]}
 
 
-def _environment(backends) -> dict:
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-           "python": sys.version.split()[0]}
-    for b in backends:
-        env[b.name] = b.environment()
-    return env
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``python -m compare.faults``, each with its help and default."""
     ap = argparse.ArgumentParser(prog="python -m compare.faults", description=__doc__.split("\n\n")[0],
@@ -382,10 +375,12 @@ def _campaign(args) -> int:
     render(summary, console)
     failed = failures(summary)
     status = exit_status(summary)
-    doc = {"config": dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES, dtypes=dtypes,
-                          implementations={b.name: b.implementation for b in bks}),
-           "environment": _environment(bks), "seconds": round(time.perf_counter() - start, 1),
-           "exit_status": status, "failures": failed, "summary": summary, "clean": clean, "trials": rows}
+    # the schema of every compare command (compare.results): its rows are the outcome map's
+    doc = results.document("faults", dict(vars(args), shape=DEFAULT_SHAPE, clean_shapes=CLEAN_SHAPES, dtypes=dtypes,
+                                          implementations={b.name: b.implementation for b in bks}),
+                           {b.name: b.environment() for b in bks}, summary["outcomes"])
+    doc.update({"seconds": round(time.perf_counter() - start, 1), "exit_status": status, "failures": failed,
+                "summary": summary, "clean": clean, "trials": rows})
     with open(os.path.join(out_dir, "faults.json"), "w") as f:
         json.dump(doc, f, indent=1, default=lambda x: x.item() if hasattr(x, "item") else str(x))
     save_outcomes(summary["outcomes"], out_dir, "faults.png", title="forward fault outcomes")

@@ -196,7 +196,7 @@ def test_pallas_campaign(tmp_path, capsys):
     doc = json.loads((tmp_path / "faults.json").read_text())
     assert doc["config"]["implementation"] == "pallas" and doc["config"]["dtypes"] == ["float16"]
     assert doc["config"]["implementations"] == {"jax": "pallas", "torch": "unfused"}
-    env = doc["environment"]["jax"]
+    env = doc["environment"]["backends"]["jax"]  # the schema of every compare command
     assert env["implementation"] == "pallas" and env["jax"]
     assert env["pallas_interpret"] == ("1" if jax.default_backend() != "gpu" else "")
     summary = doc["summary"]

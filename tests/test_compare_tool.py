@@ -129,3 +129,23 @@ def test_report_reads_old_and_new_environments(tmp_path, capsys):
         report.main([str(tmp_path / "missing")])
     assert e.value.code == 2
     assert math.isnan(results.load(str(tmp_path / "results.json"))["rows"][-1]["ms"])
+
+
+def test_report_re_renders_a_fault_campaign(tmp_path, capsys):
+    """A campaign's file has the common schema; its rows are the outcome map, drawn again."""
+    import json
+
+    from compare import report
+
+    rows = [dict(backend="jax", dtype="float16", site="scores", bit=b, detected=d, harmless=h, below_limit=0,
+                 missed=0, trials=d + h) for b, d, h in ((30, 4, 0), (12, 1, 3))]
+    doc = results.document("faults", {"trials": 4}, {"jax": {"device": "cpu"}}, rows)
+    doc["exit_status"] = 0
+    (tmp_path / "faults.json").write_text(json.dumps(doc))
+    assert report.main([str(tmp_path / "faults.json")]) == 0
+    out = capsys.readouterr().out
+    assert "detected 5 harmless 3 below_limit 0 missed 0" in out and "0 missed (≤" in out
+    assert (tmp_path / "faults.png").stat().st_size > 5_000 and (tmp_path / "outcomes.csv").exists()
+    doc["exit_status"] = 1
+    (tmp_path / "faults.json").write_text(json.dumps(doc))
+    assert report.main([str(tmp_path / "faults.json"), "--no-plot"]) == 1
