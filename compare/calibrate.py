@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 
@@ -86,19 +87,29 @@ def cut(shape, max_heads: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m compare.calibrate", description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", default="torch", choices=["jax", "torch"])
-    ap.add_argument("--preset", default="cpu", choices=PRESET_NAMES)
-    ap.add_argument("--dtypes", default="float16,bfloat16,float32")
-    ap.add_argument("--dists", default=",".join(DISTRIBUTIONS))
-    ap.add_argument("--causal", default="both", choices=["no", "yes", "both"])
+    ap = argparse.ArgumentParser(prog="python -m compare.calibrate", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--backend", default="torch", choices=["jax", "torch"], help="which backend's unfused path")
+    ap.add_argument("--preset", default="cpu", choices=PRESET_NAMES, help="shapes")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32", help="comma-separated input dtypes")
+    ap.add_argument("--dists", default=",".join(DISTRIBUTIONS), help="comma-separated input distributions")
+    ap.add_argument("--causal", default="both", choices=["no", "yes", "both"], help="causal attention")
     ap.add_argument("--shape", default=None, help="B,N,T,S,H instead of a preset, e.g. 1,2,16384,16384,128")
     ap.add_argument("--max-heads", type=int, default=8, help="cap on batch x heads per shape")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     ap.add_argument("--json", default=None, help="write every row to this file")
     ap.add_argument("--markdown", default=None, metavar="JSON",
                     help="only print the detection-floor table of an earlier --json file")
     args = ap.parse_args(argv)
+    for name, text, allowed in (("--dtypes", args.dtypes, ("float16", "bfloat16", "float32")),
+                                ("--dists", args.dists, DISTRIBUTIONS)):
+        bad = [x for x in text.split(",") if x not in allowed]
+        if bad:
+            ap.error(f"{name}: expected a comma-separated list of {tuple(allowed)}, got {text!r}")
+    if args.shape and not re.fullmatch(r"\d+,\d+,\d+,\d+,\d+", args.shape):
+        ap.error(f"--shape: expected five positive integers B,N,T,S,H, got {args.shape!r}")
+    if args.max_heads < 1:
+        ap.error(f"--max-heads: expected >= 1, got {args.max_heads}")
     if args.markdown:
         with open(args.markdown) as f:
             data = json.load(f)

@@ -1,6 +1,6 @@
 """Time training: forward plus backward, and the step's peak memory, beside SDPA and ``jax.nn``.
 
-``python -m compare.train [--framework torch|jax|both] [--T 4096] [--dtype bfloat16] [--out DIR]``
+``python -m compare.train [--backends jax,torch] [--T 4096] [--dtype bfloat16] [--out DIR]``
 times one forward plus backward step per framework and function with the framework's
 protocol (``compare.timing``: PyTorch CUDA events on a GPU, JAX pipelined calls), and its
 ratio to the fastest unprotected row (``F.scaled_dot_product_attention``, which picks cuDNN
@@ -133,7 +133,9 @@ def relate(rows: list[dict]) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m compare.train", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--framework", choices=("jax", "torch", "both"), default="both", help="which frameworks")
+    p.add_argument("--backends", "--framework", dest="framework", default="jax,torch",
+                   choices=("jax", "torch", "jax,torch", "torch,jax", "both"), metavar="jax,torch",
+                   help="which frameworks (the name every compare command uses; --framework is the old one)")
     for axis, gpu_default in (("B", 2), ("N", 16), ("T", 4096), ("H", 128)):
         p.add_argument(f"--{axis}", type=int, default=None, help=f"default {gpu_default} on a GPU, small on a CPU")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None,
@@ -167,13 +169,13 @@ def main(argv=None) -> int:
         p.error(str(e.code))
     rows: list = []
     backends = {}
-    if a.framework in ("torch", "both"):
+    if "torch" in a.framework or a.framework == "both":
         run_torch(B, N, T, H, dtype, a.causal, rows, a.reps, a.warmup)
         import torch
 
         backends["torch"] = {"torch": torch.__version__,
                              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    if a.framework in ("jax", "both"):
+    if "jax" in a.framework or a.framework == "both":
         run_jax(B, N, T, H, dtype, a.causal, rows, a.reps, a.warmup)
         import jax
 

@@ -149,3 +149,14 @@ def test_report_re_renders_a_fault_campaign(tmp_path, capsys):
     doc["exit_status"] = 1
     (tmp_path / "faults.json").write_text(json.dumps(doc))
     assert report.main([str(tmp_path / "faults.json"), "--no-plot"]) == 1
+
+
+@pytest.mark.parametrize("command", ["run", "train", "faults", "backward-faults", "report", "dropin", "calibrate"])
+def test_every_command_has_help_with_defaults_and_exits_2_on_a_usage_error(command, capsys):
+    assert entry.main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "usage: python -m compare." in text
+    if command != "report":  # report's one option without a default is its path
+        assert "(default:" in text
+    assert entry.main([command, "--no-such-option"]) == 2
+    assert "error:" in capsys.readouterr().err
