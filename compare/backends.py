@@ -50,6 +50,13 @@ class JaxBackend:
         kw.setdefault("implementation", self.implementation)
         return self.mod.attention(q, k, v, **kw)
 
+    def lowering(self, q) -> str | None:
+        """Which Pallas kernel ``implementation="pallas"`` runs for ``q`` here (``"mosaic_gpu"``,
+        the Hopper kernel, or ``"triton"``, the portable one), so a result says which was timed."""
+        from ftattn_jax import fused
+
+        return fused.select_lowering(q)
+
     def jitted(self, **kw):
         """:meth:`attention` with these keyword arguments (static: strings, bools, None), under
         ``jax.jit``, as a user calls it and as the ``jax.nn`` peers are timed; one compiled

@@ -248,6 +248,7 @@ def test_pallas_rows_labelled_and_cross_checked(tmp_path, monkeypatch, capsys):
     assert "[pallas]" in capsys.readouterr().out  # the table labels the rows ("full [pallas]", maybe wrapped)
     doc = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["backend"], r["scheme"], r["implementation"]): r for r in doc["rows"]}
+    assert {r.get("lowering") for r in doc["rows"] if r["implementation"] == "pallas"} == {"triton"}  # portable
     assert set(rows) == {(b, s, "unfused") for b in ("jax", "torch") for s in ("baseline", "abft_qk_col", "full")} | {
         ("jax", s, "pallas") for s in ("baseline", "abft_qk_col", "full")}
     assert rows[("jax", "abft_qk_col", "pallas")]["skipped"].startswith("pallas: runs none of the checks")
