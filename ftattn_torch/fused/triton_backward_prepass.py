@@ -45,6 +45,14 @@ def _weights(x, y, z, sigma, dt, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, b, n, at, hs, sxb, sxn, sxt, sxh, valid):
+    """The ``(rows, H)`` tile of ``X[b, n]`` at rows ``at`` (a column of int64 indices); zero where
+    a row is not ``valid``. In the input dtype."""
+    return tl.load(X + b.to(tl.int64) * sxb + n.to(tl.int64) * sxn + at * sxt + hs[None, :] * sxh,
+                   mask=valid[:, None], other=0.0)
+
+
+@triton.jit
 def _bwd_rows(Q, DO, O, DD, RB, WQ, DOB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
               N, T, bn_offset, plane_blk, sigma, H: tl.constexpr, BLOCK_M: tl.constexpr, CHECKS: tl.constexpr):
     mb = tl.program_id(0)
@@ -55,16 +63,13 @@ def _bwd_rows(Q, DO, O, DD, RB, WQ, DOB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh,
     hs = tl.arange(0, H)
     rvalid = rows < T
     at = rows[:, None].to(tl.int64)
-    do_in = tl.load(DO + b.to(tl.int64) * sdb + n.to(tl.int64) * sdn + at * sdt + hs[None, :] * sdh,
-                    mask=rvalid[:, None], other=0.0)
+    do_in = _load_rows(DO, b, n, at, hs, sdb, sdn, sdt, sdh, rvalid)
     do = do_in.to(tl.float32)
-    o = tl.load(O + b.to(tl.int64) * sob + n.to(tl.int64) * son + at * sot + hs[None, :] * soh,
-                mask=rvalid[:, None], other=0.0).to(tl.float32)
+    o = _load_rows(O, b, n, at, hs, sob, son, sot, soh, rvalid).to(tl.float32)
     r_at = bn.to(tl.int64) * T + rows
     tl.store(DD + r_at, tl.sum(do * o, 1), mask=rvalid)
     if CHECKS:
-        q = tl.load(Q + b.to(tl.int64) * sqb + n.to(tl.int64) * sqn + at * sqt + hs[None, :] * sqh,
-                    mask=rvalid[:, None], other=0.0).to(tl.float32)
+        q = _load_rows(Q, b, n, at, hs, sqb, sqn, sqt, sqh, rvalid).to(tl.float32)
         b_at = (bn.to(tl.int64) * tl.num_programs(0) + mb) * H + hs
         _store_block_sums(RB, q, b_at, plane_blk, 0)
         _store_block_sums(RB, do, b_at, plane_blk, 2)
@@ -87,11 +92,9 @@ def _bwd_keys(K, V, KB, WK, VB, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, b
     hs = tl.arange(0, H)
     kvalid = cols < S
     at = cols[:, None].to(tl.int64)
-    k_in = tl.load(K + b.to(tl.int64) * skb + kh.to(tl.int64) * skk + at * sks + hs[None, :] * skh,
-                   mask=kvalid[:, None], other=0.0)
+    k_in = _load_rows(K, b, kh, at, hs, skb, skk, sks, skh, kvalid)
     k = k_in.to(tl.float32)
-    v = tl.load(V + b.to(tl.int64) * svb + kh.to(tl.int64) * svk + at * svs + hs[None, :] * svh,
-                mask=kvalid[:, None], other=0.0).to(tl.float32)
+    v = _load_rows(V, b, kh, at, hs, svb, svk, svs, svh, kvalid).to(tl.float32)
     b_at = (bk.to(tl.int64) * tl.num_programs(0) + nb) * H + hs
     _store_block_sums(KB, k, b_at, plane_blk, 0)
     _store_block_sums(KB, v, b_at, plane_blk, 2)
