@@ -15,29 +15,29 @@ events, the median of 50 calls after 10 warm-ups).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 
-from . import timing
+from . import results, timing
 
 
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     """The shape options both kernel benchmarks take (this one and ``compare.pallas_bench``)."""
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
-    p.add_argument("--causal", action="store_true")
+    p.add_argument("--batch", type=int, default=2, help="B")
+    p.add_argument("--heads", type=int, default=32, help="N, query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="K, kv heads (default: N)")
+    p.add_argument("--head-dim", type=int, default=128, help="H")
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192], help="T = S, one or more")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="input dtype")
+    p.add_argument("--causal", action="store_true", help="causal attention")
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m compare.kernel_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m compare.kernel_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_shape_arguments(p)
     p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel alone")
-    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--json", default=None, help="also write the rows to this file (compare's results schema)")
     return p.parse_args(argv)
 
 
@@ -164,8 +164,9 @@ def main(argv=None) -> int:
                   f"{res['triton kernel checks on'] / res['triton kernel checks off'] - 1:+.1%}; "
                   f"api full vs kernel off: {res['triton full (api)'] / res['triton kernel checks off'] - 1:+.1%}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        env = {"torch": {"torch": torch.__version__, "triton": triton.__version__,
+                         "device": torch.cuda.get_device_name()}}
+        results.save(a.json, results.document("kernel-bench", vars(a), env, rows))
     return 0
 
 

@@ -14,25 +14,26 @@ Timing: the median of ``--reps`` timed batches of ``--inner`` calls each
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 
 from ftattn_spec.implementations import run_checks
 
-from . import timing
+from . import results, timing
 from .kernel_bench import add_shape_arguments
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m compare.pallas_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m compare.pallas_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_shape_arguments(p)
-    p.add_argument("--schemes", default="baseline,full,abft_qk_row,dmr_softmax,abft_pv_row")
+    p.add_argument("--schemes", default="baseline,full,abft_qk_row,dmr_softmax,abft_pv_row",
+                   help="comma-separated schemes to time")
     p.add_argument("--sweep", action="store_true", help="time block shapes of the kernel (full and baseline)")
     p.add_argument("--lowerings", default="triton,mosaic_gpu",
                    help="which kernels of implementation='pallas' to time (triton: portable; mosaic_gpu: Hopper)")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--inner", type=int, default=5)
-    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--reps", type=int, default=7, help="timed repetitions")
+    p.add_argument("--inner", type=int, default=5, help="calls per repetition (compare.timing.pipelined)")
+    p.add_argument("--json", default=None, help="also write the rows to this file (compare's results schema)")
     return p.parse_args(argv)
 
 
@@ -162,8 +163,8 @@ def main(argv=None) -> int:
             if full and off:
                 print(f"  T={T:6d} {tag} checks overhead (full / baseline - 1): {100 * (full / off - 1):+.1f}%")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        env = {"jax": {"jax": jax.__version__, "device": dev.device_kind}}
+        results.save(a.json, results.document("pallas-bench", vars(a), env, rows))
     return 0
 
 

@@ -34,6 +34,11 @@ def main(argv=None) -> int:
         ap.error(f"path: {e}")
     if doc["command"] in FAULT_COMMANDS:
         return _fault_report(doc, path, args)
+    if doc["command"] in ("kernel-bench", "pallas-bench"):  # their own rows: one line each
+        print(f"# compare.{doc['command']} on {results.gpu_of(doc['environment']) or 'no GPU'}")
+        for r in doc["rows"]:
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+        return 0
     cfg, env = doc["config"], doc["environment"]
     title = (f"compare.{doc['command']} preset={cfg.get('preset')} dtype={cfg.get('dtype')} "
              f"causal={cfg.get('causal')} method={cfg.get('method', 'robust')}")

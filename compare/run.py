@@ -41,7 +41,6 @@ against JAX's, pallas against PyTorch's), on the checks both run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import subprocess
@@ -51,13 +50,13 @@ import time
 import numpy as np
 
 from ftattn_spec import reference as ref
-from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
-from ftattn_spec.schemes import SCHEME_NAMES, SCHEMES
-from ftattn_spec.shapes import PRESET_NAMES, preset
-from ftattn_spec import implementations as catalogue
+from ftattn_spec.inputs import draw_qkv
+from ftattn_spec.schemes import SCHEMES
+from ftattn_spec.shapes import preset
 from ftattn_spec.implementations import run_checks as implementation_checks
 
 from . import peers, results, timing
+from .run_options import FUSED, forward as _forward, has_gpu as _has_gpu, parser, validate as _validate  # noqa: F401
 from .table import held
 from .merge import _load_worker, _save_worker, _worker_path, cross_check, scheme_key, tflops  # noqa: F401
 from .backends import IMPLEMENTATIONS, make_backend
@@ -68,24 +67,6 @@ SUBSAMPLE_HEADS = 2
 TRITON_ON_CPU = False
 #: Run the Pallas kernel in interpret mode on the CPU instead of skipping (tests only).
 PALLAS_ON_CPU = False
-#: The fused implementations: the backend that offers each (the catalogue's).
-FUSED = {i.name: i.backend for i in catalogue.CATALOGUE if i.fused}
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        pass
-    try:
-        import jax
-
-        return jax.default_backend() == "gpu"
-    except ImportError:
-        return False
-
 
 def _heads(backend, x, n: int) -> np.ndarray:
     """Batch 0 and the first ``n`` heads of a backend array, as logical float64."""
@@ -302,39 +283,6 @@ def _installed(bname: str) -> bool:
     return importlib.util.find_spec(bname) is not None
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default=None, choices=PRESET_NAMES,
-                    help="shapes to run; default: seed on a GPU, cpu otherwise")
-    ap.add_argument("--schemes", default=",".join(SCHEME_NAMES), help=f"comma-separated, of {SCHEME_NAMES}")
-    ap.add_argument("--backends", default="jax,torch", help="comma-separated: jax, torch")
-    ap.add_argument("--implementations", default="unfused,triton,pallas",
-                    help="comma-separated: unfused (both backends), triton (PyTorch's fused kernel), pallas (JAX's "
-                         "fused kernel); the fused ones on a GPU only")
-    ap.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
-                    help="default: float16 on a GPU, float32 on a CPU (where jax.nn runs)")
-    ap.add_argument("--dist", default="uniform", choices=DISTRIBUTIONS, help="input distribution")
-    ap.add_argument("--causal", action="store_true", help="causal attention")
-    ap.add_argument("--method", default="robust", choices=("robust", "notebook"),
-                    help="robust: each framework's protocol (compare.timing: warm-up, then the median and quartiles); "
-                         "notebook: the seed notebook's 10 calls without warm-up")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed calls first")
-    ap.add_argument("--reps", type=int, default=10, help="timed repetitions")
-    ap.add_argument("--input-sets", type=int, default=3, help="rotate this many input sets while timing")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs")
-    ap.add_argument("--out", default=None, help="output folder (default results/<timestamp>/)")
-    ap.add_argument("--isolate", default="auto", choices=("auto", "process", "none"),
-                    help="process: each backend in its own process; auto: process when more than one backend runs")
-    ap.add_argument("--no-peers", dest="peers", action="store_false",
-                    help="skip the peer kernels (SDPA backends, jax.nn.dot_product_attention)")
-    ap.add_argument("--train", action="store_true",
-                    help="also time forward plus backward (compare.train) at each shape: rows with pass fwd+bwd")
-    ap.add_argument("--wide", action="store_true", help="every column in the table (the JSON has them all anyway)")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return ap
-
-
 def main(argv=None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
@@ -410,24 +358,6 @@ def _train_rows(args, names) -> list[dict]:
     return rows
 
 
-def _forward(argv) -> list[str]:
-    """The parent's arguments minus the ones the parent sets for the child."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--train":  # the parent runs the training rows
-            continue
-        if a in ("--out", "--preset", "--schemes", "--backends", "--worker", "--isolate"):
-            skip = True
-            continue
-        if a.split("=", 1)[0] in ("--out", "--preset", "--schemes", "--backends", "--worker", "--isolate"):
-            continue
-        out.append(a)
-    return out
-
-
 def _run_with_progress(args, bname: str):
     n_peers = len(peers.TORCH_PEERS if bname == "torch" else peers.JAX_PEERS) if args.peers else 0
     n_schemes = len(args.schemes.split(",")) * len(_implementations(args, bname))
@@ -439,25 +369,6 @@ def _run_with_progress(args, bname: str):
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{bname}", total=steps)
         return run_backend(args, bname, progress=lambda: bar.advance(task))
-
-
-def _validate(args, ap) -> None:
-    """Usage errors exit with status 2 and one line naming the option (``ap.error``)."""
-    def one_of(name, value, allowed):
-        if value not in allowed:
-            ap.error(f"--{name}: expected one of {tuple(allowed)}, got {value!r}")
-
-    for s in args.schemes.split(","):
-        one_of("schemes", s, SCHEME_NAMES)
-    for b in args.backends.split(","):
-        one_of("backends", b, ("jax", "torch"))
-    for i in args.implementations.split(","):
-        one_of("implementations", i, ("unfused", *FUSED))
-    if args.reps < 1 or args.warmup < 0 or args.input_sets < 1:
-        ap.error(f"--reps >= 1, --warmup >= 0 and --input-sets >= 1 expected, got {args.reps}, {args.warmup}, "
-                 f"{args.input_sets}")
-    if args.preset in ("seed", "seed-tokens", "seed-small-heads") and not args.worker and not _has_gpu():
-        ap.error(f"--preset {args.preset}: needs a GPU (its shapes take gigabytes); use --preset cpu on this machine")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,14 @@ def test_every_command_has_help_with_defaults_and_exits_2_on_a_usage_error(comma
         assert "(default:" in text
     assert entry.main([command, "--no-such-option"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_report_prints_a_kernel_benchmark_file(tmp_path, capsys):
+    from compare import report
+
+    doc = results.document("kernel-bench", {"seq": [64]}, {"torch": {"device": "NVIDIA H200"}},
+                           [{"T": 64, "row": "triton kernel checks on", "ms": 0.25, "tflops": 1.5}])
+    results.save(str(tmp_path / "k.json"), doc)
+    assert report.main([str(tmp_path / "k.json")]) == 0
+    out = capsys.readouterr().out
+    assert "on NVIDIA H200" in out and "row=triton kernel checks on" in out and "ms=0.25" in out
