@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .run import _has_gpu
+from .run_options import has_gpu as _has_gpu
 from .timing import measure
 
 FORMS = ("causal", "padding", "hf-mask", "lengths", "window", "bias", "decode")

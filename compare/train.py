@@ -151,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
-    from .run import _has_gpu
+    from .run_options import has_gpu as _has_gpu
 
     gpu = _has_gpu()
     B, N, T, H = (a.B or (2 if gpu else 1), a.N or (16 if gpu else 2), a.T or (4096 if gpu else 64),
