@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             try:
                 fn()
                 torch.cuda.synchronize()
-                ms = timing.measure(lambda: fn(), [()], backend_name="torch", on_gpu=True, sync=lambda r: None,
+                ms = timing.measure(fn, [()], backend_name="torch", on_gpu=True, sync=lambda r: None,
                                     torch=torch, warmup=10, reps=50)["ms"]
             except Exception as e:  # noqa: BLE001  (a config that does not compile is reported, not fatal)
                 print(f"T={T} {name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")

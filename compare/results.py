@@ -27,9 +27,12 @@ SCHEMA = "ftattn.compare/2"
 
 
 def host_environment(command: str = "run") -> dict:
-    """Date, command line, Python, and the GPU and its driver if ``nvidia-smi`` answers."""
+    """Date, command line, Python, and the GPU and its driver if ``nvidia-smi`` answers.
+    ``command`` is the ``python -m compare`` command (``backward-faults`` runs the module
+    ``compare.backward_faults``)."""
+    module = f"compare.{command.replace('-', '_')}"
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-           "command": " ".join([sys.executable.split("/")[-1], "-m", f"compare.{command}", *sys.argv[1:]]),
+           "command": " ".join([sys.executable.split("/")[-1], "-m", module, *sys.argv[1:]]),
            "python": platform.python_version(), "machine": platform.machine()}
     if shutil.which("nvidia-smi"):
         try:

@@ -114,8 +114,7 @@ def _timed(args, be, fn, inputs) -> dict:
     """The framework's protocol (``compare.timing.measure``), or the notebook's methods."""
     if args.method == "notebook":
         return timing.notebook(fn, inputs, timing.timer_for(be))
-    on_gpu = be.device.type == "cuda" if be.name == "torch" else not be.interpreted()
-    return timing.measure(fn, inputs, backend_name=be.name, on_gpu=on_gpu, sync=be.sync,
+    return timing.measure(fn, inputs, backend_name=be.name, on_gpu=_on_gpu(be), sync=be.sync,
                           torch=getattr(be, "torch", None), warmup=args.warmup, reps=args.reps)
 
 

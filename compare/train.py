@@ -66,14 +66,15 @@ def run_torch(B, N, T, H, dtype, causal, rows, reps=10, warmup=3):
         return run
 
     for (name, im, peer), fn in fns.items():
-        timed = timing.measure(lambda: step(fn)(), [()], backend_name="torch", on_gpu=gpu, sync=lambda r: None,
+        run = step(fn)
+        timed = timing.measure(run, [()], backend_name="torch", on_gpu=gpu, sync=lambda r: None,
                                torch=torch, warmup=warmup, reps=reps)
         peak = None
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            step(fn)()
+            run()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         rows.append(_row("torch", name, im, B, N, T, H, causal, timed, peak, peer))

@@ -53,16 +53,20 @@ def _load_rows(X, b, n, at, hs, sxb, sxn, sxt, sxh, valid):
 
 
 @triton.jit
+def _block_rows(blk, bh, heads, BLOCK: tl.constexpr, length):
+    """Program ``(blk, bh)``'s batch, head, rows (or keys) of its block, which of them exist,
+    and those indices as an int64 column."""
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    return bh // heads, bh % heads, rows, rows < length, rows[:, None].to(tl.int64)
+
+
+@triton.jit
 def _bwd_rows(Q, DO, O, DD, RB, WQ, DOB, sqb, sqn, sqt, sqh, sdb, sdn, sdt, sdh, sob, son, sot, soh,
               N, T, bn_offset, plane_blk, sigma, H: tl.constexpr, BLOCK_M: tl.constexpr, CHECKS: tl.constexpr):
     mb = tl.program_id(0)
     bn = tl.program_id(1) + bn_offset
-    b = bn // N
-    n = bn % N
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, n, rows, rvalid, at = _block_rows(mb, bn, N, BLOCK_M, T)
     hs = tl.arange(0, H)
-    rvalid = rows < T
-    at = rows[:, None].to(tl.int64)
     do_in = _load_rows(DO, b, n, at, hs, sdb, sdn, sdt, sdh, rvalid)
     do = do_in.to(tl.float32)
     o = _load_rows(O, b, n, at, hs, sob, son, sot, soh, rvalid).to(tl.float32)
@@ -86,12 +90,8 @@ def _bwd_keys(K, V, KB, WK, VB, skb, skk, sks, skh, svb, svk, svs, svh, KH, S, b
               H: tl.constexpr, BLOCK_N: tl.constexpr):
     nb = tl.program_id(0)
     bk = tl.program_id(1) + bk_offset
-    b = bk // KH
-    kh = bk % KH
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, kh, cols, kvalid, at = _block_rows(nb, bk, KH, BLOCK_N, S)
     hs = tl.arange(0, H)
-    kvalid = cols < S
-    at = cols[:, None].to(tl.int64)
     k_in = _load_rows(K, b, kh, at, hs, skb, skk, sks, skh, kvalid)
     k = k_in.to(tl.float32)
     v = _load_rows(V, b, kh, at, hs, svb, svk, svs, svh, kvalid).to(tl.float32)
