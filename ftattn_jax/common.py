@@ -24,9 +24,16 @@ OPS = ArrayOps(
 )
 
 
-def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True) -> CheckResult:
-    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
-    if granularity == "global":
+def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True,
+            ratio: bool = False) -> CheckResult:
+    """A ``CheckResult`` from per-row (or per-column) differences and thresholds.
+
+    ``ratio``: ``diff`` is already each row's residual in units of its bound (``softmax_exp``,
+    threshold 1), and the global verdict is the worst row's.
+    """
+    if ratio and granularity == "global":
+        residual, threshold = diff.max(axis=-1), threshold.max(axis=-1)
+    elif granularity == "global":
         n = diff.shape[-1]
         residual = jnp.abs(diff.sum(axis=-1)) if signed else diff.sum(axis=-1)
         threshold = tol.global_factor(n) * threshold.sum(axis=-1)

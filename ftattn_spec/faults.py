@@ -68,7 +68,7 @@ SITE_AXES: dict[str, str] = {
 #: The checks that can see a fault at each site (in a scheme that runs them).
 SITE_CHECKS: dict[str, tuple[str, ...]] = {
     "scores": ("qk_row", "qk_col"),
-    "probs": ("softmax_dmr",),
+    "probs": ("softmax_dmr", "softmax_exp"),
     "out": ("pv_row", "pv_col"),
     "query": (), "key": (), "value": (),
     "bwd_scores": ("bwd_qk_row", "bwd_qk_col"),

@@ -74,7 +74,7 @@ _FUSED_HEAD_DIMS = (16, 32, 64, 128)  # Triton needs powers of two, the tensor c
 # The fused kernels check rows only: a column checksum needs a sum over every
 # query block, a reduction across programs that costs more than it adds
 # (docs/kernels.md), so their ``full`` runs these three and locates nothing.
-_ROW_CHECKS = ("qk_row", "softmax_dmr", "pv_row")
+_ROW_CHECKS = ("qk_row", "softmax_dmr", "softmax_exp", "pv_row")
 
 CATALOGUE: tuple[Implementation, ...] = (
     Implementation("jax", "unfused", "the schemes in jit-compiled JAX (XLA)", CHECKS, _ALL_DTYPES, None,

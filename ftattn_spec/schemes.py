@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Checks, in the order a scheme runs them.
-CHECKS: tuple[str, ...] = ("qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col")
+CHECKS: tuple[str, ...] = ("qk_row", "qk_col", "softmax_dmr", "softmax_exp", "pv_row", "pv_col")
 
 #: What each check compares, in words (used by docs and the report renderer).
 CHECK_DESCRIPTIONS: dict[str, str] = {
     "qk_row": "row sums of S = scale·QKᵀ against scale·Q·(Σ over keys of k)",
     "qk_col": "column sums of S against scale·(Σ over queries of q)·Kᵀ",
     "softmax_dmr": "two independent softmax evaluations of the same S, compared",
+    "softmax_exp": "per row and tile of keys, Σ log₂ p (exponent fields plus the log of the mantissas' product) "
+                   "against Σ of the exponentials' arguments, formed a second time",
     "pv_row": "row sums of O = P·V against P·(V·1)",
     "pv_col": "column sums of O = P·V against (1ᵀP)·V",
 }
@@ -26,6 +28,7 @@ CHECK_ORIENTATION: dict[str, str] = {
     "qk_row": "row",
     "qk_col": "col",
     "softmax_dmr": "row",
+    "softmax_exp": "row",
     "pv_row": "row",
     "pv_col": "head",
 }
@@ -73,6 +76,19 @@ SCHEMES: dict[str, Scheme] = {
             ("pv_row",),
             ("ABFT_GEMM_2",),
             "row checksum of O = PV",
+        ),
+        Scheme(
+            "abft_softmax",
+            ("softmax_exp",),
+            (),
+            "the exponential checksum of the softmax: exp2 turns the sum of the arguments into the product "
+            "of the probabilities (no second exponential)",
+        ),
+        Scheme(
+            "abft_all",
+            ("qk_row", "qk_col", "softmax_exp", "pv_row", "pv_col"),
+            (),
+            "every checksum and no replica: the GEMMs' row and column checksums and the exponential checksum",
         ),
         Scheme(
             "full",

@@ -30,9 +30,16 @@ def ops(device) -> ArrayOps:
     )
 
 
-def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = True) -> CheckResult:
-    """A ``CheckResult`` from per-row (or per-column) differences and thresholds."""
-    if granularity == "global":
+def verdict(diff: Tensor, threshold: Tensor, granularity: str, signed: bool = True,
+            ratio: bool = False) -> CheckResult:
+    """A ``CheckResult`` from per-row (or per-column) differences and thresholds.
+
+    ``ratio``: ``diff`` is already each row's residual in units of its bound (``softmax_exp``,
+    threshold 1), and the global verdict is the worst row's.
+    """
+    if ratio and granularity == "global":
+        residual, threshold = diff.amax(-1), threshold.amax(-1)
+    elif granularity == "global":
         n = diff.shape[-1]
         residual = diff.sum(-1).abs() if signed else diff.sum(-1)
         threshold = tol.global_factor(n) * threshold.sum(-1)
