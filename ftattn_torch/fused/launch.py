@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ftattn_spec import exp_checksum
 from ftattn_spec import faults as spec_faults
 from ftattn_spec import masking
 from ftattn_spec import backward_tolerances as btol
@@ -27,7 +28,7 @@ from ftattn_spec.faults import SITES, FaultPlan
 
 _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 #: the stats planes of each check the kernel runs
-STAT_PLANES = {"qk_row": 0, "softmax_dmr": 1, "pv_row": 2}
+STAT_PLANES = {"qk_row": 0, "softmax_dmr": 1, "pv_row": 2, "softmax_exp": 3}
 _REPLICAS = ("mufu", "fma")
 
 
@@ -199,15 +200,17 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             which: tuple[str, ...] | None = None, masks: Masks | None = None, lse: Tensor | None = None):
     """Launch the kernels; returns a :class:`Launch` ``(out, stats, flags, count, blocks, compiled)``.
 
-    ``stats`` is float32 ``(6, B, N, T)``: (residual, threshold) of
-    ``qk_row``, ``softmax_dmr`` and ``pv_row`` (signed differences instead
-    of residuals with ``signed=True``); ``flags`` bool ``(3, B, N, T)``;
+    ``stats`` is float32 ``(8, B, N, T)``: (residual, threshold) of
+    ``qk_row``, ``softmax_dmr``, ``pv_row`` and ``softmax_exp`` (planes
+    ``STAT_PLANES``; signed differences instead of residuals with
+    ``signed=True``, except ``softmax_dmr`` and ``softmax_exp``, whose
+    residual is a ratio with threshold 1); ``flags`` bool ``(4, B, N, T)``;
     ``count`` int32 ``(2,)``: flagged rows and non-finite input elements
     (None, None, None without checks and without ``count_inputs``).
     ``redo`` (int32 ``(R, 2)`` of (query block, b·N + n)) recomputes only those
     blocks into ``out``, without checks or faults. ``which`` restricts the
-    checks to some of ``("qk_row", "softmax_dmr", "pv_row")`` (default: all
-    three when ``checks_on``; each is compiled in only if asked). ``masks``
+    checks to some of ``STAT_PLANES`` (default: all
+    of them when ``checks_on``; each is compiled in only if asked). ``masks``
     (:class:`Masks`) holds every mask form besides ``is_causal``. ``compiled``
     is what the forward launch returned (on a GPU, the compiled kernel, whose
     ``asm`` holds its PTX). ``lse`` (float32 ``(B, N, T)``, contiguous): where the
@@ -240,8 +243,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     if checks_on:
         ksum = torch.empty((B, K, n_chunks, 2, H), dtype=torch.float32, device=dev)
         vcol = torch.empty((B, K, S, 16), dtype=query.dtype, device=dev)
-        stats = torch.empty((6, B, N, T), dtype=torch.float32, device=dev)
-        flags = torch.empty((3, B, N, T), dtype=torch.bool, device=dev)
+        stats = torch.empty((2 * len(STAT_PLANES), B, N, T), dtype=torch.float32, device=dev)
+        flags = torch.empty((len(STAT_PLANES), B, N, T), dtype=torch.bool, device=dev)
     vcol_scale = tol.fused_vcol_scale(dtype_name(query), H)  # V's column sums are stored times this (exact)
     if count_inputs:  # with the checks: also the sums of K and the columns of V
         kern._prepass[(B * K, n_chunks)](
@@ -264,13 +267,14 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             pick(redo), mask_t, bias_t, *lengths,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_st, *bias_st,
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale, left, right,
-            *coef, 1.0 / vcol_scale,
+            *coef, 1.0 / vcol_scale, *exp_checksum.exp_coefficients(bs.block_n, S),
             H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk,
             HAS_MASK=masks.mask is not None, HAS_BIAS=masks.bias is not None,
             HAS_QLEN=masks.query_lengths is not None, HAS_KLEN=masks.key_lengths is not None,
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
-            SIGNED=signed, REPLICA_FMA=bs.replica == "fma", STORE_LSE=lse is not None, num_warps=bs.num_warps,
+            SIGNED=signed, REPLICA_FMA=bs.replica == "fma", STORE_LSE=lse is not None,
+            EXPC=checks_on and "softmax_exp" in which, num_warps=bs.num_warps,
             num_stages=bs.num_stages)
     return Launch(out, stats, flags, count, bs, compiled)
 

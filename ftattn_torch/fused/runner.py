@@ -5,9 +5,9 @@ and the forward kernel, turns the per-row statistics into the usual
 ``Report``, applies ``on_fault`` and gives autograd the fused, checked backward
 (:func:`checked_backward`, with the same masks and bias).
 
-The kernel checks rows only (``qk_row``, ``softmax_dmr``, ``pv_row``); a column
-check would need a reduction across programs, so ``full`` runs those three
-(the catalogue, ``ftattn_spec.implementations``), ``located`` is empty, and
+The kernel checks rows only (``qk_row``, ``softmax_dmr``, ``softmax_exp``, ``pv_row``); a column
+check would need a reduction across programs, so ``full`` runs ``qk_row``, ``softmax_dmr``, ``pv_row`` and ``abft_all``
+``qk_row``, ``softmax_exp``, ``pv_row`` (the catalogue, ``ftattn_spec.implementations``), ``located`` is empty, and
 ``on_fault="correct"`` recomputes the flagged query blocks.
 """
 
@@ -140,7 +140,8 @@ def run(query: Tensor, key: Tensor, value: Tensor, *, checks: tuple[str, ...], g
             i = STAT_PLANES[name]
             if glob:
                 results[name] = verdict(stats[2 * i], stats[2 * i + 1], granularity,
-                                               signed=(name != "softmax_dmr"))
+                                        signed=name not in ("softmax_dmr", "softmax_exp"),
+                                        ratio=name == "softmax_exp")
             else:
                 results[name] = CheckResult(stats[2 * i], stats[2 * i + 1], flags[i])
         if on_fault in ("correct", "nan"):  # the rows any check flagged

@@ -44,6 +44,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_exp import exp_tile_ratio
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 # ftattn_spec.faults.SITES indices of the sites the kernel injects itself
@@ -264,14 +266,14 @@ def _tile_sums(KSUM, ksum_off, start_n, n_chunks, H: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
-def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
+def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
           q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
           sbs,
-          start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
+          start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
           H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
           HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr,
           QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
-          REPLICA_FMA: tl.constexpr):
+          REPLICA_FMA: tl.constexpr, EXPC: tl.constexpr):
     """One tile of keys. ``MASKED``: ``keep`` says which entries count (the qk_row prediction
     takes a 0/1 product with K); otherwise every entry counts, except (``HAS_QLEN``) in rows
     beyond the query length (not ``live``), and the prediction adds the tile's pre-pass sums.
@@ -321,6 +323,8 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
     alpha = tl.where(m_new > float("-inf"), tl.math.exp2((m_raw - m_use) * cz), 1.0)
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
+    if EXPC:  # softmax_exp: Σ log₂ p against Σ of the argument formed again (triton_exp)
+        er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu))
     lt = tl.sum(p, 1)
     l = l * alpha + lt
     acc = acc * alpha[:, None]
@@ -370,7 +374,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
             pv = tl.dot(pm, vc.to(tl.float32), pv * alpha[:, None])
         else:
             pv = tl.dot(pm, vc, pv * alpha[:, None])
-    return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs
+    return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er
 
 
 @triton.jit
@@ -379,11 +383,13 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
              smb, smn, smt, sms, sbb, sbn, sbt, sbs,
              N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
+             ex_tile, ex_arg, ex_mu,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
-             UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr, STORE_LSE: tl.constexpr):
+             UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr, STORE_LSE: tl.constexpr,
+             EXPC: tl.constexpr):
     if REDO_MODE:
         mb = tl.load(REDO + 2 * tl.program_id(0))
         bn = tl.load(REDO + 2 * tl.program_id(0) + 1)
@@ -444,31 +450,32 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
     pred = tl.zeros([BLOCK_M], tl.float32)
     kacc = tl.zeros([H], tl.float32)
     kabs = tl.zeros([H], tl.float32)
+    er = tl.zeros([BLOCK_M], tl.float32)
 
     for t in range(t_start, f0):
         start_n = t * BLOCK_N
         keep = _keep(rows, start_n + tl.arange(0, BLOCK_N), live, kend, win_left, win_right, MASK, m_off, smt,
                      sms, T, S, HAS_MASK)
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
     for t in range(f0, f1):
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, rows,
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, rows,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, CHUNK, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+            sbs, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+            H, BLOCK_N, CHUNK, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
     for t in range(f1, t_end):
         start_n = t * BLOCK_N
         keep = _keep(rows, start_n + tl.arange(0, BLOCK_N), live, kend, win_left, win_right, MASK, m_off, smt,
                      sms, T, S, HAS_MASK)
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs = _tile(
-            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, keep,
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
+            acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n,
-            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA)
+            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
 
     # a row with nothing attended (rows beyond the query length included) has output zero
     inv = tl.where(l > 0.0, 1.0 / l, 0.0)
@@ -511,3 +518,9 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
         diff = tl.sum(o, 1) - pvp
         thr = (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, diff, thr, SIGNED)
+    if EXPC:
+        # ---- softmax_exp: the worst tile's |L − R| in units of its bound; a row whose sum is
+        # not finite (a NaN or Inf probability) fails
+        r = tl.where(l < float("inf"), er, float("inf"))
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 3, r, tl.full([BLOCK_M], 1.0, tl.float32),
+                 False)

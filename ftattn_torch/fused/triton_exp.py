@@ -1,0 +1,41 @@
+"""The exponential checksum ``softmax_exp`` of one tile, for the Triton forward (:mod:`.triton_kernel`).
+
+``ftattn_spec.exp_checksum`` defines it: per row, ``L = Σ_j log₂ max(p_j, 2^−CLAMP)``
+against ``R = Σ_j clip(x̃_j, −CLAMP, 0)`` over the attended entries, with
+``x̃_j = z_j·c − m·c`` formed by another formula than the exponential's argument
+``(z_j − m)·c``. ``L`` costs integer work per element and one ``log2`` per row:
+the exponent fields, rounded so that each mantissa lies in [0.75, 1.5), are
+summed as integers, and the mantissas are multiplied (a product of 128 such
+factors stays within float32's range).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+CLAMP = tl.constexpr(64.0)
+TWO_POW_NEG_CLAMP = tl.constexpr(5.421010862427522e-20)  # 2^-64, exact
+
+
+@triton.jit
+def _mul(a, b):
+    return a * b
+
+
+@triton.jit
+def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu):
+    """``|L − R| / τ`` per row of the tile: ``p`` the probabilities as they leave the
+    exponential (faults included), ``z`` the logits (−inf where not attended), ``cz`` the
+    base-2 factor, ``m_sc`` the row maximum times ``cz``; ``τ = tile + arg·A + mu·|m_sc|``
+    with ``A = −R``."""
+    live = z > float("-inf")
+    xt = z * cz - m_sc[:, None]
+    r = tl.sum(tl.where(live, tl.minimum(tl.maximum(xt, -CLAMP), 0.0), 0.0), 1)
+    pc = tl.where(live, tl.maximum(p, TWO_POW_NEG_CLAMP), 1.0)
+    bits = pc.to(tl.int32, bitcast=True)
+    e = (bits + 0x400000) >> 23
+    mant = (bits - ((e - 127) << 23)).to(tl.float32, bitcast=True)
+    lsum = tl.sum(e - 127, 1).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
+    thr = coef_tile - coef_arg * r + coef_mu * tl.abs(m_sc)
+    return tl.abs(lsum - r) / thr

@@ -1,0 +1,150 @@
+"""``softmax_exp`` in the Triton kernel (``implementation="triton"``): clean runs pass with margin
+at every input distribution, mask form and magnitude; a probability corrupted after the
+exponential is flagged at its row, however it is corrupted, down to the floor the tolerance
+model predicts; the other policies and the global granularity see it.
+
+Interpreted without a GPU (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), compiled with
+``FTATTN_TEST_TORCH_DEVICE=cuda``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import ftattn_torch as ft  # noqa: E402
+from ftattn_spec import reference as ref  # noqa: E402
+from ftattn_spec.faults import Fault  # noqa: E402
+from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
+
+from .fused_cases import SHAPE  # noqa: E402
+from .inputs import exact, make_qkv  # noqa: E402
+
+DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
+if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+SCHEMES = ("abft_softmax", "abft_all")
+
+
+def _inputs(seed, dist="normal", dtype="float16", **shape):
+    t = make_qkv(seed, dist, framework="torch", dtype=dtype, device=DEVICE, shape=SHAPE, **shape)
+    return t, [exact(x) for x in t]
+
+
+def _worst(report):
+    return {n: float((c.residual / c.threshold).max()) for n, c in report.checks.items()}
+
+
+def test_shape_axes_differ():
+    assert len({SHAPE[a] for a in "BNTSH"}) == 5
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_clean_runs_pass_with_margin(dist, scheme):
+    for causal, dtype in ((False, "float16"), (True, "bfloat16")):
+        (q, k, v), x = _inputs(3, dist, dtype)
+        out, report = ft.attention(q, k, v, is_causal=causal, implementation="triton", scheme=scheme)
+        assert "softmax_exp" in report.checks
+        worst = _worst(report)
+        assert not bool(report.detected), (dist, causal, worst)
+        assert worst["softmax_exp"] < 0.5, worst  # the bound is not tight by luck
+        o64, p, _ = ref.attention(*x, is_causal=causal)
+        bound = ref.output_bound(*x, p, o64, dtype=dtype, is_causal=causal)
+        assert (np.abs(out.double().cpu().numpy() - o64) / bound).max() <= 1.0
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 30.0, 1e3])
+def test_any_finite_magnitude_passes(magnitude):
+    (q, k, v), _ = _inputs(4, "normal")
+    q = (q.float() * magnitude).half()
+    _, report = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
+    assert not bool(report.detected), _worst(report)
+
+
+def _masks(rng):
+    B, N, T, S = (SHAPE[a] for a in "BNTS")
+    yield "mask", dict(mask=torch.from_numpy(rng.random((B, 1, T, S)) < 0.7).to(DEVICE))
+    yield "bias", dict(bias=torch.from_numpy(rng.standard_normal((1, N, T, S)) * 3).float().to(DEVICE))
+    yield "lengths", dict(query_seq_lengths=torch.tensor([T, 20, 0][:B], device=DEVICE),
+                          key_value_seq_lengths=torch.tensor([S, 7, 30][:B], device=DEVICE))
+    yield "window", dict(local_window_size=(5, 3))
+
+
+@pytest.mark.parametrize("form", ["mask", "bias", "lengths", "window"])
+def test_every_mask_form_passes_clean(form):
+    kw = dict(_masks(np.random.default_rng(1)))[form]
+    (q, k, v), _ = _inputs(5, "normal")
+    _, report = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", **kw)
+    assert not bool(report.detected), (form, _worst(report))
+
+
+def _largest_prob(q, k, b, n, i, causal=False):
+    """The column of the largest probability of row (b, n, i)."""
+    G = q.shape[1] // k.shape[1]
+    s = (q[b, n, i].double() @ k[b, n // G].double().T).cpu().numpy()
+    if causal:
+        s[i + 1:] = -np.inf
+    return int(np.argmax(s))
+
+
+@pytest.mark.parametrize("bit", [30, 27, 24, 23, 22, 20])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_corrupted_probability_is_flagged_at_its_row(bit, scheme):
+    (q, k, v), _ = _inputs(6, "normal")
+    b, n, i = 1, 2, 17
+    j = _largest_prob(q, k, b, n, i)
+    f = Fault("probs", (b, n, i, j), bit=bit)
+    _, report = ft.attention(q, k, v, implementation="triton", scheme=scheme, fault=f)
+    c = report.checks["softmax_exp"]
+    assert bool(c.flagged[b, n, i]), (bit, float(c.residual[b, n, i]))
+    assert int(c.flagged.sum()) == 1
+
+
+def test_detection_floor_of_one_probability():
+    """A relative error δ in one probability moves L by log₂(1 + δ): flagged from a few times
+    the clean tile's bound (normal inputs: about 1e-4 relative), never below the clean residual."""
+    (q, k, v), _ = _inputs(7, "normal")
+    b, n, i = 0, 1, 9
+    j = _largest_prob(q, k, b, n, i)
+    _, clean = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
+    # the row's largest probability is exactly 1 in the kernel (its argument is 0): set it to 1 + δ
+    res = {}
+    for delta in (1e-2, 1e-3, 3e-4, 1e-6):
+        f = Fault("probs", (b, n, i, j), value=1.0 + delta)
+        _, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", fault=f)
+        res[delta] = (bool(rep.checks["softmax_exp"].flagged[b, n, i]), float(rep.checks["softmax_exp"].residual[b, n, i]))
+    assert res[1e-2][0] and res[1e-3][0], res
+    assert not res[1e-6][0], res
+    assert float(clean.checks["softmax_exp"].residual[b, n, i]) < res[1e-3][1]
+
+
+def test_policies_and_global_granularity():
+    (q, k, v), x = _inputs(8, "normal")
+    b, n, i = 2, 1, 30
+    f = Fault("probs", (b, n, i, _largest_prob(q, k, b, n, i)), bit=29)
+    clean, _ = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
+    out, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", fault=f, on_fault="correct")
+    assert bool(rep.detected) and int(rep.corrected) >= 1 and torch.equal(out, clean)
+    out, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", fault=f, on_fault="nan")
+    bad = torch.isnan(out).any(-1)
+    assert bool(bad[b, n, i]) and int(bad.sum()) == 1
+    _, g = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", granularity="global", fault=f)
+    c = g.checks["softmax_exp"]
+    assert c.residual.shape == (SHAPE["B"], SHAPE["N"])
+    assert bool(c.flagged[b, n]) and int(c.flagged.sum()) == 1
+    _, g = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", granularity="global")
+    assert not bool(g.detected)
+
+
+def test_a_nan_probability_fails_closed():
+    (q, k, v), _ = _inputs(9, "normal")
+    f = Fault("probs", (0, 0, 3, 2), value=float("nan"))
+    _, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", fault=f)
+    assert bool(rep.checks["softmax_exp"].flagged[0, 0, 3])
