@@ -24,18 +24,27 @@ def _mul(a, b):
 
 
 @triton.jit
-def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu):
+def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     """``|L − R| / τ`` per row of the tile: ``p`` the probabilities as they leave the
     exponential (faults included), ``z`` the logits (−inf where not attended), ``cz`` the
     base-2 factor, ``m_sc`` the row maximum times ``cz``; ``τ = tile + arg·A + mu·|m_sc|``
-    with ``A = −R``."""
-    live = z > float("-inf")
-    xt = z * cz - m_sc[:, None]
-    r = tl.sum(tl.where(live, tl.minimum(tl.maximum(xt, -CLAMP), 0.0), 0.0), 1)
-    pc = tl.where(live, tl.maximum(p, TWO_POW_NEG_CLAMP), 1.0)
+    with ``A = −R``.
+
+    In a tile without an element mask (``MASKED`` False) every entry counts: a logit of −inf
+    there (a bias of −inf, a row beyond the query length) gives −CLAMP on both sides exactly,
+    so no select is spent on it. The argument is not clipped at 0 from above: it exceeds 0 by
+    at most a rounding of ``|m_sc|``, which the ``mu`` term covers.
+    """
+    xt = tl.maximum(z * cz - m_sc[:, None], -CLAMP)
+    pc = tl.maximum(p, TWO_POW_NEG_CLAMP)
+    if MASKED:
+        live = z > float("-inf")
+        xt = tl.where(live, xt, 0.0)
+        pc = tl.where(live, pc, 1.0)
+    r = tl.sum(xt, 1)
     bits = pc.to(tl.int32, bitcast=True)
     e = (bits + 0x400000) >> 23
     mant = (bits - ((e - 127) << 23)).to(tl.float32, bitcast=True)
-    lsum = tl.sum(e - 127, 1).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
+    lsum = (tl.sum(e, 1) - 127 * BLOCK_N).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
     thr = coef_tile - coef_arg * r + coef_mu * tl.abs(m_sc)
     return tl.abs(lsum - r) / thr

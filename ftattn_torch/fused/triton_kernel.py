@@ -324,7 +324,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
     if EXPC:  # softmax_exp: Σ log₂ p against Σ of the argument formed again (triton_exp)
-        er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu))
+        er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu, MASKED, BLOCK_N))
     lt = tl.sum(p, 1)
     l = l * alpha + lt
     acc = acc * alpha[:, None]
