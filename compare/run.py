@@ -364,7 +364,14 @@ def _run_with_progress(args, bname: str):
     try:
         from rich.progress import Progress
     except ImportError:
-        return run_backend(args, bname)
+        Progress = None
+    if Progress is None or not sys.stderr.isatty():  # a log file: one line per step, with the time so far
+        start, done = time.perf_counter(), [0]
+
+        def line():
+            done[0] += 1
+            print(f"{bname}: step {done[0]}/{steps}, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        return run_backend(args, bname, progress=line)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{bname}", total=steps)
         return run_backend(args, bname, progress=lambda: bar.advance(task))

@@ -198,9 +198,11 @@ def checks_for(backend: str, implementation: str, scheme: str) -> tuple[str, ...
 
 
 def localizes(implementation: str, scheme: str, granularity: str) -> bool:
-    """Whether the report's ``located`` holds entries: ``full`` at vector granularity, where the
-    implementation locates."""
-    return record(implementation).localizes and scheme == "full" and granularity == "vector"
+    """Whether the report's ``located`` holds entries: at vector granularity, in an implementation
+    that locates, for a scheme with both checks of a GEMM (``full``, ``abft_all``)."""
+    checks = set(SCHEMES[scheme].checks)
+    pair = {"qk_row", "qk_col"} <= checks or {"pv_row", "pv_col"} <= checks
+    return record(implementation).localizes and pair and granularity == "vector"
 
 
 class Refusal(NamedTuple):

@@ -1,8 +1,9 @@
-"""The five checks, as pure JAX functions at vector granularity.
+"""The six checks, as pure JAX functions at vector granularity.
 
 Each check returns ``(diff, threshold)``: ``diff`` is the signed difference
 actual − predicted (for ``softmax_dmr`` the non-negative L1 distance between the
-replicas) and ``threshold`` the bound of ``docs/tolerances.md``. ``verdict``
+replicas, for ``softmax_exp`` each row's ratio to its bound, against 1) and
+``threshold`` the bound of ``docs/tolerances.md``. ``verdict``
 turns them into a ``CheckResult`` at the requested granularity.
 
 Shapes use the legend of ``ftattn_spec.axes``; ``G = N // K`` query heads share
@@ -11,13 +12,18 @@ one kv head, and query head ``n`` is ``(kv head n // G, group member n % G)``.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
+from ftattn_spec import exp_checksum as ec
 from ftattn_spec import tolerances as tol
 
 F32 = jnp.float32
+NEG = float(jnp.finfo(F32).min)  # masked logits: large, finite, so no row is NaN (``core`` fills them)
+LOG2E = math.log2(math.e)
 
 
 def _blocks(x: Array, axis: int) -> Array:
@@ -160,6 +166,59 @@ def softmax_dmr(p: Float[Array, "B N T S"], p_replica: Float[Array, "B N T S"], 
     l1 = jnp.abs(p - p_replica).sum(axis=-1)
     return l1, tol.dmr_threshold(p.shape[-1]) + jnp.minimum(
         2.0 * jnp.expm1(2.0 * tol.dmr_logit_coefficient() * mu), tol.DMR_LOGIT_CAP)
+
+
+def _tile_sums(x: Float[Array, "B N T S"]) -> Float[Array, "B N T C"]:
+    """Sums over tiles of ``ec.TILE`` keys (the last one zero-padded)."""
+    S = x.shape[-1]
+    nt = ec.tiles(S)
+    if nt * ec.TILE != S:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nt * ec.TILE - S)])
+    return x.reshape(*x.shape[:-1], nt, ec.TILE).sum(-1)
+
+
+def softmax_exp(p: Float[Array, "B N T S"], logits: Float[Array, "B N T S"], scores: Float[Array, "B N T S"] | None,
+                keep: Bool[Array, "#B #N T #S"] | None):
+    """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``.
+
+    ``p``: the normalised probabilities as the output reads them; ``logits``: the masked logits
+    the softmax read (``NEG`` where masked); ``scores``: S before the bias (None without one),
+    for the row's logit magnitude μ; ``keep``: where ``p`` may be nonzero (None: everywhere).
+    The live entries (kept, logit above ``NEG``) enter both sides; the check forms its own row
+    maximum, row sum ``d = Σ exp2(l·c − m·c)`` and arguments ``l·c − m·c − log₂ d`` (c = log₂ e;
+    the softmax exponentiated ``l − m``), through a barrier so that XLA cannot merge them with
+    the softmax's. ``L`` is the exponents of ``frexp`` (exact) plus the logarithms of the
+    mantissas. The ratio is the row's largest ``|L_t − R_t| / τ_t`` over its tiles, 0 for a row
+    with no live entry (``empty="uniform"`` spreads such a row over its ``NEG`` logits: not
+    checked), +inf for a row with a non-finite probability or kept logit (NaN, +inf) and for
+    one with a nonzero probability where the softmax gives exactly 0: outside ``keep``, at a
+    −inf logit, or at a ``NEG`` logit in a row with a live entry (``exp(NEG − m)`` is 0).
+    """
+    W = p.dtype
+    l, c = lax.optimization_barrier((logits.astype(W), jnp.asarray(LOG2E, W)))
+    live = l > NEG
+    if keep is not None:
+        live = live & keep
+    has = jnp.any(live, axis=-1, keepdims=True)
+    m = jnp.max(jnp.where(live, l, -jnp.inf), axis=-1, keepdims=True)
+    y = jnp.where(live, l * c - jnp.where(has, m, 0.0) * c, -jnp.inf)
+    d = blocked_sum(jnp.exp2(y), -1)[..., None]
+    x = y - jnp.log2(jnp.where(d > 0, d, 1.0))
+    r = _tile_sums(jnp.where(live, jnp.clip(x, -ec.CLAMP, 0.0), 0.0))
+    mant, ex = jnp.frexp(jnp.maximum(p, jnp.asarray(2.0**-ec.CLAMP, W)))
+    e = _tile_sums(jnp.where(live, ex.astype(W), 0.0))  # integers: exact
+    f = _tile_sums(jnp.where(live, jnp.log2(mant), 0.0))
+    mag = jnp.abs(l) if scores is None else jnp.maximum(jnp.abs(l), jnp.abs(scores.astype(W)))
+    mu = jnp.max(jnp.where(live, mag, 0.0), axis=-1, keepdims=True) * LOG2E
+    tau = ec.tile_threshold(ec.exp_coefficients(ec.TILE, p.shape[-1], normalised=True), -r, mu)
+    ratio = jnp.max(jnp.abs((e - r) + f) / tau, axis=-1)
+    zero = has | (l < NEG)  # where the softmax gives exactly 0 (besides outside keep)
+    broken = jnp.isnan(l) | (l == jnp.inf)
+    if keep is not None:
+        zero, broken = zero | ~keep, broken & keep
+    bad = jnp.any(~live & zero & (p != 0), -1) | jnp.any(~jnp.isfinite(p), -1) | jnp.any(broken, -1)
+    ratio = jnp.where(bad, jnp.inf, ratio)
+    return ratio, jnp.ones_like(ratio)
 
 
 def pv_row(o: Float[Array, "B T K G H"], p_mma: Array, v: Float[Array, "B S K H"], dtype: str):

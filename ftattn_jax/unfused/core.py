@@ -7,7 +7,6 @@ and calls :func:`run` with static settings.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,9 @@ from ..common import OPS, verdict
 from . import checks as abft
 
 F32 = jnp.float32
-NEG = float(jnp.finfo(F32).min)  # masked logits: large, finite, so no row is NaN
-LOG2E = math.log2(math.e)
+SOFTMAX = ("softmax_dmr", "softmax_exp")  # the checks of P, judged as unsigned per-row values
+NEG = abft.NEG  # masked logits: large, finite, so no row is NaN
+LOG2E = abft.LOG2E
 
 
 def _precision(dtype: str):
@@ -169,7 +169,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     def judge(names):
         for name in names:
             if name in wanted:
-                results[name] = verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+                results[name] = verdict(*found[name], granularity, signed=name not in SOFTMAX,
+                                        ratio=(name == "softmax_exp"))
 
     # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, T, K, G, H)
@@ -224,23 +225,33 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     # jax.nn's rule) only the rows beyond the query length
     keep = allowed_ts if empty == "zero" else masking.live(T, query_lengths, OPS)
 
-    # ---- P = softmax(S), twice under DMR; a third evaluation votes
+    # ---- P = softmax(S), twice under DMR (a third evaluation votes), its exponential checksum
     p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
+    if "softmax_exp" in wanted:
+        p = lax.optimization_barrier(p)  # the checksum and P·V read the same P, not two fusions of it
     if "softmax_dmr" in wanted:
         p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
         found["softmax_dmr"] = abft.softmax_dmr(
             p, p_replica, _logit_magnitude(s, logits, allowed_ts, p, p_replica))
-        judge(("softmax_dmr",))
-        rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
-        affected.append(rows)
-        if correct:
-            def vote(p):
-                p3 = _softmax(lax.optimization_barrier(s_soft), keep, guard)
-                replace = rows & ~(jnp.abs(p - p3).sum(-1) <= found["softmax_dmr"][1])
-                return jnp.where(replace[..., None], p3, p), _count(replace)
+    if "softmax_exp" in wanted:
+        found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep)
+    judge(SOFTMAX)
+    flagged = {c: _rows(found, results, c, "", granularity, T, None) for c in SOFTMAX if c in found and acts}
+    affected.extend(flagged.values())
+    if correct and flagged:
+        def fix(p):
+            # a real recomputation (the barrier stops CSE); a DMR mismatch is replaced only where
+            # it votes against p, a row the exponential checksum flags in any case
+            p3 = _softmax(lax.optimization_barrier(s_soft), keep, guard)
+            replace = flagged.get("softmax_exp", jnp.zeros((B, N, T), bool))
+            if "softmax_dmr" in flagged:
+                replace = replace | flagged["softmax_dmr"] & ~(
+                    jnp.abs(p - p3).sum(-1) <= found["softmax_dmr"][1])
+            return jnp.where(replace[..., None], p3, p), _count(replace)
 
-            p, n = lax.cond(jnp.any(rows), vote, lambda p: (p, jnp.zeros((), jnp.int32)), p)
-            corrected += n
+        rows = functools.reduce(jnp.logical_or, flagged.values())
+        p, n = lax.cond(jnp.any(rows), fix, lambda p: (p, jnp.zeros((), jnp.int32)), p)
+        corrected += n
 
     # ---- O = P·V: inject, check, locate, repair
     p_mma = p.astype(query.dtype).reshape(B, K, G, T, S)

@@ -1,20 +1,26 @@
-"""The five checks, as PyTorch functions at vector granularity.
+"""The six checks, as PyTorch functions at vector granularity.
 
 Same algebra and thresholds as ``ftattn_jax.checks``; each check returns
-``(diff, threshold)`` and :func:`verdict` makes the ``CheckResult``. Tensors use
+``(diff, threshold)`` (``softmax_exp``: each row's ratio to its bound, against 1)
+and :func:`verdict` makes the ``CheckResult``. Tensors use
 the legend of ``ftattn_spec.axes``: query heads are grouped as ``B K G T H``
 with ``G = N // K`` (query head ``n`` reads kv head ``n // G``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from ftattn_spec import exp_checksum as ec
 from ftattn_spec import tolerances as tol
 
 F32 = torch.float32
+NEG = torch.finfo(F32).min  # masked logits: large, finite, so no row is NaN (``core`` fills them)
+LOG2E = math.log2(math.e)
 
 
 def _blocks(x: Tensor, dim: int) -> Tensor:
@@ -150,6 +156,60 @@ def softmax_dmr(p: Float[Tensor, "B N T S"], p_replica: Float[Tensor, "B N T S"]
     l1 = torch.linalg.vector_norm(p_replica.sub_(p), ord=1, dim=-1)
     term = torch.expm1(2.0 * tol.dmr_logit_coefficient() * mu.to(torch.float32)).mul_(2.0).clamp_(max=tol.DMR_LOGIT_CAP)
     return l1, term.add_(tol.dmr_threshold(p.shape[-1]))
+
+
+def _tile_sums(x: Float[Tensor, "B N T S"]) -> Float[Tensor, "B N T C"]:
+    """Sums over tiles of ``ec.TILE`` keys (the last one zero-padded)."""
+    S = x.shape[-1]
+    nt = ec.tiles(S)
+    if nt * ec.TILE != S:
+        x = torch.nn.functional.pad(x, (0, nt * ec.TILE - S))
+    return x.reshape(*x.shape[:-1], nt, ec.TILE).sum(-1)
+
+
+def softmax_exp(p: Float[Tensor, "B N T S"], logits: Float[Tensor, "B N T S"], scores: Tensor | None,
+                keep: Bool[Tensor, "#B #N T #S"] | None):
+    """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``.
+
+    As ``ftattn_jax.unfused.checks.softmax_exp``: ``p`` the normalised probabilities, ``logits``
+    the masked logits the softmax read (``NEG`` where masked), ``scores`` S before the bias (None
+    without one) for μ, ``keep`` where ``p`` may be nonzero (None: everywhere). The live entries
+    (kept, logit above ``NEG``) enter both sides with the check's own row maximum, row sum
+    ``d = Σ exp2(l·c − m·c)`` and arguments ``l·c − m·c − log₂ d``; ``L`` is ``frexp``'s exponents
+    plus the logarithms of the mantissas. The ratio is the largest ``|L_t − R_t| / τ_t`` over the
+    row's tiles, 0 for a row with no live entry, +inf for a non-finite probability or kept logit
+    and for a nonzero probability where the softmax gives exactly 0 (outside ``keep``, at a −inf
+    logit, at a ``NEG`` logit in a row with a live entry).
+    """
+    W = p.dtype
+    l = logits.to(W)
+    live = l > NEG
+    if keep is not None:
+        live &= keep
+    has = live.any(-1, keepdim=True)
+    m = torch.where(live, l, -torch.inf).amax(-1, keepdim=True)
+    y = torch.where(live, l * LOG2E - torch.where(has, m, 0.0) * LOG2E, -torch.inf)
+    d = blocked_sum(torch.exp2(y), -1)[..., None]
+    y -= torch.log2(torch.where(d > 0, d, 1.0))
+    r = _tile_sums(torch.where(live, y.clamp_(-ec.CLAMP, 0.0), 0.0))
+    del y
+    mant, ex = torch.frexp(p.clamp(min=2.0**-ec.CLAMP))
+    e = _tile_sums(torch.where(live, ex.to(W), 0.0))  # integers: exact
+    del ex
+    f = _tile_sums(torch.where(live, mant.log2_(), 0.0))
+    del mant
+    mag = l.abs() if scores is None else torch.maximum(l.abs(), scores.to(W).abs())
+    mu = torch.where(live, mag, 0.0).amax(-1, keepdim=True) * LOG2E
+    del mag
+    tau = ec.tile_threshold(ec.exp_coefficients(ec.TILE, p.shape[-1], normalised=True), -r, mu)
+    ratio = ((e - r) + f).abs_().div_(tau).amax(-1)
+    zero = has | (l < NEG)  # where the softmax gives exactly 0 (besides outside keep)
+    broken = l.isnan() | (l == torch.inf)
+    if keep is not None:
+        zero, broken = zero | ~keep, broken & keep
+    bad = (~live & zero & (p != 0)).any(-1) | (~p.isfinite()).any(-1) | broken.any(-1)
+    ratio = ratio.masked_fill_(bad, torch.inf)
+    return ratio, torch.ones_like(ratio)
 
 
 def pv_row(o: Float[Tensor, "BK GT H"], p_mma: Tensor, v: Float[Tensor, "B K S H"], n_heads: int,

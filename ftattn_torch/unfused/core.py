@@ -3,8 +3,6 @@ O = P·V, and the checks. ``api.attention`` validates and calls :func:`run`."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -20,8 +18,9 @@ from ..common import verdict
 from . import checks as abft
 
 F32 = torch.float32
-NEG = torch.finfo(F32).min  # masked logits: large, finite, so no row is NaN
-LOG2E = math.log2(math.e)
+SOFTMAX = ("softmax_dmr", "softmax_exp")  # the checks of P, judged as unsigned per-row values
+NEG = abft.NEG  # masked logits: large, finite, so no row is NaN
+LOG2E = abft.LOG2E
 
 
 def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -163,7 +162,8 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     def judge(names):
         for name in names:
             if name in wanted:
-                results[name] = verdict(*found[name], granularity, signed=(name != "softmax_dmr"))
+                results[name] = verdict(*found[name], granularity, signed=name not in SOFTMAX,
+                                        ratio=(name == "softmax_exp"))
 
     # ---- S = scale·QKᵀ: inject, check, locate, repair
     qg = query.reshape(B, K, G, T, H)
@@ -208,22 +208,32 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     # jax.nn's rule) only the rows beyond the query length
     keep = allowed_ts if empty == "zero" else masking.live(T, query_lengths, ops_on(dev))
 
-    # ---- P = softmax(S), twice under DMR; a third evaluation votes
+    # ---- P = softmax(S), twice under DMR (a third evaluation votes), its exponential checksum
     p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
-    if "softmax_dmr" in wanted:
+    flagged = {}
+    if set(SOFTMAX) & set(wanted):
         with torch.no_grad():
-            p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
-            mu = _logit_magnitude(s, s_soft, bias is not None, allowed_ts, p, p_replica)
-            found["softmax_dmr"] = abft.softmax_dmr(p, p_replica, mu)
-            del p_replica
-            judge(("softmax_dmr",))
-            rows = _rows(found, results, "softmax_dmr", "", granularity, T, None) if acts else None
-            affected.append(rows)
-            vote = correct and bool(rows.any())
-        if vote:
+            if "softmax_dmr" in wanted:
+                p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
+                mu = _logit_magnitude(s, s_soft, bias is not None, allowed_ts, p, p_replica)
+                found["softmax_dmr"] = abft.softmax_dmr(p, p_replica, mu)
+                del p_replica
+            if "softmax_exp" in wanted:
+                found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep)
+            judge(SOFTMAX)
+            if acts:
+                flagged = {c: _rows(found, results, c, "", granularity, T, None) for c in SOFTMAX if c in found}
+            affected.extend(flagged.values())
+            fix = correct and any(bool(rows.any()) for rows in flagged.values())
+        if fix:
+            # a DMR mismatch is replaced only where the third evaluation votes against p, a row
+            # the exponential checksum flags in any case
             p3 = _softmax(s_soft, keep, guard)  # with autograd: replaced rows get their gradient through it
             with torch.no_grad():
-                replace = rows & ~((p - p3).abs().sum(-1) <= found["softmax_dmr"][1])
+                replace = flagged.get("softmax_exp", torch.zeros((B, N, T), dtype=torch.bool, device=dev))
+                if "softmax_dmr" in flagged:
+                    replace = replace | flagged["softmax_dmr"] & ~(
+                        (p - p3).abs().sum(-1) <= found["softmax_dmr"][1])
                 corrected += replace.sum(dtype=torch.int32)
             p = torch.where(replace[..., None], p3, p)
             del p3
