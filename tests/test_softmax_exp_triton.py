@@ -148,3 +148,12 @@ def test_a_nan_probability_fails_closed():
     f = Fault("probs", (0, 0, 3, 2), value=float("nan"))
     _, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", fault=f)
     assert bool(rep.checks["softmax_exp"].flagged[0, 0, 3])
+
+
+def test_a_fault_at_a_masked_entry_is_flagged():
+    """Above the causal diagonal p is 0; a fault there changes the output and fails the row."""
+    (q, k, v), _ = _inputs(10, "normal")
+    f = Fault("probs", (1, 1, 4, 20), value=0.5)
+    _, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", is_causal=True, fault=f)
+    c = rep.checks["softmax_exp"]
+    assert bool(c.flagged[1, 1, 4]) and int(c.flagged.sum()) == 1

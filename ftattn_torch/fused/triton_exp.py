@@ -30,21 +30,25 @@ def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.cons
     base-2 factor, ``m_sc`` the row maximum times ``cz``; ``τ = tile + arg·A + mu·|m_sc|``
     with ``A = −R``.
 
-    In a tile without an element mask (``MASKED`` False) every entry counts: a logit of −inf
+    In a tile with an element mask, an entry that is not attended must have p exactly 0 (the
+    row fails otherwise). In a tile without one (``MASKED`` False) every entry counts: a logit of −inf
     there (a bias of −inf, a row beyond the query length) gives −CLAMP on both sides exactly,
     so no select is spent on it. The argument is not clipped at 0 from above: it exceeds 0 by
     at most a rounding of ``|m_sc|``, which the ``mu`` term covers.
     """
     xt = tl.maximum(z * cz - m_sc[:, None], -CLAMP)
     pc = tl.maximum(p, TWO_POW_NEG_CLAMP)
+    stray = tl.zeros_like(m_sc)
     if MASKED:
         live = z > float("-inf")
         xt = tl.where(live, xt, 0.0)
         pc = tl.where(live, pc, 1.0)
+        # a masked entry whose probability is not exactly 0 (a fault) fails its row
+        stray = tl.where(tl.sum(((p != 0.0) & ~live).to(tl.int32), 1) > 0, float("inf"), 0.0)
     r = tl.sum(xt, 1)
     bits = pc.to(tl.int32, bitcast=True)
     e = (bits + 0x400000) >> 23
     mant = (bits - ((e - 127) << 23)).to(tl.float32, bitcast=True)
     lsum = (tl.sum(e, 1) - 127 * BLOCK_N).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
     thr = coef_tile - coef_arg * r + coef_mu * tl.abs(m_sc)
-    return tl.abs(lsum - r) / thr
+    return tl.abs(lsum - r) / thr + stray
