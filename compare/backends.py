@@ -50,12 +50,14 @@ class JaxBackend:
         kw.setdefault("implementation", self.implementation)
         return self.mod.attention(q, k, v, **kw)
 
-    def lowering(self, q) -> str | None:
-        """Which Pallas kernel ``implementation="pallas"`` runs for ``q`` here (``"mosaic_gpu"``,
-        the Hopper kernel, or ``"triton"``, the portable one), so a result says which was timed."""
+    def lowering(self, q, scheme: str = "full") -> str | None:
+        """Which Pallas kernel ``implementation="pallas"`` runs for ``q`` and ``scheme`` here
+        (``"mosaic_gpu"``, the Hopper kernel, or ``"triton"``, the portable one), so a result says
+        which was timed."""
         from ftattn_jax import fused
+        from ftattn_spec.implementations import checks_for
 
-        return fused.select_lowering(q)
+        return fused.select_lowering(q, checks=checks_for("jax", "pallas", scheme))
 
     def jitted(self, **kw):
         """:meth:`attention` with these keyword arguments (static: strings, bools, None), under

@@ -177,7 +177,7 @@ def _scheme_row(args, be, shape, inputs, scheme: str, impl: str, base_ms, nh: in
     row = {"shape": shape.label(), "T": shape.T, "S": shape.S, "scheme": scheme, "backend": be.name,
            "method": args.method, "flops": shape.flops(args.causal), "implementation": impl}
     if impl == "pallas":  # which of the two Pallas kernels this row times
-        row["lowering"] = be.lowering(inputs[0][0])
+        row["lowering"] = be.lowering(inputs[0][0], scheme)
     missing = dict(ms=float("nan"), tflops=float("nan"), overhead=float("nan"), err_vs_bound=float("nan"),
                    detected=False)
     label = f"{shape.label()} {scheme_key(scheme, impl)} {be.name}"

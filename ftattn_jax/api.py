@@ -125,7 +125,8 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
     if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
         interpret = fused.resolve_interpret(query, interpret)
         lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan,
-                                         masked=next((n for n, x in given if x is not None), None))
+                                         masked=next((n for n, x in given if x is not None), None),
+                                         checks=cfg.checks)
     return Call(cfg, m, interpret, lowering, empty, fallback), (query, key, value, *extra)
 
 

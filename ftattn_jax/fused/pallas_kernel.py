@@ -35,8 +35,8 @@ Inputs besides q, k, v, per (batch, kv head), computed by the caller in XLA:
 Outputs: ``o`` ``(B, T, N, H)``, ``qfin`` float32 ``(B, N, T)`` (1 where the
 query row is finite), with ``Config.lse`` each row's base-2 log-sum-exp (float32
 ``(B, N, T)``), and per check two float32 ``(B, N, T)`` arrays: the
-signed difference (``qk_row``, ``pv_row``; the residual for ``softmax_dmr``)
-and the threshold.
+signed difference (``qk_row``, ``pv_row``; the residual for ``softmax_dmr``; for
+``softmax_exp`` the worst tile's ratio to its bound, :mod:`.exp_tiles`) and the threshold.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
 
 from . import compat
+from .exp_tiles import row_residual, tile_ratio
 from .kernel_faults import corrupt
 from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
 from .tiles import _band, _ends
@@ -152,6 +153,7 @@ class Config:
     uniform: bool = False
     #: also write each row's base-2 log-sum-exp (for the fused backward, :mod:`.pallas_backward`)
     lse: bool = False
+    exp: bool = False  # the exponential checksum softmax_exp (:mod:`.exp_tiles`)
 
     @property
     def band(self) -> tuple[int, int]:
@@ -239,7 +241,7 @@ def _kernel(*refs, cfg: Config, H: int):
 
     def tile(start, carry, keep, partial):
         """One tile of keys; ``keep`` None: every entry counts (but rows beyond the query length)."""
-        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen = carry
+        acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen, ex = carry
         k = k_ref[pl.ds(start, BN), :]
         v = v_ref[pl.ds(start, BN), :]
         cols = start + lax.broadcasted_iota(jnp.int32, (BN,), 0)
@@ -267,6 +269,8 @@ def _kernel(*refs, cfg: Config, H: int):
         alpha = jnp.where(m_new > -jnp.inf, jnp.exp2((m_raw - m_use) * cz), 1.0)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 0, 1.0)
+        if cfg.exp:  # softmax_exp: Σ log₂ p against the argument by its own formula, at this tile's max
+            ex = jnp.maximum(ex, tile_ratio(z, p, cz, m_sc, BN, cfg.S))
         lt = jnp.sum(p, axis=1)
         l = l * alpha + lt
         pm = p.astype(dt)
@@ -309,7 +313,7 @@ def _kernel(*refs, cfg: Config, H: int):
         if cfg.uniform:
             # (a max, not jnp.any: Pallas' Triton lowering has no reduce_or)
             seen = jnp.maximum(seen, jnp.max((live[:, None] if keep is None else keep).astype(jnp.int32), axis=1))
-        return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen
+        return acc, m_new, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen, ex
 
     def masked_step(t, carry):
         start = pl.multiple_of(t * BN, BN)
@@ -326,11 +330,11 @@ def _kernel(*refs, cfg: Config, H: int):
     zeros = jnp.zeros((BM,), F32)
     carry = (jnp.zeros((BM, H), F32), jnp.full((BM,), -jnp.inf, F32), zeros, zeros, zeros, zeros,
              jnp.zeros((BM, VCOLS), F32), jnp.zeros((BM,), jnp.int32), zeros, zeros, zeros,
-             jnp.zeros((H,), F32), jnp.zeros((H,), F32), jnp.zeros((BM,), jnp.int32))
+             jnp.zeros((H,), F32), jnp.zeros((H,), F32), jnp.zeros((BM,), jnp.int32), zeros)
     carry = lax.fori_loop(t_start, f0, masked_step, carry)
     carry = lax.fori_loop(f0, f1, full_step, carry)
     carry = lax.fori_loop(f1, t_end, masked_step, carry)
-    acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen = carry
+    acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, mag, kacc, kabs, seen, ex = carry
 
     # a row with nothing attended (rows beyond the query length included) has output zero,
     # or under ``uniform`` (but beyond the query length) the mean of every value row
@@ -366,6 +370,9 @@ def _kernel(*refs, cfg: Config, H: int):
         r = jnp.where(ok, r, jnp.inf)
         next(outs)[...] = jnp.where((m_raw == -jnp.inf) & (l == 0.0) & (l2 == 0.0), 0.0, r)
         next(outs)[...] = thr
+    if cfg.exp:  # ---- softmax_exp: the worst tile in units of its bound, threshold 1
+        next(outs)[...] = row_residual(ex, l)
+        next(outs)[...] = jnp.ones_like(l)
     if cfg.pv:
         # ---- pv_row: Σ_h o_ih against (P̂·v̄)_i / l_i (a filled row's mean is not a product: not judged)
         ccol = lax.broadcasted_iota(jnp.int32, (BM, VCOLS), 1)
@@ -398,7 +405,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config, masks: Masks = Masks(), vm
 
     ``q`` is ``(B, Tp, N, H)``, ``k``/``v`` ``(B, Sp, K, H)``, ``Tp`` and ``Sp``
     multiples of the block sizes, the dense masks ``(B|1, N|1, Tp, Sp)``; ``stats`` is a list
-    of float32 ``(B, N, Tp)`` arrays, two per check that ``cfg`` turns on, in the order qk, dmr, pv.
+    of float32 ``(B, N, Tp)`` arrays, two per check that ``cfg`` turns on, in the order qk, dmr, exp, pv.
     """
     B, Tp, N, H = q.shape
     Sp = k.shape[1]
@@ -429,7 +436,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config, masks: Masks = Masks(), vm
     if cfg.n_faults:
         args += [ft, fv]
         in_specs += [whole(ft), whole(fv)]
-    n_stats = 2 * (cfg.qk + cfg.dmr + cfg.pv)
+    n_stats = 2 * (cfg.qk + cfg.dmr + cfg.exp + cfg.pv)
     stat_shape = jax.ShapeDtypeStruct((B, N, Tp), F32)
     n_stats += cfg.lse
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape] + [stat_shape] * n_stats
@@ -458,7 +465,7 @@ def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, bloc
         vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H),
         window=None if m is None else m.window, has_mask=m is not None and m.mask_shape is not None,
         has_bias=m is not None and m.bias_shape is not None, has_qlen=m is not None and m.query_lengths,
-        has_klen=m is not None and m.key_lengths, uniform=bool(uniform))
+        has_klen=m is not None and m.key_lengths, uniform=bool(uniform), exp="softmax_exp" in which)
 
 
 def _dense(x, T: int, S: int, Tp: int, Sp: int, dtype=None):

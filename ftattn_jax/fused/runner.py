@@ -8,10 +8,11 @@ module), turns its per-row statistics into the usual ``Report``, applies
 :mod:`.pallas_backward`'s kernels, checked when the forward is, their verdict
 handled by :mod:`.gradients`).
 
-The kernels check rows only (``qk_row``, ``softmax_dmr``, ``pv_row``), like the
-Triton kernel of ``ftattn_torch``: ``full`` runs those three, ``located`` is
-empty, and ``on_fault="correct"`` recomputes the output (once, only when
-something was flagged) and takes the flagged rows from the recomputation.
+The kernels check rows only (``qk_row``, ``softmax_dmr``, ``softmax_exp``, ``pv_row``;
+``softmax_exp`` in the portable kernel only), like the Triton kernel of ``ftattn_torch``:
+``full`` runs ``qk_row``, ``softmax_dmr`` and ``pv_row``, ``located`` is empty, and
+``on_fault="correct"`` recomputes the output (once, only when something was flagged) and
+takes the flagged rows from the recomputation.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from . import pallas_kernel as portable
 from .side_inputs import KernelOutput
 
 F32 = jnp.float32
-_CHECK_ORDER = ("qk_row", "softmax_dmr", "pv_row")
+_CHECK_ORDER = ("qk_row", "softmax_dmr", "softmax_exp", "pv_row")
 #: the kernel modules, by lowering name; ``"auto"`` chooses between them
 KERNELS = {portable.LOWERING: portable, mosaic.LOWERING: mosaic}
 LOWERINGS = ("auto", *KERNELS)
@@ -102,7 +103,7 @@ def _trainable(cfg, q_shape, k_shape, dtype: str, n_faults: int):
     Hopper kernel does not save it yet, so a differentiated call runs the portable forward."""
     if cfg.LOWERING == portable.LOWERING:
         return dataclasses.replace(cfg, lse=True)
-    which = tuple(n for n, on in zip(_CHECK_ORDER, (cfg.qk, cfg.dmr, cfg.pv)) if on)
+    which = tuple(n for n, on in zip(_CHECK_ORDER, (cfg.qk, cfg.dmr, getattr(cfg, "exp", False), cfg.pv)) if on)
     bs = portable.BlockSizes.get_default(False, q_shape[-1], bool(which))
     fwd = portable.config(q_shape, k_shape, dtype, scale=cfg.scale, causal=cfg.causal, which=which,
                           n_faults=n_faults, blocks=bs, interpret=False)
@@ -122,7 +123,7 @@ def _attend_bwd(cfg, grad, res, cts):
     mask, qlen, klen = aux
     dtype = jnp.dtype(q.dtype).name
     fwd = _trainable(cfg, q.shape, k.shape, dtype, 0 if fv is None else fv.shape[0])
-    checks = bool(fwd.qk or fwd.dmr or fwd.pv)
+    checks = bool(fwd.qk or fwd.dmr or fwd.exp or fwd.pv)
     bcfg = backward.backward_config(fwd, q.shape[-1], dtype, checks=checks)
     masks = portable.Masks(mask, bias, qlen, klen)
     dq, dk, dv, dbias = gradients.checked(q, k, v, out, lse, cts[0], ft, fv, bcfg, masks, grad, fwd.uniform)
@@ -162,30 +163,38 @@ def validate_lowering(lowering) -> str:
 
 
 def select_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None,
-                    masked: str | None = None) -> str:
+                    masked: str | None = None, checks: tuple[str, ...] = ()) -> str:
     """Which kernel ``implementation="pallas"`` runs: ``"triton"`` (the portable
     kernel) or ``"mosaic_gpu"`` (the Hopper kernel).
 
     ``lowering=None``/``"auto"`` takes the Hopper kernel when the query lives on
     an sm_90 GPU, the kernel is compiled (not interpreted), the head dim is 64
     or 128, no mask form but ``is_causal`` is given (``masked``: the name of
-    one that is), and a fault plan, if any, has at most one fault per site and
+    one that is), the ``checks`` to run are among its own (not ``softmax_exp``),
+    and a fault plan, if any, has at most one fault per site and
     query row (the Hopper kernel reads faults from a per-row table) on jax >= 0.11;
-    otherwise the portable kernel. Asking for ``"mosaic_gpu"`` where it cannot
-    run raises ``ValueError`` naming why.
+    otherwise the portable kernel (:func:`explain_lowering` says why). Asking for
+    ``"mosaic_gpu"`` where it cannot run raises ``ValueError`` naming why.
     """
+    return explain_lowering(query, lowering=lowering, interpret=interpret, plan=plan, masked=masked,
+                            checks=checks)[0]
+
+
+def explain_lowering(query, *, lowering: str | None = None, interpret: bool | None = None, plan=None,
+                     masked: str | None = None, checks: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """:func:`select_lowering`'s choice and, where ``"auto"`` did not take the Hopper kernel, why."""
     if lowering not in KERNELS:  # a name resolved before needs no second validation
         lowering = validate_lowering(lowering)
     if lowering == portable.LOWERING:
-        return lowering
-    why = mosaic.unsupported(query, platform=platform_of(query), interpret=interpret, plan=plan)
+        return lowering, None
+    why = mosaic.unsupported(query, platform=platform_of(query), interpret=interpret, plan=plan, checks=checks)
     if why is None and masked is not None:
         why = f"it supports is_causal only, and {masked} was given (the portable kernel takes every mask form)"
     if why is None:
-        return mosaic.LOWERING
+        return mosaic.LOWERING, None
     if lowering == mosaic.LOWERING:
         raise ValueError(f"lowering: 'mosaic_gpu' cannot run here: {why}")
-    return portable.LOWERING
+    return portable.LOWERING, why
 
 
 def resolve_interpret(query, interpret: bool | None) -> bool:
@@ -216,7 +225,8 @@ def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: 
     if blocks is not None and lowering in (None, "auto"):  # the settings name their kernel
         lowering = getattr(blocks, "LOWERING", None)
     given = _first_form(masks)
-    chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan, masked=given)
+    chosen = select_lowering(query, lowering=lowering, interpret=interpret, plan=plan, masked=given,
+                             checks=tuple(checks))
     kind = KERNELS[chosen].Blocks
     if blocks is not None and not isinstance(blocks, kind):
         raise TypeError(f"blocks: the {chosen!r} lowering expected {kind.__name__}, got {type(blocks).__name__}")
@@ -267,7 +277,9 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         if name not in wanted:
             continue
         diff, thr = next(stat), next(stat)
-        r = verdict(diff, thr, granularity, signed=(name != "softmax_dmr"))
+        # softmax_exp's diff is each row's ratio to its bound (threshold 1): the global verdict is the worst row
+        r = verdict(diff, thr, granularity, signed=name not in ("softmax_dmr", "softmax_exp"),
+                    ratio=name == "softmax_exp")
         results[name] = r
         flag = jnp.broadcast_to(r.flagged[..., None], (*r.flagged.shape, T)) if granularity == "global" \
             else r.flagged

@@ -1,0 +1,87 @@
+"""The exponential checksum ``softmax_exp`` inside the portable kernel: one tile's ratio.
+
+``ftattn_spec.exp_checksum`` defines the check. Per row and tile of keys, over
+the live entries (logit ``z > −inf``: attended, not masked),
+
+    L = Σ log₂ max(p, 2^−CLAMP)      against      R = Σ clip(x~, −CLAMP, 0),
+
+``x~ = z·c − m·c`` the check's own argument (the exponential saw ``(z − m)·c``).
+``L`` is an integer sum of exponent fields plus log₂ of the product of the
+mantissas, scaled into [0.75, 1.5): Pallas' Triton lowering has no product
+reduction, so the product is a tree of halves (:func:`log2_product`), one
+logarithm per row and tile; a logarithm per element (``MANTISSAS = "each"``,
+within the per-entry allowance of :func:`~ftattn_spec.exp_checksum.exp_coefficients`
+too) costs a libdevice ``logf`` per element on the GPU (measured: see the lead's
+notes). Only element-wise operations, sums, splits and bitcasts: the kernel lowers
+through Triton and runs in interpret mode alike.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from ftattn_spec import exp_checksum
+
+F32 = jnp.float32
+CLAMP = float(exp_checksum.CLAMP)
+_FLOOR = 2.0 ** -CLAMP
+
+
+def log2_fields(p):
+    """``(e, mant)`` with ``p = 2^e · mant``, ``e`` int32 and ``mant`` in [0.75, 1.5), for normal
+    finite float32 ``p > 0`` (the caller clamps): ``e = (bits + 2²²) >> 23`` rounds the biased
+    exponent up where the mantissa is at least 1.5."""
+    bits = lax.bitcast_convert_type(p, jnp.int32)
+    e = jnp.right_shift(bits + 0x400000, 23) - 127
+    return e, lax.bitcast_convert_type(bits - jnp.left_shift(e, 23), F32)
+
+
+#: at most this many mantissas in [0.75, 1.5) are multiplied before a logarithm (1.5⁶⁴ < 2¹²⁸)
+PRODUCT = 64
+#: "product": log₂ of the product of the mantissas (a tree of halves, one log2 per PRODUCT
+#: entries); "each": log₂ of every mantissa (a logarithm per element)
+MANTISSAS = "product"
+
+
+def log2_product(mant):
+    """``Σ_j log₂ mant_j`` per row of ``mant`` (``BM × BN``, BN a power of two, entries in
+    [0.75, 1.5)): Pallas' Triton lowering has no product reduction, so the columns are multiplied
+    in a tree of halves (``lax.split``, which it lowers), up to PRODUCT per product, then one
+    logarithm per product."""
+    if MANTISSAS == "each":
+        return jnp.sum(jnp.log2(mant), axis=1)
+    span, x = 1, mant
+    while span < min(PRODUCT, mant.shape[1]):
+        a, b = jnp.split(x, 2, axis=1)
+        x, span = a * b, 2 * span
+    if x.shape[1] == 1:
+        return jnp.log2(x.reshape(x.shape[0]))
+    return jnp.sum(jnp.log2(x), axis=1)
+
+
+def tile_ratio(z, p, c, m_sc, width: int, S: int):
+    """Per row ``|L_t − R_t| / τ_t`` of one tile of ``width`` keys in rows of ``S`` (0 where nothing
+    is live; +inf where a probability outside the live entries is not 0).
+
+    ``z`` ``BM × BN``: the logits (−inf where not attended), ``p``: the probabilities as the kernel
+    uses them (``exp2((z − m)·c)``, after any injected fault), ``c`` the base-2 factor (static),
+    ``m_sc`` ``(BM,)``: ``m·c``, the running maximum at this tile (``μ = |m·c|``).
+    """
+    co = exp_checksum.exp_coefficients(width, S, normalised=False)  # the kernel's p is unnormalised
+    arg = z * c - m_sc[:, None]  # the check's own argument formula
+    live = z > -jnp.inf
+    e, mant = log2_fields(jnp.where(live, jnp.maximum(p, F32(_FLOOR)), 1.0))  # p < 0 (a flipped sign) counts as 2^−CLAMP
+    L = jnp.sum(e, axis=1).astype(F32) + log2_product(mant)
+    R = jnp.sum(jnp.where(live, jnp.minimum(jnp.maximum(arg, -CLAMP), 0.0), 0.0), axis=1)
+    ratio = jnp.abs(L - R) / exp_checksum.tile_threshold(co, -R, jnp.abs(m_sc))
+    # a nonzero probability where the exponential gives exactly 0 (a masked entry) fails closed, as
+    # in the unfused path (a max, not jnp.any: Pallas' Triton lowering has no reduce_or)
+    stray = jnp.max(jnp.where(live | (p == 0.0), 0.0, 1.0), axis=1)
+    return jnp.where(stray > 0.0, jnp.inf, ratio)
+
+
+def row_residual(worst, l):
+    """A row's residual: its worst tile ratio, +inf where the row sum ``l`` is not finite (a NaN
+    or infinite probability; a row that attends nothing has ``worst = 0`` and ``l = 0``)."""
+    return jnp.where(jnp.abs(l) < jnp.inf, worst, jnp.inf)
