@@ -157,7 +157,7 @@ class _Case:
         self.arrays = {b.name: tuple(b.array(x, dtype) for x in qkv) for b in backends}
         first = backends[0]
         q, k, v = (first.logical(x) for x in self.arrays[first.name])  # as rounded to dtype
-        self.o64, p, _ = ref.attention(q, k, v, is_causal=is_causal, layout="torch", **_ref_masks(masks))
+        self.o64, p, self.logits = ref.attention(q, k, v, is_causal=is_causal, layout="torch", **_ref_masks(masks))
         self.bound = ref.output_bound(q, k, v, p, self.o64, dtype=dtype, is_causal=is_causal, layout="torch",
                                       **_ref_masks(masks))
 
@@ -171,7 +171,7 @@ class _Case:
         thr = {n: c.threshold for n, c in report.checks.items()}
         if site == "probs.replica":  # the output never reads the second softmax
             return np.zeros_like(self.o64)
-        return ref.detection_limit(site, thr, self.p, self.v, is_causal=self.is_causal)
+        return ref.detection_limit(site, thr, self.p, self.v, is_causal=self.is_causal, logits=self.logits)
 
 
 def _flags(report) -> dict:

@@ -17,7 +17,7 @@ sites are expected), 2 a usage error.
 
 from __future__ import annotations
 
-from ftattn_spec.faults import SITE_CHECKS, wilson_interval
+from ftattn_spec.faults import INPUT_SITES, SITE_CHECKS, wilson_interval
 from ftattn_spec.implementations import record as implementation_record
 from ftattn_spec.implementations import run_checks as implementation_checks
 
@@ -170,7 +170,7 @@ def render(summary: dict, console=None) -> None:
                     "detection", "located", "corrected"):
             t.add_column(col, justify="right" if col not in ("dtype", "site") else "left")
         for s in b["sites"]:
-            t.add_row(s["dtype"], s["site"], "yes" if s["protected"] else "no (input)", str(s["trials"]),
+            t.add_row(s["dtype"], s["site"], "yes" if s["protected"] else ("no (input)" if s["site"] in INPUT_SITES else "no (scheme)"), str(s["trials"]),
                       str(s["detected"]), str(s["harmless"]), str(s["below_limit"]), _missed(s["miss"]),
                       _pct(s["detection"]),
                       f"{s['located']}/{s['locatable']}" if b.get("locates", True) else "n/a",
@@ -180,7 +180,7 @@ def render(summary: dict, console=None) -> None:
         loc = _pct(b["localization"]) if b.get("locates", True) else f"n/a ({b['implementation']} locates nothing)"
         prot, unprot = b["miss_protected"], b["miss_unprotected"]
         console.print(f"{name}: at protected sites {_bound_phrase(prot)} that mattered (below the detection limit "
-                      f"{b['below_limit_protected']}), at unprotected input sites "
+                      f"{b['below_limit_protected']}), at unprotected sites (inputs, or sites the scheme does not check) "
                       f"{_bound_phrase(unprot)} (not expected to be caught); localization {loc}; "
                       f"correction {_pct(b['correction'])}; clean runs flagged "
                       f"{b['clean']['count'] if b['clean'] else '–'}/{b['clean']['of'] if b['clean'] else 0}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import masking
+from . import exp_checksum, masking
 from .axes import LAYOUTS, transpose_perm
 from .tolerances import U_ACC, output_coefficients
 
@@ -127,7 +127,28 @@ def magnitudes(q, k, v, *, scale=None, is_causal=False, layout="torch", **masks)
     }
 
 
-def detection_limit(site: str, thresholds: dict, probs, v, *, is_causal=False, layout="torch"):
+def _exp_limit(probs, logits, vmax, width: int):
+    """The ``probs`` detection limit of ``softmax_exp``: an undetected fault moves log₂ p_ij by at
+    most 2τ_i (τ_i the row's largest tile bound, ``exp_checksum``, here from the exact
+    probabilities and ``width`` keys per tile, the widest any implementation uses), so p_ij by
+    a factor within 2^(±2τ_i); o_ih moves by at most that times 2·max_j |v_jh| (the
+    renormalisation of a fused kernel's row sum doubles it), plus 2⁻⁶³·max_j |v_jh| for a
+    probability that stays under the clamp."""
+    B, N, T, S = probs.shape
+    with np.errstate(divide="ignore"):
+        lp = np.where(probs > 0, np.clip(np.log2(np.where(probs > 0, probs, 1.0)), -exp_checksum.CLAMP, 0.0), 0.0)
+    tiles = -(-S // width)
+    lp = np.pad(lp, [(0, 0)] * 3 + [(0, tiles * width - S)]).reshape(B, N, T, tiles, width)
+    A = -lp.sum(-1)
+    mu = np.zeros((B, N, T)) if logits is None else np.where(
+        np.isfinite(logits), np.abs(logits), 0.0).max(-1) * np.log2(np.e)
+    tau = exp_checksum.tile_threshold(exp_checksum.exp_coefficients(width, S, normalised=True), A,
+                                      mu[..., None]).max(-1)
+    return (np.expm1(2 * tau * np.log(2.0))[..., None] * 2 + 2.0**-63) * vmax
+
+
+def detection_limit(site: str, thresholds: dict, probs, v, *, is_causal=False, layout="torch", logits=None,
+                    exp_width: int = 128):
     """Largest output change (``BNTH``, float64) that a single fault at ``site``
     can cause without any check flagging it: the *detection limit*.
 
@@ -141,7 +162,9 @@ def detection_limit(site: str, thresholds: dict, probs, v, *, is_causal=False, l
     * ``scores``: a logit error δ ≤ 2·min(τ_row,i, max_j τ_col,j) moves a
       probability by a factor within e^(±2δ), so ``(e^(2δ) − 1)·W_ih`` with
       ``W_ih = Σ_j p_ij·|v_jh|``;
-    * ``probs``: an L1 error ε ≤ 2·τ_dmr moves o_ih by at most ``ε·max_j |v_jh|``;
+    * ``probs``: an L1 error ε ≤ 2·τ_dmr moves o_ih by at most ``ε·max_j |v_jh|``; under
+      ``softmax_exp`` see :func:`_exp_limit` (``logits``: the reference's ``BNTS`` logits, for
+      the bound's μ term); with both checks, the smaller limit;
     * ``out``: the element itself, ``2·min(τ_pv_row,i, τ_pv_col,h)``;
     * a site no check of the report sees (the inputs, or a scheme without
       that site's checks): zero, nothing is certified.
@@ -163,12 +186,15 @@ def detection_limit(site: str, thresholds: dict, probs, v, *, is_causal=False, l
         delta = np.minimum.reduce(lim)[..., None]
         return np.expm1(2 * delta) * np.einsum("bnts,bnsh->bnth", probs, np.abs(v))
     if site == "probs":
-        if "softmax_dmr" not in th:
+        if "softmax_dmr" not in th and "softmax_exp" not in th:
             return none
-        # an L1 error can land on any key the row attends, or could attend
+        # an error can land on any key the row attends, or could attend
         mask = causal_mask(T, S) if is_causal else np.ones((T, S), bool)
         vmax = np.where(mask[None, None, :, :, None], np.abs(v)[:, :, None], 0.0).max(-2)  # B N T H
-        return 2 * th["softmax_dmr"][..., None] * vmax
+        lim = [2 * th["softmax_dmr"][..., None] * vmax] if "softmax_dmr" in th else []
+        if "softmax_exp" in th:
+            lim.append(_exp_limit(np.asarray(probs, np.float64), logits, vmax, exp_width))
+        return np.minimum.reduce(lim)
     if site == "out":
         lim = [np.broadcast_to(2 * th["pv_row"][..., None], (B, N, T, H))] if "pv_row" in th else []
         if "pv_col" in th:

@@ -30,6 +30,9 @@ if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 SCHEMES = ("abft_softmax", "abft_all")
+#: the interpreter is slow: by default two distributions and two bits, the rest under ``-m slow``
+_DISTS = [d if d in ("normal", "large") else pytest.param(d, marks=pytest.mark.slow) for d in DISTRIBUTIONS]
+_BITS = [b if b in (30, 22) else pytest.param(b, marks=pytest.mark.slow) for b in (30, 27, 24, 23, 22, 20)]
 
 
 def _inputs(seed, dist="normal", dtype="float16", **shape):
@@ -45,7 +48,7 @@ def test_shape_axes_differ():
     assert len({SHAPE[a] for a in "BNTSH"}) == 5
 
 
-@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("dist", _DISTS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_clean_runs_pass_with_margin(dist, scheme):
     for causal, dtype in ((False, "float16"), (True, "bfloat16")):
@@ -94,7 +97,7 @@ def _largest_prob(q, k, b, n, i, causal=False):
     return int(np.argmax(s))
 
 
-@pytest.mark.parametrize("bit", [30, 27, 24, 23, 22, 20])
+@pytest.mark.parametrize("bit", _BITS)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_corrupted_probability_is_flagged_at_its_row(bit, scheme):
     (q, k, v), _ = _inputs(6, "normal")
