@@ -11,9 +11,10 @@ mantissas, scaled into [0.75, 1.5): Pallas' Triton lowering has no product
 reduction, so the product is a tree of halves (:func:`log2_product`), one
 logarithm per row and tile; a logarithm per element (``MANTISSAS = "each"``,
 within the per-entry allowance of :func:`~ftattn_spec.exp_checksum.exp_coefficients`
-too) costs a libdevice ``logf`` per element on the GPU (measured: see the lead's
-notes). Only element-wise operations, sums, splits and bitcasts: the kernel lowers
-through Triton and runs in interpret mode alike.
+too) costs a libdevice ``logf`` per element on the GPU (measured: docs/kernels.md,
+"The exponential checksum in the portable Pallas forward"). Only element-wise
+operations, sums, splits and bitcasts: the kernel lowers through Triton and runs
+in interpret mode alike.
 """
 
 from __future__ import annotations
