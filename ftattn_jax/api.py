@@ -124,9 +124,11 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                          f"implementation='pallas' has; this call runs {impl!r}")
     if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
         interpret = fused.resolve_interpret(query, interpret)
-        lowering = fused.select_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan,
-                                         masked=next((n for n, x in given if x is not None), None),
-                                         checks=cfg.checks)
+        lowering, why = fused.explain_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan,
+                                               masked=next((n for n, x in given if x is not None), None),
+                                               checks=cfg.checks)
+        if why is not None and fused.hopper_ready(query, interpret):  # the call, not the device, kept it off
+            implementations.warn_lowering("jax", why)
     return Call(cfg, m, interpret, lowering, empty, fallback), (query, key, value, *extra)
 
 

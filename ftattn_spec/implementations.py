@@ -176,6 +176,16 @@ def warn_fallback(backend: str, reason: str) -> None:
                   f"kernel) because: {reason}", FallbackWarning, stacklevel=caller_stacklevel())
 
 
+def warn_lowering(backend: str, reason: str) -> None:
+    """Warn once per reason (per process) that ``implementation="pallas"`` with ``lowering="auto"``
+    ran the portable kernel on a GPU where the Hopper kernel runs, because of the call's arguments."""
+    if (backend, "lowering: " + reason) in _WARNED:
+        return
+    _WARNED.add((backend, "lowering: " + reason))
+    warnings.warn(f"ftattn ({backend}): the portable Pallas kernel ran, not the faster Hopper kernel, because: "
+                  f"{reason}", FallbackWarning, stacklevel=caller_stacklevel())
+
+
 def run_checks(implementation: str, scheme: str) -> tuple[str, ...]:
     """The checks ``scheme`` runs under ``implementation``, in ``CHECKS`` order.
 

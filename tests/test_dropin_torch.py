@@ -110,7 +110,8 @@ def test_bad_arguments_name_themselves(kwargs, error, words):
 
 
 @pytest.mark.parametrize("scheme, granularity", [("full", "vector"), ("full", "global"), ("baseline", "vector"),
-                                                 ("abft_qk_row", "vector")])
+                                                 ("abft_qk_row", "vector"), ("abft_all", "vector"),
+                                                 ("abft_softmax", "global")])
 @pytest.mark.parametrize("mask", ["none", "bool", "float"])
 def test_opcheck(scheme, granularity, mask):
     import torch

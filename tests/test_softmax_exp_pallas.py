@@ -266,3 +266,22 @@ def test_the_check_lowers_through_triton_for_cuda(tmp_path):
     path.write_text(_strip_locations(ttir))
     ptx = triton.compile(str(path), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
     assert "shr.s32" in ptx and "ex2.approx" in ptx
+
+
+def test_auto_says_when_the_scheme_keeps_the_hopper_kernel_off(monkeypatch):
+    """Where the Hopper kernel could run (patched here), ``lowering="auto"`` with a scheme it lacks
+    takes the portable kernel and warns once, naming the check; a device that cannot run it
+    (this CPU) gives no warning."""
+    import warnings
+
+    from ftattn_spec import implementations
+
+    (q, k, v), _ = _inputs(13, "normal", H=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", implementations.FallbackWarning)
+        ftattn_jax.attention(q, k, v, implementation="pallas", scheme="abft_softmax")
+    monkeypatch.setattr(fused, "hopper_ready", lambda query, interpret: True)
+    monkeypatch.setattr(implementations, "_WARNED", set())
+    with pytest.warns(implementations.FallbackWarning, match="portable Pallas kernel.*softmax_exp"):
+        _, rep = ftattn_jax.attention(q, k, v, implementation="pallas", scheme="abft_softmax")
+    assert "softmax_exp" in rep.checks

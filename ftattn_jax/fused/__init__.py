@@ -12,10 +12,10 @@ from . import compat, kernel_ir, runner
 from .mosaic_kernel import MosaicBlocks
 from .pallas_backward import BackwardBlocks
 from .pallas_kernel import BlockSizes
-from .runner import (KERNELS, LOWERINGS, BackwardSettings, config, launch, mosaic_can_inject, platform_of,
-                     resolve_interpret, run, select_lowering, validate_lowering)
+from .runner import (KERNELS, LOWERINGS, BackwardSettings, config, explain_lowering, hopper_ready, launch,
+                     mosaic_can_inject, platform_of, resolve_interpret, run, select_lowering, validate_lowering)
 from .side_inputs import KernelOutput, side_inputs
 
-__all__ = ["BackwardBlocks", "BackwardSettings", "BlockSizes", "KERNELS", "KernelOutput", "LOWERINGS", "MosaicBlocks", "compat", "config", "kernel_ir",
+__all__ = ["BackwardBlocks", "BackwardSettings", "BlockSizes", "KERNELS", "KernelOutput", "LOWERINGS", "MosaicBlocks", "compat", "config", "explain_lowering", "hopper_ready", "kernel_ir",
            "launch", "mosaic_can_inject", "platform_of", "resolve_interpret", "run", "runner", "select_lowering",
            "side_inputs", "validate_lowering"]

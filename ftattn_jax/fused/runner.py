@@ -197,6 +197,13 @@ def explain_lowering(query, *, lowering: str | None = None, interpret: bool | No
     return portable.LOWERING, why
 
 
+def hopper_ready(query, interpret: bool | None) -> bool:
+    """Whether the Hopper kernel could run on this query's device at all (an sm_90 GPU, compiled,
+    a supported jax): when it could and ``"auto"`` took the portable kernel, the call's arguments
+    (a mask form, a scheme's checks, a fault plan) decided, and the user is told."""
+    return mosaic.unsupported(query, platform=platform_of(query), interpret=interpret) is None
+
+
 def resolve_interpret(query, interpret: bool | None) -> bool:
     """``interpret=None`` as a bool: interpret unless the query lives on a GPU; ``False`` off a GPU is an error."""
     platform = platform_of(query)
