@@ -52,3 +52,14 @@ def exact(x) -> np.ndarray:
     import jax.numpy as jnp
 
     return np.asarray(x.astype(jnp.float32), np.float64).transpose(0, 2, 1, 3)
+
+
+def scheme_params(slow=("abft_softmax",)):
+    """Every scheme as a pytest parameter, those in ``slow`` under ``-m slow`` (by default
+    ``abft_softmax``, a subset of ``abft_all``'s checks), to keep the default run short."""
+    import pytest
+
+    from ftattn_spec.schemes import SCHEME_NAMES
+
+    return [pytest.param(s, marks=pytest.mark.slow) if s in slow else s for s in SCHEME_NAMES]
+

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from ftattn_spec import reference as ref
-from ftattn_spec.schemes import SCHEME_NAMES
 
 from .conftest import HAVE_JAX, HAVE_TORCH, SHAPE, draw_qkv, get_backend
+from .inputs import scheme_params
 
 pytestmark = pytest.mark.skipif(not (HAVE_JAX and HAVE_TORCH), reason="needs jax and torch")
 
 
-@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+@pytest.mark.parametrize("scheme", scheme_params())
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("granularity", ["vector", "global"])
