@@ -26,3 +26,19 @@ FAULTS = [
     Fault("out", (1, 1, 33, 5), bit=30),
     Fault("out", (0, 3, 0, 0), value=-1e3),
 ]
+
+
+def triton_device() -> str:
+    """The device the Triton kernels run on in this session (``FTATTN_TEST_TORCH_DEVICE``), after
+    skipping the calling module where they cannot run (no triton; no GPU and no interpreter)."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    device = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+    return device
+

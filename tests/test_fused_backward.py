@@ -11,20 +11,15 @@ Interpreted on the CPU (``TRITON_INTERPRET=1``, ``tests/conftest.py``), compiled
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from .fused_cases import SHAPE, triton_device
+
+DEVICE = triton_device()
+
+import torch  # noqa: E402
 
 import ftattn_torch as ft  # noqa: E402
-
-from .fused_cases import SHAPE  # noqa: E402
-
-DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
-if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 #: the kernel's error may be this many times the low-precision reference's (FlashAttention's tests use 2)
 RATIO = 3.0

@@ -9,25 +9,21 @@ Interpreted without a GPU (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``)
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from .fused_cases import SHAPE, triton_device
+
+DEVICE = triton_device()
+
+import torch  # noqa: E402
 
 import ftattn_torch as ft  # noqa: E402
 from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec.faults import Fault  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
 
-from .fused_cases import SHAPE  # noqa: E402
 from .inputs import exact, make_qkv  # noqa: E402
-
-DEVICE = os.environ.get("FTATTN_TEST_TORCH_DEVICE", "cpu")
-if DEVICE != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 SCHEMES = ("abft_softmax", "abft_all")
 #: the interpreter is slow: by default two cases of each kind, the rest under ``-m slow``
