@@ -119,9 +119,10 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
                                               masking=given)
         if refusal is not None:
             raise refusal.exception()
-    if (sites := spec_faults.sites_of(fault, spec_faults.BACKWARD_SITES)) and impl != "pallas":
-        raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only "
-                         f"implementation='pallas' has; this call runs {impl!r}")
+    for sites, what in ((spec_faults.BACKWARD_SITES, "backward"), (spec_faults.FUSED_FORWARD_SITES, "forward")):
+        if (named := spec_faults.sites_of(fault, sites)) and impl != "pallas":
+            raise ValueError(f"fault.site: {named[0]!r} is a site of the fused {what}, which only "
+                             f"implementation='pallas' has; this call runs {impl!r}")
     if impl == "pallas":  # the kernel, chosen once (the lowering string is validated above, once)
         interpret = fused.resolve_interpret(query, interpret)
         lowering, why = fused.explain_lowering(query, lowering=lowering, interpret=interpret, plan=cfg.plan,

@@ -29,7 +29,9 @@ units of each tile's bound), its threshold 1. Per tile, in log₂ units,
 
 with ``μ`` the row's largest |logit| in log₂ units (``|m·c|`` in a kernel);
 the coefficients are :func:`exp_coefficients`, derived in docs/tolerances.md
-("softmax_exp").
+("softmax_exp"). In the fused kernels the check also evaluates the online
+softmax's rescale factor twice per row and tile (:func:`rescale_coefficients`):
+a fault there scales everything the row summed before that tile.
 """
 
 from __future__ import annotations
@@ -92,6 +94,28 @@ def exp_coefficients(width: int, S: int, normalised: bool = False) -> ExpCoeffic
     mu = n * u * (1.0 + tol.DMR_LOGIT_UNITS + 1.0)
     m = tol.MAGNITUDE_MARGIN
     return ExpCoefficients(m * tile, m * arg, m * mu)
+
+
+class RescaleCoefficients(NamedTuple):
+    """The bound ``(rel + mu·μ)·α' + tiny`` on ``|α − α'|``, the fused kernels' rescale factor
+    ``α = 2^((m_old − m_new)·c)`` against its second evaluation ``α' = 2^(m_old·c − m_new·c)``
+    (``μ`` the larger of ``|m_old·c|`` and ``|m_new·c|``, log₂ units)."""
+
+    rel: float
+    mu: float
+    tiny: float
+
+
+def rescale_coefficients() -> RescaleCoefficients:
+    """Two exponentials (``EXP_ERROR_UNITS``·u each, and XLA's exp(x·ln 2), ``EXP2_ARG_UNITS``·u·|x|
+    in log₂ units, with |x| ≤ 2μ); arguments ``(m_old − m_new)·c`` (two roundings) against
+    ``m_old·c − m_new·c`` (three), each at most u·μ: ``ln 2·u·(5 + 2·EXP2_ARG_UNITS)·μ`` relative;
+    both values flush to 0 below 2⁻¹²⁶ (``tiny``)."""
+    u = tol.U_ACC
+    m = tol.MAGNITUDE_MARGIN
+    rel = (2.0 * tol.EXP_ERROR_UNITS + 2.0) * u
+    mu = math.log(2.0) * u * (5.0 + 2.0 * EXP2_ARG_UNITS) * 2.0
+    return RescaleCoefficients(m * rel, m * mu, 4.0 * tol.TINY)
 
 
 def tile_threshold(co: ExpCoefficients, arg_magnitude, mu):

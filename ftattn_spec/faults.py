@@ -18,6 +18,9 @@ site          logical shape    what is corrupted                       element
 ``query``     ``B N T H``      the query as read by the kernel         input
 ``key``       ``B K S H``      the key as read by the kernel           input
 ``value``     ``B K S H``      the value as read by the kernel         input
+``rescale``   ``B N T S``      the fused kernels' rescale factor        float32
+                               2^(m_old − m_new) of row T at the tile
+                               holding key S (fused forward only)
 ============  ===============  ======================================  =========
 
 S, P and O are float32 in every scheme (the GEMMs accumulate and the softmax
@@ -47,7 +50,11 @@ from typing import NamedTuple
 import numpy as np
 
 SITES: tuple[str, ...] = ("scores", "probs", "out", "query", "key", "value",
-                          "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds", "bwd_dq", "bwd_dk", "bwd_dv")
+                          "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds", "bwd_dq", "bwd_dk", "bwd_dv", "rescale")
+
+#: Sites that exist only inside the fused forward kernels (the online softmax's rescale factor,
+#: per row and key tile); the unfused path has no such value and refuses them.
+FUSED_FORWARD_SITES: tuple[str, ...] = ("rescale",)
 
 #: Sites inside the fused backward (``implementation="triton"``): S and P recomputed, dP, dS,
 #: and the three gradients before their scale. S, P, dP and dS are computed by both backward
@@ -62,7 +69,7 @@ SITE_AXES: dict[str, str] = {
     "scores": "BNTS", "probs": "BNTS", "out": "BNTH",
     "query": "BNTH", "key": "BKSH", "value": "BKSH",
     "bwd_scores": "BNTS", "bwd_probs": "BNTS", "bwd_dp": "BNTS", "bwd_ds": "BNTS",
-    "bwd_dq": "BNTH", "bwd_dk": "BKSH", "bwd_dv": "BKSH",
+    "bwd_dq": "BNTH", "bwd_dk": "BKSH", "bwd_dv": "BKSH", "rescale": "BNTS",
 }
 
 #: The checks that can see a fault at each site (in a scheme that runs them).
@@ -75,6 +82,7 @@ SITE_CHECKS: dict[str, tuple[str, ...]] = {
     "bwd_probs": ("bwd_softmax", "bwd_softmax_col", "bwd_softmax_kv"),
     "bwd_dp": ("bwd_dp_row", "bwd_dp_col"), "bwd_ds": ("bwd_ds", "bwd_ds_col"),
     "bwd_dq": ("bwd_dq",), "bwd_dk": ("bwd_dk",), "bwd_dv": ("bwd_dv",),
+    "rescale": ("softmax_dmr", "softmax_exp"),
 }
 
 #: Sites with a second evaluation that ``replica=1`` selects.

@@ -104,10 +104,11 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
 
 
 def _backward_sites_need_triton(fault, impl: str) -> None:
-    sites = spec_faults.sites_of(fault, spec_faults.BACKWARD_SITES)
-    if sites and impl != "triton":
-        raise ValueError(f"fault.site: {sites[0]!r} is a site of the fused backward, which only "
-                         f"implementation='triton' has; this call runs {impl!r}")
+    for sites, what in ((spec_faults.BACKWARD_SITES, "backward"), (spec_faults.FUSED_FORWARD_SITES, "forward")):
+        named = spec_faults.sites_of(fault, sites)
+        if named and impl != "triton":
+            raise ValueError(f"fault.site: {named[0]!r} is a site of the fused {what}, which only "
+                             f"implementation='triton' has; this call runs {impl!r}")
 
 
 def _constant_under_compile(fn):

@@ -285,3 +285,29 @@ def test_auto_says_when_the_scheme_keeps_the_hopper_kernel_off(monkeypatch):
     with pytest.warns(implementations.FallbackWarning, match="portable Pallas kernel.*softmax_exp"):
         _, rep = ftattn_jax.attention(q, k, v, implementation="pallas", scheme="abft_softmax")
     assert "softmax_exp" in rep.checks
+
+
+@pytest.mark.parametrize("bit", [25, 22])
+def test_a_corrupted_rescale_factor_is_flagged(bit):
+    """The rescale factor (site ``rescale``, fused only) is evaluated twice by ``softmax_exp``: a
+    fault there is flagged at its row, as the DMR flags it; the unfused path refuses the site."""
+    from ftattn_spec.faults import Fault
+
+    (q, k, v), _ = _inputs(14, "normal", S=70, H=64)
+    b, n, i = 1, 3, 21
+    clean, _ = ftattn_jax.attention(q, k, v, implementation="pallas", scheme="abft_softmax")
+    f = Fault("rescale", (b, n, i, 60), bit=bit)
+    for scheme, check in (("abft_softmax", "softmax_exp"), ("full", "softmax_dmr")):
+        out, rep = ftattn_jax.attention(q, k, v, implementation="pallas", scheme=scheme, fault=f)
+        assert not np.array_equal(np.asarray(out), np.asarray(clean))
+        c = rep.checks[check]
+        assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
+    with pytest.raises(ValueError, match="rescale.*fused forward"):
+        ftattn_jax.attention(q, k, v, implementation="unfused", fault=f)
+    from ftattn_spec import faults as spec_faults
+
+    with pytest.MonkeyPatch.context() as m:  # as on a Hopper GPU with jax >= 0.11
+        m.setattr(mosaic_kernel, "available", lambda: True)
+        m.setattr(mosaic_kernel, "can_inject", lambda: True)
+        why = mosaic_kernel.unsupported(q, platform="gpu", interpret=False, plan=spec_faults.plan([f]))
+    assert why is not None and "rescale" in why

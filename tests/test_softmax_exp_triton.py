@@ -157,3 +157,26 @@ def test_a_fault_at_a_masked_entry_is_flagged():
     _, rep = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax", is_causal=True, fault=f)
     c = rep.checks["softmax_exp"]
     assert bool(c.flagged[1, 1, 4]) and int(c.flagged.sum()) == 1
+
+
+@pytest.mark.parametrize("bit", [25, 22])
+def test_a_corrupted_rescale_factor_is_flagged(bit):
+    """The online softmax's rescale factor 2^(m_old − m_new) (site ``rescale``, fused only) is
+    evaluated twice by ``softmax_exp``, as the DMR's replica does: a fault there, which rescales
+    everything the row summed before, is flagged at its row."""
+    from ftattn_spec.faults import SITES
+
+    from ftattn_torch.fused import triton_kernel
+
+    assert triton_kernel.SITE_RESCALE == SITES.index("rescale")
+    (q, k, v), _ = _inputs(11, "normal", S=70)
+    b, n, i = 2, 3, 21
+    clean, _ = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
+    f = Fault("rescale", (b, n, i, 60), bit=bit)
+    for scheme, check in (("abft_softmax", "softmax_exp"), ("full", "softmax_dmr")):
+        out, rep = ft.attention(q, k, v, implementation="triton", scheme=scheme, fault=f)
+        assert not torch.equal(out, clean)
+        c = rep.checks[check]
+        assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
+    with pytest.raises(ValueError, match="rescale.*fused forward"):
+        ft.attention(q, k, v, implementation="unfused", fault=f)

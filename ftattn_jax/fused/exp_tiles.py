@@ -82,6 +82,17 @@ def tile_ratio(z, p, c, m_sc, width: int, S: int):
     return jnp.where(stray > 0.0, jnp.inf, ratio)
 
 
+def rescale_ratio(alpha, m_raw, m_new, m_sc, c):
+    """Per row ``|α − α'| / τ``: the rescale factor as the kernel used it (faults included) against
+    ``α' = 2^(min(m_raw·c − m·c, 0))``, ``τ = (rel + mu·μ)·α' + tiny``
+    (``exp_checksum.rescale_coefficients``); both 0 at a row's first attended tile, 1 while it has
+    attended nothing."""
+    co = exp_checksum.rescale_coefficients()
+    a2 = jnp.where(m_new > -jnp.inf, jnp.exp2(jnp.minimum(m_raw * c - m_sc, 0.0)), 1.0)
+    mu = jnp.where(m_raw > -jnp.inf, jnp.maximum(jnp.abs(m_raw * c), jnp.abs(m_sc)), 0.0)
+    return jnp.abs(alpha - a2) / ((co.rel + co.mu * mu) * a2 + co.tiny)
+
+
 def row_residual(worst, l):
     """A row's residual: its worst tile ratio, +inf where the row sum ``l`` is not finite (a NaN
     or infinite probability; a row that attends nothing has ``worst = 0`` and ``l = 0``)."""

@@ -56,6 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
+from ftattn_spec import faults as spec_faults
 from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
 
@@ -155,6 +156,8 @@ def unsupported(query, *, platform: str, interpret: bool | None, plan=None, chec
                 f"(needs 0.11)")
     if plan is not None and _slot_conflict(plan):
         return "the fault plan puts two faults on one query row of one site (the Hopper kernel takes one per row)"
+    if plan is not None and spec_faults.SITES.index("rescale") in np.asarray(plan.site).tolist():
+        return "the fault plan has a fault at site 'rescale', which the Hopper kernel does not inject"
     return None
 
 

@@ -52,12 +52,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array
 
+from ftattn_spec import faults as spec_faults
 from ftattn_spec import masking
 from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
 
 from . import compat
-from .exp_tiles import row_residual, tile_ratio
+from .exp_tiles import rescale_ratio, row_residual, tile_ratio
 from .kernel_faults import corrupt
 from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
 from .tiles import _band, _ends
@@ -65,7 +66,8 @@ from .tiles import _band, _ends
 LOG2E = math.log2(math.e)
 F32 = jnp.float32
 # ftattn_spec.faults.SITES indices of the sites the kernel injects itself
-SITE_SCORES, SITE_PROBS, SITE_OUT = 0, 1, 2
+SITE_SCORES, SITE_PROBS, SITE_OUT, SITE_RESCALE = (spec_faults.SITES.index(x) for x in ("scores", "probs", "out",
+                                                                                      "rescale"))
 #: the lowering name of this kernel (``attention(..., lowering=...)``)
 LOWERING = "triton"
 
@@ -269,8 +271,14 @@ def _kernel(*refs, cfg: Config, H: int):
         alpha = jnp.where(m_new > -jnp.inf, jnp.exp2((m_raw - m_use) * cz), 1.0)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 0, 1.0)
-        if cfg.exp:  # softmax_exp: Σ log₂ p against the argument by its own formula, at this tile's max
+            a2 = _inject(jnp.broadcast_to(alpha[:, None], (BM, BN)), rows, cols, ft_ref, fv_ref, cfg, b, n,
+                         SITE_RESCALE, 0, 1.0)
+            hit = (a2 != alpha[:, None]) | (a2 != a2)
+            alpha = jnp.where(jnp.max(hit.astype(F32), axis=1) > 0, jnp.sum(jnp.where(hit, a2, 0.0), axis=1), alpha)
+        if cfg.exp:  # softmax_exp: Σ log₂ p against the argument by its own formula, at this tile's max,
+            # and the rescale factor evaluated twice
             ex = jnp.maximum(ex, tile_ratio(z, p, cz, m_sc, BN, cfg.S))
+            ex = jnp.maximum(ex, rescale_ratio(alpha, m_raw, m_new, m_sc, cz))
         lt = jnp.sum(p, axis=1)
         l = l * alpha + lt
         pm = p.astype(dt)

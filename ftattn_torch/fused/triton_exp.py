@@ -52,3 +52,15 @@ def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.cons
     lsum = (tl.sum(e, 1) - 127 * BLOCK_N).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
     thr = coef_tile - coef_arg * r + coef_mu * tl.abs(m_sc)
     return tl.abs(lsum - r) / thr + stray
+
+
+@triton.jit
+def rescale_ratio(alpha, m_raw, m_new, m_sc, cz, rel, per_mu, tiny):
+    """``|α − α'| / τ`` per row: the rescale factor ``α = 2^((m_raw − m)·c)`` (as the kernel used
+    it, faults included) against ``α' = 2^(min(m_raw·c − m·c, 0))``, ``τ = (rel + per_mu·μ)·α' +
+    tiny`` (``exp_checksum.rescale_coefficients``). Both are 0 at a row's first attended tile
+    and 1 while it has attended nothing."""
+    a2 = tl.where(m_new > float("-inf"), tl.math.exp2(tl.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
+    mu = tl.where(m_raw > float("-inf"), tl.maximum(tl.abs(m_raw * cz), tl.abs(m_sc)), 0.0)
+    return tl.abs(alpha - a2) / ((rel + per_mu * mu) * a2 + tiny)
+

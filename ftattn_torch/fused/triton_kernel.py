@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_exp import exp_tile_ratio
+from .triton_exp import exp_tile_ratio, rescale_ratio
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -52,6 +52,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 SITE_SCORES = tl.constexpr(0)
 SITE_PROBS = tl.constexpr(1)
 SITE_OUT = tl.constexpr(2)
+SITE_RESCALE = tl.constexpr(13)
 
 
 @triton.jit
@@ -127,6 +128,16 @@ def _inject_at(x, r2, c2, r_lo, r_hi, c_lo, c_hi, FT, FV, n_faults, b, n, site: 
             hit = (r2 == fi) & (c2 == fj)
             x = tl.where(hit, _corrupt(x, kind, bit, value, unit), x)
     return x
+
+
+@triton.jit
+def _inject_rows(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A per-row value of the tile whose keys are ``cols`` (the rescale factor), with the faults of
+    ``site`` at (b, n, row, any key of the tile) applied."""
+    x2 = _inject(tl.broadcast_to(x[:, None], [x.shape[0], BLOCK_N]), rows, cols, FT, FV, n_faults, b, n, site, 0,
+                 1.0)
+    hit = (x2 != x[:, None]) | (x2 != x2)
+    return tl.where(tl.sum(hit.to(tl.int32), 1) > 0, tl.sum(tl.where(hit, x2, 0.0), 1), x)
 
 
 @triton.jit
@@ -269,7 +280,7 @@ def _tile_sums(KSUM, ksum_off, start_n, n_chunks, H: tl.constexpr, BLOCK_N: tl.c
 def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
           q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
           sbs,
-          start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+          start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
           H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
           HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr,
           QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
@@ -323,8 +334,10 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
     alpha = tl.where(m_new > float("-inf"), tl.math.exp2((m_raw - m_use) * cz), 1.0)
     if INJECT:
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
+        alpha = _inject_rows(alpha, rows, cols, FT, FV, n_faults, b, n, SITE_RESCALE, BLOCK_N)
     if EXPC:  # softmax_exp: Σ log₂ p against Σ of the argument formed again (triton_exp)
         er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu, MASKED, BLOCK_N))
+        er = tl.maximum(er, rescale_ratio(alpha, m_raw, m_new, m_sc, cz, ra_rel, ra_mu, ra_tiny))
     lt = tl.sum(p, 1)
     l = l * alpha + lt
     acc = acc * alpha[:, None]
@@ -383,7 +396,7 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
              smb, smn, smt, sms, sbb, sbn, sbt, sbs,
              N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
-             ex_tile, ex_arg, ex_mu,
+             ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
@@ -459,13 +472,13 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
         acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
             H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
     for t in range(f0, f1):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, rows,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+            sbs, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
             H, BLOCK_N, CHUNK, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
     for t in range(f1, t_end):
         start_n = t * BLOCK_N
@@ -474,7 +487,7 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
         acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu,
+            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
             H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
 
     # a row with nothing attended (rows beyond the query length included) has output zero
