@@ -287,7 +287,7 @@ def test_auto_says_when_the_scheme_keeps_the_hopper_kernel_off(monkeypatch):
     assert "softmax_exp" in rep.checks
 
 
-@pytest.mark.parametrize("bit", [25, 22])
+@pytest.mark.parametrize("bit", [25, pytest.param(22, marks=pytest.mark.slow)])
 def test_a_corrupted_rescale_factor_is_flagged(bit):
     """The rescale factor (site ``rescale``, fused only) is evaluated twice by ``softmax_exp``: a
     fault there is flagged at its row, as the DMR flags it; the unfused path refuses the site."""

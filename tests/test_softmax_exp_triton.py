@@ -159,7 +159,7 @@ def test_a_fault_at_a_masked_entry_is_flagged():
     assert bool(c.flagged[1, 1, 4]) and int(c.flagged.sum()) == 1
 
 
-@pytest.mark.parametrize("bit", [25, 22])
+@pytest.mark.parametrize("bit", [25, pytest.param(22, marks=pytest.mark.slow)])
 def test_a_corrupted_rescale_factor_is_flagged(bit):
     """The online softmax's rescale factor 2^(m_old − m_new) (site ``rescale``, fused only) is
     evaluated twice by ``softmax_exp``, as the DMR's replica does: a fault there, which rescales

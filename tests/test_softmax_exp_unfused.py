@@ -117,7 +117,8 @@ def _ref(q, k, v, kw):
 
 
 @pytest.mark.parametrize("form", list(FORMS))
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float16", pytest.param("bfloat16", marks=pytest.mark.slow), "float32",
+                                   pytest.param("float64", marks=pytest.mark.slow)])
 def test_clean_runs_are_not_flagged(dtype, form):
     """Every distribution, as drawn and with the query (so the logits) a thousand times larger
     (a hundred for float16's outliers, which would overflow): no row flagged."""

@@ -183,8 +183,10 @@ def _nonfinite_params():
                 implementation_checks(impl, scheme)
             except ValueError:
                 continue
-            mark = pytest.mark.skipif(not have, reason=f"{backend} is not installed")
-            out.append(pytest.param(backend, impl, scheme, marks=mark, id=f"{backend}-{impl}-{scheme}"))
+            marks = [pytest.mark.skipif(not have, reason=f"{backend} is not installed")]
+            if scheme == "abft_softmax":  # a subset of abft_all's checks
+                marks.append(pytest.mark.slow)
+            out.append(pytest.param(backend, impl, scheme, marks=marks, id=f"{backend}-{impl}-{scheme}"))
     return out
 
 
