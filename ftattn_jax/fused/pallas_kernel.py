@@ -174,6 +174,15 @@ def _inject(x, rows, cols, ft_ref, fv_ref, cfg, b, n, site: int, replica: int, u
     return x
 
 
+def _inject_rows(x, rows, cols, ft_ref, fv_ref, cfg, b, n, site: int):
+    """A per-row value of the tile whose keys are ``cols`` (the rescale factor), with the faults of
+    ``site`` at (b, n, row, any key of the tile) applied (as Triton's ``_inject_rows``)."""
+    x2 = _inject(jnp.broadcast_to(x[:, None], (x.shape[0], cols.shape[0])), rows, cols, ft_ref, fv_ref, cfg, b, n,
+                 site, 0, 1.0)
+    hit = (x2 != x[:, None]) | (x2 != x2)
+    return jnp.where(jnp.max(hit.astype(F32), axis=1) > 0, jnp.sum(jnp.where(hit, x2, 0.0), axis=1), x)
+
+
 def _planned(ft_ref, cfg: Config, b, n, r_lo, r_hi, c_lo, c_hi):
     """Whether the plan puts a fault into the probabilities of this tile: a tile the masks would
     skip is then computed, as the unfused path computes every entry of P."""
@@ -271,10 +280,7 @@ def _kernel(*refs, cfg: Config, H: int):
         alpha = jnp.where(m_new > -jnp.inf, jnp.exp2((m_raw - m_use) * cz), 1.0)
         if cfg.n_faults:
             p = _inject(p, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 0, 1.0)
-            a2 = _inject(jnp.broadcast_to(alpha[:, None], (BM, BN)), rows, cols, ft_ref, fv_ref, cfg, b, n,
-                         SITE_RESCALE, 0, 1.0)
-            hit = (a2 != alpha[:, None]) | (a2 != a2)
-            alpha = jnp.where(jnp.max(hit.astype(F32), axis=1) > 0, jnp.sum(jnp.where(hit, a2, 0.0), axis=1), alpha)
+            alpha = _inject_rows(alpha, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_RESCALE)
         if cfg.exp:  # softmax_exp: Σ log₂ p against the argument by its own formula, at this tile's max,
             # and the rescale factor evaluated twice
             ex = jnp.maximum(ex, tile_ratio(z, p, cz, m_sc, BN, cfg.S))
