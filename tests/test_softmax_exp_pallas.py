@@ -2,7 +2,7 @@
 ``"triton"``): clean runs pass with margin at every input distribution and mask form, at the
 interpreter's tiles and the GPU's; a probability corrupted after the exponential is flagged at
 its row down to the floor the tolerance model predicts, with the unfused path's verdict; the
-policies and the global granularity see it; the Hopper kernel refuses the check.
+policies and the global granularity see it; the Hopper kernel takes the check from jax 0.11 on.
 
 Interpreted on the CPU (Pallas' interpret mode); compiled on a GPU.
 """
@@ -228,13 +228,16 @@ def test_gradients_with_the_check():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-3, rtol=1e-2)
 
 
-def test_the_hopper_kernel_refuses_softmax_exp(monkeypatch):
+def test_the_hopper_kernel_takes_softmax_exp_from_jax_0_11(monkeypatch):
+    """The Hopper kernel reads the probabilities' exponent fields, which needs Mosaic GPU's bitcast
+    of registers: with an older JAX it refuses the check, says why, and ``"auto"`` takes the
+    portable kernel; with jax >= 0.11 (patched here, as on a Hopper GPU) it takes it."""
     (q, k, v), _ = _inputs(12, "normal", H=64)
     checks = ("qk_row", "softmax_exp", "pv_row")
+    monkeypatch.setattr(mosaic_kernel, "can_inject", lambda: False)
     why = mosaic_kernel.unsupported(q, platform="gpu", interpret=False, checks=checks)
-    assert why is not None and "softmax_exp" in why
+    assert why is not None and "softmax_exp" in why and "0.11" in why
     assert fused.select_lowering(q, checks=checks) == "triton"
-    assert fused.runner.explain_lowering(q, checks=checks) == ("triton", why)
     with monkeypatch.context() as m:  # as on a Hopper GPU: "auto" takes the portable kernel and says why
         m.setattr(fused.runner, "platform_of", lambda x: "gpu")
         m.setattr(mosaic_kernel, "available", lambda: True)
@@ -242,14 +245,23 @@ def test_the_hopper_kernel_refuses_softmax_exp(monkeypatch):
         assert fused.runner.explain_lowering(q, interpret=False, checks=checks) == ("triton", why)
         with pytest.raises(ValueError, match="mosaic_gpu.*softmax_exp"):
             fused.select_lowering(q, lowering="mosaic_gpu", interpret=False, checks=checks)
-    with pytest.raises(ValueError, match="mosaic_gpu.*softmax_exp"):
-        fused.run(q, k, v, checks=checks, granularity="vector", scale=0.125, is_causal=False,
-                  lowering="mosaic_gpu")
     with pytest.raises(ValueError, match="softmax_exp"):
         mosaic_kernel.config(q.shape, k.shape, "float16", scale=0.125, causal=False, which=checks, n_faults=0,
                              blocks=fused.MosaicBlocks())
     with pytest.raises(ValueError, match="mosaic_gpu"):
         ftattn_jax.attention(q, k, v, implementation="pallas", lowering="mosaic_gpu", scheme="abft_softmax")
+    monkeypatch.setattr(mosaic_kernel, "can_inject", lambda: True)
+    with monkeypatch.context() as m:
+        m.setattr(fused.runner, "platform_of", lambda x: "gpu")
+        m.setattr(mosaic_kernel, "available", lambda: True)
+        assert mosaic_kernel.unsupported(q, platform="gpu", interpret=False, checks=checks) is None
+        assert fused.runner.explain_lowering(q, interpret=False, checks=checks) == ("mosaic_gpu", None)
+    cfg = mosaic_kernel.config(q.shape, k.shape, "float16", scale=0.125, causal=False, which=checks, n_faults=0,
+                               blocks=fused.MosaicBlocks())
+    assert (cfg.qk, cfg.dmr, cfg.exp, cfg.pv) == (True, False, True, True)
+    assert cfg.n_stats == 1 + 2 * 3 and cfg.exp_logs == "rounded"
+    with pytest.raises(ValueError, match="exp_logs"):
+        fused.MosaicBlocks(exp_logs="log2")
 
 
 def test_the_check_lowers_through_triton_for_cuda(tmp_path):
@@ -277,6 +289,7 @@ def test_auto_says_when_the_scheme_keeps_the_hopper_kernel_off(monkeypatch):
     from ftattn_spec import implementations
 
     (q, k, v), _ = _inputs(13, "normal", H=64)
+    monkeypatch.setattr(mosaic_kernel, "can_inject", lambda: False)  # a JAX whose Hopper kernel lacks the check
     with warnings.catch_warnings():
         warnings.simplefilter("error", implementations.FallbackWarning)
         ftattn_jax.attention(q, k, v, implementation="pallas", scheme="abft_softmax")

@@ -15,6 +15,10 @@ too) costs a libdevice ``logf`` per element on the GPU (measured: docs/kernels.m
 "The exponential checksum in the portable Pallas forward"). Only element-wise
 operations, sums, splits and bitcasts: the kernel lowers through Triton and runs
 in interpret mode alike.
+
+The Hopper kernel (:mod:`.mosaic_kernel`) runs the same check on its register tiles with
+:func:`hopper_tile_ratio`: no product reduction there either, and no column split below the
+wgmma layout's 8 columns, so its mantissa products stop at 8 per row and tile.
 """
 
 from __future__ import annotations
@@ -97,3 +101,67 @@ def row_residual(worst, l):
     """A row's residual: its worst tile ratio, +inf where the row sum ``l`` is not finite (a NaN
     or infinite probability; a row that attends nothing has ``worst = 0`` and ``l = 0``)."""
     return jnp.where(jnp.abs(l) < jnp.inf, worst, jnp.inf)
+
+
+#: columns the Hopper kernel's mantissa products stop at: its register tiles (the wgmma layout)
+#: are 8 columns wide, so a tile of 128 keys ends in 8 products of 16 mantissas and 8 logarithms
+HOPPER_COLUMNS = 8
+#: how the Hopper kernel can take Σ log₂ p (:func:`hopper_tile_ratio`); the first is the default
+HOPPER_LOGS = ("rounded", "fields", "each")
+_INV_LN2 = 1.4426950408889634
+_EXP_BIAS = 8388608.0 + 127.0  # 2²³ + 127: bitcast(2²³'s bits | e_biased) − this = e, exactly
+
+
+def _halving_product(mant):
+    """Multiply the columns of ``mant`` pairwise (left half by right half) down to HOPPER_COLUMNS."""
+    while mant.shape[1] > HOPPER_COLUMNS:
+        h = mant.shape[1] // 2
+        mant = mant[:, :h] * mant[:, h:]
+    return mant
+
+
+def hopper_log2_sum(pc, logs: str = "rounded"):
+    """``Σ_j log₂ pc_j`` per row of ``pc`` (``BQ × width``, normal positive float32) in the Hopper
+    kernel's registers, three ways (``HOPPER_LOGS``):
+
+    * ``"rounded"`` (measured on the H200, docs/kernels.md): exponent fields rounded so that each
+      mantissa lies in [0.75, 1.5), summed as floats made exact without an integer-to-float
+      conversion per element (``bitcast(2²³ | e) − 2²³``), mantissas multiplied by halving the
+      columns down to HOPPER_COLUMNS, one logarithm per product;
+    * ``"fields"``: the exponent fields summed as integers (one shift per element, a conversion
+      per row), the mantissas in [1, 2) (an and, an or), the same products: fewer operations per
+      element, not yet timed;
+    * ``"each"``: a (hardware-approximate) logarithm per element.
+    """
+    if logs == "each":
+        return jnp.sum(jnp.log(pc), axis=1) * F32(_INV_LN2)  # (jnp.log2 would take a scalar log in the kernel)
+    bits = lax.bitcast_convert_type(pc, jnp.int32)
+    if logs == "fields":
+        e = jnp.sum(jnp.right_shift(bits, 23), axis=1).astype(F32) - F32(127 * pc.shape[1])
+        mant = lax.bitcast_convert_type((bits & 0x7FFFFF) | 0x3F800000, F32)
+    else:
+        eb = jnp.right_shift(bits + 0x400000, 23)  # the biased exponent, rounded up where the mantissa is ≥ 1.5
+        e = jnp.sum(lax.bitcast_convert_type(eb | 0x4B000000, F32) - _EXP_BIAS, axis=1)
+        mant = lax.bitcast_convert_type(bits - jnp.left_shift(eb - 127, 23), F32)
+    return e + jnp.sum(jnp.log(_halving_product(mant)), axis=1) * F32(_INV_LN2)
+
+
+def hopper_tile_ratio(s, p, c, m_sc, width: int, S: int, *, keep=None, rows, logs: str = "rounded"):
+    """:func:`tile_ratio` in the Hopper kernel's registers: ``s`` ``BQ × width`` the raw scores
+    (−inf where ``keep`` is False), ``p`` the probabilities (faults included), ``c`` the base-2
+    factor, ``m_sc`` the row maximum times ``c`` (a row vector), ``rows(x)`` broadcasts a row
+    vector across a tile. Without ``keep`` (a tile with no mask) no select is spent: every entry
+    counts. Same check and bound; ``L`` by :func:`hopper_log2_sum` (``logs``); the argument is
+    not clipped at 0 from above (it exceeds 0 by at most a rounding of ``|m_sc|``, inside the
+    ``mu`` term)."""
+    co = exp_checksum.exp_coefficients(width, S, normalised=False)
+    xt = jnp.maximum(s * c - rows(m_sc), -CLAMP)  # −inf (masked) gives −CLAMP
+    pc = jnp.maximum(p, F32(_FLOOR))
+    stray = None
+    if keep is not None:  # masked entries out of both sides; a nonzero probability there fails the row
+        xt = jnp.where(keep, xt, 0.0)
+        pc = jnp.where(keep, pc, 1.0)
+        stray = jnp.max(jnp.where(keep | (p == 0.0), 0.0, 1.0), axis=1)
+    R = jnp.sum(xt, axis=1)
+    ratio = jnp.abs(hopper_log2_sum(pc, logs) - R) / exp_checksum.tile_threshold(co, -R, jnp.abs(m_sc))
+    return ratio if stray is None else jnp.where(stray > 0.0, jnp.inf, ratio)

@@ -37,11 +37,15 @@ Per check, as in the portable kernel:
     running sum ``l'``, and ``d ← α·d + |Σp − 2Σp'|``; range checks at the end.
   * ``pv_row``: a narrow MMA ``p̂ · vcol`` (BN × 16) into a 64 × 16 accumulator
     rescaled like the output's.
+  * ``softmax_exp`` (jax >= 0.11: it bitcasts registers): per row and tile,
+    ``Σ log₂ p`` from the exponent fields and the mantissas' products against the
+    argument formed again, and the rescale factor evaluated twice
+    (:func:`.exp_tiles.hopper_tile_ratio`); the worst tile's ratio, threshold 1.
 
 Outputs: ``o`` ``(B, T, N, H)`` and float32 ``stats`` ``(n_stats, B, N, T)``:
 first the 0/1 "query row finite" when ``qk_row`` runs (from ``Σ|q|·Σ|k|``),
-then per check the signed difference (the residual for ``softmax_dmr``) and
-the threshold.
+then per check, in the order qk_row, softmax_dmr, softmax_exp, pv_row, the signed
+difference (the residual for ``softmax_dmr``, the ratio for ``softmax_exp``) and the threshold.
 """
 
 from __future__ import annotations
@@ -56,11 +60,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
+from ftattn_spec import exp_checksum
 from ftattn_spec import faults as spec_faults
 from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
 
 from . import compat
+from .exp_tiles import HOPPER_LOGS, hopper_tile_ratio
 from .kernel_faults import (FAULT_FIELDS, FAULT_SLOTS, SLOT_OUT, SLOT_PROBS, SLOT_REPLICA, SLOT_SCORES, corrupt,
                             fault_rows)
 from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
@@ -88,6 +94,7 @@ class MosaicBlocks:
     late_checks: bool = False  # the checks that feed nothing run while the P·V MMA does
     ping_pong: bool = True  # the compute warpgroups take turns on the tensor cores
     fma_cols: int = 0  # columns of a tile whose replica exponentials run on the FMA pipe (a multiple of 8)
+    exp_logs: str = HOPPER_LOGS[0]  # how softmax_exp takes Σ log₂ p (exp_tiles.hopper_log2_sum)
     LOWERING: ClassVar[str] = LOWERING
 
     def __post_init__(self):
@@ -95,6 +102,8 @@ class MosaicBlocks:
             raise ValueError(f"blocks.block_kv: expected 64 or 128, got {self.block_kv!r}")
         if not isinstance(self.fma_cols, int) or self.fma_cols % 8 or not 0 <= self.fma_cols <= self.block_kv:
             raise ValueError(f"blocks.fma_cols: expected a multiple of 8 in [0, block_kv], got {self.fma_cols!r}")
+        if self.exp_logs not in HOPPER_LOGS:
+            raise ValueError(f"blocks.exp_logs: expected one of {HOPPER_LOGS}, got {self.exp_logs!r}")
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
 
@@ -130,14 +139,13 @@ def _slot_conflict(plan) -> bool:
     return len(keys) != len(set(keys))
 
 
-#: the checks of the portable kernel that this one does not implement (yet)
-NOT_HERE = ("softmax_exp",)
-
-
 def _lacks(checks) -> str | None:
-    missing = [c for c in checks if c in NOT_HERE]
-    return f"the Hopper kernel does not implement {', '.join(missing)} yet (the portable kernel does)" if missing \
-        else None
+    """Why this kernel cannot run one of ``checks`` with this JAX, or None: ``softmax_exp`` reads the
+    exponent fields of the probabilities, which needs Mosaic GPU's bitcast of registers (jax >= 0.11)."""
+    if "softmax_exp" in checks and not can_inject():
+        return (f"the Hopper kernel's softmax_exp needs jax >= 0.11 (Mosaic GPU's bitcast of registers), "
+                f"this is jax {jax.__version__}; the portable kernel runs it")
+    return None
 
 
 def unsupported(query, *, platform: str, interpret: bool | None, plan=None, checks=()) -> str | None:
@@ -178,6 +186,8 @@ class Config:
     dmr: bool
     pv: bool
     coef: FusedCoefficients
+    exp: bool = False  # softmax_exp (:func:`.exp_tiles.hopper_tile_ratio`) and the rescale factor twice
+    exp_logs: str = HOPPER_LOGS[0]  # how softmax_exp takes Σ log₂ p (exp_tiles.hopper_log2_sum)
     inject: bool = False  # compile the fault injection in (a per-row fault table is an input)
     late_checks: bool = False  # qk_row's sum and the replica after the P·V MMA is issued (beside it)
     ping_pong: bool = True  # the two compute warpgroups take turns on the tensor cores (a schedule barrier)
@@ -186,7 +196,7 @@ class Config:
 
     @property
     def n_stats(self) -> int:
-        return (1 if self.qk else 0) + 2 * (self.qk + self.dmr + self.pv)
+        return (1 if self.qk else 0) + 2 * (self.qk + self.dmr + self.exp + self.pv)
 
 
 #: 2^f ≈ 1 + f·(c1 + f·(c2 + f·(c3 + f·(c4 + f·c5)))) on |f| <= 1/2: relative error 1.9e-7 in float32
@@ -321,8 +331,10 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 carry.update(nc=zero, mmax=zero)
             if cfg.pv:
                 carry["pv"] = plgpu.layout_cast(jnp.zeros((BQ, VCOLS), F32), WGMMA)
+            if cfg.exp:
+                carry["ex"] = zero  # the worst tile's softmax_exp ratio (threshold 1)
 
-            check_keys = [n for n, on in (("srow", cfg.qk), ("l2", cfg.dmr), ("d", cfg.dmr)) if on]
+            check_keys = [n for n, on in (("srow", cfg.qk), ("l2", cfg.dmr), ("d", cfg.dmr), ("ex", cfg.exp)) if on]
 
             @pl.when(steps > 0)
             def _():
@@ -408,6 +420,15 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                         alpha2 = jnp.exp2(jnp.minimum(m_old * c - (m_sc + 1.0), 0.0)) * 2.0
                         state["l2"] = state["l2"] * alpha2 + l2t
                         state["d"] = state["d"] * alpha + jnp.abs(lt - l2t)
+                    if cfg.exp:
+                        # Σ log₂ p against the argument by its own formula, and the rescale factor again
+                        ratio = hopper_tile_ratio(s, p, c, m_sc, BN, S, keep=keep, logs=cfg.exp_logs,
+                                                  rows=lambda x: bcast_rows(x, s.shape))
+                        a2 = jnp.exp2(jnp.minimum(m_old * c - m_sc, 0.0))
+                        mu = jnp.where(m_old > -jnp.inf, jnp.maximum(jnp.abs(m_old * c), jnp.abs(m_sc)), 0.0)
+                        rco = exp_checksum.rescale_coefficients()
+                        ratio = jnp.maximum(ratio, jnp.abs(alpha - a2) / ((rco.rel + rco.mu * mu) * a2 + rco.tiny))
+                        state["ex"] = jnp.maximum(state["ex"], ratio)
                     return state
 
                 if not cfg.late_checks:
@@ -489,6 +510,8 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 r = (carry["d"] + jnp.abs(l - l2)) * inv
                 ok = (m > -jnp.inf) & (m < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
                 stats += [jnp.where(ok, r, jnp.inf), thr]
+            if cfg.exp:  # the worst tile in units of its bound; +inf where l is not finite
+                stats += [jnp.where(jnp.abs(l) < jnp.inf, carry["ex"], jnp.inf), row_full(1.0)]
             if cfg.pv:
                 pvacc = carry["pv"]
                 ccol = plgpu.broadcasted_iota(jnp.int32, (BQ, VCOLS), 1, layout=WGMMA)
@@ -577,9 +600,9 @@ def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, bloc
     S, K = k_shape[1], k_shape[2]
     return Config(
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
-        qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which,
+        qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which, exp="softmax_exp" in which,
         coef=tol.fused_coefficients(S, H, dtype, BLOCK_Q, blocks.block_kv, CHUNK), inject=n_faults > 0,
-        late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols,
+        late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols, exp_logs=blocks.exp_logs,
         vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
 
 

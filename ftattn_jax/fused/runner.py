@@ -103,8 +103,7 @@ def _trainable(cfg, q_shape, k_shape, dtype: str, n_faults: int):
     Hopper kernel does not save it yet, so a differentiated call runs the portable forward."""
     if cfg.LOWERING == portable.LOWERING:
         return dataclasses.replace(cfg, lse=True)
-    # ``cfg`` is the Hopper kernel's here, which has no softmax_exp (mosaic_kernel.NOT_HERE)
-    which = tuple(n for n, on in zip(("qk_row", "softmax_dmr", "pv_row"), (cfg.qk, cfg.dmr, cfg.pv)) if on)
+    which = tuple(n for n, on in zip(_CHECK_ORDER, (cfg.qk, cfg.dmr, cfg.exp, cfg.pv)) if on)
     bs = portable.BlockSizes.get_default(False, q_shape[-1], bool(which))
     fwd = portable.config(q_shape, k_shape, dtype, scale=cfg.scale, causal=cfg.causal, which=which,
                           n_faults=n_faults, blocks=bs, interpret=False)
