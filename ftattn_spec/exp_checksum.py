@@ -32,6 +32,16 @@ the coefficients are :func:`exp_coefficients`, derived in docs/tolerances.md
 ("softmax_exp"). In the fused kernels the check also evaluates the online
 softmax's rescale factor twice per row and tile (:func:`rescale_coefficients`):
 a fault there scales everything the row summed before that tile.
+
+The check also covers what carries the probabilities from the exponential to
+the output: per row, the probabilities as the P·V product reads them (``p̂``,
+in the input dtype) must sum to the normaliser the output divides by
+(:func:`sum_coefficients`). In the fused kernels that is ``l`` against the
+tensor cores' ``P̂·1`` (a column of ones beside ``pv_row``'s columns), which
+covers the row sum ``l`` and the float32 → float16/bfloat16 conversion of P;
+in the unfused path, where P is normalised before the product, it is
+``Σ_j p̂_j`` against 1. A row's residual is the larger of its worst tile's
+ratio and this one's.
 """
 
 from __future__ import annotations
@@ -116,6 +126,46 @@ def rescale_coefficients() -> RescaleCoefficients:
     rel = (2.0 * tol.EXP_ERROR_UNITS + 2.0) * u
     mu = math.log(2.0) * u * (5.0 + 2.0 * EXP2_ARG_UNITS) * 2.0
     return RescaleCoefficients(m * rel, m * mu, 4.0 * tol.TINY)
+
+
+class SumCoefficients(NamedTuple):
+    """The bound ``(rel + rescale·r)·l + per_key·S + tiny`` on ``|Σ_j p̂_j − l|`` (l the row's
+    normaliser; ``r`` the rises of its running maximum after the first tile, fused only)."""
+
+    rel: float
+    rescale: float
+    per_key: float
+    tiny: float
+
+
+@functools.lru_cache(maxsize=256)
+def sum_coefficients(S: int, dtype: str, width: int | None = None) -> SumCoefficients:
+    """The :class:`SumCoefficients` of rows of ``S`` keys in ``dtype``; ``width`` the fused
+    kernel's key tile, None for the unfused path.
+
+    Both: the conversion of each p to the input dtype, ``u_in`` relative, or ``UNDERFLOW_IN``
+    absolute where p̂ falls below the dtype's normal range (float16: 2⁻²⁵ per key, hence
+    ``per_key``). Fused: ``l`` sums each tile in float32 (γ(width)) and the tiles (γ(tiles + 1));
+    ``P̂·1`` accumulates on the tensor cores (γ(S), as ``pv_row``'s prediction); each rise of the
+    maximum rescales both sides, one rounding each (2u); flushes to zero, ``tiny`` per operation.
+    Unfused: ``p = e / d`` (a division, u; ``d`` a two-level float32 sum), and ``Σ p̂`` a two-level
+    float32 sum (``tol.blocked_gamma(S)`` each)."""
+    S = max(int(S), 1)
+    u_in, u = tol.UNIT_ROUNDOFF[dtype], tol.U_ACC
+    if width is None:
+        rel = u_in + u + 2.0 * tol.blocked_gamma(S)
+        rescale = 0.0
+    else:
+        tiles = -(-S // max(int(width), 1))
+        rel = u_in + tol.gamma(width) + tol.gamma(tiles + 1) + tol.gamma(S)
+        rescale = 2.0 * u
+    m = tol.MAGNITUDE_MARGIN
+    return SumCoefficients(m * rel, m * rescale, m * tol.UNDERFLOW_IN[dtype], tol.underflow_allowance(4 * S))
+
+
+def sum_threshold(co: SumCoefficients, l, rises, S: int):
+    """The bound on ``|Σ_j p̂_j − l|`` for arrays of any framework (only ``*`` and ``+``)."""
+    return (co.rel + co.rescale * rises) * l + co.per_key * S + co.tiny
 
 
 def tile_threshold(co: ExpCoefficients, arg_magnitude, mu):

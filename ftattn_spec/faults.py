@@ -50,11 +50,13 @@ from typing import NamedTuple
 import numpy as np
 
 SITES: tuple[str, ...] = ("scores", "probs", "out", "query", "key", "value",
-                          "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds", "bwd_dq", "bwd_dk", "bwd_dv", "rescale")
+                          "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds", "bwd_dq", "bwd_dk", "bwd_dv", "rescale",
+                          "rowsum")
 
-#: Sites that exist only inside the fused forward kernels (the online softmax's rescale factor,
-#: per row and key tile); the unfused path has no such value and refuses them.
-FUSED_FORWARD_SITES: tuple[str, ...] = ("rescale",)
+#: Sites that exist only inside the fused forward kernels, per row and key tile: the online
+#: softmax's rescale factor, and the tile's row sum of the probabilities before it enters l; the
+#: unfused path has no such values and refuses them.
+FUSED_FORWARD_SITES: tuple[str, ...] = ("rescale", "rowsum")
 
 #: Sites inside the fused backward (``implementation="triton"``): S and P recomputed, dP, dS,
 #: and the three gradients before their scale. S, P, dP and dS are computed by both backward
@@ -69,7 +71,7 @@ SITE_AXES: dict[str, str] = {
     "scores": "BNTS", "probs": "BNTS", "out": "BNTH",
     "query": "BNTH", "key": "BKSH", "value": "BKSH",
     "bwd_scores": "BNTS", "bwd_probs": "BNTS", "bwd_dp": "BNTS", "bwd_ds": "BNTS",
-    "bwd_dq": "BNTH", "bwd_dk": "BKSH", "bwd_dv": "BKSH", "rescale": "BNTS",
+    "bwd_dq": "BNTH", "bwd_dk": "BKSH", "bwd_dv": "BKSH", "rescale": "BNTS", "rowsum": "BNTS",
 }
 
 #: The checks that can see a fault at each site (in a scheme that runs them).
@@ -83,6 +85,7 @@ SITE_CHECKS: dict[str, tuple[str, ...]] = {
     "bwd_dp": ("bwd_dp_row", "bwd_dp_col"), "bwd_ds": ("bwd_ds", "bwd_ds_col"),
     "bwd_dq": ("bwd_dq",), "bwd_dk": ("bwd_dk",), "bwd_dv": ("bwd_dv",),
     "rescale": ("softmax_dmr", "softmax_exp"),
+    "rowsum": ("softmax_dmr", "softmax_exp"),
 }
 
 #: Sites with a second evaluation that ``replica=1`` selects.

@@ -180,3 +180,27 @@ def test_a_corrupted_rescale_factor_is_flagged(bit):
         assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
     with pytest.raises(ValueError, match="rescale.*fused forward"):
         ft.attention(q, k, v, implementation="unfused", fault=f)
+
+
+@pytest.mark.parametrize("bit", [27, pytest.param(20, marks=pytest.mark.slow)])
+def test_a_corrupted_row_sum_is_flagged(bit):
+    """A tile's row sum of the probabilities (site ``rowsum``, fused only) enters l, which the
+    output divides by: ``softmax_exp`` compares l with the tensor cores' P̂·1 (VCOL's column of
+    ones), the DMR compares the tile sum with its replica's. Both flag the row; ``abft_softmax``
+    without that comparison would not (the tiles' L and R never read l)."""
+    from ftattn_spec.faults import SITES
+
+    from ftattn_torch.fused import triton_kernel
+
+    assert triton_kernel.SITE_ROWSUM == SITES.index("rowsum")
+    (q, k, v), _ = _inputs(12, "normal", S=70)
+    b, n, i = 1, 2, 17
+    clean, _ = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
+    f = Fault("rowsum", (b, n, i, 40), bit=bit)
+    for scheme, check in (("abft_softmax", "softmax_exp"), ("full", "softmax_dmr")):
+        out, rep = ft.attention(q, k, v, implementation="triton", scheme=scheme, fault=f)
+        assert not torch.equal(out[b, n, i], clean[b, n, i]) and torch.equal(out[b, n, i + 1], clean[b, n, i + 1])
+        c = rep.checks[check]
+        assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
+    with pytest.raises(ValueError, match="rowsum.*fused forward"):
+        ft.attention(q, k, v, implementation="unfused", fault=f)

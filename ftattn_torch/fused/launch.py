@@ -147,7 +147,8 @@ def _dummy(device) -> Tensor:
     return _DUMMIES[key]
 
 
-def _fault_tensors(plan: FaultPlan | None, device, sites=("scores", "probs", "out", "rescale")) -> tuple[Tensor, Tensor, int]:
+def _fault_tensors(plan: FaultPlan | None, device, sites=("scores", "probs", "out", "rescale", "rowsum")
+                   ) -> tuple[Tensor, Tensor, int]:
     """The plan's faults at the kernel's ``sites`` as int32 ``(F, 8)`` rows
     (``ftattn_spec.faults.FAULT_ROW``) and float32 ``(F,)`` values."""
     kernel_sites = {SITES.index(s) for s in sites}
@@ -250,7 +251,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
         kern._prepass[(B * K, n_chunks)](
             key, value, ksum if checks_on else dummy, vcol if checks_on else dummy, count,
             *key.stride(), *value.stride(), K, S, n_chunks, vcol_scale, H=H, CHUNK=chunk,
-            SUMS=checks_on and bool({"qk_row", "pv_row"} & set(which)),
+            SUMS=checks_on and bool({"qk_row", "pv_row", "softmax_exp"} & set(which)),
             num_warps=4 if not interp else 1)
     coef = tol.fused_coefficients(S, H, dtype_name(query), bs.block_m, bs.block_n, chunk)  # 9 scalars, in kernel order
     pick = lambda x: dummy if x is None else x  # noqa: E731
@@ -268,7 +269,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_st, *bias_st,
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale, left, right,
             *coef, 1.0 / vcol_scale, *exp_checksum.exp_coefficients(bs.block_n, S),
-            *exp_checksum.rescale_coefficients(),
+            *exp_checksum.rescale_coefficients(), *exp_checksum.sum_coefficients(S, dtype_name(query), bs.block_n),
             H=H, BLOCK_M=bs.block_m, BLOCK_N=bs.block_n, CHUNK=chunk,
             HAS_MASK=masks.mask is not None, HAS_BIAS=masks.bias is not None,
             HAS_QLEN=masks.query_lengths is not None, HAS_KLEN=masks.key_lengths is not None,

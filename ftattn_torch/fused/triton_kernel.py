@@ -53,6 +53,9 @@ SITE_SCORES = tl.constexpr(0)
 SITE_PROBS = tl.constexpr(1)
 SITE_OUT = tl.constexpr(2)
 SITE_RESCALE = tl.constexpr(13)
+SITE_ROWSUM = tl.constexpr(14)
+#: VCOL's column of ones: ``P̂·1`` beside ``pv_row``'s columns, against l (softmax_exp)
+ONES_COL = tl.constexpr(6)
 
 
 @triton.jit
@@ -218,6 +221,7 @@ def _chunk_sums(k, v, KSUM, VCOL, c, bk, rows, valid, S, n_chunks, vcol_scale, H
     t = tl.zeros([CHUNK, 16], tl.float32).to(dt)
     t = _put_parts(t, vs, col, 0)
     t = _put_parts(t, va, col, 3)
+    t = tl.where(col == ONES_COL, 1.0, t.to(tl.float32)).to(dt)
     out = VCOL + (bk.to(tl.int64) * S + rows[:, None]) * 16 + col
     tl.store(out, t, mask=valid[:, None])
 
@@ -339,6 +343,8 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
         er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu, MASKED, BLOCK_N))
         er = tl.maximum(er, rescale_ratio(alpha, m_raw, m_new, m_sc, cz, ra_rel, ra_mu, ra_tiny))
     lt = tl.sum(p, 1)
+    if INJECT:
+        lt = _inject_rows(lt, rows, cols, FT, FV, n_faults, b, n, SITE_ROWSUM, BLOCK_N)
     l = l * alpha + lt
     acc = acc * alpha[:, None]
     if UPCAST:
@@ -377,10 +383,10 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
         l2t = tl.sum(p2, 1)
         l2 = l2 * alpha2 + l2t
         d = d * alpha + tl.abs(lt - l2t)
-    if DMR or PV:
+    if DMR or PV or EXPC:
         nc += ((m_new > m_raw) & (m_raw > float("-inf"))).to(tl.int32)
         mmax = tl.maximum(mmax, tl.abs(m_sc))
-    if PV:
+    if PV or EXPC:  # (softmax_exp reads P̂·1 in the column of ones)
         vc = tl.load(VCOL + vcol_off + cols[:, None].to(tl.int64) * 16 + tl.arange(0, 16)[None, :],
                      mask=kvalid[:, None], other=0.0)
         if UPCAST:
@@ -396,7 +402,7 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
              smb, smn, smt, sms, sbb, sbn, sbt, sbs,
              N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
-             ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
+             ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny, su_rel, su_rescale, su_key, su_tiny,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
@@ -532,8 +538,10 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
         thr = (coef_pv + coef_pv_nc * nc_f) * pvw + allow_pv
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, diff, thr, SIGNED)
     if EXPC:
-        # ---- softmax_exp: the worst tile's |L − R| in units of its bound; a row whose sum is
-        # not finite (a NaN or Inf probability) fails
+        # ---- softmax_exp: the worst tile's |L − R| in units of its bound, and l against P̂·1 (the row
+        # sum and the conversion of P) in units of theirs; a row whose sum is not finite fails
+        ones = tl.sum(tl.where(tl.arange(0, 16)[None, :] == ONES_COL, pv, 0.0), 1)
+        er = tl.maximum(er, tl.abs(ones - l) / ((su_rel + su_rescale * nc_f) * l + su_key * S + su_tiny))
         r = tl.where(l < float("inf"), er, float("inf"))
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 3, r, tl.full([BLOCK_M], 1.0, tl.float32),
                  False)
