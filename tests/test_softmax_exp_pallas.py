@@ -324,3 +324,22 @@ def test_a_corrupted_rescale_factor_is_flagged(bit):
         m.setattr(mosaic_kernel, "can_inject", lambda: True)
         why = mosaic_kernel.unsupported(q, platform="gpu", interpret=False, plan=spec_faults.plan([f]))
     assert why is not None and "rescale" in why
+
+
+@pytest.mark.parametrize("bit", [27, pytest.param(20, marks=pytest.mark.slow)])
+def test_a_corrupted_row_sum_is_flagged(bit):
+    """A tile's row sum of the probabilities (site ``rowsum``, fused only) enters l, which the
+    output divides by: ``softmax_exp`` compares l with the tensor cores' P̂·1 (vcol's column of
+    ones), the DMR compares the tile sum with its replica's; both flag the row. The tiles' L and R
+    alone never read l."""
+    (q, k, v), _ = _inputs(15, "normal", S=70, H=64)
+    b, n, i = 1, 2, 17
+    clean, _ = attn(q, k, v, scheme="abft_softmax")
+    f = Fault("rowsum", (b, n, i, 40), bit=bit)
+    for scheme, check in (("abft_softmax", "softmax_exp"), ("full", "softmax_dmr")):
+        out, rep = attn(q, k, v, scheme=scheme, fault=f)
+        assert not bool(jnp.all(out[b, i, n] == clean[b, i, n])) and bool(jnp.all(out[b, i + 1] == clean[b, i + 1]))
+        c = rep.checks[check]
+        assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
+    with pytest.raises(ValueError, match="rowsum.*fused forward"):
+        ftattn_jax.attention(q, k, v, fault=f)

@@ -311,3 +311,39 @@ def test_backends_residuals_agree(dtype):
         np.testing.assert_allclose(rj["softmax_exp"][0], rt["softmax_exp"][0], rtol=1e-3, atol=0.05)
         if fault is not None:
             assert rj["softmax_exp"][2].sum() == 3
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_small_error_in_a_large_probability_is_flagged_by_the_row_sum(backend):
+    """P as the P·V product reads it must sum to 1 within its conversion's rounding
+    (``exp_checksum.sum_coefficients``): a relative error of 1.5e-3 in a probability near 1 is
+    below the tiles' floor (2.2e-3 at S = 256) but moves the row sum by more than float16's
+    rounding (4.9e-4); an error of 1e-5 moves it by less and passes."""
+    from ftattn_spec import exp_checksum as ec
+    from ftattn_spec.faults import Fault
+
+    rng = np.random.default_rng(3)
+    B_, N_, T_, S_, H_ = 1, 2, 5, 256, 16
+    q = rng.standard_normal((B_, N_, T_, H_)) * 3.0
+    k = rng.standard_normal((B_, N_, S_, H_))
+    k[0, 1, 7] = q[0, 1, 2] * 3.0  # a key that takes most of row 2's probability
+    v = rng.standard_normal((B_, N_, S_, H_))
+    res = {}
+    for delta in (1.5e-3, 1e-5):
+        f = Fault("probs", (0, 1, 2, 7), value=1.0 + delta)
+        if backend == "jax":
+            import jax.numpy as jnp
+
+            import ftattn_jax
+            args = [jnp.asarray(np.swapaxes(x, 1, 2), jnp.float16) for x in (q, k, v)]
+            _, rep = ftattn_jax.attention(*args, scheme="abft_softmax", fault=f)
+        else:
+            import torch
+
+            import ftattn_torch
+            args = [torch.tensor(x, dtype=torch.float16) for x in (q, k, v)]
+            _, rep = ftattn_torch.attention(*args, scheme="abft_softmax", fault=f)
+        c = rep.checks["softmax_exp"]
+        res[delta] = (bool(np.asarray(c.flagged)[0, 1, 2]), int(np.asarray(c.flagged).sum()))
+    assert res[1.5e-3] == (True, 1) and res[1e-5] == (False, 0), res
+    assert 1e-5 < ec.sum_coefficients(S_, "float16").rel < 1.5e-3 * 0.9

@@ -69,7 +69,7 @@ from . import compat
 from .exp_tiles import HOPPER_LOGS, hopper_tile_ratio
 from .kernel_faults import (FAULT_FIELDS, FAULT_SLOTS, SLOT_OUT, SLOT_PROBS, SLOT_REPLICA, SLOT_SCORES, corrupt,
                             fault_rows)
-from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
+from .side_inputs import ONES_COL, VCOLS, KernelOutput, pad_to, side_inputs
 
 F32 = jnp.float32
 LOG2E = math.log2(math.e)
@@ -164,8 +164,9 @@ def unsupported(query, *, platform: str, interpret: bool | None, plan=None, chec
                 f"(needs 0.11)")
     if plan is not None and _slot_conflict(plan):
         return "the fault plan puts two faults on one query row of one site (the Hopper kernel takes one per row)"
-    if plan is not None and spec_faults.SITES.index("rescale") in np.asarray(plan.site).tolist():
-        return "the fault plan has a fault at site 'rescale', which the Hopper kernel does not inject"
+    for site in spec_faults.FUSED_FORWARD_SITES:
+        if plan is not None and spec_faults.SITES.index(site) in np.asarray(plan.site).tolist():
+            return f"the fault plan has a fault at site {site!r}, which the Hopper kernel does not inject"
     return None
 
 
@@ -193,6 +194,12 @@ class Config:
     ping_pong: bool = True  # the two compute warpgroups take turns on the tensor cores (a schedule barrier)
     vcol_unscale: float = 1.0  # 1 / tol.fused_vcol_scale: undoes the scaling of vcol (a power of two)
     fma_cols: int = 0  # the replica's exponentials of the first fma_cols columns of a tile on the FMA pipe
+
+    @property
+    def vcol(self) -> bool:
+        """Whether the kernel streams ``vcol`` and runs the narrow MMA: ``pv_row``'s columns, and the
+        column of ones whose ``P̂·1`` softmax_exp compares with l."""
+        return self.pv or self.exp
 
     @property
     def n_stats(self) -> int:
@@ -327,9 +334,9 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     carry["sdiag"] = zero
             if cfg.dmr:
                 carry.update(l2=zero, d=zero)
-            if cfg.dmr or cfg.pv:
+            if cfg.dmr or cfg.vcol:
                 carry.update(nc=zero, mmax=zero)
-            if cfg.pv:
+            if cfg.vcol:
                 carry["pv"] = plgpu.layout_cast(jnp.zeros((BQ, VCOLS), F32), WGMMA)
             if cfg.exp:
                 carry["ex"] = zero  # the worst tile's softmax_exp ratio (threshold 1)
@@ -387,7 +394,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
                 lt = p.sum(axis=1)
                 carry["l"] = carry["l"] * alpha + lt
-                if cfg.dmr or cfg.pv:
+                if cfg.dmr or cfg.vcol:
                     carry["nc"] = carry["nc"] + jnp.where((m_new > m_old) & (m_old > -jnp.inf), 1.0, 0.0)
                     carry["mmax"] = jnp.maximum(carry["mmax"], jnp.abs(m_sc))
                 carry["m"] = m_new
@@ -434,12 +441,12 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 if not cfg.late_checks:
                     carry.update(tile_checks({n: carry[n] for n in check_keys}))
                 p16 = p.astype(dtype)
-                pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.pv else None
+                pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.vcol else None
                 acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
 
                 schedule_arrive()  # softmax done
                 plgpu.barrier_wait(v_bars.at[slot])
-                if cfg.pv:
+                if cfg.vcol:
                     plgpu.barrier_wait(vc_bars.at[slot])
                 schedule_wait()  # the tensor cores are ours
 
@@ -448,7 +455,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 def pv_mma(refs):
                     acc_ref, pv_ref, check_refs = refs
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    if cfg.pv:
+                    if cfg.vcol:
                         plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
                     if late:  # on the CUDA cores while the tensor cores run P·V
                         new = tile_checks({n: r[...] for n, r in zip(late, check_refs)})
@@ -460,9 +467,9 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     def _():
                         plgpu.barrier_wait(k_bars.at[lax.rem(nxt, jnp.array(stages, i.dtype))])
 
-                init = (plgpu.ACC.init(acc), plgpu.ACC.init(pv) if cfg.pv else None, [carry[n] for n in late])
+                init = (plgpu.ACC.init(acc), plgpu.ACC.init(pv) if cfg.vcol else None, [carry[n] for n in late])
                 acc, pv, vals = pl.run_state(pv_mma)(init)
-                if cfg.pv:
+                if cfg.vcol:
                     carry["pv"] = pv
                 carry.update(zip(late, vals))
                 plgpu.barrier_arrive(v_done.at[slot])
@@ -510,8 +517,12 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 r = (carry["d"] + jnp.abs(l - l2)) * inv
                 ok = (m > -jnp.inf) & (m < jnp.inf) & (l < jnp.inf) & (l2 < jnp.inf) & (l * (1.0 + thr) >= 1.0)
                 stats += [jnp.where(ok, r, jnp.inf), thr]
-            if cfg.exp:  # the worst tile in units of its bound; +inf where l is not finite
-                stats += [jnp.where(jnp.abs(l) < jnp.inf, carry["ex"], jnp.inf), row_full(1.0)]
+            if cfg.exp:  # the worst tile in units of its bound, and l against P̂·1; +inf where l is not finite
+                ccol = plgpu.broadcasted_iota(jnp.int32, (BQ, VCOLS), 1, layout=WGMMA)
+                ones = jnp.sum(jnp.where(ccol == ONES_COL, carry["pv"], 0.0), axis=1)
+                sco = exp_checksum.sum_coefficients(S, jnp.dtype(dtype).name, BN)
+                ex = jnp.maximum(carry["ex"], jnp.abs(ones - l) / exp_checksum.sum_threshold(sco, l, carry["nc"], S))
+                stats += [jnp.where(jnp.abs(l) < jnp.inf, ex, jnp.inf), row_full(1.0)]
             if cfg.pv:
                 pvacc = carry["pv"]
                 ccol = plgpu.broadcasted_iota(jnp.int32, (BQ, VCOLS), 1, layout=WGMMA)
@@ -534,7 +545,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 rows = (batch, pl.ds(i * BN, BN), kv_head)
                 plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
-                if cfg.pv:
+                if cfg.vcol:
                     plgpu.copy_gmem_to_smem(vcol_ref.at[batch, kv_head, pl.ds(i * BN, BN)], vc_smem.at[slot],
                                             vc_bars.at[slot])
 
@@ -556,7 +567,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
             plgpu.SMEM((COMPUTE_WGS, BQ, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, BN, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, BN, H), dtype, transforms=tiled),
-            plgpu.SMEM((stages, BN, VCOLS), dtype, transforms=vc_t) if cfg.pv else None,
+            plgpu.SMEM((stages, BN, VCOLS), dtype, transforms=vc_t) if cfg.vcol else None,
             plgpu.SMEM((COMPUTE_WGS, 2, 2, H), F32) if cfg.qk else None,
             plgpu.SMEM((COMPUTE_WGS, max(n_stats, 1), BQ), F32) if n_stats else None,
             plgpu.SMEM((COMPUTE_WGS, FAULT_SLOTS * FAULT_FIELDS, BQ), F32) if cfg.inject else None,
@@ -564,7 +575,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
         bars = (
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages) if cfg.pv else None,
+            plgpu.Barrier(num_barriers=stages) if cfg.vcol else None,
             plgpu.Barrier(num_barriers=COMPUTE_WGS),
             plgpu.Barrier(num_barriers=COMPUTE_WGS) if cfg.qk else None,
             plgpu.Barrier(num_barriers=COMPUTE_WGS) if cfg.inject else None,
@@ -612,7 +623,7 @@ def launch(q, k, v, ft, fv, cfg: Config) -> KernelOutput:
     rows = COMPUTE_WGS * BLOCK_Q
     Tp, Sp = -(-T // rows) * rows, -(-S // BN) * BN
     qp, kp, vp = pad_to(q, 1, Tp), pad_to(k, 1, Sp), pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = side_inputs(kp, vp, S, CHUNK, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale)
+    kpre, vcol, kv_finite = side_inputs(kp, vp, S, CHUNK, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale, ones=cfg.exp)
     frows = fault_rows(ft, fv, q.shape[0], q.shape[2], Tp) if cfg.inject else None
     o, stats = forward(qp, kp, vp, kpre, vcol, cfg, frows)
     stats = [x[..., :T] for x in stats]

@@ -52,6 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array
 
+from ftattn_spec import exp_checksum
 from ftattn_spec import faults as spec_faults
 from ftattn_spec import masking
 from ftattn_spec import tolerances as tol
@@ -60,14 +61,14 @@ from ftattn_spec.tolerances import FusedCoefficients
 from . import compat
 from .exp_tiles import rescale_ratio, row_residual, tile_ratio
 from .kernel_faults import corrupt
-from .side_inputs import VCOLS, KernelOutput, pad_to, side_inputs
+from .side_inputs import ONES_COL, VCOLS, KernelOutput, pad_to, side_inputs
 from .tiles import _band, _ends
 
 LOG2E = math.log2(math.e)
 F32 = jnp.float32
 # ftattn_spec.faults.SITES indices of the sites the kernel injects itself
-SITE_SCORES, SITE_PROBS, SITE_OUT, SITE_RESCALE = (spec_faults.SITES.index(x) for x in ("scores", "probs", "out",
-                                                                                      "rescale"))
+SITE_SCORES, SITE_PROBS, SITE_OUT, SITE_RESCALE, SITE_ROWSUM = (
+    spec_faults.SITES.index(x) for x in ("scores", "probs", "out", "rescale", "rowsum"))
 #: the lowering name of this kernel (``attention(..., lowering=...)``)
 LOWERING = "triton"
 
@@ -158,6 +159,12 @@ class Config:
     exp: bool = False  # the exponential checksum softmax_exp (:mod:`.exp_tiles`)
 
     @property
+    def vcol(self) -> bool:
+        """Whether the kernel reads ``vcol`` and runs its narrow MMA: ``pv_row``'s columns, and the column
+        of ones whose product ``P̂·1`` softmax_exp compares with l."""
+        return self.pv or self.exp
+
+    @property
     def band(self) -> tuple[int, int]:
         """``(left, right)`` of ``ftattn_spec.masking.band``."""
         return masking.band(self.window, self.causal)
@@ -204,7 +211,7 @@ def _kernel(*refs, cfg: Config, H: int):
     it = iter(refs)
     q_ref, k_ref, v_ref = next(it), next(it), next(it)
     kpre_ref = next(it) if cfg.qk else None
-    vcol_ref = next(it) if cfg.pv else None
+    vcol_ref = next(it) if cfg.vcol else None
     mask_ref = next(it) if cfg.has_mask else None
     bias_ref = next(it) if cfg.has_bias else None
     qlen_ref = next(it) if cfg.has_qlen else None
@@ -286,6 +293,8 @@ def _kernel(*refs, cfg: Config, H: int):
             ex = jnp.maximum(ex, tile_ratio(z, p, cz, m_sc, BN, cfg.S))
             ex = jnp.maximum(ex, rescale_ratio(alpha, m_raw, m_new, m_sc, cz))
         lt = jnp.sum(p, axis=1)
+        if cfg.n_faults:
+            lt = _inject_rows(lt, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_ROWSUM)
         l = l * alpha + lt
         pm = p.astype(dt)
         acc = acc * alpha[:, None] + compat.dot(pm, v)
@@ -318,10 +327,10 @@ def _kernel(*refs, cfg: Config, H: int):
             l2t = jnp.sum(p2, axis=1)
             l2 = l2 * alpha2 + l2t
             d = d * alpha + jnp.abs(lt - l2t)
-        if cfg.dmr or cfg.pv:
+        if cfg.dmr or cfg.vcol:
             nc = nc + ((m_new > m_raw) & (m_raw > -jnp.inf)).astype(jnp.int32)
             mmax = jnp.maximum(mmax, jnp.abs(m_sc))
-        if cfg.pv:
+        if cfg.vcol:
             vc = vcol_ref[pl.ds(start, BN), :]
             pv = pv * alpha[:, None] + compat.dot(pm, vc)
         if cfg.uniform:
@@ -384,7 +393,10 @@ def _kernel(*refs, cfg: Config, H: int):
         r = jnp.where(ok, r, jnp.inf)
         next(outs)[...] = jnp.where((m_raw == -jnp.inf) & (l == 0.0) & (l2 == 0.0), 0.0, r)
         next(outs)[...] = thr
-    if cfg.exp:  # ---- softmax_exp: the worst tile in units of its bound, threshold 1
+    if cfg.exp:  # ---- softmax_exp: the worst tile in units of its bound, and l against P̂·1; threshold 1
+        sco = exp_checksum.sum_coefficients(cfg.S, jnp.dtype(dt).name, BN)
+        ones = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (BM, VCOLS), 1) == ONES_COL, pv, 0.0), axis=1)
+        ex = jnp.maximum(ex, jnp.abs(ones - l) / exp_checksum.sum_threshold(sco, l, nc_f, cfg.S))
         next(outs)[...] = row_residual(ex, l)
         next(outs)[...] = jnp.ones_like(l)
     if cfg.pv:
@@ -433,7 +445,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config, masks: Masks = Masks(), vm
     if cfg.qk:
         args.append(kpre)
         in_specs.append(pl.BlockSpec((None, None, *kpre.shape[2:]), lambda i, b, n: (b, n // G, 0, 0, 0)))
-    if cfg.pv:
+    if cfg.vcol:
         args.append(vcol)
         in_specs.append(pl.BlockSpec((None, None, Sp, VCOLS), lambda i, b, n: (b, n // G, 0, 0)))
     for x in (masks.mask, masks.bias):
@@ -497,7 +509,8 @@ def launch(q, k, v, ft, fv, cfg: Config, masks: Masks = Masks()) -> KernelOutput
     Tp = -(-T // BM) * BM
     Sp = -(-S // BN) * BN
     qp, kp, vp = pad_to(q, 1, Tp), pad_to(k, 1, Sp), pad_to(v, 1, Sp)
-    kpre, vcol, kv_finite = side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale, prefix=False)
+    kpre, vcol, kv_finite = side_inputs(kp, vp, S, cfg.chunk, cfg.qk, cfg.pv, 1.0 / cfg.vcol_unscale, prefix=False,
+                                        ones=cfg.exp)
     padded = Masks(_dense(masks.mask, T, S, Tp, Sp, jnp.int8), _dense(masks.bias, T, S, Tp, Sp),
                    *(None if x is None else x.astype(jnp.int32) for x in (masks.query_lengths, masks.key_lengths)))
     vmean = None

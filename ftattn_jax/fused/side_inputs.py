@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 
 F32 = jnp.float32
 VCOLS = 16  # the extra MMA columns of pv_row (at least 16 for the tensor cores)
+ONES_COL = 6  # vcol's column of ones: P̂·1, which softmax_exp compares with l
 
 
 class KernelOutput(NamedTuple):
@@ -56,13 +57,14 @@ def _finite_from(sums, x):
 
 
 def side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, chunk: int, qk: bool, pv: bool,
-                 vcol_scale: float, prefix: bool = True):
+                 vcol_scale: float, prefix: bool = True, ones: bool = False):
     """``kpre`` float32 ``(B, K, C+1, 2, H)`` and ``vcol`` ``(B, K, S, 16)`` (see :mod:`.mosaic_kernel`;
     None where the check is off), and whether the first S keys and values are all finite,
     read off the same sums where the checks need them. ``vcol`` holds ``vcol_scale`` times
     the column sums (``tol.fused_vcol_scale``, a power of two: exact). ``prefix=False``:
     ``kpre`` is ``(B, K, C, 2, H)``, the sums of each chunk alone (the portable kernel adds
-    those of the tiles it attends in full, :mod:`.pallas_kernel`)."""
+    those of the tiles it attends in full, :mod:`.pallas_kernel`). ``ones``: ``vcol`` also (or only) for
+    its column of ones (``ONES_COL``, softmax_exp's ``P̂·1``)."""
     kpre = vcol = kabs = vabs = None
     B, Sp, K, H = k.shape
     if qk:
@@ -78,13 +80,14 @@ def side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, 
             pre = sums
             kabs = sums[:, :, 1].sum(1)
         kpre = pre.transpose(0, 3, 1, 2, 4)
-    if pv:
+    if pv or ones:
         vf = v.astype(F32)
         w = jnp.abs(vf).sum(-1)
-        parts = _split3(vf.sum(-1) * vcol_scale, v.dtype) + _split3(w * vcol_scale, v.dtype)  # B Sp K each
-        zeros = jnp.zeros_like(parts[0])
-        vcol = jnp.stack(parts + [zeros] * (VCOLS - 6), axis=-1).transpose(0, 2, 1, 3)  # B K Sp 16
-        vabs = w[:, :S]
+        zeros = jnp.zeros(v.shape[:-1], v.dtype)
+        parts = _split3(vf.sum(-1) * vcol_scale, v.dtype) + _split3(w * vcol_scale, v.dtype) if pv else [zeros] * 6
+        cols = parts + [jnp.ones_like(zeros)] + [zeros] * (VCOLS - ONES_COL - 1)
+        vcol = jnp.stack(cols, axis=-1).transpose(0, 2, 1, 3)  # B K Sp 16
+        vabs = w[:, :S] if pv else None
     finite = _finite_from(kabs, k[:, :S]) & _finite_from(vabs, v[:, :S])
     return kpre, vcol, finite
 

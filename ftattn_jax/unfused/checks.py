@@ -178,7 +178,7 @@ def _tile_sums(x: Float[Array, "B N T S"]) -> Float[Array, "B N T C"]:
 
 
 def softmax_exp(p: Float[Array, "B N T S"], logits: Float[Array, "B N T S"], scores: Float[Array, "B N T S"] | None,
-                keep: Bool[Array, "#B #N T #S"] | None):
+                keep: Bool[Array, "#B #N T #S"] | None, dtype: str):
     """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``.
 
     ``p``: the normalised probabilities as the output reads them; ``logits``: the masked logits
@@ -212,6 +212,11 @@ def softmax_exp(p: Float[Array, "B N T S"], logits: Float[Array, "B N T S"], sco
     mu = jnp.max(jnp.where(live, mag, 0.0), axis=-1, keepdims=True) * LOG2E
     tau = ec.tile_threshold(ec.exp_coefficients(ec.TILE, p.shape[-1], normalised=True), -r, mu)
     ratio = jnp.max(jnp.abs((e - r) + f) / tau, axis=-1)
+    # P as the P·V product reads it (in ``dtype``) sums to 1 in a row that attends anything
+    S = p.shape[-1]
+    total = blocked_sum(p.astype(dtype).astype(W), -1)
+    norm = jnp.abs(total - 1.0) / ec.sum_threshold(ec.sum_coefficients(S, dtype), 1.0, 0.0, S)
+    ratio = jnp.maximum(ratio, jnp.where(has[..., 0], norm, 0.0))
     zero = has | (l < NEG)  # where the softmax gives exactly 0 (besides outside keep)
     broken = jnp.isnan(l) | (l == jnp.inf)
     if keep is not None:

@@ -234,7 +234,7 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         found["softmax_dmr"] = abft.softmax_dmr(
             p, p_replica, _logit_magnitude(s, logits, allowed_ts, p, p_replica))
     if "softmax_exp" in wanted:
-        found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep)
+        found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep, dtype)
     judge(SOFTMAX)
     flagged = {c: _rows(found, results, c, "", granularity, T, None) for c in SOFTMAX if c in found and acts}
     affected.extend(flagged.values())

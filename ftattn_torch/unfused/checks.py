@@ -168,7 +168,7 @@ def _tile_sums(x: Float[Tensor, "B N T S"]) -> Float[Tensor, "B N T C"]:
 
 
 def softmax_exp(p: Float[Tensor, "B N T S"], logits: Float[Tensor, "B N T S"], scores: Tensor | None,
-                keep: Bool[Tensor, "#B #N T #S"] | None):
+                keep: Bool[Tensor, "#B #N T #S"] | None, dtype: str):
     """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``.
 
     As ``ftattn_jax.unfused.checks.softmax_exp``: ``p`` the normalised probabilities, ``logits``
@@ -203,6 +203,11 @@ def softmax_exp(p: Float[Tensor, "B N T S"], logits: Float[Tensor, "B N T S"], s
     del mag
     tau = ec.tile_threshold(ec.exp_coefficients(ec.TILE, p.shape[-1], normalised=True), -r, mu)
     ratio = ((e - r) + f).abs_().div_(tau).amax(-1)
+    # P as the P·V product reads it (in ``dtype``) sums to 1 in a row that attends anything
+    S = p.shape[-1]
+    total = blocked_sum(p.to(getattr(torch, dtype)).to(W), -1)
+    norm = (total - 1.0).abs_().div_(ec.sum_threshold(ec.sum_coefficients(S, dtype), 1.0, 0.0, S))
+    ratio = torch.maximum(ratio, torch.where(has[..., 0], norm, 0.0))
     zero = has | (l < NEG)  # where the softmax gives exactly 0 (besides outside keep)
     broken = l.isnan() | (l == torch.inf)
     if keep is not None:

@@ -219,7 +219,7 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
                 found["softmax_dmr"] = abft.softmax_dmr(p, p_replica, mu)
                 del p_replica
             if "softmax_exp" in wanted:
-                found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep)
+                found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep, dtype)
             judge(SOFTMAX)
             if acts:
                 flagged = {c: _rows(found, results, c, "", granularity, T, None) for c in SOFTMAX if c in found}
