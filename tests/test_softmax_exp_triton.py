@@ -159,48 +159,32 @@ def test_a_fault_at_a_masked_entry_is_flagged():
     assert bool(c.flagged[1, 1, 4]) and int(c.flagged.sum()) == 1
 
 
-@pytest.mark.parametrize("bit", [25, pytest.param(22, marks=pytest.mark.slow)])
-def test_a_corrupted_rescale_factor_is_flagged(bit):
-    """The online softmax's rescale factor 2^(m_old − m_new) (site ``rescale``, fused only) is
-    evaluated twice by ``softmax_exp``, as the DMR's replica does: a fault there, which rescales
-    everything the row summed before, is flagged at its row."""
+_ROW_SITES = [("rescale", 25), ("rowsum", 27), pytest.param("rescale", 22, marks=pytest.mark.slow),
+              pytest.param("rowsum", 20, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("site, bit", _ROW_SITES)
+def test_a_corrupted_rescale_factor_or_row_sum_is_flagged(site, bit):
+    """Two per-row values of a tile exist only in the fused kernels. The online softmax's rescale
+    factor 2^(m_old − m_new) (site ``rescale``) rescales everything the row summed before:
+    ``softmax_exp`` evaluates it twice, as the DMR's replica does. The tile's row sum of the
+    probabilities (site ``rowsum``) enters l, which the output divides by: ``softmax_exp`` compares
+    l with the tensor cores' P̂·1 (VCOL's column of ones), the DMR the tile sum with its replica's
+    (the tiles' L and R alone never read l). A fault at either is flagged at its row, and only there;
+    the unfused path refuses both sites."""
     from ftattn_spec.faults import SITES
 
     from ftattn_torch.fused import triton_kernel
 
-    assert triton_kernel.SITE_RESCALE == SITES.index("rescale")
+    assert (triton_kernel.SITE_RESCALE, triton_kernel.SITE_ROWSUM) == (SITES.index("rescale"), SITES.index("rowsum"))
     (q, k, v), _ = _inputs(11, "normal", S=70)
     b, n, i = 2, 3, 21
     clean, _ = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
-    f = Fault("rescale", (b, n, i, 60), bit=bit)
-    for scheme, check in (("abft_softmax", "softmax_exp"), ("full", "softmax_dmr")):
-        out, rep = ft.attention(q, k, v, implementation="triton", scheme=scheme, fault=f)
-        assert not torch.equal(out, clean)
-        c = rep.checks[check]
-        assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
-    with pytest.raises(ValueError, match="rescale.*fused forward"):
-        ft.attention(q, k, v, implementation="unfused", fault=f)
-
-
-@pytest.mark.parametrize("bit", [27, pytest.param(20, marks=pytest.mark.slow)])
-def test_a_corrupted_row_sum_is_flagged(bit):
-    """A tile's row sum of the probabilities (site ``rowsum``, fused only) enters l, which the
-    output divides by: ``softmax_exp`` compares l with the tensor cores' P̂·1 (VCOL's column of
-    ones), the DMR compares the tile sum with its replica's. Both flag the row; ``abft_softmax``
-    without that comparison would not (the tiles' L and R never read l)."""
-    from ftattn_spec.faults import SITES
-
-    from ftattn_torch.fused import triton_kernel
-
-    assert triton_kernel.SITE_ROWSUM == SITES.index("rowsum")
-    (q, k, v), _ = _inputs(12, "normal", S=70)
-    b, n, i = 1, 2, 17
-    clean, _ = ft.attention(q, k, v, implementation="triton", scheme="abft_softmax")
-    f = Fault("rowsum", (b, n, i, 40), bit=bit)
+    f = Fault(site, (b, n, i, 60), bit=bit)
     for scheme, check in (("abft_softmax", "softmax_exp"), ("full", "softmax_dmr")):
         out, rep = ft.attention(q, k, v, implementation="triton", scheme=scheme, fault=f)
         assert not torch.equal(out[b, n, i], clean[b, n, i]) and torch.equal(out[b, n, i + 1], clean[b, n, i + 1])
         c = rep.checks[check]
         assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
-    with pytest.raises(ValueError, match="rowsum.*fused forward"):
+    with pytest.raises(ValueError, match=f"{site}.*fused forward"):
         ft.attention(q, k, v, implementation="unfused", fault=f)
