@@ -66,7 +66,7 @@ from ftattn_spec import tolerances as tol
 from ftattn_spec.tolerances import FusedCoefficients
 
 from . import compat
-from .exp_tiles import HOPPER_LOGS, hopper_tile_ratio
+from .exp_tiles import HOPPER_LOGS, hopper_tile_ratio, rescale_ratio
 from .kernel_faults import (FAULT_FIELDS, FAULT_SLOTS, SLOT_OUT, SLOT_PROBS, SLOT_REPLICA, SLOT_SCORES, corrupt,
                             fault_rows)
 from .side_inputs import ONES_COL, VCOLS, KernelOutput, pad_to, side_inputs
@@ -431,10 +431,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                         # Σ log₂ p against the argument by its own formula, and the rescale factor again
                         ratio = hopper_tile_ratio(s, p, c, m_sc, BN, S, keep=keep, logs=cfg.exp_logs,
                                                   rows=lambda x: bcast_rows(x, s.shape))
-                        a2 = jnp.exp2(jnp.minimum(m_old * c - m_sc, 0.0))
-                        mu = jnp.where(m_old > -jnp.inf, jnp.maximum(jnp.abs(m_old * c), jnp.abs(m_sc)), 0.0)
-                        rco = exp_checksum.rescale_coefficients()
-                        ratio = jnp.maximum(ratio, jnp.abs(alpha - a2) / ((rco.rel + rco.mu * mu) * a2 + rco.tiny))
+                        ratio = jnp.maximum(ratio, rescale_ratio(alpha, m_old, m_new, m_sc, c))
                         state["ex"] = jnp.maximum(state["ex"], ratio)
                     return state
 
