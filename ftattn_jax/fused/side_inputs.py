@@ -81,13 +81,15 @@ def side_inputs(k: Float[Array, "B S K H"], v: Float[Array, "B S K H"], S: int, 
             kabs = sums[:, :, 1].sum(1)
         kpre = pre.transpose(0, 3, 1, 2, 4)
     if pv or ones:
-        vf = v.astype(F32)
-        w = jnp.abs(vf).sum(-1)
         zeros = jnp.zeros(v.shape[:-1], v.dtype)
-        parts = _split3(vf.sum(-1) * vcol_scale, v.dtype) + _split3(w * vcol_scale, v.dtype) if pv else [zeros] * 6
+        parts = [zeros] * 6  # without pv_row, no pass over V for its columns
+        if pv:
+            vf = v.astype(F32)
+            w = jnp.abs(vf).sum(-1)
+            parts = _split3(vf.sum(-1) * vcol_scale, v.dtype) + _split3(w * vcol_scale, v.dtype)  # B Sp K each
+            vabs = w[:, :S]
         cols = parts + [jnp.ones_like(zeros)] + [zeros] * (VCOLS - ONES_COL - 1)
         vcol = jnp.stack(cols, axis=-1).transpose(0, 2, 1, 3)  # B K Sp 16
-        vabs = w[:, :S] if pv else None
     finite = _finite_from(kabs, k[:, :S]) & _finite_from(vabs, v[:, :S])
     return kpre, vcol, finite
 
