@@ -50,24 +50,33 @@ class GlobalVerdict(NamedTuple):
     first: dict[int, Where]
 
 
-def _encode(report: Report) -> torch.Tensor:
-    row = [int(bool(report.detected)), int(bool(report.inputs_finite))]
+def _encode(report: Report, device) -> torch.Tensor:
+    """The report as ``_LEN`` int64 on ``device``, computed there: nothing is read on the host."""
+    def flag(x):
+        return torch.as_tensor(x, device=device).reshape(()).to(torch.int64)
+
+    row = [flag(report.detected), flag(report.inputs_finite)]
     for name in CHECKS:
         c = report.checks.get(name)
         if c is None:
-            row += [0, 0, -1, -1, -1]
+            row.append(torch.tensor([0, 0, -1, -1, -1], dtype=torch.int64, device=device))
             continue
-        hits = torch.nonzero(torch.as_tensor(c.flagged))
-        index = [int(x) for x in hits[0].tolist()][:3] if hits.shape[0] else []
-        row += [int(hits.shape[0] > 0), 1] + index + [-1] * (3 - len(index))
-    return torch.tensor(row, dtype=torch.int64)
+        f = torch.as_tensor(c.flagged, device=device)
+        first = torch.argmax(f.reshape(-1).to(torch.int8))  # the first flagged element (0 when none is)
+        index = [i.reshape(()) for i in torch.unravel_index(first, f.shape)][:3]
+        hit = f.any().to(torch.int64)
+        index = [torch.where(hit > 0, i.to(torch.int64), -1) for i in index]
+        index += [torch.tensor(-1, dtype=torch.int64, device=device)] * (3 - len(index))
+        row.append(torch.stack([hit, torch.ones_like(hit), *index]))
+    return torch.cat([torch.stack(row[:2]), *row[2:]])
 
 
 def global_verdict(report: Report, group=None) -> GlobalVerdict:
     """Gather every rank's ``report`` of one call (or step) into a :class:`GlobalVerdict`.
 
     A collective: every rank of ``group`` (default: the world) must call it, in the same order as
-    its other collectives. It reads the report's flags on the host (one device synchronisation).
+    its other collectives. The report is encoded on the device; the gathered verdict is read on the
+    host once (one device synchronisation).
     """
     if not isinstance(report, Report):
         raise TypeError(f"report: expected an ftattn Report (the second value attention returns), "
@@ -75,9 +84,8 @@ def global_verdict(report: Report, group=None) -> GlobalVerdict:
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized (call torch.distributed.init_process_group "
                          "first), got no process group")
-    mine = _encode(report)
-    if dist.get_backend(group) == "nccl":
-        mine = mine.to(torch.device("cuda", torch.cuda.current_device()))
+    nccl = dist.get_backend(group) == "nccl"
+    mine = _encode(report, torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, mine, group=group)
     rows = torch.stack(parts).cpu().tolist()
