@@ -106,8 +106,9 @@ def row_residual(worst, l):
 #: columns the Hopper kernel's mantissa products stop at: its register tiles (the wgmma layout)
 #: are 8 columns wide, so a tile of 128 keys ends in 8 products of 16 mantissas and 8 logarithms
 HOPPER_COLUMNS = 8
-#: how the Hopper kernel can take Σ log₂ p (:func:`hopper_tile_ratio`); the first is the default
-HOPPER_LOGS = ("rounded", "fields", "each")
+#: how the Hopper kernel can take Σ log₂ p (:func:`hopper_tile_ratio`); the first is the default, the
+#: fastest of the three on the H200 (docs/kernels.md, "The three ways of taking Σ log₂ p")
+HOPPER_LOGS = ("each", "rounded", "fields")
 _INV_LN2 = 1.4426950408889634
 _EXP_BIAS = 8388608.0 + 127.0  # 2²³ + 127: bitcast(2²³'s bits | e_biased) − this = e, exactly
 
@@ -120,18 +121,19 @@ def _halving_product(mant):
     return mant
 
 
-def hopper_log2_sum(pc, logs: str = "rounded"):
+def hopper_log2_sum(pc, logs: str = "each"):
     """``Σ_j log₂ pc_j`` per row of ``pc`` (``BQ × width``, normal positive float32) in the Hopper
     kernel's registers, three ways (``HOPPER_LOGS``):
 
-    * ``"rounded"`` (measured on the H200, docs/kernels.md): exponent fields rounded so that each
+    * ``"each"`` (the default: the fastest on the H200, docs/kernels.md): a hardware-approximate
+      logarithm per element;
+    * ``"rounded"``: exponent fields rounded so that each
       mantissa lies in [0.75, 1.5), summed as floats made exact without an integer-to-float
       conversion per element (``bitcast(2²³ | e) − 2²³``), mantissas multiplied by halving the
       columns down to HOPPER_COLUMNS, one logarithm per product;
     * ``"fields"``: the exponent fields summed as integers (one shift per element, a conversion
       per row), the mantissas in [1, 2) (an and, an or), the same products: fewer operations per
-      element, not yet timed;
-    * ``"each"``: a (hardware-approximate) logarithm per element.
+      element.
     """
     if logs == "each":
         return jnp.sum(jnp.log(pc), axis=1) * F32(_INV_LN2)  # (jnp.log2 would take a scalar log in the kernel)
@@ -146,7 +148,7 @@ def hopper_log2_sum(pc, logs: str = "rounded"):
     return e + jnp.sum(jnp.log(_halving_product(mant)), axis=1) * F32(_INV_LN2)
 
 
-def hopper_tile_ratio(s, p, c, m_sc, width: int, S: int, *, keep=None, rows, logs: str = "rounded"):
+def hopper_tile_ratio(s, p, c, m_sc, width: int, S: int, *, keep=None, rows, logs: str = "each"):
     """:func:`tile_ratio` in the Hopper kernel's registers: ``s`` ``BQ × width`` the raw scores
     (−inf where ``keep`` is False), ``p`` the probabilities (faults included), ``c`` the base-2
     factor, ``m_sc`` the row maximum times ``c`` (a row vector), ``rows(x)`` broadcasts a row

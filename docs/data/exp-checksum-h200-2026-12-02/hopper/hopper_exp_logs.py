@@ -1,6 +1,6 @@
-"""softmax_exp in the Hopper kernel, the three ways of taking Σ log₂ p (MosaicBlocks.exp_logs: "rounded",
-the measured default; "fields"; "each"): clean ratio, faults at P, and timing against checks off and the DMR.
-Not run yet (written when the session's device time had run out):
+"""softmax_exp in the Hopper kernel, the three ways of taking Σ log₂ p (MosaicBlocks.exp_logs: "each",
+the default since this run; "rounded"; "fields"): clean ratio, faults at P, and timing against checks off and the DMR.
+Run on the H200 (2026-12-02, later session; log in logs-run2/exp_logs.log):
     PYTHONPATH=. python3 docs/data/exp-checksum-h200-2026-12-02/hopper/hopper_exp_logs.py"""
 import os, time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -9,7 +9,7 @@ from ftattn_jax import fused
 from ftattn_spec.faults import Fault, plan
 from compare import timing
 T0 = time.time()
-MODE = ["rounded"]
+MODE = ["each"]
 def say(*a): print(f"[{time.time()-T0:4.0f}s]", *a, flush=True)
 def run(q, k, v, checks, causal, pl=None):
     return fused.run(q, k, v, checks=checks, granularity="vector", scale=q.shape[-1] ** -0.5, is_causal=causal,
