@@ -9,10 +9,10 @@ from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResu
 from ftattn_spec.implementations import FallbackWarning
 from ftattn_spec.policy import POLICIES, FaultWarning, fault_policy, get_policy, set_policy
 
-from . import counters
+from . import counters, monitor
 from .api import attention
 from .nn import dot_product_attention
 
 __all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
-           "FallbackWarning", "FaultDetected", "FaultWarning", "POLICIES", "Report", "attention", "counters",
+           "FallbackWarning", "FaultDetected", "FaultWarning", "POLICIES", "Report", "attention", "counters", "monitor",
            "dot_product_attention", "fault_policy", "get_policy", "set_policy"]

@@ -183,7 +183,7 @@ def dispatch(query, key, value, *, takes_report: bool = True, site=None, **kwarg
     on_fault, warn = policy.effective_on_fault(call.settings.on_fault, takes_report)
     call = call._replace(settings=call.settings._replace(on_fault=on_fault))
     out, report = execute(call, *arrays, site=site, warn=warn)
-    counters.record(site, report.detected, warn)
+    counters.record(site, report, warn)
     return out, report
 
 

@@ -1,14 +1,24 @@
 """Fault counters of the JAX backend: every protected call adds to them.
 
-Per call site (a Flax module's path, a name given by the caller, or the file
-and line of the call): detections and calls. A jitted function cannot update
-state outside itself, so each call hands its verdict to the host with
-``jax.debug.callback``. Measured (docs/benchmarks.md, "One run per preset"): the thread that
-dispatches the call waits at the callback for the device, so each protected call costs one device
-synchronisation (0.5 ms per call at short sequences on an H200 and on a CPU);
-:func:`read` waits for the callbacks issued so far (``jax.effects_barrier``)
-and returns the counts. Read them once per step, then skip, replay or stop
-(docs/faults.md, "Counters").
+Per call site (a Flax module's path, a name given by the caller, or the file and
+line of the call) a tally of ``ftattn_spec.tally.WIDTH`` integers: calls,
+detections, non-finite inputs, and where the first detection flagged (check,
+batch, head, row). How a call adds to it, cheapest first:
+
+* **called eagerly** (the report is a concrete array): the call's row is kept
+  on the device and added there; nothing waits;
+* **traced** (inside ``jax.jit``, ``grad``, ``scan``, ``checkpoint``, ...) in a
+  process with one device and no mesh in force: the row is added on the device
+  to a ``jax.Ref`` the traced function closes over; nothing waits;
+* **otherwise** (several devices, ``shard_map``, ``vmap``, or the policy
+  ``"warn"``, which must warn when it happens): ``jax.debug.callback``. The
+  thread that dispatches the call then waits at the callback for the device:
+  one device synchronisation per call, measured at 0.5 ms per call on an H200
+  (docs/faults.md, "Counters").
+
+:func:`read` and :func:`tally` wait for what was issued so far and read every
+tally once (one device synchronisation); read them once per step
+(``ftattn_jax.monitor`` does).
 """
 
 from __future__ import annotations
@@ -20,34 +30,125 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftattn_spec import tally as spec_tally
 from ftattn_spec.policy import FaultWarning
+from ftattn_spec.report import Report
+
+from .common import OPS
+
+#: sites per ``jax.Ref`` block: a traced function closes over the block of its sites
+BLOCK = 64
+#: eager rows kept per site before they are added on the device
+FOLD = 256
 
 _lock = threading.Lock()
-_counts: dict[str, list[int]] = {}
+_host: dict[str, list[int]] = {}  # tallies added on the host (callbacks)
+_eager: dict[tuple[str, frozenset], list] = {}  # rows of eager calls per (site, devices), not yet added
+_folded: dict[tuple[str, frozenset], jax.Array] = {}  # eager rows added on the device
+_blocks: list = []  # jax.Ref blocks of BLOCK × WIDTH int32
+_slots: dict[str, tuple[int, int]] = {}  # site -> (block, row): fixed for the life of the process
+_ZERO = np.asarray(spec_tally.zero(), np.int32)
 
 
-def _add(site: str, warn: bool, detected) -> None:
-    d = np.asarray(detected)
-    n_det, n_calls = int(d.sum()), max(int(d.size), 1)
+def _row(verdict) -> jax.Array:
+    if isinstance(verdict, Report):
+        return spec_tally.encode(verdict, OPS)
+    return spec_tally.encode_flag(jnp.asarray(verdict), OPS)
+
+
+_row_jit = jax.jit(_row)
+_merge_rows = jax.jit(lambda rows: jax.lax.fori_loop(
+    1, rows.shape[0], lambda i, acc: spec_tally.merge(acc, rows[i], OPS), rows[0]))
+
+
+def _add_host(site: str, warn: bool, row) -> None:
+    r = np.asarray(row).reshape(-1, spec_tally.WIDTH)
     with _lock:
-        c = _counts.setdefault(site, [0, 0])
-        c[0] += n_det
-        c[1] += n_calls
-    if warn and n_det:
+        t = _host.get(site, spec_tally.zero())
+        for x in r:
+            t = spec_tally.merge_host(t, x)
+        _host[site] = t
+    if warn and int(r[:, 1].sum()):
         warnings.warn(f"ftattn (jax): a fault was detected in attention at {site} (nobody reads this call's "
                       f"report; policy 'warn')", FaultWarning, stacklevel=2)
 
 
-def record(site: str, detected, warn: bool = False) -> None:
-    """Count one call of ``site`` and its verdict (a bool scalar, traced or not)."""
-    jax.debug.callback(lambda d: _add(site, warn, d), jnp.asarray(detected))
+def _on_device_ok() -> bool:
+    """Whether a traced call may add to a closed-over ``jax.Ref``: one device in the process (a
+    Ref lives on one device, and a jitted function must run where its arguments are) and no mesh
+    in force (``shard_map``, ``pmap`` and ``jax.set_mesh`` take no closed-over Ref)."""
+    if jax.device_count() != 1 or jax.config.jax_default_device is not None:
+        return False
+    mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    return mesh is None or bool(getattr(mesh(), "empty", False))
+
+
+def _slot(site: str) -> tuple[int, int]:
+    with _lock:
+        s = _slots.get(site)
+        if s is None:
+            n = len(_slots)
+            if n // BLOCK == len(_blocks):
+                with jax.ensure_compile_time_eval():  # a concrete Ref, even while a caller is traced
+                    _blocks.append(jax.new_ref(jnp.asarray(np.tile(_ZERO, (BLOCK, 1)))))
+            s = _slots[site] = (n // BLOCK, n % BLOCK)
+    return s
+
+
+def record(site: str, verdict, warn: bool = False) -> None:
+    """Count one call of ``site``: ``verdict`` is its ``Report`` (counted with where it flagged)
+    or a bool scalar (the fused backward's verdict); traced or not."""
+    if warn:
+        jax.debug.callback(lambda r: _add_host(site, True, r), _row(verdict))
+        return
+    if not isinstance(getattr(verdict, "detected", verdict), jax.core.Tracer):
+        row = _row_jit(verdict)
+        key = (site, frozenset(row.sharding.device_set))
+        with _lock:
+            rows = _eager.setdefault(key, [])
+            rows.append(row)
+            if len(rows) >= FOLD:
+                _fold(key)
+        return
+    row = _row(verdict)
+    if _on_device_ok():
+        block, i = _slot(site)
+        ref = _blocks[block]
+        try:  # refused under vmap (a batched verdict): counted by the callback below
+            ref[i] = spec_tally.merge(ref[i], row, OPS)
+            return
+        except Exception:  # noqa: BLE001 - JAX's refusal has no stable type across versions
+            pass
+    jax.debug.callback(lambda r: _add_host(site, False, r), row)
+
+
+def _fold(key: tuple[str, frozenset]) -> None:
+    """Add the eager rows of ``key`` (site, devices) on their devices (``_lock`` held)."""
+    rows = _eager.pop(key, [])
+    if rows:
+        base = _folded.get(key)
+        _folded[key] = _merge_rows(jnp.stack(rows if base is None else [base, *rows]))
+
+
+def tally() -> dict[str, spec_tally.SiteTally]:
+    """Every site's :class:`ftattn_spec.tally.SiteTally`, after what was issued so far has run
+    (one device synchronisation)."""
+    jax.effects_barrier()
+    with _lock:
+        for key in list(_eager):
+            _fold(key)
+        rows: dict[str, list[int]] = {s: list(t) for s, t in _host.items()}
+        for (site, _), t in _folded.items():
+            rows[site] = spec_tally.merge_host(rows.get(site, spec_tally.zero()), np.asarray(t))
+        blocks = [np.asarray(b[...]) for b in _blocks]
+        for site, (b, i) in _slots.items():
+            rows[site] = spec_tally.merge_host(rows.get(site, spec_tally.zero()), blocks[b][i])
+    return {s: spec_tally.decode(r) for s, r in rows.items() if r[0] > 0}
 
 
 def read() -> dict[str, dict[str, int]]:
-    """``{site: {"detected": n, "calls": n}}``, after the callbacks issued so far have run."""
-    jax.effects_barrier()
-    with _lock:
-        return {s: {"detected": c[0], "calls": c[1]} for s, c in _counts.items()}
+    """``{site: {"detected": n, "calls": n}}``, after the calls issued so far have run."""
+    return {s: {"detected": t.detected, "calls": t.calls} for s, t in tally().items()}
 
 
 def detected() -> int:
@@ -56,7 +157,11 @@ def detected() -> int:
 
 
 def reset() -> None:
-    """Zero every counter (after the callbacks issued so far)."""
+    """Zero every counter (after the calls issued so far)."""
     jax.effects_barrier()
     with _lock:
-        _counts.clear()
+        _host.clear()
+        _eager.clear()
+        _folded.clear()
+        for b in _blocks:
+            b[...] = jnp.asarray(np.tile(_ZERO, (BLOCK, 1)))

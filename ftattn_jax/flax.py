@@ -96,14 +96,29 @@ def make_attention_fn(*, scheme: str = "full", granularity: str = "vector", on_f
 
 
 def _site(module) -> str | None:
-    """The counters' key of a Flax module: its path (linen) or its class and identity (nnx)."""
+    """The counters' key of a Flax module: its path (linen) or its class and identity (nnx). Without
+    ``module`` (Flax hands it over only with ``sow_weights=True``), the linen module being called,
+    if any; else None (the caller's file and line)."""
     if module is None:
-        return None
+        module = _calling_linen_module()
+        if module is None:
+            return None
     scope = getattr(module, "scope", None)
     path = getattr(scope, "path", None)
     if path:
         return "/".join(str(p) for p in path)
     return f"{type(module).__name__}@{id(module):x}"
+
+
+def _calling_linen_module():
+    """The linen module whose method is running (linen keeps a stack of them), or None."""
+    try:
+        from flax.linen import module as linen_module
+        stack = linen_module._context.module_stack
+    except (ImportError, AttributeError):  # pragma: no cover - a Flax without the stack: call sites instead
+        return None
+    top = stack[-1] if stack else None
+    return top if getattr(getattr(top, "scope", None), "path", None) else None
 
 
 def _sow(module, name: str, report) -> None:

@@ -6,11 +6,11 @@ from ftattn_spec import CHECKS, GRANULARITIES, ON_FAULT, SCHEME_NAMES, CheckResu
 from ftattn_spec.implementations import FallbackWarning
 from ftattn_spec.policy import POLICIES, FaultWarning, fault_policy, get_policy, set_policy
 
-from . import counters, distributed
+from . import counters, distributed, monitor
 from .api import attention
 from .module import FaultTolerantAttention
 from .sdpa import scaled_dot_product_attention
 
 __all__ = ["__version__", "CHECKS", "GRANULARITIES", "ON_FAULT", "SCHEME_NAMES", "CheckResult", "Fault",
            "FallbackWarning", "FaultDetected", "FaultTolerantAttention", "FaultWarning", "POLICIES", "Report",
-           "attention", "counters", "distributed", "fault_policy", "get_policy", "scaled_dot_product_attention", "set_policy"]
+           "attention", "counters", "distributed", "monitor", "fault_policy", "get_policy", "scaled_dot_product_attention", "set_policy"]

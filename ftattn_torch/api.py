@@ -282,7 +282,7 @@ def call_site(site) -> str:
 def count(site: str, report: Report, warn: bool = False) -> None:
     """Add the call to ``ftattn_torch.counters``; under the policy ``"warn"``, warn on a detection
     (which reads the verdict on the host)."""
-    counters.record(site, report.detected)
+    counters.record(site, report)
     if warn and not torch.compiler.is_compiling() and bool(report.detected):
         warnings.warn(f"ftattn (torch): a fault was detected in attention at {site} (nobody reads this call's "
                       f"report; policy 'warn')", policy.FaultWarning, stacklevel=policy.caller_stacklevel())

@@ -1,35 +1,49 @@
 """Fault counters of the PyTorch backend: every protected call adds to them.
 
 Per call site (a layer's ``layer_idx`` for Hugging Face models, a name given by
-the caller, or the file and line of the call): detections and calls. A call
-launches nothing and waits for nothing: it keeps a reference to its verdict
-(a bool scalar on the device) and counts itself on the host; every
-``FOLD`` calls a site's verdicts are summed on the device into one int64
-tensor (two launches). :func:`read` brings the sums to the host (call it once
-per step); a training loop reads them, then skips, replays or stops
-(docs/faults.md, "Counters and the fault policy").
+the caller, or the file and line of the call) a tally
+(``ftattn_spec.tally``): calls, detections, non-finite inputs, and where the
+first detection flagged (check, batch, head, row). A call launches nothing and
+waits for nothing: it keeps a reference to its verdict (a bool scalar on the
+device) and counts itself on the host; every ``FOLD`` calls a site's verdicts
+are summed on the device into one int64 tensor (two launches). For the location
+it keeps references to the ``flagged`` arrays of the site's last ``KEEP`` calls
+(bool, ``B·N·T`` bytes per check); :func:`tally` reads them only for a site that
+detected. :func:`read` and :func:`tally` bring the sums to the host (call them
+once per step; ``ftattn_torch.monitor`` does); a training loop reads them, then
+skips, replays or stops (docs/faults.md, "Counters and the fault policy").
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import torch
 
+from ftattn_spec import tally as spec_tally
+
+from .common import ops
+
 #: verdicts kept per site and device before they are summed on the device
 FOLD = 256
+#: calls per site whose flagged arrays are kept between two reads, to locate a detection
+KEEP = 4
 
 _lock = threading.Lock()
 _sites: dict[tuple[str, str], "_Site"] = {}
 
 
 class _Site:
-    __slots__ = ("pending", "folded", "calls")
+    __slots__ = ("pending", "folded", "calls", "kept", "first", "nonfinite")
 
     def __init__(self):
         self.pending: list[torch.Tensor] = []
         self.folded: torch.Tensor | None = None
         self.calls = 0
+        self.kept: collections.deque = collections.deque(maxlen=KEEP)
+        self.first: list[int] | None = None  # the location row fields, once one is found
+        self.nonfinite: torch.Tensor | None = None
 
     def fold(self) -> None:
         if self.pending:
@@ -38,10 +52,11 @@ class _Site:
             self.pending = []
 
 
-def record(site: str, detected: torch.Tensor) -> None:
-    """Count one call of ``site`` and its verdict (a bool scalar tensor)."""
+def record(site: str, report) -> None:
+    """Count one call of ``site`` and its verdict: its ``Report``, or a bool scalar tensor."""
     if torch.compiler.is_compiling():  # a traced graph cannot update host-held state; see docs
         return
+    detected = getattr(report, "detected", report)
     key = (site, str(detected.device))
     with _lock:
         s = _sites.get(key)
@@ -49,20 +64,52 @@ def record(site: str, detected: torch.Tensor) -> None:
             s = _sites[key] = _Site()
         s.pending.append(detected.detach().reshape(()))
         s.calls += 1
+        if hasattr(report, "checks"):
+            nf = (~report.inputs_finite).detach().reshape(()).to(torch.int64)
+            s.nonfinite = nf if s.nonfinite is None else s.nonfinite + nf
+            if s.first is None:
+                s.kept.append(report._replace(checks={n: c._replace(residual=None, threshold=None)
+                                                      for n, c in report.checks.items()},
+                                              located={}, corrected=None))
         if len(s.pending) >= FOLD:
             s.fold()
 
 
-def read() -> dict[str, dict[str, int]]:
-    """``{site: {"detected": n, "calls": n}}`` summed over devices (waits for the device)."""
-    out: dict[str, dict[str, int]] = {}
+def _locate(s: _Site) -> None:
+    """Set ``s.first`` from the first detecting call among the kept ones (reads their verdicts)."""
+    if s.first is not None or not s.kept:
+        return
+    flags = torch.stack([r.detected.reshape(()) for r in s.kept]).tolist()
+    for r, hit in zip(s.kept, flags):
+        if hit:
+            row = spec_tally.encode(r, ops(r.detected.device)).tolist()
+            if row[3] > 0:
+                s.first = row[3:]
+                break
+    s.kept.clear()
+
+
+def tally() -> dict[str, spec_tally.SiteTally]:
+    """Every site's :class:`ftattn_spec.tally.SiteTally`, summed over devices (waits for the
+    device). A location is found among each site's last ``KEEP`` calls before the read."""
+    rows: dict[str, list[int]] = {}
     with _lock:
         for (site, _), s in _sites.items():
             s.fold()
-            c = out.setdefault(site, {"detected": 0, "calls": 0})
-            c["detected"] += 0 if s.folded is None else int(s.folded)
-            c["calls"] += s.calls
-    return out
+            detected = 0 if s.folded is None else int(s.folded)
+            if detected:
+                _locate(s)
+            else:
+                s.kept.clear()
+            where = s.first if s.first is not None else [0, -1, -1, -1]
+            row = [s.calls, detected, 0 if s.nonfinite is None else int(s.nonfinite), *where]
+            rows[site] = spec_tally.merge_host(rows.get(site, spec_tally.zero()), row)
+    return {site: spec_tally.decode(r) for site, r in rows.items()}
+
+
+def read() -> dict[str, dict[str, int]]:
+    """``{site: {"detected": n, "calls": n}}`` summed over devices (waits for the device)."""
+    return {s: {"detected": t.detected, "calls": t.calls} for s, t in tally().items()}
 
 
 def detected() -> int:

@@ -1,0 +1,175 @@
+"""The monitor and the counters' tallies: per site calls, detections and where the first one
+flagged, read once per step, in both backends; no host callback per call in a jitted JAX step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ftattn_jax
+import ftattn_torch
+from ftattn_jax import counters as jax_counters
+from ftattn_spec import Fault, monitoring, tally
+
+B, T, N, K, S, H = 3, 24, 4, 2, 40, 16  # every axis a different size
+
+
+def _jax_inputs(seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    return q, jax.random.normal(ks[1], (B, S, K, H)), jax.random.normal(ks[2], (B, S, K, H))
+
+
+def _torch_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, N, T, H, generator=g), torch.randn(B, K, S, H, generator=g),
+            torch.randn(B, K, S, H, generator=g))
+
+
+@pytest.fixture(autouse=True)
+def _zero():
+    jax_counters.reset()
+    ftattn_torch.counters.reset()
+    yield
+    jax_counters.reset()
+    ftattn_torch.counters.reset()
+
+
+def test_axes_differ():
+    assert len({B, T, N, K, S, H}) == 6
+
+
+@pytest.mark.parametrize("fault,check", [(Fault("probs", (1, 3, 5, 7), bit=30), "softmax_dmr"),
+                                         (Fault("out", (0, 2, 17, 3), bit=30), "pv_row"),
+                                         (Fault("scores", (1, 1, 9, 30), bit=30), "qk_row")])
+def test_jax_step_names_site_check_and_row_without_a_callback(monkeypatch, fault, check):
+    q, k, v = _jax_inputs()
+
+    def layer(x, name, plan):
+        return ftattn_jax.attention(x, k, v, site=name, fault=plan)
+
+    @jax.jit
+    def step(q, plan):
+        x, r0 = layer(q, "layer 0", None)
+        x, r1 = layer(x.astype(q.dtype), "layer 1", plan)
+        return x, (r0.detected, r1.detected)
+
+    def no_callback(*a, **k):
+        raise AssertionError("a host callback in a single-device jitted step")
+
+    monkeypatch.setattr(jax.debug, "callback", no_callback)
+    mon = ftattn_jax.monitor.Monitor()
+    _, dets = step(q, fault)
+    verdict = mon.step()
+    assert [bool(d) for d in dets] == [False, True]
+    assert verdict.detected and verdict.ranks == (0,) and verdict.calls == 2
+    flagged = verdict.flagged()
+    assert list(flagged) == ["layer 1"]
+    b, n, t = fault.index[:3]
+    assert flagged["layer 1"].first[0] == tally.Where(check, (b, n, t))
+    assert f"layer 1: {check} at (b={b}, n={n}, row={t})" in verdict.summary()
+    # the next step starts from zero, and the same compiled step serves another fault (no recompilation)
+    step(q, Fault(fault.site, (0, 1, 3) + fault.index[3:], bit=30))
+    again = mon.step()
+    assert again.sites["layer 0"].calls == 1 and again.sites["layer 1"].detected == 1
+    assert again.sites["layer 1"].first[0] == tally.Where(check, (0, 1, 3))
+    assert step._cache_size() == 1
+
+
+def test_jax_counts_equal_the_sum_of_the_reports_under_scan_vmap_and_eagerly():
+    q, k, v = _jax_inputs(1)
+    plans = [None, Fault("probs", (0, 1, 2, 3), bit=30), None, Fault("out", (1, 0, 4, 2), bit=29)]
+    eager = [ftattn_jax.attention(q, k, v, site="eager", fault=p)[1] for p in plans]
+
+    def body(carry, i):
+        _, r = ftattn_jax.attention(q * (1.0 + i), k, v, site="scan")
+        return carry + r.detected.astype(jnp.int32), None
+
+    jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3.0)))()
+    batched = jax.jit(jax.vmap(lambda x: ftattn_jax.attention(x, k, v, site="vmap")[1].detected))(
+        jnp.stack([q, -q]))  # vmap: counted through the callback, per element
+    got = ftattn_jax.counters.tally()
+    assert got["eager"].calls == 4 and got["eager"].detected == sum(bool(r.detected) for r in eager) == 2
+    assert got["eager"].first == tally.Where("softmax_dmr", (0, 1, 2))
+    assert got["scan"].calls == 3 and got["scan"].detected == 0
+    assert got["vmap"].calls == 2 and got["vmap"].detected == int(np.sum(batched)) == 0
+    assert ftattn_jax.counters.read()["eager"] == {"detected": 2, "calls": 4}
+
+
+@pytest.mark.parametrize("site,check,index", [("probs", "softmax_dmr", (1, 3, 5, 7)), ("out", "pv_row", (0, 1, 20, 9))])
+def test_torch_step_names_site_check_and_row(site, check, index):
+    q, k, v = _torch_inputs()
+    mon = ftattn_torch.monitor.Monitor()
+    for layer in range(3):
+        plan = Fault(site, index, bit=30) if layer == 2 else None
+        _, r = ftattn_torch.attention(q, k, v, site=layer, fault=plan)
+        assert bool(r.detected) == (layer == 2)
+    verdict = mon.step()
+    assert verdict.detected and list(verdict.flagged()) == ["layer 2"] and verdict.calls == 3
+    assert verdict.sites["layer 2"].first[0] == tally.Where(check, index[:3])
+    assert not mon.step().detected and mon.totals == monitoring.Totals(2, 1, 3, 1)
+
+
+def test_replay_classifies_transient_persistent_and_device():
+    q, k, v = _torch_inputs(2)
+    bad = Fault("probs", (0, 0, 1, 1), bit=30)
+    mon = ftattn_torch.monitor.Monitor()
+
+    def run(plan):
+        ftattn_torch.attention(q, k, v, site="replayed", fault=plan)
+
+    run(bad)
+    assert mon.step().detected
+    assert mon.replay(lambda device: run(None)).kind == "transient"
+    assert mon.replay(lambda device: run(bad)).kind == "persistent"
+    assert mon.replay(lambda device: run(bad if device is None else None), other="other").kind == "device"
+    assert mon.replay(lambda device: run(bad), other="other").kind == "persistent"
+    run(None)
+    with pytest.raises(ValueError, match="replay: expected no protected calls"):
+        mon.replay(lambda device: run(None))
+    mon.step()
+    with pytest.raises(TypeError, match="fn: expected a callable"):
+        mon.replay(3)
+
+
+def test_on_step_and_tensorboard_export():
+    class Writer:
+        def __init__(self):
+            self.rows = []
+
+        def add_scalar(self, tag, value, step):
+            self.rows.append((tag, value, step))
+
+    w, seen = Writer(), []
+    mon = ftattn_jax.monitor.Monitor(on_step=[monitoring.tensorboard(w), seen.append])
+    q, k, v = _jax_inputs(3)
+    ftattn_jax.attention(q, k, v, site="a", fault=Fault("probs", (1, 1, 1, 1), bit=30))
+    mon.step()
+    assert ("ftattn/detected", 1.0, 0) in w.rows and ("ftattn/detections/a", 1.0, 0) in w.rows
+    assert len(seen) == 1 and seen[0].detected
+    with pytest.raises(TypeError, match="writer: expected an object with add_scalar"):
+        monitoring.tensorboard(object())
+    with pytest.raises(TypeError, match="on_step: expected a callable"):
+        ftattn_torch.monitor.Monitor(on_step=[3])
+    with pytest.raises(ValueError, match="group: torch.distributed is not initialized"):
+        ftattn_torch.monitor.Monitor(group=object())
+
+
+def test_tally_rows_agree_between_backends():
+    """The same fault gives the same row in both backends (the encoding is the spec's)."""
+    qj, kj, vj = _jax_inputs(4)
+    qt, kt, vt = (torch.from_numpy(np.array(x)).transpose(1, 2).contiguous() for x in (qj, kj, vj))
+    plan = Fault("probs", (1, 2, 7, 11), bit=30)
+    _, rj = ftattn_jax.attention(qj, kj, vj, fault=plan)
+    _, rt = ftattn_torch.attention(qt, kt, vt, fault=plan)
+    from ftattn_jax.common import OPS
+    from ftattn_torch.common import ops
+    row_j = np.asarray(tally.encode(rj, OPS)).tolist()
+    row_t = tally.encode(rt, ops(qt.device)).tolist()
+    assert row_j == row_t == [1, 1, 0, 1 + list(ftattn_jax.CHECKS).index("softmax_dmr"), 1, 2, 7]
+    assert tally.decode(row_j).first == tally.Where("softmax_dmr", (1, 2, 7))
+    with pytest.raises(ValueError, match="row: expected 7 integers"):
+        tally.decode([1, 2])
