@@ -17,20 +17,12 @@ import torch
 import torch.distributed as dist
 
 from ftattn_spec import CHECKS, Report
+from ftattn_spec.tally import Where
 
 #: per check: flagged (0/1), run (0/1), then up to three indices of its first flagged element
 _PER_CHECK = 5
 #: detected, inputs_finite, then the checks
 _LEN = 2 + _PER_CHECK * len(CHECKS)
-
-
-class Where(NamedTuple):
-    """The first element a check flagged on one rank: the check, and its index in the check's
-    ``flagged`` array (``(b, n, row)`` for a row check at ``granularity="vector"``; ``(b, n)`` at
-    ``"global"``; ``(b, n, key)`` for ``qk_col``, ``(b, n, h)`` for ``pv_col``)."""
-
-    check: str
-    index: tuple[int, ...]
 
 
 class GlobalVerdict(NamedTuple):
@@ -39,7 +31,7 @@ class GlobalVerdict(NamedTuple):
     ``detected``: any rank's report detected something (a check flagged, or an input was not
     finite). ``ranks``: the ranks whose report did. ``checks``: check name → the ranks where it
     flagged (every check some rank ran). ``inputs_finite``: every rank's inputs were finite.
-    ``first``: rank → :class:`Where` of its first flagged element (in ``CHECKS`` order), for
+    ``first``: rank → ``Where`` (``ftattn_spec.tally.Where``) of its first flagged element (in ``CHECKS`` order), for
     each rank a check flagged on.
     """
 

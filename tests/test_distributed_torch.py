@@ -37,11 +37,18 @@ def _worker(rank: int, port: int, out: str) -> None:
         heads = slice(rank * N // WORLD, (rank + 1) * N // WORLD)  # this rank's heads
         q, k, v = q[:, heads], k[:, heads], v[:, heads]
         got = {}
+        mon = ftattn_torch.monitor.Monitor()
         for step, fault in (("clean", None), ("faulty", Fault("probs", (1, 2, 4, 3), bit=28) if rank == 1 else None)):
-            _, rep = ftattn_torch.attention(q, k, v, scheme="full", fault=fault)
+            _, rep = ftattn_torch.attention(q, k, v, scheme="full", fault=fault, site="layer 5")
+            ftattn_torch.attention(q, k, v, scheme="full", site="layer 6")
             g = global_verdict(rep)
             got[step] = dict(detected=g.detected, ranks=list(g.ranks), checks={c: list(r) for c, r in g.checks.items()},
                              inputs_finite=g.inputs_finite, first={str(r): [w.check, list(w.index)] for r, w in g.first.items()})
+            m = mon.step()  # every rank's tallies of both sites, one all_gather_object
+            got["monitor " + step] = dict(detected=m.detected, ranks=list(m.ranks), calls=m.calls,
+                                          sites={s: [v.calls, v.detected, list(v.ranks),
+                                                     {str(r): [w.check, list(w.index)] for r, w in v.first.items()}]
+                                                 for s, v in m.sites.items()})
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(got, f)
     finally:
@@ -57,6 +64,12 @@ def test_every_rank_gets_one_verdict_naming_the_faulty_rank(tmp_path):
     assert set(clean["checks"]) == {"qk_row", "qk_col", "softmax_dmr", "pv_row", "pv_col"}
     assert faulty["detected"] and faulty["ranks"] == [1] and faulty["checks"]["softmax_dmr"] == [1]
     assert faulty["first"] == {"1": ["softmax_dmr", [1, 2, 4]]}
+    # the monitor, over both sites of the step: the same verdict on both ranks, naming rank, layer, check, row
+    m_clean, m_faulty = got[0]["monitor clean"], got[0]["monitor faulty"]
+    assert not m_clean["detected"] and m_clean["calls"] == 4
+    assert m_faulty == dict(detected=True, ranks=[1], calls=4,
+                            sites={"layer 5": [2, 1, [1], {"1": ["softmax_dmr", [1, 2, 4]]}],
+                                   "layer 6": [2, 0, [], {}]})
 
 
 def test_refuses_what_it_cannot_use():
