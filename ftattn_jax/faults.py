@@ -2,8 +2,9 @@
 
 Every field of the plan (site, index, bit, value, kind) is a traced array, so
 one compiled function serves every fault of the same count; only the number
-of faults is static. At each site, each fault of the plan becomes a one-element
-conditional update: ``x[idx] = where(fault targets this site, corrupted, x[idx])``.
+of faults is static. At each site, each fault of the plan becomes an elementwise
+select, ``x = where(fault targets this site and element, corrupted x, x)``: no
+gather, so under ``jax.jit`` an ``x`` sharded over devices stays sharded.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _uint(dtype) -> type:  # the scalar type (jnp.uint16), not a dtype instance
 
 
 def corrupt(old: Array, kind: Array, bit: Array, value: Array) -> Array:
-    """``old`` (a scalar) with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2)."""
+    """``old`` (any shape) with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2)."""
     ut = _uint(old.dtype)
     flipped = lax.bitcast_convert_type(
         lax.bitcast_convert_type(old, ut) ^ jnp.left_shift(jnp.ones((), ut), bit.astype(ut)), old.dtype)
@@ -60,8 +61,8 @@ def inject(x: Array, site: str, layout: str, plan: DevicePlan | None, replica: i
     code = SITES.index(site)
     perm = transpose_perm(SITE_AXES[site], layout)
     for f in range(plan.site.shape[0]):
-        idx = tuple(plan.index[f, p] for p in perm)
-        old = x[idx]
-        active = (plan.site[f] == code) & (plan.replica[f] == replica)
-        x = x.at[idx].set(jnp.where(active, corrupt(old, plan.kind[f], plan.bit[f], plan.value[f]), old))
+        hit = (plan.site[f] == code) & (plan.replica[f] == replica)
+        for axis, p in enumerate(perm):  # an elementwise mask: an array sharded over devices stays sharded
+            hit = hit & (lax.broadcasted_iota(jnp.int32, x.shape, axis) == plan.index[f, p])
+        x = jnp.where(hit, corrupt(x, plan.kind[f], plan.bit[f], plan.value[f]), x)
     return x

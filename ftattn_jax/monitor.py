@@ -26,9 +26,12 @@ import jax
 from ftattn_spec.monitoring import (Classification, Monitor as _Monitor, SiteVerdict, StepVerdict, Totals,
                                     tensorboard)
 
-from . import counters
+from ftattn_spec import tally
 
-__all__ = ["Classification", "Monitor", "SiteVerdict", "StepVerdict", "Totals", "tensorboard"]
+from . import counters
+from .common import OPS
+
+__all__ = ["Classification", "Monitor", "SiteVerdict", "StepVerdict", "Totals", "devices_of", "tensorboard"]
 
 
 class _Local:
@@ -46,3 +49,30 @@ class Monitor(_Monitor):
         rank = jax.process_index()
         super().__init__(read=counters.tally, reset=counters.reset, gather=_Local(rank) if rank else None,
                          rank=rank, on_step=on_step)
+
+
+def devices_of(where, sharding, q_shape) -> list:
+    """The devices holding the query rows a detection names: ``where`` is a
+    ``ftattn_spec.tally.Where`` (``SiteTally.first``, ``SiteVerdict.first[rank]``) or a
+    ``Report`` (its first flagged element), ``sharding`` the query's (``q.sharding``, layout
+    ``(B, T, N, H)``), ``q_shape`` its shape. A row check's ``(b, n, row)`` is query ``[b, row, n]``;
+    a column check's ``(b, n, ·)`` is head ``n`` of batch ``b`` (every row). Empty when nothing is
+    located."""
+    if hasattr(where, "checks"):
+        where = tally.decode(jax.device_get(tally.encode(where, OPS))).first
+    if where is None or where.check is None or len(where.index) < 2:
+        return []
+    b, n = where.index[:2]
+    row = where.index[2] if len(where.index) == 3 and where.check in ("qk_row", "softmax_dmr", "softmax_exp",
+                                                                       "pv_row") else None
+    found = []
+    for device, idx in sharding.devices_indices_map(tuple(q_shape)).items():
+        bs, ts, ns = idx[0], idx[1], idx[2]
+        if _within(b, bs, q_shape[0]) and _within(n, ns, q_shape[2]) and (row is None or _within(row, ts, q_shape[1])):
+            found.append(device)
+    return sorted(found, key=lambda d: d.id)
+
+
+def _within(i: int, s: slice, size: int) -> bool:
+    start, stop, step = s.indices(size)
+    return start <= i < stop and (i - start) % step == 0

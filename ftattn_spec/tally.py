@@ -63,10 +63,7 @@ def encode(report, ops: ArrayOps):
         c = report.checks.get(CHECKS[k])
         if c is None or 0 in tuple(c.flagged.shape):
             continue
-        flat = ops.int32(c.flagged.reshape(-1))
-        hit = flat.max() > 0
-        pos = ops.int32(flat.argmax())
-        here = _unravel(pos, tuple(int(d) for d in c.flagged.shape))
+        here, hit = _first(c.flagged, ops)
         check = ops.where(hit, k + 1, check)
         index = [ops.where(hit, h, i) for h, i in zip(here + [one * 0 - 1] * (3 - len(here)), index)]
     nonfinite = 1 - ops.int32(report.inputs_finite).reshape(())
@@ -79,12 +76,22 @@ def encode_flag(detected, ops: ArrayOps):
     return ops.stack_last([d * 0 + 1, d, d * 0, d * 0, d * 0 - 1, d * 0 - 1, d * 0 - 1])
 
 
-def _unravel(pos, shape: tuple[int, ...]) -> list:
-    out, stride = [], 1
-    for d in reversed(shape[-3:]):
-        out.append((pos // stride) % d)
-        stride *= d
-    return out[::-1]
+def _first(flagged, ops: ArrayOps) -> tuple[list, object]:
+    """``([b, n(, x)], hit)``: the first flagged element of a ``(B, N)`` or ``(B, N, X)`` array, and
+    whether there is one. Reduced along X first, so that an array sharded over B and N moves
+    ``B·N`` flags between devices, not ``B·N·X``."""
+    f = ops.int32(flagged)
+    if f.ndim == 3:
+        per_bn, along = ops.int32(flagged.any(-1)), f.argmax(-1)
+    else:
+        per_bn, along = f, None
+    flat = per_bn.reshape(-1)
+    pos = flat.argmax()
+    n = int(per_bn.shape[-1])
+    here = [ops.int32(pos // n), ops.int32(pos % n)]
+    if along is not None:
+        here.append(ops.int32(along.reshape(-1)[pos]))
+    return here, flat.max() > 0
 
 
 def merge(tally, row, ops: ArrayOps):

@@ -1,0 +1,67 @@
+"""Run by tests/test_sharding_jax.py in its own process, with 8 host devices (set before jax is
+imported): ftattn_jax under jax.jit with inputs sharded over batch and heads. Prints one JSON object."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import ftattn_jax  # noqa: E402
+from ftattn_spec import Fault  # noqa: E402
+
+B, T, N, K, S, H = 4, 24, 8, 4, 40, 16  # every axis a different size but B and N, which the mesh splits
+_SHAPE = re.compile(r"= [a-z0-9]+\[([0-9,]*)\][^ ]* all-gather(?:-start)?\(")
+
+
+def largest_gather(compiled_text: str) -> int:
+    """The most elements any all-gather of the compiled program produces (0: none)."""
+    sizes = [int(np.prod([int(d) for d in m.group(1).split(",") if d] or [1]))
+             for m in _SHAPE.finditer(compiled_text)]
+    return max(sizes, default=0)
+
+
+def main() -> None:
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "heads"))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    spec = P("data", None, "heads", None)
+    sh = NamedSharding(mesh, spec)
+    qs, ks, vs = (jax.device_put(x, sh) for x in (q, k, v))
+    out = {"devices": jax.device_count()}
+    for scheme in ("baseline", "full", "abft_all"):
+        f = jax.jit(lambda q, k, v, plan, s=scheme: ftattn_jax.attention(q, k, v, scheme=s, fault=plan,
+                                                                           site=f"sharded {s}"))
+        plan = Fault("probs", (3, 6, 5, 7), bit=30)
+        o, r = f(qs, ks, vs, plan)
+        o1, r1 = ftattn_jax.attention(q, k, v, scheme=scheme, fault=plan)
+        f(qs, ks, vs, Fault("probs", (0, 1, 2, 3), bit=29))
+        clean = jax.jit(lambda q, k, v, s=scheme: ftattn_jax.attention(q, k, v, scheme=s)[0])(qs, ks, vs)
+        ref = np.asarray(ftattn_jax.attention(q, k, v, scheme=scheme)[0])
+        out[scheme] = dict(
+            out_spec=str(o.sharding.spec), clean_spec=str(clean.sharding.spec),
+            clean_diff=float(np.max(np.abs(np.asarray(clean) - ref))),
+            device=[d.id for d in ftattn_jax.monitor.devices_of(r, qs.sharding, q.shape)],
+            expected=[int(mesh.devices[1, 3].id)],
+            detected=bool(r.detected), single=bool(r1.detected),
+            row_specs=sorted({str(c.flagged.sharding.spec) for c in r.checks.values() if c.flagged.ndim == 3}),
+            compilations=f._cache_size(),
+            largest_gather=largest_gather(f.lower(qs, ks, vs, plan).compile().as_text()))
+    out["tally"] = {s: [t.calls, t.detected, None if t.first is None else [t.first.check, list(t.first.index)]]
+                    for s, t in ftattn_jax.counters.tally().items() if s.startswith("sharded")}
+    g = jax.jit(lambda q, k, v: ftattn_jax.dot_product_attention(q, k, v, is_causal=True))
+    out["dropin"] = dict(out_spec=str(g(qs, ks, vs).sharding.spec),
+                         largest_gather=largest_gather(g.lower(qs, ks, vs).compile().as_text()))
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
