@@ -32,8 +32,8 @@ jax.tree_util.register_pytree_node(Ran, lambda r: ((), (r.implementation, r.fall
 # a ``Fault`` is a pytree whose leaves are its index, bit and value: a fault plan can be an argument of
 # the user's jitted function, and one compilation serves every fault of the same count and sites
 jax.tree_util.register_pytree_node(
-    Fault, lambda f: ((f.index, f.bit, f.value), (f.site, f.replica)),
-    lambda aux, ch: spec_faults._unchecked_fault(aux[0], ch[0], ch[1], ch[2], aux[1]))
+    Fault, lambda f: ((f.index, f.bit, f.value), (f.site, f.replica, f.stuck)),
+    lambda aux, ch: spec_faults._unchecked_fault(aux[0], ch[0], ch[1], ch[2], aux[1], aux[2]))
 _TRACED_FAULTS = (jnp.stack, lambda x, dtype: jnp.asarray(x, dtype))
 
 

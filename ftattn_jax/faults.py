@@ -42,12 +42,14 @@ def _uint(dtype) -> type:  # the scalar type (jnp.uint16), not a dtype instance
 
 
 def corrupt(old: Array, kind: Array, bit: Array, value: Array) -> Array:
-    """``old`` (any shape) with ``bit`` flipped (kind 0), set to ``value`` (1) or plus ``value`` (2)."""
+    """``old`` (any shape) with ``bit`` flipped (kind 0), set to ``value`` (1), plus ``value`` (2),
+    or ``bit`` set to 1 (3) or 0 (4)."""
     ut = _uint(old.dtype)
-    flipped = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(old, ut) ^ jnp.left_shift(jnp.ones((), ut), bit.astype(ut)), old.dtype)
+    bits, mask = lax.bitcast_convert_type(old, ut), jnp.left_shift(jnp.ones((), ut), bit.astype(ut))
+    pattern = jnp.where(kind == 3, bits | mask, jnp.where(kind == 4, bits & ~mask, bits ^ mask))
+    changed = lax.bitcast_convert_type(pattern, old.dtype)
     v = value.astype(old.dtype)
-    return jnp.where(kind == 0, flipped, jnp.where(kind == 1, v, old + v))
+    return jnp.where(kind == 1, v, jnp.where(kind == 2, old + v, changed))
 
 
 def inject(x: Array, site: str, layout: str, plan: DevicePlan | None, replica: int = 0) -> Array:
@@ -63,6 +65,7 @@ def inject(x: Array, site: str, layout: str, plan: DevicePlan | None, replica: i
     for f in range(plan.site.shape[0]):
         hit = (plan.site[f] == code) & (plan.replica[f] == replica)
         for axis, p in enumerate(perm):  # an elementwise mask: an array sharded over devices stays sharded
-            hit = hit & (lax.broadcasted_iota(jnp.int32, x.shape, axis) == plan.index[f, p])
+            at = plan.index[f, p]  # -1: every position (a stuck-at fault's wildcard)
+            hit = hit & ((at == -1) | (lax.broadcasted_iota(jnp.int32, x.shape, axis) == at))
         x = jnp.where(hit, corrupt(x, plan.kind[f], plan.bit[f], plan.value[f]), x)
     return x

@@ -95,7 +95,11 @@ REPLICA_SITES: tuple[str, ...] = ("probs", "bwd_scores", "bwd_probs", "bwd_dp", 
 ON_FAULT: tuple[str, ...] = ("report", "correct", "raise", "nan")
 
 _WIDTH = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
-_KIND = {"bit": 0, "value": 1, "add": 2}
+_KIND = {"bit": 0, "value": 1, "add": 2, "stuck1": 3, "stuck0": 4}
+
+#: Sites where a stuck-at fault (``Fault(stuck=...)``) and a wildcard index (``None``) may be
+#: placed: the forward's S, P and O, in every implementation that injects at them.
+STUCK_SITES: tuple[str, ...] = ("scores", "probs", "out")
 
 
 def element_dtype(site: str, dtype: str) -> str:
@@ -114,13 +118,18 @@ def _is_int(x) -> bool:
 
 @dataclass(frozen=True)
 class Fault:
-    """One corrupted element. Exactly one of ``bit`` and ``value`` is given.
+    """One corrupted element, or (``stuck``) every element of a region. Exactly one of ``bit`` and
+    ``value`` is given.
 
     Attributes:
       site: one of ``SITES``.
-      index: logical ``(batch, head, row, column)``; see the module docs.
-      bit: flip this bit of the element (0 = least significant).
+      index: logical ``(batch, head, row, column)``; see the module docs. With ``stuck``, an entry
+        may be ``None``: every position along that axis (``(b, n, t, None)`` is a whole row of S,
+        ``(None,) * 4`` every element of the call).
+      bit: flip this bit of the element (0 = least significant); with ``stuck``, the bit held.
       value: set the element to this number (rounded to the element's dtype).
+      stuck: None (a flip), or 1 or 0: ``bit`` is forced to that value in every element the index
+        covers (a stuck-at fault of a defective unit; sites ``STUCK_SITES``).
       replica: for ``site="probs"``, which softmax evaluation: 0 (the one the
         output uses) or 1 (the DMR's second evaluation); for the backward's
         S, P, dP and dS (``BACKWARD_SITES``), which kernel's evaluation: 0 the
@@ -132,15 +141,25 @@ class Fault:
     bit: int | None = None
     value: float | None = None
     replica: int = 0
+    stuck: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.site, str) or self.site not in SITES:
             raise ValueError(f"fault.site: expected one of {SITES}, got {self.site!r}")
         idx = self.index
-        if not isinstance(idx, (tuple, list)) or len(idx) != 4 or not all(_is_int(i) for i in idx):
-            raise ValueError(f"fault.index: expected 4 ints (batch, head, row, column) of the logical "
+        if self.stuck is not None and (not _is_int(self.stuck) or self.stuck not in (0, 1)):
+            raise ValueError(f"fault.stuck: expected None, 0 or 1, got {self.stuck!r}")
+        if self.stuck is not None and self.site not in STUCK_SITES:
+            raise ValueError(f"fault.stuck: applies to sites {STUCK_SITES}, got site {self.site!r}")
+        wild = self.stuck is not None
+        if (not isinstance(idx, (tuple, list)) or len(idx) != 4
+                or not all(_is_int(i) or (wild and i is None) for i in idx)):
+            what = "ints or None (every position)" if wild else "ints"
+            raise ValueError(f"fault.index: expected 4 {what} (batch, head, row, column) of the logical "
                              f"{SITE_AXES[self.site]} index of site {self.site!r}, got {idx!r}")
-        object.__setattr__(self, "index", tuple(int(i) for i in idx))
+        object.__setattr__(self, "index", tuple(None if i is None else int(i) for i in idx))
+        if wild and self.bit is None:
+            raise ValueError(f"fault.bit: expected the bit a stuck-at fault holds (stuck={self.stuck}), got None")
         if (self.bit is None) == (self.value is None):
             raise ValueError(f"fault.bit, fault.value: expected exactly one of the two, got bit={self.bit!r} "
                              f"and value={self.value!r}")
@@ -155,20 +174,33 @@ class Fault:
                              f"replica), got 1")
 
 
-def _unchecked_fault(site: str, index, bit, value, replica: int) -> "Fault":
+def _unchecked_fault(site: str, index, bit, value, replica: int, stuck: int | None = None) -> "Fault":
     """A ``Fault`` whose leaves may be a framework's traced scalars (rebuilt by ``jax.tree_util``
     inside a transformation); the checks ran when the user built it."""
     f = object.__new__(Fault)
-    for name, x in (("site", site), ("index", tuple(index)), ("bit", bit), ("value", value), ("replica", replica)):
+    for name, x in (("site", site), ("index", tuple(index)), ("bit", bit), ("value", value), ("replica", replica),
+                    ("stuck", stuck)):
         object.__setattr__(f, name, x)
     return f
+
+
+def _kind(f: Fault) -> int:
+    if f.stuck is not None:
+        return _KIND["stuck1" if f.stuck else "stuck0"]
+    return _KIND["bit"] if f.bit is not None else _KIND["value"]
+
+
+def _index(f: Fault) -> tuple:
+    """The plan's index: ``-1`` for a wildcard (``None``)."""
+    return tuple(-1 if i is None else i for i in f.index)
 
 
 class FaultPlan(NamedTuple):
     """Faults as arrays of length F, so that a jit-compiled backend can take them as data.
 
-    ``site`` indexes ``SITES``; ``kind`` is 0 (flip ``bit``), 1 (set ``value``)
-    or 2 (add ``value``: a private mode of the test suite).
+    ``site`` indexes ``SITES``; ``kind`` is 0 (flip ``bit``), 1 (set ``value``),
+    2 (add ``value``: a private mode of the test suite), 3 (set ``bit`` to 1) or 4 (set it to
+    0); an index of ``-1`` is every position along that axis (kinds 3 and 4 only).
     """
 
     site: np.ndarray  # int32 [F]
@@ -236,7 +268,7 @@ def validate_faults(fault, dims: dict, dtype: str, checks: tuple[str, ...], trac
         return None
     for f in faults:
         shape = _site_shape(f.site, dims)
-        if any(_is_int(i) and not 0 <= i < n for i, n in zip(f.index, shape)):
+        if any(_is_int(i) and not 0 <= i < n for i, n in zip(f.index, shape) if i is not None):
             raise ValueError(f"fault.index: expected 0 <= index < {shape} (logical {SITE_AXES[f.site]} of site "
                              f"{f.site!r}), got {f.index}")
         width = bit_width(f.site, dtype)
@@ -246,7 +278,7 @@ def validate_faults(fault, dims: dict, dtype: str, checks: tuple[str, ...], trac
         if f.replica == 1 and f.site == "probs" and "softmax_dmr" not in checks:
             raise ValueError("fault.replica: expected 0, because this scheme computes one softmax "
                              "(only schemes with 'softmax_dmr' compute replica 1), got 1")
-    concrete = all(_is_int(i) for f in faults for i in (*f.index, f.bit if f.bit is not None else 0)) and all(
+    concrete = all(_is_int(i) for f in faults for i in (*_index(f), f.bit if f.bit is not None else 0)) and all(
         f.value is None or isinstance(f.value, numbers.Real) for f in faults)
     return plan(faults, None if concrete else traced)
 
@@ -263,15 +295,15 @@ def plan(faults, traced=None) -> FaultPlan:
         ints = lambda xs: stack([asarray(x, "int32") for x in xs])  # noqa: E731
         return FaultPlan(
             site=ints([SITES.index(f.site) for f in faults]), replica=ints([f.replica for f in faults]),
-            index=stack([ints(f.index) for f in faults]),
-            kind=ints([_KIND["bit"] if f.bit is not None else _KIND["value"] for f in faults]),
+            index=stack([ints(_index(f)) for f in faults]),
+            kind=ints([_kind(f) for f in faults]),
             bit=ints([f.bit if f.bit is not None else 0 for f in faults]),
             value=stack([asarray(f.value if f.value is not None else 0.0, "float32") for f in faults]))
     return FaultPlan(
         site=np.array([SITES.index(f.site) for f in faults], np.int32),
         replica=np.array([f.replica for f in faults], np.int32),
-        index=np.array([f.index for f in faults], np.int32).reshape(-1, 4),
-        kind=np.array([_KIND["bit"] if f.bit is not None else _KIND["value"] for f in faults], np.int32),
+        index=np.array([_index(f) for f in faults], np.int32).reshape(-1, 4),
+        kind=np.array([_kind(f) for f in faults], np.int32),
         bit=np.array([f.bit if f.bit is not None else 0 for f in faults], np.int32),
         value=np.array([f.value if f.value is not None else 0.0 for f in faults], np.float64),
     )

@@ -17,14 +17,15 @@ _INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: t
 
 
 def corrupt(old: Tensor, kind: int, bit: int, value: float) -> Tensor:
-    """``old`` (one element, shape ``(1,)``) with ``bit`` flipped (kind 0), set to
-    ``value`` (1) or plus ``value`` (2). Values are rounded through float32, as in JAX."""
-    if kind == 0:
+    """``old`` (any shape) with ``bit`` flipped (kind 0), set to ``value`` (1), plus ``value``
+    (2), or ``bit`` set to 1 (3) or 0 (4). Values are rounded through float32, as in JAX."""
+    if kind in (0, 3, 4):
         width = old.element_size() * 8
         mask = 1 << bit
         if mask >= 1 << (width - 1):  # the sign bit, as a two's-complement constant
             mask -= 1 << width
-        return (old.view(_INT[old.dtype]) ^ mask).view(old.dtype)
+        bits = old.view(_INT[old.dtype])
+        return (bits ^ mask if kind == 0 else bits | mask if kind == 3 else bits & ~mask).view(old.dtype)
     v = torch.tensor([value], dtype=torch.float32, device=old.device).to(old.dtype)
     return v if kind == 1 else old + v
 
@@ -54,6 +55,6 @@ def inject(x: Tensor, site: str, layout: str, plan: FaultPlan | None, replica: i
     x = x.clone()
     with torch.no_grad():
         for f in hits:
-            idx = tuple(int(plan.index[f][p]) for p in perm)
-            x[idx] = corrupt(x[idx].reshape(1), int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))[0]
+            idx = tuple(slice(None) if int(plan.index[f][p]) == -1 else int(plan.index[f][p]) for p in perm)
+            x[idx] = corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
     return x

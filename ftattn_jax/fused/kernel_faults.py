@@ -24,9 +24,10 @@ def corrupt(x, kind, bit, value, unit):
     the logical units ``x·unit``; ``kind``, ``bit`` (int32) and ``value`` are scalars or broadcast
     against ``x``."""
     logical = x * unit
-    flipped = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(logical, jnp.int32) ^ jnp.left_shift(jnp.ones_like(bit), bit), F32)
-    return jnp.where(kind == 0, flipped, jnp.where(kind == 1, value, logical + value)) / unit
+    bits, mask = lax.bitcast_convert_type(logical, jnp.int32), jnp.left_shift(jnp.ones_like(bit), bit)
+    changed = lax.bitcast_convert_type(
+        jnp.where(kind == 3, bits | mask, jnp.where(kind == 4, bits & ~mask, bits ^ mask)), F32)
+    return jnp.where(kind == 1, value, jnp.where(kind == 2, logical + value, changed)) / unit
 
 
 def fault_rows(ft, fv, B: int, N: int, Tp: int):

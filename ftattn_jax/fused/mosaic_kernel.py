@@ -164,6 +164,8 @@ def unsupported(query, *, platform: str, interpret: bool | None, plan=None, chec
                 f"(needs 0.11)")
     if plan is not None and _slot_conflict(plan):
         return "the fault plan puts two faults on one query row of one site (the Hopper kernel takes one per row)"
+    if plan is not None and (np.asarray(plan.kind) >= 3).any():
+        return "the fault plan has a stuck-at fault, which the Hopper kernel does not inject (one element per row)"
     for site in spec_faults.FUSED_FORWARD_SITES:
         if plan is not None and spec_faults.SITES.index(site) in np.asarray(plan.site).tolist():
             return f"the fault plan has a fault at site {site!r}, which the Hopper kernel does not inject"

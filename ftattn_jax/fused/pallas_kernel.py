@@ -174,9 +174,10 @@ def _inject(x, rows, cols, ft_ref, fv_ref, cfg, b, n, site: int, replica: int, u
     """Apply the plan's faults at (b, n, row, col) of ``site``/``replica`` that fall in this tile
     (``cfg``: any kernel's config with ``n_faults``, the backward's too)."""
     for f in range(cfg.n_faults):
+        fb, fn, fi, fj = (ft_ref[8 * f + x] for x in (2, 3, 4, 5))  # -1: every position (stuck-at)
         here = ((ft_ref[8 * f] == site) & (ft_ref[8 * f + 1] == replica)
-                & (ft_ref[8 * f + 2] == b) & (ft_ref[8 * f + 3] == n))
-        hit = here & (rows[:, None] == ft_ref[8 * f + 4]) & (cols[None, :] == ft_ref[8 * f + 5])
+                & ((fb == -1) | (fb == b)) & ((fn == -1) | (fn == n)))
+        hit = here & ((fi == -1) | (rows[:, None] == fi)) & ((fj == -1) | (cols[None, :] == fj))
         x = jnp.where(hit, corrupt(x, ft_ref[8 * f + 6], ft_ref[8 * f + 7], fv_ref[f], unit), x)
     return x
 
@@ -195,9 +196,9 @@ def _planned(ft_ref, cfg: Config, b, n, r_lo, r_hi, c_lo, c_hi):
     skip is then computed, as the unfused path computes every entry of P."""
     hit = jnp.zeros((), bool)
     for f in range(cfg.n_faults):
-        fi, fj = ft_ref[8 * f + 4], ft_ref[8 * f + 5]
-        hit = hit | ((ft_ref[8 * f] == SITE_PROBS) & (ft_ref[8 * f + 2] == b) & (ft_ref[8 * f + 3] == n)
-                     & (fi >= r_lo) & (fi <= r_hi) & (fj >= c_lo) & (fj <= c_hi))
+        fb, fn, fi, fj = (ft_ref[8 * f + x] for x in (2, 3, 4, 5))
+        hit = hit | ((ft_ref[8 * f] == SITE_PROBS) & ((fb == -1) | (fb == b)) & ((fn == -1) | (fn == n))
+                     & ((fi == -1) | ((fi >= r_lo) & (fi <= r_hi))) & ((fj == -1) | ((fj >= c_lo) & (fj <= c_hi))))
     return hit
 
 

@@ -99,8 +99,9 @@ def _corrupt(x, kind, bit, value, unit):
     """``x`` (float32) with ``bit`` flipped (kind 0), set to ``value`` (1) or plus
     ``value`` (2), in the logical units ``x·unit``."""
     logical = x * unit
-    flipped = (logical.to(tl.int32, bitcast=True) ^ (1 << bit)).to(tl.float32, bitcast=True)
-    return tl.where(kind == 0, flipped, tl.where(kind == 1, value, logical + value)) / unit
+    bits = logical.to(tl.int32, bitcast=True)
+    changed = tl.where(kind == 3, bits | (1 << bit), tl.where(kind == 4, bits & ~(1 << bit), bits ^ (1 << bit)))
+    return tl.where(kind == 1, value, tl.where(kind == 2, logical + value, changed.to(tl.float32, bitcast=True))) / unit
 
 
 @triton.jit
@@ -122,13 +123,14 @@ def _inject_at(x, r2, c2, r_lo, r_hi, c_lo, c_hi, FT, FV, n_faults, b, n, site: 
         fn = tl.load(row + 3)
         fi = tl.load(row + 4)
         fj = tl.load(row + 5)
-        here = (fs == site) & (fr == replica) & (fb == b) & (fn == n)
-        here = here & (fi >= r_lo) & (fi <= r_hi) & (fj >= c_lo) & (fj <= c_hi)
+        # -1: every position along that axis (a stuck-at fault's wildcard)
+        here = (fs == site) & (fr == replica) & ((fb == -1) | (fb == b)) & ((fn == -1) | (fn == n))
+        here = here & ((fi == -1) | ((fi >= r_lo) & (fi <= r_hi))) & ((fj == -1) | ((fj >= c_lo) & (fj <= c_hi)))
         if here:
             kind = tl.load(row + 6)
             bit = tl.load(row + 7)
             value = tl.load(FV + f)
-            hit = (r2 == fi) & (c2 == fj)
+            hit = ((fi == -1) | (r2 == fi)) & ((fj == -1) | (c2 == fj))
             x = tl.where(hit, _corrupt(x, kind, bit, value, unit), x)
     return x
 
