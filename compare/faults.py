@@ -70,6 +70,7 @@ import time
 
 import numpy as np
 
+from ftattn_spec import fault_models
 from ftattn_spec import reference as ref
 from ftattn_spec.faults import SITE_AXES, Fault, bit_width
 from ftattn_spec.inputs import DISTRIBUTIONS, draw_qkv
@@ -127,21 +128,37 @@ def _fault(site: str, index, bit: int) -> Fault:
     return Fault(site, index, bit=bit)
 
 
-def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str, bits=None) -> list[dict]:
+def _faults(trial: dict):
+    """The faults of one trial: its model's, drawn from the trial's seed."""
+    model = trial.get("model", "single")
+    if model == "single":
+        return _fault(trial["site"], trial["index"], trial["bit"])
+    site, replica = trial["site"].split(".")[0], int(trial["site"] == "probs.replica")
+    return fault_models.draw(model, np.random.default_rng(trial["seed"]), site, trial["index"], trial["bit"],
+                             trial["dtype"], replica)
+
+
+def plan_trials(sites, dtypes, trials: int, seed: int, shape: dict, scheme: str, bits=None,
+                model: str = "single") -> list[dict]:
     """The seeded list of faulty trials: ``trials`` per (dtype, site, bit); ``bits``
-    (a set of bit positions, None = all) keeps only those bits."""
+    (a set of bit positions, None = all) keeps only those bits; ``model`` (``fault_models.MODELS``)
+    says what a trial corrupts at its site, index and bit (sites the model cannot corrupt are left
+    out)."""
+    allowed = fault_models.MODEL_SITES[model]
     rng = np.random.default_rng(seed)
     out = []
     for dtype in dtypes:
         for site in sites:
             if site == "probs.replica" and "softmax_dmr" not in SCHEMES[scheme].checks:
                 continue
+            if allowed is not None and site not in allowed:
+                continue
             dims = tuple(shape[a] for a in SITE_AXES[site.split(".")[0]])
             for bit in range(bit_width(site.split(".")[0], dtype)):
                 if bits is not None and bit not in bits:
                     continue
                 for _ in range(trials):
-                    out.append(dict(dtype=dtype, site=site, bit=bit,
+                    out.append(dict(dtype=dtype, site=site, bit=bit, model=model,
                                     index=tuple(int(rng.integers(n)) for n in dims),
                                     dist=DISTRIBUTIONS[int(rng.integers(len(DISTRIBUTIONS)))],
                                     seed=int(rng.integers(2**31))))
@@ -212,7 +229,7 @@ def _explained(a: dict, b: dict) -> bool:
 def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool, mask: str = "none") -> dict:
     masks = mask_kwargs(mask, shape, trial["seed"])
     case = _Case(trial["seed"], trial["dist"], trial["dtype"], shape, is_causal, backends, masks)
-    fault = _fault(trial["site"], trial["index"], trial["bit"])
+    fault = _faults(trial)
     row = dict(trial, index=list(trial["index"]), backends={})
     for b in backends:
         args = case.arrays[b.name]
@@ -226,7 +243,7 @@ def run_trial(trial: dict, backends, scheme: str, shape: dict, is_causal: bool, 
             res["error_over_tolerance"] = float(np.nanmax(np.abs(o - case.o64) / case.bound))
         gemm = trial["site"] if trial["site"] in ("scores", "out") else None
         if res["detected"]:
-            if gemm in rep.located:
+            if gemm in rep.located and trial.get("model", "single") == "single":
                 b_, n_, i_, j_ = trial["index"]
                 res["located"] = bool(np.array_equal(rep.located[gemm][b_, n_], [i_, j_]))
             out_c, rep_c = b.attention(*args, scheme=scheme, is_causal=is_causal, fault=fault, on_fault="correct",
@@ -297,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--implementation", default="unfused", choices=IMPLEMENTATIONS,
                     help="unfused (both backends), triton (torch's fused kernel; JAX stays unfused) or pallas "
                          "(JAX's fused kernel; torch stays unfused): the fused ones take float16/bfloat16")
+    ap.add_argument("--model", default="single", choices=tuple(fault_models.MODELS),
+                    help="what a faulty run corrupts: one bit (single), 2-4 bits of one element (multi_bit), a "
+                         "bit stuck at 0 or 1 over a row (stuck_row) or the whole call (stuck_call) of S, P or O")
     ap.add_argument("--bits", default=None,
                     help="comma-separated bit positions or ranges a-b within 0-31; None: every bit")
     ap.add_argument("--out", default=None, help="output folder; None: results/faults-<timestamp>/")
@@ -336,7 +356,7 @@ def _campaign(args) -> int:
     if args.clean < 0:
         raise UsageError(f"--clean: expected an integer >= 0, got {args.clean}")
     dtypes, dropped = options.restrict_dtypes(args.implementation, dtypes, args.dtype)
-    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits)
+    trials = plan_trials(sites, dtypes, args.trials, args.seed, DEFAULT_SHAPE, args.scheme, bits, args.model)
     if not trials:
         raise UsageError(f"--sites, --bits, --dtype: expected a selection with at least one faulty trial, got "
                          f"--sites {args.sites!r}, --bits {args.bits!r}, --dtype {args.dtype!r}")

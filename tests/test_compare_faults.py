@@ -231,3 +231,23 @@ def test_bits_option():
         faults._parse_bits("40")
     trials = faults.plan_trials(["scores", "key"], ["float16"], 1, 0, faults.DEFAULT_SHAPE, "full", {3, 30})
     assert [(t["site"], t["bit"]) for t in trials] == [("scores", 3), ("scores", 30), ("key", 3)]
+
+
+def test_fault_models_option():
+    """``--model``: the trials of a stuck-at model keep the sites it can corrupt, and a trial's
+    faults are its model's, the same each time they are drawn; the backends agree on a stuck row."""
+    from compare import backends, faults
+
+    trials = faults.plan_trials(["scores", "key", "out"], ["float16"], 1, 0, faults.DEFAULT_SHAPE, "full", {30},
+                                model="stuck_row")
+    assert [(t["site"], t["model"]) for t in trials] == [("scores", "stuck_row"), ("out", "stuck_row")]
+    f1, f2 = faults._faults(trials[0]), faults._faults(trials[0])
+    assert f1 == f2 and f1[0].stuck in (0, 1) and f1[0].index[3] is None and f1[0].index[:3] == trials[0]["index"][:3]
+    multi = faults.plan_trials(["probs"], ["float32"], 1, 0, faults.DEFAULT_SHAPE, "full", {30}, model="multi_bit")
+    bits = [f.bit for f in faults._faults(multi[0])]
+    assert 2 <= len(bits) <= 4 and bits[0] == 30 and len(set(bits)) == len(bits)
+    bks = [backends.make_backend("jax"), backends.make_backend("torch")]
+    row = faults.run_trial(dict(trials[0], dist="normal"), bks, "full", faults.DEFAULT_SHAPE, is_causal=False)
+    assert row["agree"] and all(r["detected"] or not r["harmful"] for r in row["backends"].values())
+    with pytest.raises(SystemExit):
+        faults.main(["--model", "cosmic"])
