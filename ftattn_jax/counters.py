@@ -7,11 +7,13 @@ batch, head, row). How a call adds to it, cheapest first:
 
 * **called eagerly** (the report is a concrete array): the call's row is kept
   on the device and added there; nothing waits;
-* **traced** (inside ``jax.jit``, ``grad``, ``scan``, ``checkpoint``, ...) in a
-  process with one device and no mesh in force: the row is added on the device
-  to a ``jax.Ref`` the traced function closes over; nothing waits;
-* **otherwise** (several devices, ``shard_map``, ``vmap``, or the policy
-  ``"warn"``, which must warn when it happens): ``jax.debug.callback``. The
+* **traced** (inside ``jax.jit``, ``grad``, ``scan``, ``cond``, ``checkpoint``,
+  ``checkify``) in a process with one device and no mesh in force: the row is
+  added on the device to a ``jax.Ref`` the traced function closes over; nothing
+  waits. A call that ``checkpoint`` recomputes in the backward counts again;
+* **otherwise** (several devices, ``shard_map``, ``vmap``, partial evaluation
+  such as Flax's ``nn.scan`` tracing its body, or the policy ``"warn"``, which
+  must warn when it happens): ``jax.debug.callback``. The
   thread that dispatches the call then waits at the callback for the device:
   one device synchronisation per call, measured at 0.5 ms per call on an H200
   (docs/faults.md, "Counters").
@@ -73,14 +75,40 @@ def _add_host(site: str, warn: bool, row) -> None:
                       f"report; policy 'warn')", FaultWarning, stacklevel=2)
 
 
+#: the traces a closed-over Ref is known to work under (jax 0.10.2 to 0.11.2): staging (``jit``,
+#: ``scan``, ``cond``, ``checkpoint``, ``checkify``), ``grad``/``linearize``, and eager evaluation.
+#: Partial evaluation (``JaxprTrace``: Flax's ``nn.scan`` traces its body so), ``vmap`` and the
+#: sharded traces are not: they get the callback.
+_REF_TRACES = frozenset({"DynamicJaxprTrace", "LinearizeTrace", "JVPTrace", "EvalTrace"})
+
+
+def _trace_kinds() -> list[str] | None:
+    """The class names of the traces in force, innermost first (None: this jax does not say; the
+    one place the counters read JAX internals)."""
+    try:
+        from jax._src import core
+        trace = core.trace_ctx.trace
+    except (ImportError, AttributeError):  # pragma: no cover - another jax: the callback then
+        return None
+    kinds = []
+    while trace is not None and len(kinds) < 64:
+        kinds.append(type(trace).__name__)
+        trace = getattr(trace, "parent_trace", None)
+    return kinds
+
+
 def _on_device_ok() -> bool:
     """Whether a traced call may add to a closed-over ``jax.Ref``: one device in the process (a
-    Ref lives on one device, and a jitted function must run where its arguments are) and no mesh
-    in force (``shard_map``, ``pmap`` and ``jax.set_mesh`` take no closed-over Ref)."""
+    Ref lives on one device, and a jitted function must run where its arguments are), no mesh in
+    force (``shard_map``, ``pmap`` and ``jax.set_mesh`` take no closed-over Ref), and only traces
+    of ``_REF_TRACES``."""
     if jax.device_count() != 1 or jax.config.jax_default_device is not None:
         return False
     mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    return mesh is None or bool(getattr(mesh(), "empty", False))
+    if mesh is not None and not bool(getattr(mesh(), "empty", False)):
+        return False
+    kinds = _trace_kinds()
+    return kinds is not None and set(kinds) <= _REF_TRACES
 
 
 def _slot(site: str) -> tuple[int, int]:

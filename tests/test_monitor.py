@@ -173,3 +173,43 @@ def test_tally_rows_agree_between_backends():
     assert tally.decode(row_j).first == tally.Where("softmax_dmr", (1, 2, 7))
     with pytest.raises(ValueError, match="row: expected 7 integers"):
         tally.decode([1, 2])
+
+
+def test_jax_counters_under_flax_scan_remat_shard_map_and_checkify():
+    """Transformations a model wraps attention in: Flax's ``nn.scan`` (which traces its body with
+    partial evaluation first) over ``nn.remat`` under ``grad``, ``shard_map``, and ``checkify``
+    with the policy ``"raise"``: each runs and is counted."""
+    nn = pytest.importorskip("flax.linen")
+    from jax.experimental import checkify
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from ftattn_jax.flax import make_attention_fn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=make_attention_fn())(x), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scan()(x, None)[0]
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    params = Model().init(jax.random.PRNGKey(0), x)
+    jax_counters.reset()
+    jax.jit(jax.grad(lambda p: Model().apply(p, x).sum()))(params)
+    got = jax_counters.tally()
+    assert [t.calls for t in got.values()] == [6]  # 3 layers, each run again by remat in the backward
+    assert "MultiHeadDotProductAttention" in next(iter(got))  # the module path, not a file and line
+
+    q, k, v = _jax_inputs(5)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+    f = jax.jit(jax.shard_map(lambda q: ftattn_jax.attention(q, k, v, site="smap")[0], mesh=mesh,
+                              in_specs=P("x"), out_specs=P("x")))
+    assert f(q).shape == q.shape and jax_counters.tally()["smap"].calls == 1
+    with ftattn_jax.fault_policy("raise"):
+        err, _ = checkify.checkify(jax.jit(lambda q: ftattn_jax.dot_product_attention(
+            q, k, v, site="chk", fault=Fault("probs", (0, 1, 2, 3), bit=30))))(q)
+    assert err.get() is not None and jax_counters.tally()["chk"].detected == 1
