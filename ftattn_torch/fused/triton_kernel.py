@@ -115,7 +115,7 @@ def _inject(x, rows, cols, FT, FV, n_faults, b, n, site: tl.constexpr, replica, 
 def _inject_at(x, r2, c2, r_lo, r_hi, c_lo, c_hi, FT, FV, n_faults, b, n, site: tl.constexpr, replica, unit):
     """:func:`_inject` on a tile whose row and column indices broadcast from ``r2`` and ``c2``
     (either orientation), spanning rows ``r_lo..r_hi`` and columns ``c_lo..c_hi``."""
-    for f in range(n_faults):
+    for f in tl.static_range(n_faults):  # unrolled: the count is a compile-time constant
         row = FT + f * 8
         fs = tl.load(row)
         fr = tl.load(row + 1)
@@ -123,15 +123,16 @@ def _inject_at(x, r2, c2, r_lo, r_hi, c_lo, c_hi, FT, FV, n_faults, b, n, site: 
         fn = tl.load(row + 3)
         fi = tl.load(row + 4)
         fj = tl.load(row + 5)
-        # -1: every position along that axis (a stuck-at fault's wildcard)
+        # -1: every position along that axis (a stuck-at fault's wildcard). The count is a
+        # compile-time constant: with a run-time loop over two or more faults the compiled kernel
+        # flagged every row's pv_row on the H200, or read an illegal address (docs/kernels.md)
         here = (fs == site) & (fr == replica) & ((fb == -1) | (fb == b)) & ((fn == -1) | (fn == n))
         here = here & ((fi == -1) | ((fi >= r_lo) & (fi <= r_hi))) & ((fj == -1) | ((fj >= c_lo) & (fj <= c_hi)))
-        if here:
-            kind = tl.load(row + 6)
-            bit = tl.load(row + 7)
-            value = tl.load(FV + f)
-            hit = ((fi == -1) | (r2 == fi)) & ((fj == -1) | (c2 == fj))
-            x = tl.where(hit, _corrupt(x, kind, bit, value, unit), x)
+        kind = tl.load(row + 6)
+        bit = tl.load(row + 7)
+        value = tl.load(FV + f)
+        hit = here & ((fi == -1) | (r2 == fi)) & ((fj == -1) | (c2 == fj))
+        x = tl.where(hit, _corrupt(x, kind, bit, value, unit), x)
     return x
 
 
@@ -402,7 +403,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
 def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MASK, BIAS, QLEN, KLEN,
              sqb, sqn, sqt, sqh, skb, skk, sks, skh, svb, svk, svs, svh, sob, son, sot, soh,
              smb, smn, smt, sms, sbb, sbn, sbt, sbs,
-             N, G, KH, T, S, n_chunks, n_faults, plane, bn_offset, scale, win_left, win_right,
+             N, G, KH, T, S, n_chunks, n_faults: tl.constexpr, plane, bn_offset, scale, win_left, win_right,
              coef_qk, allow_qk, coef_pv, coef_pv_nc, allow_pv, dmr_a0, dmr_a1, dmr_a2, allow_dmr, vcol_unscale,
              ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny, su_rel, su_rescale, su_key, su_tiny,
              H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
