@@ -111,14 +111,27 @@ def _on_device_ok() -> bool:
     return kinds is not None and set(kinds) <= _REF_TRACES
 
 
+def _new_block():
+    """A Ref of BLOCK tallies, made on a thread of its own: JAX's trace state is per thread, so the
+    Ref is concrete even when the caller is being traced (under ``grad`` a Ref made in the caller's
+    thread would be a tracer, even inside ``ensure_compile_time_eval``)."""
+    made = []
+    worker = threading.Thread(target=lambda: made.append(
+        jax.new_ref(jax.device_put(np.tile(_ZERO, (BLOCK, 1)), jax.devices()[0]))))
+    worker.start()
+    worker.join()
+    if not made:  # pragma: no cover - the thread failed; its exception was printed
+        raise RuntimeError("ftattn: could not allocate the device-side fault counters")
+    return made[0]
+
+
 def _slot(site: str) -> tuple[int, int]:
     with _lock:
         s = _slots.get(site)
         if s is None:
             n = len(_slots)
             if n // BLOCK == len(_blocks):
-                with jax.ensure_compile_time_eval():  # a concrete Ref, even while a caller is traced
-                    _blocks.append(jax.new_ref(jnp.asarray(np.tile(_ZERO, (BLOCK, 1)))))
+                _blocks.append(_new_block())
             s = _slots[site] = (n // BLOCK, n % BLOCK)
     return s
 
@@ -140,9 +153,9 @@ def record(site: str, verdict, warn: bool = False) -> None:
         return
     row = _row(verdict)
     if _on_device_ok():
-        block, i = _slot(site)
-        ref = _blocks[block]
         try:  # refused under vmap (a batched verdict): counted by the callback below
+            block, i = _slot(site)
+            ref = _blocks[block]
             ref[i] = spec_tally.merge(ref[i], row, OPS)
             return
         except Exception:  # noqa: BLE001 - JAX's refusal has no stable type across versions

@@ -213,3 +213,43 @@ def test_jax_counters_under_flax_scan_remat_shard_map_and_checkify():
         err, _ = checkify.checkify(jax.jit(lambda q: ftattn_jax.dot_product_attention(
             q, k, v, site="chk", fault=Fault("probs", (0, 1, 2, 3), bit=30))))(q)
     assert err.get() is not None and jax_counters.tally()["chk"].detected == 1
+
+
+def test_jax_counters_under_flax_nnx_jit_grad_vmap_and_scan():
+    """``nnx.jit`` around ``nnx.grad`` (the first call of a site made inside the trace), ``nnx.vmap``
+    and ``nnx.scan`` over layers: each runs and counts every call."""
+    nnx = pytest.importorskip("flax.nnx")
+    from ftattn_jax.flax import make_attention_fn
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.att = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs,
+                                              attention_fn=make_attention_fn())
+
+        def __call__(self, x):
+            return self.att(x)
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    block = Block(nnx.Rngs(0))
+    jax_counters.reset()
+    nnx.jit(lambda m, x: nnx.grad(lambda m: m(x).sum())(m))(block, x)
+    assert sum(t.calls for t in jax_counters.tally().values()) == 1
+    nnx.vmap(lambda m, x: m(x), in_axes=(None, 0))(block, jnp.stack([x, x]))
+    assert sum(t.calls for t in jax_counters.tally().values()) == 3
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(rngs)
+
+    blocks = make(nnx.Rngs(0))
+
+    @nnx.jit
+    def run(blocks, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(b, x):
+            return b(x)
+        return body(blocks, x)
+
+    assert run(blocks, x).shape == x.shape
+    assert sum(t.calls for t in jax_counters.tally().values()) == 3 + 3  # the scan ran three layers
