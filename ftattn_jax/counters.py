@@ -97,12 +97,28 @@ def _trace_kinds() -> list[str] | None:
     return kinds
 
 
+_use_refs = {"on": True}
+
+
+def use_device_tallies(on: bool) -> bool:
+    """Whether traced calls may add to a closed-over ``jax.Ref`` (the default, where
+    :func:`_on_device_ok` allows it) or always use the host callback; returns the previous
+    setting. Turn it off for a jitted function whose arguments live on another platform than
+    the default device's (a CPU copy on a GPU machine): a Ref lives on the default device, and
+    such a call would be refused for mixing devices."""
+    if not isinstance(on, bool):
+        raise TypeError(f"on: expected a bool, got {type(on).__name__} {on!r}")
+    with _lock:
+        previous, _use_refs["on"] = _use_refs["on"], on
+    return previous
+
+
 def _on_device_ok() -> bool:
     """Whether a traced call may add to a closed-over ``jax.Ref``: one device in the process (a
     Ref lives on one device, and a jitted function must run where its arguments are), no mesh in
     force (``shard_map``, ``pmap`` and ``jax.set_mesh`` take no closed-over Ref), and only traces
     of ``_REF_TRACES``."""
-    if jax.device_count() != 1 or jax.config.jax_default_device is not None:
+    if not _use_refs["on"] or jax.device_count() != 1 or jax.config.jax_default_device is not None:
         return False
     mesh = getattr(jax.sharding, "get_abstract_mesh", None)
     if mesh is not None and not bool(getattr(mesh(), "empty", False)):

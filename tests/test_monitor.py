@@ -61,6 +61,8 @@ def test_jax_step_names_site_check_and_row_without_a_callback(monkeypatch, fault
         raise AssertionError("a host callback in a single-device jitted step")
 
     monkeypatch.setattr(jax.debug, "callback", no_callback)
+    with pytest.raises(TypeError, match="on: expected a bool"):
+        jax_counters.use_device_tallies(1)
     mon = ftattn_jax.monitor.Monitor()
     _, dets = step(q, fault)
     verdict = mon.step()
@@ -253,3 +255,26 @@ def test_jax_counters_under_flax_nnx_jit_grad_vmap_and_scan():
 
     assert run(blocks, x).shape == x.shape
     assert sum(t.calls for t in jax_counters.tally().values()) == 3 + 3  # the scan ran three layers
+
+
+def test_device_tallies_can_be_turned_off():
+    """``use_device_tallies(False)``: traced calls count through the host callback (the escape for
+    arguments on another platform than the default device's), with the same counts."""
+    q, k, v = _jax_inputs(6)
+    before = jax_counters.use_device_tallies(False)
+    try:
+        calls = []
+        real = jax.debug.callback
+
+        def spy(*a, **kw):
+            calls.append(1)
+            return real(*a, **kw)
+
+        jax.debug.callback = spy
+        try:
+            jax.jit(lambda q: ftattn_jax.attention(q, k, v, site="cb", fault=Fault("probs", (2, 1, 3, 4), bit=30))[0])(q)
+        finally:
+            jax.debug.callback = real
+        assert calls and jax_counters.tally()["cb"] == tally.SiteTally(1, 1, 0, tally.Where("softmax_dmr", (2, 1, 3)))
+    finally:
+        assert jax_counters.use_device_tallies(before) is False
