@@ -11,44 +11,35 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 B, N = 4, 8
 WORKER = os.path.join(os.path.dirname(__file__), "sharded_jax_worker.py")
 
 
-@pytest.fixture(scope="module")
-def result():
+def _run_worker() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run([sys.executable, WORKER], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
 
-def test_eight_devices(result):
+def test_sharded_over_batch_and_heads():
+    """One process of 8 devices (one test: under xdist a shared fixture would start it per worker)."""
+    result = _run_worker()
     assert result["devices"] == 8
-
-
-@pytest.mark.parametrize("scheme", ["baseline", "full", "abft_all"])
-def test_sharded_call_keeps_sharding_and_equals_one_device(result, scheme):
-    r = result[scheme]
-    assert r["out_spec"] == r["clean_spec"] == "P('data', None, 'heads', None)"
-    assert r["clean_diff"] < 1e-5
-    assert r["compilations"] == 1  # two faults, one compiled function
-    assert r["largest_gather"] <= B * N * 4  # a few integers per (batch, head): the verdict's location, no data
-    if scheme != "baseline":
-        assert r["detected"] and r["single"]
-        assert r["row_specs"] == ["P('data', 'heads')"]
-        assert r["device"] == r["expected"]  # batch 3, head 6: mesh position (1, 3)
-
-
-def test_counted_and_located_across_devices(result):
-    t = result["tally"]
+    for scheme in ("baseline", "full", "abft_all"):
+        r = result[scheme]
+        assert r["out_spec"] == r["clean_spec"] == "P('data', None, 'heads', None)", scheme
+        assert r["clean_diff"] < 1e-5, scheme
+        assert r["compilations"] == 1, scheme  # two faults, one compiled function
+        assert r["largest_gather"] <= B * N * 4, scheme  # a few integers per (batch, head): no data
+        if scheme != "baseline":
+            assert r["detected"] and r["single"], scheme
+            assert r["row_specs"] == ["P('data', 'heads')"], scheme
+            assert r["device"] == r["expected"], scheme  # batch 3, head 6: mesh position (1, 3)
+    t = result["tally"]  # counted and located across devices
     assert t["sharded full"] == [2, 2, ["softmax_dmr", [3, 6, 5]]]
     assert t["sharded abft_all"][:2] == [2, 2] and t["sharded abft_all"][2][1] == [3, 6, 5]
     assert t["sharded baseline"][:2] == [2, 0]
-
-
-def test_dropin_keeps_sharding(result):
     assert result["dropin"]["out_spec"] == "P('data', None, 'heads', None)"
     assert result["dropin"]["largest_gather"] <= B * N * 4
