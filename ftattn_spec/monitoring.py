@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, NamedTuple
 
+from .schemes import CHECK_ORIENTATION
 from .tally import SiteTally, Where
 
 #: what a replay says of a detection (:func:`classify`)
@@ -69,12 +70,11 @@ class StepVerdict(NamedTuple):
         return out
 
 
+_LAST_AXIS = {"row": "row", "col": "key", "head": "h"}
+
+
 def _index(w: Where) -> str:
-    names = ("b", "n", "row") if len(w.index) == 3 else ("b", "n")
-    if w.check in ("qk_col",):
-        names = ("b", "n", "key")
-    elif w.check in ("pv_col",):
-        names = ("b", "n", "h")
+    names = ("b", "n", _LAST_AXIS[CHECK_ORIENTATION[w.check]])
     return "(" + ", ".join(f"{a}={i}" for a, i in zip(names, w.index)) + ")"
 
 

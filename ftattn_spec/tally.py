@@ -63,7 +63,7 @@ def encode(report, ops: ArrayOps):
         c = report.checks.get(CHECKS[k])
         if c is None or 0 in tuple(c.flagged.shape):
             continue
-        here, hit = _first(c.flagged, ops)
+        here, hit = first_flagged(c.flagged, ops)
         check = ops.where(hit, k + 1, check)
         index = [ops.where(hit, h, i) for h, i in zip(here + [one * 0 - 1] * (3 - len(here)), index)]
     nonfinite = 1 - ops.int32(report.inputs_finite).reshape(())
@@ -76,8 +76,8 @@ def encode_flag(detected, ops: ArrayOps):
     return ops.stack_last([d * 0 + 1, d, d * 0, d * 0, d * 0 - 1, d * 0 - 1, d * 0 - 1])
 
 
-def _first(flagged, ops: ArrayOps) -> tuple[list, object]:
-    """``([b, n(, x)], hit)``: the first flagged element of a ``(B, N)`` or ``(B, N, X)`` array, and
+def first_flagged(flagged, ops: ArrayOps) -> tuple[list, object]:
+    """``([b, n(, x)], hit)`` (int32 scalars, and a bool scalar): the first flagged element of a ``(B, N)`` or ``(B, N, X)`` array, and
     whether there is one. Reduced along X first, so that an array sharded over B and N moves
     ``B·N`` flags between devices, not ``B·N·X``."""
     f = ops.int32(flagged)

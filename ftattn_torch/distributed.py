@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 
 from ftattn_spec import CHECKS, Report
-from ftattn_spec.tally import Where
+from ftattn_spec.tally import Where, first_flagged
+
+from .common import ops
 
 #: per check: flagged (0/1), run (0/1), then up to three indices of its first flagged element
 _PER_CHECK = 5
@@ -53,10 +55,8 @@ def _encode(report: Report, device) -> torch.Tensor:
         if c is None:
             row.append(torch.tensor([0, 0, -1, -1, -1], dtype=torch.int64, device=device))
             continue
-        f = torch.as_tensor(c.flagged, device=device)
-        first = torch.argmax(f.reshape(-1).to(torch.int8))  # the first flagged element (0 when none is)
-        index = [i.reshape(()) for i in torch.unravel_index(first, f.shape)][:3]
-        hit = f.any().to(torch.int64)
+        index, hit = first_flagged(torch.as_tensor(c.flagged, device=device), ops(device))
+        hit = hit.to(torch.int64)
         index = [torch.where(hit > 0, i.to(torch.int64), -1) for i in index]
         index += [torch.tensor(-1, dtype=torch.int64, device=device)] * (3 - len(index))
         row.append(torch.stack([hit, torch.ones_like(hit), *index]))
