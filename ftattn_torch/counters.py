@@ -35,7 +35,7 @@ _sites: dict[tuple[str, str], "_Site"] = {}
 
 
 class _Site:
-    __slots__ = ("pending", "folded", "calls", "kept", "first", "nonfinite")
+    __slots__ = ("pending", "folded", "calls", "kept", "first", "finite", "nonfinite")
 
     def __init__(self):
         self.pending: list[torch.Tensor] = []
@@ -43,6 +43,7 @@ class _Site:
         self.calls = 0
         self.kept: collections.deque = collections.deque(maxlen=KEEP)
         self.first: list[int] | None = None  # the location row fields, once one is found
+        self.finite: list[torch.Tensor] = []  # the calls' inputs_finite, summed with the verdicts
         self.nonfinite: torch.Tensor | None = None
 
     def fold(self) -> None:
@@ -50,6 +51,10 @@ class _Site:
             total = torch.stack(self.pending).sum(dtype=torch.int64)
             self.folded = total if self.folded is None else self.folded + total
             self.pending = []
+        if self.finite:
+            bad = (~torch.stack(self.finite)).sum(dtype=torch.int64)
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+            self.finite = []
 
 
 def record(site: str, report) -> None:
@@ -65,8 +70,7 @@ def record(site: str, report) -> None:
         s.pending.append(detected.detach().reshape(()))
         s.calls += 1
         if hasattr(report, "checks"):
-            nf = (~report.inputs_finite).detach().reshape(()).to(torch.int64)
-            s.nonfinite = nf if s.nonfinite is None else s.nonfinite + nf
+            s.finite.append(report.inputs_finite.detach().reshape(()))
             if s.first is None:
                 s.kept.append(report._replace(checks={n: c._replace(residual=None, threshold=None)
                                                       for n, c in report.checks.items()},
