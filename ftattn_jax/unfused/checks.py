@@ -178,8 +178,10 @@ def _tile_sums(x: Float[Array, "B N T S"]) -> Float[Array, "B N T C"]:
 
 
 def softmax_exp(p: Float[Array, "B N T S"], logits: Float[Array, "B N T S"], scores: Float[Array, "B N T S"] | None,
-                keep: Bool[Array, "#B #N T #S"] | None, dtype: str):
-    """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``.
+                keep: Bool[Array, "#B #N T #S"] | None, dtype: str, with_lse: bool = False):
+    """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``
+    (``with_lse``: ``(ratio, ones, lse)``, ``lse`` the row's natural log-sum-exp from the check's own
+    maximum and row sum, −inf for a row with no live entry).
 
     ``p``: the normalised probabilities as the output reads them; ``logits``: the masked logits
     the softmax read (``NEG`` where masked); ``scores``: S before the bias (None without one),
@@ -223,6 +225,9 @@ def softmax_exp(p: Float[Array, "B N T S"], logits: Float[Array, "B N T S"], sco
         zero, broken = zero | ~keep, broken & keep
     bad = jnp.any(~live & zero & (p != 0), -1) | jnp.any(~jnp.isfinite(p), -1) | jnp.any(broken, -1)
     ratio = jnp.where(bad, jnp.inf, ratio)
+    if with_lse:
+        lse = jnp.where(has & (d > 0), m + jnp.log2(jnp.where(d > 0, d, 1.0)) * (1.0 / LOG2E), -jnp.inf)[..., 0]
+        return ratio, jnp.ones_like(ratio), lse
     return ratio, jnp.ones_like(ratio)
 
 

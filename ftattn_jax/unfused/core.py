@@ -7,6 +7,7 @@ and calls :func:`run` with static settings.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,8 @@ def _precision(dtype: str):
     return lax.Precision.HIGHEST if dtype in ("float32", "float64") else None
 
 
-def _exp_rows(l: Float[Array, "B N T S"], guard: bool, exp, scale=None) -> Float[Array, "B N T S"]:
-    """``exp(l − m)`` per row (``exp(·)`` is ``exp`` applied to ``(l − m)·scale``).
+def _exp_rows(l: Float[Array, "B N T S"], guard: bool, exp, scale=None):
+    """``(exp(l − m), m)`` per row (``exp(·)`` is ``exp`` applied to ``(l − m)·scale``).
 
     XLA re-forms ``l`` inside every fusion that reads it, and may contract
     ``scale·x − m`` into a fused multiply-add there, so the ``l`` an
@@ -55,23 +56,31 @@ def _exp_rows(l: Float[Array, "B N T S"], guard: bool, exp, scale=None) -> Float
         m = jnp.where(m == -jnp.inf, 0.0, m)
     arg = l - m if scale is None else (l - m) * scale
     one = top | (arg > 0)
-    return jnp.where(one, 1.0 + (arg - lax.stop_gradient(arg)), exp(jnp.where(one, 0.0, arg)))
+    return jnp.where(one, 1.0 + (arg - lax.stop_gradient(arg)), exp(jnp.where(one, 0.0, arg))), m
 
 
-def _softmax(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Array, "B N T S"]:
-    """Replica 1: exp(l - m) / Σ exp(l - m), zero outside ``keep``.
+def _lse(m, d) -> Float[Array, "B N T"]:
+    """A row's natural log-sum-exp ``m + ln d`` from its maximum and row sum; −inf for a row
+    with nothing attended (``d = 0``)."""
+    return jnp.where(d > 0, m + jnp.log(jnp.where(d > 0, d, 1.0)), -jnp.inf)[..., 0]
+
+
+def _softmax(l: Float[Array, "B N T S"], keep, guard: bool, stats: bool = False):
+    """Replica 1: exp(l - m) / Σ exp(l - m), zero outside ``keep``; with ``stats``, also the
+    row's log-sum-exp (:func:`_lse`).
 
     ``guard`` (any mask or bias) makes a row with no kept entry, or whose
     logits are all -inf, give zeros instead of NaN.
     """
-    z = _exp_rows(l, guard, jnp.exp)
+    z, m = _exp_rows(l, guard, jnp.exp)
     if keep is not None:
         z = jnp.where(keep, z, 0.0)
     d = jnp.sum(z, axis=-1, keepdims=True)
-    return z / (jnp.where(d > 0, d, 1.0) if guard else d)
+    p = z / (jnp.where(d > 0, d, 1.0) if guard else d)
+    return (p, _lse(m, d)) if stats else p
 
 
-def _softmax_replica(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Array, "B N T S"]:
+def _softmax_replica(l: Float[Array, "B N T S"], keep, guard: bool) -> tuple[Float[Array, "B N T S"], Float[Array, "B N T"]]:
     """Replica 2: an independent evaluation that the compiler cannot merge with replica 1.
 
     It uses a different formula (a base-2 exponential of the argument scaled by
@@ -83,11 +92,11 @@ def _softmax_replica(l: Float[Array, "B N T S"], keep, guard: bool) -> Float[Arr
     counts the exponentials in the compiled HLO.
     """
     l, log2e = lax.optimization_barrier((l, jnp.asarray(LOG2E, l.dtype)))
-    z = _exp_rows(l, guard, jnp.exp2, log2e)
+    z, m = _exp_rows(l, guard, jnp.exp2, log2e)
     if keep is not None:
         z = jnp.where(keep, z, 0.0)
     d = abft.blocked_sum(z, -1)[..., None]
-    return z * (1.0 / (jnp.where(d > 0, d, 1.0) if guard else d))
+    return z * (1.0 / (jnp.where(d > 0, d, 1.0) if guard else d)), _lse(m, d)
 
 
 def _logit_magnitude(s, logits, attended, p, p_replica) -> Float[Array, "B N T"]:
@@ -144,11 +153,31 @@ def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: 
                 scale=scale, is_causal=is_causal, on_fault=on_fault, window=window, empty=empty)
 
 
+class Block(NamedTuple):
+    """One block of a ring (:func:`block`): the output in the working precision, and per row
+    (``B N T``) the log-sum-exp of the logits, a second one evaluated apart (the DMR replica's,
+    else the exponential checksum's; None when the scheme checks no softmax), and the row's
+    logit magnitude μ (the largest ``|l|`` over its attended entries), which bounds their gap
+    (``ftattn_spec.ring.lse_threshold``)."""
+
+    out: Array
+    lse: Array
+    lse_check: Array | None
+    mu: Array
+
+
+def block(query, key, value, plan, *, checks: tuple[str, ...], scale: float, is_causal: bool):
+    """One block of ring attention, traced inside the caller's function: ``(Block, Report)``.
+    ``plan`` is a ``DevicePlan`` (or None); vector granularity, no repair."""
+    return _run(query, key, value, plan, (None, None, None, None), checks=tuple(checks), granularity="vector",
+                scale=scale, is_causal=is_causal, on_fault="report", window=None, empty="zero", stats=True)
+
+
 @functools.partial(jax.jit, static_argnames=("checks", "granularity", "scale", "is_causal", "on_fault", "window",
-                                             "empty"))
+                                             "empty", "stats"))
 def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"],
          plan, masks, *, checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str,
-         window, empty: str):
+         window, empty: str, stats: bool = False):
     bias, mask, query_lengths, key_lengths = masks
     finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
     query = faults.inject(query, "query", "BTNH", plan)
@@ -226,15 +255,20 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     keep = allowed_ts if empty == "zero" else masking.live(T, query_lengths, OPS)
 
     # ---- P = softmax(S), twice under DMR (a third evaluation votes), its exponential checksum
-    p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
+    p, lse = _softmax(s_soft, keep, guard, stats=True)
+    p = faults.inject(p, "probs", "BNTS", plan)
+    lse_check = None
     if "softmax_exp" in wanted:
         p = lax.optimization_barrier(p)  # the checksum and P·V read the same P, not two fusions of it
     if "softmax_dmr" in wanted:
-        p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
+        p_replica, lse_check = _softmax_replica(s_soft, keep, guard)
+        p_replica = faults.inject(p_replica, "probs", "BNTS", plan, replica=1)
         found["softmax_dmr"] = abft.softmax_dmr(
             p, p_replica, _logit_magnitude(s, logits, allowed_ts, p, p_replica))
     if "softmax_exp" in wanted:
-        found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep, dtype)
+        ratio, ones, lse_exp = abft.softmax_exp(p, s_soft, None if bias is None else s, keep, dtype, with_lse=True)
+        found["softmax_exp"] = (ratio, ones)
+        lse_check = lse_exp if lse_check is None else lse_check
     judge(SOFTMAX)
     flagged = {c: _rows(found, results, c, "", granularity, T, None) for c in SOFTMAX if c in found and acts}
     affected.extend(flagged.values())
@@ -298,5 +332,10 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
         poison = functools.reduce(jnp.logical_or, affected)  # B N T
         out = jnp.where(jnp.swapaxes(poison, 1, 2)[..., None], jnp.asarray(jnp.nan, out.dtype), out)
     results = {name: results[name] for name in wanted}
-    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
-                       corrected=corrected)
+    report = make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
+                         corrected=corrected)
+    if stats:
+        live = jnp.isfinite(lse)[..., None] if keep is None else keep
+        mu = jnp.max(jnp.where(live & jnp.isfinite(logits), jnp.abs(logits), 0.0), axis=-1)
+        return Block(o.reshape(B, T, N, H), lse, lse_check, mu), report
+    return out, report

@@ -1,0 +1,253 @@
+"""Sequence-parallel ring attention with checks, on ``jax.shard_map`` (``ftattn_spec.ring``).
+
+:func:`ring_attention` splits the query, key and value sequences over one mesh axis; each device
+keeps its query chunk, computes one checked block per step with the unfused core
+(``unfused.block``), merges the partial outputs by their log-sum-exp, and passes its key and value
+chunk (with their home checksums) to the next device with ``lax.ppermute``. :func:`ring_local` is
+the per-device function, for a caller that runs its own ``shard_map``.
+
+Gradients are JAX's autodiff through the whole ring (``ppermute`` transposes to the reverse
+ring); the backward is not checked.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import checkify
+from jax.sharding import Mesh, PartitionSpec as PS
+
+from ftattn_spec import policy, ring
+from ftattn_spec import validation as v
+from ftattn_spec.faults import FaultDetected
+from ftattn_spec.report import CheckResult, Ran, Report
+
+from . import counters, faults, unfused
+from .common import F32
+
+_RING_CODE = {name: i for i, name in enumerate(ring.RING_SITES)}
+
+
+def _check(residual, threshold) -> CheckResult:
+    residual, threshold = residual.astype(F32), threshold.astype(F32)
+    return CheckResult(residual, threshold, ~((residual <= threshold) & jnp.isfinite(threshold)))
+
+
+def _worse(best: CheckResult | None, new: CheckResult) -> CheckResult:
+    """Per element, the residual and threshold of the larger ratio; flagged if either is."""
+    if best is None:
+        return new
+    ratio = lambda c: jnp.where(c.flagged, jnp.inf, c.residual / c.threshold)  # noqa: E731
+    take = ratio(new) > ratio(best)
+    return CheckResult(jnp.where(take, new.residual, best.residual), jnp.where(take, new.threshold, best.threshold),
+                       best.flagged | new.flagged)
+
+
+def _hit(rp, f: int, me, step: int, site: str):
+    return (rp.device[f] == me) & (rp.step[f] == step) & (rp.site[f] == _RING_CODE[site])
+
+
+def _inject(x, rp, me, step: int, site: str, axes_of_x: tuple[int, ...]):
+    """Apply the ring plan's faults at ``site`` of ``step`` on this device to ``x``, whose axes
+    ``axes_of_x`` are the positions of the plan's local index entries."""
+    if rp is None:
+        return x
+    for f in range(rp.site.shape[0]):
+        hit = _hit(rp, f, me, step, site)
+        for axis, p in enumerate(axes_of_x):
+            hit = hit & (lax.broadcasted_iota(jnp.int32, x.shape, axis) == rp.index[f, p])
+        x = jnp.where(hit, faults.corrupt(x, rp.kind[f], rp.bit[f], rp.value[f]), x)
+    return x
+
+
+def _core_plan(rp, me, step: int):
+    """The block's ``DevicePlan``: the plan's S, P and O faults of this device and step."""
+    if rp is None:
+        return None
+    on = (rp.device == me) & (rp.step == step) & (rp.core_site >= 0)
+    return faults.DevicePlan(jnp.where(on, rp.core_site, -1), rp.replica, rp.index, rp.kind, rp.bit,
+                             rp.value.astype(F32))
+
+
+def _sums(x):
+    """Column sums over the chunk's keys, and of the magnitudes: ``(B, K, H)`` each."""
+    w = x.astype(jnp.float64 if x.dtype == jnp.float64 else F32)
+    return w.sum(axis=1), jnp.abs(w).sum(axis=1)
+
+
+def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, checks: tuple[str, ...], scale: float,
+               is_causal: bool):
+    """One device's part of the ring, inside ``shard_map`` over ``axis_name`` (``axis_size``
+    devices): local ``(B, Tc, N, H)`` and ``(B, Sc, K, H)`` chunks; ``plan`` a ``RingPlan`` of
+    arrays (``ring.plan``) or None. Returns ``(out, blocks, ring_checks, steps, inputs_finite)``
+    local to the device (``steps`` is ``(1, P)``, the ``key``/``value`` results ``(1, B, K)``)."""
+    P = axis_size
+    me = lax.axis_index(axis_name)
+    B, Tc, N, H = query.shape
+    Sc = key.shape[1]
+    checks = ring.row_checks(checks)
+    home = (_sums(key), _sums(value))
+    finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
+    block = functools.partial(unfused.block, checks=checks, scale=scale)
+    best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "key", "value")}
+    steps, lses = [], []
+    o = c = a = lse = None
+    perm = [(i, (i + 1) % P) for i in range(P)]
+    for r in range(P):
+        kr = _inject(key, plan, me, r, "key", (0, 2, 1, 3))  # local index (b, k, s, h); key is B S K H
+        vr = _inject(value, plan, me, r, "value", (0, 2, 1, 3))
+        flags = []
+        for name, x, (s0, a0) in (("key", kr, home[0]), ("value", vr, home[1])):
+            s1, _ = _sums(x)
+            res = _check(jnp.max(jnp.abs(s1 - s0) / ring.transit_threshold(Sc, a0), axis=-1), jnp.ones((B, x.shape[2])))
+            best[name] = _worse(best[name], res)
+            flags.append(jnp.any(res.flagged))
+        cplan = _core_plan(plan, me, r)
+        if is_causal:
+            j = (me - r) % P
+            branch = jnp.where(j < me, 0, jnp.where(j == me, 1, 2))
+            full = lambda q, k, vv, pl: block(q, k, vv, pl, is_causal=False)  # noqa: E731
+            diag = lambda q, k, vv, pl: block(q, k, vv, pl, is_causal=True)  # noqa: E731
+            shape = jax.eval_shape(full, query, kr, vr, cplan)
+
+            def skip(q, k, vv, pl, shape=shape):
+                z = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+                b, rep = z
+                neg = jnp.full(b.lse.shape, -jnp.inf, b.lse.dtype)
+                return b._replace(lse=neg, lse_check=None if b.lse_check is None else neg), rep._replace(
+                    inputs_finite=jnp.ones((), bool))
+            blk, rep = lax.switch(branch, (full, diag, skip), query, kr, vr, cplan)
+        else:
+            blk, rep = block(query, kr, vr, cplan, is_causal=False)
+        for name in checks:
+            best[name] = _worse(best[name], rep.checks[name])
+            flags.append(jnp.any(rep.checks[name].flagged))
+        lse_j = _inject(blk.lse, plan, me, r, "lse", (0, 1, 2))
+        lses.append(lse_j)
+        if blk.lse_check is not None:
+            gap = jnp.where((lse_j == -jnp.inf) & (blk.lse_check == -jnp.inf), 0.0, jnp.abs(lse_j - blk.lse_check))
+            res = _check(gap, ring.lse_threshold(Sc, blk.mu))
+            best["lse"] = _worse(best["lse"], res)
+            flags.append(jnp.any(res.flagged))
+        o_j = blk.out  # B Tc N H, working precision
+        c_j, a_j = jnp.swapaxes(o_j.sum(-1), 1, 2), jnp.swapaxes(jnp.abs(o_j).sum(-1), 1, 2)  # B N Tc
+        if r == 0:
+            o, c, a, lse = o_j, c_j, a_j, lse_j
+        else:
+            m = jnp.maximum(lse, lse_j)
+            m = jnp.where(jnp.isfinite(m), m, 0.0)
+            new = m + jnp.log(jnp.exp(lse - m) + jnp.exp(lse_j - m))
+            w0, w1 = lax.optimization_barrier((jnp.exp(lse - new), jnp.exp(lse_j - new)))
+            res = _check(jnp.abs(w0 + w1 - 1.0), ring.weight_threshold(jnp.abs(new)))
+            best["weights"] = _worse(best["weights"], res)
+            flags.append(jnp.any(res.flagged))
+            t = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # noqa: E731  B N Tc -> B Tc N 1
+            o = t(w0) * o + t(w1) * o_j
+            c, a, lse = w0 * c + w1 * c_j, w0 * a + w1 * a_j, new
+        o = _inject(o, plan, me, r, "merge", (0, 2, 1, 3))  # local index (b, n, t, h); o is B Tc N H
+        steps.append(functools.reduce(jnp.logical_or, flags))
+        if r < P - 1:
+            key, value, home = lax.ppermute((key, value, home), axis_name, perm)
+    # the merged output against the merged row sums; the running log-sum-exp against the blocks'
+    merge = _check(jnp.abs(jnp.swapaxes(o.sum(-1), 1, 2) - c), ring.merge_threshold(P, H, a))
+    stack = jnp.stack(lses)
+    top = jnp.max(stack, axis=0)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    again = top + jnp.log(jnp.sum(jnp.exp(stack - top), axis=0))
+    gap = jnp.where((lse == -jnp.inf) & (again == -jnp.inf), 0.0, jnp.abs(lse - again))
+    best["lse"] = _worse(best["lse"], _check(gap, P * ring.weight_threshold(jnp.abs(again))))
+    blocks = {name: best[name] for name in checks}
+    ring_checks = {"lse": best["lse"], "weights": best["weights"] or _check(jnp.zeros_like(c), jnp.ones_like(c)),
+                   "merge": merge,
+                   "key": jax.tree.map(lambda x: x[None], best["key"]),
+                   "value": jax.tree.map(lambda x: x[None], best["value"])}
+    return o, blocks, ring_checks, jnp.stack(steps)[None], finite
+
+
+def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str = "full", scale: float | None = None,
+                   is_causal: bool = False, on_fault: str = "report", fault=None, site: str | int | None = None):
+    """Checked ring attention over mesh axis ``axis_name``: ``(out, ftattn_spec.ring.RingReport)``.
+
+    Args:
+      query: ``(B, T, N, H)``; key, value: ``(B, S, K, H)`` (``jax.nn.dot_product_attention``'s
+        layout, float16, bfloat16, float32 or float64), ``T`` and ``S`` divisible by the axis size;
+        they are split along the sequence over ``axis_name`` (other mesh axes replicate them).
+      mesh: a ``jax.sharding.Mesh``; axis_name: one of its axis names.
+      scheme: one of ``ftattn_spec.SCHEME_NAMES``; each block runs the scheme's row checks.
+      scale: logit scale, default ``H ** -0.5``.
+      is_causal: upper-left causal mask over the global sequence (needs ``T == S``).
+      on_fault: ``"report"`` or ``"raise"`` (as in ``ftattn_jax.attention``).
+      fault: a ``ftattn_spec.ring.RingFault`` or a sequence of them (traced data: one compilation
+        serves every fault of the same count).
+      site: the name the call is counted under in ``ftattn_jax.counters``.
+
+    Returns:
+      ``out`` ``(B, T, N, H)`` in the input dtype, sharded along T over ``axis_name``, and a
+      ``RingReport`` whose per-row fields are sharded the same way.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh: expected a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name: expected one of the mesh's axes {tuple(mesh.axis_names)}, got {axis_name!r}")
+    if on_fault not in ("report", "raise"):
+        raise ValueError(f"on_fault: expected 'report' or 'raise' (the ring repairs nothing), got {on_fault!r}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            raise TypeError(f"{name}: expected a jax.Array or numpy.ndarray, got {type(x).__name__}")
+    site = policy.validate_site(site) or policy.caller_site()
+    cfg = v.validate_attention("jax", (query.shape, key.shape, value.shape),
+                               [(jnp.dtype(x.dtype).name, bool(jnp.issubdtype(x.dtype, jnp.floating)))
+                                for x in (query, key, value)],
+                               scheme=scheme, granularity="vector", scale=scale, is_causal=is_causal,
+                               on_fault="report", implementation="unfused")
+    P = int(mesh.shape[axis_name])
+    ring.validate_ring(cfg.dims, P, cfg.is_causal, axis_name)
+    checks = ring.row_checks(cfg.checks)
+    rp = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
+    out, report = _ring(mesh, axis_name, P, checks, cfg.scale, cfg.is_causal)(
+        query, key, value, None if rp is None else jax.tree.map(jnp.asarray, rp))
+    counters.record(site, report.blocks._replace(detected=report.detected))
+    if on_fault == "raise":
+        if isinstance(report.detected, jax.core.Tracer):
+            checkify.check(~report.detected, "ftattn: a fault was detected in ring attention")
+        elif bool(report.detected):
+            raise FaultDetected(report)
+    return out, report
+
+
+@functools.lru_cache(maxsize=64)
+def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: float, is_causal: bool):
+    seq, rows = PS(None, axis_name, None, None), PS(None, None, axis_name)
+    row = CheckResult(rows, rows, rows)
+    per_device = CheckResult(PS(axis_name), PS(axis_name), PS(axis_name))
+    local = functools.partial(ring_local, axis_name=axis_name, axis_size=P, checks=checks, scale=scale,
+                              is_causal=is_causal)
+
+    def body(q, k, vv, rp):
+        o, blocks, ring_checks, steps, finite = local(q, k, vv, rp)
+        finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+        anything = [c.flagged for c in (*blocks.values(), *ring_checks.values())]
+        detected = lax.pmax(functools.reduce(jnp.logical_or, [jnp.any(f) for f in anything]).astype(jnp.int32),
+                            axis_name) > 0
+        return o.astype(q.dtype), blocks, ring_checks, steps, finite, detected | ~finite
+
+    specs = (seq, {c: row for c in checks},
+             {"lse": row, "weights": row, "merge": row, "key": per_device, "value": per_device},
+             PS(axis_name), PS(), PS())
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, PS()), out_specs=specs, check_vma=False)
+
+    def run(q, k, vv, rp):
+        o, blocks, ring_checks, steps, finite, detected = mapped(q, k, vv, rp)
+        ordered = {c: blocks[c] for c in checks}
+        report = Report(detected=detected, checks=ordered, inputs_finite=finite, located={},
+                        corrected=jnp.zeros((), jnp.int32), ran=Ran("unfused"))
+        return o, ring.RingReport(detected, report, {n: ring_checks[n] for n in ring.RING_CHECKS}, steps)
+
+    return jax.jit(run)
+
+
+__all__ = ["ring_attention", "ring_local"]
