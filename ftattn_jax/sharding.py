@@ -93,7 +93,7 @@ def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, check
     home = (_sums(key), _sums(value))
     finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
     block = functools.partial(unfused.block, checks=checks, scale=scale)
-    best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "key", "value")}
+    best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "merge", "key", "value")}
     steps, lses = [], []
     o = c = a = lse = None
     perm = [(i, (i + 1) % P) for i in range(P)]
@@ -149,11 +149,15 @@ def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, check
             o = t(w0) * o + t(w1) * o_j
             c, a, lse = w0 * c + w1 * c_j, w0 * a + w1 * a_j, new
         o = _inject(o, plan, me, r, "merge", (0, 2, 1, 3))  # local index (b, n, t, h); o is B Tc N H
+        # the merged output's row sums against the merged ones (linear in the blocks, so the same
+        # recursion): a fault in this step's merge is flagged at this step
+        res = _check(jnp.abs(jnp.swapaxes(o.sum(-1), 1, 2) - c), ring.merge_threshold(r + 1, H, a))
+        best["merge"] = _worse(best["merge"], res)
+        flags.append(jnp.any(res.flagged))
         steps.append(functools.reduce(jnp.logical_or, flags))
         if r < P - 1:
             key, value, home = lax.ppermute((key, value, home), axis_name, perm)
-    # the merged output against the merged row sums; the running log-sum-exp against the blocks'
-    merge = _check(jnp.abs(jnp.swapaxes(o.sum(-1), 1, 2) - c), ring.merge_threshold(P, H, a))
+    # the running log-sum-exp against one evaluated from the blocks' at once
     stack = jnp.stack(lses)
     top = jnp.max(stack, axis=0)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -162,7 +166,7 @@ def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, check
     best["lse"] = _worse(best["lse"], _check(gap, P * ring.weight_threshold(jnp.abs(again))))
     blocks = {name: best[name] for name in checks}
     ring_checks = {"lse": best["lse"], "weights": best["weights"] or _check(jnp.zeros_like(c), jnp.ones_like(c)),
-                   "merge": merge,
+                   "merge": best["merge"],
                    "key": jax.tree.map(lambda x: x[None], best["key"]),
                    "value": jax.tree.map(lambda x: x[None], best["value"])}
     return o, blocks, ring_checks, jnp.stack(steps)[None], finite

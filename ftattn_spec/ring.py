@@ -18,8 +18,9 @@ What the ring adds to the blocks' checks (``docs/tolerances.md``, "Ring attentio
 * ``weights``: each merge forms ``L = logaddexp(L_acc, lse_j)`` and the weights
   ``w = exp(L_acc − L)``, ``w' = exp(lse_j − L)``, which sum to 1 (:func:`weight_threshold`).
 * ``merge``: the merged output ``O ← w·O + w'·O_j`` is linear, so its row sums follow the same
-  recursion from the blocks' row sums: ``Σ_h O_h`` against ``c ← w·c + w'·Σ_h O_j,h``
-  (:func:`merge_threshold`; the weights cancel, so only the merge's own rounding enters).
+  recursion from the blocks' row sums: after each step, ``Σ_h O_h`` against
+  ``c ← w·c + w'·Σ_h O_j,h`` (:func:`merge_threshold`; the weights cancel, so only the merge's
+  own rounding enters).
 * ``key``, ``value``: a chunk's column sums ``Σ_s K[s]`` (and ``Σ_s V[s]``), made on its home
   device before step 0 and passed around with it, against the chunk as each step reads it
   (:func:`transit_threshold`): a chunk corrupted in memory or in transit is otherwise invisible,
@@ -99,7 +100,7 @@ def weight_threshold(lse_magnitude):
 
 
 def merge_threshold(P: int, H: int, magnitude):
-    """Bound on ``|Σ_h O_h − c|`` after ``P − 1`` merges, ``magnitude`` the merged ``Σ_h |O_j,h|``
+    """Bound on ``|Σ_h O_h − c|`` after ``P − 1`` merges (``P`` blocks), ``magnitude`` the merged ``Σ_h |O_j,h|``
     (``a ← w·a + w'·Σ_h |O_j,h|``, formed like ``c``).
 
     Each merge rounds every element of ``O`` and ``c`` three times (two products, one sum),
@@ -255,9 +256,8 @@ class RingReport(NamedTuple):
       largest ratio, flagged if any step flagged;
     * ``ring``: ``RING_CHECKS`` name → ``CheckResult``: ``lse``, ``weights``, ``merge`` per row
       ``(B, N, T)``; ``key``, ``value`` per ``(device, b, kv head)``, ``(P, B, K)``;
-    * ``steps``: bool ``(P, P)``, device × step: where a block, its log-sum-exp, its merge weights
-      or the chunk it read was flagged (the final ``merge`` and running-``lse`` checks are not per
-      step).
+    * ``steps``: bool ``(P, P)``, device × step: where a block, its log-sum-exp, its merge, or the
+      chunk it read was flagged (the final check of the running log-sum-exp is not per step).
     """
 
     detected: Any

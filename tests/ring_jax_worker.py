@@ -1,0 +1,138 @@
+"""Run by tests/test_ring_jax.py in its own process, with 4 host devices (set before jax is imported):
+``ftattn_jax.sharding.ring_attention`` over a mesh axis of 4. Prints one JSON object."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import ftattn_jax  # noqa: E402
+from ftattn_jax import sharding  # noqa: E402
+from ftattn_spec.ring import RingFault  # noqa: E402
+
+P = 4
+B, N, K, H = 2, 6, 3, 8
+T, S = 12, 20  # chunks of 3 queries and 5 keys; causal runs use T = S = 20
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def reference64(q, k, v, causal):
+    """Float64 attention in NumPy (grouped-query: head n reads kv head n // (N // K))."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    G = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+def inputs(rng, t, s, dtype, scale=1.0):
+    make = lambda shape: jnp.asarray(rng.standard_normal(shape) * scale, DTYPES[dtype])  # noqa: E731
+    return make((B, t, N, H)), make((B, s, K, H)), make((B, s, K, H))
+
+
+def main() -> None:
+    mesh = Mesh(np.array(jax.devices()), ("seq",))
+    rng = np.random.default_rng(7)
+    out = {"devices": jax.device_count(), "clean": [], "faults": []}
+    ring = lambda *a, **kw: sharding.ring_attention(*a, mesh=mesh, axis_name="seq", **kw)  # noqa: E731
+    for dtype in ("float32", "bfloat16", "float16"):
+        for causal in (False, True):
+            for scheme, scale in (("full", 1.0), ("abft_all", 1.0), ("baseline", 1.0), ("full", 30.0)):
+                t, s = (S, S) if causal else (T, S)
+                q, k, v = inputs(rng, t, s, dtype, scale)
+                o, r = ring(q, k, v, scheme=scheme, is_causal=causal, site="ring clean")
+                single, _ = ftattn_jax.attention(q, k, v, scheme="baseline", is_causal=causal)
+                ref = reference64(q, k, v, causal)
+                worst = {n: float(jnp.max(c.residual / c.threshold)) for n, c in r.ring.items()}
+                worst.update({n: float(jnp.max(c.residual / c.threshold)) for n, c in r.blocks.checks.items()})
+                qf, kf = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), N // K, axis=2)
+                mu = float(np.max(np.abs(np.einsum("btnh,bsnh->bnts", qf, kf)))) / np.sqrt(H)
+                out["clean"].append(dict(
+                    dtype=dtype, causal=causal, scheme=scheme, scale=scale, detected=bool(r.detected),
+                    mu=mu, ref_max=float(np.max(np.abs(ref))),
+                    err=float(np.max(np.abs(np.asarray(o, np.float64) - ref))),
+                    single_err=float(np.max(np.abs(np.asarray(single, np.float64) - ref))),
+                    out_dtype=str(o.dtype), out_spec=str(o.sharding.spec),
+                    row_specs=sorted({str(c.flagged.sharding.spec) for c in r.blocks.checks.values()}),
+                    worst=worst))
+    q, k, v = inputs(rng, T, S, "float32")
+    cases = [  # (fault, device, step, what should flag)
+        (RingFault("probs", (1, 2, 7, 3), bit=29), 2, 2, "softmax_dmr"),
+        (RingFault("probs", (1, 2, 7, 3), bit=29, replica=1), 2, 2, "softmax_dmr"),
+        (RingFault("scores", (0, 5, 4, 17), bit=27), 1, 2, "qk_row"),
+        (RingFault("out", (1, 1, 11, 3), step=2, bit=28), 3, 2, "pv_row"),
+        (RingFault("lse", (0, 0, 3), step=1, bit=26), 1, 1, "lse"),
+        (RingFault("merge", (1, 4, 9, 2), step=2, bit=25), 3, 2, "merge"),
+        (RingFault("key", (0, 1, 16, 5), step=1, bit=29), 0, 1, "key"),
+        (RingFault("value", (0, 1, 16, 5), step=3, bit=28), 2, 3, "value"),
+    ]
+    for f, device, step, check in cases:
+        for scheme in ("full", "abft_all"):
+            if f.replica and scheme != "full":
+                continue
+            if check == "softmax_dmr" and scheme == "abft_all":
+                check = "softmax_exp"
+            o, r = ring(q, k, v, scheme=scheme, fault=f, site="ring faults")
+            flagged = {n: int(jnp.sum(c.flagged)) for n, c in {**r.blocks.checks, **r.ring}.items()}
+            where = None
+            if check in r.blocks.checks or check in ("lse", "merge", "weights"):
+                c = r.blocks.checks.get(check) or r.ring[check]
+                where = [int(x) for x in np.argwhere(np.asarray(c.flagged))[0]] if flagged[check] else None
+            out["faults"].append(dict(site=f.site, scheme=scheme, check=check, detected=bool(r.detected),
+                                      flagged=flagged, steps=[list(map(int, p)) for p in np.argwhere(np.asarray(r.steps))],
+                                      device=device, step=step, where=where, index=list(f.index)))
+    # one compilation serves every fault of the same count
+    run = sharding._ring(mesh, "seq", P, ("qk_row", "softmax_dmr", "pv_row"), H ** -0.5, False)
+    before = run._cache_size()
+    for f in (RingFault("probs", (0, 0, 0, 0), bit=30), RingFault("probs", (1, 5, 11, 19), bit=28)):
+        ring(q, k, v, scheme="full", fault=f)
+    out["compilations"] = run._cache_size() - before
+    # gradients: JAX autodiff through the ring against the single-device float32 path
+    w = jnp.asarray(rng.standard_normal((B, S, N, H)), jnp.float32)
+    qc, kc, vc = inputs(rng, S, S, "float32")
+    loss_ring = lambda q, k, v: jnp.sum(ring(q, k, v, is_causal=True)[0] * w)  # noqa: E731
+    loss_one = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * w)  # noqa: E731
+    g1 = jax.grad(loss_ring, argnums=(0, 1, 2))(qc, kc, vc)
+    g2 = jax.grad(loss_one, argnums=(0, 1, 2))(qc, kc, vc)
+    out["grad_diff"] = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(g1, g2)]
+    jitted = jax.jit(lambda q, k, v: ring(q, k, v, is_causal=True, fault=RingFault("probs", (0, 3, 9, 6), bit=30),
+                                          site="ring jit"))
+    _, rj = jitted(qc, kc, vc)
+    out["jit_detected"] = bool(rj.detected)
+    # bad input
+    errors = {}
+    for name, call in (("T", lambda: ring(q[:, :10], k, v)), ("axis", lambda: sharding.ring_attention(
+            q, k, v, mesh=mesh, axis_name="x")), ("causal", lambda: ring(q, k, v, is_causal=True)),
+            ("step", lambda: ring(q, k, v, fault=RingFault("out", (0, 0, 0, 0), step=4, bit=1))),
+            ("implied", lambda: ring(q, k, v, fault=RingFault("probs", (0, 0, 0, 0), step=1, bit=1))),
+            ("on_fault", lambda: ring(q, k, v, on_fault="correct"))):
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, TypeError) as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    out["errors"] = errors
+    try:
+        ring(q, k, v, on_fault="raise", fault=RingFault("out", (0, 0, 0, 0), step=0, bit=30))
+        out["raised"] = False
+    except ftattn_jax.FaultDetected:
+        out["raised"] = True
+    out["tally"] = {s: [t.calls, t.detected, None if t.first is None else [t.first.check, list(t.first.index)]]
+                    for s, t in ftattn_jax.counters.tally().items() if s.startswith("ring")}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

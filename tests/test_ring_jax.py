@@ -1,0 +1,122 @@
+"""Ring attention in JAX (``ftattn_jax.sharding.ring_attention``) on 4 host devices, in a process of
+its own (``tests/ring_jax_worker.py``; the device count is fixed when jax starts): the output equals
+float64 attention as closely as the single-device path does, nothing clean is flagged, a fault at
+every ring site is detected at its device and step and located to its row, one compilation serves
+every fault, gradients equal the single-device ones, and bad input is refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftattn_spec import ring
+from ftattn_spec.ring import RingFault
+
+WORKER = os.path.join(os.path.dirname(__file__), "ring_jax_worker.py")
+U = 2.0**-24
+
+
+@pytest.fixture(scope="module")
+def result() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, WORKER], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_ring_matches_float64_and_flags_nothing_clean(result):
+    assert result["devices"] == 4
+    assert len(result["clean"]) == 24
+    for c in result["clean"]:
+        what = (c["dtype"], c["causal"], c["scheme"], c["scale"])
+        assert not c["detected"], what
+        assert max(c["worst"].values()) < 1.0, (what, c["worst"])
+        assert c["out_dtype"] == c["dtype"], what
+        assert c["out_spec"] in ("P(None, 'seq')", "P(None, 'seq', None, None)"), what
+        # the ring's error against float64 stays within a small multiple of the single-device path's,
+        # plus what its merges add: weights exp(lse − L) whose arguments are rounded at |L| ≤ μ + ln S
+        merge = 16 * U * (c["mu"] + 3.0) * c["ref_max"]
+        assert c["err"] <= 4 * c["single_err"] + merge, (what, c["err"], c["single_err"], merge)
+        if c["scheme"] != "baseline":
+            assert c["row_specs"] == ["P(None, None, 'seq')"], what
+
+
+def test_ring_faults_detected_at_their_device_and_step(result):
+    assert len(result["faults"]) == 15
+    for f in result["faults"]:
+        what = (f["site"], f["scheme"])
+        assert f["detected"], what
+        assert f["flagged"][f["check"]] >= 1, (what, f["flagged"])
+        first = min((s for d, s in f["steps"] if d == f["device"]), default=None)
+        assert first == f["step"], (what, f["steps"])
+        assert all(d == f["device"] for d, _ in f["steps"]), (what, f["steps"])
+        if f["where"] is not None:  # a row check names the global (b, n, t) of the fault
+            assert f["where"] == f["index"][:3], what
+    assert result["compilations"] == 0  # two more faults of the same count: no new compilation
+    assert result["jit_detected"]
+    assert result["raised"]
+
+
+def test_ring_gradients_equal_single_device(result):
+    assert max(result["grad_diff"]) < 1e-5, result["grad_diff"]
+
+
+def test_ring_counters(result):
+    t = result["tally"]
+    assert t["ring faults"][:2] == [15, 15]
+    assert t["ring faults"][2] == ["softmax_dmr", [1, 2, 7]]
+    assert t["ring clean"][:2] == [24, 0]
+    assert t["ring jit"][:2] == [1, 1] and t["ring jit"][2] == ["softmax_dmr", [0, 3, 9]]
+
+
+def test_ring_bad_input_names_the_argument(result):
+    e = result["errors"]
+    assert e["T"].startswith("ValueError: query:") and "T=10" in e["T"]
+    assert e["axis"].startswith("ValueError: axis_name:")
+    assert e["causal"].startswith("ValueError: is_causal:")
+    assert e["step"].startswith("ValueError: fault.step:")
+    assert e["implied"].startswith("ValueError: fault.step:") and "step 0" in e["implied"]
+    assert e["on_fault"].startswith("ValueError: on_fault:")
+
+
+# ---- the spec's half, in this process
+
+
+def test_ring_fault_validation():
+    with pytest.raises(ValueError, match="fault.site"):
+        RingFault("rescale", (0, 0, 0, 0), bit=1)
+    with pytest.raises(ValueError, match="fault.index"):
+        RingFault("lse", (0, 0, 0, 0), step=0, bit=1)
+    with pytest.raises(ValueError, match="fault.step"):
+        RingFault("out", (0, 0, 0, 0), bit=1)
+    with pytest.raises(ValueError, match="exactly one of bit and value"):
+        RingFault("probs", (0, 0, 0, 0))
+    with pytest.raises(ValueError, match="fault.replica"):
+        RingFault("scores", (0, 0, 0, 0), bit=1, replica=1)
+
+
+def test_ring_plan_places_faults():
+    dims = dict(B=2, T=12, S=20, N=6, K=3, H=8)
+    p = ring.plan([RingFault("scores", (1, 5, 7, 12), bit=3), RingFault("value", (0, 2, 13, 4), step=3, bit=9),
+                   RingFault("merge", (0, 1, 11, 7), step=1, value=2.0)], dims, 4, "bfloat16", ("qk_row",))
+    assert p.device.tolist() == [2, 1, 3]  # row 7 of chunks of 3; key 13 (chunk 2) three steps on; row 11
+    assert p.step.tolist() == [0, 3, 1]  # key 12 is in chunk 2, which device 2 reads at step 0
+    assert p.index.tolist() == [[1, 5, 1, 2], [0, 2, 3, 4], [0, 1, 2, 7]]
+    assert p.core_site.tolist()[1:] == [-1, -1] and p.kind.tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="fault.bit"):
+        ring.plan(RingFault("key", (0, 0, 0, 0), step=0, bit=16), dims, 4, "float16", ())
+    with pytest.raises(ValueError, match="fault.index"):
+        ring.plan(RingFault("probs", (0, 0, 12, 0), bit=1), dims, 4, "float32", ())
+    with pytest.raises(TypeError, match="fault:"):
+        ring.plan("probs", dims, 4, "float32", ())
+
+
+def test_ring_thresholds_scale_with_magnitude():
+    assert ring.lse_threshold(64, 1000.0) > 10 * ring.lse_threshold(64, 1.0)
+    assert ring.weight_threshold(1e4) > ring.weight_threshold(1.0)
+    assert ring.merge_threshold(8, 64, 10.0) == pytest.approx(10 * ring.merge_threshold(8, 64, 1.0), rel=1e-3)
+    assert 0 < ring.transit_threshold(128, 1.0) < 1e-3
