@@ -20,6 +20,7 @@ from ftattn_spec import CHECKS, Report
 from ftattn_spec.tally import Where, first_flagged
 
 from .common import ops
+from .ring import ring_attention  # noqa: F401  (public: ftattn_torch.distributed.ring_attention)
 
 #: per check: flagged (0/1), run (0/1), then up to three indices of its first flagged element
 _PER_CHECK = 5

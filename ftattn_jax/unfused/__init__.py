@@ -3,4 +3,4 @@ localization and repair (:mod:`.core`; the checks' algebra in :mod:`.checks`).""
 
 from .core import Block, block, run
 
-__all__ = ["run"]
+__all__ = ["Block", "block", "run"]

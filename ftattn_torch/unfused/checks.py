@@ -168,8 +168,9 @@ def _tile_sums(x: Float[Tensor, "B N T S"]) -> Float[Tensor, "B N T C"]:
 
 
 def softmax_exp(p: Float[Tensor, "B N T S"], logits: Float[Tensor, "B N T S"], scores: Tensor | None,
-                keep: Bool[Tensor, "#B #N T #S"] | None, dtype: str):
-    """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``.
+                keep: Bool[Tensor, "#B #N T #S"] | None, dtype: str, with_lse: bool = False):
+    """The exponential checksum of each row (``ftattn_spec.exp_checksum``): ``(ratio, ones)``, ``B N T``
+    (``with_lse``: and the row's natural log-sum-exp from the check's own maximum and row sum).
 
     As ``ftattn_jax.unfused.checks.softmax_exp``: ``p`` the normalised probabilities, ``logits``
     the masked logits the softmax read (``NEG`` where masked), ``scores`` S before the bias (None
@@ -214,6 +215,11 @@ def softmax_exp(p: Float[Tensor, "B N T S"], logits: Float[Tensor, "B N T S"], s
         zero, broken = zero | ~keep, broken & keep
     bad = (~live & zero & (p != 0)).any(-1) | (~p.isfinite()).any(-1) | broken.any(-1)
     ratio = ratio.masked_fill_(bad, torch.inf)
+    if with_lse:
+        ok = has & (d > 0)
+        lse = torch.where(ok, torch.where(has, m, 0.0) + torch.where(d > 0, d, 1.0).log2() * (1.0 / LOG2E),
+                          -torch.inf)[..., 0]
+        return ratio, torch.ones_like(ratio), lse
     return ratio, torch.ones_like(ratio)
 
 

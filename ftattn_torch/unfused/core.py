@@ -3,6 +3,8 @@ O = P·V, and the checks. ``api.attention`` validates and calls :func:`run`."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -45,26 +47,34 @@ def uses_tf32(x: Tensor) -> bool:
     return x.is_cuda and torch.get_float32_matmul_precision() != "highest"
 
 
-def _softmax(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Tensor, "B N T S"]:
-    """Replica 1: PyTorch's softmax (masked logits hold NEG, whose exp is 0).
+def _lse(m, d) -> Float[Tensor, "B N T"]:
+    """A row's natural log-sum-exp ``m + ln d``; −inf for a row with nothing attended (``d = 0``)."""
+    return torch.where(d > 0, m + torch.where(d > 0, d, 1.0).log(), -torch.inf)[..., 0]
+
+
+def _softmax(l: Float[Tensor, "B N T S"], keep, guard: bool, stats: bool = False):
+    """Replica 1: PyTorch's softmax (masked logits hold NEG, whose exp is 0); with ``stats``,
+    also the row's log-sum-exp from the same maximum and row sum.
 
     ``guard`` (any mask or bias): zero outside ``keep``, and a row with no kept
     entry or only -inf logits gives zeros instead of NaN.
     """
-    if not guard:
+    if not guard and not stats:
         return torch.softmax(l, dim=-1)
-    m = l.amax(-1, keepdim=True)
-    z = (l - m.masked_fill(m == -torch.inf, 0.0)).exp()
+    m = l.amax(-1, keepdim=True).detach()
+    m = m.masked_fill(m == -torch.inf, 0.0)
+    z = (l - m).exp()
     if keep is not None:
         z = z.masked_fill(~keep, 0.0)
     d = z.sum(-1, keepdim=True)
-    return z / torch.where(d > 0, d, 1.0)
+    p = z / torch.where(d > 0, d, 1.0)
+    return (p, _lse(m, d)) if stats else p
 
 
-def _softmax_replica(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Tensor, "B N T S"]:
+def _softmax_replica(l: Float[Tensor, "B N T S"], keep, guard: bool):
     """Replica 2: an independent evaluation with a different formula (base-2
     exponential of the rescaled argument, a two-level sum, product with the
-    reciprocal sum)."""
+    reciprocal sum), and the row's log-sum-exp from its own row sum."""
     m = l.amax(-1, keepdim=True)
     if guard:
         m = m.masked_fill(m == -torch.inf, 0.0)
@@ -72,7 +82,7 @@ def _softmax_replica(l: Float[Tensor, "B N T S"], keep, guard: bool) -> Float[Te
     if keep is not None:
         z.masked_fill_(~keep, 0.0)
     d = abft.blocked_sum(z, -1)[..., None]
-    return z.mul_(1.0 / (torch.where(d > 0, d, 1.0) if guard else d))
+    return z.mul_(1.0 / (torch.where(d > 0, d, 1.0) if guard else d)), _lse(m, d)
 
 
 def _logit_magnitude(s, s_soft, biased: bool, attended, p, p_replica) -> Float[Tensor, "B N T"]:
@@ -132,13 +142,33 @@ def _attended(full, bi, ni, i, j, value: Tensor) -> Tensor:
     return value if full is None else torch.where(full[bi, ni, i, j], value, 0.0)
 
 
+class Block(NamedTuple):
+    """One block of a ring (:func:`block`): the output in the working precision, and per row
+    (``B N T``) the log-sum-exp, a second one evaluated apart (the DMR replica's, else the
+    exponential checksum's; None when the scheme checks no softmax), and the row's logit
+    magnitude μ (``ftattn_spec.ring.lse_threshold``)."""
+
+    out: Tensor
+    lse: Tensor
+    lse_check: Tensor | None
+    mu: Tensor
+
+
+def block(query, key, value, plan, *, checks: tuple[str, ...], scale: float, is_causal: bool):
+    """One block of ring attention: ``(Block, Report)``; vector granularity, no repair."""
+    return run(query, key, value, checks=checks, granularity="vector", scale=scale, is_causal=is_causal,
+               plan=plan, stats=True)
+
+
 def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: Float[Tensor, "B K S H"], *,
         checks: tuple[str, ...], granularity: str, scale: float, is_causal: bool, on_fault: str = "report", plan=None,
-        bias=None, mask=None, query_lengths=None, key_lengths=None, window=None, empty: str = "zero"):
+        bias=None, mask=None, query_lengths=None, key_lengths=None, window=None, empty: str = "zero",
+        stats: bool = False):
     """Run ``checks`` (a scheme's, in ``CHECKS`` order); ``plan`` is a validated ``FaultPlan`` or None.
 
     The mask arguments are those of ``ftattn_spec.masking`` (validated);
     ``empty`` says how a fully masked row is filled (``"zero"`` or ``"uniform"``).
+    ``stats``: return ``(Block, Report)`` instead (:func:`block`).
     """
     dev = query.device
     with torch.no_grad():
@@ -209,17 +239,28 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
     keep = allowed_ts if empty == "zero" else masking.live(T, query_lengths, ops_on(dev))
 
     # ---- P = softmax(S), twice under DMR (a third evaluation votes), its exponential checksum
-    p = faults.inject(_softmax(s_soft, keep, guard), "probs", "BNTS", plan)
-    flagged = {}
+    if stats:
+        p, lse = _softmax(s_soft, keep, guard, stats=True)
+        with torch.no_grad():
+            live = lse.isfinite()[..., None] if keep is None else keep
+            mu_row = torch.where(live & s_soft.isfinite(), s_soft.abs(), 0.0).amax(-1)
+    else:
+        p, lse = _softmax(s_soft, keep, guard), None
+    p = faults.inject(p, "probs", "BNTS", plan)
+    flagged, lse_check = {}, None
     if set(SOFTMAX) & set(wanted):
         with torch.no_grad():
             if "softmax_dmr" in wanted:
-                p_replica = faults.inject(_softmax_replica(s_soft, keep, guard), "probs", "BNTS", plan, replica=1)
+                p_replica, lse_check = _softmax_replica(s_soft, keep, guard)
+                p_replica = faults.inject(p_replica, "probs", "BNTS", plan, replica=1)
                 mu = _logit_magnitude(s, s_soft, bias is not None, allowed_ts, p, p_replica)
                 found["softmax_dmr"] = abft.softmax_dmr(p, p_replica, mu)
                 del p_replica
             if "softmax_exp" in wanted:
-                found["softmax_exp"] = abft.softmax_exp(p, s_soft, None if bias is None else s, keep, dtype)
+                ratio, ones, lse_exp = abft.softmax_exp(p, s_soft, None if bias is None else s, keep, dtype,
+                                                        with_lse=True)
+                found["softmax_exp"] = (ratio, ones)
+                lse_check = lse_exp if lse_check is None else lse_check
             judge(SOFTMAX)
             if acts:
                 flagged = {c: _rows(found, results, c, "", granularity, T, None) for c in SOFTMAX if c in found}
@@ -275,5 +316,8 @@ def run(query: Float[Tensor, "B N T H"], key: Float[Tensor, "B K S H"], value: F
             poison = poison | rows
         out = out.masked_fill(poison[..., None], float("nan"))
     results = {name: results[name] for name in wanted}
-    return out, make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
-                            corrected=corrected)
+    report = make_report(detected=detected, checks=results, inputs_finite=finite, located=located,
+                         corrected=corrected)
+    if stats:
+        return Block(o.reshape(B, N, T, H), lse, lse_check, mu_row), report
+    return out, report

@@ -1,0 +1,224 @@
+"""Ring attention with checks over the ranks of a ``torch.distributed`` group (``ftattn_spec.ring``).
+
+Each rank holds one chunk of the query sequence and one of the keys and values, in SDPA's layout:
+``(B, N, Tc, H)`` and ``(B, K, Sc, H)``. At each of the P steps it computes one checked block
+with the unfused core (``unfused.block``), merges it into its output by the log-sum-exp, and
+sends its key and value chunk (with their home checksums) to rank ``r + 1`` while it receives the
+next from rank ``r − 1`` (gloo on CPUs, NCCL on GPUs). One all-reduce at the end makes the
+verdict and the (rank × step) table global. Forward only: the received chunks carry no autograd
+history, so a call that would need gradients is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ftattn_spec import policy, ring
+from ftattn_spec import validation as v
+from ftattn_spec.faults import FaultDetected, FaultPlan
+from ftattn_spec.report import CheckResult, Ran, Report
+
+from . import counters, faults, unfused
+
+F32 = torch.float32
+
+
+def _check(residual, threshold) -> CheckResult:
+    residual = residual.to(F32)
+    threshold = torch.as_tensor(threshold, dtype=F32, device=residual.device).expand_as(residual)
+    return CheckResult(residual, threshold, ~((residual <= threshold) & threshold.isfinite()))
+
+
+def _worse(best: CheckResult | None, new: CheckResult) -> CheckResult:
+    if best is None:
+        return new
+    ratio = lambda c: torch.where(c.flagged, torch.inf, c.residual / c.threshold)  # noqa: E731
+    take = ratio(new) > ratio(best)
+    return CheckResult(torch.where(take, new.residual, best.residual),
+                       torch.where(take, new.threshold, best.threshold), best.flagged | new.flagged)
+
+
+def _sums(x: torch.Tensor):
+    w = x.to(torch.float64 if x.dtype == torch.float64 else F32)
+    return w.sum(2), w.abs().sum(2)  # over the chunk's keys: (B, K, H)
+
+
+def _mine(plan: ring.RingPlan | None, me: int, step: int, site: str) -> list[int]:
+    if plan is None:
+        return []
+    code = ring.RING_SITES.index(site)
+    return [f for f in range(len(plan.site)) if plan.device[f] == me and plan.step[f] == step and plan.site[f] == code]
+
+
+def _inject(x: torch.Tensor, plan, me: int, step: int, site: str) -> torch.Tensor:
+    """The plan's faults at ``site`` of ``step`` on this rank, applied to a copy of ``x`` (whose axes
+    are the local index's, in order)."""
+    hits = _mine(plan, me, step, site)
+    if not hits:
+        return x
+    x = x.clone()
+    for f in hits:
+        idx = tuple(int(i) for i in plan.index[f][:x.ndim])
+        x[idx] = faults.corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
+    return x
+
+
+def _core_plan(plan, me: int, step: int) -> FaultPlan | None:
+    if plan is None:
+        return None
+    sel = (plan.device == me) & (plan.step == step) & (plan.core_site >= 0)
+    if not sel.any():
+        return None
+    return FaultPlan(plan.core_site[sel], plan.replica[sel], plan.index[sel], plan.kind[sel], plan.bit[sel],
+                     plan.value[sel])
+
+
+def _exchange(tensors, me: int, P: int, group):
+    """Send ``tensors`` to rank ``me + 1`` and receive the same shapes from ``me − 1``."""
+    nxt, prv = dist.get_global_rank(group, (me + 1) % P) if group else (me + 1) % P, \
+        dist.get_global_rank(group, (me - 1) % P) if group else (me - 1) % P
+    got = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors] + \
+          [dist.P2POp(dist.irecv, g, prv, group) for g in got]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return got
+
+
+def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale: float | None = None,
+                   is_causal: bool = False, on_fault: str = "report", fault=None, site: str | int | None = None):
+    """Checked ring attention over the ranks of ``group`` (default: the world): ``(out, RingReport)``.
+
+    Args:
+      query: this rank's query chunk ``(B, N, Tc, H)``; key, value: its chunk ``(B, K, Sc, H)``
+        (rank ``r`` holds rows ``r·Tc .. (r+1)·Tc − 1`` of the global sequence, and keys likewise).
+      scheme: one of ``ftattn_spec.SCHEME_NAMES``; each block runs the scheme's row checks.
+      scale: logit scale, default ``H ** -0.5``; is_causal: upper-left causal over the global
+        sequence (needs ``Tc == Sc``).
+      on_fault: ``"report"`` or ``"raise"`` (``FaultDetected`` on every rank).
+      fault: a ``ftattn_spec.ring.RingFault`` or a sequence of them, the same on every rank
+        (global indices; each rank injects its own).
+      site: the name the call is counted under in ``ftattn_torch.counters``.
+
+    Returns:
+      ``out`` ``(B, N, Tc, H)`` in the input dtype, and a ``ftattn_spec.ring.RingReport`` whose
+      per-row fields cover this rank's rows, whose ``detected`` and ``steps`` are global.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: ring_attention needs an initialized torch.distributed process group, got none")
+    if on_fault not in ("report", "raise"):
+        raise ValueError(f"on_fault: expected 'report' or 'raise' (the ring repairs nothing), got {on_fault!r}")
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
+        raise ValueError("query: ring_attention in PyTorch is forward only (the chunks it receives carry no "
+                         "autograd history, so gradients would be wrong); call it under torch.no_grad(), or "
+                         "use ftattn_jax.sharding.ring_attention, whose gradients are autodiff's")
+    site = policy.validate_site(site) or policy.caller_site()
+    P, me = dist.get_world_size(group), dist.get_rank(group)
+    B, N, Tc, H = query.shape if query.ndim == 4 else (0, 0, 0, 0)
+    glob = lambda x, n: (*x.shape[:2], x.shape[2] * n, *x.shape[3:]) if x.ndim == 4 else tuple(x.shape)  # noqa: E731
+    cfg = v.validate_attention("torch", (glob(query, P), glob(key, P), glob(value, P)),
+                               [(str(x.dtype).removeprefix("torch."), x.is_floating_point())
+                                for x in (query, key, value)],
+                               scheme=scheme, granularity="vector", scale=scale, is_causal=is_causal,
+                               on_fault="report", implementation="unfused")
+    ring.validate_ring(cfg.dims, P, cfg.is_causal, "group")
+    checks = ring.row_checks(cfg.checks)
+    plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
+    with torch.no_grad():
+        out, report = _ring(query, key, value, plan, me, P, group, checks, cfg.scale, cfg.is_causal)
+    counters.record(site, report.blocks._replace(detected=report.detected))
+    if on_fault == "raise" and bool(report.detected):
+        raise FaultDetected(report)
+    return out, report
+
+
+def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float, is_causal: bool):
+    B, N, Tc, H = query.shape
+    Sc = key.shape[2]
+    dev = query.device
+    block = functools.partial(unfused.block, checks=checks, scale=scale)
+    home = [*_sums(key), *_sums(value)]
+    finite = bool(query.isfinite().all() and key.isfinite().all() and value.isfinite().all())
+    best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "merge", "key", "value")}
+    steps, lses = np.zeros(P, bool), []
+    o = c = a = lse = None
+    for r in range(P):
+        j = (me - r) % P
+        kr, vr = _inject(key, plan, me, r, "key"), _inject(value, plan, me, r, "value")
+        flags = []
+        for name, x, (s0, a0) in (("key", kr, home[:2]), ("value", vr, home[2:])):
+            res = _check(((_sums(x)[0] - s0).abs() / ring.transit_threshold(Sc, a0)).amax(-1),
+                         torch.ones((B, x.shape[1]), device=dev))
+            best[name] = _worse(best[name], res)
+            flags.append(res.flagged.any())
+        if is_causal and j > me:  # above the diagonal: nothing attended
+            blk = unfused.Block(torch.zeros(B, N, Tc, H, dtype=home[0].dtype, device=dev),
+                                torch.full((B, N, Tc), -torch.inf, device=dev), None, torch.zeros(B, N, Tc, device=dev))
+            rep = None
+        else:
+            blk, rep = block(query, kr, vr, _core_plan(plan, me, r), is_causal=is_causal and j == me)
+        if rep is not None:
+            for name in checks:
+                best[name] = _worse(best[name], rep.checks[name])
+                flags.append(rep.checks[name].flagged.any())
+        lse_j = _inject(blk.lse, plan, me, r, "lse")
+        lses.append(lse_j)
+        if blk.lse_check is not None:
+            both = (lse_j == -torch.inf) & (blk.lse_check == -torch.inf)
+            res = _check(torch.where(both, 0.0, (lse_j - blk.lse_check).abs()), ring.lse_threshold(Sc, blk.mu))
+            best["lse"] = _worse(best["lse"], res)
+            flags.append(res.flagged.any())
+        o_j = blk.out  # B N Tc H
+        c_j, a_j = o_j.sum(-1), o_j.abs().sum(-1)
+        if r == 0:
+            o, c, a, lse = o_j, c_j, a_j, lse_j
+        else:
+            m = torch.maximum(lse, lse_j)
+            m = torch.where(m.isfinite(), m, 0.0)
+            new = m + ((lse - m).exp() + (lse_j - m).exp()).log()
+            w0, w1 = (lse - new).exp(), (lse_j - new).exp()
+            res = _check((w0 + w1 - 1.0).abs(), ring.weight_threshold(new.abs()))
+            best["weights"] = _worse(best["weights"], res)
+            flags.append(res.flagged.any())
+            o = w0[..., None] * o + w1[..., None] * o_j
+            c, a, lse = w0 * c + w1 * c_j, w0 * a + w1 * a_j, new
+        o = _inject(o, plan, me, r, "merge")
+        res = _check((o.sum(-1) - c).abs(), ring.merge_threshold(r + 1, H, a))
+        best["merge"] = _worse(best["merge"], res)
+        flags.append(res.flagged.any())
+        steps[r] = bool(torch.stack(flags).any())
+        if r < P - 1:
+            key, value, *home = _exchange([key, value, *home], me, P, group)
+    stack = torch.stack(lses)
+    top = stack.amax(0)
+    top = torch.where(top.isfinite(), top, 0.0)
+    again = top + (stack - top).exp().sum(0).log()
+    gap = torch.where((lse == -torch.inf) & (again == -torch.inf), 0.0, (lse - again).abs())
+    best["lse"] = _worse(best["lse"], _check(gap, P * ring.weight_threshold(again.abs())))
+    blocks = {n: best[n] for n in checks}
+    zero = torch.zeros_like(c)
+    ring_checks = {"lse": best["lse"], "weights": best["weights"] or _check(zero, torch.ones_like(c)),
+                   "merge": best["merge"],
+                   "key": CheckResult(*(x[None] for x in best["key"])),
+                   "value": CheckResult(*(x[None] for x in best["value"]))}
+    local = any(bool(x.flagged.any()) for x in (*blocks.values(), *ring_checks.values()))
+    # one all-reduce: detected, non-finite inputs, and the rank × step table
+    table = torch.zeros(2 + P * P, dtype=torch.int32, device=dev if dist.get_backend(group) == "nccl" else "cpu")
+    table[0], table[1] = int(local), int(not finite)
+    table[2 + me * P: 2 + (me + 1) * P] = torch.as_tensor(steps, dtype=torch.int32)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+    detected = torch.tensor(bool(table[0] or table[1]), device=dev)
+    report = Report(detected=detected, checks=blocks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
+                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=Ran("unfused"))
+    steps_all = table[2:].reshape(P, P).bool().to(dev)
+    return o.to(query.dtype), ring.RingReport(detected, report, ring_checks, steps_all)
+
+
+__all__ = ["ring_attention"]

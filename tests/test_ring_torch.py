@@ -1,0 +1,130 @@
+"""``ftattn_torch.distributed.ring_attention`` over 4 gloo processes on the CPU: the output equals
+float64 attention as closely as one process's does, nothing clean is flagged, a fault at every
+ring site is detected on every rank at its rank and step, and bad input is refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+import ftattn_torch  # noqa: E402
+from ftattn_spec.ring import RingFault  # noqa: E402
+from ftattn_torch.distributed import ring_attention  # noqa: E402
+
+WORLD = 4
+B, N, K, H = 2, 6, 3, 8
+T, S = 12, 20  # chunks of 3 queries and 5 keys; causal runs use T = S = 20
+U = 2.0**-24
+CASES = [  # (fault, rank, step, the check that flags it)
+    (RingFault("probs", (1, 2, 7, 3), bit=29), 2, 2, "softmax_dmr"),
+    (RingFault("scores", (0, 5, 4, 17), bit=27), 1, 2, "qk_row"),
+    (RingFault("out", (1, 1, 11, 3), step=2, bit=28), 3, 2, "pv_row"),
+    (RingFault("lse", (0, 0, 3), step=1, bit=26), 1, 1, "lse"),
+    (RingFault("merge", (1, 4, 9, 2), step=2, bit=25), 3, 2, "merge"),
+    (RingFault("key", (0, 1, 16, 5), step=1, bit=29), 0, 1, "key"),
+    (RingFault("value", (0, 1, 16, 5), step=3, bit=28), 2, 3, "value"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference64(q, k, v, causal):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    k, v = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)
+    s = np.einsum("bnth,bnsh->bnts", q, k) / np.sqrt(H)
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bnts,bnsh->bnth", p / p.sum(-1, keepdims=True), v), np.abs(s[np.isfinite(s)]).max()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        got = {"clean": [], "faults": []}
+        rng = np.random.default_rng(3)
+        with torch.no_grad():
+            for dtype in (torch.float32, torch.bfloat16):
+                for causal in (False, True):
+                    t = S if causal else T
+                    q, k, v = (rng.standard_normal(shape) for shape in ((B, N, t, H), (B, K, S, H), (B, K, S, H)))
+                    tq, tk, tv = (torch.tensor(x).to(dtype) for x in (q, k, v))
+                    ref, mu = _reference64(tq.double().numpy(), tk.double().numpy(), tv.double().numpy(), causal)
+                    rows, keys = slice(rank * t // WORLD, (rank + 1) * t // WORLD), slice(rank * S // WORLD,
+                                                                                         (rank + 1) * S // WORLD)
+                    o, rep = ring_attention(tq[:, :, rows], tk[:, :, keys], tv[:, :, keys], scheme="full",
+                                            is_causal=causal, site="ring clean")
+                    single, _ = ftattn_torch.attention(tq, tk, tv, scheme="baseline", is_causal=causal)
+                    got["clean"].append(dict(
+                        detected=bool(rep.detected), mu=float(mu), ref_max=float(np.abs(ref).max()),
+                        err=float(np.abs(o.double().numpy() - ref[:, :, rows]).max()),
+                        single_err=float(np.abs(single.double().numpy() - ref).max()),
+                        worst=max(float((c.residual / c.threshold).max()) for c in
+                                  (*rep.blocks.checks.values(), *rep.ring.values()))))
+            q, k, v = (torch.tensor(rng.standard_normal(shape), dtype=torch.float32)
+                       for shape in ((B, N, T, H), (B, K, S, H), (B, K, S, H)))
+            rows, keys = slice(rank * 3, rank * 3 + 3), slice(rank * 5, rank * 5 + 5)
+            for f, _, _, check in CASES:
+                o, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], fault=f, site="ring faults")
+                flagged = {n: int(c.flagged.sum()) for n, c in {**rep.blocks.checks, **rep.ring}.items()}
+                got["faults"].append(dict(detected=bool(rep.detected), flagged=flagged, check=check,
+                                          steps=[list(map(int, p)) for p in rep.steps.nonzero().tolist()]))
+            errors = {}
+            for name, call in (("grad", lambda: None), ("on_fault", lambda: ring_attention(
+                    q[:, :, rows], k[:, :, keys], v[:, :, keys], on_fault="nan")),
+                    ("causal", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], is_causal=True))):
+                try:
+                    if name == "grad":
+                        with torch.enable_grad():
+                            ring_attention(q[:, :, rows].requires_grad_(), k[:, :, keys], v[:, :, keys])
+                    else:
+                        call()
+                    errors[name] = None
+                except (ValueError, TypeError) as e:
+                    errors[name] = f"{type(e).__name__}: {e}"
+            got["errors"] = errors
+        t = ftattn_torch.counters.tally()
+        got["tally"] = {s: [x.calls, x.detected] for s, x in t.items() if s.startswith("ring")}
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+            json.dump(got, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ring_over_four_ranks(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for rank, g in enumerate(got):
+        for c in g["clean"]:
+            assert not c["detected"] and c["worst"] < 1.0, (rank, c)
+            assert c["err"] <= 4 * c["single_err"] + 16 * U * (c["mu"] + 3.0) * c["ref_max"], (rank, c)
+        for (f, frank, step, check), r in zip(CASES, g["faults"]):
+            assert r["detected"], (rank, f)  # on every rank: the verdict is global
+            assert r["steps"] and all(d == frank for d, _ in r["steps"]), (rank, f, r["steps"])
+            assert min(s for _, s in r["steps"]) == step, (rank, f, r["steps"])
+            if rank == frank:
+                assert r["flagged"][check] >= 1, (f, r["flagged"])
+        e = g["errors"]
+        assert e["grad"].startswith("ValueError: query:") and "forward only" in e["grad"]
+        assert e["on_fault"].startswith("ValueError: on_fault:")
+        assert e["causal"].startswith("ValueError: is_causal:")
+        assert g["tally"]["ring faults"] == [len(CASES), len(CASES)]
+        assert g["tally"]["ring clean"] == [4, 0]
+
+
+def test_ring_needs_a_process_group():
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="group:"):
+        ring_attention(x, x, x)
