@@ -16,12 +16,17 @@ Every protected call adds its verdict to ``ftattn_jax.counters`` on the device
 module for when a call falls back to a callback). Sites are Flax module paths
 (linen), the ``site`` argument, or the caller's file and line. In a
 multi-controller job (``jax.process_count() > 1``) each process reads its own
-counters; its verdict names its ``jax.process_index()``.
+counters, and :meth:`Monitor.step` gathers every process's tallies (two
+``multihost_utils.process_allgather`` of a few bytes per site), so every process
+gets the same verdict, naming the process (``jax.process_index()``) as its rank.
 """
 
 from __future__ import annotations
 
+import json
+
 import jax
+import numpy as np
 
 from ftattn_spec.monitoring import (Classification, Monitor as _Monitor, SiteVerdict, StepVerdict, Totals,
                                     tensorboard)
@@ -35,21 +40,28 @@ from .common import OPS
 __all__ = ["Classification", "Monitor", "SiteVerdict", "StepVerdict", "Totals", "devices_of", "tensorboard"]
 
 
-class _Local:
-    def __init__(self, rank: int):
-        self.rank = rank
+def _gather_processes(mine) -> list:
+    """Every process's tallies, in process order: the tallies as JSON bytes, their lengths
+    all-gathered, then the bytes padded to the longest (the collectives of a multi-controller
+    job: on CPUs, ``jax_cpu_collectives_implementation="gloo"``)."""
+    from jax.experimental import multihost_utils
 
-    def __call__(self, mine):
-        return [{} for _ in range(self.rank)] + [mine]
+    blob = np.frombuffer(json.dumps(tally.to_rows(mine)).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [tally.from_rows(json.loads(bytes(every[i, :sizes[i]]).decode())) for i in range(len(sizes))]
 
 
 class Monitor(_Monitor):
-    """A monitor over this process's JAX counters (``ftattn_spec.monitoring.Monitor``)."""
+    """A monitor over this process's JAX counters (``ftattn_spec.monitoring.Monitor``); in a
+    multi-controller job, over every process's (one gather per step)."""
 
     def __init__(self, *, on_step=()):
-        rank = jax.process_index()
-        super().__init__(read=counters.tally, reset=counters.reset, gather=_Local(rank) if rank else None,
-                         rank=rank, on_step=on_step)
+        many = jax.process_count() > 1
+        super().__init__(read=counters.tally, reset=counters.reset, gather=_gather_processes if many else None,
+                         rank=jax.process_index(), on_step=on_step)
 
 
 def devices_of(where, sharding, q_shape) -> list:

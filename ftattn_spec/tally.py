@@ -23,7 +23,7 @@ fused backward's) is :func:`encode_flag`'s row: counted, located nowhere.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .arrays import ArrayOps
 from .schemes import CHECKS
@@ -124,3 +124,19 @@ def decode(row: Sequence[Any]) -> SiteTally:
     elif r[1] > r[2]:  # a detection with no flagged element recorded: the fused backward's verdict
         first = Where(None, ())
     return SiteTally(calls=r[0], detected=r[1], nonfinite=r[2], first=first)
+
+
+def to_rows(tallies: Mapping[str, SiteTally]) -> dict[str, list[int]]:
+    """Site tallies as plain rows (JSON-ready), the inverse of :func:`from_rows`: for a backend
+    that moves them between processes as bytes."""
+    rows = {}
+    for site, t in tallies.items():
+        check = 0 if t.first is None or t.first.check is None else CHECKS.index(t.first.check) + 1
+        index = list(t.first.index) if t.first is not None else []
+        rows[site] = [t.calls, t.detected, t.nonfinite, check, *(index + [-1] * (3 - len(index)))]
+    return rows
+
+
+def from_rows(rows: Mapping[str, Sequence[int]]) -> dict[str, SiteTally]:
+    """:func:`to_rows`' rows as site tallies."""
+    return {site: decode(row) for site, row in rows.items()}
