@@ -47,9 +47,12 @@ def main() -> None:
     rng = np.random.default_rng(7)
     out = {"devices": jax.device_count(), "clean": [], "faults": []}
     ring = lambda *a, **kw: sharding.ring_attention(*a, mesh=mesh, axis_name="seq", **kw)  # noqa: E731
-    for dtype in ("float32", "bfloat16", "float16"):
-        for causal in (False, True):
-            for scheme, scale in (("full", 1.0), ("abft_all", 1.0), ("baseline", 1.0), ("full", 30.0)):
+    cases = [(d, c, sch, sc) for d in ("float32", "bfloat16", "float16") for c in (False, True)
+             for sch, sc in (("full", 1.0), ("abft_all", 1.0), ("baseline", 1.0), ("full", 30.0))]
+    cases = [x for i, x in enumerate(cases) if x[0] == "float32" or i % 3 == 0]  # every form in float32
+    for dtype, causal, scheme, scale in cases:
+        if True:
+            if True:
                 t, s = (S, S) if causal else (T, S)
                 q, k, v = inputs(rng, t, s, dtype, scale)
                 o, r = ring(q, k, v, scheme=scheme, is_causal=causal, site="ring clean")
