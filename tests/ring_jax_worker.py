@@ -17,6 +17,7 @@ from jax.sharding import Mesh  # noqa: E402
 import ftattn_jax  # noqa: E402
 from ftattn_jax import sharding  # noqa: E402
 from ftattn_spec.ring import RingFault  # noqa: E402
+from ring_cases import CASES  # noqa: E402  (this file's folder is on sys.path)
 
 P = 4
 B, N, K, H = 2, 6, 3, 8
@@ -71,16 +72,7 @@ def main() -> None:
                     row_specs=sorted({str(c.flagged.sharding.spec) for c in r.blocks.checks.values()}),
                     worst=worst))
     q, k, v = inputs(rng, T, S, "float32")
-    cases = [  # (fault, device, step, what should flag)
-        (RingFault("probs", (1, 2, 7, 3), bit=29), 2, 2, "softmax_dmr"),
-        (RingFault("probs", (1, 2, 7, 3), bit=29, replica=1), 2, 2, "softmax_dmr"),
-        (RingFault("scores", (0, 5, 4, 17), bit=27), 1, 2, "qk_row"),
-        (RingFault("out", (1, 1, 11, 3), step=2, bit=28), 3, 2, "pv_row"),
-        (RingFault("lse", (0, 0, 3), step=1, bit=26), 1, 1, "lse"),
-        (RingFault("merge", (1, 4, 9, 2), step=2, bit=25), 3, 2, "merge"),
-        (RingFault("key", (0, 1, 16, 5), step=1, bit=29), 0, 1, "key"),
-        (RingFault("value", (0, 1, 16, 5), step=3, bit=28), 2, 3, "value"),
-    ]
+    cases = [*CASES[:1], (RingFault("probs", (1, 2, 7, 3), bit=29, replica=1), 2, 2, "softmax_dmr"), *CASES[1:]]
     for f, device, step, check in cases:
         for scheme in ("full", "abft_all"):
             if f.replica and scheme != "full":

@@ -16,22 +16,13 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import ftattn_torch  # noqa: E402
-from ftattn_spec.ring import RingFault  # noqa: E402
+from tests.ring_cases import CASES  # noqa: E402  (fault, rank, step, the check that flags it)
 from ftattn_torch.distributed import ring_attention  # noqa: E402
 
 WORLD = 4
 B, N, K, H = 2, 6, 3, 8
 T, S = 12, 20  # chunks of 3 queries and 5 keys; causal runs use T = S = 20
 U = 2.0**-24
-CASES = [  # (fault, rank, step, the check that flags it)
-    (RingFault("probs", (1, 2, 7, 3), bit=29), 2, 2, "softmax_dmr"),
-    (RingFault("scores", (0, 5, 4, 17), bit=27), 1, 2, "qk_row"),
-    (RingFault("out", (1, 1, 11, 3), step=2, bit=28), 3, 2, "pv_row"),
-    (RingFault("lse", (0, 0, 3), step=1, bit=26), 1, 1, "lse"),
-    (RingFault("merge", (1, 4, 9, 2), step=2, bit=25), 3, 2, "merge"),
-    (RingFault("key", (0, 1, 16, 5), step=1, bit=29), 0, 1, "key"),
-    (RingFault("value", (0, 1, 16, 5), step=3, bit=28), 2, 3, "value"),
-]
 
 
 def _free_port() -> int:
