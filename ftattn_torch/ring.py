@@ -5,8 +5,9 @@ Each rank holds one chunk of the query sequence and one of the keys and values, 
 with the unfused core (``unfused.block``), merges it into its output by the log-sum-exp, and
 sends its key and value chunk (with their home checksums) to rank ``r + 1`` while it receives the
 next from rank ``r − 1`` (gloo on CPUs, NCCL on GPUs). One all-reduce at the end makes the
-verdict and the (rank × step) table global. Forward only: the received chunks carry no autograd
-history, so a call that would need gradients is refused.
+verdict and the (rank × step) table global. Gradients: when an input requires them, the call is a
+``torch.autograd.Function`` whose backward recomputes the blocks around the ring again
+(:mod:`.ring_backward`); the backward is not checked.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ftattn_spec import validation as v
 from ftattn_spec.faults import FaultDetected, FaultPlan
 from ftattn_spec.report import CheckResult, Ran, Report
 
-from . import counters, faults, unfused
+from . import counters, faults, ring_backward, unfused
 
 F32 = torch.float32
 
@@ -115,10 +116,6 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
-        raise ValueError("query: ring_attention in PyTorch is forward only (the chunks it receives carry no "
-                         "autograd history, so gradients would be wrong); call it under torch.no_grad(), or "
-                         "use ftattn_jax.sharding.ring_attention, whose gradients are autodiff's")
     site = policy.validate_site(site) or policy.caller_site()
     P, me = dist.get_world_size(group), dist.get_rank(group)
     B, N, Tc, H = query.shape if query.ndim == 4 else (0, 0, 0, 0)
@@ -131,8 +128,14 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
     ring.validate_ring(cfg.dims, P, cfg.is_causal, "group")
     checks = ring.row_checks(cfg.checks)
     plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
-    with torch.no_grad():
-        out, report = _ring(query, key, value, plan, me, P, group, checks, cfg.scale, cfg.is_causal)
+    args = (plan, me, P, group, checks, cfg.scale, cfg.is_causal)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
+        held: list = []
+        out = _Ring.apply(query, key, value, args, held)
+        report = held[0]
+    else:
+        with torch.no_grad():
+            out, report, _ = _ring(query, key, value, *args)
     counters.record(site, report.blocks._replace(detected=report.detected))
     if on_fault == "raise" and bool(report.detected):
         raise FaultDetected(report)
@@ -218,7 +221,28 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
     report = Report(detected=detected, checks=blocks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
                     located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=Ran("unfused"))
     steps_all = table[2:].reshape(P, P).bool().to(dev)
-    return o.to(query.dtype), ring.RingReport(detected, report, ring_checks, steps_all)
+    return o.to(query.dtype), ring.RingReport(detected, report, ring_checks, steps_all), lse
+
+
+class _Ring(torch.autograd.Function):
+    """The ring as one autograd node: the forward of :func:`_ring`, the backward of
+    :func:`.ring_backward.backward` (the report leaves through ``held``)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, args, held):
+        out, report, lse = _ring(query, key, value, *args)
+        held.append(report)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.args = args
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        _, me, P, group, _, scale, is_causal = ctx.args
+        dq, dk, dv = ring_backward.backward(query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal,
+                                            me=me, P=P, exchange=lambda ts: _exchange(ts, me, P, group))
+        return dq, dk, dv, None, None
 
 
 __all__ = ["ring_attention"]

@@ -1,6 +1,8 @@
 """``ftattn_torch.distributed.ring_attention`` over 4 gloo processes on the CPU: the output equals
 float64 attention as closely as one process's does, nothing clean is flagged, a fault at every
-ring site is detected on every rank at its rank and step, and bad input is refused by name."""
+ring site is detected on every rank at its rank and step, every rank's gradients equal float64
+autograd's of the whole sequence as closely as plain attention's do, and bad input is refused by
+name."""
 
 from __future__ import annotations
 
@@ -41,6 +43,40 @@ def _reference64(q, k, v, causal):
     return np.einsum("bnts,bnsh->bnth", p / p.sum(-1, keepdims=True), v), np.abs(s[np.isfinite(s)]).max()
 
 
+def _sdpa(q, k, v, causal):
+    """Plain attention with autograd, in the inputs' dtype (kv heads repeated)."""
+    k, v = k.repeat_interleave(N // K, dim=1), v.repeat_interleave(N // K, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _grads(rank: int) -> list[dict]:
+    """Per dtype and mask: this rank's gradients' error against float64 autograd of the whole
+    sequence, beside the error of plain attention's in the same dtype."""
+    found = []
+    rng = np.random.default_rng(11)
+    for dtype in (torch.float64, torch.float32):
+        for causal in (False, True):
+            t = S if causal else T
+            q, k, v, g = (torch.tensor(rng.standard_normal(sh)) for sh in ((B, N, t, H), (B, K, S, H),
+                                                                           (B, K, S, H), (B, N, t, H)))
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            _sdpa(*leaves, causal).backward(g)
+            ref = [x.grad for x in leaves]
+            low = [x.to(dtype).detach().clone().requires_grad_() for x in (q, k, v)]
+            _sdpa(*low, causal).backward(g.to(dtype))
+            rows, keys = slice(rank * t // WORLD, (rank + 1) * t // WORLD), slice(rank * S // WORLD,
+                                                                                 (rank + 1) * S // WORLD)
+            mine = [x[:, :, sl].to(dtype).detach().clone().requires_grad_() for x, sl in ((q, rows), (k, keys), (v, keys))]
+            o, rep = ring_attention(*mine, is_causal=causal, site="ring grads")
+            o.backward(g[:, :, rows].to(dtype))
+            found.append(dict(dtype=str(dtype), causal=causal, detected=bool(rep.detected), err=[
+                float((x.grad.double() - r[:, :, sl]).abs().max()) for x, r, sl in zip(mine, ref, (rows, keys, keys))],
+                plain=[float((x.grad[:, :, sl].double() - r[:, :, sl]).abs().max())
+                       for x, r, sl in zip(low, ref, (rows, keys, keys))],
+                scale=[float(r.abs().max()) for r in ref]))
+    return found
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -73,19 +109,17 @@ def _worker(rank: int, port: int, out: str) -> None:
                 got["faults"].append(dict(detected=bool(rep.detected), flagged=flagged, check=check,
                                           steps=[list(map(int, p)) for p in rep.steps.nonzero().tolist()]))
             errors = {}
-            for name, call in (("grad", lambda: None), ("on_fault", lambda: ring_attention(
+            for name, call in (("on_fault", lambda: ring_attention(
                     q[:, :, rows], k[:, :, keys], v[:, :, keys], on_fault="nan")),
                     ("causal", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], is_causal=True))):
                 try:
-                    if name == "grad":
-                        with torch.enable_grad():
-                            ring_attention(q[:, :, rows].requires_grad_(), k[:, :, keys], v[:, :, keys])
-                    else:
-                        call()
+                    call()
                     errors[name] = None
                 except (ValueError, TypeError) as e:
                     errors[name] = f"{type(e).__name__}: {e}"
             got["errors"] = errors
+            with torch.enable_grad():
+                got["grads"] = _grads(rank)
         t = ftattn_torch.counters.tally()
         got["tally"] = {s: [x.calls, x.detected] for s, x in t.items() if s.startswith("ring")}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
@@ -108,11 +142,18 @@ def test_ring_over_four_ranks(tmp_path):
             if rank == frank:
                 assert r["flagged"][check] >= 1, (f, r["flagged"])
         e = g["errors"]
-        assert e["grad"].startswith("ValueError: query:") and "forward only" in e["grad"]
+        for c in g["grads"]:  # every rank's dQ, dK, dV against float64 autograd of the whole sequence
+            assert not c["detected"], (rank, c)
+            for err, plain, big in zip(c["err"], c["plain"], c["scale"]):
+                if c["dtype"] == "torch.float64":
+                    assert err <= 1e-12 * big, (rank, c)
+                else:
+                    assert err <= 4 * plain + 8 * U * big, (rank, c)
         assert e["on_fault"].startswith("ValueError: on_fault:")
         assert e["causal"].startswith("ValueError: is_causal:")
         assert g["tally"]["ring faults"] == [len(CASES), len(CASES)]
         assert g["tally"]["ring clean"] == [4, 0]
+        assert g["tally"]["ring grads"] == [4, 0]
 
 
 def test_ring_needs_a_process_group():
