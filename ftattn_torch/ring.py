@@ -1,8 +1,9 @@
 """Ring attention with checks over the ranks of a ``torch.distributed`` group (``ftattn_spec.ring``).
 
 Each rank holds one chunk of the query sequence and one of the keys and values, in SDPA's layout:
-``(B, N, Tc, H)`` and ``(B, K, Sc, H)``. At each of the P steps it computes one checked block
-with the unfused core (``unfused.block``), merges it into its output by the log-sum-exp, and
+``(B, N, Tc, H)`` and ``(B, K, Sc, H)``. At each of the P steps it computes one checked block,
+with the fused Triton kernel (its log-sum-exp saved by the kernel) where it can run, else with the
+unfused core (``unfused.block``), merges it into its output by the log-sum-exp, and
 sends its key and value chunk (with their home checksums) to rank ``r + 1`` while it receives the
 next from rank ``r − 1`` (gloo on CPUs, NCCL on GPUs). One all-reduce at the end makes the
 verdict and the (rank × step) table global. Gradients: when an input requires them, the call is a
@@ -13,17 +14,18 @@ verdict and the (rank × step) table global. Gradients: when an input requires t
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ftattn_spec import policy, ring
+from ftattn_spec import implementations, policy, ring
 from ftattn_spec import validation as v
 from ftattn_spec.faults import FaultDetected, FaultPlan
 from ftattn_spec.report import CheckResult, Ran, Report
 
-from . import counters, faults, ring_backward, unfused
+from . import counters, faults, fused, ring_backward, unfused
 
 F32 = torch.float32
 
@@ -78,6 +80,35 @@ def _core_plan(plan, me: int, step: int) -> FaultPlan | None:
                      plan.value[sel])
 
 
+def _fused_block(query, key, value, plan, *, checks: tuple[str, ...], scale: float, is_causal: bool):
+    """One block by the Triton kernel: ``(unfused.Block, Report)``. The kernel saves each row's
+    log-sum-exp in base 2 of the scaled logits (+inf where nothing is attended); the ring wants it
+    in base e, −inf there. The kernel's checks cover its m and l; no second log-sum-exp is made."""
+    lse2 = torch.empty(query.shape[:3], dtype=F32, device=query.device)
+    out, rep = fused.run(query, key, value, checks=checks, granularity="vector", scale=scale, is_causal=is_causal,
+                         plan=plan, lse_out=lse2)
+    lse = torch.where(lse2 == torch.inf, -torch.inf, lse2 * math.log(2.0))
+    work = torch.float64 if query.dtype == torch.float64 else F32
+    return unfused.Block(out.to(work), lse, None, torch.zeros_like(lse)), rep
+
+
+def _implementation(implementation, query, scheme: str, dtype: str) -> tuple[str, str | None]:
+    """The blocks' implementation, ``(name, why "auto" fell back or None)``, or an error naming
+    ``implementation``."""
+    impl = implementations.resolve("torch", implementation)
+    shape = tuple(int(n) for n in query.shape)
+    if impl == implementations.AUTO:
+        reason = (f"not on a GPU (the query is on {query.device.type})" if query.device.type != "cuda"
+                  else fused.unsupported("cuda"))
+        return implementations.choose("torch", device_reason=reason, scheme=scheme, dtype=dtype, q_shape=shape)
+    refusal = implementations.unsupported("torch", impl, scheme=scheme, dtype=dtype, q_shape=shape)
+    if refusal is not None:
+        raise refusal.exception()
+    if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:
+        raise ValueError(why)
+    return impl, None
+
+
 def _exchange(tensors, me: int, P: int, group):
     """Send ``tensors`` to rank ``me + 1`` and receive the same shapes from ``me − 1``."""
     nxt, prv = dist.get_global_rank(group, (me + 1) % P) if group else (me + 1) % P, \
@@ -91,7 +122,8 @@ def _exchange(tensors, me: int, P: int, group):
 
 
 def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale: float | None = None,
-                   is_causal: bool = False, on_fault: str = "report", fault=None, site: str | int | None = None):
+                   is_causal: bool = False, on_fault: str = "report", fault=None, site: str | int | None = None,
+                   implementation: str | None = None):
     """Checked ring attention over the ranks of ``group`` (default: the world): ``(out, RingReport)``.
 
     Args:
@@ -104,6 +136,10 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
       fault: a ``ftattn_spec.ring.RingFault`` or a sequence of them, the same on every rank
         (global indices; each rank injects its own).
       site: the name the call is counted under in ``ftattn_torch.counters``.
+      implementation: what computes each block: ``"auto"`` (default: the fused Triton kernel on a
+        GPU when the scheme and shapes allow, else the unfused core; ``report.blocks.ran`` says which
+        and why), ``"triton"`` or ``"unfused"``. The fused blocks' log-sum-exp is checked through the
+        kernel's softmax checks only (no ``lse`` ring check per block; docs/training.md).
 
     Returns:
       ``out`` ``(B, N, Tc, H)`` in the input dtype, and a ``ftattn_spec.ring.RingReport`` whose
@@ -126,9 +162,15 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
                                scheme=scheme, granularity="vector", scale=scale, is_causal=is_causal,
                                on_fault="report", implementation="unfused")
     ring.validate_ring(cfg.dims, P, cfg.is_causal, "group")
-    checks = ring.row_checks(cfg.checks)
+    impl, fallback = _implementation(implementation, query, cfg.scheme, cfg.dtype)
+    if fallback is not None and query.device.type == "cuda":
+        implementations.warn_fallback("torch", fallback)
+    checks = ring.row_checks(implementations.checks_for("torch", impl, cfg.scheme))
     plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
-    args = (plan, me, P, group, checks, cfg.scale, cfg.is_causal)
+    if impl != "unfused" and plan is not None and any(s == ring.RING_SITES.index("lse") for s in plan.site):
+        raise ValueError("fault.site: 'lse' faults need implementation='unfused' (a fused block's log-sum-exp has "
+                         f"no second evaluation to be checked against); this call runs {impl!r}")
+    args = (plan, me, P, group, checks, cfg.scale, cfg.is_causal, impl, fallback)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
         held: list = []
         out = _Ring.apply(query, key, value, args, held)
@@ -142,11 +184,12 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
     return out, report
 
 
-def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float, is_causal: bool):
+def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float, is_causal: bool, impl: str,
+          fallback: str | None):
     B, N, Tc, H = query.shape
     Sc = key.shape[2]
     dev = query.device
-    block = functools.partial(unfused.block, checks=checks, scale=scale)
+    block = functools.partial(unfused.block if impl == "unfused" else _fused_block, checks=checks, scale=scale)
     home = [*_sums(key), *_sums(value)]
     finite = bool(query.isfinite().all() and key.isfinite().all() and value.isfinite().all())
     best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "merge", "key", "value")}
@@ -219,7 +262,7 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
     dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
     detected = torch.tensor(bool(table[0] or table[1]), device=dev)
     report = Report(detected=detected, checks=blocks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
-                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=Ran("unfused"))
+                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=Ran(impl, fallback))
     steps_all = table[2:].reshape(P, P).bool().to(dev)
     return o.to(query.dtype), ring.RingReport(detected, report, ring_checks, steps_all), lse
 
@@ -239,7 +282,7 @@ class _Ring(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        _, me, P, group, _, scale, is_causal = ctx.args
+        _, me, P, group, _, scale, is_causal, _, _ = ctx.args
         dq, dk, dv = ring_backward.backward(query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal,
                                             me=me, P=P, exchange=lambda ts: _exchange(ts, me, P, group))
         return dq, dk, dv, None, None

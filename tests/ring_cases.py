@@ -1,5 +1,7 @@
 """The ring faults both backends' ring tests inject (4 devices or ranks; B=2, T=12, S=20, N=6,
-K=3, H=8: chunks of 3 queries and 5 keys): ``(fault, device, step, the check that flags it)``."""
+K=3, H=8 or 16: chunks of 3 queries and 5 keys): ``(fault, device, step, the check that flags it)``.
+``FUSED_CASES``: those a ring of fused blocks takes, float16 inputs (no ``lse`` fault: a fused
+block has no second log-sum-exp; the key and value bits are float16's exponent bits)."""
 
 from ftattn_spec.ring import RingFault
 
@@ -11,4 +13,9 @@ CASES = [
     (RingFault("merge", (1, 4, 9, 2), step=2, bit=25), 3, 2, "merge"),
     (RingFault("key", (0, 1, 16, 5), step=1, bit=29), 0, 1, "key"),
     (RingFault("value", (0, 1, 16, 5), step=3, bit=28), 2, 3, "value"),
+]
+
+FUSED_CASES = [c for c in CASES if c[0].site not in ("lse", "key", "value")] + [
+    (RingFault("key", (0, 1, 16, 5), step=1, bit=14), 0, 1, "key"),
+    (RingFault("value", (0, 1, 16, 5), step=3, bit=13), 2, 3, "value"),
 ]

@@ -18,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import ftattn_torch  # noqa: E402
-from tests.ring_cases import CASES  # noqa: E402  (fault, rank, step, the check that flags it)
+from tests.ring_cases import CASES, FUSED_CASES  # noqa: E402  (fault, rank, step, the check that flags it)
 from ftattn_torch.distributed import ring_attention  # noqa: E402
 
 WORLD = 4
@@ -77,6 +77,52 @@ def _grads(rank: int) -> list[dict]:
     return found
 
 
+def _fused(rank: int) -> dict:
+    """The ring of fused blocks (Triton, interpreted; H=16): clean errors beside the one-process
+    kernel's, the faults of ``FUSED_CASES``, and what it refuses."""
+    found = {"clean": [], "faults": [], "errors": {}}
+    rng = np.random.default_rng(5)
+    h = 16
+    keys = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
+    for dtype, causal in ((torch.float16, False), (torch.bfloat16, True)):
+        t = S if causal else T
+        q, k, v = (torch.tensor(rng.standard_normal(sh)).to(dtype) for sh in ((B, N, t, h), (B, K, S, h),
+                                                                              (B, K, S, h)))
+        rows = slice(rank * t // WORLD, (rank + 1) * t // WORLD)
+        ref, _ = ftattn_torch.attention(q.double(), k.double(), v.double(), scheme="baseline", is_causal=causal)
+        o, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="triton",
+                                is_causal=causal, site="ring fused")
+        one, _ = ftattn_torch.attention(q, k, v, implementation="triton", is_causal=causal)
+        found["clean"].append(dict(
+            ran=rep.blocks.ran.implementation, detected=bool(rep.detected),
+            err=float((o.double() - ref[:, :, rows]).abs().max()),
+            single_err=float((one.double() - ref).abs().max()),
+            worst=max(float((c.residual / c.threshold).max()) for c in
+                      (*rep.blocks.checks.values(), *rep.ring.values()))))
+    q, k, v = (torch.tensor(rng.standard_normal(sh), dtype=torch.float16) for sh in ((B, N, T, h), (B, K, S, h),
+                                                                                    (B, K, S, h)))
+    rows = slice(rank * 3, rank * 3 + 3)
+    for f, _, _, check in FUSED_CASES:
+        o, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], fault=f, implementation="triton")
+        flagged = {n: int(c.flagged.sum()) for n, c in {**rep.blocks.checks, **rep.ring}.items()}
+        found["faults"].append(dict(detected=bool(rep.detected), flagged=flagged,
+                                    steps=[list(map(int, p)) for p in rep.steps.nonzero().tolist()]))
+    _, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys])
+    found["auto"] = [rep.blocks.ran.implementation, rep.blocks.ran.fallback]
+    for name, call in (
+            ("lse", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="triton",
+                                           fault=CASES[3][0])),
+            ("float32", lambda: ring_attention(q[:, :, rows].float(), k[:, :, keys].float(), v[:, :, keys].float(),
+                                               implementation="triton")),
+            ("name", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="cudnn"))):
+        try:
+            call()
+            found["errors"][name] = None
+        except (ValueError, TypeError) as e:
+            found["errors"][name] = f"{type(e).__name__}: {e}"
+    return found
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
@@ -120,6 +166,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             got["errors"] = errors
             with torch.enable_grad():
                 got["grads"] = _grads(rank)
+            got["fused"] = _fused(rank)
         t = ftattn_torch.counters.tally()
         got["tally"] = {s: [x.calls, x.detected] for s, x in t.items() if s.startswith("ring")}
         with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
@@ -154,6 +201,20 @@ def test_ring_over_four_ranks(tmp_path):
         assert g["tally"]["ring faults"] == [len(CASES), len(CASES)]
         assert g["tally"]["ring clean"] == [4, 0]
         assert g["tally"]["ring grads"] == [4, 0]
+        fz = g["fused"]
+        for c in fz["clean"]:  # each block rounded to the input dtype before the merge: P roundings
+            assert c["ran"] == "triton" and not c["detected"] and c["worst"] < 1.0, (rank, c)
+            assert c["err"] <= 2 * WORLD * c["single_err"], (rank, c)
+        for (f, frank, step, check), r in zip(FUSED_CASES, fz["faults"]):
+            assert r["detected"] and r["steps"] and all(d == frank for d, _ in r["steps"]), (rank, f, r)
+            assert min(s for _, s in r["steps"]) == step, (rank, f, r["steps"])
+            if rank == frank:
+                assert r["flagged"][check] >= 1, (f, r["flagged"])
+        assert fz["auto"][0] == "unfused" and "not on a GPU" in fz["auto"][1]
+        assert fz["errors"]["lse"].startswith("ValueError: fault.site: 'lse'"), fz["errors"]
+        assert fz["errors"]["float32"].startswith("TypeError: query:"), fz["errors"]
+        assert fz["errors"]["name"].startswith(("ValueError: implementation:", "TypeError: implementation:")), fz
+        assert g["tally"]["ring fused"] == [2, 0]
 
 
 def test_ring_needs_a_process_group():
