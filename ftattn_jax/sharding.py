@@ -1,18 +1,21 @@
 """Sequence-parallel ring attention with checks, on ``jax.shard_map`` (``ftattn_spec.ring``).
 
 :func:`ring_attention` splits the query, key and value sequences over one mesh axis; each device
-keeps its query chunk, computes one checked block per step with the unfused core
-(``unfused.block``), merges the partial outputs by their log-sum-exp, and passes its key and value
+keeps its query chunk, computes one checked block per step (the portable Pallas kernel, which
+saves each row's log-sum-exp, where ``"auto"`` takes the fused path; else the unfused core,
+``unfused.block``), merges the partial outputs by their log-sum-exp, and passes its key and value
 chunk (with their home checksums) to the next device with ``lax.ppermute``. :func:`ring_local` is
 the per-device function, for a caller that runs its own ``shard_map``.
 
-Gradients are JAX's autodiff through the whole ring (``ppermute`` transposes to the reverse
-ring); the backward is not checked.
+Gradients: :func:`ring_local` is a ``custom_vjp`` whose backward recomputes the blocks around the
+ring from the merged log-sum-exp (:mod:`.ring_backward`), one block of memory per step; the
+backward is not checked.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +24,12 @@ from jax import lax
 from jax.experimental import checkify
 from jax.sharding import Mesh, PartitionSpec as PS
 
-from ftattn_spec import policy, ring
+from ftattn_spec import implementations, policy, ring
 from ftattn_spec import validation as v
 from ftattn_spec.faults import FaultDetected
 from ftattn_spec.report import CheckResult, Ran, Report
 
-from . import counters, faults, unfused
+from . import counters, faults, fused, ring_backward, unfused
 from .common import F32
 
 _RING_CODE = {name: i for i, name in enumerate(ring.RING_SITES)}
@@ -79,20 +82,68 @@ def _sums(x):
     return w.sum(axis=1), jnp.abs(w).sum(axis=1)
 
 
+def _fused_block(query, key, value, plan, *, checks: tuple[str, ...], scale: float, is_causal: bool):
+    """One block by the portable Pallas kernel: ``(unfused.Block, Report)``. The kernel's checks
+    cover its m and l; no second log-sum-exp is made (``lse_check`` None)."""
+    out, lse, rep = fused.runner.block(query, key, value, plan, checks=checks, scale=scale, is_causal=is_causal)
+    work = jnp.float64 if query.dtype == jnp.float64 else F32
+    return unfused.Block(out.astype(work), lse, None, jnp.zeros_like(lse)), rep
+
+
 def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, checks: tuple[str, ...], scale: float,
-               is_causal: bool):
-    """One device's part of the ring, inside ``shard_map`` over ``axis_name`` (``axis_size``
-    devices): local ``(B, Tc, N, H)`` and ``(B, Sc, K, H)`` chunks; ``plan`` a ``RingPlan`` of
-    arrays (``ring.plan``) or None. Returns ``(out, blocks, ring_checks, steps, inputs_finite)``
-    local to the device (``steps`` is ``(1, P)``, the ``key``/``value`` results ``(1, B, K)``)."""
-    P = axis_size
+               is_causal: bool, implementation: str = "unfused"):
+    """One device's part of the ring, inside ``shard_map`` (or a ``vmap``) over ``axis_name``
+    (``axis_size`` devices): local ``(B, Tc, N, H)`` and ``(B, Sc, K, H)`` chunks; ``plan`` a
+    ``RingPlan`` of arrays (``ring.plan``) or None; ``implementation`` ``"unfused"`` or
+    ``"pallas"`` (the blocks). Returns ``(out, blocks, ring_checks, steps, inputs_finite)`` local
+    to the device (``out`` in the working precision, ``steps`` ``(1, P)``, the ``key``/``value``
+    results ``(1, B, K)``). Differentiable in the three chunks (:mod:`.ring_backward`)."""
+    static = _Static(axis_name, int(axis_size), tuple(checks), float(scale), bool(is_causal), implementation)
+    return _ring_vjp(query, key, value, plan, static)
+
+
+class _Static(NamedTuple):
+    axis_name: object
+    axis_size: int
+    checks: tuple[str, ...]
+    scale: float
+    is_causal: bool
+    implementation: str
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring_vjp(query, key, value, plan, static: _Static):
+    return _forward(query, key, value, plan, static)[0]
+
+
+def _ring_fwd(query, key, value, plan, static: _Static):
+    got, lse = _forward(query, key, value, plan, static)
+    return got, (query, key, value, plan, got[0], lse)
+
+
+def _ring_bwd(static: _Static, saved, cts):
+    query, key, value, plan, out, lse = saved
+    dq, dk, dv = ring_backward.backward(query, key, value, out, lse, cts[0], scale=static.scale,
+                                        is_causal=static.is_causal, axis_name=static.axis_name,
+                                        axis_size=static.axis_size)
+    none = lambda x: (np.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
+                      else jnp.zeros_like(x))
+    return dq, dk, dv, jax.tree.map(none, plan)
+
+
+_ring_vjp.defvjp(_ring_fwd, _ring_bwd)
+
+
+def _forward(query, key, value, plan, static: _Static):
+    """The ring's forward: ``((out, blocks, ring_checks, steps, inputs_finite), merged lse)``."""
+    axis_name, P, checks, scale, is_causal, impl = static
     me = lax.axis_index(axis_name)
     B, Tc, N, H = query.shape
     Sc = key.shape[1]
     checks = ring.row_checks(checks)
     home = (_sums(key), _sums(value))
     finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
-    block = functools.partial(unfused.block, checks=checks, scale=scale)
+    block = functools.partial(unfused.block if impl == "unfused" else _fused_block, checks=checks, scale=scale)
     best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "merge", "key", "value")}
     steps, lses = [], []
     o = c = a = lse = None
@@ -169,11 +220,12 @@ def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, check
                    "merge": best["merge"],
                    "key": jax.tree.map(lambda x: x[None], best["key"]),
                    "value": jax.tree.map(lambda x: x[None], best["value"])}
-    return o, blocks, ring_checks, jnp.stack(steps)[None], finite
+    return (o, blocks, ring_checks, jnp.stack(steps)[None], finite), lse
 
 
 def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str = "full", scale: float | None = None,
-                   is_causal: bool = False, on_fault: str = "report", fault=None, site: str | int | None = None):
+                   is_causal: bool = False, on_fault: str = "report", fault=None, site: str | int | None = None,
+                   implementation: str | None = None):
     """Checked ring attention over mesh axis ``axis_name``: ``(out, ftattn_spec.ring.RingReport)``.
 
     Args:
@@ -188,6 +240,12 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str
       fault: a ``ftattn_spec.ring.RingFault`` or a sequence of them (traced data: one compilation
         serves every fault of the same count).
       site: the name the call is counted under in ``ftattn_jax.counters``.
+      implementation: what computes each block: ``"auto"`` (default: the portable Pallas kernel,
+        which saves each row's log-sum-exp, when the mesh is on GPUs and the scheme, dtype and
+        head dim allow; else the unfused core; ``report.blocks.ran`` says which and why),
+        ``"pallas"`` (interpreted off a GPU) or ``"unfused"``. A fused block's log-sum-exp is
+        checked through the kernel's softmax checks only (no per-block ``lse`` ring check, and
+        ``lse`` faults are refused; docs/training.md).
 
     Returns:
       ``out`` ``(B, T, N, H)`` in the input dtype, sharded along T over ``axis_name``, and a
@@ -209,11 +267,16 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str
                                scheme=scheme, granularity="vector", scale=scale, is_causal=is_causal,
                                on_fault="report", implementation="unfused")
     P = int(mesh.shape[axis_name])
-    ring.validate_ring(cfg.dims, P, cfg.is_causal, axis_name)
-    checks = ring.row_checks(cfg.checks)
+    Tc, _ = ring.validate_ring(cfg.dims, P, cfg.is_causal, axis_name)
+    impl, fallback = _implementation(implementation, mesh, cfg, (cfg.dims["B"], Tc, cfg.dims["N"], cfg.dims["H"]))
+    checks = ring.row_checks(implementations.checks_for("jax", impl, cfg.scheme))
     rp = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
-    out, report = _ring(mesh, axis_name, P, checks, cfg.scale, cfg.is_causal)(
+    if impl != "unfused" and rp is not None and any(int(x) == ring.RING_SITES.index("lse") for x in rp.site):
+        raise ValueError("fault.site: 'lse' faults need implementation='unfused' (a fused block's log-sum-exp has "
+                         f"no second evaluation to be checked against); this call runs {impl!r}")
+    out, report = _ring(mesh, axis_name, P, checks, cfg.scale, cfg.is_causal, impl)(
         query, key, value, None if rp is None else jax.tree.map(jnp.asarray, rp))
+    report = report._replace(blocks=report.blocks._replace(ran=Ran(impl, fallback)))
     counters.record(site, report.blocks._replace(detected=report.detected))
     if on_fault == "raise":
         if isinstance(report.detected, jax.core.Tracer):
@@ -223,13 +286,31 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str
     return out, report
 
 
+def _implementation(implementation, mesh: Mesh, cfg, chunk: tuple[int, ...]) -> tuple[str, str | None]:
+    """The blocks' implementation, ``(name, why "auto" fell back or None)``, or an error naming
+    ``implementation``."""
+    impl = implementations.resolve("jax", implementation)
+    platform = mesh.devices.flat[0].platform
+    if impl == implementations.AUTO:
+        impl, fallback = implementations.choose(
+            "jax", device_reason=None if platform == "gpu" else f"not on a GPU (the mesh is on {platform})",
+            scheme=cfg.scheme, dtype=cfg.dtype, q_shape=chunk)
+        if fallback is not None and platform == "gpu":
+            implementations.warn_fallback("jax", fallback)
+        return impl, fallback
+    refusal = implementations.unsupported("jax", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=chunk)
+    if refusal is not None:
+        raise refusal.exception()
+    return impl, None
+
+
 @functools.lru_cache(maxsize=64)
-def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: float, is_causal: bool):
+def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: float, is_causal: bool, impl: str):
     seq, rows = PS(None, axis_name, None, None), PS(None, None, axis_name)
     row = CheckResult(rows, rows, rows)
     per_device = CheckResult(PS(axis_name), PS(axis_name), PS(axis_name))
     local = functools.partial(ring_local, axis_name=axis_name, axis_size=P, checks=checks, scale=scale,
-                              is_causal=is_causal)
+                              is_causal=is_causal, implementation=impl)
 
     def body(q, k, vv, rp):
         o, blocks, ring_checks, steps, finite = local(q, k, vv, rp)
@@ -248,7 +329,7 @@ def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: fl
         o, blocks, ring_checks, steps, finite, detected = mapped(q, k, vv, rp)
         ordered = {c: blocks[c] for c in checks}
         report = Report(detected=detected, checks=ordered, inputs_finite=finite, located={},
-                        corrected=jnp.zeros((), jnp.int32), ran=Ran("unfused"))
+                        corrected=jnp.zeros((), jnp.int32), ran=Ran(impl))
         return o, ring.RingReport(detected, report, {n: ring_checks[n] for n in ring.RING_CHECKS}, steps)
 
     return jax.jit(run)

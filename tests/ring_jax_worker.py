@@ -17,7 +17,7 @@ from jax.sharding import Mesh  # noqa: E402
 import ftattn_jax  # noqa: E402
 from ftattn_jax import sharding  # noqa: E402
 from ftattn_spec.ring import RingFault  # noqa: E402
-from ring_cases import CASES  # noqa: E402  (this file's folder is on sys.path)
+from ring_cases import CASES, FUSED_CASES  # noqa: E402  (this file's folder is on sys.path)
 
 P = 4
 B, N, K, H = 2, 6, 3, 8
@@ -41,6 +41,54 @@ def reference64(q, k, v, causal):
 def inputs(rng, t, s, dtype, scale=1.0):
     make = lambda shape: jnp.asarray(rng.standard_normal(shape) * scale, DTYPES[dtype])  # noqa: E731
     return make((B, t, N, H)), make((B, s, K, H)), make((B, s, K, H))
+
+
+def fused_blocks(mesh, rng) -> dict:
+    """The ring of fused blocks (the portable Pallas kernel, interpreted; H=16): clean errors beside
+    the one-device kernel's, gradients, the faults of ``FUSED_CASES``, "auto", refusals."""
+    ring = lambda *a, **kw: sharding.ring_attention(*a, mesh=mesh, axis_name="seq", **kw)  # noqa: E731
+    h, found = 16, {"clean": [], "faults": [], "errors": {}}
+    make = lambda shape, dtype: jnp.asarray(rng.standard_normal(shape), DTYPES[dtype])  # noqa: E731
+    for dtype, causal in (("float16", False), ("bfloat16", True)):
+        t = S if causal else T
+        q, k, v = make((B, t, N, h), dtype), make((B, S, K, h), dtype), make((B, S, K, h), dtype)
+        o, r = ring(q, k, v, is_causal=causal, implementation="pallas", site="ring fused")
+        one, _ = ftattn_jax.attention(q, k, v, is_causal=causal, implementation="pallas")
+        ref = reference64(q, k, v, causal)
+        w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+        loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * w)  # noqa: E731
+        up = lambda x: x.astype(jnp.float32)  # noqa: E731  (float32's error is far below the inputs' dtype's)
+        g64 = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(up(q), up(k), up(v), is_causal=causal)),
+                       argnums=(0, 1, 2))(q, k, v)
+        g = jax.grad(loss(lambda q, k, v: ring(q, k, v, is_causal=causal, implementation="pallas")[0]),
+                     argnums=(0, 1, 2))(q, k, v)
+        g32 = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)),
+                       argnums=(0, 1, 2))(q, k, v)
+        err = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))  # noqa: E731
+        found["clean"].append(dict(
+            dtype=dtype, causal=causal, ran=r.blocks.ran.implementation, detected=bool(r.detected),
+            err=err(o, ref), single_err=err(one, ref),
+            worst=max(float(jnp.max(c.residual / c.threshold)) for c in (*r.blocks.checks.values(), *r.ring.values())),
+            grad_err=[err(a, b) for a, b in zip(g, g64)], grad_plain=[err(a, b) for a, b in zip(g32, g64)]))
+    q, k, v = make((B, T, N, h), "float16"), make((B, S, K, h), "float16"), make((B, S, K, h), "float16")
+    for f, device, step, check in FUSED_CASES:
+        _, r = ring(q, k, v, fault=f, implementation="pallas")
+        flagged = {n: int(jnp.sum(c.flagged)) for n, c in {**r.blocks.checks, **r.ring}.items()}
+        found["faults"].append(dict(site=f.site, detected=bool(r.detected), flagged=flagged, check=check,
+                                    device=device, step=step,
+                                    steps=[list(map(int, p)) for p in np.argwhere(np.asarray(r.steps))]))
+    _, r = ring(q, k, v)
+    found["auto"] = [r.blocks.ran.implementation, r.blocks.ran.fallback]
+    for name, call in (("lse", lambda: ring(q, k, v, implementation="pallas", fault=CASES[3][0])),
+                       ("float32", lambda: ring(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                                implementation="pallas")),
+                       ("name", lambda: ring(q, k, v, implementation="cudnn"))):
+        try:
+            call()
+            found["errors"][name] = None
+        except (ValueError, TypeError) as e:
+            found["errors"][name] = f"{type(e).__name__}: {e}"
+    return found
 
 
 def main() -> None:
@@ -89,7 +137,8 @@ def main() -> None:
                                       flagged=flagged, steps=[list(map(int, p)) for p in np.argwhere(np.asarray(r.steps))],
                                       device=device, step=step, where=where, index=list(f.index)))
     # one compilation serves every fault of the same count
-    run = sharding._ring(mesh, "seq", P, ("qk_row", "softmax_dmr", "pv_row"), H ** -0.5, False)
+    run = sharding._ring(mesh, "seq", P, ("qk_row", "softmax_dmr", "pv_row"), H ** -0.5, False, "unfused")
+    out["compiled_before"] = run._cache_size()  # by the faults above (off a GPU, "auto" runs the unfused core)
     before = run._cache_size()
     for f in (RingFault("probs", (0, 0, 0, 0), bit=30), RingFault("probs", (1, 5, 11, 19), bit=28)):
         ring(q, k, v, scheme="full", fault=f)
@@ -124,6 +173,7 @@ def main() -> None:
         out["raised"] = False
     except ftattn_jax.FaultDetected:
         out["raised"] = True
+    out["fused"] = fused_blocks(mesh, rng)
     out["tally"] = {s: [t.calls, t.detected, None if t.first is None else [t.first.check, list(t.first.index)]]
                     for s, t in ftattn_jax.counters.tally().items() if s.startswith("ring")}
     print(json.dumps(out))

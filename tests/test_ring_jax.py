@@ -57,6 +57,7 @@ def test_ring_faults_detected_at_their_device_and_step(result):
         assert all(d == f["device"] for d, _ in f["steps"]), (what, f["steps"])
         if f["where"] is not None:  # a row check names the global (b, n, t) of the fault
             assert f["where"] == f["index"][:3], what
+    assert result["compiled_before"] >= 1  # the entry the faults above compiled (not a fresh one)
     assert result["compilations"] == 0  # two more faults of the same count: no new compilation
     assert result["jit_detected"]
     assert result["raised"]
@@ -64,6 +65,28 @@ def test_ring_faults_detected_at_their_device_and_step(result):
 
 def test_ring_gradients_equal_single_device(result):
     assert max(result["grad_diff"]) < 1e-5, result["grad_diff"]
+
+
+def test_ring_of_fused_blocks(result):
+    """The portable Pallas kernel's blocks (interpreted): errors within 2·P times the one-device
+    kernel's (each block rounded to the input dtype before its merge), gradients within 4× plain
+    attention's in the same dtype, every fault but ``lse`` at its device and step."""
+    fz = result["fused"]
+    for c in fz["clean"]:
+        what = (c["dtype"], c["causal"])
+        assert c["ran"] == "pallas" and not c["detected"] and c["worst"] < 1.0, (what, c)
+        assert c["err"] <= 8 * c["single_err"], (what, c)
+        for got, plain in zip(c["grad_err"], c["grad_plain"]):
+            assert got <= 4 * plain, (what, c["grad_err"], c["grad_plain"])
+    for f in fz["faults"]:
+        assert f["detected"] and f["flagged"][f["check"]] >= 1, f
+        assert all(d == f["device"] for d, _ in f["steps"]) and min(s for _, s in f["steps"]) == f["step"], f
+    assert fz["auto"][0] == "unfused" and "not on a GPU" in fz["auto"][1]
+    e = fz["errors"]
+    assert e["lse"].startswith("ValueError: fault.site: 'lse'"), e
+    assert e["float32"].startswith("TypeError: query:"), e
+    assert e["name"].startswith("ValueError: implementation:"), e
+    assert result["tally"]["ring fused"][:2] == [2, 0]
 
 
 def test_ring_counters(result):

@@ -246,6 +246,48 @@ def run(query, key, value, *, checks: tuple[str, ...], granularity: str, scale: 
                     uniform=empty == "uniform", grad=backward or BackwardSettings())
 
 
+def _verdicts(stats, wanted: tuple[str, ...], granularity: str) -> dict:
+    """The kernel's (difference, threshold) pairs as ``CheckResult``s, in ``_CHECK_ORDER``."""
+    results, stat = {}, iter(stats)
+    for name in _CHECK_ORDER:
+        if name in wanted:
+            diff, thr = next(stat), next(stat)
+            # softmax_exp's diff is each row's ratio to its bound (threshold 1): the global verdict is the worst row
+            results[name] = verdict(diff, thr, granularity, signed=name not in ("softmax_dmr", "softmax_exp"),
+                                    ratio=name == "softmax_exp")
+    return results
+
+
+def block(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Float[Array, "B S K H"], plan, *,
+          checks: tuple[str, ...], scale: float, is_causal: bool, interpret: bool | None = None):
+    """One block of ring attention by the portable kernel, which saves each row's log-sum-exp:
+    ``(out, lse, Report)``, ``out`` in the input dtype, ``lse`` float32 ``(B, N, T)`` in base e of
+    the scaled logits (−inf where nothing is attended), the report's checks per row (vector
+    granularity, nothing repaired). ``plan``: a ``DevicePlan`` of S, P and O faults, or None. No
+    gradient of its own: ring attention differentiates the whole ring."""
+    interpret = resolve_interpret(query, interpret)
+    bs = portable.BlockSizes.get_default(interpret, query.shape[-1], bool(checks))
+    with compat.quiet_lowering():
+        return _block(query, key, value, plan, checks=tuple(checks), scale=scale, is_causal=is_causal,
+                      interpret=interpret, blocks=bs)
+
+
+@functools.partial(jax.jit, static_argnames=("checks", "scale", "is_causal", "interpret", "blocks"))
+def _block(query, key, value, plan, *, checks, scale, is_causal, interpret, blocks):
+    ft, fv, n_faults = _fault_table(plan)
+    cfg = portable.config(query.shape, key.shape, jnp.dtype(query.dtype).name, scale=scale, causal=is_causal,
+                          which=checks, n_faults=n_faults, blocks=blocks, interpret=interpret)
+    got = launch(query, key, value, ft, fv, dataclasses.replace(cfg, lse=True))
+    lse = jnp.where(got.lse == jnp.inf, -jnp.inf, got.lse * np.float32(np.log(2.0)))
+    results = _verdicts(got.stats, checks, "vector")
+    detected = jnp.zeros((), bool)
+    for r in results.values():
+        detected = detected | jnp.any(r.flagged)
+    finite = jnp.all(got.qfin > 0) & got.kv_finite
+    return got.out, lse, make_report(detected=detected, checks=results, inputs_finite=finite, located={},
+                                     corrected=jnp.zeros((), jnp.int32))
+
+
 def _first_form(masks) -> str | None:
     """The name of the first mask form but ``is_causal`` in ``masks``, or None."""
     if masks is None:
@@ -278,16 +320,8 @@ def _run(query: Float[Array, "B T N H"], key: Float[Array, "B S K H"], value: Fl
     else:  # the kernel saw the corrupted inputs: judge the originals
         finite = jnp.all(jnp.isfinite(query)) & jnp.all(jnp.isfinite(key)) & jnp.all(jnp.isfinite(value))
     T = query.shape[1]
-    results, rows = {}, None
-    stat = iter(stats)
-    for name in _CHECK_ORDER:
-        if name not in wanted:
-            continue
-        diff, thr = next(stat), next(stat)
-        # softmax_exp's diff is each row's ratio to its bound (threshold 1): the global verdict is the worst row
-        r = verdict(diff, thr, granularity, signed=name not in ("softmax_dmr", "softmax_exp"),
-                    ratio=name == "softmax_exp")
-        results[name] = r
+    results, rows = _verdicts(stats, wanted, granularity), None
+    for r in results.values():
         flag = jnp.broadcast_to(r.flagged[..., None], (*r.flagged.shape, T)) if granularity == "global" \
             else r.flagged
         rows = flag if rows is None else rows | flag
