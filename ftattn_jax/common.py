@@ -1,8 +1,9 @@
 """What the JAX implementations share unchanged: the ``jnp`` spelling of the spec's
-array operations, and the verdict of a check."""
+array operations, the verdict of a check, and which traces are in force."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -42,3 +43,25 @@ def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True
     residual = residual.astype(F32)
     threshold = threshold.astype(F32)
     return CheckResult(residual, threshold, ~((residual <= threshold) & jnp.isfinite(threshold)))
+
+
+def trace_kinds() -> list[str] | None:
+    """The class names of the traces in force, innermost first (None: this jax does not say; the
+    one place the package reads JAX's trace internals)."""
+    try:
+        from jax._src import core
+        trace = core.trace_ctx.trace
+    except (ImportError, AttributeError):  # pragma: no cover - another jax
+        return None
+    kinds = []
+    while trace is not None and len(kinds) < 64:
+        kinds.append(type(trace).__name__)
+        trace = getattr(trace, "parent_trace", None)
+    return kinds
+
+
+def manual_mesh() -> bool:
+    """Whether a mesh with manual axes is in force (inside ``shard_map``)."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    return bool(getattr(mesh, "manual_axes", ()))

@@ -36,7 +36,7 @@ from ftattn_spec import tally as spec_tally
 from ftattn_spec.policy import FaultWarning
 from ftattn_spec.report import Report
 
-from .common import OPS
+from .common import OPS, trace_kinds
 
 #: sites per ``jax.Ref`` block: a traced function closes over the block of its sites
 BLOCK = 64
@@ -82,21 +82,6 @@ def _add_host(site: str, warn: bool, row) -> None:
 _REF_TRACES = frozenset({"DynamicJaxprTrace", "LinearizeTrace", "JVPTrace", "EvalTrace"})
 
 
-def _trace_kinds() -> list[str] | None:
-    """The class names of the traces in force, innermost first (None: this jax does not say; the
-    one place the counters read JAX internals)."""
-    try:
-        from jax._src import core
-        trace = core.trace_ctx.trace
-    except (ImportError, AttributeError):  # pragma: no cover - another jax: the callback then
-        return None
-    kinds = []
-    while trace is not None and len(kinds) < 64:
-        kinds.append(type(trace).__name__)
-        trace = getattr(trace, "parent_trace", None)
-    return kinds
-
-
 _use_refs = {"on": True}
 
 
@@ -123,7 +108,7 @@ def _on_device_ok() -> bool:
     mesh = getattr(jax.sharding, "get_abstract_mesh", None)
     if mesh is not None and not bool(getattr(mesh(), "empty", False)):
         return False
-    kinds = _trace_kinds()
+    kinds = trace_kinds()
     return kinds is not None and set(kinds) <= _REF_TRACES
 
 

@@ -60,7 +60,47 @@ def main() -> None:
     g = jax.jit(lambda q, k, v: ftattn_jax.dot_product_attention(q, k, v, is_causal=True))
     out["dropin"] = dict(out_spec=str(g(qs, ks, vs).sharding.spec),
                          largest_gather=largest_gather(g.lower(qs, ks, vs).compile().as_text()))
+    out["pallas"] = fused(mesh, rng, sh)
     json.dump(out, sys.stdout)
+
+
+def fused(mesh, rng, sh) -> dict:
+    """The fused kernel (portable, interpreted) with float16 inputs sharded the same way: forward
+    and backward run per (batch, head) block (``ftattn_jax.fused.partitioned``), a forward and a
+    backward fault are found where they were put."""
+    q, k, v = (jax.device_put(rng.standard_normal(s).astype(np.float16), sh)
+               for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    w = rng.standard_normal((B, T, N, H)).astype(np.float32)
+    one = [np.asarray(x) for x in (q, k, v)]
+    got = {}
+    for scheme in ("full", "abft_all"):
+        f = jax.jit(lambda q, k, v, plan, s=scheme: ftattn_jax.attention(
+            q, k, v, scheme=s, fault=plan, implementation="pallas", site=f"fused {s}"))
+        plan = Fault("probs", (3, 6, 5, 7), bit=30)
+        o, r = f(q, k, v, plan)
+        o1, r1 = ftattn_jax.attention(*one, scheme=scheme, fault=plan, implementation="pallas")
+        flagged = {n: np.argwhere(np.asarray(c.flagged)).tolist() for n, c in r.checks.items()}
+        got[scheme] = dict(out_spec=str(o.sharding.spec), equal=bool(np.array_equal(np.asarray(o), np.asarray(o1),
+                                                                                     equal_nan=True)),
+                           flagged=flagged, same=flagged == {n: np.argwhere(np.asarray(c.flagged)).tolist()
+                                                             for n, c in r1.checks.items()},
+                           row_specs=sorted({str(c.flagged.sharding.spec) for c in r.checks.values()}),
+                           largest_gather=largest_gather(f.lower(q, k, v, plan).compile().as_text()))
+
+    def loss(q, k, v, plan=None):
+        return (ftattn_jax.attention(q, k, v, implementation="pallas", fault=plan, site="fused grad")[0]
+                .astype(np.float32) * w).sum()
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    grads, grads1 = g(q, k, v), g(*one)
+    got["grad"] = dict(specs=[str(x.sharding.spec) for x in grads],
+                       diff=[float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+                             for a, b in zip(grads, grads1)],
+                       largest_gather=largest_gather(g.lower(q, k, v).compile().as_text()))
+    gf = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    gf(q, k, v, Fault("bwd_dk", (2, 3, 7, 5), bit=28))  # a kv head's dK, on the device holding heads 6 and 7
+    got["tally"] = {s: [t.calls, t.detected] for s, t in ftattn_jax.counters.tally().items() if s.startswith("fused")}
+    return got
 
 
 if __name__ == "__main__":

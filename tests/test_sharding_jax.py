@@ -2,7 +2,8 @@
 devices in a process of its own (``tests/sharded_jax_worker.py``; the device count is fixed when
 jax starts): outputs keep their sharding and equal the single-device ones, per-row report fields
 stay sharded, nothing larger than a few integers per (batch, head) moves between devices, one
-compilation serves every fault, and a fault is detected, counted, located and mapped to its device."""
+compilation serves every fault, and a fault is detected, counted, located and mapped to its device;
+the same for the fused kernel, forward and backward (``ftattn_jax.fused.partitioned``)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_sharded_over_batch_and_heads():
     assert t["sharded baseline"][:2] == [2, 0]
     assert result["dropin"]["out_spec"] == "P('data', None, 'heads', None)"
     assert result["dropin"]["largest_gather"] <= B * N * 4
+    fz = result["pallas"]  # the fused kernel: custom_partitioning keeps it per (batch, head) block
+    for scheme in ("full", "abft_all"):
+        r = fz[scheme]
+        assert r["out_spec"] == "P('data', None, 'heads')", (scheme, r["out_spec"])
+        assert r["equal"] and r["same"], scheme  # the same kernel on the same rows
+        assert r["flagged"][{"full": "softmax_dmr", "abft_all": "softmax_exp"}[scheme]] == [[3, 6, 5]], scheme
+        assert r["row_specs"] == ["P('data', 'heads')"], scheme
+        assert r["largest_gather"] <= B * N * 4, scheme  # without the op: the inputs gathered everywhere
+    gr = fz["grad"]
+    assert gr["specs"] == ["P('data', None, 'heads')"] * 3
+    assert max(gr["diff"]) <= 2.0**-10 * 0.1, gr["diff"]  # float16 gradients: at most a rounding apart
+    assert gr["largest_gather"] <= B * N * 4
+    assert fz["tally"]["fused grad (backward)"] == [3, 1]  # sharded, single-device, and the faulted one

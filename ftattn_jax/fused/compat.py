@@ -15,6 +15,9 @@ What moved, and what this module resolves:
   :func:`quiet_lowering` silences exactly that warning around our own calls.
 * Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``): :func:`mosaic_gpu`
   imports it, or returns None where it is missing.
+* A ``custom_partitioning`` callback's shardings: :func:`spec_of` reads an
+  XLA sharding as a ``PartitionSpec`` of a mesh through JAX's own parser
+  (``jax._src.sharding_impls``; None where it cannot, e.g. a sub-axis).
 """
 
 from __future__ import annotations
@@ -81,3 +84,17 @@ def mgpu_load(ref, layout):
     if _load_needs_index():
         return mosaic_gpu().load(ref, (), layout=layout)
     return mosaic_gpu().load(ref, layout=layout)
+
+
+def spec_of(sharding, mesh, ndim: int):
+    """``sharding`` (a ``NamedSharding``, or a ``GSPMDSharding`` as ``custom_partitioning`` gives
+    with ``decode_shardings=False``) as a ``PartitionSpec`` of ``mesh`` with ``ndim`` entries, or
+    None when it is none (a sub-axis of a mesh axis, another device order, another jax)."""
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        try:
+            from jax._src.sharding_impls import parse_flatten_op_sharding
+            spec = parse_flatten_op_sharding(sharding._hlo_sharding, mesh)[0]
+        except Exception:  # noqa: BLE001 - unparseable here: the caller keeps everything whole
+            return None
+    return tuple(spec) + (None,) * (ndim - len(tuple(spec)))

@@ -22,6 +22,7 @@ from ftattn_spec import tolerances as tol
 
 from ..common import verdict
 from . import pallas_backward as pb
+from . import partitioned
 
 F32 = jnp.float32
 
@@ -58,7 +59,12 @@ def _uniform_dv(lse, do, masks, S: int, G: int):
 def checked(q, k, v, out, lse, do, ft, fv, cfg: pb.BackwardConfig, masks, grad, uniform: bool):
     """``(dq, dk, dv, dbias)`` of one call, from the fused backward with its checks (when
     ``cfg.checks``) and ``grad``'s policy (``runner.BackwardSettings``)."""
-    run = lambda c, t, u: pb.launch(q, k, v, out, lse, do, t, u, c, masks)  # noqa: E731
+    def run(c, t, u):
+        rows, keys = (("bnt",) * (2 * len(pb.ROW_CHECKS)), ("bns",) * (2 * len(pb.KEY_CHECKS))) if c.checks \
+            else (None, None)
+        template = pb.BackwardOutput("btnh", "bskh", "bskh", "bnts" if c.has_bias else None, rows, keys,
+                                     "bns" if c.checks else None)
+        return partitioned.backward(pb.launch, q, k, v, out, lse, do, t, u, c, masks, template)
     got = run(cfg, ft, fv)
     dq, dk, dv, ds = got.dq, got.dk, got.dv, got.ds
     if cfg.checks:

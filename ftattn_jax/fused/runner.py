@@ -32,7 +32,7 @@ from ftattn_spec.report import make_report
 
 from .. import faults
 from ..common import OPS, verdict
-from . import compat, gradients
+from . import compat, gradients, partitioned
 from . import mosaic_kernel as mosaic
 from . import pallas_backward as backward
 from . import pallas_kernel as portable
@@ -65,7 +65,12 @@ def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, bloc
 
 
 def launch(q, k, v, ft, fv, cfg, masks=portable.Masks()) -> KernelOutput:
-    """Run the kernel ``cfg`` was made for (no gradient rule: see :func:`_attend`)."""
+    """Run the kernel ``cfg`` was made for (no gradient rule: see :func:`_attend`), partitioned
+    over batch and heads where the inputs may be sharded (:mod:`.partitioned`)."""
+    return partitioned.forward(_launch_here, q, k, v, ft, fv, cfg, masks)
+
+
+def _launch_here(q, k, v, ft, fv, cfg, masks) -> KernelOutput:
     if cfg.LOWERING == portable.LOWERING:
         return portable.launch(q, k, v, ft, fv, cfg, masks)
     return KERNELS[cfg.LOWERING].launch(q, k, v, ft, fv, cfg)
