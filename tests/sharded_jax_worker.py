@@ -100,6 +100,12 @@ def fused(mesh, rng, sh) -> dict:
     gf = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     gf(q, k, v, Fault("bwd_dk", (2, 3, 7, 5), bit=28))  # a kv head's dK, on the device holding heads 6 and 7
     got["tally"] = {s: [t.calls, t.detected] for s, t in ftattn_jax.counters.tally().items() if s.startswith("fused")}
+    # vmap over a jitted call: the op's custom_vmap rule runs the kernel unpartitioned, per slice
+    stack = [np.stack([x, x[:, ::-1]]) for x in one]
+    f = jax.jit(lambda q, k, v: ftattn_jax.attention(q, k, v, implementation="pallas", is_causal=True)[0])
+    vo = jax.vmap(f)(*stack)
+    got["vmap_equal"] = all(bool(np.array_equal(np.asarray(vo[i]), np.asarray(f(*(x[i] for x in stack)))))
+                            for i in range(2))
     return got
 
 

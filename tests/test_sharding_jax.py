@@ -57,3 +57,4 @@ def test_sharded_over_batch_and_heads():
     assert max(gr["diff"]) <= 2.0**-10 * 0.1, gr["diff"]  # float16 gradients: at most a rounding apart
     assert gr["largest_gather"] <= B * N * 4
     assert fz["tally"]["fused grad (backward)"] == [3, 1]  # sharded, single-device, and the faulted one
+    assert fz["vmap_equal"]

@@ -13,8 +13,10 @@ head it holds (read from sharded ``arange``s, so no collective is needed) and dr
 are not its own. The forward's ``kv_finite`` scalar comes back per ``(b, k)`` block and is reduced
 outside.
 
-Only where it matters: a process with more than one device, outside ``vmap`` and outside a manual
-mesh (``shard_map``); everywhere else the kernel is called directly.
+Only where it matters: a process with more than one device, outside a visible ``vmap`` and outside
+a manual mesh (``shard_map``); everywhere else the kernel is called directly. A ``vmap`` applied to
+a jitted program that holds the op (invisible when the op is traced) reaches its ``custom_vmap``
+rule, which runs the kernels unpartitioned.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
@@ -186,7 +189,16 @@ def _op(per_shard, layouts, outs, masks_type, mask_names, faults: bool, n_arrays
     # a PartitionSpec, and JAX would fail decoding it; compat.spec_of reads what it can
     op.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule, decode_shardings=False,
                      need_replication_factors=whole, **({"g": N // K} if N > K else {}))
-    return op
+    # custom_partitioning has no batching rule, and a vmap outside a jit only batches the traced
+    # program afterwards: under vmap, the kernels run unpartitioned with Pallas' own batching
+    batchable = custom_vmap(lambda *args: op(*args))
+
+    @batchable.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        axes = [0 if b else None for b in in_batched]
+        return jax.vmap(per_device, in_axes=axes)(*args), (True,) * len(outs)
+
+    return batchable
 
 
 __all__ = ["backward", "forward", "may_partition"]
