@@ -19,3 +19,16 @@ FUSED_CASES = [c for c in CASES if c[0].site not in ("lse", "key", "value")] + [
     (RingFault("key", (0, 1, 16, 5), step=1, bit=14), 0, 1, "key"),
     (RingFault("value", (0, 1, 16, 5), step=3, bit=13), 2, 3, "value"),
 ]
+
+
+def refusals(calls) -> dict:
+    """``{name: "Type: message"}`` of each ``(name, call)`` that raised a ValueError or TypeError,
+    None for a call that ran."""
+    found = {}
+    for name, call in calls:
+        try:
+            call()
+            found[name] = None
+        except (ValueError, TypeError) as e:
+            found[name] = f"{type(e).__name__}: {e}"
+    return found

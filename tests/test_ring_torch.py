@@ -18,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import ftattn_torch  # noqa: E402
-from tests.ring_cases import CASES, FUSED_CASES  # noqa: E402  (fault, rank, step, the check that flags it)
+from tests.ring_cases import CASES, FUSED_CASES, refusals  # noqa: E402  (fault, rank, step, the check that flags it)
 from ftattn_torch.distributed import ring_attention  # noqa: E402
 
 WORLD = 4
@@ -109,17 +109,12 @@ def _fused(rank: int) -> dict:
                                     steps=[list(map(int, p)) for p in rep.steps.nonzero().tolist()]))
     _, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys])
     found["auto"] = [rep.blocks.ran.implementation, rep.blocks.ran.fallback]
-    for name, call in (
-            ("lse", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="triton",
-                                           fault=CASES[3][0])),
-            ("float32", lambda: ring_attention(q[:, :, rows].float(), k[:, :, keys].float(), v[:, :, keys].float(),
-                                               implementation="triton")),
-            ("name", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="cudnn"))):
-        try:
-            call()
-            found["errors"][name] = None
-        except (ValueError, TypeError) as e:
-            found["errors"][name] = f"{type(e).__name__}: {e}"
+    found["errors"] = refusals((
+        ("lse", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="triton",
+                                       fault=CASES[3][0])),
+        ("float32", lambda: ring_attention(q[:, :, rows].float(), k[:, :, keys].float(), v[:, :, keys].float(),
+                                           implementation="triton")),
+        ("name", lambda: ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="cudnn"))))
     return found
 
 
