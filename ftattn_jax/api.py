@@ -105,20 +105,14 @@ def resolve(query, key, value, *, bias, mask, scheme, granularity, scale, is_cau
     m = masking.validate_masking(cfg.dims, mask=_spec(mask), bias=_spec(bias), query_lengths=_spec(query_seq_lengths),
                                  key_lengths=_spec(key_value_seq_lengths), window=local_window_size, names=names)
     given = list(zip(names, (mask, bias, query_seq_lengths, key_value_seq_lengths, local_window_size)))
-    fallback = None
-    if impl == implementations.AUTO:
-        on_gpu = fused.platform_of(query) == "gpu"
-        impl, fallback = implementations.choose("jax", device_reason=None if on_gpu else "not on a GPU",
-                                                scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
-                                                masking=given)
-        if fallback is not None and on_gpu:
-            implementations.warn_fallback("jax", fallback)
+    on_gpu = fused.platform_of(query) == "gpu"
+    auto = impl == implementations.AUTO
+    impl, fallback = implementations.select("jax", impl, device_reason=None if on_gpu else "not on a GPU",
+                                            scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape, masking=given)
+    if fallback is not None and on_gpu:
+        implementations.warn_fallback("jax", fallback)
+    if auto:
         cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("jax", impl, cfg.scheme))
-    else:
-        refusal = implementations.unsupported("jax", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
-                                              masking=given)
-        if refusal is not None:
-            raise refusal.exception()
     for sites, what in ((spec_faults.BACKWARD_SITES, "backward"), (spec_faults.FUSED_FORWARD_SITES, "forward")):
         if (named := spec_faults.sites_of(fault, sites)) and impl != "pallas":
             raise ValueError(f"fault.site: {named[0]!r} is a site of the fused {what}, which only "

@@ -270,10 +270,7 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str
     Tc, _ = ring.validate_ring(cfg.dims, P, cfg.is_causal, axis_name)
     impl, fallback = _implementation(implementation, mesh, cfg, (cfg.dims["B"], Tc, cfg.dims["N"], cfg.dims["H"]))
     checks = ring.row_checks(implementations.checks_for("jax", impl, cfg.scheme))
-    rp = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
-    if impl != "unfused" and rp is not None and any(int(x) == ring.RING_SITES.index("lse") for x in rp.site):
-        raise ValueError("fault.site: 'lse' faults need implementation='unfused' (a fused block's log-sum-exp has "
-                         f"no second evaluation to be checked against); this call runs {impl!r}")
+    rp = ring.plan(fault, cfg.dims, P, cfg.dtype, checks, implementation=impl)
     out, report = _ring(mesh, axis_name, P, checks, cfg.scale, cfg.is_causal, impl)(
         query, key, value, None if rp is None else jax.tree.map(jnp.asarray, rp))
     report = report._replace(blocks=report.blocks._replace(ran=Ran(impl, fallback)))
@@ -288,20 +285,15 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str
 
 def _implementation(implementation, mesh: Mesh, cfg, chunk: tuple[int, ...]) -> tuple[str, str | None]:
     """The blocks' implementation, ``(name, why "auto" fell back or None)``, or an error naming
-    ``implementation``."""
-    impl = implementations.resolve("jax", implementation)
+    ``implementation``: the drop-ins' choice (``implementations.select``) for one device's chunk."""
     platform = mesh.devices.flat[0].platform
-    if impl == implementations.AUTO:
-        impl, fallback = implementations.choose(
-            "jax", device_reason=None if platform == "gpu" else f"not on a GPU (the mesh is on {platform})",
-            scheme=cfg.scheme, dtype=cfg.dtype, q_shape=chunk)
-        if fallback is not None and platform == "gpu":
-            implementations.warn_fallback("jax", fallback)
-        return impl, fallback
-    refusal = implementations.unsupported("jax", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=chunk)
-    if refusal is not None:
-        raise refusal.exception()
-    return impl, None
+    impl, fallback = implementations.select(
+        "jax", implementations.resolve("jax", implementation),
+        device_reason=None if platform == "gpu" else f"not on a GPU (the mesh is on {platform})",
+        scheme=cfg.scheme, dtype=cfg.dtype, q_shape=chunk)
+    if fallback is not None and platform == "gpu":
+        implementations.warn_fallback("jax", fallback)
+    return impl, fallback
 
 
 @functools.lru_cache(maxsize=64)

@@ -159,6 +159,21 @@ def choose(backend: str, *, device_reason: str | None, scheme: str, dtype: str, 
     return fused.name, None
 
 
+def select(backend: str, implementation: str, *, device_reason: str | None, scheme: str, dtype: str, q_shape,
+           masking=()) -> tuple[str, str | None]:
+    """What a call runs, ``(name, why "auto" fell back or None)``: ``implementation`` (a name from
+    :func:`resolve`) as :func:`choose` decides for ``"auto"``, else the name itself, or the error
+    :func:`unsupported` gives against the arguments. The device of a named implementation stays the
+    backend's to judge."""
+    if implementation == AUTO:
+        return choose(backend, device_reason=device_reason, scheme=scheme, dtype=dtype, q_shape=q_shape,
+                      masking=masking)
+    refusal = unsupported(backend, implementation, scheme=scheme, dtype=dtype, q_shape=q_shape, masking=masking)
+    if refusal is not None:
+        raise refusal.exception()
+    return implementation, None
+
+
 class FallbackWarning(UserWarning):
     """``implementation="auto"`` ran the unfused path on a GPU, where the fused kernel would be
     much faster; the message says why."""

@@ -196,9 +196,12 @@ class RingPlan(NamedTuple):
     value: np.ndarray
 
 
-def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks) -> RingPlan | None:
+def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
+         implementation: str = "unfused") -> RingPlan | None:
     """Validate ``fault`` (None, a :class:`RingFault` or a sequence of them) against a ring of ``P``
-    devices over a call of legend sizes ``dims`` and input ``dtype``; None when there is none."""
+    devices over a call of legend sizes ``dims`` and input ``dtype``, whose blocks ``implementation``
+    runs; None when there is none. An ``lse`` fault needs unfused blocks: a fused block's
+    log-sum-exp has no second evaluation to be checked against."""
     if fault is None:
         return None
     faults = [fault] if isinstance(fault, RingFault) else fault
@@ -210,6 +213,9 @@ def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks) -> RingPlan
     Tc, Sc = dims["T"] // P, dims["S"] // P
     rows = []
     for f in faults:
+        if f.site == "lse" and implementation != "unfused":
+            raise ValueError("fault.site: 'lse' faults need implementation='unfused' (a fused block's log-sum-exp "
+                             f"has no second evaluation to be checked against); this call runs {implementation!r}")
         shape = tuple(dims[a] for a in RING_SITE_AXES[f.site])
         if not all(0 <= i < n for i, n in zip(f.index, shape)):
             raise ValueError(f"fault.index: expected 0 <= index < {shape} (global {RING_SITE_AXES[f.site]} of "

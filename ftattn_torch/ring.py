@@ -94,19 +94,15 @@ def _fused_block(query, key, value, plan, *, checks: tuple[str, ...], scale: flo
 
 def _implementation(implementation, query, scheme: str, dtype: str) -> tuple[str, str | None]:
     """The blocks' implementation, ``(name, why "auto" fell back or None)``, or an error naming
-    ``implementation``."""
-    impl = implementations.resolve("torch", implementation)
-    shape = tuple(int(n) for n in query.shape)
-    if impl == implementations.AUTO:
-        reason = (f"not on a GPU (the query is on {query.device.type})" if query.device.type != "cuda"
-                  else fused.unsupported("cuda"))
-        return implementations.choose("torch", device_reason=reason, scheme=scheme, dtype=dtype, q_shape=shape)
-    refusal = implementations.unsupported("torch", impl, scheme=scheme, dtype=dtype, q_shape=shape)
-    if refusal is not None:
-        raise refusal.exception()
-    if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:
+    ``implementation``: the drop-ins' choice (``implementations.select``) for one rank's chunk."""
+    reason = (f"not on a GPU (the query is on {query.device.type})" if query.device.type != "cuda"
+              else fused.unsupported("cuda"))
+    impl, fallback = implementations.select("torch", implementations.resolve("torch", implementation),
+                                            device_reason=reason, scheme=scheme, dtype=dtype,
+                                            q_shape=tuple(int(n) for n in query.shape))
+    if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:  # named, off a GPU
         raise ValueError(why)
-    return impl, None
+    return impl, fallback
 
 
 def _exchange(tensors, me: int, P: int, group):
@@ -166,10 +162,7 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
     if fallback is not None and query.device.type == "cuda":
         implementations.warn_fallback("torch", fallback)
     checks = ring.row_checks(implementations.checks_for("torch", impl, cfg.scheme))
-    plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks)
-    if impl != "unfused" and plan is not None and any(s == ring.RING_SITES.index("lse") for s in plan.site):
-        raise ValueError("fault.site: 'lse' faults need implementation='unfused' (a fused block's log-sum-exp has "
-                         f"no second evaluation to be checked against); this call runs {impl!r}")
+    plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks, implementation=impl)
     args = (plan, me, P, group, checks, cfg.scale, cfg.is_causal, impl, fallback)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
         held: list = []

@@ -129,14 +129,15 @@ class TestMosaicGPU:
     @pytest.mark.parametrize("scheme", ["abft_softmax", "abft_all"])
     def test_softmax_exp_clean_margin_and_faults_as_the_portable_kernel(self, scheme):
         """``softmax_exp`` in the Hopper kernel (jax >= 0.11): clean runs at every distribution stay
-        far below the threshold (H200: at most 0.069, docs/kernels.md), and a fault at P is flagged
-        at the rows the portable kernel flags."""
+        below half the threshold (H200: the tile ratio at most 0.069; with the row sum l against
+        P̂·1, at most 0.40, docs/kernels.md), and a fault at P is flagged at the rows the portable
+        kernel flags."""
         if not fused.mosaic_can_inject():
             pytest.skip("softmax_exp in the Hopper kernel needs jax >= 0.11 (bitcast in Mosaic GPU)")
         for dist, causal in itertools.product(DISTRIBUTIONS, (False, True)):
             (q, k, v), exact = _inputs(20, dist, "bfloat16", H=128, T=300, S=520)
             out, rep = self.attn(q, k, v, is_causal=causal, scheme=scheme)
-            assert not bool(rep.detected) and max(_ratios(rep).values()) < 0.25, (dist, causal, _ratios(rep))
+            assert not bool(rep.detected) and max(_ratios(rep).values()) < 0.5, (dist, causal, _ratios(rep))
             _check_output(out, exact, "bfloat16", causal)
         (q, k, v), _ = _inputs(21, "normal", "float16", H=64, T=200, S=300)
         for bit, causal in itertools.product((30, 25, 22), (False, True)):

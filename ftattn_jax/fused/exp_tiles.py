@@ -107,8 +107,16 @@ def row_residual(worst, l):
 #: are 8 columns wide, so a tile of 128 keys ends in 8 products of 16 mantissas and 8 logarithms
 HOPPER_COLUMNS = 8
 #: how the Hopper kernel can take Σ log₂ p (:func:`hopper_tile_ratio`); the first is the default, the
-#: fastest of the three on the H200 (docs/kernels.md, "The three ways of taking Σ log₂ p")
-HOPPER_LOGS = ("each", "rounded", "fields")
+#: fastest of those measured on the H200 (docs/kernels.md, "The three ways of taking Σ log₂ p" and
+#: "Products of raw probabilities")
+HOPPER_LOGS = ("quads", "pairs", "each", "rounded", "fields")
+#: "pairs" and "quads" multiply 2 and 4 raw probabilities before one logarithm; each is clamped at
+#: 2^−clamp with ``group · clamp ≤ 124``, so a product stays a normal float32 (``lg2.approx.ftz``
+#: flushes below 2⁻¹²⁶) and the other forms keep the spec's clamp. A probability below 2⁻³¹ weighs
+#: less than 2⁻³¹ against a row sum of at least 1: a fault that stays below it cannot show in a
+#: float16 or bfloat16 output, and one that lifts it above moves L.
+HOPPER_GROUP = {"pairs": 2, "quads": 4}
+HOPPER_CLAMP = {"pairs": 62.0, "quads": 31.0}
 _INV_LN2 = 1.4426950408889634
 _EXP_BIAS = 8388608.0 + 127.0  # 2²³ + 127: bitcast(2²³'s bits | e_biased) − this = e, exactly
 
@@ -121,22 +129,30 @@ def _halving_product(mant):
     return mant
 
 
-def hopper_log2_sum(pc, logs: str = "each"):
+def hopper_log2_sum(pc, logs: str = HOPPER_LOGS[0]):
     """``Σ_j log₂ pc_j`` per row of ``pc`` (``BQ × width``, normal positive float32) in the Hopper
     kernel's registers, three ways (``HOPPER_LOGS``):
 
-    * ``"each"`` (the default: the fastest on the H200, docs/kernels.md): a hardware-approximate
-      logarithm per element;
+    * ``"each"``: a hardware-approximate logarithm per element;
     * ``"rounded"``: exponent fields rounded so that each
       mantissa lies in [0.75, 1.5), summed as floats made exact without an integer-to-float
       conversion per element (``bitcast(2²³ | e) − 2²³``), mantissas multiplied by halving the
       columns down to HOPPER_COLUMNS, one logarithm per product;
     * ``"fields"``: the exponent fields summed as integers (one shift per element, a conversion
       per row), the mantissas in [1, 2) (an and, an or), the same products: fewer operations per
-      element.
+      element;
+    * ``"pairs"``, ``"quads"`` (the default: the fastest on the H200, docs/kernels.md): 2 or 4 of the
+      probabilities themselves multiplied (clamped at 2^−``HOPPER_CLAMP``), a logarithm per
+      product: a half or a quarter of ``"each"``'s logarithms and no integer work.
     """
     if logs == "each":
         return jnp.sum(jnp.log(pc), axis=1) * F32(_INV_LN2)  # (jnp.log2 would take a scalar log in the kernel)
+    if logs in HOPPER_GROUP:  # columns j and j + width/2 multiplied, once or twice: products ≥ 2⁻¹²⁴
+        prod = pc
+        for _ in range(HOPPER_GROUP[logs].bit_length() - 1):
+            h = prod.shape[1] // 2
+            prod = prod[:, :h] * prod[:, h:]
+        return jnp.sum(jnp.log(prod), axis=1) * F32(_INV_LN2)
     bits = lax.bitcast_convert_type(pc, jnp.int32)
     if logs == "fields":
         e = jnp.sum(jnp.right_shift(bits, 23), axis=1).astype(F32) - F32(127 * pc.shape[1])
@@ -148,7 +164,7 @@ def hopper_log2_sum(pc, logs: str = "each"):
     return e + jnp.sum(jnp.log(_halving_product(mant)), axis=1) * F32(_INV_LN2)
 
 
-def hopper_tile_ratio(s, p, c, m_sc, width: int, S: int, *, keep=None, rows, logs: str = "each"):
+def hopper_tile_ratio(s, p, c, m_sc, width: int, S: int, *, keep=None, rows, logs: str = HOPPER_LOGS[0]):
     """:func:`tile_ratio` in the Hopper kernel's registers: ``s`` ``BQ × width`` the raw scores
     (−inf where ``keep`` is False), ``p`` the probabilities (faults included), ``c`` the base-2
     factor, ``m_sc`` the row maximum times ``c`` (a row vector), ``rows(x)`` broadcasts a row
@@ -157,8 +173,9 @@ def hopper_tile_ratio(s, p, c, m_sc, width: int, S: int, *, keep=None, rows, log
     not clipped at 0 from above (it exceeds 0 by at most a rounding of ``|m_sc|``, inside the
     ``mu`` term)."""
     co = exp_checksum.exp_coefficients(width, S, normalised=False)
-    xt = jnp.maximum(s * c - rows(m_sc), -CLAMP)  # −inf (masked) gives −CLAMP
-    pc = jnp.maximum(p, F32(_FLOOR))
+    clamp = HOPPER_CLAMP.get(logs, CLAMP)
+    xt = jnp.maximum(s * c - rows(m_sc), -clamp)  # −inf (masked) gives −clamp
+    pc = jnp.maximum(p, F32(2.0 ** -clamp))
     stray = None
     if keep is not None:  # masked entries out of both sides; a nonzero probability there fails the row
         xt = jnp.where(keep, xt, 0.0)
