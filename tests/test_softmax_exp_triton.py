@@ -189,3 +189,36 @@ def test_a_corrupted_rescale_factor_or_row_sum_is_flagged(site, bit):
         assert bool(c.flagged[b, n, i]) and int(c.flagged.sum()) == 1, (scheme, float(c.residual[b, n, i]))
     with pytest.raises(ValueError, match=f"{site}.*fused forward"):
         ft.attention(q, k, v, implementation="unfused", fault=f)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_both_forms_of_the_log_sum_agree(causal):
+    """``BlockSizes(exp_logs=...)``: exponent fields with a product of mantissas (the default) and
+    pairs of probabilities per logarithm give the same verdicts, clean and with a fault at P, and
+    residuals within a small part of the threshold of each other."""
+    import dataclasses
+
+    from ftattn_spec.faults import plan
+
+    from ftattn_torch import fused
+
+    (q, k, v), _ = _inputs(9, "normal")
+    b, n, i = 1, 2, 17
+    j = _largest_prob(q, k, b, n, i, causal)
+    plane = fused.STAT_PLANES["softmax_exp"]
+    got = {}
+    for form in ("pairs", "fields"):
+        bs = dataclasses.replace(fused.BlockSizes.get_default(interpret=DEVICE == "cpu"), exp_logs=form)
+        for name, fp in (("clean", None), ("fault", plan([Fault("probs", (b, n, i, j), bit=22)]))):
+            _, stats, flags, *_ = fused.forward(q, k, v, scale=SHAPE["H"] ** -0.5, is_causal=causal,
+                                                checks_on=True, which=("softmax_exp",), plan=fp, blocks=bs)
+            got[form, name] = (stats[2 * plane].cpu().numpy(), flags[plane].cpu().numpy())
+    assert fused.BlockSizes(16, 16).exp_logs == "fields"
+    for name in ("clean", "fault"):
+        (ra, fa), (rb, fb) = got["pairs", name], got["fields", name]
+        np.testing.assert_array_equal(fa, fb)
+        assert np.abs(ra - rb).max() < 0.05, np.abs(ra - rb).max()
+    assert not got["pairs", "clean"][1].any() and got["pairs", "fault"][1].sum() == 1
+    assert got["pairs", "fault"][1][b, n, i]
+    with pytest.raises(ValueError, match="exp_logs"):
+        fused.BlockSizes(16, 16, exp_logs="each")

@@ -30,6 +30,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 #: the stats planes of each check the kernel runs
 STAT_PLANES = {"qk_row": 0, "softmax_dmr": 1, "pv_row": 2, "softmax_exp": 3}
 _REPLICAS = ("mufu", "fma")
+_EXP_FORMS = ("fields", "pairs")  # as triton_exp.FORMS (not imported here: that module imports triton)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class BlockSizes:
     #: polynomial on the FMA pipe) or ``"mufu"`` (the special-function unit,
     #: like the primary, with a different argument formula).
     replica: str = "mufu"
+    #: how ``softmax_exp`` takes Σ log₂ p (``triton_exp.FORMS``): ``"fields"`` (exponent fields
+    #: and a product of mantissas per tile) or ``"pairs"`` (two probabilities per logarithm)
+    exp_logs: str = "fields"
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -56,6 +60,8 @@ class BlockSizes:
                 raise ValueError(f"blocks.{name}: expected a power of two >= 16, got {x!r}")
         if self.replica not in _REPLICAS:
             raise ValueError(f"blocks.replica: expected one of {_REPLICAS}, got {self.replica!r}")
+        if self.exp_logs not in _EXP_FORMS:
+            raise ValueError(f"blocks.exp_logs: expected one of {_EXP_FORMS}, got {self.exp_logs!r}")
 
     @classmethod
     def get_default(cls, interpret: bool, checks: bool = True, T: int | None = None,
@@ -276,7 +282,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             QK=checks_on and "qk_row" in which, DMR=checks_on and "softmax_dmr" in which,
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
             SIGNED=signed, REPLICA_FMA=bs.replica == "fma", STORE_LSE=lse is not None,
-            EXPC=checks_on and "softmax_exp" in which, num_warps=bs.num_warps,
+            EXPC=(2 if bs.exp_logs == "pairs" else 1) if checks_on and "softmax_exp" in which else 0,
+            num_warps=bs.num_warps,
             num_stages=bs.num_stages)
     return Launch(out, stats, flags, count, bs, compiled)
 

@@ -6,7 +6,10 @@ against ``R = Σ_j clip(x̃_j, −CLAMP, 0)`` over the attended entries, with
 ``(z_j − m)·c``. ``L`` costs integer work per element and one ``log2`` per row:
 the exponent fields, rounded so that each mantissa lies in [0.75, 1.5), are
 summed as integers, and the mantissas are multiplied (a product of 128 such
-factors stays within float32's range).
+factors stays within float32's range) (``FORM`` 1, ``BlockSizes(exp_logs="fields")``); or
+adjacent probabilities are multiplied in pairs, each clamped at 2⁻⁶² so that a pair stays a
+normal float32, and one ``log2`` is taken per pair (``FORM`` 2, ``"pairs"``: no integer
+work, one row reduction fewer; docs/kernels.md, "Products of raw probabilities").
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import triton.language as tl
 
 CLAMP = tl.constexpr(64.0)
 TWO_POW_NEG_CLAMP = tl.constexpr(5.421010862427522e-20)  # 2^-64, exact
+PAIR_CLAMP = tl.constexpr(62.0)
+TWO_POW_NEG_PAIR_CLAMP = tl.constexpr(2.168404344971009e-19)  # 2^-62, exact
+#: the forms of Σ log₂ p, in the order of the kernel's ``EXPC`` (1, 2; 0: no softmax_exp)
+FORMS = ("fields", "pairs")
 
 
 @triton.jit
@@ -24,7 +31,8 @@ def _mul(a, b):
 
 
 @triton.jit
-def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+                   FORM: tl.constexpr):
     """``|L − R| / τ`` per row of the tile: ``p`` the probabilities as they leave the
     exponential (faults included), ``z`` the logits (−inf where not attended), ``cz`` the
     base-2 factor, ``m_sc`` the row maximum times ``cz``; ``τ = tile + arg·A + mu·|m_sc|``
@@ -36,8 +44,12 @@ def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.cons
     so no select is spent on it. The argument is not clipped at 0 from above: it exceeds 0 by
     at most a rounding of ``|m_sc|``, which the ``mu`` term covers.
     """
-    xt = tl.maximum(z * cz - m_sc[:, None], -CLAMP)
-    pc = tl.maximum(p, TWO_POW_NEG_CLAMP)
+    if FORM == 2:
+        xt = tl.maximum(z * cz - m_sc[:, None], -PAIR_CLAMP)
+        pc = tl.maximum(p, TWO_POW_NEG_PAIR_CLAMP)
+    else:
+        xt = tl.maximum(z * cz - m_sc[:, None], -CLAMP)
+        pc = tl.maximum(p, TWO_POW_NEG_CLAMP)
     stray = tl.zeros_like(m_sc)
     if MASKED:
         live = z > float("-inf")
@@ -46,10 +58,14 @@ def exp_tile_ratio(p, z, cz, m_sc, coef_tile, coef_arg, coef_mu, MASKED: tl.cons
         # a masked entry whose probability is not exactly 0 (a fault) fails its row
         stray = tl.where(tl.sum(((p != 0.0) & ~live).to(tl.int32), 1) > 0, float("inf"), 0.0)
     r = tl.sum(xt, 1)
-    bits = pc.to(tl.int32, bitcast=True)
-    e = (bits + 0x400000) >> 23
-    mant = (bits - ((e - 127) << 23)).to(tl.float32, bitcast=True)
-    lsum = (tl.sum(e, 1) - 127 * BLOCK_N).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
+    if FORM == 2:  # adjacent columns (held by one thread in the MMA layouts) multiplied: ≥ 2⁻¹²⁴
+        a, b = tl.split(tl.reshape(pc, (pc.shape[0], BLOCK_N // 2, 2)))
+        lsum = tl.sum(tl.math.log2(a * b), 1)
+    else:
+        bits = pc.to(tl.int32, bitcast=True)
+        e = (bits + 0x400000) >> 23
+        mant = (bits - ((e - 127) << 23)).to(tl.float32, bitcast=True)
+        lsum = (tl.sum(e, 1) - 127 * BLOCK_N).to(tl.float32) + tl.math.log2(tl.reduce(mant, 1, _mul))
     thr = coef_tile - coef_arg * r + coef_mu * tl.abs(m_sc)
     return tl.abs(lsum - r) / thr + stray
 

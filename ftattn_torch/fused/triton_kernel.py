@@ -343,7 +343,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
         p = _inject(p, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 0, 1.0)
         alpha = _inject_rows(alpha, rows, cols, FT, FV, n_faults, b, n, SITE_RESCALE, BLOCK_N)
     if EXPC:  # softmax_exp: Σ log₂ p against Σ of the argument formed again (triton_exp)
-        er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu, MASKED, BLOCK_N))
+        er = tl.maximum(er, exp_tile_ratio(p, z, cz, m_sc, ex_tile, ex_arg, ex_mu, MASKED, BLOCK_N, EXPC))
         er = tl.maximum(er, rescale_ratio(alpha, m_raw, m_new, m_sc, cz, ra_rel, ra_mu, ra_tiny))
     lt = tl.sum(p, 1)
     if INJECT:
