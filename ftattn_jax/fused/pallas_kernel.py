@@ -61,7 +61,7 @@ from ftattn_spec.tolerances import FusedCoefficients
 from . import compat
 from .exp_tiles import rescale_ratio, row_residual, tile_ratio
 from .kernel_faults import corrupt
-from .side_inputs import ONES_COL, VCOLS, KernelOutput, pad_to, side_inputs
+from .side_inputs import ONES_COL, VCOLS, KernelOutput, pad_to, side_inputs, stat_planes
 from .tiles import _band, _ends
 
 LOG2E = math.log2(math.e)
@@ -463,7 +463,7 @@ def forward(q, k, v, kpre, vcol, ft, fv, cfg: Config, masks: Masks = Masks(), vm
     if cfg.n_faults:
         args += [ft, fv]
         in_specs += [whole(ft), whole(fv)]
-    n_stats = 2 * (cfg.qk + cfg.dmr + cfg.exp + cfg.pv)
+    n_stats = stat_planes(cfg)
     stat_shape = jax.ShapeDtypeStruct((B, N, Tp), F32)
     n_stats += cfg.lse
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), stat_shape] + [stat_shape] * n_stats

@@ -33,7 +33,7 @@ from ftattn_spec import faults as spec_faults
 
 from ..common import manual_mesh, trace_kinds
 from . import compat
-from .side_inputs import KernelOutput
+from .side_inputs import KernelOutput, stat_planes
 
 #: the mask arrays, in the order of the kernels' ``Masks``
 _MASKS = ("mask", "bias", "query_lengths", "key_lengths")
@@ -60,8 +60,7 @@ def forward(kernel: Callable, q, k, v, ft, fv, cfg, masks):
     if not may_partition():
         return kernel(q, k, v, ft, fv, cfg, masks)
     lse = bool(getattr(cfg, "lse", False))
-    n_stats = 2 * sum(bool(getattr(cfg, c, False)) for c in ("qk", "dmr", "exp", "pv"))
-    template = KernelOutput("btnh", "bnt", ("bnt",) * n_stats, "bk", "bnt" if lse else None)
+    template = KernelOutput("btnh", "bnt", ("bnt",) * stat_planes(cfg), "bk", "bnt" if lse else None)
 
     def per_shard(q, k, v, ft, fv, masks):
         got = kernel(q, k, v, ft, fv, cfg, masks)

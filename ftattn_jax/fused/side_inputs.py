@@ -19,8 +19,9 @@ class KernelOutput(NamedTuple):
 
     ``out`` ``(B, T, N, H)``; ``qfin`` float32 ``(B, N, T)``, 1 where the query
     row is finite; ``stats`` float32 ``(B, N, T)`` arrays, (difference,
-    threshold) per check run, in the order ``qk_row``, ``softmax_dmr``,
-    ``pv_row``; ``kv_finite`` whether the true keys and values are all finite.
+    threshold) per check run (:func:`stat_planes`), in the order ``qk_row``,
+    ``softmax_dmr``, ``softmax_exp``, ``pv_row``; ``kv_finite`` whether the true keys and
+    values are all finite; ``lse`` where the config asks for it.
     """
 
     out: Array
@@ -28,6 +29,12 @@ class KernelOutput(NamedTuple):
     stats: tuple
     kv_finite: Array
     lse: Array | None = None  # float32 (B, N, T), base 2, where the kernel saved it for its backward
+
+
+def stat_planes(cfg) -> int:
+    """How many arrays :class:`KernelOutput` ``stats`` holds for a kernel config (portable or
+    Hopper): a difference and a threshold per check it runs."""
+    return 2 * sum(bool(getattr(cfg, c, False)) for c in ("qk", "dmr", "exp", "pv"))
 
 
 def _split3(x: Float[Array, "..."], dtype) -> list[Array]:
