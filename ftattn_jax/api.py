@@ -8,6 +8,7 @@ checks it runs, lowering: decided once); :func:`execute` runs it, with the one
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -24,6 +25,7 @@ from ftattn_spec.report import Ran, Report
 from ftattn_spec.schemes import CHECKS
 
 from . import counters, fused, unfused
+from .common import explicit_axes, in_auto_mode
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["jax"]
 
@@ -135,23 +137,49 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
     cfg = call.settings
     on_fault = "report" if cfg.on_fault == "raise" else cfg.on_fault
     common = dict(checks=cfg.checks, granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
-                  on_fault=on_fault, plan=cfg.plan)
-    match cfg.implementation:
-        case "pallas":
-            out, report = fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering,
-                                    bias=bias, mask=mask, query_lengths=query_seq_lengths,
-                                    key_lengths=key_value_seq_lengths, masks=call.masking, empty=call.empty,
-                                    backward=fused.BackwardSettings(f"{site or 'unnamed'} (backward)",
-                                                                    cfg.on_fault, warn, counters.record),
-                                    **common)
-        case "unfused":
-            arr = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
-            out, report = unfused.run(query, key, value, bias=arr(bias), mask=arr(mask),
-                                      query_lengths=arr(query_seq_lengths), key_lengths=arr(key_value_seq_lengths),
-                                      window=call.masking.window, empty=call.empty, **common)
-        case other:  # pragma: no cover - the catalogue and this match disagree
-            raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
+                  on_fault=on_fault)
+
+    def run(query, key, value, mask, bias, query_seq_lengths, key_value_seq_lengths, plan):
+        common["plan"] = plan  # an argument, not closed over: explicit mode (below) maps arguments only
+        match cfg.implementation:
+            case "pallas":
+                return fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering,
+                                 bias=bias, mask=mask, query_lengths=query_seq_lengths,
+                                 key_lengths=key_value_seq_lengths, masks=call.masking, empty=call.empty,
+                                 backward=fused.BackwardSettings(f"{site or 'unnamed'} (backward)",
+                                                                 cfg.on_fault, warn, counters.record),
+                                 **common)
+            case "unfused":
+                arr = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+                return unfused.run(query, key, value, bias=arr(bias), mask=arr(mask),
+                                   query_lengths=arr(query_seq_lengths), key_lengths=arr(key_value_seq_lengths),
+                                   window=call.masking.window, empty=call.empty, **common)
+            case other:  # pragma: no cover - the catalogue and this match disagree
+                raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
+
+    if explicit_axes(query):  # JAX's explicit sharding mode: the implementations are written for auto mode
+        run = in_auto_mode(run, query, functools.partial(_specs, query))
+    out, report = run(query, key, value, mask, bias, query_seq_lengths, key_value_seq_lengths, cfg.plan)
     return _finish(out, report._replace(ran=Ran(cfg.implementation, call.fallback)), cfg.on_fault)
+
+
+def _specs(query, shapes):
+    """The ``PartitionSpec``s of a call's ``(out, report)`` in explicit mode: the output as the
+    query; per-row report fields ``(B, N, T, ...)`` and per-head ones ``(B, N, ...)`` over the
+    query's batch, heads and sequence axes; anything else replicated."""
+    P = jax.sharding.PartitionSpec
+    b, t, n, h = (tuple(jax.typeof(query).sharding.spec) + (None,) * 4)[:4]
+    B, T, N, _ = query.shape
+
+    def spec(x):
+        if tuple(x.shape) == tuple(query.shape):
+            return P(b, t, n, h)
+        if tuple(x.shape[:3]) == (B, N, T):
+            return P(b, n, t)
+        if tuple(x.shape[:2]) == (B, N):
+            return P(b, n)
+        return P()
+    return jax.tree.map(spec, shapes)
 
 
 def _finish(out, report: Report, on_fault: str):

@@ -1,5 +1,5 @@
 """What the JAX implementations share unchanged: the ``jnp`` spelling of the spec's
-array operations, the verdict of a check, and which traces are in force."""
+array operations, the verdict of a check, and which traces and mesh are in force."""
 
 from __future__ import annotations
 
@@ -65,3 +65,48 @@ def manual_mesh() -> bool:
     get = getattr(jax.sharding, "get_abstract_mesh", None)
     mesh = get() if get is not None else None
     return bool(getattr(mesh, "manual_axes", ()))
+
+
+def concrete_mesh():
+    """The ``jax.sharding.Mesh`` that ``jax.set_mesh`` put in force, also while a function is being
+    traced under it (``jax.sharding.get_mesh`` refuses inside ``jit``); None when there is none or
+    this jax does not say (JAX's private ``get_concrete_mesh``, jax 0.10.2 to 0.11.2)."""
+    try:
+        from jax._src import mesh as mesh_lib
+        mesh = mesh_lib.get_concrete_mesh()
+    except (ImportError, AttributeError):  # pragma: no cover - another jax
+        return None
+    if mesh is None or getattr(mesh, "empty", True) or getattr(mesh, "devices", None) is None:
+        return None
+    return mesh
+
+
+def explicit_axes(x) -> tuple[str, ...]:
+    """The mesh axes of ``x``'s sharding in JAX's explicit mode (``jax.sharding.AxisType.Explicit``,
+    the default of ``jax.make_mesh``): () for an unsharded array or one on axes in auto mode."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None or getattr(jax.sharding, "auto_axes", None) is None:  # pragma: no cover - older jax
+        return ()
+    try:
+        mesh = typeof(x).sharding.mesh
+    except (AttributeError, TypeError):
+        return ()
+    return tuple(getattr(mesh, "explicit_axes", ()) or ())
+
+
+def in_auto_mode(fn, like, specs_of):
+    """``fn`` (code written for JAX's auto mode, where the compiler places what an operation needs)
+    as a function callable on arrays sharded in explicit mode like ``like``: ``jax.sharding.auto_axes``
+    over ``like``'s explicit axes, under its mesh. Explicit mode refuses an operation whose
+    output sharding it cannot infer (a gather, a select of a replicated mask against a sharded
+    array). ``specs_of(shapes)`` gives the outputs' ``PartitionSpec``s from their
+    ``jax.ShapeDtypeStruct``s (found by tracing ``fn`` once more, abstractly)."""
+    mesh = jax.typeof(like).sharding.mesh
+    axes = explicit_axes(like)
+    P = jax.sharding.PartitionSpec
+
+    def run(*args):
+        with jax.sharding.use_abstract_mesh(mesh):
+            shapes = jax.eval_shape(jax.sharding.auto_axes(fn, axes=axes, out_sharding=P()), *args)
+            return jax.sharding.auto_axes(fn, axes=axes, out_sharding=specs_of(shapes))(*args)
+    return run

@@ -8,12 +8,17 @@ batch, head, row). How a call adds to it, cheapest first:
 * **called eagerly** (the report is a concrete array): the call's row is kept
   on the device and added there; nothing waits;
 * **traced** (inside ``jax.jit``, ``grad``, ``scan``, ``cond``, ``checkpoint``,
-  ``checkify``) in a process with one device and no mesh in force: the row is
-  added on the device to a ``jax.Ref`` the traced function closes over; nothing
-  waits. A call that ``checkpoint`` recomputes in the backward counts again;
-* **otherwise** (several devices, ``shard_map``, ``vmap``, partial evaluation
-  such as Flax's ``nn.scan`` tracing its body, or the policy ``"warn"``, which
-  must warn when it happens): ``jax.debug.callback``. The
+  ``checkify``) in a process with one device and no mesh in force, or under a
+  mesh that ``jax.set_mesh`` put in force (one process, any number of devices):
+  the row is added on the device to a ``jax.Ref`` the traced function closes
+  over, replicated over the mesh's devices (the row is the same on each: the
+  report's verdict is global); nothing waits. A call that ``checkpoint``
+  recomputes in the backward counts again;
+* **otherwise** (several devices with no ``jax.set_mesh``, where the traced
+  function's devices are not known while it is traced; ``shard_map``; ``vmap``;
+  partial evaluation such as Flax's ``nn.scan`` tracing its body; several
+  processes; or the policy ``"warn"``, which must warn when it happens):
+  ``jax.debug.callback``. The
   thread that dispatches the call then waits at the callback for the device:
   one device synchronisation per call, measured at 0.5 ms per call on an H200
   (docs/faults.md, "Counters").
@@ -36,7 +41,7 @@ from ftattn_spec import tally as spec_tally
 from ftattn_spec.policy import FaultWarning
 from ftattn_spec.report import Report
 
-from .common import OPS, trace_kinds
+from .common import OPS, concrete_mesh, explicit_axes, in_auto_mode, manual_mesh, trace_kinds
 
 #: sites per ``jax.Ref`` block: a traced function closes over the block of its sites
 BLOCK = 64
@@ -47,15 +52,25 @@ _lock = threading.Lock()
 _host: dict[str, list[int]] = {}  # tallies added on the host (callbacks)
 _eager: dict[tuple[str, frozenset], list] = {}  # rows of eager calls per (site, devices), not yet added
 _folded: dict[tuple[str, frozenset], jax.Array] = {}  # eager rows added on the device
-_blocks: list = []  # jax.Ref blocks of BLOCK × WIDTH int32
-_slots: dict[str, tuple[int, int]] = {}  # site -> (block, row): fixed for the life of the process
+_blocks: dict[tuple, list] = {}  # placement -> jax.Ref blocks of BLOCK × WIDTH int32 on it
+_slots: dict[tuple[tuple, str], tuple[int, int]] = {}  # (placement, site) -> (block, row): fixed for the process
 _ZERO = np.asarray(spec_tally.zero(), np.int32)
 
 
-def _row(verdict) -> jax.Array:
+def _encode(verdict) -> jax.Array:
     if isinstance(verdict, Report):
         return spec_tally.encode(verdict, OPS)
     return spec_tally.encode_flag(jnp.asarray(verdict), OPS)
+
+
+def _row(verdict) -> jax.Array:
+    """The call's tally row (replicated; in JAX's explicit sharding mode, made in auto mode)."""
+    like = getattr(verdict, "detected", verdict)
+    flagged = [c.flagged for c in verdict.checks.values()] if isinstance(verdict, Report) else []
+    like = next((x for x in flagged if explicit_axes(x)), like)
+    if explicit_axes(like):
+        return in_auto_mode(_encode, like, lambda shapes: jax.sharding.PartitionSpec())(verdict)
+    return _encode(verdict)
 
 
 _row_jit = jax.jit(_row)
@@ -87,7 +102,7 @@ _use_refs = {"on": True}
 
 def use_device_tallies(on: bool) -> bool:
     """Whether traced calls may add to a closed-over ``jax.Ref`` (the default, where
-    :func:`_on_device_ok` allows it) or always use the host callback; returns the previous
+    :func:`_placement` allows it) or always use the host callback; returns the previous
     setting. Turn it off for a jitted function whose arguments live on another platform than
     the default device's (a CPU copy on a GPU machine): a Ref lives on the default device, and
     such a call would be refused for mixing devices."""
@@ -98,27 +113,42 @@ def use_device_tallies(on: bool) -> bool:
     return previous
 
 
-def _on_device_ok() -> bool:
-    """Whether a traced call may add to a closed-over ``jax.Ref``: one device in the process (a
-    Ref lives on one device, and a jitted function must run where its arguments are), no mesh in
-    force (``shard_map``, ``pmap`` and ``jax.set_mesh`` take no closed-over Ref), and only traces
-    of ``_REF_TRACES``."""
-    if not _use_refs["on"] or jax.device_count() != 1 or jax.config.jax_default_device is not None:
-        return False
-    mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    if mesh is not None and not bool(getattr(mesh(), "empty", False)):
-        return False
+#: the placement of a Ref on the default device, in a process with one device and no mesh
+_ONE = ("default device",)
+
+
+def _placement():
+    """Where a traced call may add to a closed-over ``jax.Ref``: ``(key, mesh or None)``, or None for
+    the callback. A Ref lives on given devices, and a jitted function must run where its arguments
+    are: so one device in the process and no mesh in force (the default device), or a mesh that
+    ``jax.set_mesh`` put in force (a Ref replicated over its devices). Never inside ``shard_map``,
+    ``pmap`` or a process of several, and only under traces of ``_REF_TRACES``."""
+    if not _use_refs["on"] or jax.config.jax_default_device is not None or manual_mesh():
+        return None
     kinds = trace_kinds()
-    return kinds is not None and set(kinds) <= _REF_TRACES
+    if kinds is None or not set(kinds) <= _REF_TRACES:
+        return None
+    mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    abstract = mesh() if mesh is not None else None
+    if abstract is None or bool(getattr(abstract, "empty", True)):
+        return (_ONE, None) if jax.device_count() == 1 else None
+    concrete = concrete_mesh()
+    if concrete is None or jax.process_count() != 1:
+        return None
+    ids = tuple(int(d.id) for d in concrete.devices.flat)
+    types = tuple(str(t) for t in getattr(concrete, "axis_types", ()))  # a Ref of an explicit mesh is refused in auto
+    return (tuple(concrete.axis_names), tuple(concrete.devices.shape), types, ids), concrete
 
 
-def _new_block():
-    """A Ref of BLOCK tallies, made on a thread of its own: JAX's trace state is per thread, so the
-    Ref is concrete even when the caller is being traced (under ``grad`` a Ref made in the caller's
-    thread would be a tracer, even inside ``ensure_compile_time_eval``)."""
+def _new_block(mesh):
+    """A Ref of BLOCK tallies (on the default device, or replicated over ``mesh``), made on a thread
+    of its own: JAX's trace state is per thread, so the Ref is concrete even when the caller is
+    being traced (under ``grad`` a Ref made in the caller's thread would be a tracer, even inside
+    ``ensure_compile_time_eval``)."""
+    where = jax.devices()[0] if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     made = []
     worker = threading.Thread(target=lambda: made.append(
-        jax.new_ref(jax.device_put(np.tile(_ZERO, (BLOCK, 1)), jax.devices()[0]))))
+        jax.new_ref(jax.device_put(np.tile(_ZERO, (BLOCK, 1)), where))))
     worker.start()
     worker.join()
     if not made:  # pragma: no cover - the thread failed; its exception was printed
@@ -126,14 +156,15 @@ def _new_block():
     return made[0]
 
 
-def _slot(site: str) -> tuple[int, int]:
+def _slot(site: str, key: tuple, mesh) -> tuple[int, int]:
     with _lock:
-        s = _slots.get(site)
+        s = _slots.get((key, site))
         if s is None:
-            n = len(_slots)
-            if n // BLOCK == len(_blocks):
-                _blocks.append(_new_block())
-            s = _slots[site] = (n // BLOCK, n % BLOCK)
+            blocks = _blocks.setdefault(key, [])
+            n = sum(1 for k, _ in _slots if k == key)
+            if n // BLOCK == len(blocks):
+                blocks.append(_new_block(mesh))
+            s = _slots[key, site] = (n // BLOCK, n % BLOCK)
     return s
 
 
@@ -153,10 +184,11 @@ def record(site: str, verdict, warn: bool = False) -> None:
                 _fold(key)
         return
     row = _row(verdict)
-    if _on_device_ok():
+    placed = _placement()
+    if placed is not None:
         try:  # refused under vmap (a batched verdict): counted by the callback below
-            block, i = _slot(site)
-            ref = _blocks[block]
+            block, i = _slot(site, *placed)
+            ref = _blocks[placed[0]][block]
             ref[i] = spec_tally.merge(ref[i], row, OPS)
             return
         except Exception:  # noqa: BLE001 - JAX's refusal has no stable type across versions
@@ -182,9 +214,9 @@ def tally() -> dict[str, spec_tally.SiteTally]:
         rows: dict[str, list[int]] = {s: list(t) for s, t in _host.items()}
         for (site, _), t in _folded.items():
             rows[site] = spec_tally.merge_host(rows.get(site, spec_tally.zero()), np.asarray(t))
-        blocks = [np.asarray(b[...]) for b in _blocks]
-        for site, (b, i) in _slots.items():
-            rows[site] = spec_tally.merge_host(rows.get(site, spec_tally.zero()), blocks[b][i])
+        blocks = {key: [np.asarray(b[...]) for b in refs] for key, refs in _blocks.items()}
+        for (key, site), (b, i) in _slots.items():
+            rows[site] = spec_tally.merge_host(rows.get(site, spec_tally.zero()), blocks[key][b][i])
     return {s: spec_tally.decode(r) for s, r in rows.items() if r[0] > 0}
 
 
@@ -205,5 +237,6 @@ def reset() -> None:
         _host.clear()
         _eager.clear()
         _folded.clear()
-        for b in _blocks:
-            b[...] = jnp.asarray(np.tile(_ZERO, (BLOCK, 1)))
+        for refs in _blocks.values():
+            for b in refs:
+                b[...] = jax.device_put(np.tile(_ZERO, (BLOCK, 1)), b[...].sharding)

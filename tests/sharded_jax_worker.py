@@ -61,7 +61,62 @@ def main() -> None:
     out["dropin"] = dict(out_spec=str(g(qs, ks, vs).sharding.spec),
                          largest_gather=largest_gather(g.lower(qs, ks, vs).compile().as_text()))
     out["pallas"] = fused(mesh, rng, sh)
+    out["set_mesh"] = under_set_mesh(rng)
     json.dump(out, sys.stdout)
+
+
+def under_set_mesh(rng) -> dict:
+    """Under ``jax.set_mesh``, with the mesh's axes in explicit mode (``jax.make_mesh``'s default)
+    and in auto mode, on all 8 devices and on 4 of them: the calls work (explicit mode refuses the
+    implementations' gathers and selects unless they run in auto mode), equal one device's, keep
+    their sharding, and count on the devices (a ``jax.Ref`` replicated over the mesh: no host
+    callback in the program)."""
+    from jax.sharding import AxisType
+
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
+    w = rng.standard_normal((B, T, N, H)).astype(np.float32)
+    plan = Fault("probs", (3, 6, 5, 7), bit=30)
+    _, r1 = ftattn_jax.attention(q, k, v, fault=plan)
+    c1, _ = ftattn_jax.attention(q, k, v)
+    d1 = ftattn_jax.dot_product_attention(q, k, v, is_causal=True)
+    g1 = jax.grad(lambda q: (ftattn_jax.attention(q, k, v)[0] * w).sum())(q)
+    f16 = [x.astype(np.float16) for x in (q, k, v)]
+    p1, _ = ftattn_jax.attention(*f16, scheme="abft_all", implementation="pallas", fault=plan)
+    got = {}
+    for mode, devices in (("Explicit", 8), ("Auto", 8), ("Explicit", 4)):
+        mesh = jax.make_mesh((2, devices // 2), ("data", "heads"), devices=jax.devices()[:devices],
+                             axis_types=(getattr(AxisType, mode),) * 2)
+        site = f"set_mesh {mode} {devices}"
+        with jax.set_mesh(mesh):
+            sh = NamedSharding(mesh, P("data", None, "heads", None))
+            qs, ks, vs = (jax.device_put(x, sh) for x in (q, k, v))
+            f = jax.jit(lambda q, k, v, plan: ftattn_jax.attention(q, k, v, fault=plan, site=site))
+            o, r = f(qs, ks, vs, plan)
+            clean = f(qs, ks, vs, None)[0]
+            d = jax.jit(lambda q, k, v: ftattn_jax.dot_product_attention(q, k, v, is_causal=True, site=site))(
+                qs, ks, vs)
+            g = jax.jit(jax.grad(lambda q, k, v: (ftattn_jax.attention(q, k, v, site=site + " grad")[0] * w).sum()))(
+                qs, ks, vs)
+            eager_o, _ = ftattn_jax.attention(qs, ks, vs, site=site + " eager")
+            _, eager_r = ftattn_jax.attention(qs, ks, vs, fault=plan, site=site + " eager")
+            ps = [jax.device_put(x, sh) for x in f16]
+            po, pr = jax.jit(lambda q, k, v: ftattn_jax.attention(q, k, v, scheme="abft_all", fault=plan,
+                                                                   implementation="pallas", site=site + " pallas"))(*ps)
+            callbacks = "callback" in str(jax.make_jaxpr(f)(qs, ks, vs, plan))
+        flagged = lambda rep: sorted(map(tuple, np.argwhere(np.asarray(rep.checks["softmax_dmr"].flagged)).tolist()))  # noqa: E731
+        spec = lambda x: str(P(*(tuple(x.sharding.spec) + (None,) * x.ndim)[:x.ndim]))  # noqa: E731  every axis
+        got[site] = dict(
+            out_spec=spec(o), grad_spec=spec(g), pallas_spec=spec(po), row_spec=spec(r.checks["softmax_dmr"].flagged),
+            out_diff=float(np.max(np.abs(np.asarray(clean) - np.asarray(c1)))),
+            dpa_diff=float(np.max(np.abs(np.asarray(d) - np.asarray(d1)))),
+            grad_diff=float(np.max(np.abs(np.asarray(g) - np.asarray(g1)))),
+            eager_diff=float(np.max(np.abs(np.asarray(eager_o) - np.asarray(c1)))),
+            pallas_equal=bool(np.array_equal(np.asarray(po), np.asarray(p1), equal_nan=True)),
+            flagged=[list(x) for x in flagged(r)], single=[list(x) for x in flagged(r1)],
+            eager_detected=bool(eager_r.detected), pallas_detected=bool(pr.detected), callbacks=callbacks)
+    got["tally"] = {s: [t.calls, t.detected] for s, t in ftattn_jax.counters.tally().items()
+                    if s.startswith("set_mesh")}
+    return got
 
 
 def fused(mesh, rng, sh) -> dict:

@@ -58,3 +58,15 @@ def test_sharded_over_batch_and_heads():
     assert gr["largest_gather"] <= B * N * 4
     assert fz["tally"]["fused grad (backward)"] == [3, 1]  # sharded, single-device, and the faulted one
     assert fz["vmap_equal"]
+    sm = result["set_mesh"]  # under jax.set_mesh, explicit and auto axes, on all devices and on 4
+    for site in ("set_mesh Explicit 8", "set_mesh Auto 8", "set_mesh Explicit 4"):
+        r = sm[site]
+        assert r["out_spec"] == r["grad_spec"] == r["pallas_spec"] == "P('data', None, 'heads', None)", (site, r)
+        assert r["row_spec"] == "P('data', 'heads', None)", (site, r)
+        assert max(r["out_diff"], r["dpa_diff"], r["grad_diff"], r["eager_diff"]) < 1e-5, (site, r)
+        assert r["pallas_equal"] and r["pallas_detected"] and r["eager_detected"], site
+        assert r["flagged"] == r["single"] == [[3, 6, 5]], site
+        assert not r["callbacks"], site  # counted on the devices: no host callback in the program
+        t = sm["tally"]
+        assert t[site] == [3, 1] and t[site + " grad"] == [1, 0] and t[site + " pallas"] == [1, 1], (site, t)
+        assert t[site + " eager"] == [2, 1], (site, t)
