@@ -20,7 +20,7 @@ from ftattn_spec.axes import LAYOUTS
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import Ran, Report, with_ran
 
-from . import counters, fused, unfused
+from . import counters, dtensor, fused, unfused
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["torch"]
 
@@ -256,6 +256,14 @@ def attention(query, key, value, *, bias=None, mask=None, scheme: str = "full", 
     ``"triton"`` it is the fused backward kernel, whose memory is O(B·N·T)).
     """
     site = call_site(site)
+    if dtensor.any_dtensor(query, key, value):  # a call over a device mesh: each rank its block
+        def local(q, k, v, fault, **extras):
+            return attention(q, k, v, scheme=scheme, granularity=granularity, scale=scale, is_causal=is_causal,
+                             local_window_size=local_window_size, fault=fault, implementation=implementation,
+                             on_fault="report" if on_fault == "raise" else on_fault, site=site, **extras)
+        return dtensor.run(local, query, key, value, fault=fault, raise_on_fault=on_fault == "raise",
+                           extras=dict(mask=mask, bias=bias, query_seq_lengths=query_seq_lengths,
+                                       key_value_seq_lengths=key_value_seq_lengths))
     call = resolve(query, key, value, bias=bias, mask=mask, scheme=scheme, granularity=granularity, scale=scale,
                    is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                    key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,

@@ -27,7 +27,7 @@ from ftattn_spec.faults import Fault, FaultPlan
 from ftattn_spec.report import CheckResult, Ran, Report, with_ran
 from ftattn_spec.schemes import CHECK_ORIENTATION
 
-from . import reference, sdpa_shapes
+from . import dtensor, reference, sdpa_shapes
 from .api import call_site, count, execute, execute_backward, resolve
 
 _NAMES = ("attn_mask", "attn_mask", "query_seq_lengths", "key_value_seq_lengths", "local_window_size")
@@ -249,6 +249,17 @@ def sdpa_call(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_caus
     v.validate_dropout(dropout_p)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__} {enable_gqa!r}")
+    if dtensor.any_dtensor(query, key, value):  # a call over a device mesh: each rank its block
+        site = call_site(site)
+        run_on_fault, _ = policy.effective_on_fault(on_fault, takes_report)
+        raising = run_on_fault == "raise"  # raised on every rank after the global verdict
+
+        def local(q, k, v, fault, attn_mask):
+            return sdpa_call(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, scheme=scheme,
+                             granularity=granularity, on_fault="report" if raising else on_fault, fault=fault,
+                             takes_report=takes_report or raising, implementation=implementation, site=site)
+        return dtensor.run(local, query, key, value, fault=fault, raise_on_fault=raising,
+                           extras=dict(attn_mask=attn_mask))
     if attn_mask is not None and is_causal is True:
         raise ValueError("attn_mask, is_causal: expected at most one of them, got both (as in "
                          "scaled_dot_product_attention; put the causal mask into attn_mask)")
