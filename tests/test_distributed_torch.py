@@ -4,16 +4,14 @@ rank, the check and the row; a clean step is clean on every rank."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+
+from tests import gloo  # noqa: E402
 
 import ftattn_torch  # noqa: E402
 from ftattn_spec.faults import Fault  # noqa: E402
@@ -22,11 +20,6 @@ from ftattn_torch.distributed import GlobalVerdict, Where, global_verdict  # noq
 WORLD = 2
 B, N, T, S, H = 2, 6, 9, 11, 16  # every axis a different size; N heads split across the ranks
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -49,15 +42,13 @@ def _worker(rank: int, port: int, out: str) -> None:
                                           sites={s: [v.calls, v.detected, list(v.ranks),
                                                      {str(r): [w.check, list(w.index)] for r, w in v.first.items()}]
                                                  for s, v in m.sites.items()})
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(got, f)
+        gloo.write(out, rank, got)
     finally:
         dist.destroy_process_group()
 
 
 def test_every_rank_gets_one_verdict_naming_the_faulty_rank(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    got = gloo.spawn(_worker, WORLD, tmp_path)
     assert got[0] == got[1]
     clean, faulty = got[0]["clean"], got[0]["faulty"]
     assert not clean["detected"] and clean["ranks"] == [] and clean["first"] == {} and clean["inputs_finite"]

@@ -8,25 +8,18 @@ a sequence split is refused naming the argument."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+
+from tests import gloo  # noqa: E402
 
 WORLD = 4
 B, N, K, T, S, H = 2, 4, 2, 9, 11, 8  # B, N and K split in two; T, S and H differ from them and each other
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -85,15 +78,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         got["tally"] = {s: [t.calls, t.detected] for s, t in ftattn_torch.counters.tally().items()
                         if s.startswith("dtensor")}
         assert isinstance(ref, torch.Tensor) and not isinstance(ref, DTensor)
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(got, f)
+        gloo.write(out, rank, got)
     finally:
         dist.destroy_process_group()
 
 
 def test_dtensor_inputs_over_a_2x2_mesh(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    got = gloo.spawn(_worker, WORLD, tmp_path)
     for rank, g in enumerate(got):
         for name, placements in (("dp×tp", ["S(0)", "S(1)"]), ("tp", ["R", "S(1)"]), ("replicated", ["R", "R"])):
             r = g[name]

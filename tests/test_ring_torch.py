@@ -6,16 +6,14 @@ name."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+
+from tests import gloo  # noqa: E402
 
 import ftattn_torch  # noqa: E402
 from tests.ring_cases import CASES, FUSED_CASES, refusals  # noqa: E402  (fault, rank, step, the check that flags it)
@@ -26,11 +24,6 @@ B, N, K, H = 2, 6, 3, 8
 T, S = 12, 20  # chunks of 3 queries and 5 keys; causal runs use T = S = 20
 U = 2.0**-24
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reference64(q, k, v, causal):
@@ -164,15 +157,13 @@ def _worker(rank: int, port: int, out: str) -> None:
             got["fused"] = _fused(rank)
         t = ftattn_torch.counters.tally()
         got["tally"] = {s: [x.calls, x.detected] for s, x in t.items() if s.startswith("ring")}
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-            json.dump(got, fh)
+        gloo.write(out, rank, got)
     finally:
         dist.destroy_process_group()
 
 
 def test_ring_over_four_ranks(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    got = gloo.spawn(_worker, WORLD, tmp_path)
     for rank, g in enumerate(got):
         for c in g["clean"]:
             assert not c["detected"] and c["worst"] < 1.0, (rank, c)
