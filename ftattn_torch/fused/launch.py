@@ -50,7 +50,8 @@ class BlockSizes:
     #: like the primary, with a different argument formula).
     replica: str = "mufu"
     #: how ``softmax_exp`` takes Σ log₂ p (``triton_exp.FORMS``): ``"fields"`` (exponent fields
-    #: and a product of mantissas per tile) or ``"pairs"`` (two probabilities per logarithm)
+    #: and a product of mantissas per tile) or ``"pairs"`` (two probabilities per logarithm;
+    #: 30-80 points slower on the H200, docs/kernels.md, "Pairs of probabilities ... Triton")
     exp_logs: str = "fields"
 
     def __post_init__(self):

@@ -9,7 +9,8 @@ summed as integers, and the mantissas are multiplied (a product of 128 such
 factors stays within float32's range) (``FORM`` 1, ``BlockSizes(exp_logs="fields")``); or
 adjacent probabilities are multiplied in pairs, each clamped at 2⁻⁶² so that a pair stays a
 normal float32, and one ``log2`` is taken per pair (``FORM`` 2, ``"pairs"``: no integer
-work, one row reduction fewer; docs/kernels.md, "Products of raw probabilities").
+work, one row reduction fewer, but slower on the H200: docs/kernels.md, "Pairs of probabilities
+per logarithm in the Triton forward").
 """
 
 from __future__ import annotations
