@@ -85,7 +85,7 @@ def explicit_axes(x) -> tuple[str, ...]:
     """The mesh axes of ``x``'s sharding in JAX's explicit mode (``jax.sharding.AxisType.Explicit``,
     the default of ``jax.make_mesh``): () for an unsharded array or one on axes in auto mode."""
     typeof = getattr(jax, "typeof", None)
-    if typeof is None or getattr(jax.sharding, "auto_axes", None) is None:  # pragma: no cover - older jax
+    if typeof is None or not all(hasattr(jax.sharding, n) for n in ("auto_axes", "use_abstract_mesh")):  # pragma: no cover
         return ()
     try:
         mesh = typeof(x).sharding.mesh
