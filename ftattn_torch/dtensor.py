@@ -44,9 +44,10 @@ class Split(NamedTuple):
     placements: tuple
     batch_dim: int | None
     head_dim: int | None
-    #: this rank's first batch, query head and kv head, and the local B, N, K
+    #: this rank's first batch, query head and kv head, the local B, N, K, and the global ones
     start: tuple[int, int, int]
     local: tuple[int, int, int]
+    sizes: tuple[int, int, int]
 
 
 def _split(query, key, value) -> Split:
@@ -91,7 +92,7 @@ def _split(query, key, value) -> Split:
             k = i + j  # 0: batch, 1: query heads, 2: kv heads
             local[k] = n // P
             start[k] = coord[d] * (n // P)
-    return Split(mesh, placements, dims[0], dims[1], tuple(start), tuple(local))
+    return Split(mesh, placements, dims[0], dims[1], tuple(start), tuple(local), (B, N, K))
 
 
 def _local_extra(name: str, x, sp: Split):
@@ -129,6 +130,9 @@ def _local_fault(fault, sp: Split):
         for dim, k in ((0, 0), (1, 2 if kv else 1)):
             if idx[dim] is None:
                 continue
+            if not 0 <= idx[dim] < sp.sizes[k]:  # out of the call: every rank would drop it silently
+                raise ValueError(f"fault.index: expected {'batch' if dim == 0 else 'head'} index "
+                                 f"0 <= i < {sp.sizes[k]} at site {f.site!r}, got {f.index}")
             if not sp.start[k] <= idx[dim] < sp.start[k] + sp.local[k]:
                 inside = False
             idx[dim] -= sp.start[k]

@@ -75,6 +75,12 @@ def _worker(rank: int, port: int, out: str) -> None:
             got["mixed"] = None
         except TypeError as e:
             got["mixed"] = str(e)
+        try:
+            ftattn_torch.attention(*(distribute_tensor(x, mesh, [Shard(0), Shard(1)]) for x in (q, k, v)),
+                                   fault=Fault("probs", (0, N, 1, 1), bit=3))
+            got["out of range"] = None
+        except ValueError as e:
+            got["out of range"] = str(e)
         got["tally"] = {s: [t.calls, t.detected] for s, t in ftattn_torch.counters.tally().items()
                         if s.startswith("dtensor")}
         assert isinstance(ref, torch.Tensor) and not isinstance(ref, DTensor)
@@ -95,6 +101,7 @@ def test_dtensor_inputs_over_a_2x2_mesh(tmp_path):
             assert r["flagged"] == r["single"] == [[1, 3, 4]], (rank, name, r["flagged"])
             assert r["detected"] and r["raised"], (rank, name)  # every rank: the verdict is global
         assert g["mixed"].startswith("key: expected a DTensor"), g["mixed"]
+        assert g["out of range"].startswith("fault.index: expected head index 0 <= i < 4"), g["out of range"]
         assert "S(2)" in g["refused"] and "ring_attention" in g["refused"], g["refused"]
     # each rank counts its own block: the fault's block on rank 3 (batch and heads split) only;
     # with heads split alone, on ranks 1 and 3; replicated, on every rank
