@@ -139,8 +139,8 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
     common = dict(checks=cfg.checks, granularity=cfg.granularity, scale=cfg.scale, is_causal=cfg.is_causal,
                   on_fault=on_fault)
 
+    # the plan is an argument, not closed over: explicit mode (below) maps arguments only
     def run(query, key, value, mask, bias, query_seq_lengths, key_value_seq_lengths, plan):
-        common["plan"] = plan  # an argument, not closed over: explicit mode (below) maps arguments only
         match cfg.implementation:
             case "pallas":
                 return fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering,
@@ -148,12 +148,12 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
                                  key_lengths=key_value_seq_lengths, masks=call.masking, empty=call.empty,
                                  backward=fused.BackwardSettings(f"{site or 'unnamed'} (backward)",
                                                                  cfg.on_fault, warn, counters.record),
-                                 **common)
+                                 plan=plan, **common)
             case "unfused":
                 arr = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
                 return unfused.run(query, key, value, bias=arr(bias), mask=arr(mask),
                                    query_lengths=arr(query_seq_lengths), key_lengths=arr(key_value_seq_lengths),
-                                   window=call.masking.window, empty=call.empty, **common)
+                                   window=call.masking.window, empty=call.empty, plan=plan, **common)
             case other:  # pragma: no cover - the catalogue and this match disagree
                 raise NotImplementedError(f"implementation: {other!r} is in the catalogue but not dispatched")
 

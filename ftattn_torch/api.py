@@ -93,10 +93,8 @@ def resolve(query, key, value, *, bias=None, mask=None, scheme="full", granulari
         cfg = cfg._replace(implementation=impl, checks=implementations.checks_for("torch", impl, cfg.scheme))
         _backward_sites_need_triton(fault, impl)
         return Call(cfg, m, fallback)
-    refusal = implementations.unsupported("torch", impl, scheme=cfg.scheme, dtype=cfg.dtype, q_shape=query.shape,
-                                          masking=given)
-    if refusal is not None:
-        raise refusal.exception()
+    implementations.select("torch", impl, device_reason=None, scheme=cfg.scheme, dtype=cfg.dtype,
+                           q_shape=query.shape, masking=given)  # a named implementation: raises what it cannot run
     if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:
         raise ValueError(why)
     _backward_sites_need_triton(fault, impl)
@@ -128,14 +126,8 @@ def _choose(device_reason, scheme: str, dtype: str, q_shape: tuple, given: tuple
 
 @_constant_under_compile
 def _device_reason(device_type: str) -> str | None:
-    """Why ``"auto"`` cannot take the fused kernel on a device of this type (None: it can). Off
-    CUDA it never takes it (Triton's interpreter is for tests); on CUDA it needs triton, compiled."""
-    if device_type != "cuda":
-        return f"not on a GPU (the query is on {device_type})"
-    try:
-        return fused.unsupported(device_type)
-    except ValueError as e:  # triton is not installed
-        return str(e)
+    """``fused.auto_reason``, a constant of the graph under ``torch.compile``."""
+    return fused.auto_reason(device_type)
 
 
 def execute(query, key, value, *, implementation: str, checks: tuple[str, ...], granularity: str, scale: float,

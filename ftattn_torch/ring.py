@@ -95,10 +95,9 @@ def _fused_block(query, key, value, plan, *, checks: tuple[str, ...], scale: flo
 def _implementation(implementation, query, scheme: str, dtype: str) -> tuple[str, str | None]:
     """The blocks' implementation, ``(name, why "auto" fell back or None)``, or an error naming
     ``implementation``: the drop-ins' choice (``implementations.select``) for one rank's chunk."""
-    reason = (f"not on a GPU (the query is on {query.device.type})" if query.device.type != "cuda"
-              else fused.unsupported("cuda"))
     impl, fallback = implementations.select("torch", implementations.resolve("torch", implementation),
-                                            device_reason=reason, scheme=scheme, dtype=dtype,
+                                            device_reason=fused.auto_reason(query.device.type), scheme=scheme,
+                                            dtype=dtype,
                                             q_shape=tuple(int(n) for n in query.shape))
     if impl == "triton" and (why := fused.unsupported(query.device.type)) is not None:  # named, off a GPU
         raise ValueError(why)

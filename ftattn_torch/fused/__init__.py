@@ -4,9 +4,9 @@
 ``unsupported``, the launch); :mod:`.runner` makes the report and the gradient.
 """
 
-from .launch import STAT_PLANES, BlockSizes, Launch, Masks, dtype_name, forward, interpreting, unsupported
+from .launch import STAT_PLANES, BlockSizes, Launch, Masks, auto_reason, dtype_name, forward, interpreting, unsupported
 from . import runner
 from .runner import Backward, checked_backward, run
 
-__all__ = ["Backward", "BlockSizes", "checked_backward", "Launch", "Masks", "STAT_PLANES", "dtype_name", "forward", "interpreting", "run", "runner",
+__all__ = ["auto_reason", "Backward", "BlockSizes", "checked_backward", "Launch", "Masks", "STAT_PLANES", "dtype_name", "forward", "interpreting", "run", "runner",
            "unsupported"]

@@ -137,6 +137,18 @@ def unsupported(device_type: str) -> str | None:
     return None
 
 
+def auto_reason(device_type: str) -> str | None:
+    """Why ``implementation="auto"`` cannot take the kernel on a device of this type (None: it
+    can). Off CUDA it never takes it (Triton's interpreter is for tests); on CUDA it needs triton,
+    compiled."""
+    if device_type != "cuda":
+        return f"not on a GPU (the query is on {device_type})"
+    try:
+        return unsupported(device_type)
+    except ValueError as e:  # triton is not installed
+        return str(e)
+
+
 def _triton_version() -> tuple[int, int]:
     import triton
 
