@@ -25,6 +25,7 @@ import ftattn_torch as ft  # noqa: E402
 from ftattn_spec import reference as ref  # noqa: E402
 from ftattn_spec import tolerances as tol  # noqa: E402
 from ftattn_spec.faults import Fault, FaultDetected  # noqa: E402
+from ftattn_spec.faults import plan as fault_plan  # noqa: E402
 from ftattn_spec.inputs import DISTRIBUTIONS  # noqa: E402
 
 from .fused_cases import CASES, FAULTS, SHAPE  # noqa: E402
@@ -300,3 +301,40 @@ def test_non_contiguous_inputs():
     b, rb = ft.attention(*views, is_causal=True, implementation="triton")
     assert torch.equal(a, b) and not bool(rb.detected)
     _check_output(b, exact, "float16", True)
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[4:6], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_tensor_descriptor_reads_equal_pointer_reads(case):
+    """``BlockSizes(tma=True)`` reads K, V and the pv_row columns through tensor descriptors
+    (zero-filled past S); every output, statistic and count equals the pointer reads', with a
+    fault planted and the softmax_exp check on."""
+    from ftattn_torch.fused import launch
+
+    case = dict(case)
+    dtype, causal = case.pop("dtype"), case.pop("is_causal")
+    (q, k, v), exact = _inputs(21, "normal", dtype, **case)
+    plan = fault_plan([Fault("probs", (0, 1, min(3, q.shape[2] - 1), 2), bit=29)])
+    got = {}
+    for tma in (False, True):
+        bs = launch.BlockSizes(16, 16, 1, 1, tma=tma)
+        got[tma] = launch.forward(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, checks_on=True,
+                                  plan=plan, blocks=bs)
+    for a, b in zip(got[False][:4], got[True][:4]):
+        assert torch.equal(a, b)
+    assert bool(got[True].flags.any())
+    clean = launch.forward(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=causal, checks_on=True,
+                           blocks=launch.BlockSizes(16, 16, 1, 1, tma=True))
+    _check_output(clean.out, exact, dtype, causal)
+    assert not bool(clean.flags.any())
+
+
+def test_tensor_descriptors_refuse_unaligned_operands():
+    from ftattn_torch.fused import launch
+
+    (q, k, v), _ = _inputs(22, "normal", "float16")
+    wide = torch.zeros(*k.shape[:-1], k.shape[-1] + 4, dtype=k.dtype, device=k.device)
+    wide[..., :k.shape[-1]] = k
+    k = wide[..., :k.shape[-1]]  # rows 8 bytes longer than a multiple of 16
+    with pytest.raises(ValueError, match="blocks.tma"):
+        launch.forward(q, k, v, scale=0.3, is_causal=False, checks_on=True,
+                       blocks=launch.BlockSizes(16, 16, 1, 1, tma=True))

@@ -53,6 +53,10 @@ class BlockSizes:
     #: and a product of mantissas per tile) or ``"pairs"`` (two probabilities per logarithm;
     #: 30-80 points slower on the H200, docs/kernels.md, "Pairs of probabilities ... Triton")
     exp_logs: str = "fields"
+    #: read the tiles of K, V and the ``pv_row`` columns through tensor descriptors (the copy
+    #: engine, TMA, on Hopper) instead of pointers; needs the last axis contiguous and 16-byte
+    #: aligned rows (``tma_reason``). docs/kernels.md, "Tensor descriptors in the Triton forward"
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -63,6 +67,8 @@ class BlockSizes:
             raise ValueError(f"blocks.replica: expected one of {_REPLICAS}, got {self.replica!r}")
         if self.exp_logs not in _EXP_FORMS:
             raise ValueError(f"blocks.exp_logs: expected one of {_EXP_FORMS}, got {self.exp_logs!r}")
+        if not isinstance(self.tma, bool):
+            raise TypeError(f"blocks.tma: expected a bool, got {self.tma!r}")
 
     @classmethod
     def get_default(cls, interpret: bool, checks: bool = True, T: int | None = None,
@@ -81,6 +87,31 @@ class BlockSizes:
         # without checks a dense mask or bias alone overflows it too at 128 keys (262144 bytes at
         # H=128, measured on the H200 by compare.dropin's "baseline" rows)
         return cls(128, 64, 8, 3) if checks or dense else cls(128, 128, 8, 3)
+
+
+def tma_reason(*tensors) -> str | None:
+    """Why these ``(B, KH, S, ·)`` views cannot be read through tensor descriptors, or None."""
+    for x in tensors:
+        size = x.element_size()
+        if x.stride(-1) != 1:
+            return f"the last axis has stride {x.stride(-1)}, not 1"
+        if any((st * size) % 16 for st in x.stride()[:-1]) or x.data_ptr() % 16:
+            return f"strides {tuple(x.stride())} of {size}-byte elements are not all 16-byte aligned"
+    return None
+
+
+def _descriptors(bs: "BlockSizes", key, value, vcol):
+    """K, V and the pv_row columns as the kernel reads them: tensor descriptors with ``bs.tma``."""
+    if not bs.tma:
+        return key, value, vcol
+    why = tma_reason(key, value, *(() if vcol is None else (vcol,)))
+    if why is not None:
+        raise ValueError(f"blocks.tma: True needs tensor-descriptor operands, but {why}")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(x):
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, bs.block_n, x.shape[-1]])
+    return desc(key), desc(value), None if vcol is None else desc(vcol)
 
 
 _KERNELS = None
@@ -278,12 +309,13 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     bias_t, bias_st = _dense(masks.bias, (B, N, T, S), dummy)
     lengths = [dummy if x is None else x.contiguous() for x in (masks.query_lengths, masks.key_lengths)]
     left, right = masking.band(masks.window, masks.is_causal)
+    kd, vd, vcd = _descriptors(bs, key, value, vcol)
     slices = [(0, redo.shape[0])] if redo is not None else [(o, min(B * N - o, _MAX_GRID_Y))
                                                            for o in range(0, B * N, _MAX_GRID_Y)]
     for offset, size in slices:
         grid = (size,) if redo is not None else (-(-T // bs.block_m), size)
         compiled = kern._forward[grid](
-            query, key, value, out, pick(lse), pick(ksum), pick(vcol), pick(stats), pick(flags), pick(count), ft, fv,
+            query, kd, vd, out, pick(lse), pick(ksum), pick(vcd), pick(stats), pick(flags), pick(count), ft, fv,
             pick(redo), mask_t, bias_t, *lengths,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *mask_st, *bias_st,
             N, N // K, K, T, S, n_chunks, n_faults, B * N * T, offset, scale, left, right,
@@ -296,7 +328,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
             PV=checks_on and "pv_row" in which, INJECT=n_faults > 0, REDO_MODE=redo is not None, UPCAST=upcast,
             SIGNED=signed, REPLICA_FMA=bs.replica == "fma", STORE_LSE=lse is not None,
             EXPC=(2 if bs.exp_logs == "pairs" else 1) if checks_on and "softmax_exp" in which else 0,
-            num_warps=bs.num_warps,
+            TMA=bs.tma, num_warps=bs.num_warps,
             num_stages=bs.num_stages)
     return Launch(out, stats, flags, count, bs, compiled)
 

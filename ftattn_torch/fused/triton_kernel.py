@@ -286,26 +286,33 @@ def _tile_sums(KSUM, ksum_off, start_n, n_chunks, H: tl.constexpr, BLOCK_N: tl.c
 @triton.jit
 def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
           q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-          sbs,
+          sbs, kh,
           start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
           H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
           HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr,
           QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
-          REPLICA_FMA: tl.constexpr, EXPC: tl.constexpr):
+          REPLICA_FMA: tl.constexpr, EXPC: tl.constexpr, TMA: tl.constexpr):
     """One tile of keys. ``MASKED``: ``keep`` says which entries count (the qk_row prediction
     takes a 0/1 product with K); otherwise every entry counts, except (``HAS_QLEN``) in rows
     beyond the query length (not ``live``), and the prediction adds the tile's pre-pass sums.
 
     No branch depends on data inside the loop over tiles: on the H200 (triton 3.6) an ``if``
     around a tile, or around the 0/1 product, made the ``pv_row`` accumulator wrong for H >= 32
-    and read out of bounds (docs/kernels.md, "Masks")."""
+    and read out of bounds (docs/kernels.md, "Masks").
+
+    ``TMA``: ``K``, ``V`` and ``VCOL`` are tensor descriptors of ``(B, KH, S, ·)`` (the copy engine
+    reads the tiles, filling keys at or beyond S with zeros) instead of pointers."""
     cols = start_n + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
-    k = tl.load(K + kv_off + cols[None, :].to(tl.int64) * sks + hs[:, None] * skh,
-                mask=kvalid[None, :], other=0.0)  # H × BLOCK_N
-    v = tl.load(V + v_off + cols[:, None].to(tl.int64) * svs + hs[None, :] * svh,
-                mask=kvalid[:, None], other=0.0)  # BLOCK_N × H
+    if TMA:
+        k = tl.trans(K.load([b, kh, start_n, 0]).reshape(BLOCK_N, H))  # H × BLOCK_N
+        v = V.load([b, kh, start_n, 0]).reshape(BLOCK_N, H)
+    else:
+        k = tl.load(K + kv_off + cols[None, :].to(tl.int64) * sks + hs[:, None] * skh,
+                    mask=kvalid[None, :], other=0.0)  # H × BLOCK_N
+        v = tl.load(V + v_off + cols[:, None].to(tl.int64) * svs + hs[None, :] * svh,
+                    mask=kvalid[:, None], other=0.0)  # BLOCK_N × H
     dt = v.dtype
     if UPCAST:
         qk = tl.dot(q.to(tl.float32), k.to(tl.float32))
@@ -390,8 +397,11 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
         nc += ((m_new > m_raw) & (m_raw > float("-inf"))).to(tl.int32)
         mmax = tl.maximum(mmax, tl.abs(m_sc))
     if PV or EXPC:  # (softmax_exp reads P̂·1 in the column of ones)
-        vc = tl.load(VCOL + vcol_off + cols[:, None].to(tl.int64) * 16 + tl.arange(0, 16)[None, :],
-                     mask=kvalid[:, None], other=0.0)
+        if TMA:
+            vc = VCOL.load([b, kh, start_n, 0]).reshape(BLOCK_N, 16)
+        else:
+            vc = tl.load(VCOL + vcol_off + cols[:, None].to(tl.int64) * 16 + tl.arange(0, 16)[None, :],
+                         mask=kvalid[:, None], other=0.0)
         if UPCAST:
             pv = tl.dot(pm, vc.to(tl.float32), pv * alpha[:, None])
         else:
@@ -411,7 +421,7 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
              UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr, STORE_LSE: tl.constexpr,
-             EXPC: tl.constexpr):
+             EXPC: tl.constexpr, TMA: tl.constexpr = False):
     if REDO_MODE:
         mb = tl.load(REDO + 2 * tl.program_id(0))
         bn = tl.load(REDO + 2 * tl.program_id(0) + 1)
@@ -481,14 +491,14 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
         acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
-            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
+            sbs, kh, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
+            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC, TMA)
     for t in range(f0, f1):
         acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, rows,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
-            H, BLOCK_N, CHUNK, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
+            sbs, kh, t * BLOCK_N, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
+            H, BLOCK_N, CHUNK, False, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC, TMA)
     for t in range(f1, t_end):
         start_n = t * BLOCK_N
         keep = _keep(rows, start_n + tl.arange(0, BLOCK_N), live, kend, win_left, win_right, MASK, m_off, smt,
@@ -496,8 +506,8 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
         acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er = _tile(
             acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             q, K, V, VCOL, KSUM, BIAS, kv_off, v_off, vcol_off, ksum_off, n_chunks, b_off, sks, skh, svs, svh, sbt,
-            sbs, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
-            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC)
+            sbs, kh, start_n, rows, live, S, T, c, scale, FT, FV, n_faults, b, n, ex_tile, ex_arg, ex_mu, ra_rel, ra_mu, ra_tiny,
+            H, BLOCK_N, CHUNK, True, HAS_BIAS, HAS_QLEN, QK, DMR, PV, INJECT, UPCAST, REPLICA_FMA, EXPC, TMA)
 
     # a row with nothing attended (rows beyond the query length included) has output zero
     inv = tl.where(l > 0.0, 1.0 / l, 0.0)
