@@ -300,8 +300,8 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
     around a tile, or around the 0/1 product, made the ``pv_row`` accumulator wrong for H >= 32
     and read out of bounds (docs/kernels.md, "Masks").
 
-    ``TMA``: ``K``, ``V`` and ``VCOL`` are tensor descriptors of ``(B, KH, S, ·)`` (the copy engine
-    reads the tiles, filling keys at or beyond S with zeros) instead of pointers."""
+    ``TMA``: ``K`` and ``V`` (1), and ``VCOL`` too (2), are tensor descriptors of ``(B, KH, S, ·)``
+    (the copy engine reads the tiles, filling keys at or beyond S with zeros) instead of pointers."""
     cols = start_n + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, H)
     kvalid = cols < S
@@ -397,7 +397,7 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
         nc += ((m_new > m_raw) & (m_raw > float("-inf"))).to(tl.int32)
         mmax = tl.maximum(mmax, tl.abs(m_sc))
     if PV or EXPC:  # (softmax_exp reads P̂·1 in the column of ones)
-        if TMA:
+        if TMA == 2:
             vc = VCOL.load([b, kh, start_n, 0]).reshape(BLOCK_N, 16)
         else:
             vc = tl.load(VCOL + vcol_off + cols[:, None].to(tl.int64) * 16 + tl.arange(0, 16)[None, :],
@@ -421,7 +421,7 @@ def _forward(Q, K, V, O, LSE, KSUM, VCOL, STATS, FLAGS, COUNT, FT, FV, REDO, MAS
              QK: tl.constexpr, DMR: tl.constexpr, PV: tl.constexpr,
              INJECT: tl.constexpr, REDO_MODE: tl.constexpr,
              UPCAST: tl.constexpr, SIGNED: tl.constexpr, REPLICA_FMA: tl.constexpr, STORE_LSE: tl.constexpr,
-             EXPC: tl.constexpr, TMA: tl.constexpr = False):
+             EXPC: tl.constexpr, TMA: tl.constexpr = 0):
     if REDO_MODE:
         mb = tl.load(REDO + 2 * tl.program_id(0))
         bn = tl.load(REDO + 2 * tl.program_id(0) + 1)
