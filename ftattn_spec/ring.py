@@ -40,16 +40,23 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from . import faults as spec_faults
+from . import ring_backward as spec_ring_backward
 from . import tolerances as tol
 from .schemes import CHECK_ORIENTATION
 
 #: Where a ring fault can land: a block's S, P or O (``faults.SITES``' meaning), the key or value
-#: chunk as a step reads it, a block's log-sum-exp, or the running output after a step's merge.
-RING_SITES: tuple[str, ...] = ("scores", "probs", "out", "key", "value", "lse", "merge")
+#: chunk as a step reads it, a block's log-sum-exp, or the running output after a step's merge;
+#: then the sites of the checked backward (``ring_backward.SITES``).
+FORWARD_SITES: tuple[str, ...] = ("scores", "probs", "out", "key", "value", "lse", "merge")
+RING_SITES: tuple[str, ...] = FORWARD_SITES + spec_ring_backward.SITES
 
 #: Logical axes of each ring site's (global) index.
 RING_SITE_AXES: dict[str, str] = {"scores": "BNTS", "probs": "BNTS", "out": "BNTH", "key": "BKSH",
-                                  "value": "BKSH", "lse": "BNT", "merge": "BNTH"}
+                                  "value": "BKSH", "lse": "BNT", "merge": "BNTH", **spec_ring_backward.SITE_AXES}
+
+#: Sites whose step follows from the index: S and P (and the backward's dP and dS), whose key
+#: chunk says which step a row's device reads it.
+_IMPLIED_STEP: tuple[str, ...] = ("scores", "probs", "bwd_scores", "bwd_probs", "bwd_dp", "bwd_ds")
 
 #: The ring's own checks, beside the blocks' row checks.
 RING_CHECKS: tuple[str, ...] = ("lse", "weights", "merge", "key", "value")
@@ -57,7 +64,8 @@ RING_CHECKS: tuple[str, ...] = ("lse", "weights", "merge", "key", "value")
 #: Which check sees a fault at each ring site (in a scheme that runs it).
 RING_SITE_CHECKS: dict[str, tuple[str, ...]] = {
     "scores": ("qk_row",), "probs": ("softmax_dmr", "softmax_exp"), "out": ("pv_row",),
-    "key": ("key",), "value": ("value",), "lse": ("lse",), "merge": ("merge",)}
+    "key": ("key",), "value": ("value",), "lse": ("lse",), "merge": ("merge",),
+    **spec_ring_backward.SITE_CHECKS}
 
 #: Relative error of float32 ``log`` in units of u, as ``tol.EXP_ERROR_UNITS`` is for ``exp``.
 LOG_ERROR_UNITS: float = 16.0
@@ -146,7 +154,10 @@ class RingFault:
         ``(b, n, t, h)`` for a block's output and the running output, ``(b, k, s, h)`` for a key or
         value, ``(b, n, t)`` for a block's log-sum-exp. The device is the one that holds row ``t``
         (key ``s`` at that step, for a key or value).
-      step: the step ``0 .. P−1``; None for ``scores`` and ``probs``, whose key ``s`` says it.
+      step: the step ``0 .. P−1``; None for ``scores`` and ``probs`` (and the backward's
+        ``bwd_scores``, ``bwd_probs``, ``bwd_dp``, ``bwd_ds``), whose key ``s`` says it. A
+        backward accumulator (``bwd_dk_acc``, ``bwd_dv_acc``) is corrupted as it leaves step
+        ``step`` for the next device (for its home after the last step).
       bit: flip this bit (0 = least significant) of the element; or ``value``: set it.
       replica: 1 for the DMR's second softmax (site ``probs``).
     """
@@ -173,7 +184,7 @@ class RingFault:
             raise ValueError(f"fault.bit: expected an int >= 0, got {self.bit!r}")
         if self.step is not None and (not spec_faults._is_int(self.step) or self.step < 0):
             raise ValueError(f"fault.step: expected None or an int >= 0, got {self.step!r}")
-        if self.step is None and self.site not in ("scores", "probs"):
+        if self.step is None and self.site not in _IMPLIED_STEP:
             raise ValueError(f"fault.step: expected the step (an int) for site {self.site!r}, got None")
         if self.replica not in (0, 1) or (self.replica == 1 and self.site != "probs"):
             raise ValueError(f"fault.replica: expected 0 (or 1 for site 'probs'), got {self.replica!r}")
@@ -197,11 +208,14 @@ class RingPlan(NamedTuple):
 
 
 def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
-         implementation: str = "unfused") -> RingPlan | None:
+         implementation: str = "unfused", backward: str | None = "no checked backward in this backend"
+         ) -> RingPlan | None:
     """Validate ``fault`` (None, a :class:`RingFault` or a sequence of them) against a ring of ``P``
     devices over a call of legend sizes ``dims`` and input ``dtype``, whose blocks ``implementation``
     runs; None when there is none. An ``lse`` fault needs unfused blocks: a fused block's
-    log-sum-exp has no second evaluation to be checked against."""
+    log-sum-exp has no second evaluation to be checked against. ``backward``: None where a
+    checked backward will run this call's gradient, else why not (then a backward site is refused,
+    since its fault would never be injected)."""
     if fault is None:
         return None
     faults = [fault] if isinstance(fault, RingFault) else fault
@@ -216,6 +230,9 @@ def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
         if f.site == "lse" and implementation != "unfused":
             raise ValueError("fault.site: 'lse' faults need implementation='unfused' (a fused block's log-sum-exp "
                              f"has no second evaluation to be checked against); this call runs {implementation!r}")
+        if f.site in spec_ring_backward.SITES and backward is not None:
+            raise ValueError(f"fault.site: {f.site!r} is a site of the ring's checked backward, which this call "
+                             f"does not run ({backward})")
         shape = tuple(dims[a] for a in RING_SITE_AXES[f.site])
         if not all(0 <= i < n for i, n in zip(f.index, shape)):
             raise ValueError(f"fault.index: expected 0 <= index < {shape} (global {RING_SITE_AXES[f.site]} of "
@@ -228,7 +245,7 @@ def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
         if f.replica == 1 and "softmax_dmr" not in checks:
             raise ValueError("fault.replica: expected 0, because this scheme computes one softmax, got 1")
         local = list(f.index)
-        if f.site in ("key", "value"):
+        if RING_SITE_AXES[f.site] == "BKSH":
             chunk = f.index[2] // Sc
             device, step = (chunk + f.step) % P, f.step
             local[2] -= chunk * Sc
@@ -236,7 +253,7 @@ def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
             device = f.index[2] // Tc
             local[2] -= device * Tc
             step = f.step
-            if f.site in ("scores", "probs"):
+            if f.site in _IMPLIED_STEP:
                 chunk = f.index[3] // Sc
                 implied = (device - chunk) % P
                 if step is not None and step != implied:

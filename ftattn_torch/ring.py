@@ -8,19 +8,22 @@ sends its key and value chunk (with their home checksums) to rank ``r + 1`` whil
 next from rank ``r − 1`` (gloo on CPUs, NCCL on GPUs). One all-reduce at the end makes the
 verdict and the (rank × step) table global. Gradients: when an input requires them, the call is a
 ``torch.autograd.Function`` whose backward recomputes the blocks around the ring again
-(:mod:`.ring_backward`); the backward is not checked.
+(:mod:`.ring_backward`), checked when the scheme runs checks: its verdict, global after one more
+all-reduce, is counted under ``site + " (backward)"`` and raised on every rank under ``"raise"``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ftattn_spec import implementations, policy, ring
+from ftattn_spec import ring_backward as spec_ring_backward
 from ftattn_spec import validation as v
 from ftattn_spec.faults import FaultDetected, FaultPlan
 from ftattn_spec.report import CheckResult, Ran, Report
@@ -161,11 +164,16 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
     if fallback is not None and query.device.type == "cuda":
         implementations.warn_fallback("torch", fallback)
     checks = ring.row_checks(implementations.checks_for("torch", impl, cfg.scheme))
-    plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks, implementation=impl)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    why = (None if grad and checks else "scheme 'none' runs no checks" if grad
+           else "no input requires a gradient, so no backward runs")
+    plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks, implementation=impl, backward=why)
     args = (plan, me, P, group, checks, cfg.scale, cfg.is_causal, impl, fallback)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)):
+    if grad:
         held: list = []
-        out = _Ring.apply(query, key, value, args, held)
+        after = _AfterBackward(f"{site} (backward)", on_fault, bool(checks),
+                               spec_ring_backward.unit(cfg.dtype, unfused.uses_tf32(query)))
+        out = _Ring.apply(query, key, value, args, held, after)
         report = held[0]
     else:
         with torch.no_grad():
@@ -259,25 +267,60 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
     return o.to(query.dtype), ring.RingReport(detected, report, ring_checks, steps_all), lse
 
 
+class _AfterBackward(NamedTuple):
+    """What the backward does with its verdict: the counters' site, the policy, whether it checks,
+    and the products' unit roundoff."""
+
+    site: str
+    on_fault: str
+    checked: bool
+    u: float
+
+
+def _backward_report(res: ring_backward.BackwardChecks, P: int, group, dev, ran: Ran) -> ring.RingReport:
+    """The backward's verdict made global by one all-reduce (as the forward's): a ``RingReport``
+    whose ``blocks`` holds one ``CheckResult`` per ``ftattn_spec.ring_backward.CHECKS`` (ratios
+    over threshold 1: ``(B, N, Tc)`` for this rank's rows, ``(B, K, Sc)`` for its keys)."""
+    me = dist.get_rank(group)
+    local = any(bool((~(x <= 1.0)).any()) for x in res.ratios.values())
+    table = torch.zeros(2 + P * P, dtype=torch.int32, device=dev if dist.get_backend(group) == "nccl" else "cpu")
+    table[0], table[1] = int(local), int(not res.finite)
+    table[2 + me * P: 2 + (me + 1) * P] = res.steps.to(table.device, torch.int32)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+    detected = torch.tensor(bool(table[0] or table[1]), device=dev)
+    checks = {n: CheckResult(x.float(), torch.ones_like(x, dtype=F32), ~(x <= 1.0)) for n, x in res.ratios.items()}
+    report = Report(detected=detected, checks=checks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
+                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=ran)
+    return ring.RingReport(detected, report, {}, table[2:].reshape(P, P).bool().to(dev))
+
+
 class _Ring(torch.autograd.Function):
     """The ring as one autograd node: the forward of :func:`_ring`, the backward of
-    :func:`.ring_backward.backward` (the report leaves through ``held``)."""
+    :func:`.ring_backward.backward` (the forward's report leaves through ``held``; the backward's
+    goes to the counters, and is raised under ``"raise"``)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, args, held):
+    def forward(ctx, query, key, value, args, held, after):
         out, report, lse = _ring(query, key, value, *args)
         held.append(report)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.args = args
+        ctx.args, ctx.after = args, after
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, lse = ctx.saved_tensors
-        _, me, P, group, _, scale, is_causal, _, _ = ctx.args
-        dq, dk, dv = ring_backward.backward(query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal,
-                                            me=me, P=P, exchange=lambda ts: _exchange(ts, me, P, group))
-        return dq, dk, dv, None, None
+        plan, me, P, group, _, scale, is_causal, impl, fallback = ctx.args
+        after = ctx.after
+        dq, dk, dv, res = ring_backward.backward(
+            query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal, me=me, P=P,
+            exchange=lambda ts: _exchange(ts, me, P, group), checked=after.checked, plan=plan, u=after.u)
+        if res is not None:
+            report = _backward_report(res, P, group, query.device, Ran(impl, fallback))
+            counters.record(after.site, report.blocks)
+            if after.on_fault == "raise" and bool(report.detected):
+                raise FaultDetected(report)
+        return dq, dk, dv, None, None, None
 
 
 __all__ = ["ring_attention"]

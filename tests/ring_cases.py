@@ -20,6 +20,22 @@ FUSED_CASES = [c for c in CASES if c[0].site not in ("lse", "key", "value")] + [
     (RingFault("value", (0, 1, 16, 5), step=3, bit=13), 2, 3, "value"),
 ]
 
+#: Faults in the checked backward (float32 intermediates): ``(fault, device, step, check)``, where
+#: device and step are those the rank × step table names. The softmax's row sums are judged after
+#: the last step; an accumulator corrupted as it leaves step r is seen on the next device at
+#: step r + 1 (at home, after the last step).
+BACKWARD_CASES = [
+    (RingFault("bwd_scores", (1, 2, 7, 13), value=40.0), 2, 0, "bwd_qk_row"),
+    (RingFault("bwd_probs", (0, 4, 4, 3), bit=30), 1, 3, "bwd_softmax"),
+    (RingFault("bwd_dp", (1, 0, 11, 19), value=-30.0), 3, 0, "bwd_dp_row"),
+    (RingFault("bwd_ds", (0, 5, 2, 8), value=3.0), 0, 3, "bwd_ds"),
+    (RingFault("bwd_dq", (1, 3, 5, 6), step=2, value=7.0), 1, 2, "bwd_dq"),
+    (RingFault("bwd_dk", (0, 1, 9, 4), step=1, value=-9.0), 2, 1, "bwd_dk"),
+    (RingFault("bwd_dv", (1, 2, 17, 0), step=3, bit=28), 2, 3, "bwd_dv"),
+    (RingFault("bwd_dk_acc", (0, 0, 2, 5), step=1, value=11.0), 2, 2, "bwd_transit"),
+    (RingFault("bwd_dv_acc", (1, 1, 12, 7), step=3, bit=29), 2, 3, "bwd_transit"),
+]
+
 
 def refusals(calls) -> dict:
     """``{name: "Type: message"}`` of each ``(name, call)`` that raised a ValueError or TypeError,

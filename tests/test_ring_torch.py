@@ -16,7 +16,7 @@ import torch.distributed as dist  # noqa: E402
 from tests import gloo  # noqa: E402
 
 import ftattn_torch  # noqa: E402
-from tests.ring_cases import CASES, FUSED_CASES, refusals  # noqa: E402  (fault, rank, step, the check that flags it)
+from tests.ring_cases import BACKWARD_CASES, CASES, FUSED_CASES, refusals  # noqa: E402  (fault, rank, step, the check that flags it)
 from ftattn_torch.distributed import ring_attention  # noqa: E402
 
 WORLD = 4
@@ -67,6 +67,33 @@ def _grads(rank: int) -> list[dict]:
                 plain=[float((x.grad[:, :, sl].double() - r[:, :, sl]).abs().max())
                        for x, r, sl in zip(low, ref, (rows, keys, keys))],
                 scale=[float(r.abs().max()) for r in ref]))
+    return found
+
+
+def _backward_faults(rank: int) -> dict:
+    """Each fault of ``BACKWARD_CASES`` in the checked backward, raised on every rank; and the
+    refusal of a backward site where no backward runs."""
+    from ftattn_spec.faults import FaultDetected
+
+    rng = np.random.default_rng(17)
+    q, k, v, g = (torch.tensor(rng.standard_normal(sh), dtype=torch.float32)
+                  for sh in ((B, N, T, H), (B, K, S, H), (B, K, S, H), (B, N, T, H)))
+    rows, keys = slice(rank * 3, rank * 3 + 3), slice(rank * 5, rank * 5 + 5)
+    found = {"faults": []}
+    for i, (f, _, _, _) in enumerate(BACKWARD_CASES):
+        mine = [x[:, :, sl].clone().requires_grad_() for x, sl in ((q, rows), (k, keys), (v, keys))]
+        o, rep = ring_attention(*mine, fault=f, on_fault="raise", site=f"ring bwd {i}")
+        hit = None
+        try:
+            o.backward(g[:, :, rows])
+        except FaultDetected as e:
+            r = e.report
+            hit = dict(detected=bool(r.detected), forward=bool(rep.detected),
+                       flagged={n: int(c.flagged.sum()) for n, c in r.blocks.checks.items()},
+                       steps=[list(map(int, p)) for p in r.steps.nonzero().tolist()])
+        found["faults"].append(hit)
+    mine = [x[:, :, sl] for x, sl in ((q, rows), (k, keys), (v, keys))]
+    found["errors"] = refusals((("no grad", lambda: ring_attention(*mine, fault=BACKWARD_CASES[0][0])),))
     return found
 
 
@@ -154,6 +181,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             got["errors"] = errors
             with torch.enable_grad():
                 got["grads"] = _grads(rank)
+                got["backward"] = _backward_faults(rank)
             got["fused"] = _fused(rank)
         t = ftattn_torch.counters.tally()
         got["tally"] = {s: [x.calls, x.detected] for s, x in t.items() if s.startswith("ring")}
@@ -187,6 +215,19 @@ def test_ring_over_four_ranks(tmp_path):
         assert g["tally"]["ring faults"] == [len(CASES), len(CASES)]
         assert g["tally"]["ring clean"] == [4, 0]
         assert g["tally"]["ring grads"] == [4, 0]
+        assert g["tally"]["ring grads (backward)"] == [4, 0]  # the checked backward, clean
+        for i, ((f, frank, step, check), r) in enumerate(zip(BACKWARD_CASES, g["backward"]["faults"])):
+            assert r is not None and r["detected"] and not r["forward"], (rank, f, r)  # raised on every rank
+            # first seen at its device and step, by that device alone; later a corrupted S or P also
+            # moves the row's softmax sum, and a corrupted accumulator stays so on every later device
+            first = min(s_ for _, s_ in r["steps"])
+            assert [p for p in r["steps"] if p[1] == first] == [[frank, step]], (rank, f, r["steps"])
+            assert check == "bwd_transit" or all(d == frank for d, _ in r["steps"]), (rank, f, r["steps"])
+            owner = f.index[2] // (5 if check in ("bwd_dk", "bwd_dv", "bwd_transit") else 3)  # per key, per row
+            if rank == owner:  # the per-key verdicts came home with the chunk
+                assert r["flagged"][check] >= 1, (rank, f, r["flagged"])
+            assert g["tally"][f"ring bwd {i}"] == [1, 0] and g["tally"][f"ring bwd {i} (backward)"] == [1, 1]
+        assert g["backward"]["errors"]["no grad"].startswith("ValueError: fault.site: 'bwd_scores'"), g["backward"]
         fz = g["fused"]
         for c in fz["clean"]:  # each block rounded to the input dtype before the merge: P roundings
             assert c["ran"] == "triton" and not c["detected"] and c["worst"] < 1.0, (rank, c)
