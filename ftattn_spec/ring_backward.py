@@ -86,22 +86,19 @@ def ds_threshold(keys: int, magnitude):
     return coefficient * magnitude + tol.underflow_allowance(6 * max(int(keys), 1))
 
 
-def softmax_threshold(S: int, H: int, P: int, argument_error, logit_magnitude, lse_magnitude, total,
-                      u: float = tol.U_ACC):
+def softmax_threshold(S: int, argument_error, logit_magnitude, lse_magnitude, lse_error, total):
     """Bound on ``|Σⱼ pᵢⱼ − 1|`` over all ``S`` keys (``P`` steps) of a row that attends some key.
 
     ``p = exp(scale·a − lse)``: the argument is off by ``argument_error`` (the caller's
     ``scale·γ(H)·Σₕ|qᵢₕ|·maxⱼₕ|kⱼₕ|``, the error of ``a``) plus one rounding of the scaling and
     one of the difference (``2u·(μ + |lse|)``, ``μ`` = ``logit_magnitude``, the row's largest
     attended ``|scale·a|``); the exponential adds ``EXP_ERROR_UNITS·u``. The forward's merged
-    log-sum-exp is itself off from the exact one by at most what its checks allow
-    (:func:`ftattn_spec.ring.lse_threshold` of one block over ``S`` keys, plus the ``P`` merges'
-    :func:`ftattn_spec.ring.weight_threshold`). The sum adds ``γ(S)``. All of it relative to
-    ``total`` (the row's computed ``Σⱼ p``, at least 1 to first order), plus one underflow per key."""
-    from . import ring
-
-    x = argument_error + 2.0 * tol.U_ACC * (logit_magnitude + lse_magnitude) \
-        + ring.lse_threshold(S, logit_magnitude) + max(int(P), 1) * ring.weight_threshold(lse_magnitude)
+    log-sum-exp is itself off from the exact one by at most what its checks allow, ``lse_error``
+    (the caller's: :func:`ftattn_spec.ring.lse_threshold` of one block over ``S`` keys, plus the
+    ``P`` merges' :func:`ftattn_spec.ring.weight_threshold`). The sum adds ``γ(S)``. All of it
+    relative to ``total`` (the row's computed ``Σⱼ p``, at least 1 to first order), plus one
+    underflow per key."""
+    x = argument_error + 2.0 * tol.U_ACC * (logit_magnitude + lse_magnitude) + lse_error
     rel = x * (1.0 + x) + tol.EXP_ERROR_UNITS * tol.U_ACC + _gamma(S, tol.U_ACC)
     return tol.MAGNITUDE_MARGIN * rel * (1.0 + rel) * total + tol.underflow_allowance(2 * max(int(S), 1))
 

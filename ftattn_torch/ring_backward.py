@@ -193,7 +193,8 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
         kworst[2] = _worst(kworst[2], t)
         steps[P - 1] |= _bad(t).any()
         S = Sc * P
-        thr = rb.softmax_threshold(S, H, P, argerr, mu, lse.abs(), psum.clamp_min(1.0), u)
+        lse_error = spec_ring.lse_threshold(S, mu) + P * spec_ring.weight_threshold(lse.abs())
+        thr = rb.softmax_threshold(S, argerr, mu, lse.abs(), lse_error, psum.clamp_min(1.0))
         soft = _ratio(psum - live.to(w), thr)
         steps[P - 1] |= _bad(soft).any()
         zero = torch.zeros(B, N, Tc, dtype=w, device=dev)
