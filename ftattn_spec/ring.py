@@ -208,7 +208,7 @@ class RingPlan(NamedTuple):
 
 
 def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
-         implementation: str = "unfused", backward: str | None = "no checked backward in this backend"
+         implementation: str = "unfused", backward: str | None = "this call runs no checked backward"
          ) -> RingPlan | None:
     """Validate ``fault`` (None, a :class:`RingFault` or a sequence of them) against a ring of ``P``
     devices over a call of legend sizes ``dims`` and input ``dtype``, whose blocks ``implementation``

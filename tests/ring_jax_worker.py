@@ -157,7 +157,8 @@ def main() -> None:
             q, k, v, mesh=mesh, axis_name="x")), ("causal", lambda: ring(q, k, v, is_causal=True)),
             ("step", lambda: ring(q, k, v, fault=RingFault("out", (0, 0, 0, 0), step=4, bit=1))),
             ("implied", lambda: ring(q, k, v, fault=RingFault("probs", (0, 0, 0, 0), step=1, bit=1))),
-            ("on_fault", lambda: ring(q, k, v, on_fault="correct"))):
+            ("on_fault", lambda: ring(q, k, v, on_fault="correct")),
+            ("backward", lambda: ring(q, k, v, fault=RingFault("bwd_dq", (0, 0, 0, 0), step=0, bit=1)))):
         try:
             call()
             errors[name] = None

@@ -105,6 +105,7 @@ def test_ring_bad_input_names_the_argument(result):
     assert e["step"].startswith("ValueError: fault.step:")
     assert e["implied"].startswith("ValueError: fault.step:") and "step 0" in e["implied"]
     assert e["on_fault"].startswith("ValueError: on_fault:")
+    assert e["backward"].startswith("ValueError: fault.site: 'bwd_dq'") and "not checked yet" in e["backward"]
 
 
 # ---- the spec's half, in this process
