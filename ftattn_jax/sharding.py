@@ -7,9 +7,10 @@ saves each row's log-sum-exp, where ``"auto"`` takes the fused path; else the un
 chunk (with their home checksums) to the next device with ``lax.ppermute``. :func:`ring_local` is
 the per-device function, for a caller that runs its own ``shard_map``.
 
-Gradients: :func:`ring_local` is a ``custom_vjp`` whose backward recomputes the blocks around the
-ring from the merged log-sum-exp (:mod:`.ring_backward`), one block of memory per step; the
-backward is not checked.
+Gradients: the backward recomputes the blocks around the ring from the merged log-sum-exp
+(:mod:`.ring_backward`), one block of memory per step. Through :func:`ring_attention` it is checked
+when the scheme checks anything, and its verdict is counted under ``site + " (backward)"``; the
+backward of :func:`ring_local` (whose caller owns the ``shard_map``) is not checked.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from jax.experimental import checkify
 from jax.sharding import Mesh, PartitionSpec as PS
 
 from ftattn_spec import implementations, policy, ring
+from ftattn_spec import ring_backward as spec_ring_backward
 from ftattn_spec import validation as v
 from ftattn_spec.faults import FaultDetected
 from ftattn_spec.report import CheckResult, Ran, Report
@@ -102,6 +104,10 @@ def ring_local(query, key, value, plan=None, *, axis_name, axis_size: int, check
     return _ring_vjp(query, key, value, plan, static)
 
 
+def _zero_cotangent(x):
+    return np.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact) else jnp.zeros_like(x)
+
+
 class _Static(NamedTuple):
     axis_name: object
     axis_size: int
@@ -126,9 +132,7 @@ def _ring_bwd(static: _Static, saved, cts):
     dq, dk, dv = ring_backward.backward(query, key, value, out, lse, cts[0], scale=static.scale,
                                         is_causal=static.is_causal, axis_name=static.axis_name,
                                         axis_size=static.axis_size)
-    none = lambda x: (np.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
-                      else jnp.zeros_like(x))
-    return dq, dk, dv, jax.tree.map(none, plan)
+    return dq, dk, dv, jax.tree.map(_zero_cotangent, plan)
 
 
 _ring_vjp.defvjp(_ring_fwd, _ring_bwd)
@@ -271,8 +275,9 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name: str, scheme: str
     impl, fallback = _implementation(implementation, mesh, cfg, (cfg.dims["B"], Tc, cfg.dims["N"], cfg.dims["H"]))
     checks = ring.row_checks(implementations.checks_for("jax", impl, cfg.scheme))
     rp = ring.plan(fault, cfg.dims, P, cfg.dtype, checks, implementation=impl,
-                   backward="the JAX ring's backward is not checked yet")
-    out, report = _ring(mesh, axis_name, P, checks, cfg.scale, cfg.is_causal, impl)(
+                   backward=None if checks else f"scheme {cfg.scheme!r} runs no checks")
+    after = _AfterBackward(f"{site} (backward)", on_fault, spec_ring_backward.unit(cfg.dtype))
+    out, report = _ring(mesh, axis_name, P, checks, cfg.scale, cfg.is_causal, impl, after)(
         query, key, value, None if rp is None else jax.tree.map(jnp.asarray, rp))
     report = report._replace(blocks=report.blocks._replace(ran=Ran(impl, fallback)))
     counters.record(site, report.blocks._replace(detected=report.detected))
@@ -297,29 +302,84 @@ def _implementation(implementation, mesh: Mesh, cfg, chunk: tuple[int, ...]) -> 
     return impl, fallback
 
 
+class _AfterBackward(NamedTuple):
+    """What the checked backward does with its verdict: the counters' site, the policy (``"raise"``
+    poisons the gradients with NaN and warns: a traced backward cannot raise), the products' unit."""
+
+    site: str
+    on_fault: str
+    u: float
+
+
 @functools.lru_cache(maxsize=64)
-def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: float, is_causal: bool, impl: str):
+def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: float, is_causal: bool, impl: str,
+          after: _AfterBackward):
     seq, rows = PS(None, axis_name, None, None), PS(None, None, axis_name)
     row = CheckResult(rows, rows, rows)
     per_device = CheckResult(PS(axis_name), PS(axis_name), PS(axis_name))
-    local = functools.partial(ring_local, axis_name=axis_name, axis_size=P, checks=checks, scale=scale,
-                              is_causal=is_causal, implementation=impl)
+    static = _Static(axis_name, P, tuple(checks), float(scale), bool(is_causal), impl)
+    checked = bool(checks)
 
     def body(q, k, vv, rp):
-        o, blocks, ring_checks, steps, finite = local(q, k, vv, rp)
+        (o, blocks, ring_checks, steps, finite), lse = _forward(q, k, vv, rp, static)
         finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
         anything = [c.flagged for c in (*blocks.values(), *ring_checks.values())]
         detected = lax.pmax(functools.reduce(jnp.logical_or, [jnp.any(f) for f in anything]).astype(jnp.int32),
                             axis_name) > 0
-        return o.astype(q.dtype), blocks, ring_checks, steps, finite, detected | ~finite
+        return (o.astype(q.dtype), blocks, ring_checks, steps, finite, detected | ~finite), (o, lse)
 
     specs = (seq, {c: row for c in checks},
              {"lse": row, "weights": row, "merge": row, "key": per_device, "value": per_device},
              PS(axis_name), PS(), PS())
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, PS()), out_specs=specs, check_vma=False)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, PS()), out_specs=(specs, (seq, rows)),
+                           check_vma=False)
+
+    def back(q, k, vv, rp, o, lse, do):
+        me = lax.axis_index(axis_name)
+        got = ring_backward.backward(q, k, vv, o, lse, do, scale=scale, is_causal=is_causal, axis_name=axis_name,
+                                     axis_size=P, checked=checked, u=after.u,
+                                     inject=lambda x, step, site, axes: _inject(x, rp, me, step, site, axes))
+        if not checked:
+            return got
+        grads, (ratios, steps) = got
+        finite = lax.pmin(jnp.all(jnp.isfinite(do)).astype(jnp.int32), axis_name) > 0
+        local = functools.reduce(jnp.logical_or, [jnp.any(~(x <= 1.0)) for x in ratios.values()])
+        detected = lax.pmax(local.astype(jnp.int32), axis_name) > 0
+        return grads, ratios, steps[None], finite, detected | ~finite
+
+    grad_specs = (seq, seq, seq)
+    back_specs = grad_specs if not checked else (
+        grad_specs, {n: rows for n in spec_ring_backward.CHECKS}, PS(axis_name), PS(), PS())
+    mapped_back = jax.shard_map(back, mesh=mesh, in_specs=(seq, seq, seq, PS(), seq, rows, seq),
+                                out_specs=back_specs, check_vma=False)
+
+    @jax.custom_vjp
+    def core(q, k, vv, rp):
+        return mapped(q, k, vv, rp)[0]
+
+    def core_fwd(q, k, vv, rp):
+        outs, (o, lse) = mapped(q, k, vv, rp)
+        return outs, (q, k, vv, rp, o, lse)
+
+    def core_bwd(saved, cts):
+        q, k, vv, rp, o, lse = saved
+        got = mapped_back(q, k, vv, rp, o, lse, cts[0])
+        if checked:
+            (dq, dk, dv), ratios, steps, finite, detected = got
+            checks_ = {n: CheckResult(x.astype(F32), jnp.ones(x.shape, F32), ~(x <= 1.0)) for n, x in ratios.items()}
+            report = Report(detected=detected, checks=checks_, inputs_finite=finite, located={},
+                            corrected=jnp.zeros((), jnp.int32), ran=Ran(impl))
+            counters.record(after.site, report, after.on_fault == "raise")
+            if after.on_fault == "raise":  # a traced backward cannot raise: the warning and the count say why
+                dq, dk, dv = (jnp.where(detected, jnp.asarray(jnp.nan, x.dtype), x) for x in (dq, dk, dv))
+        else:
+            dq, dk, dv = got
+        return dq, dk, dv, jax.tree.map(_zero_cotangent, rp)
+
+    core.defvjp(core_fwd, core_bwd)
 
     def run(q, k, vv, rp):
-        o, blocks, ring_checks, steps, finite, detected = mapped(q, k, vv, rp)
+        o, blocks, ring_checks, steps, finite, detected = core(q, k, vv, rp)
         ordered = {c: blocks[c] for c in checks}
         report = Report(detected=detected, checks=ordered, inputs_finite=finite, located={},
                         corrected=jnp.zeros((), jnp.int32), ran=Ran(impl))

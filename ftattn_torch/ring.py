@@ -165,7 +165,7 @@ def ring_attention(query, key, value, *, group=None, scheme: str = "full", scale
         implementations.warn_fallback("torch", fallback)
     checks = ring.row_checks(implementations.checks_for("torch", impl, cfg.scheme))
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    why = (None if grad and checks else "scheme 'none' runs no checks" if grad
+    why = (None if grad and checks else f"scheme {cfg.scheme!r} runs no checks" if grad
            else "no input requires a gradient, so no backward runs")
     plan = ring.plan(fault, cfg.dims, P, cfg.dtype, checks, implementation=impl, backward=why)
     args = (plan, me, P, group, checks, cfg.scale, cfg.is_causal, impl, fallback)

@@ -26,7 +26,7 @@ FUSED_CASES = [c for c in CASES if c[0].site not in ("lse", "key", "value")] + [
 #: step r + 1 (at home, after the last step).
 BACKWARD_CASES = [
     (RingFault("bwd_scores", (1, 2, 7, 13), value=40.0), 2, 0, "bwd_qk_row"),
-    (RingFault("bwd_probs", (0, 4, 4, 3), bit=30), 1, 3, "bwd_softmax"),
+    (RingFault("bwd_probs", (0, 4, 4, 3), value=0.9), 1, 3, "bwd_softmax"),
     (RingFault("bwd_dp", (1, 0, 11, 19), value=-30.0), 3, 0, "bwd_dp_row"),
     (RingFault("bwd_ds", (0, 5, 2, 8), value=3.0), 0, 3, "bwd_ds"),
     (RingFault("bwd_dq", (1, 3, 5, 6), step=2, value=7.0), 1, 2, "bwd_dq"),

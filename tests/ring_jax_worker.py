@@ -17,7 +17,7 @@ from jax.sharding import Mesh  # noqa: E402
 import ftattn_jax  # noqa: E402
 from ftattn_jax import sharding  # noqa: E402
 from ftattn_spec.ring import RingFault  # noqa: E402
-from ring_cases import CASES, FUSED_CASES, refusals  # noqa: E402  (this file's folder is on sys.path)
+from ring_cases import BACKWARD_CASES, CASES, FUSED_CASES, refusals  # noqa: E402  (this folder is on sys.path)
 
 P = 4
 B, N, K, H = 2, 6, 3, 8
@@ -87,6 +87,43 @@ def fused_blocks(mesh, rng) -> dict:
     return found
 
 
+def backward_faults(mesh, rng) -> dict:
+    """The checked backward: clean gradients unflagged; each fault of ``BACKWARD_CASES`` counted
+    under its site's ``(backward)``, and (through the per-device function under a named ``vmap``)
+    flagged at its device and step by its check; ``"raise"`` poisons the gradients."""
+    from ftattn_jax import ring_backward
+    from ftattn_spec import ring as spec_ring
+
+    ring = lambda *a, **kw: sharding.ring_attention(*a, mesh=mesh, axis_name="seq", **kw)  # noqa: E731
+    q, k, v = inputs(rng, T, S, "float32")
+    w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+    found = {"counted": [], "located": []}
+    for i, (f, _, _, _) in enumerate(BACKWARD_CASES):
+        jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v, fault=f, site=f"ring bwd {i}")[0] * w), argnums=(0, 1, 2))(
+            q, k, v)
+    g = jax.grad(lambda q, k, v: jnp.sum(ring(q, k, v, fault=BACKWARD_CASES[4][0], on_fault="raise",
+                                              site="ring bwd raise")[0] * w), argnums=(0, 1, 2))(q, k, v)
+    found["raise_nan"] = [bool(jnp.all(jnp.isnan(x))) for x in g]
+    # located: the per-device functions under a vmap named like the mesh axis
+    chunk = lambda x: jnp.stack(jnp.split(x, P, axis=1))  # noqa: E731  B T .. -> P B Tc ..
+    static = sharding._Static("seq", P, ("qk_row", "softmax_dmr", "pv_row"), H ** -0.5, False, "unfused")
+    for f, _, _, _ in BACKWARD_CASES:
+        rp = jax.tree.map(jnp.asarray, spec_ring.plan(f, dict(B=B, T=T, S=S, N=N, K=K, H=H), P, "float32",
+                                                      static.checks, backward=None))
+
+        def per_device(qc, kc, vc, wc, rp=rp):
+            (o, *_), lse = sharding._forward(qc, kc, vc, None, static)
+            me = jax.lax.axis_index("seq")
+            _, (ratios, steps) = ring_backward.backward(
+                qc, kc, vc, o, lse, wc, scale=static.scale, is_causal=False, axis_name="seq", axis_size=P,
+                checked=True, inject=lambda x, st, site, axes: sharding._inject(x, rp, me, st, site, axes))
+            return {n: jnp.sum(~(x <= 1.0)) for n, x in ratios.items()}, steps
+        flagged, steps = jax.vmap(per_device, axis_name="seq")(chunk(q), chunk(k), chunk(v), chunk(w))
+        found["located"].append(dict(flagged={n: [int(x) for x in c] for n, c in flagged.items()},
+                                     steps=[list(map(int, p)) for p in np.argwhere(np.asarray(steps))]))
+    return found
+
+
 def main() -> None:
     mesh = Mesh(np.array(jax.devices()), ("seq",))
     rng = np.random.default_rng(7)
@@ -133,16 +170,17 @@ def main() -> None:
                                       flagged=flagged, steps=[list(map(int, p)) for p in np.argwhere(np.asarray(r.steps))],
                                       device=device, step=step, where=where, index=list(f.index)))
     # one compilation serves every fault of the same count
-    run = sharding._ring(mesh, "seq", P, ("qk_row", "softmax_dmr", "pv_row"), H ** -0.5, False, "unfused")
+    after = sharding._AfterBackward("ring faults (backward)", "report", 2.0**-24)
+    run = sharding._ring(mesh, "seq", P, ("qk_row", "softmax_dmr", "pv_row"), H ** -0.5, False, "unfused", after)
     out["compiled_before"] = run._cache_size()  # by the faults above (off a GPU, "auto" runs the unfused core)
     before = run._cache_size()
     for f in (RingFault("probs", (0, 0, 0, 0), bit=30), RingFault("probs", (1, 5, 11, 19), bit=28)):
-        ring(q, k, v, scheme="full", fault=f)
+        ring(q, k, v, scheme="full", fault=f, site="ring faults")
     out["compilations"] = run._cache_size() - before
     # gradients: JAX autodiff through the ring against the single-device float32 path
     w = jnp.asarray(rng.standard_normal((B, S, N, H)), jnp.float32)
     qc, kc, vc = inputs(rng, S, S, "float32")
-    loss_ring = lambda q, k, v: jnp.sum(ring(q, k, v, is_causal=True)[0] * w)  # noqa: E731
+    loss_ring = lambda q, k, v: jnp.sum(ring(q, k, v, is_causal=True, site="ring grads")[0] * w)  # noqa: E731
     loss_one = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * w)  # noqa: E731
     g1 = jax.grad(loss_ring, argnums=(0, 1, 2))(qc, kc, vc)
     g2 = jax.grad(loss_one, argnums=(0, 1, 2))(qc, kc, vc)
@@ -158,7 +196,8 @@ def main() -> None:
             ("step", lambda: ring(q, k, v, fault=RingFault("out", (0, 0, 0, 0), step=4, bit=1))),
             ("implied", lambda: ring(q, k, v, fault=RingFault("probs", (0, 0, 0, 0), step=1, bit=1))),
             ("on_fault", lambda: ring(q, k, v, on_fault="correct")),
-            ("backward", lambda: ring(q, k, v, fault=RingFault("bwd_dq", (0, 0, 0, 0), step=0, bit=1)))):
+            ("backward", lambda: ring(q, k, v, scheme="baseline",
+                                      fault=RingFault("bwd_dq", (0, 0, 0, 0), step=0, bit=1)))):
         try:
             call()
             errors[name] = None
@@ -170,6 +209,7 @@ def main() -> None:
         out["raised"] = False
     except ftattn_jax.FaultDetected:
         out["raised"] = True
+    out["backward"] = backward_faults(mesh, rng)
     out["fused"] = fused_blocks(mesh, rng)
     out["tally"] = {s: [t.calls, t.detected, None if t.first is None else [t.first.check, list(t.first.index)]]
                     for s, t in ftattn_jax.counters.tally().items() if s.startswith("ring")}

@@ -15,6 +15,7 @@ import pytest
 
 from ftattn_spec import ring
 from ftattn_spec.ring import RingFault
+from tests.ring_cases import BACKWARD_CASES
 
 WORKER = os.path.join(os.path.dirname(__file__), "ring_jax_worker.py")
 U = 2.0**-24
@@ -91,10 +92,26 @@ def test_ring_of_fused_blocks(result):
 
 def test_ring_counters(result):
     t = result["tally"]
-    assert t["ring faults"][:2] == [15, 15]
+    assert t["ring faults"][:2] == [17, 17]  # 15 faults, and the 2 of the compilation check
     assert t["ring faults"][2] == ["softmax_dmr", [1, 2, 7]]
     assert t["ring clean"][:2] == [13, 0]
     assert t["ring jit"][:2] == [1, 1] and t["ring jit"][2] == ["softmax_dmr", [0, 3, 9]]
+
+
+def test_ring_backward_is_checked(result):
+    """Clean gradients unflagged (``ring grads``' backward); each backward fault counted under its
+    site, flagged at its device and step first (by that device alone) and by its check on the
+    device that owns the row or key; ``"raise"`` poisons every gradient."""
+    t, bw = result["tally"], result["backward"]
+    assert t["ring grads (backward)"][:2] == [1, 0], t
+    for i, ((f, device, step, check), got) in enumerate(zip(BACKWARD_CASES, bw["located"])):
+        assert t[f"ring bwd {i}"][:2] == [1, 0] and t[f"ring bwd {i} (backward)"][:2] == [1, 1], (f, t)
+        first = min(s for _, s in got["steps"])
+        assert [p for p in got["steps"] if p[1] == first] == [[device, step]], (f, got["steps"])
+        owner = f.index[2] // (5 if check in ("bwd_dk", "bwd_dv", "bwd_transit") else 3)
+        assert got["flagged"][check][owner] >= 1, (f, got["flagged"])
+    assert bw["raise_nan"] == [True, True, True]
+    assert t["ring bwd raise (backward)"][:2] == [1, 1]
 
 
 def test_ring_bad_input_names_the_argument(result):
@@ -105,7 +122,7 @@ def test_ring_bad_input_names_the_argument(result):
     assert e["step"].startswith("ValueError: fault.step:")
     assert e["implied"].startswith("ValueError: fault.step:") and "step 0" in e["implied"]
     assert e["on_fault"].startswith("ValueError: on_fault:")
-    assert e["backward"].startswith("ValueError: fault.site: 'bwd_dq'") and "not checked yet" in e["backward"]
+    assert e["backward"].startswith("ValueError: fault.site: 'bwd_dq'") and "scheme 'baseline'" in e["backward"]
 
 
 # ---- the spec's half, in this process
