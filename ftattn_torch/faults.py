@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ftattn_spec.axes import transpose_perm
 from ftattn_spec.faults import SITE_AXES, SITES, FaultPlan
+from ftattn_spec.ring import RING_SITES
 
 _INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
         torch.bfloat16: torch.int16}
@@ -57,4 +58,20 @@ def inject(x: Tensor, site: str, layout: str, plan: FaultPlan | None, replica: i
         for f in hits:
             idx = tuple(slice(None) if int(plan.index[f][p]) == -1 else int(plan.index[f][p]) for p in perm)
             x[idx] = corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
+    return x
+
+
+def inject_ring(x: Tensor, plan, me: int, step: int, site: str) -> Tensor:
+    """A ring plan's (``ftattn_spec.ring.RingPlan``) faults at ``site`` of ``step`` on rank ``me``,
+    applied to a copy of ``x``, whose axes are the plan's local index entries, in order."""
+    if plan is None:
+        return x
+    code = RING_SITES.index(site)
+    hits = [f for f in range(len(plan.site)) if plan.device[f] == me and plan.step[f] == step and plan.site[f] == code]
+    if not hits:
+        return x
+    x = x.clone()
+    for f in hits:
+        idx = tuple(int(i) for i in plan.index[f][:x.ndim])
+        x[idx] = corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
     return x

@@ -53,26 +53,6 @@ def _sums(x: torch.Tensor):
     return w.sum(2), w.abs().sum(2)  # over the chunk's keys: (B, K, H)
 
 
-def _mine(plan: ring.RingPlan | None, me: int, step: int, site: str) -> list[int]:
-    if plan is None:
-        return []
-    code = ring.RING_SITES.index(site)
-    return [f for f in range(len(plan.site)) if plan.device[f] == me and plan.step[f] == step and plan.site[f] == code]
-
-
-def _inject(x: torch.Tensor, plan, me: int, step: int, site: str) -> torch.Tensor:
-    """The plan's faults at ``site`` of ``step`` on this rank, applied to a copy of ``x`` (whose axes
-    are the local index's, in order)."""
-    hits = _mine(plan, me, step, site)
-    if not hits:
-        return x
-    x = x.clone()
-    for f in hits:
-        idx = tuple(int(i) for i in plan.index[f][:x.ndim])
-        x[idx] = faults.corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
-    return x
-
-
 def _core_plan(plan, me: int, step: int) -> FaultPlan | None:
     if plan is None:
         return None
@@ -197,7 +177,7 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
     o = c = a = lse = None
     for r in range(P):
         j = (me - r) % P
-        kr, vr = _inject(key, plan, me, r, "key"), _inject(value, plan, me, r, "value")
+        kr, vr = faults.inject_ring(key, plan, me, r, "key"), faults.inject_ring(value, plan, me, r, "value")
         flags = []
         for name, x, (s0, a0) in (("key", kr, home[:2]), ("value", vr, home[2:])):
             res = _check(((_sums(x)[0] - s0).abs() / ring.transit_threshold(Sc, a0)).amax(-1),
@@ -214,7 +194,7 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
             for name in checks:
                 best[name] = _worse(best[name], rep.checks[name])
                 flags.append(rep.checks[name].flagged.any())
-        lse_j = _inject(blk.lse, plan, me, r, "lse")
+        lse_j = faults.inject_ring(blk.lse, plan, me, r, "lse")
         lses.append(lse_j)
         if blk.lse_check is not None:
             both = (lse_j == -torch.inf) & (blk.lse_check == -torch.inf)
@@ -235,7 +215,7 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
             flags.append(res.flagged.any())
             o = w0[..., None] * o + w1[..., None] * o_j
             c, a, lse = w0 * c + w1 * c_j, w0 * a + w1 * a_j, new
-        o = _inject(o, plan, me, r, "merge")
+        o = faults.inject_ring(o, plan, me, r, "merge")
         res = _check((o.sum(-1) - c).abs(), ring.merge_threshold(r + 1, H, a))
         best["merge"] = _worse(best["merge"], res)
         flags.append(res.flagged.any())

@@ -50,21 +50,6 @@ def _fold(x: torch.Tensor, K: int) -> torch.Tensor:
     return x.view(B, K, N // K, *x.shape[2:]).sum(2)
 
 
-def _inject(x: torch.Tensor, plan, me: int, step: int, site: str) -> torch.Tensor:
-    """The plan's faults at ``site`` of ``step`` on this rank (local indices), on a copy of ``x``."""
-    if plan is None:
-        return x
-    code = spec_ring.RING_SITES.index(site)
-    hits = [f for f in range(len(plan.site)) if plan.device[f] == me and plan.step[f] == step and plan.site[f] == code]
-    if not hits:
-        return x
-    x = x.clone()
-    for f in hits:
-        idx = tuple(int(i) for i in plan.index[f][:x.ndim])
-        x[idx] = faults.corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
-    return x
-
-
 def _ratio(residual: torch.Tensor, threshold) -> torch.Tensor:
     """Residual over threshold; NaN (a non-finite residual or threshold) fails every comparison."""
     return torch.where(torch.isfinite(threshold), residual.abs() / threshold, torch.nan)
@@ -129,17 +114,17 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
             steps[r] |= _bad(t).any()
         if not (is_causal and j > me):
             k, v = _expand(kr.to(w), N), _expand(vr.to(w), N)
-            a = _inject(q @ k.transpose(-1, -2), plan, me, r, "bwd_scores")
+            a = faults.inject_ring(q @ k.transpose(-1, -2), plan, me, r, "bwd_scores")
             s = scale * a
             keep = live[..., None]
             if is_causal and j == me:
                 keep = keep & torch.ones(Tc, Sc, dtype=torch.bool, device=dev).tril()
-            p = _inject(torch.where(keep, (s - lse[..., None]).exp(), 0.0), plan, me, r, "bwd_probs")
-            dp = _inject(do @ v.transpose(-1, -2), plan, me, r, "bwd_dp")
-            ds = _inject(p * (dp - d), plan, me, r, "bwd_ds")
-            g = _inject(ds @ k, plan, me, r, "bwd_dq")
-            gk = _inject(_fold(ds.transpose(-1, -2) @ q, K), plan, me, r, "bwd_dk")
-            gv = _inject(_fold(p.transpose(-1, -2) @ do, K), plan, me, r, "bwd_dv")
+            p = faults.inject_ring(torch.where(keep, (s - lse[..., None]).exp(), 0.0), plan, me, r, "bwd_probs")
+            dp = faults.inject_ring(do @ v.transpose(-1, -2), plan, me, r, "bwd_dp")
+            ds = faults.inject_ring(p * (dp - d), plan, me, r, "bwd_ds")
+            g = faults.inject_ring(ds @ k, plan, me, r, "bwd_dq")
+            gk = faults.inject_ring(_fold(ds.transpose(-1, -2) @ q, K), plan, me, r, "bwd_dk")
+            gv = faults.inject_ring(_fold(p.transpose(-1, -2) @ do, K), plan, me, r, "bwd_dv")
             if checked:
                 k_abs = k.abs()
                 ka_rows = k_abs.sum(-1)  # B N Sc
@@ -177,8 +162,8 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
             dq += scale * g
             dk += scale * gk
             dv += gv
-        dk = _inject(dk, plan, me, r, "bwd_dk_acc")
-        dv = _inject(dv, plan, me, r, "bwd_dv_acc")
+        dk = faults.inject_ring(dk, plan, me, r, "bwd_dk_acc")
+        dv = faults.inject_ring(dv, plan, me, r, "bwd_dv_acc")
         if r < P - 1:
             kr, vr, dk, dv, *rest = exchange([kr, vr, dk, dv, *carried, kworst] if checked else [kr, vr, dk, dv])
             if checked:
