@@ -17,6 +17,8 @@ skips, replays or stops (docs/faults.md, "Counters and the fault policy").
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import threading
 
 import torch
@@ -32,6 +34,19 @@ KEEP = 4
 
 _lock = threading.Lock()
 _sites: dict[tuple[str, str], "_Site"] = {}
+#: the (batch, head) offset of the calls counted now: a rank's block of a DTensor call
+_offset: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("ftattn_counters_offset", default=(0, 0))
+
+
+@contextlib.contextmanager
+def index_offset(batch: int, head: int):
+    """Count the calls made inside at global indices: their located batch and head shifted by
+    ``batch`` and ``head`` (a rank's first batch and query head of a call split over a mesh)."""
+    token = _offset.set((int(batch), int(head)))
+    try:
+        yield
+    finally:
+        _offset.reset(token)
 
 
 class _Site:
@@ -72,9 +87,9 @@ def record(site: str, report) -> None:
         if hasattr(report, "checks"):
             s.finite.append(report.inputs_finite.detach().reshape(()))
             if s.first is None:
-                s.kept.append(report._replace(checks={n: c._replace(residual=None, threshold=None)
-                                                      for n, c in report.checks.items()},
-                                              located={}, corrected=None))
+                s.kept.append((report._replace(checks={n: c._replace(residual=None, threshold=None)
+                                                       for n, c in report.checks.items()},
+                                               located={}, corrected=None), _offset.get()))
         if len(s.pending) >= FOLD:
             s.fold()
 
@@ -83,12 +98,15 @@ def _locate(s: _Site) -> None:
     """Set ``s.first`` from the first detecting call among the kept ones (reads their verdicts)."""
     if s.first is not None or not s.kept:
         return
-    flags = torch.stack([r.detected.reshape(()) for r in s.kept]).tolist()
-    for r, hit in zip(s.kept, flags):
+    flags = torch.stack([r.detected.reshape(()) for r, _ in s.kept]).tolist()
+    for (r, offset), hit in zip(s.kept, flags):
         if hit:
             row = spec_tally.encode(r, ops(r.detected.device)).tolist()
             if row[3] > 0:
                 s.first = row[3:]
+                for i, o in enumerate(offset):  # batch and head: global in a call split over a mesh
+                    if s.first[1 + i] >= 0:
+                        s.first[1 + i] += o
                 break
     s.kept.clear()
 

@@ -8,7 +8,7 @@ its own block (``to_local``, differentiable), with the fault plan's global indic
 the block; the output is a ``DTensor`` placed as the query, and so are the report's per-(batch,
 head) fields, while ``detected`` and ``inputs_finite`` are reduced over the mesh (one
 all-reduce each), so every rank holds the global verdict. Each rank's counters count its own
-block's call, at its local indices.
+block's call, located at global batch and head indices.
 
 A sequence split (``Shard(2)``: use ``ftattn_torch.distributed.ring_attention``), a split head
 dim, ``Partial`` and uneven splits are refused with a ``ValueError`` naming the argument.
@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from ftattn_spec.faults import Fault, FaultDetected
 from ftattn_spec.report import CheckResult, Report
+
+from . import counters
 
 try:  # torch built without distributed support has no DTensor
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -176,7 +178,8 @@ def run(fn: Callable, query, key, value, *, extras: dict, fault, raise_on_fault:
     rank detected (a rank raising alone would leave the others waiting in the next collective)."""
     sp = _split(query, key, value)
     local = {n: _local_extra(n, x, sp) for n, x in extras.items()}
-    out, report = fn(query.to_local(), key.to_local(), value.to_local(), fault=_local_fault(fault, sp), **local)
+    with counters.index_offset(sp.start[0], sp.start[1]):
+        out, report = fn(query.to_local(), key.to_local(), value.to_local(), fault=_local_fault(fault, sp), **local)
     out, report = _join(sp, out, report)
     if raise_on_fault and bool(report.detected):
         raise FaultDetected(report)

@@ -83,6 +83,8 @@ def _worker(rank: int, port: int, out: str) -> None:
             got["out of range"] = str(e)
         got["tally"] = {s: [t.calls, t.detected] for s, t in ftattn_torch.counters.tally().items()
                         if s.startswith("dtensor")}
+        got["where"] = {s: None if t.first is None else [t.first.check, list(t.first.index)]
+                        for s, t in ftattn_torch.counters.tally().items() if s.startswith("dtensor")}
         assert isinstance(ref, torch.Tensor) and not isinstance(ref, DTensor)
         gloo.write(out, rank, got)
     finally:
@@ -108,3 +110,8 @@ def test_dtensor_inputs_over_a_2x2_mesh(tmp_path):
     assert [g["tally"]["dtensor dp×tp"] for g in got] == [[1, 0], [1, 0], [1, 0], [1, 1]]
     assert [g["tally"]["dtensor tp"][1] for g in got] == [0, 1, 0, 1]
     assert [g["tally"]["dtensor replicated"][1] for g in got] == [1, 1, 1, 1]
+    # located at the global batch, head and row, wherever the rank's block starts
+    for g in got:
+        for name in ("dp×tp", "tp", "replicated"):
+            if g["tally"][f"dtensor {name}"][1]:
+                assert g["where"][f"dtensor {name}"] == ["softmax_dmr", [1, 3, 4]], (name, g["where"])
