@@ -60,8 +60,8 @@ def fused_blocks(mesh, rng) -> dict:
         up = lambda x: x.astype(jnp.float32)  # noqa: E731  (float32's error is far below the inputs' dtype's)
         g64 = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(up(q), up(k), up(v), is_causal=causal)),
                        argnums=(0, 1, 2))(q, k, v)
-        g = jax.grad(loss(lambda q, k, v: ring(q, k, v, is_causal=causal, implementation="pallas")[0]),
-                     argnums=(0, 1, 2))(q, k, v)
+        g = jax.grad(loss(lambda q, k, v: ring(q, k, v, is_causal=causal, implementation="pallas",
+                                               site="ring fused grads")[0]), argnums=(0, 1, 2))(q, k, v)
         g32 = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)),
                        argnums=(0, 1, 2))(q, k, v)
         err = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))  # noqa: E731

@@ -88,6 +88,7 @@ def test_ring_of_fused_blocks(result):
     assert e["float32"].startswith("TypeError: query:"), e
     assert e["name"].startswith("ValueError: implementation:"), e
     assert result["tally"]["ring fused"][:2] == [2, 0]
+    assert result["tally"]["ring fused grads (backward)"][:2] == [2, 0]  # the checked backward, clean
 
 
 def test_ring_counters(result):

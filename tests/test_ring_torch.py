@@ -113,6 +113,10 @@ def _fused(rank: int) -> dict:
         o, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="triton",
                                 is_causal=causal, site="ring fused")
         one, _ = ftattn_torch.attention(q, k, v, implementation="triton", is_causal=causal)
+        with torch.enable_grad():  # the checked backward from the kernel's log-sum-exp
+            mine = [x[:, :, sl].clone().requires_grad_() for x, sl in ((q, rows), (k, keys), (v, keys))]
+            og, _ = ring_attention(*mine, implementation="triton", is_causal=causal, site="ring fused grads")
+            og.float().square().sum().backward()
         found["clean"].append(dict(
             ran=rep.blocks.ran.implementation, detected=bool(rep.detected),
             err=float((o.double() - ref[:, :, rows]).abs().max()),
@@ -242,6 +246,7 @@ def test_ring_over_four_ranks(tmp_path):
         assert fz["errors"]["float32"].startswith("TypeError: query:"), fz["errors"]
         assert fz["errors"]["name"].startswith(("ValueError: implementation:", "TypeError: implementation:")), fz
         assert g["tally"]["ring fused"] == [2, 0]
+        assert g["tally"]["ring fused grads (backward)"] == [2, 0]
 
 
 def test_ring_needs_a_process_group():
