@@ -289,8 +289,8 @@ def forward(query: Tensor, key: Tensor, value: Tensor, *, scale: float, is_causa
     masks = (masks or Masks())._replace(is_causal=is_causal)
     bs = blocks or BlockSizes.get_default(interp, checks_on and redo is None, T,
                                           dense=masks.mask is not None or masks.bias is not None)
-    if blocks is None:
-        bs = _default_tma(bs, checks_on and redo is None, key, value)
+    if blocks is None and redo is None:  # (the recomputation of flagged blocks keeps pointer reads: not timed)
+        bs = _default_tma(bs, checks_on, key, value)
     upcast = interp and query.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     chunk = min(tol.FUSED_CHUNK, bs.block_n)  # the pre-pass sums K over chunks; a tile adds block_n // chunk
     n_chunks = -(-S // chunk)
