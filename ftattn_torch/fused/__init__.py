@@ -1,7 +1,7 @@
 """``implementation="triton"``: a fused, self-checking flash-attention kernel in Triton.
 
-:mod:`.launch` is the kernel module (block sizes validated on construction,
-``unsupported``, the launch); :mod:`.runner` makes the report and the gradient.
+:mod:`.blocks` holds the forward's tile settings (validated on construction) and how its tiles
+are read; :mod:`.launch` is the kernel module (``unsupported``, the launches); :mod:`.runner` makes the report and the gradient.
 """
 
 from .launch import STAT_PLANES, BlockSizes, Launch, Masks, auto_reason, dtype_name, forward, interpreting, unsupported
