@@ -311,6 +311,15 @@ class _AfterBackward(NamedTuple):
     u: float
 
 
+def _global(finite, flags, axis_name: str):
+    """This device's finiteness and flags made global over the ring (a ``pmin`` and a ``pmax``):
+    ``(finite, detected)``, where a non-finite input anywhere counts as detected."""
+    finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+    local = functools.reduce(jnp.logical_or, [jnp.any(f) for f in flags])
+    detected = lax.pmax(local.astype(jnp.int32), axis_name) > 0
+    return finite, detected | ~finite
+
+
 @functools.lru_cache(maxsize=64)
 def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: float, is_causal: bool, impl: str,
           after: _AfterBackward):
@@ -322,11 +331,8 @@ def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: fl
 
     def body(q, k, vv, rp):
         (o, blocks, ring_checks, steps, finite), lse = _forward(q, k, vv, rp, static)
-        finite = lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-        anything = [c.flagged for c in (*blocks.values(), *ring_checks.values())]
-        detected = lax.pmax(functools.reduce(jnp.logical_or, [jnp.any(f) for f in anything]).astype(jnp.int32),
-                            axis_name) > 0
-        return (o.astype(q.dtype), blocks, ring_checks, steps, finite, detected | ~finite), (o, lse)
+        finite, detected = _global(finite, [c.flagged for c in (*blocks.values(), *ring_checks.values())], axis_name)
+        return (o.astype(q.dtype), blocks, ring_checks, steps, finite, detected), (o, lse)
 
     specs = (seq, {c: row for c in checks},
              {"lse": row, "weights": row, "merge": row, "key": per_device, "value": per_device},
@@ -342,10 +348,8 @@ def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: fl
         if not checked:
             return got
         grads, (ratios, steps) = got
-        finite = lax.pmin(jnp.all(jnp.isfinite(do)).astype(jnp.int32), axis_name) > 0
-        local = functools.reduce(jnp.logical_or, [jnp.any(~(x <= 1.0)) for x in ratios.values()])
-        detected = lax.pmax(local.astype(jnp.int32), axis_name) > 0
-        return grads, ratios, steps[None], finite, detected | ~finite
+        finite, detected = _global(jnp.all(jnp.isfinite(do)), [~(x <= 1.0) for x in ratios.values()], axis_name)
+        return grads, ratios, steps[None], finite, detected
 
     grad_specs = (seq, seq, seq)
     back_specs = grad_specs if not checked else (

@@ -235,16 +235,22 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
                    "key": CheckResult(*(x[None] for x in best["key"])),
                    "value": CheckResult(*(x[None] for x in best["value"]))}
     local = any(bool(x.flagged.any()) for x in (*blocks.values(), *ring_checks.values()))
-    # one all-reduce: detected, non-finite inputs, and the rank × step table
+    report, steps_all = _global_report(local, finite, torch.as_tensor(steps), blocks, me, P, group, dev,
+                                       Ran(impl, fallback))
+    return o.to(query.dtype), ring.RingReport(report.detected, report, ring_checks, steps_all), lse
+
+
+def _global_report(local: bool, finite: bool, steps, checks, me: int, P: int, group, dev, ran: Ran):
+    """One all-reduce (MAX) of this rank's verdict, its inputs' finiteness and its row of the
+    rank × step table: the global ``Report`` over ``checks`` and the ``(P, P)`` table of steps."""
     table = torch.zeros(2 + P * P, dtype=torch.int32, device=dev if dist.get_backend(group) == "nccl" else "cpu")
     table[0], table[1] = int(local), int(not finite)
-    table[2 + me * P: 2 + (me + 1) * P] = torch.as_tensor(steps, dtype=torch.int32)
+    table[2 + me * P: 2 + (me + 1) * P] = steps.to(table.device, torch.int32)
     dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
     detected = torch.tensor(bool(table[0] or table[1]), device=dev)
-    report = Report(detected=detected, checks=blocks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
-                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=Ran(impl, fallback))
-    steps_all = table[2:].reshape(P, P).bool().to(dev)
-    return o.to(query.dtype), ring.RingReport(detected, report, ring_checks, steps_all), lse
+    report = Report(detected=detected, checks=checks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
+                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=ran)
+    return report, table[2:].reshape(P, P).bool().to(dev)
 
 
 class _AfterBackward(NamedTuple):
@@ -261,17 +267,10 @@ def _backward_report(res: ring_backward.BackwardChecks, P: int, group, dev, ran:
     """The backward's verdict made global by one all-reduce (as the forward's): a ``RingReport``
     whose ``blocks`` holds one ``CheckResult`` per ``ftattn_spec.ring_backward.CHECKS`` (ratios
     over threshold 1: ``(B, N, Tc)`` for this rank's rows, ``(B, K, Sc)`` for its keys)."""
-    me = dist.get_rank(group)
     local = any(bool((~(x <= 1.0)).any()) for x in res.ratios.values())
-    table = torch.zeros(2 + P * P, dtype=torch.int32, device=dev if dist.get_backend(group) == "nccl" else "cpu")
-    table[0], table[1] = int(local), int(not res.finite)
-    table[2 + me * P: 2 + (me + 1) * P] = res.steps.to(table.device, torch.int32)
-    dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
-    detected = torch.tensor(bool(table[0] or table[1]), device=dev)
     checks = {n: CheckResult(x.float(), torch.ones_like(x, dtype=F32), ~(x <= 1.0)) for n, x in res.ratios.items()}
-    report = Report(detected=detected, checks=checks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
-                    located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=ran)
-    return ring.RingReport(detected, report, {}, table[2:].reshape(P, P).bool().to(dev))
+    report, steps_all = _global_report(local, res.finite, res.steps, checks, dist.get_rank(group), P, group, dev, ran)
+    return ring.RingReport(report.detected, report, {}, steps_all)
 
 
 class _Ring(torch.autograd.Function):

@@ -101,8 +101,9 @@ class TestMosaicGPU:
 
     @pytest.mark.parametrize("causal", [False, True])
     @pytest.mark.parametrize("variant", [dict(late_checks=True), dict(ping_pong=False), dict(block_kv=64, stages=3),
-                                         dict(fma_cols=48), dict(fma_cols=128)],
-                             ids=["late", "no-ping-pong", "kv64", "fma48", "fma128"])
+                                         dict(fma_cols=48), dict(fma_cols=128), dict(overlap=True),
+                                         dict(overlap=True, ping_pong=False)],
+                             ids=["late", "no-ping-pong", "kv64", "fma48", "fma128", "overlap", "overlap-alone"])
     def test_kernel_variants_give_the_same_verdicts(self, causal, variant):
         """``MosaicBlocks`` variants: the checks beside the P·V MMA, no turns on the tensor cores, 64-key tiles."""
         (q, k, v), exact = _inputs(15, "normal", "bfloat16", H=128, T=300, S=520)
@@ -212,8 +213,9 @@ def test_selection_and_errors_anywhere():
     assert not bool(rep.detected)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlap"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_kernel_lowers_for_cuda_anywhere(causal):
+def test_kernel_lowers_for_cuda_anywhere(causal, overlap):
     """The Hopper kernel traces and lowers to Mosaic GPU for CUDA on any machine (no GPU needed),
     with and without the checks: catches API drift between JAX versions in CI."""
     if fused.compat.mosaic_gpu() is None:
@@ -221,7 +223,7 @@ def test_kernel_lowers_for_cuda_anywhere(causal):
     shapes = [jax.ShapeDtypeStruct(s, jnp.float16) for s in ((1, 200, 4, 64), (1, 300, 2, 64), (1, 300, 2, 64))]
     for which in ((), ("qk_row", "softmax_dmr", "pv_row")):
         cfg = fused.config((1, 200, 4, 64), (1, 300, 2, 64), "float16", scale=0.125, causal=causal, which=which,
-                           n_faults=0, blocks=fused.MosaicBlocks(), interpret=False)
+                           n_faults=0, blocks=fused.MosaicBlocks(overlap=overlap), interpret=False)
         text = jax.jit(lambda q, k, v: fused.launch(q, k, v, None, None, cfg)).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in text.lower()

@@ -93,6 +93,7 @@ class MosaicBlocks:
     stages: int = 2
     late_checks: bool = False  # the checks that feed nothing run while the P·V MMA does
     ping_pong: bool = True  # the compute warpgroups take turns on the tensor cores
+    overlap: bool = False  # a warpgroup's softmax runs beside its own previous tile's P·V (FlashAttention-3)
     fma_cols: int = 0  # columns of a tile whose replica exponentials run on the FMA pipe (a multiple of 8)
     exp_logs: str = HOPPER_LOGS[0]  # how softmax_exp takes Σ log₂ p (exp_tiles.hopper_log2_sum)
     LOWERING: ClassVar[str] = LOWERING
@@ -106,6 +107,8 @@ class MosaicBlocks:
             raise ValueError(f"blocks.exp_logs: expected one of {HOPPER_LOGS}, got {self.exp_logs!r}")
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"blocks.stages: expected an int in [2, 4], got {self.stages!r}")
+        if self.overlap and self.late_checks:
+            raise ValueError("blocks.overlap: expected False with late_checks=True (both move the checks), got True")
 
     def validate(self) -> "MosaicBlocks":
         """Kept for callers of earlier versions: construction validates."""
@@ -194,6 +197,7 @@ class Config:
     inject: bool = False  # compile the fault injection in (a per-row fault table is an input)
     late_checks: bool = False  # qk_row's sum and the replica after the P·V MMA is issued (beside it)
     ping_pong: bool = True  # the two compute warpgroups take turns on the tensor cores (a schedule barrier)
+    overlap: bool = False  # tile i+1's scores and softmax beside tile i's P·V within a warpgroup
     vcol_unscale: float = 1.0  # 1 / tol.fused_vcol_scale: undoes the scaling of vcol (a power of two)
     fma_cols: int = 0  # the replica's exponentials of the first fma_cols columns of a tile on the FMA pipe
 
@@ -351,30 +355,23 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
 
             pl.when(wg == 1)(schedule_barrier)
 
-            def step(i, carry, masked: bool):
+            def again(acc_ref, slot):  # the diagonal tile's scores a second time (qk_row under a causal mask)
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            def softmax(i, s, carry, masked: bool, s2=None):
+                """Tile ``i``'s softmax and the checks that live in it, on its scores ``s`` (and, on
+                the diagonal with qk_row, ``s2``: the same scores from a separate MMA); returns the
+                updated ``carry`` (all but ``acc`` and ``pv``), P̂, the rescale factor, and the checks
+                that feed nothing as a function of their running values (``tile_checks``)."""
                 carry = dict(carry)
-                slot = lax.rem(i, jnp.array(stages, i.dtype))
                 cols = None
                 if masked or cfg.inject:
                     rows = r0 + plgpu.broadcasted_iota(jnp.int32, (BQ, BN), 0, layout=WGMMA)
                     cols = i * BN + plgpu.broadcasted_iota(jnp.int32, (BQ, BN), 1, layout=WGMMA)
-                if masked and cfg.causal and cfg.qk:
-                    # the diagonal scores again, from a separate MMA, summed under the triangle [r0, i]
-                    def again(acc_ref):
-                        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                        return acc_ref[...]
-
-                    s2 = pl.run_scoped(again, plgpu.ACC((BQ, BN), F32))
+                if s2 is not None:  # summed under the triangle [r0, i]
                     tri = (cols >= r0) & (cols <= rows) & (cols < S)
                     carry["sdiag"] = carry["sdiag"] + jnp.sum(jnp.where(tri, s2, 0.0), axis=1)
-
-                def qk_mma(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                    schedule_barrier()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_mma, plgpu.ACC((BQ, BN), F32))
-                plgpu.barrier_arrive(k_done.at[slot])
                 if cfg.inject:
                     s = inject(s, SLOT_SCORES, cols, cfg.scale)
                 keep = None
@@ -393,7 +390,6 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 p = jnp.exp2((s - bcast_rows(m_new, s.shape)) * c)
                 if cfg.inject:
                     p = inject(p, SLOT_PROBS, cols, 1.0)
-                acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
                 lt = p.sum(axis=1)
                 carry["l"] = carry["l"] * alpha + lt
                 if cfg.dmr or cfg.vcol:
@@ -439,7 +435,23 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
 
                 if not cfg.late_checks:
                     carry.update(tile_checks({n: carry[n] for n in check_keys}))
-                p16 = p.astype(dtype)
+                return carry, p.astype(dtype), alpha, tile_checks
+
+            def step(i, carry, masked: bool):
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                s2 = None
+                if masked and cfg.causal and cfg.qk:
+                    s2 = pl.run_scoped(lambda r: again(r, slot), plgpu.ACC((BQ, BN), F32))
+
+                def qk_mma(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    schedule_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_mma, plgpu.ACC((BQ, BN), F32))
+                plgpu.barrier_arrive(k_done.at[slot])
+                carry, p16, alpha, tile_checks = softmax(i, s, carry, masked, s2)
+                acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
                 pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.vcol else None
                 acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
 
@@ -475,9 +487,98 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 carry["acc"] = acc
                 return carry
 
-            carry = lax.fori_loop(0, full_steps, lambda i, cr: step(i, cr, False), carry)
-            if cfg.causal or S % BN:
-                carry = lax.fori_loop(full_steps, steps, lambda i, cr: step(i, cr, True), carry)
+            def overlapped(i, carry, masked: bool):
+                """FlashAttention-3's order within a warpgroup: issue tile i+1's scores and tile
+                i's P·V together, then run tile i+1's softmax (and its checks) while P·V runs."""
+                carry = dict(carry)
+                acc, pv, p16 = carry.pop("acc"), carry.pop("pv", None), carry.pop("p16")
+                slot, nslot = (lax.rem(x, jnp.array(stages, i.dtype)) for x in (i, i + 1))
+                plgpu.barrier_wait(k_bars.at[nslot])
+                plgpu.barrier_wait(v_bars.at[slot])
+                if cfg.vcol:
+                    plgpu.barrier_wait(vc_bars.at[slot])
+                schedule_wait()  # the tensor cores are ours
+                diag = masked and cfg.causal and cfg.qk
+
+                def mmas(refs):
+                    acc_ref, pv_ref, out = refs
+
+                    def scored(s_refs):
+                        s_ref, s2_ref = s_refs
+                        plgpu.wgmma(s_ref, qo_smem, k_smem.at[nslot].transpose((1, 0)))
+                        if diag:
+                            plgpu.wgmma(s2_ref, qo_smem, k_smem.at[nslot].transpose((1, 0)))
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        if cfg.vcol:
+                            plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+                        schedule_barrier()
+                        behind = 2 if cfg.vcol else 1  # P·V may still run
+                        got = plgpu.wgmma_accumulator_load(s_ref, wait_n=behind)
+                        got2 = plgpu.wgmma_accumulator_load(s2_ref, wait_n=behind) if diag else None
+                        plgpu.barrier_arrive(k_done.at[nslot])
+                        new, p16n, alpha, _ = softmax(i + 1, got, {n: r[...] for n, r in out[0].items()}, masked,
+                                                      got2)
+                        for n, r in out[0].items():
+                            r[...] = new[n]
+                        out[1][...] = p16n
+                        out[2][...] = alpha
+
+                    pl.run_scoped(scored, (plgpu.ACC((BQ, BN), F32), plgpu.ACC((BQ, BN), F32) if diag else None))
+
+                init = (plgpu.ACC.init(acc), plgpu.ACC.init(pv) if cfg.vcol else None, (carry, p16, carry["m"]))
+                acc, pv, (carry, p16, alpha) = pl.run_state(mmas)(init)
+                plgpu.barrier_arrive(v_done.at[slot])
+                carry["acc"] = acc * bcast_rows(alpha, (BQ, H))
+                if cfg.vcol:
+                    carry["pv"] = pv * bcast_rows(alpha, (BQ, VCOLS))
+                carry["p16"] = p16
+                schedule_arrive()  # softmax done
+                return carry
+
+            if cfg.overlap:  # tile 0's scores and softmax; the loop; the last tile's P·V
+                first_masked = cfg.causal or S < BN  # tile 0 may be the diagonal or a partial tile
+                s2 = None
+                if first_masked and cfg.causal and cfg.qk:
+                    s2 = pl.run_scoped(lambda r: again(r, 0), plgpu.ACC((BQ, BN), F32))
+
+                def qk0(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[0].transpose((1, 0)))
+                    schedule_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk0, plgpu.ACC((BQ, BN), F32))
+                plgpu.barrier_arrive(k_done.at[0])
+                acc, pv = carry.pop("acc"), carry.pop("pv", None)
+                carry, p16, _, _ = softmax(jnp.int32(0), s, carry, first_masked, s2)
+                carry.update(acc=acc, p16=p16, **({"pv": pv} if cfg.vcol else {}))
+                schedule_arrive()
+                last = jnp.maximum(full_steps - 1, 0)
+                carry = lax.fori_loop(0, last, lambda i, cr: overlapped(i, cr, False), carry)
+                if cfg.causal or S % BN:
+                    carry = lax.fori_loop(last, steps - 1, lambda i, cr: overlapped(i, cr, True), carry)
+                p16 = carry.pop("p16")
+                slot = lax.rem(steps - 1, jnp.array(stages, jnp.int32))
+                plgpu.barrier_wait(v_bars.at[slot])
+                if cfg.vcol:
+                    plgpu.barrier_wait(vc_bars.at[slot])
+                schedule_wait()
+
+                def pv_last(refs):
+                    acc_ref, pv_ref = refs
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    if cfg.vcol:
+                        plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+
+                acc, pv = pl.run_state(pv_last)((plgpu.ACC.init(carry["acc"]),
+                                                 plgpu.ACC.init(carry["pv"]) if cfg.vcol else None))
+                plgpu.barrier_arrive(v_done.at[slot])
+                carry["acc"] = acc
+                if cfg.vcol:
+                    carry["pv"] = pv
+            else:
+                carry = lax.fori_loop(0, full_steps, lambda i, cr: step(i, cr, False), carry)
+                if cfg.causal or S % BN:
+                    carry = lax.fori_loop(full_steps, steps, lambda i, cr: step(i, cr, True), carry)
             if cfg.causal:
                 def drain(i, _):  # the other warpgroup's remaining steps: release the slots, keep the turns
                     slot = lax.rem(i, jnp.array(stages, i.dtype))
@@ -612,7 +713,7 @@ def config(q_shape, k_shape, dtype: str, *, scale, causal, which, n_faults, bloc
         T=T, S=S, G=N // K, scale=float(scale), causal=causal, block_kv=blocks.block_kv, stages=blocks.stages,
         qk="qk_row" in which, dmr="softmax_dmr" in which, pv="pv_row" in which, exp="softmax_exp" in which,
         coef=tol.fused_coefficients(S, H, dtype, BLOCK_Q, blocks.block_kv, CHUNK), inject=n_faults > 0,
-        late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, fma_cols=blocks.fma_cols, exp_logs=blocks.exp_logs,
+        late_checks=blocks.late_checks, ping_pong=blocks.ping_pong, overlap=blocks.overlap, fma_cols=blocks.fma_cols, exp_logs=blocks.exp_logs,
         vcol_unscale=1.0 / tol.fused_vcol_scale(dtype, H))
 
 
