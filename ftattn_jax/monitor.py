@@ -63,6 +63,28 @@ class Monitor(_Monitor):
         super().__init__(read=counters.tally, reset=counters.reset, gather=_gather_processes if many else None,
                          rank=jax.process_index(), on_step=on_step)
 
+    def replay(self, fn, other=None) -> Classification:
+        """As ``ftattn_spec.monitoring.Monitor.replay``. The replay on ``other`` counts through host
+        callbacks (``counters.use_device_tallies(False)``): a traced call's counters otherwise live
+        on the default device (or the mesh's), and a function jitted for ``other`` could not close
+        over them. JAX's caches are cleared before and after that replay, so that ``fn``'s jitted
+        functions are traced again for it; the next call of each recompiles once."""
+        if other is None or not callable(fn):
+            return super().replay(fn, other)
+
+        def where(device):
+            if device is None:
+                return fn(None)
+            previous = counters.use_device_tallies(False)
+            jax.clear_caches()
+            try:
+                return fn(device)
+            finally:
+                counters.use_device_tallies(previous)
+                jax.clear_caches()
+
+        return super().replay(where, other)
+
 
 def devices_of(where, sharding, q_shape) -> list:
     """The devices holding the query rows a detection names: ``where`` is a

@@ -137,6 +137,34 @@ def test_replay_classifies_transient_persistent_and_device():
         mon.replay(3)
 
 
+def test_jax_replay_on_another_device_traces_again_with_host_counters():
+    """A jitted step replayed on ``other``: traced again (its counters then come through the host,
+    so a function jitted for another device needs no Ref on the default one), the setting
+    restored after; a fault that follows the first device is called ``"device"``."""
+    q, k, v = _jax_inputs(3)
+    bad = Fault("probs", (1, 2, 3, 4), bit=30)
+    seen = []
+
+    def make(plan):
+        @jax.jit
+        def f(x):
+            seen.append(jax_counters._use_refs["on"])  # the setting this trace sees
+            return ftattn_jax.attention(x, k, v, site="replayed jax", fault=plan)[0]
+        return f
+
+    faulty, clean = make([bad]), make(None)
+    mon = ftattn_jax.monitor.Monitor()
+    jax.block_until_ready(faulty(q))
+    assert mon.step().detected and seen == [True]
+    before = jax_counters._use_refs["on"]
+    got = mon.replay(lambda device: jax.block_until_ready((faulty if device is None else clean)(q)),
+                     other=jax.devices()[0])
+    assert got.kind == "device" and got.other_device is not None and not got.other_device.detected
+    assert seen[-1] is False and jax_counters._use_refs["on"] == before
+    assert mon.replay(lambda device: jax.block_until_ready(faulty(q)), other=jax.devices()[0]).kind == "persistent"
+    assert seen[-1] is False and len(seen) >= 3
+
+
 def test_on_step_and_tensorboard_export():
     class Writer:
         def __init__(self):
