@@ -32,7 +32,7 @@ from ftattn_spec.monitoring import (Classification, Monitor as _Monitor, SiteVer
                                     tensorboard)
 
 from ftattn_spec import tally
-from ftattn_spec.schemes import CHECK_ORIENTATION
+from ftattn_spec.schemes import ANY_CHECK_ORIENTATION
 
 from . import counters
 from .common import OPS
@@ -98,7 +98,7 @@ def devices_of(where, sharding, q_shape) -> list:
     if where is None or where.check is None or len(where.index) < 2:
         return []
     b, n = where.index[:2]
-    row = where.index[2] if len(where.index) == 3 and CHECK_ORIENTATION[where.check] == "row" else None
+    row = where.index[2] if len(where.index) == 3 and ANY_CHECK_ORIENTATION[where.check] == "row" else None
     found = []
     for device, idx in sharding.devices_indices_map(tuple(q_shape)).items():
         bs, ts, ns = idx[0], idx[1], idx[2]

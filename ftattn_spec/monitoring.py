@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, NamedTuple
 
-from .schemes import CHECK_ORIENTATION
+from .schemes import ANY_CHECK_ORIENTATION
 from .tally import SiteTally, Where
 
 #: what a replay says of a detection (:func:`classify`)
@@ -74,7 +74,7 @@ _LAST_AXIS = {"row": "row", "col": "key", "head": "h"}
 
 
 def _index(w: Where) -> str:
-    names = ("b", "n", _LAST_AXIS[CHECK_ORIENTATION[w.check]])
+    names = ("b", "n", _LAST_AXIS[ANY_CHECK_ORIENTATION[w.check]])
     return "(" + ", ".join(f"{a}={i}" for a, i in zip(names, w.index)) + ")"
 
 

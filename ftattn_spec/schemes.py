@@ -33,6 +33,23 @@ CHECK_ORIENTATION: dict[str, str] = {
     "pv_col": "head",
 }
 
+#: The backward's checks (the fused kernels' and the ring's; docs/tolerances.md) and the axis
+#: their flags run along: per query row ``(B, N, T)``, per key ``(B, N|K, S)``, or one per head
+#: ``(B, N)`` (``bwd_softmax_kv``). They are not part of a scheme; a tally can name them.
+BACKWARD_CHECK_ORIENTATION: dict[str, str] = {
+    "bwd_qk_row": "row", "bwd_dp_row": "row", "bwd_softmax": "row", "bwd_dq": "row", "bwd_d": "row",
+    "bwd_ds": "row",
+    "bwd_qk_col": "col", "bwd_dp_col": "col", "bwd_dk": "col", "bwd_dv": "col", "bwd_ds_col": "col",
+    "bwd_softmax_col": "col", "bwd_transit": "col",
+    "bwd_softmax_kv": "head",
+}
+
+#: Every check a verdict can name: the forward's, then the backward's.
+NAMED_CHECKS: tuple[str, ...] = CHECKS + tuple(BACKWARD_CHECK_ORIENTATION)
+
+#: ``CHECK_ORIENTATION`` and ``BACKWARD_CHECK_ORIENTATION`` together.
+ANY_CHECK_ORIENTATION: dict[str, str] = {**CHECK_ORIENTATION, **BACKWARD_CHECK_ORIENTATION}
+
 GRANULARITIES: tuple[str, ...] = ("vector", "global")
 
 

@@ -10,15 +10,18 @@ site a backend keeps one row of ``WIDTH`` int32 on the device (``FIELDS``):
   that is not a compute fault);
 * ``check``, ``i0``, ``i1``, ``i2``: the first flagged element of the first call
   that flagged one since the tally was zeroed: ``1 +`` the check's position in
-  ``CHECKS`` (0: none), and its index in that check's ``flagged`` array
+  ``NAMED_CHECKS`` (0: none; the forward's checks first, then the backward's), and its
+  index in that check's ``flagged`` array
   (``(b, n, row)`` for a row check at ``granularity="vector"``, ``(b, n)`` at
   ``"global"``, ``(b, n, key)`` for ``qk_col``, ``(b, n, h)`` for ``pv_col``;
   ``-1`` pads), so a verdict names the layer, the head and the row.
 
 :func:`encode` makes one call's row and :func:`merge` adds it to a tally, both
 with array operations only (no host read), in either framework; :func:`decode`
-reads a row on the host into a :class:`SiteTally`. A verdict with no report (the
-fused backward's) is :func:`encode_flag`'s row: counted, located nowhere.
+reads a row on the host into a :class:`SiteTally`. The backward's verdicts are
+reports of their own checks (``bwd_*``), located the same way (``(b, n, row)``,
+``(b, n, key)``, or ``(b, n)`` for ``bwd_softmax_kv``); a verdict with no report is
+:func:`encode_flag`'s row: counted, located nowhere.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from .arrays import ArrayOps
-from .schemes import CHECKS
+from .schemes import NAMED_CHECKS
 
 FIELDS: tuple[str, ...] = ("calls", "detected", "nonfinite", "check", "i0", "i1", "i2")
 WIDTH = len(FIELDS)
@@ -37,7 +40,7 @@ class Where(NamedTuple):
     """The first element a check flagged: the check, and its index in the check's ``flagged``
     array (``(b, n, row)`` for a row check at ``granularity="vector"``; ``(b, n)`` at
     ``"global"``; ``(b, n, key)`` for ``qk_col``, ``(b, n, h)`` for ``pv_col``). ``check`` is
-    ``None`` for a verdict that carries no location (the fused backward's)."""
+    ``None`` for a verdict that carries no location (a bool scalar)."""
 
     check: str | None
     index: tuple[int, ...]
@@ -59,8 +62,8 @@ def encode(report, ops: ArrayOps):
     detected = ops.int32(report.detected).reshape(())
     one = detected * 0 + 1
     check, index = one * 0, [one * 0 - 1] * 3
-    for k in reversed(range(len(CHECKS))):  # so the first check in CHECKS order that flagged wins
-        c = report.checks.get(CHECKS[k])
+    for k in reversed(range(len(NAMED_CHECKS))):  # so the first check in NAMED_CHECKS order that flagged wins
+        c = report.checks.get(NAMED_CHECKS[k])
         if c is None or 0 in tuple(c.flagged.shape):
             continue
         here, hit = first_flagged(c.flagged, ops)
@@ -120,8 +123,8 @@ def decode(row: Sequence[Any]) -> SiteTally:
         raise ValueError(f"row: expected {WIDTH} integers {FIELDS}, got {len(r)}")
     first = None
     if r[3] > 0:
-        first = Where(CHECKS[r[3] - 1], tuple(x for x in r[4:] if x >= 0))
-    elif r[1] > r[2]:  # a detection with no flagged element recorded: the fused backward's verdict
+        first = Where(NAMED_CHECKS[r[3] - 1], tuple(x for x in r[4:] if x >= 0))
+    elif r[1] > r[2]:  # a detection with no flagged element recorded: a bool verdict
         first = Where(None, ())
     return SiteTally(calls=r[0], detected=r[1], nonfinite=r[2], first=first)
 
@@ -131,7 +134,7 @@ def to_rows(tallies: Mapping[str, SiteTally]) -> dict[str, list[int]]:
     that moves them between processes as bytes."""
     rows = {}
     for site, t in tallies.items():
-        check = 0 if t.first is None or t.first.check is None else CHECKS.index(t.first.check) + 1
+        check = 0 if t.first is None or t.first.check is None else NAMED_CHECKS.index(t.first.check) + 1
         index = list(t.first.index) if t.first is not None else []
         rows[site] = [t.calls, t.detected, t.nonfinite, check, *(index + [-1] * (3 - len(index)))]
     return rows

@@ -194,6 +194,19 @@ def test_a_fault_at_each_backward_site_is_detected(site, index, replica, bit):
     assert counts == {"detected": 1, "calls": 1}
 
 
+@pytest.mark.parametrize("site,index,check,where", [
+    ("bwd_dq", (1, 1, 13, 5), "bwd_dq", (1, 1, 13)),
+    ("bwd_dv", (2, 0, 20, 3), "bwd_dv", (2, 0, 20)),
+])
+def test_a_backward_detection_is_located(site, index, check, where):
+    """The backward's verdict names its check and (batch, head, row or key), as a forward's does."""
+    from ftattn_spec import Fault
+    from ftattn_spec.tally import Where
+
+    _backward_counts("located", SMALL, fault=Fault(site, index, bit=27), is_causal=True)
+    assert ft.counters.tally()["located (backward)"].first == Where(check, where)
+
+
 #: longer sequences, where the dK/dV kernel's per-head-group total of P has a floor above a
 #: small error in one p (20x its threshold in this probe; the per-key check sees it)
 LONG = dict(SHAPE, B=1, T=150, S=140)

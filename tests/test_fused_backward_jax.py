@@ -182,6 +182,19 @@ def test_a_fault_at_each_backward_site_is_detected(site, index, replica, bit):
     assert counts == {"detected": 1, "calls": 1}
 
 
+@pytest.mark.parametrize("site,index,check,where", [
+    ("bwd_dq", (1, 1, 13, 5), "bwd_dq", (1, 1, 13)),
+    ("bwd_dv", (2, 0, 20, 3), "bwd_dv", (2, 0, 20)),
+])
+def test_a_backward_detection_is_located(site, index, check, where):
+    """The backward's verdict names its check and (batch, head, row or key), as a forward's does."""
+    from ftattn_spec import Fault
+    from ftattn_spec.tally import Where
+
+    _backward_counts("located", SMALL, fault=Fault(site, index, bit=27), is_causal=True)
+    assert counters.tally()["located (backward)"].first == Where(check, where)
+
+
 @pytest.mark.parametrize("bit", [18])
 def test_a_small_probs_fault_in_the_dkdv_kernel_is_detected(bit):
     """As in PyTorch: an error far below the per-head total's floor, seen per key."""

@@ -165,6 +165,20 @@ def test_jax_replay_on_another_device_traces_again_with_host_counters():
     assert seen[-1] is False and len(seen) >= 3
 
 
+def test_every_backward_check_can_be_named_by_a_tally():
+    """A backward's detection is located like a forward's: every check name a backward reports
+    is one the tally can encode (``NAMED_CHECKS``), with an orientation."""
+    from ftattn_jax.fused import pallas_backward as pb
+    from ftattn_spec import ring_backward
+    from ftattn_spec.schemes import ANY_CHECK_ORIENTATION, NAMED_CHECKS
+    from ftattn_torch.fused import launch
+
+    names = {*pb.ROW_CHECKS, *pb.KEY_CHECKS, "bwd_softmax_kv", *launch.BACKWARD_ROW_CHECKS,
+             *launch.BACKWARD_GROUP_CHECKS, *launch.BACKWARD_KEY_CHECKS, *ring_backward.CHECKS}
+    assert names <= set(NAMED_CHECKS) and set(NAMED_CHECKS) <= set(ANY_CHECK_ORIENTATION)
+    assert len(set(NAMED_CHECKS)) == len(NAMED_CHECKS)
+
+
 def test_on_step_and_tensorboard_export():
     class Writer:
         def __init__(self):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ftattn_spec import tolerances as tol
+from ftattn_spec.report import Report
 
 from ..common import verdict
 from . import pallas_backward as pb
@@ -76,8 +77,11 @@ def checked(q, k, v, out, lse, do, ft, fv, cfg: pb.BackwardConfig, masks, grad, 
         detected = jnp.zeros((), bool)
         for r in (*rows, *keys, *group):
             detected = detected | jnp.any(r.flagged)
-        if grad.record is not None:
-            grad.record(grad.site, detected, grad.warn or grad.on_fault == "raise")
+        if grad.record is not None:  # a report of the backward's checks: the counters locate the first flag
+            named = {**dict(zip(pb.ROW_CHECKS, rows)), **dict(zip(pb.KEY_CHECKS, keys)), "bwd_softmax_kv": group[0]}
+            report = Report(detected=detected, checks=named, inputs_finite=jnp.ones((), bool), located={},
+                            corrected=jnp.zeros((), jnp.int32))
+            grad.record(grad.site, report, grad.warn or grad.on_fault == "raise")
         if grad.on_fault == "correct":  # again, without the plan's (transient) faults
             clean = dataclasses.replace(cfg, n_faults=0, checks=False)
             dq, dk, dv, ds = lax.cond(detected, lambda: tuple(run(clean, None, None)[:4]),

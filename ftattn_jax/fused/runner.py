@@ -85,7 +85,7 @@ def _allowed(cfg, B: int, T: int, S: int, mask, query_lengths, key_lengths):
 class BackwardSettings(NamedTuple):
     """What the fused backward does with its verdict (static: part of the compiled function).
 
-    ``record(site, detected, warn)`` counts it (``ftattn_jax.counters.record``, handed in by the
+    ``record(site, report, warn)`` counts it (``ftattn_jax.counters.record``, handed in by the
     API layer) under ``site``; ``on_fault`` is the caller's policy: ``"nan"`` and ``"raise"``
     poison the implicated gradient rows (a traced backward cannot raise; the count and, for
     ``"raise"``, a ``FaultWarning`` say why), ``"correct"`` runs the backward again without the
