@@ -25,7 +25,7 @@ from ftattn_spec.report import Ran, Report
 from ftattn_spec.schemes import CHECKS
 
 from . import counters, fused, unfused
-from .common import explicit_axes, in_auto_mode
+from .common import as_stored, explicit_axes, in_auto_mode
 
 _LAYOUT_Q, _LAYOUT_KV = LAYOUTS["jax"]
 
@@ -141,6 +141,7 @@ def execute(call: Call, query, key, value, mask=None, bias=None, query_seq_lengt
 
     # the plan is an argument, not closed over: explicit mode (below) maps arguments only
     def run(query, key, value, mask, bias, query_seq_lengths, key_value_seq_lengths, plan):
+        query, key, value, bias = as_stored(query, key, value, bias)  # kernels and checksums read the same values
         match cfg.implementation:
             case "pallas":
                 return fused.run(query, key, value, interpret=call.interpret, lowering=call.lowering,

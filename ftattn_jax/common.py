@@ -25,6 +25,23 @@ OPS = ArrayOps(
 )
 
 
+def as_stored(*xs):
+    """The arrays as they are stored, for code that reads each twice: once in a kernel or a
+    product (in their own dtype) and once widened to float32 for a checksum beside it.
+
+    XLA's GPU compiler drops a float32 → float16/bfloat16 → float32 round trip by default
+    (``xla_allow_excess_precision``; its pass ``simplify-fp-conversions``): an input computed
+    in float32 and cast down inside the same jitted function would reach the float32 sums
+    unrounded and the product rounded, and the difference (half an ulp of the input dtype per
+    element) is far above the checks' float32 thresholds. An optimization barrier keeps the
+    stored values the only ones either side sees. (The CPU compiler keeps the round trip.)
+    """
+    got = jax.lax.optimization_barrier(tuple(x for x in xs if x is not None))
+    it = iter(got)
+    out = tuple(None if x is None else next(it) for x in xs)
+    return out if len(out) != 1 else out[0]
+
+
 def verdict(diff: Array, threshold: Array, granularity: str, signed: bool = True,
             ratio: bool = False) -> CheckResult:
     """A ``CheckResult`` from per-row (or per-column) differences and thresholds.

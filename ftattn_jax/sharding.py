@@ -32,7 +32,7 @@ from ftattn_spec.faults import FaultDetected
 from ftattn_spec.report import CheckResult, Ran, Report
 
 from . import counters, faults, fused, ring_backward, unfused
-from .common import F32
+from .common import F32, as_stored
 
 _RING_CODE = {name: i for i, name in enumerate(ring.RING_SITES)}
 
@@ -129,7 +129,8 @@ def _ring_fwd(query, key, value, plan, static: _Static):
 
 def _ring_bwd(static: _Static, saved, cts):
     query, key, value, plan, out, lse = saved
-    dq, dk, dv = ring_backward.backward(query, key, value, out, lse, cts[0], scale=static.scale,
+    query, key, value, out, do = as_stored(query, key, value, out, cts[0])
+    dq, dk, dv = ring_backward.backward(query, key, value, out, lse, do, scale=static.scale,
                                         is_causal=static.is_causal, axis_name=static.axis_name,
                                         axis_size=static.axis_size)
     return dq, dk, dv, jax.tree.map(_zero_cotangent, plan)
@@ -141,6 +142,7 @@ _ring_vjp.defvjp(_ring_fwd, _ring_bwd)
 def _forward(query, key, value, plan, static: _Static):
     """The ring's forward: ``((out, blocks, ring_checks, steps, inputs_finite), merged lse)``."""
     axis_name, P, checks, scale, is_causal, impl = static
+    query, key, value = as_stored(query, key, value)  # the blocks' products and the ring's sums read the same values
     me = lax.axis_index(axis_name)
     B, Tc, N, H = query.shape
     Sc = key.shape[1]
@@ -342,6 +344,7 @@ def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: fl
 
     def back(q, k, vv, rp, o, lse, do):
         me = lax.axis_index(axis_name)
+        q, k, vv, o, do = as_stored(q, k, vv, o, do)
         got = ring_backward.backward(q, k, vv, o, lse, do, scale=scale, is_causal=is_causal, axis_name=axis_name,
                                      axis_size=P, checked=checked, u=after.u,
                                      inject=lambda x, step, site, axes: _inject(x, rp, me, step, site, axes))

@@ -195,6 +195,37 @@ def test_a_backward_detection_is_located(site, index, check, where):
     assert counters.tally()["located (backward)"].first == Where(check, where)
 
 
+def _barrier_inputs(jaxpr) -> list:
+    """The avals every ``optimization_barrier`` in ``jaxpr`` (and its sub-jaxprs) takes."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "optimization_barrier":
+            found += [(tuple(x.aval.shape), x.aval.dtype.name) for x in eqn.invars]
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _barrier_inputs(inner)
+    return found
+
+
+def test_the_backward_reads_the_stored_cotangent():
+    """A cotangent cast from float32 just before the backward (the loss's) reaches the kernel and
+    the float32 side sums as the same stored values: both read it after an optimization barrier,
+    which XLA's GPU compiler cannot see through (its excess-precision pass would otherwise hand
+    the sums the unrounded float32 values; a clean step was flagged so on the H200)."""
+    q, k, v = _qkv(0, shape=SMALL)
+    g = jax.random.normal(jax.random.PRNGKey(5), q.shape, jnp.float32)
+
+    def loss(q32, k, v):
+        out = ftattn_jax.attention(q32.astype(q.dtype), k, v, implementation="pallas")[0]
+        return jnp.sum(out.astype(jnp.float32) * g)
+
+    got = _barrier_inputs(jax.make_jaxpr(jax.grad(loss))(q.astype(jnp.float32), k, v).jaxpr)
+    query = (tuple(q.shape), q.dtype.name)
+    assert got.count(query) >= 4, got  # forward: the query; backward: query, output and cotangent
+
+
 @pytest.mark.parametrize("bit", [18])
 def test_a_small_probs_fault_in_the_dkdv_kernel_is_detected(bit):
     """As in PyTorch: an error far below the per-head total's floor, seen per key."""

@@ -31,7 +31,7 @@ from ftattn_spec import masking
 from ftattn_spec.report import make_report
 
 from .. import faults
-from ..common import OPS, verdict
+from ..common import OPS, as_stored, verdict
 from . import compat, gradients, partitioned
 from . import mosaic_kernel as mosaic
 from . import pallas_backward as backward
@@ -125,13 +125,14 @@ def _attend_fwd(q, k, v, bias, aux, ft, fv, cfg, grad):
 
 def _attend_bwd(cfg, grad, res, cts):
     q, k, v, bias, aux, ft, fv, out, lse = res
+    q, k, v, out, do = as_stored(q, k, v, out, cts[0])  # the kernels and the side sums read the same values
     mask, qlen, klen = aux
     dtype = jnp.dtype(q.dtype).name
     fwd = _trainable(cfg, q.shape, k.shape, dtype, 0 if fv is None else fv.shape[0])
     checks = bool(fwd.qk or fwd.dmr or fwd.exp or fwd.pv)
     bcfg = backward.backward_config(fwd, q.shape[-1], dtype, checks=checks)
     masks = portable.Masks(mask, bias, qlen, klen)
-    dq, dk, dv, dbias = gradients.checked(q, k, v, out, lse, cts[0], ft, fv, bcfg, masks, grad, fwd.uniform)
+    dq, dk, dv, dbias = gradients.checked(q, k, v, out, lse, do, ft, fv, bcfg, masks, grad, fwd.uniform)
     zero_int = lambda x: None if x is None else np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731
     return (dq, dk, dv, dbias, tuple(zero_int(x) for x in aux), zero_int(ft),
             None if fv is None else jnp.zeros_like(fv))
