@@ -151,6 +151,7 @@ def fused(mesh, rng, sh) -> dict:
     got["grad"] = dict(specs=[str(x.sharding.spec) for x in grads],
                        diff=[float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
                              for a, b in zip(grads, grads1)],
+                       scale=[float(np.max(np.abs(np.asarray(b, np.float32)))) for b in grads1],
                        largest_gather=largest_gather(g.lower(q, k, v).compile().as_text()))
     gf = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     gf(q, k, v, Fault("bwd_dk", (2, 3, 7, 5), bit=28))  # a kv head's dK, on the device holding heads 6 and 7

@@ -137,7 +137,7 @@ def test_replay_classifies_transient_persistent_and_device():
         mon.replay(3)
 
 
-def test_jax_replay_on_another_device_traces_again_with_host_counters():
+def test_jax_replay_on_another_device_traces_again_with_host_counters(monkeypatch):
     """A jitted step replayed on ``other``: traced again (its counters then come through the host,
     so a function jitted for another device needs no Ref on the default one), the setting
     restored after; a fault that follows the first device is called ``"device"``."""
@@ -153,6 +153,8 @@ def test_jax_replay_on_another_device_traces_again_with_host_counters():
         return f
 
     faulty, clean = make([bad]), make(None)
+    # the replay clears JAX's caches; here only these two functions' (the rest of the process keeps its compilations)
+    monkeypatch.setattr(jax, "clear_caches", lambda: (faulty.clear_cache(), clean.clear_cache()))
     mon = ftattn_jax.monitor.Monitor()
     jax.block_until_ready(faulty(q))
     assert mon.step().detected and seen == [True]

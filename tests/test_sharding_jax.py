@@ -54,7 +54,9 @@ def test_sharded_over_batch_and_heads():
         assert r["largest_gather"] <= B * N * 4, scheme  # without the op: the inputs gathered everywhere
     gr = fz["grad"]
     assert gr["specs"] == ["P('data', None, 'heads')"] * 3
-    assert max(gr["diff"]) <= 2.0**-10 * 0.1, gr["diff"]  # float16 gradients: at most a rounding apart
+    # float16 gradients at most a rounding apart: one ulp of the largest, 2⁻¹⁰ of it (the side sums'
+    # float32 reductions may run in another order per shard; the kernel is the same)
+    assert all(d <= 2.0**-10 * m for d, m in zip(gr["diff"], gr["scale"])), (gr["diff"], gr["scale"])
     assert gr["largest_gather"] <= B * N * 4
     assert fz["tally"]["fused grad (backward)"] == [3, 1]  # sharded, single-device, and the faulted one
     assert fz["vmap_equal"]
