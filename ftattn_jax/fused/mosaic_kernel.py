@@ -359,6 +359,30 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
+            def scores(slot, diag: bool):
+                """A tile's scores (and, with ``diag``, their second copy), taking a turn on the
+                tensor cores; the K slot is released. Returns ``(s, s2 or None)``."""
+                s2 = pl.run_scoped(lambda r: again(r, slot), plgpu.ACC((BQ, BN), F32)) if diag else None
+
+                def qk_mma(acc_ref):
+                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                    schedule_barrier()
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_mma, plgpu.ACC((BQ, BN), F32))
+                plgpu.barrier_arrive(k_done.at[slot])
+                return s, s2
+
+            def wait_values(slot):  # the V tile (and its narrow columns) of ``slot`` have landed
+                plgpu.barrier_wait(v_bars.at[slot])
+                if cfg.vcol:
+                    plgpu.barrier_wait(vc_bars.at[slot])
+
+            def pv_issue(acc_ref, pv_ref, p16, slot):  # P̂·V, and P̂·vcol beside it
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                if cfg.vcol:
+                    plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+
             def softmax(i, s, carry, masked: bool, s2=None):
                 """Tile ``i``'s softmax and the checks that live in it, on its scores ``s`` (and, on
                 the diagonal with qk_row, ``s2``: the same scores from a separate MMA); returns the
@@ -439,35 +463,21 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
 
             def step(i, carry, masked: bool):
                 slot = lax.rem(i, jnp.array(stages, i.dtype))
-                s2 = None
-                if masked and cfg.causal and cfg.qk:
-                    s2 = pl.run_scoped(lambda r: again(r, slot), plgpu.ACC((BQ, BN), F32))
-
-                def qk_mma(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                    schedule_barrier()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_mma, plgpu.ACC((BQ, BN), F32))
-                plgpu.barrier_arrive(k_done.at[slot])
+                s, s2 = scores(slot, masked and cfg.causal and cfg.qk)
                 carry, p16, alpha, tile_checks = softmax(i, s, carry, masked, s2)
                 acc = carry["acc"] * bcast_rows(alpha, (BQ, H))
                 pv = carry["pv"] * bcast_rows(alpha, (BQ, VCOLS)) if cfg.vcol else None
                 acc, pv, p16 = lax.optimization_barrier((acc, pv, p16))
 
                 schedule_arrive()  # softmax done
-                plgpu.barrier_wait(v_bars.at[slot])
-                if cfg.vcol:
-                    plgpu.barrier_wait(vc_bars.at[slot])
+                wait_values(slot)
                 schedule_wait()  # the tensor cores are ours
 
                 late = check_keys if cfg.late_checks else []
 
                 def pv_mma(refs):
                     acc_ref, pv_ref, check_refs = refs
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    if cfg.vcol:
-                        plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+                    pv_issue(acc_ref, pv_ref, p16, slot)
                     if late:  # on the CUDA cores while the tensor cores run P·V
                         new = tile_checks({n: r[...] for n, r in zip(late, check_refs)})
                         for n, r in zip(late, check_refs):
@@ -494,9 +504,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                 acc, pv, p16 = carry.pop("acc"), carry.pop("pv", None), carry.pop("p16")
                 slot, nslot = (lax.rem(x, jnp.array(stages, i.dtype)) for x in (i, i + 1))
                 plgpu.barrier_wait(k_bars.at[nslot])
-                plgpu.barrier_wait(v_bars.at[slot])
-                if cfg.vcol:
-                    plgpu.barrier_wait(vc_bars.at[slot])
+                wait_values(slot)
                 schedule_wait()  # the tensor cores are ours
                 diag = masked and cfg.causal and cfg.qk
 
@@ -508,9 +516,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                         plgpu.wgmma(s_ref, qo_smem, k_smem.at[nslot].transpose((1, 0)))
                         if diag:
                             plgpu.wgmma(s2_ref, qo_smem, k_smem.at[nslot].transpose((1, 0)))
-                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                        if cfg.vcol:
-                            plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
+                        pv_issue(acc_ref, pv_ref, p16, slot)
                         schedule_barrier()
                         behind = 2 if cfg.vcol else 1  # P·V may still run
                         got = plgpu.wgmma_accumulator_load(s_ref, wait_n=behind)
@@ -537,17 +543,7 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
 
             if cfg.overlap:  # tile 0's scores and softmax; the loop; the last tile's P·V
                 first_masked = cfg.causal or S < BN  # tile 0 may be the diagonal or a partial tile
-                s2 = None
-                if first_masked and cfg.causal and cfg.qk:
-                    s2 = pl.run_scoped(lambda r: again(r, 0), plgpu.ACC((BQ, BN), F32))
-
-                def qk0(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[0].transpose((1, 0)))
-                    schedule_barrier()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk0, plgpu.ACC((BQ, BN), F32))
-                plgpu.barrier_arrive(k_done.at[0])
+                s, s2 = scores(0, first_masked and cfg.causal and cfg.qk)
                 acc, pv = carry.pop("acc"), carry.pop("pv", None)
                 carry, p16, _, _ = softmax(jnp.int32(0), s, carry, first_masked, s2)
                 carry.update(acc=acc, p16=p16, **({"pv": pv} if cfg.vcol else {}))
@@ -558,18 +554,9 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                     carry = lax.fori_loop(last, steps - 1, lambda i, cr: overlapped(i, cr, True), carry)
                 p16 = carry.pop("p16")
                 slot = lax.rem(steps - 1, jnp.array(stages, jnp.int32))
-                plgpu.barrier_wait(v_bars.at[slot])
-                if cfg.vcol:
-                    plgpu.barrier_wait(vc_bars.at[slot])
+                wait_values(slot)
                 schedule_wait()
-
-                def pv_last(refs):
-                    acc_ref, pv_ref = refs
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                    if cfg.vcol:
-                        plgpu.wgmma(pv_ref, p16, vc_smem.at[slot])
-
-                acc, pv = pl.run_state(pv_last)((plgpu.ACC.init(carry["acc"]),
+                acc, pv = pl.run_state(lambda refs: pv_issue(*refs, p16, slot))((plgpu.ACC.init(carry["acc"]),
                                                  plgpu.ACC.init(carry["pv"]) if cfg.vcol else None))
                 plgpu.barrier_arrive(v_done.at[slot])
                 carry["acc"] = acc
