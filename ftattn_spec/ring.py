@@ -50,6 +50,13 @@ from .schemes import CHECK_ORIENTATION
 FORWARD_SITES: tuple[str, ...] = ("scores", "probs", "out", "key", "value", "lse", "merge")
 RING_SITES: tuple[str, ...] = FORWARD_SITES + spec_ring_backward.SITES
 
+#: The sites a block injects itself (``faults.SITES``' names): S, P and O of the forward.
+BLOCK_SITES: tuple[str, ...] = ("scores", "probs", "out")
+
+#: Implementations whose ring backward runs each step as one launch of the fused backward, which
+#: injects the backward's product sites itself (``faults.BACKWARD_SITES``).
+FUSED_BACKWARD: tuple[str, ...] = ("triton",)
+
 #: Logical axes of each ring site's (global) index.
 RING_SITE_AXES: dict[str, str] = {"scores": "BNTS", "probs": "BNTS", "out": "BNTH", "key": "BKSH",
                                   "value": "BKSH", "lse": "BNT", "merge": "BNTH", **spec_ring_backward.SITE_AXES}
@@ -193,7 +200,7 @@ class RingFault:
 class RingPlan(NamedTuple):
     """Ring faults as arrays of length F: who injects (``device``, ``step``), where
     (``site`` indexes ``RING_SITES``; ``core_site`` indexes ``faults.SITES`` for a block's S, P
-    or O, −1 for the ring's own sites), the block-local index (4 entries, −1 padded), and how
+    or O, and under ``FUSED_BACKWARD`` for the backward's products; −1 for the ring's own sites), the block-local index (4 entries, −1 padded), and how
     (``kind``: 0 flip ``bit``, 1 set ``value``)."""
 
     device: np.ndarray
@@ -261,7 +268,8 @@ def plan(fault, dims: Mapping[str, int], P: int, dtype: str, checks,
                                      f"reads at step {implied}, got step={step}")
                 step = implied
                 local[3] -= chunk * Sc
-        core = spec_faults.SITES.index(f.site) if f.site in ("scores", "probs", "out") else -1
+        core = (spec_faults.SITES.index(f.site) if f.site in BLOCK_SITES or (
+            implementation in FUSED_BACKWARD and f.site in spec_faults.BACKWARD_SITES) else -1)
         rows.append((device, step, RING_SITES.index(f.site), core, f.replica, (local + [-1])[:4],
                      0 if f.bit is not None else 1, f.bit or 0, 0.0 if f.value is None else float(f.value)))
     col = list(zip(*rows))

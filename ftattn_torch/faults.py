@@ -6,6 +6,7 @@ Each fault that targets a site replaces one element of a copy of that tensor
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,3 +76,17 @@ def inject_ring(x: Tensor, plan, me: int, step: int, site: str) -> Tensor:
         idx = tuple(int(i) for i in plan.index[f][:x.ndim])
         x[idx] = corrupt(x[idx], int(plan.kind[f]), int(plan.bit[f]), float(plan.value[f]))
     return x
+
+
+def core_plan(plan, me: int, step: int, sites) -> FaultPlan | None:
+    """The faults of a ring plan (``ftattn_spec.ring.RingPlan``) that a block of step ``step`` on
+    rank ``me`` injects itself, at one of ``sites`` (names of ``ftattn_spec.faults.SITES``), as a
+    ``FaultPlan`` of block-local indices; None when there are none."""
+    if plan is None:
+        return None
+    codes = [SITES.index(s) for s in sites]
+    sel = (plan.device == me) & (plan.step == step) & (plan.core_site >= 0) & np.isin(plan.core_site, codes)
+    if not sel.any():
+        return None
+    return FaultPlan(plan.core_site[sel], plan.replica[sel], plan.index[sel], plan.kind[sel], plan.bit[sel],
+                     plan.value[sel])

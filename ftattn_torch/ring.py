@@ -25,10 +25,10 @@ import torch.distributed as dist
 from ftattn_spec import implementations, policy, ring
 from ftattn_spec import ring_backward as spec_ring_backward
 from ftattn_spec import validation as v
-from ftattn_spec.faults import FaultDetected, FaultPlan
+from ftattn_spec.faults import FaultDetected
 from ftattn_spec.report import CheckResult, Ran, Report
 
-from . import counters, faults, fused, ring_backward, unfused
+from . import counters, faults, fused, ring_backward, ring_fused_backward, unfused
 
 F32 = torch.float32
 
@@ -51,16 +51,6 @@ def _worse(best: CheckResult | None, new: CheckResult) -> CheckResult:
 def _sums(x: torch.Tensor):
     w = x.to(torch.float64 if x.dtype == torch.float64 else F32)
     return w.sum(2), w.abs().sum(2)  # over the chunk's keys: (B, K, H)
-
-
-def _core_plan(plan, me: int, step: int) -> FaultPlan | None:
-    if plan is None:
-        return None
-    sel = (plan.device == me) & (plan.step == step) & (plan.core_site >= 0)
-    if not sel.any():
-        return None
-    return FaultPlan(plan.core_site[sel], plan.replica[sel], plan.index[sel], plan.kind[sel], plan.bit[sel],
-                     plan.value[sel])
 
 
 def _fused_block(query, key, value, plan, *, checks: tuple[str, ...], scale: float, is_causal: bool):
@@ -189,7 +179,7 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
                                 torch.full((B, N, Tc), -torch.inf, device=dev), None, torch.zeros(B, N, Tc, device=dev))
             rep = None
         else:
-            blk, rep = block(query, kr, vr, _core_plan(plan, me, r), is_causal=is_causal and j == me)
+            blk, rep = block(query, kr, vr, faults.core_plan(plan, me, r, ring.BLOCK_SITES), is_causal=is_causal and j == me)
         if rep is not None:
             for name in checks:
                 best[name] = _worse(best[name], rep.checks[name])
@@ -291,9 +281,15 @@ class _Ring(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         plan, me, P, group, _, scale, is_causal, impl, fallback = ctx.args
         after = ctx.after
-        dq, dk, dv, res = ring_backward.backward(
-            query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal, me=me, P=P,
-            exchange=lambda ts: _exchange(ts, me, P, group), checked=after.checked, plan=plan, u=after.u)
+        exchange = lambda ts: _exchange(ts, me, P, group)  # noqa: E731
+        if impl in ring.FUSED_BACKWARD:
+            dq, dk, dv, res = ring_fused_backward.backward(
+                query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal, me=me, P=P,
+                exchange=exchange, checked=after.checked, plan=plan)
+        else:
+            dq, dk, dv, res = ring_backward.backward(
+                query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal, me=me, P=P,
+                exchange=exchange, checked=after.checked, plan=plan, u=after.u)
         if res is not None:
             report = _backward_report(res, P, group, query.device, Ran(impl, fallback))
             counters.record(after.site, report.blocks)

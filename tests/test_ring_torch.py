@@ -70,11 +70,24 @@ def _grads(rank: int) -> list[dict]:
     return found
 
 
+def _raised(backward, rep) -> dict | None:
+    """What ``backward()`` raised on this rank (None if it did not): the global verdict, per check
+    the flags on this rank, and the rank × step table; ``forward``: the forward's verdict."""
+    from ftattn_spec.faults import FaultDetected
+
+    try:
+        backward()
+    except FaultDetected as e:
+        r = e.report
+        return dict(detected=bool(r.detected), forward=bool(rep.detected),
+                    flagged={n: int(c.flagged.sum()) for n, c in r.blocks.checks.items()},
+                    steps=[list(map(int, p)) for p in r.steps.nonzero().tolist()])
+    return None
+
+
 def _backward_faults(rank: int) -> dict:
     """Each fault of ``BACKWARD_CASES`` in the checked backward, raised on every rank; and the
     refusal of a backward site where no backward runs."""
-    from ftattn_spec.faults import FaultDetected
-
     rng = np.random.default_rng(17)
     q, k, v, g = (torch.tensor(rng.standard_normal(sh), dtype=torch.float32)
                   for sh in ((B, N, T, H), (B, K, S, H), (B, K, S, H), (B, N, T, H)))
@@ -83,15 +96,7 @@ def _backward_faults(rank: int) -> dict:
     for i, (f, _, _, _) in enumerate(BACKWARD_CASES):
         mine = [x[:, :, sl].clone().requires_grad_() for x, sl in ((q, rows), (k, keys), (v, keys))]
         o, rep = ring_attention(*mine, fault=f, on_fault="raise", site=f"ring bwd {i}")
-        hit = None
-        try:
-            o.backward(g[:, :, rows])
-        except FaultDetected as e:
-            r = e.report
-            hit = dict(detected=bool(r.detected), forward=bool(rep.detected),
-                       flagged={n: int(c.flagged.sum()) for n, c in r.blocks.checks.items()},
-                       steps=[list(map(int, p)) for p in r.steps.nonzero().tolist()])
-        found["faults"].append(hit)
+        found["faults"].append(_raised(lambda: o.backward(g[:, :, rows]), rep))
     mine = [x[:, :, sl] for x, sl in ((q, rows), (k, keys), (v, keys))]
     found["errors"] = refusals((("no grad", lambda: ring_attention(*mine, fault=BACKWARD_CASES[0][0])),))
     return found
@@ -113,19 +118,38 @@ def _fused(rank: int) -> dict:
         o, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], implementation="triton",
                                 is_causal=causal, site="ring fused")
         one, _ = ftattn_torch.attention(q, k, v, implementation="triton", is_causal=causal)
-        with torch.enable_grad():  # the checked backward from the kernel's log-sum-exp
+        g = torch.tensor(rng.standard_normal((B, N, t, h))).to(dtype)
+        with torch.enable_grad():  # the fused, checked backward around the ring, from the merged log-sum-exp
             mine = [x[:, :, sl].clone().requires_grad_() for x, sl in ((q, rows), (k, keys), (v, keys))]
             og, _ = ring_attention(*mine, implementation="triton", is_causal=causal, site="ring fused grads")
-            og.float().square().sum().backward()
+            og.backward(g[:, :, rows])
+            exact = [x.double().requires_grad_() for x in (q, k, v)]
+            _sdpa(*exact, causal).backward(g.double())
+            one_in = [x.clone().requires_grad_() for x in (q, k, v)]
+            one_out, _ = ftattn_torch.attention(*one_in, implementation="triton", is_causal=causal)
+            one_out.backward(g)
+        grad_err = [float((x.grad.double() - r.grad[:, :, sl]).abs().max())
+                    for x, r, sl in zip(mine, exact, (rows, keys, keys))]
+        grad_single = [float((x.grad[:, :, sl].double() - r.grad[:, :, sl]).abs().max())
+                       for x, r, sl in zip(one_in, exact, (rows, keys, keys))]
+        grad_scale = [float(r.grad.abs().max()) for r in exact]
         found["clean"].append(dict(
             ran=rep.blocks.ran.implementation, detected=bool(rep.detected),
             err=float((o.double() - ref[:, :, rows]).abs().max()),
-            single_err=float((one.double() - ref).abs().max()),
+            single_err=float((one.double() - ref).abs().max()), dtype=str(dtype), grad_err=grad_err,
+            grad_single=grad_single, grad_scale=grad_scale,
             worst=max(float((c.residual / c.threshold).max()) for c in
                       (*rep.blocks.checks.values(), *rep.ring.values()))))
-    q, k, v = (torch.tensor(rng.standard_normal(sh), dtype=torch.float16) for sh in ((B, N, T, h), (B, K, S, h),
-                                                                                    (B, K, S, h)))
+    q, k, v, g = (torch.tensor(rng.standard_normal(sh), dtype=torch.float16)
+                  for sh in ((B, N, T, h), (B, K, S, h), (B, K, S, h), (B, N, T, h)))
     rows = slice(rank * 3, rank * 3 + 3)
+    found["backward"] = []
+    for i, (f, _, _, _) in enumerate(BACKWARD_CASES):  # each launch injects its step's faults
+        mine = [x[:, :, sl].clone().requires_grad_() for x, sl in ((q, rows), (k, keys), (v, keys))]
+        with torch.enable_grad():
+            o, rep = ring_attention(*mine, fault=f, implementation="triton", on_fault="raise",
+                                    site=f"ring fused bwd {i}")
+        found["backward"].append(_raised(lambda: o.backward(g[:, :, rows]), rep))
     for f, _, _, check in FUSED_CASES:
         o, rep = ring_attention(q[:, :, rows], k[:, :, keys], v[:, :, keys], fault=f, implementation="triton")
         flagged = {n: int(c.flagged.sum()) for n, c in {**rep.blocks.checks, **rep.ring}.items()}
@@ -221,15 +245,7 @@ def test_ring_over_four_ranks(tmp_path):
         assert g["tally"]["ring grads"] == [4, 0]
         assert g["tally"]["ring grads (backward)"] == [4, 0]  # the checked backward, clean
         for i, ((f, frank, step, check), r) in enumerate(zip(BACKWARD_CASES, g["backward"]["faults"])):
-            assert r is not None and r["detected"] and not r["forward"], (rank, f, r)  # raised on every rank
-            # first seen at its device and step, by that device alone; later a corrupted S or P also
-            # moves the row's softmax sum, and a corrupted accumulator stays so on every later device
-            first = min(s_ for _, s_ in r["steps"])
-            assert [p for p in r["steps"] if p[1] == first] == [[frank, step]], (rank, f, r["steps"])
-            assert check == "bwd_transit" or all(d == frank for d, _ in r["steps"]), (rank, f, r["steps"])
-            owner = f.index[2] // (5 if check in ("bwd_dk", "bwd_dv", "bwd_transit") else 3)  # per key, per row
-            if rank == owner:  # the per-key verdicts came home with the chunk
-                assert r["flagged"][check] >= 1, (rank, f, r["flagged"])
+            _backward_fault_seen(rank, f, frank, step, check, r)
             assert g["tally"][f"ring bwd {i}"] == [1, 0] and g["tally"][f"ring bwd {i} (backward)"] == [1, 1]
         assert g["backward"]["errors"]["no grad"].startswith("ValueError: fault.site: 'bwd_scores'"), g["backward"]
         fz = g["fused"]
@@ -245,8 +261,27 @@ def test_ring_over_four_ranks(tmp_path):
         assert fz["errors"]["lse"].startswith("ValueError: fault.site: 'lse'"), fz["errors"]
         assert fz["errors"]["float32"].startswith("TypeError: query:"), fz["errors"]
         assert fz["errors"]["name"].startswith(("ValueError: implementation:", "TypeError: implementation:")), fz
+        for c in fz["clean"]:  # the fused ring's gradients beside the one-process fused backward's
+            for err, single, big in zip(c["grad_err"], c["grad_single"], c["grad_scale"]):
+                assert err <= 4 * single + 8 * U * big, (rank, c)
+        for i, ((f, frank, step, check), r) in enumerate(zip(BACKWARD_CASES, fz["backward"])):
+            _backward_fault_seen(rank, f, frank, step, check, r)
+            assert g["tally"][f"ring fused bwd {i} (backward)"] == [1, 1]
         assert g["tally"]["ring fused"] == [2, 0]
         assert g["tally"]["ring fused grads (backward)"] == [2, 0]
+
+
+def _backward_fault_seen(rank: int, f, frank: int, step: int, check: str, r) -> None:
+    """A backward fault raised on every rank, first seen at its device and step by that device
+    alone (later a corrupted S or P also moves the row's softmax sum, and a corrupted accumulator
+    stays so on every later device), and named by its check on the rank that owns the row or key."""
+    assert r is not None and r["detected"] and not r["forward"], (rank, f, r)
+    first = min(s_ for _, s_ in r["steps"])
+    assert [p for p in r["steps"] if p[1] == first] == [[frank, step]], (rank, f, r["steps"])
+    assert check == "bwd_transit" or all(d == frank for d, _ in r["steps"]), (rank, f, r["steps"])
+    owner = f.index[2] // (5 if check in ("bwd_dk", "bwd_dv", "bwd_transit") else 3)  # per key, per row
+    if rank == owner:  # the per-key verdicts came home with the chunk
+        assert r["flagged"][check] >= 1, (rank, f, r["flagged"])
 
 
 def test_ring_needs_a_process_group():

@@ -5,8 +5,8 @@ are read; :mod:`.launch` is the kernel module (``unsupported``, the launches); :
 """
 
 from .launch import STAT_PLANES, BlockSizes, Launch, Masks, auto_reason, dtype_name, forward, interpreting, unsupported
-from . import runner
+from . import launch, runner
 from .runner import Backward, checked_backward, run
 
-__all__ = ["auto_reason", "Backward", "BlockSizes", "checked_backward", "Launch", "Masks", "STAT_PLANES", "dtype_name", "forward", "interpreting", "run", "runner",
+__all__ = ["auto_reason", "Backward", "BlockSizes", "checked_backward", "Launch", "Masks", "STAT_PLANES", "dtype_name", "forward", "interpreting", "launch", "run", "runner",
            "unsupported"]

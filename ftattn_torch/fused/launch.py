@@ -294,14 +294,22 @@ class BackwardLaunch(NamedTuple):
     count: Tensor | None
     #: ``BACKWARD_GROUP_CHECKS``' (residual, threshold) pairs, ``(B, K)`` each
     group: tuple | None = None
+    #: with ``partial``: the dK/dV kernel's totals of P, float32 ``(1, B·K, key blocks)``
+    blocks: Tensor | None = None
 
 
 def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, *,
              scale: float, masks: Masks, bias_grad: bool = False, checks: bool = True,
              plan: FaultPlan | None = None, blocks: BackwardBlocks | None = None,
-             forward_block_n: int | None = None) -> BackwardLaunch:
+             forward_block_n: int | None = None, partial: bool = False,
+             grad_dtype: torch.dtype | None = None) -> BackwardLaunch:
     """The fused backward (:mod:`.triton_backward`), with its checks unless ``checks=False``;
-    faults of ``plan`` at the backward's sites are injected in the kernels."""
+    faults of ``plan`` at the backward's sites are injected in the kernels.
+
+    ``partial``: the keys are one part of the rows' (a step of a ring, ``lse`` the whole row's):
+    ``bwd_softmax``'s plane holds each row's signed Σ p of these keys (its flags mean nothing),
+    ``group`` is None and ``blocks`` holds the dK/dV kernel's totals of P instead, for the caller
+    to judge over all parts. ``grad_dtype``: the gradients' dtype (default: the inputs')."""
     kern = _backward_kernels()
     B, N, T, H = query.shape
     K, S = key.shape[1], key.shape[2]
@@ -309,9 +317,9 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
     interp = interpreting()
     bs = blocks or BackwardBlocks.get_default(interp)
     upcast = interp and query.dtype == torch.bfloat16
-    dq = torch.empty(query.shape, dtype=query.dtype, device=dev)
-    dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
-    dv = torch.empty(value.shape, dtype=value.dtype, device=dev)
+    dq = torch.empty(query.shape, dtype=grad_dtype or query.dtype, device=dev)
+    dk = torch.empty(key.shape, dtype=grad_dtype or key.dtype, device=dev)
+    dv = torch.empty(value.shape, dtype=grad_dtype or value.dtype, device=dev)
     dummy = _dummy(dev)
     ds = torch.zeros((B, N, T, S), dtype=torch.float32, device=dev) if bias_grad else None
     mask_t, mask_st = _dense(masks.mask, (B, N, T, S), dummy)
@@ -373,10 +381,11 @@ def backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
             *bias_st, N, N // K, K, T, S, scale, left, right, offset, n_faults, B * N * T,
             B * K * n_nblocks * H, n_nblocks, coef.qk_row, coef.dp_row, coef.dq, coef.d, coef.softmax0,
             coef.softmax_mu, coef.ds, coef.allow_row, coef.sigma, coef.mag_up, coef.under, coef.p_under,
-            STORE_DS=bias_grad,
+            STORE_DS=bias_grad, PARTIAL=partial,
             **flags)
-    group = _group_checks(blocks_out, row_stats, lse, K, bs, S) if checks else None
-    return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count, group)
+    group = _group_checks(blocks_out, row_stats, lse, K, bs, S) if checks and not partial else None
+    return BackwardLaunch(dq, dk, dv, ds, row_stats, row_flags, key_stats, key_flags, count, group,
+                          blocks_out if partial else None)
 
 
 def _group_checks(blocks_out: Tensor, row_stats: Tensor, lse: Tensor, K: int, bs: "BackwardBlocks", S: int):

@@ -258,7 +258,8 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STA
             coef_qk, coef_dp, coef_dq, coef_d, soft0, soft_mu, coef_ds, allow, sigma, mag_up, under, p_under,
             H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QLEN: tl.constexpr, HAS_KLEN: tl.constexpr,
-            STORE_DS: tl.constexpr, CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr):
+            STORE_DS: tl.constexpr, CHECKS: tl.constexpr, INJECT: tl.constexpr, UPCAST: tl.constexpr,
+            PARTIAL: tl.constexpr = False):
     mb = tl.program_id(0)
     bn = tl.program_id(1) + bn_offset
     b = bn // N
@@ -351,11 +352,15 @@ def _bwd_dq(Q, K, V, DO, O, LSE, DD, DQ, DS, MASK, BIAS, QLEN, KLEN, KB, WK, STA
                  (coef_qk * tl.sum(tl.abs(qf) * k_abs[None, :], 1) + allow) * scale, False)
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 1, p_act - tl.sum(dof * v_sum[None, :], 1),
                  coef_dp * tl.sum(tl.abs(dof) * v_abs[None, :], 1) + allow, False)
-        # P's rows sum to 1, or to 0 where the forward attended nothing (LSE = +inf)
+        # P's rows sum to 1, or to 0 where the forward attended nothing (LSE = +inf); PARTIAL (one
+        # step of a ring, whose keys are a part of the row's): the signed sum itself, for the caller
         attended = lse < float("inf")
-        target = tl.where(attended, 1.0, 0.0)
+        if PARTIAL:
+            target = tl.zeros([BLOCK_M], tl.float32)
+        else:
+            target = tl.where(attended, 1.0, 0.0)
         soft = tl.where(attended, soft0 + soft_mu * tl.abs(lse), 0.0)
-        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, psum - target, soft + allow, False)
+        _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 2, psum - target, soft + allow, PARTIAL)
         dq_pred = _column(e_d, 0, 3) / sigma
         dq_mag = _column(e_a, 3, 3) / sigma
         _verdict(STATS, FLAGS, COUNT, plane, b, n, N, T, rows, rvalid, 3, (tl.sum(dq, 1) - dq_pred) * scale,

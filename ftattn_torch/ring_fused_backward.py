@@ -1,0 +1,148 @@
+"""The backward of ring attention by the fused Triton kernels, checked: each step's block is one
+launch of the fused backward (:func:`ftattn_torch.fused.launch.backward`), given the forward's
+merged log-sum-exp, so that P is recomputed tile by tile and never stored (memory O(B·N·Tc)
+beyond the chunks and gradients, where :mod:`.ring_backward` holds one ``(B, N, Tc, Sc)``
+block per step).
+
+The chunk of keys and values travels around the ring as in :mod:`.ring_backward`, with its
+float32 accumulators ``dK``, ``dV``, their travelling row sums (``bwd_transit``) and its keys'
+worst ratios. Each launch judges its own products (``fused.launch.BACKWARD_ROW_CHECKS`` and
+``BACKWARD_KEY_CHECKS``, thresholds of ``ftattn_spec.backward_tolerances`` for the block's
+``Tc × Sc``); what no block can judge alone is judged here over all steps:
+
+* ``bwd_softmax``: each row's Σ p, added over the steps, against 1 (:func:`softmax_threshold`);
+* ``bwd_softmax_kv``: the dK/dV kernel's totals of P per head group, added over the steps,
+  against the attended rows.
+
+Faults of a ``RingPlan`` at the kernel's sites (``bwd_scores`` … ``bwd_dv``) are injected by the
+kernel of their step; the accumulators' (``bwd_dk_acc``, ``bwd_dv_acc``) here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ftattn_spec import backward_tolerances as btol
+from ftattn_spec import ring as spec_ring
+from ftattn_spec import ring_backward as rb
+from ftattn_spec import tolerances as tol
+from ftattn_spec.backward_blocks import BackwardBlocks
+from ftattn_spec import faults as spec_faults
+
+from . import faults, fused
+from .ring_backward import BackwardChecks, _bad, _ratio, _worst
+
+ROW_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_ROW_CHECKS
+KEY_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_KEY_CHECKS + ("bwd_transit",)
+GROUP_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_GROUP_CHECKS
+_SOFT = ROW_CHECKS.index("bwd_softmax")
+
+
+def softmax_threshold(S: int, P: int, H: int, G: int, dtype: str, blocks: BackwardBlocks, forward_block_n: int,
+                      lse2: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Bound on ``|Σ_r Σ_j p_ij − 1|`` over the ``P`` steps' ``S`` keys in all, ``lse2`` the merged
+    log-sum-exp in the kernel's base-2 units, ``total`` the computed sum.
+
+    One launch's bound over all ``S`` keys (``backward_tolerances.softmax_coefficients``: each
+    exponential, the forward's sum of l over its tiles, the backward's sum over its tiles), plus
+    what the ring adds: the ``P`` partial sums added (``γ(P + 1)`` of the total) and the merges
+    of the forward's blocks, whose log-sum-exp is off by ``P·weight_threshold(|lse|)``, relative
+    to the total since ``∂p/∂lse = −p`` (``ftattn_spec.ring.weight_threshold``)."""
+    c = btol.backward_coefficients(1, S, H, G, dtype, blocks.block_m, blocks.block_n, forward_block_n)
+    lse = lse2.abs() * math.log(2.0)
+    ring = tol.gamma(P + 1) + P * spec_ring.weight_threshold(lse)
+    return c.softmax0 + c.softmax_mu * lse2.abs() + c.allow_row + tol.MAGNITUDE_MARGIN * ring * total.abs()
+
+
+def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: bool, me: int, P: int, exchange,
+             checked: bool = False, plan=None):
+    """``(dQ, dK, dV, checks)`` of this rank's chunks in their dtypes, as
+    :func:`.ring_backward.backward` (same arguments; ``lse`` in base e, −inf on a row that
+    attends nothing), ``checks`` a :class:`.ring_backward.BackwardChecks` over
+    ``ROW_CHECKS``, ``KEY_CHECKS`` and ``GROUP_CHECKS`` (None without ``checked``)."""
+    B, N, Tc, H = query.shape
+    K, Sc = key.shape[1], key.shape[2]
+    dev, f32 = query.device, torch.float32
+    launch = fused.launch
+    interp = launch.interpreting()
+    bs = BackwardBlocks.get_default(interp)
+    forward_block_n = fused.BlockSizes.get_default(interp, checks=checked, T=Tc).block_n
+    lse2 = torch.where(torch.isfinite(lse), lse.to(f32) * (1.0 / math.log(2.0)), torch.inf)
+    live = torch.isfinite(lse2)
+    q, o, do = query.detach().contiguous(), out.detach().contiguous(), grad_out.contiguous()
+    dq = torch.zeros(B, N, Tc, H, dtype=f32, device=dev)
+    kr, vr = key.detach().contiguous(), value.detach().contiguous()
+    dk = torch.zeros(B, K, Sc, H, dtype=f32, device=dev)
+    dv = torch.zeros_like(dk)
+    carried = [torch.zeros(B, K, Sc, dtype=f32, device=dev) for _ in range(4)]
+    kworst = torch.zeros(len(KEY_CHECKS), B, K, Sc, dtype=f32, device=dev)
+    rows: dict[str, torch.Tensor | None] = {c: None for c in ROW_CHECKS if c != "bwd_softmax"}
+    psum = torch.zeros(B, N, Tc, dtype=f32, device=dev)
+    p_group = torch.zeros(B, K, dtype=f32, device=dev)
+    steps = torch.zeros(P, dtype=torch.bool, device=dev)
+
+    def transit(acc, c, a):
+        return _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))
+
+    for r in range(P):
+        j = (me - r) % P  # the rank whose chunk is here
+        if checked and r > 0:  # the accumulators as received
+            t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+            kworst[-1] = _worst(kworst[-1], t)
+            steps[r] |= _bad(t).any()
+        if not (is_causal and j > me):
+            got = launch.backward(q, kr, vr, o, lse2, do, scale=scale,
+                                  masks=launch.Masks(is_causal=is_causal and j == me), checks=checked,
+                                  plan=faults.core_plan(plan, me, r, spec_faults.BACKWARD_SITES), blocks=bs, forward_block_n=forward_block_n,
+                                  partial=True, grad_dtype=f32)
+            if checked:
+                for i, name in enumerate(ROW_CHECKS):
+                    if name == "bwd_softmax":
+                        psum += got.row_stats[2 * i]
+                        continue
+                    ratio = _ratio(got.row_stats[2 * i], got.row_stats[2 * i + 1])
+                    rows[name] = _worst(rows[name], ratio)
+                    steps[r] |= _bad(ratio).any()
+                for i in range(len(KEY_CHECKS) - 1):
+                    ratio = _ratio(got.key_stats[2 * i], got.key_stats[2 * i + 1])
+                    kworst[i] = _worst(kworst[i], ratio)
+                    steps[r] |= _bad(ratio).any()
+                p_group += got.blocks.sum(-1).view(B, K)
+                carried[0] = carried[0] + got.dk.sum(-1)
+                carried[1] = carried[1] + got.dk.abs().sum(-1)
+                carried[2] = carried[2] + got.dv.sum(-1)
+                carried[3] = carried[3] + got.dv.abs().sum(-1)
+            dq += got.dq
+            dk += got.dk
+            dv += got.dv
+        dk = faults.inject_ring(dk, plan, me, r, "bwd_dk_acc")
+        dv = faults.inject_ring(dv, plan, me, r, "bwd_dv_acc")
+        if r < P - 1:
+            kr, vr, dk, dv, *rest = exchange([kr, vr, dk, dv, *carried, kworst] if checked else [kr, vr, dk, dv])
+            if checked:
+                carried, kworst = rest[:4], rest[4]
+    if P > 1:  # the accumulators here belong to rank me + 1; ours are on rank me − 1
+        dk, dv, *rest = exchange([dk, dv, *carried, kworst] if checked else [dk, dv])
+        if checked:
+            carried, kworst = rest[:4], rest[4]
+    result = None
+    if checked:  # home: the accumulators against their checksums, the softmax's sums over the steps
+        t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+        kworst[-1] = _worst(kworst[-1], t)
+        dtype = str(query.dtype).removeprefix("torch.")
+        thr = softmax_threshold(Sc * P, P, H, N // K, dtype, bs, forward_block_n, torch.where(live, lse2, 0.0), psum)
+        soft = torch.where(live, _ratio(psum - 1.0, thr), _ratio(psum, thr))
+        attended = live.view(B, K, -1).sum(-1).to(f32)
+        order = (tol.gamma(bs.block_m * bs.block_n) + tol.gamma(-(-Sc // bs.block_n) * P + 1)
+                 + tol.gamma(N // K * Tc + 1))
+        group = _ratio(p_group - attended, 2.0 * thr.view(B, K, -1).sum(-1) + order * attended)
+        steps[P - 1] |= _bad(t).any() | _bad(soft).any() | _bad(group).any()
+        ratios = {**rows, "bwd_softmax": soft, **dict(zip(KEY_CHECKS, kworst)), "bwd_softmax_kv": group}
+        finite = bool(grad_out.isfinite().all())
+        result = BackwardChecks({n: ratios[n] for n in (*ROW_CHECKS, *KEY_CHECKS, *GROUP_CHECKS)}, steps, finite)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), result
+
+
+__all__ = ["backward", "softmax_threshold", "ROW_CHECKS", "KEY_CHECKS", "GROUP_CHECKS"]
