@@ -226,6 +226,23 @@ def test_cpu_without_interpreter_says_how_to_enable_it():
     assert "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.skipif(not GPU, reason="the compiler's contraction it guards against happens on a GPU only")
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+def test_large_logits_many_tiles_not_flagged(block_n):
+    """Clean rows of logits with a standard deviation of 64 over 2048 keys: softmax_dmr stays
+    clean at every key tile. Before the replica's rescale factor was held at 1 where the
+    maximum does not rise, a contracted m·c − m_sc left u·μ at every tile on the H200 (ratio
+    1.5 at 64 keys per tile, 6.0 at 16; docs/kernels.md, "softmax_dmr at large logits")."""
+    from ftattn_torch.fused import launch
+    from ftattn_torch.fused.blocks import BlockSizes
+
+    g = torch.Generator(device=DEVICE).manual_seed(block_n)
+    q, k, v = ((8.0 * torch.randn(1, 4, 2048, 32, device=DEVICE, generator=g)).to(torch.bfloat16) for _ in range(3))
+    got = launch.forward(q, k, v, scale=32 ** -0.5, is_causal=False, checks_on=True,
+                         blocks=BlockSizes(128, block_n, 8, 3))
+    assert float((got.stats[2] / got.stats[3]).max()) < 1.0
+
+
 @pytest.mark.skipif(not GPU, reason="reads the compiled kernel's PTX: needs a GPU")
 def test_softmax_replica_survives_compilation():
     """The checked kernel evaluates every exponential twice: its PTX holds at

@@ -446,7 +446,10 @@ def forward(q, k, v, kpre, vcol, cfg: Config, frows=None):
                                 p2 = inject(p2, SLOT_REPLICA, pcols, 2.0)
                             l2t = l2t + p2.sum(axis=1)
                         l2t = l2t * 2.0
-                        alpha2 = jnp.exp2(jnp.minimum(m_old * c - (m_sc + 1.0), 0.0)) * 2.0
+                        # exactly 1 where the maximum did not rise (docs/kernels.md, "softmax_dmr
+                        # at large logits": the rounding of m_sc + 1 would otherwise stay at every tile)
+                        alpha2 = jnp.where(m_new > m_old, jnp.exp2(jnp.minimum(m_old * c - (m_sc + 1.0), 0.0)) * 2.0,
+                                           1.0)
                         state["l2"] = state["l2"] * alpha2 + l2t
                         state["d"] = state["d"] * alpha + jnp.abs(lt - l2t)
                     if cfg.exp:

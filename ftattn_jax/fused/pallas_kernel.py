@@ -324,7 +324,9 @@ def _kernel(*refs, cfg: Config, H: int):
             p2 = jnp.exp2(jnp.minimum(z * cz - m_sc[:, None], 0.0))
             if cfg.n_faults:
                 p2 = _inject(p2, rows, cols, ft_ref, fv_ref, cfg, b, n, SITE_PROBS, 1, 1.0)
-            alpha2 = jnp.where(m_new > -jnp.inf, jnp.exp2(jnp.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
+            # exactly 1 where the maximum did not rise (a contracted m·cz − m_sc would leave u·μ at
+            # every tile; docs/kernels.md, "softmax_dmr at large logits")
+            alpha2 = jnp.where(m_new > m_raw, jnp.exp2(jnp.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
             l2t = jnp.sum(p2, axis=1)
             l2 = l2 * alpha2 + l2t
             d = d * alpha + jnp.abs(lt - l2t)

@@ -389,7 +389,10 @@ def _tile(acc, m_raw, l, srow, l2, d, pv, nc, mmax, pred, kacc, kabs, er, keep,
             p2 = tl.math.exp2(tl.minimum(z * cz - m_sc[:, None], 0.0))
         if INJECT:
             p2 = _inject(p2, rows, cols, FT, FV, n_faults, b, n, SITE_PROBS, 1, 1.0)
-        alpha2 = tl.where(m_new > float("-inf"), tl.math.exp2(tl.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
+        # exactly 1 where the maximum did not rise: the compiler may contract m·cz − m_sc into one
+        # fused multiply-add, which leaves the rounding error of m_sc (u·μ) at every tile, not only
+        # at the rises the threshold counts (docs/kernels.md, "softmax_dmr at large logits")
+        alpha2 = tl.where(m_new > m_raw, tl.math.exp2(tl.minimum(m_raw * cz - m_sc, 0.0)), 1.0)
         l2t = tl.sum(p2, 1)
         l2 = l2 * alpha2 + l2t
         d = d * alpha + tl.abs(lt - l2t)
