@@ -7,7 +7,8 @@ unfused core (``unfused.block``), merges it into its output by the log-sum-exp, 
 sends its key and value chunk (with their home checksums) to rank ``r + 1`` while it receives the
 next from rank ``r − 1`` (gloo on CPUs, NCCL on GPUs). One all-reduce at the end makes the
 verdict and the (rank × step) table global. Gradients: when an input requires them, the call is a
-``torch.autograd.Function`` whose backward recomputes the blocks around the ring again
+``torch.autograd.Function`` whose backward recomputes the blocks around the ring again, by the
+fused Triton backward where the blocks were fused (:mod:`.ring_fused_backward`), else unfused
 (:mod:`.ring_backward`), checked when the scheme runs checks: its verdict, global after one more
 all-reduce, is counted under ``site + " (backward)"`` and raised on every rank under ``"raise"``.
 """
