@@ -85,7 +85,7 @@ def core_plan(plan, me: int, step: int, sites) -> FaultPlan | None:
     if plan is None:
         return None
     codes = [SITES.index(s) for s in sites]
-    sel = (plan.device == me) & (plan.step == step) & (plan.core_site >= 0) & np.isin(plan.core_site, codes)
+    sel = (plan.device == me) & (plan.step == step) & np.isin(plan.core_site, codes)
     if not sel.any():
         return None
     return FaultPlan(plan.core_site[sel], plan.replica[sel], plan.index[sel], plan.kind[sel], plan.bit[sel],

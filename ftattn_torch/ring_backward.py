@@ -66,6 +66,37 @@ def _bad(ratio: torch.Tensor) -> torch.Tensor:
     return ~(ratio <= 1.0)
 
 
+def _transit(dk, dv, carried, H: int, P: int) -> torch.Tensor:
+    """``bwd_transit``: the worse of dK's and dV's row sums against the checksums that travel
+    with them (``carried``: Σₕ and Σₕ|·| of the contributions, for dK then dV)."""
+    one = lambda acc, c, a: _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))  # noqa: E731
+    return _worst(one(dk, *carried[:2]), one(dv, *carried[2:]))
+
+
+def _carry(carried, dk_step, dv_step):
+    """The travelling checksums with one step's contributions to dK and dV added."""
+    return [carried[0] + dk_step.sum(-1), carried[1] + dk_step.abs().sum(-1),
+            carried[2] + dv_step.sum(-1), carried[3] + dv_step.abs().sum(-1)]
+
+
+def _send(kr, vr, dk, dv, carried, kworst, *, plan, me: int, r: int, P: int, exchange, checked: bool):
+    """The end of step ``r``: the plan's accumulator faults of that step injected, then the chunk
+    and its accumulators (with their checksums and per-key ratios when ``checked``) sent to rank
+    ``me + 1``; after the last step only the accumulators, which go home (their owner is
+    ``me + 1``). Returns ``(kr, vr, dk, dv, carried, kworst)`` as received."""
+    dk = faults.inject_ring(dk, plan, me, r, "bwd_dk_acc")
+    dv = faults.inject_ring(dv, plan, me, r, "bwd_dv_acc")
+    if P == 1:
+        return kr, vr, dk, dv, carried, kworst
+    chunk = [kr, vr] if r < P - 1 else []
+    got = exchange([*chunk, dk, dv, *carried, kworst] if checked else [*chunk, dk, dv])
+    if chunk:
+        kr, vr, got = got[0], got[1], got[2:]
+    if checked:
+        carried, kworst = got[2:6], got[6]
+    return kr, vr, got[0], got[1], carried, kworst
+
+
 def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: bool, me: int, P: int,
              exchange: Callable[[list[torch.Tensor]], list[torch.Tensor]], checked: bool = False, plan=None,
              u: float = rb.unit("float32")):
@@ -103,13 +134,10 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
     q_abs, q_sum = q.abs().sum(-1), q.sum(-1)  # B N Tc
     do_abs, do_sum = do.abs().sum(-1), do.sum(-1)
 
-    def transit(acc, c, a, H=H):
-        return _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))
-
     for r in range(P):
         j = (me - r) % P  # the rank whose chunk is here
         if checked and r > 0:  # the accumulators as received
-            t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+            t = _transit(dk, dv, carried, H, P)
             kworst[2] = _worst(kworst[2], t)
             steps[r] |= _bad(t).any()
         if not (is_causal and j > me):
@@ -154,27 +182,15 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
                                rb.product_threshold(Tc + N // K, H, _fold((pT @ do_abs[..., None])[..., 0], K), u))
                 kworst[0], kworst[1] = _worst(kworst[0], kr_dk), _worst(kworst[1], kr_dv)
                 steps[r] |= _bad(kr_dk).any() | _bad(kr_dv).any()
-                dk_step, dv_step = scale * gk, gv
-                carried[0] = carried[0] + dk_step.sum(-1)
-                carried[1] = carried[1] + dk_step.abs().sum(-1)
-                carried[2] = carried[2] + dv_step.sum(-1)
-                carried[3] = carried[3] + dv_step.abs().sum(-1)
+                carried = _carry(carried, scale * gk, gv)
             dq += scale * g
             dk += scale * gk
             dv += gv
-        dk = faults.inject_ring(dk, plan, me, r, "bwd_dk_acc")
-        dv = faults.inject_ring(dv, plan, me, r, "bwd_dv_acc")
-        if r < P - 1:
-            kr, vr, dk, dv, *rest = exchange([kr, vr, dk, dv, *carried, kworst] if checked else [kr, vr, dk, dv])
-            if checked:
-                carried, kworst = rest[:4], rest[4]
-    if P > 1:  # the accumulators here belong to rank me + 1; ours are on rank me − 1
-        dk, dv, *rest = exchange([dk, dv, *carried, kworst] if checked else [dk, dv])
-        if checked:
-            carried, kworst = rest[:4], rest[4]
+        kr, vr, dk, dv, carried, kworst = _send(kr, vr, dk, dv, carried, kworst, plan=plan, me=me, r=r, P=P,
+                                                exchange=exchange, checked=checked)
     result = None
     if checked:  # home: the accumulators against their checksums, and the softmax's row sums
-        t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+        t = _transit(dk, dv, carried, H, P)
         kworst[2] = _worst(kworst[2], t)
         steps[P - 1] |= _bad(t).any()
         S = Sc * P

@@ -26,13 +26,12 @@ import torch
 
 from ftattn_spec import backward_tolerances as btol
 from ftattn_spec import ring as spec_ring
-from ftattn_spec import ring_backward as rb
 from ftattn_spec import tolerances as tol
 from ftattn_spec.backward_blocks import BackwardBlocks
 from ftattn_spec import faults as spec_faults
 
 from . import faults, fused
-from .ring_backward import BackwardChecks, _bad, _ratio, _worst
+from .ring_backward import BackwardChecks, _bad, _carry, _ratio, _send, _transit, _worst
 
 ROW_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_ROW_CHECKS
 KEY_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_KEY_CHECKS + ("bwd_transit",)
@@ -83,13 +82,10 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
     p_group = torch.zeros(B, K, dtype=f32, device=dev)
     steps = torch.zeros(P, dtype=torch.bool, device=dev)
 
-    def transit(acc, c, a):
-        return _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))
-
     for r in range(P):
         j = (me - r) % P  # the rank whose chunk is here
         if checked and r > 0:  # the accumulators as received
-            t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+            t = _transit(dk, dv, carried, H, P)
             kworst[-1] = _worst(kworst[-1], t)
             steps[r] |= _bad(t).any()
         if not (is_causal and j > me):
@@ -110,26 +106,15 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
                     kworst[i] = _worst(kworst[i], ratio)
                     steps[r] |= _bad(ratio).any()
                 p_group += got.blocks.sum(-1).view(B, K)
-                carried[0] = carried[0] + got.dk.sum(-1)
-                carried[1] = carried[1] + got.dk.abs().sum(-1)
-                carried[2] = carried[2] + got.dv.sum(-1)
-                carried[3] = carried[3] + got.dv.abs().sum(-1)
+                carried = _carry(carried, got.dk, got.dv)
             dq += got.dq
             dk += got.dk
             dv += got.dv
-        dk = faults.inject_ring(dk, plan, me, r, "bwd_dk_acc")
-        dv = faults.inject_ring(dv, plan, me, r, "bwd_dv_acc")
-        if r < P - 1:
-            kr, vr, dk, dv, *rest = exchange([kr, vr, dk, dv, *carried, kworst] if checked else [kr, vr, dk, dv])
-            if checked:
-                carried, kworst = rest[:4], rest[4]
-    if P > 1:  # the accumulators here belong to rank me + 1; ours are on rank me − 1
-        dk, dv, *rest = exchange([dk, dv, *carried, kworst] if checked else [dk, dv])
-        if checked:
-            carried, kworst = rest[:4], rest[4]
+        kr, vr, dk, dv, carried, kworst = _send(kr, vr, dk, dv, carried, kworst, plan=plan, me=me, r=r, P=P,
+                                                exchange=exchange, checked=checked)
     result = None
     if checked:  # home: the accumulators against their checksums, the softmax's sums over the steps
-        t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+        t = _transit(dk, dv, carried, H, P)
         kworst[-1] = _worst(kworst[-1], t)
         dtype = str(query.dtype).removeprefix("torch.")
         thr = softmax_threshold(Sc * P, P, H, N // K, dtype, bs, forward_block_n, torch.where(live, lse2, 0.0), psum)
