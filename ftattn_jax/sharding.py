@@ -7,8 +7,9 @@ saves each row's log-sum-exp, where ``"auto"`` takes the fused path; else the un
 chunk (with their home checksums) to the next device with ``lax.ppermute``. :func:`ring_local` is
 the per-device function, for a caller that runs its own ``shard_map``.
 
-Gradients: the backward recomputes the blocks around the ring from the merged log-sum-exp
-(:mod:`.ring_backward`), one block of memory per step. Through :func:`ring_attention` it is checked
+Gradients: the backward recomputes the blocks around the ring from the merged log-sum-exp: after
+fused blocks by one launch of the portable Pallas backward per step (:mod:`.ring_fused_backward`),
+else unfused (:mod:`.ring_backward`, one block of memory per step). Through :func:`ring_attention` it is checked
 when the scheme checks anything, and its verdict is counted under ``site + " (backward)"``; the
 backward of :func:`ring_local` (whose caller owns the ``shard_map``) is not checked.
 """
@@ -27,15 +28,14 @@ from jax.sharding import Mesh, PartitionSpec as PS
 
 from ftattn_spec import implementations, policy, ring
 from ftattn_spec import ring_backward as spec_ring_backward
+from ftattn_spec import ring_fused_backward as spec_ring_fused_backward
 from ftattn_spec import validation as v
 from ftattn_spec.faults import FaultDetected
 from ftattn_spec.report import CheckResult, Ran, Report
 
-from . import counters, faults, fused, ring_backward, unfused
+from . import counters, fused, ring_backward, ring_fused_backward, unfused
+from .ring_faults import core_plan, inject as _inject
 from .common import F32, as_stored
-
-_RING_CODE = {name: i for i, name in enumerate(ring.RING_SITES)}
-
 
 def _check(residual, threshold) -> CheckResult:
     residual, threshold = residual.astype(F32), threshold.astype(F32)
@@ -50,32 +50,6 @@ def _worse(best: CheckResult | None, new: CheckResult) -> CheckResult:
     take = ratio(new) > ratio(best)
     return CheckResult(jnp.where(take, new.residual, best.residual), jnp.where(take, new.threshold, best.threshold),
                        best.flagged | new.flagged)
-
-
-def _hit(rp, f: int, me, step: int, site: str):
-    return (rp.device[f] == me) & (rp.step[f] == step) & (rp.site[f] == _RING_CODE[site])
-
-
-def _inject(x, rp, me, step: int, site: str, axes_of_x: tuple[int, ...]):
-    """Apply the ring plan's faults at ``site`` of ``step`` on this device to ``x``, whose axes
-    ``axes_of_x`` are the positions of the plan's local index entries."""
-    if rp is None:
-        return x
-    for f in range(rp.site.shape[0]):
-        hit = _hit(rp, f, me, step, site)
-        for axis, p in enumerate(axes_of_x):
-            hit = hit & (lax.broadcasted_iota(jnp.int32, x.shape, axis) == rp.index[f, p])
-        x = jnp.where(hit, faults.corrupt(x, rp.kind[f], rp.bit[f], rp.value[f]), x)
-    return x
-
-
-def _core_plan(rp, me, step: int):
-    """The block's ``DevicePlan``: the plan's S, P and O faults of this device and step."""
-    if rp is None:
-        return None
-    on = (rp.device == me) & (rp.step == step) & (rp.core_site >= 0)
-    return faults.DevicePlan(jnp.where(on, rp.core_site, -1), rp.replica, rp.index, rp.kind, rp.bit,
-                             rp.value.astype(F32))
 
 
 def _sums(x):
@@ -130,9 +104,14 @@ def _ring_fwd(query, key, value, plan, static: _Static):
 def _ring_bwd(static: _Static, saved, cts):
     query, key, value, plan, out, lse = saved
     query, key, value, out, do = as_stored(query, key, value, out, cts[0])
-    dq, dk, dv = ring_backward.backward(query, key, value, out, lse, do, scale=static.scale,
-                                        is_causal=static.is_causal, axis_name=static.axis_name,
-                                        axis_size=static.axis_size)
+    if static.implementation in ring.FUSED_BACKWARD:
+        dq, dk, dv = ring_fused_backward.backward(query, key, value, out, lse, do, scale=static.scale,
+                                                  is_causal=static.is_causal, axis_name=static.axis_name,
+                                                  axis_size=static.axis_size, checks=())
+    else:
+        dq, dk, dv = ring_backward.backward(query, key, value, out, lse, do, scale=static.scale,
+                                            is_causal=static.is_causal, axis_name=static.axis_name,
+                                            axis_size=static.axis_size)
     return dq, dk, dv, jax.tree.map(_zero_cotangent, plan)
 
 
@@ -163,7 +142,7 @@ def _forward(query, key, value, plan, static: _Static):
             res = _check(jnp.max(jnp.abs(s1 - s0) / ring.transit_threshold(Sc, a0), axis=-1), jnp.ones((B, x.shape[2])))
             best[name] = _worse(best[name], res)
             flags.append(jnp.any(res.flagged))
-        cplan = _core_plan(plan, me, r)
+        cplan = core_plan(plan, me, r, ring.BLOCK_SITES)
         if is_causal:
             j = (me - r) % P
             branch = jnp.where(j < me, 0, jnp.where(j == me, 1, 2))
@@ -342,12 +321,18 @@ def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: fl
     mapped = jax.shard_map(body, mesh=mesh, in_specs=(seq, seq, seq, PS()), out_specs=(specs, (seq, rows)),
                            check_vma=False)
 
+    fused_backward = impl in ring.FUSED_BACKWARD
+
     def back(q, k, vv, rp, o, lse, do):
         me = lax.axis_index(axis_name)
         q, k, vv, o, do = as_stored(q, k, vv, o, do)
-        got = ring_backward.backward(q, k, vv, o, lse, do, scale=scale, is_causal=is_causal, axis_name=axis_name,
-                                     axis_size=P, checked=checked, u=after.u,
-                                     inject=lambda x, step, site, axes: _inject(x, rp, me, step, site, axes))
+        if fused_backward:
+            got = ring_fused_backward.backward(q, k, vv, o, lse, do, scale=scale, is_causal=is_causal,
+                                               axis_name=axis_name, axis_size=P, checks=checks, plan=rp)
+        else:
+            got = ring_backward.backward(q, k, vv, o, lse, do, scale=scale, is_causal=is_causal, axis_name=axis_name,
+                                         axis_size=P, checked=checked, u=after.u,
+                                         inject=lambda x, step, site, axes: _inject(x, rp, me, step, site, axes))
         if not checked:
             return got
         grads, (ratios, steps) = got
@@ -355,8 +340,10 @@ def _ring(mesh: Mesh, axis_name: str, P: int, checks: tuple[str, ...], scale: fl
         return grads, ratios, steps[None], finite, detected
 
     grad_specs = (seq, seq, seq)
+    names = spec_ring_fused_backward.CHECKS if fused_backward else spec_ring_backward.CHECKS
     back_specs = grad_specs if not checked else (
-        grad_specs, {n: rows for n in spec_ring_backward.CHECKS}, PS(axis_name), PS(), PS())
+        grad_specs, {n: PS(axis_name) if n in spec_ring_fused_backward.GROUP_CHECKS else rows for n in names},
+        PS(axis_name), PS(), PS())
     mapped_back = jax.shard_map(back, mesh=mesh, in_specs=(seq, seq, seq, PS(), seq, rows, seq),
                                 out_specs=back_specs, check_vma=False)
 

@@ -55,7 +55,7 @@ BLOCK_SITES: tuple[str, ...] = ("scores", "probs", "out")
 
 #: Implementations whose ring backward runs each step as one launch of the fused backward, which
 #: injects the backward's product sites itself (``faults.BACKWARD_SITES``).
-FUSED_BACKWARD: tuple[str, ...] = ("triton",)
+FUSED_BACKWARD: tuple[str, ...] = ("triton", "pallas")
 
 #: Logical axes of each ring site's (global) index.
 RING_SITE_AXES: dict[str, str] = {"scores": "BNTS", "probs": "BNTS", "out": "BNTH", "key": "BKSH",

@@ -6,7 +6,8 @@ with the fused Triton kernel (its log-sum-exp saved by the kernel) where it can 
 unfused core (``unfused.block``), merges it into its output by the log-sum-exp, and
 sends its key and value chunk (with their home checksums) to rank ``r + 1`` while it receives the
 next from rank ``r − 1`` (gloo on CPUs, NCCL on GPUs). One all-reduce at the end makes the
-verdict and the (rank × step) table global. Gradients: when an input requires them, the call is a
+verdict and the (rank × step) table global; under NCCL they stay on the device, so a call does
+not wait for the GPU unless ``on_fault="raise"`` (or the caller) reads the verdict. Gradients: when an input requires them, the call is a
 ``torch.autograd.Function`` whose backward recomputes the blocks around the ring again, by the
 fused Triton backward where the blocks were fused (:mod:`.ring_fused_backward`), else unfused
 (:mod:`.ring_backward`), checked when the scheme runs checks: its verdict, global after one more
@@ -19,7 +20,6 @@ import functools
 import math
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -162,9 +162,9 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
     dev = query.device
     block = functools.partial(unfused.block if impl == "unfused" else _fused_block, checks=checks, scale=scale)
     home = [*_sums(key), *_sums(value)]
-    finite = bool(query.isfinite().all() and key.isfinite().all() and value.isfinite().all())
+    finite = query.isfinite().all() & key.isfinite().all() & value.isfinite().all()  # on the device: no host sync
     best: dict[str, CheckResult | None] = {c: None for c in (*checks, "lse", "weights", "merge", "key", "value")}
-    steps, lses = np.zeros(P, bool), []
+    steps, lses = torch.zeros(P, dtype=torch.bool, device=dev), []
     o = c = a = lse = None
     for r in range(P):
         j = (me - r) % P
@@ -210,7 +210,7 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
         res = _check((o.sum(-1) - c).abs(), ring.merge_threshold(r + 1, H, a))
         best["merge"] = _worse(best["merge"], res)
         flags.append(res.flagged.any())
-        steps[r] = bool(torch.stack(flags).any())
+        steps[r] = torch.stack(flags).any()
         if r < P - 1:
             key, value, *home = _exchange([key, value, *home], me, P, group)
     stack = torch.stack(lses)
@@ -225,23 +225,26 @@ def _ring(query, key, value, plan, me: int, P: int, group, checks, scale: float,
                    "merge": best["merge"],
                    "key": CheckResult(*(x[None] for x in best["key"])),
                    "value": CheckResult(*(x[None] for x in best["value"]))}
-    local = any(bool(x.flagged.any()) for x in (*blocks.values(), *ring_checks.values()))
-    report, steps_all = _global_report(local, finite, torch.as_tensor(steps), blocks, me, P, group, dev,
-                                       Ran(impl, fallback))
+    local = torch.stack([x.flagged.any() for x in (*blocks.values(), *ring_checks.values())]).any()
+    report, steps_all = _global_report(local, finite, steps, blocks, me, P, group, dev, Ran(impl, fallback))
     return o.to(query.dtype), ring.RingReport(report.detected, report, ring_checks, steps_all), lse
 
 
-def _global_report(local: bool, finite: bool, steps, checks, me: int, P: int, group, dev, ran: Ran):
+def _global_report(local, finite, steps, checks, me: int, P: int, group, dev, ran: Ran):
     """One all-reduce (MAX) of this rank's verdict, its inputs' finiteness and its row of the
-    rank × step table: the global ``Report`` over ``checks`` and the ``(P, P)`` table of steps."""
-    table = torch.zeros(2 + P * P, dtype=torch.int32, device=dev if dist.get_backend(group) == "nccl" else "cpu")
-    table[0], table[1] = int(local), int(not finite)
-    table[2 + me * P: 2 + (me + 1) * P] = steps.to(table.device, torch.int32)
+    rank × step table (bool tensors on ``dev``): the global ``Report`` over ``checks`` and the
+    ``(P, P)`` table of steps. Built and reduced on the device under NCCL, so no host sync
+    (gloo reduces CPU tensors: a copy there)."""
+    row = torch.zeros(P, P, dtype=torch.int32, device=dev)
+    row[me] = steps.to(torch.int32)
+    table = torch.cat([torch.stack([local, ~finite]).to(torch.int32), row.reshape(-1)])
+    if dist.get_backend(group) != "nccl":
+        table = table.cpu()
     dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
-    detected = torch.tensor(bool(table[0] or table[1]), device=dev)
-    report = Report(detected=detected, checks=checks, inputs_finite=torch.tensor(not bool(table[1]), device=dev),
+    table = table.to(dev)
+    report = Report(detected=(table[0] | table[1]) > 0, checks=checks, inputs_finite=table[1] == 0,
                     located={}, corrected=torch.zeros((), dtype=torch.int32, device=dev), ran=ran)
-    return report, table[2:].reshape(P, P).bool().to(dev)
+    return report, table[2:].reshape(P, P) > 0
 
 
 class _AfterBackward(NamedTuple):
@@ -258,7 +261,7 @@ def _backward_report(res: ring_backward.BackwardChecks, P: int, group, dev, ran:
     """The backward's verdict made global by one all-reduce (as the forward's): a ``RingReport``
     whose ``blocks`` holds one ``CheckResult`` per ``ftattn_spec.ring_backward.CHECKS`` (ratios
     over threshold 1: ``(B, N, Tc)`` for this rank's rows, ``(B, K, Sc)`` for its keys)."""
-    local = any(bool((~(x <= 1.0)).any()) for x in res.ratios.values())
+    local = torch.stack([(~(x <= 1.0)).any() for x in res.ratios.values()]).any()
     checks = {n: CheckResult(x.float(), torch.ones_like(x, dtype=F32), ~(x <= 1.0)) for n, x in res.ratios.items()}
     report, steps_all = _global_report(local, res.finite, res.steps, checks, dist.get_rank(group), P, group, dev, ran)
     return ring.RingReport(report.detected, report, {}, steps_all)

@@ -36,7 +36,7 @@ class BackwardChecks(NamedTuple):
 
     ratios: dict
     steps: torch.Tensor
-    finite: bool
+    finite: torch.Tensor  # bool scalar on the device (no host sync)
 
 
 def _expand(x: torch.Tensor, N: int) -> torch.Tensor:
@@ -201,7 +201,7 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
         zero = torch.zeros(B, N, Tc, dtype=w, device=dev)
         ratios = {**{n: zero if x is None else x for n, x in rows.items()}, "bwd_softmax": soft,
                   **dict(zip(rb.KEY_CHECKS, kworst))}
-        result = BackwardChecks(ratios, steps, bool(grad_out.isfinite().all()))
+        result = BackwardChecks(ratios, steps, grad_out.isfinite().all())
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), result
 
 

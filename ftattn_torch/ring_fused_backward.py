@@ -10,7 +10,7 @@ worst ratios. Each launch judges its own products (``fused.launch.BACKWARD_ROW_C
 ``BACKWARD_KEY_CHECKS``, thresholds of ``ftattn_spec.backward_tolerances`` for the block's
 ``Tc × Sc``); what no block can judge alone is judged here over all steps:
 
-* ``bwd_softmax``: each row's Σ p, added over the steps, against 1 (:func:`softmax_threshold`);
+* ``bwd_softmax``: each row's Σ p, added over the steps, against 1 (``ftattn_spec.ring_fused_backward``);
 * ``bwd_softmax_kv``: the dK/dV kernel's totals of P per head group, added over the steps,
   against the attended rows.
 
@@ -24,35 +24,14 @@ import math
 
 import torch
 
-from ftattn_spec import backward_tolerances as btol
-from ftattn_spec import ring as spec_ring
-from ftattn_spec import tolerances as tol
-from ftattn_spec.backward_blocks import BackwardBlocks
 from ftattn_spec import faults as spec_faults
+from ftattn_spec import ring_fused_backward as spec
+from ftattn_spec.backward_blocks import BackwardBlocks
 
 from . import faults, fused
 from .ring_backward import BackwardChecks, _bad, _carry, _ratio, _send, _transit, _worst
 
-ROW_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_ROW_CHECKS
-KEY_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_KEY_CHECKS + ("bwd_transit",)
-GROUP_CHECKS: tuple[str, ...] = fused.launch.BACKWARD_GROUP_CHECKS
-_SOFT = ROW_CHECKS.index("bwd_softmax")
-
-
-def softmax_threshold(S: int, P: int, H: int, G: int, dtype: str, blocks: BackwardBlocks, forward_block_n: int,
-                      lse2: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Bound on ``|Σ_r Σ_j p_ij − 1|`` over the ``P`` steps' ``S`` keys in all, ``lse2`` the merged
-    log-sum-exp in the kernel's base-2 units, ``total`` the computed sum.
-
-    One launch's bound over all ``S`` keys (``backward_tolerances.softmax_coefficients``: each
-    exponential, the forward's sum of l over its tiles, the backward's sum over its tiles), plus
-    what the ring adds: the ``P`` partial sums added (``γ(P + 1)`` of the total) and the merges
-    of the forward's blocks, whose log-sum-exp is off by ``P·weight_threshold(|lse|)``, relative
-    to the total since ``∂p/∂lse = −p`` (``ftattn_spec.ring.weight_threshold``)."""
-    c = btol.backward_coefficients(1, S, H, G, dtype, blocks.block_m, blocks.block_n, forward_block_n)
-    lse = lse2.abs() * math.log(2.0)
-    ring = tol.gamma(P + 1) + P * spec_ring.weight_threshold(lse)
-    return c.softmax0 + c.softmax_mu * lse2.abs() + c.allow_row + tol.MAGNITUDE_MARGIN * ring * total.abs()
+ROW_CHECKS, KEY_CHECKS, GROUP_CHECKS = spec.ROW_CHECKS, spec.KEY_CHECKS, spec.GROUP_CHECKS
 
 
 def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: bool, me: int, P: int, exchange,
@@ -117,17 +96,18 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
         t = _transit(dk, dv, carried, H, P)
         kworst[-1] = _worst(kworst[-1], t)
         dtype = str(query.dtype).removeprefix("torch.")
-        thr = softmax_threshold(Sc * P, P, H, N // K, dtype, bs, forward_block_n, torch.where(live, lse2, 0.0), psum)
+        thr = spec.softmax_threshold(Sc * P, P, H, dtype, bs.block_m, bs.block_n, forward_block_n,
+                                     torch.where(live, lse2, 0.0), psum)
         soft = torch.where(live, _ratio(psum - 1.0, thr), _ratio(psum, thr))
         attended = live.view(B, K, -1).sum(-1).to(f32)
-        order = (tol.gamma(bs.block_m * bs.block_n) + tol.gamma(-(-Sc // bs.block_n) * P + 1)
-                 + tol.gamma(N // K * Tc + 1))
-        group = _ratio(p_group - attended, 2.0 * thr.view(B, K, -1).sum(-1) + order * attended)
+        group = _ratio(p_group - attended, spec.group_threshold(
+            thr.view(B, K, -1).sum(-1), attended, Tc=Tc, Sc=Sc, P=P, G=N // K, block_m=bs.block_m,
+            block_n=bs.block_n))
         steps[P - 1] |= _bad(t).any() | _bad(soft).any() | _bad(group).any()
         ratios = {**rows, "bwd_softmax": soft, **dict(zip(KEY_CHECKS, kworst)), "bwd_softmax_kv": group}
-        finite = bool(grad_out.isfinite().all())
+        finite = grad_out.isfinite().all()
         result = BackwardChecks({n: ratios[n] for n in (*ROW_CHECKS, *KEY_CHECKS, *GROUP_CHECKS)}, steps, finite)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), result
 
 
-__all__ = ["backward", "softmax_threshold", "ROW_CHECKS", "KEY_CHECKS", "GROUP_CHECKS"]
+__all__ = ["backward", "ROW_CHECKS", "KEY_CHECKS", "GROUP_CHECKS"]

@@ -36,6 +36,12 @@ BACKWARD_CASES = [
     (RingFault("bwd_dv_acc", (1, 1, 12, 7), step=3, bit=29), 2, 3, "bwd_transit"),
 ]
 
+#: The backward faults the fused ring backward's tests inject, one per kind of verdict: a row's
+#: per step (bwd_dq), a key's that comes home with its chunk (bwd_dk), the softmax's over all
+#: steps (bwd_probs) and an accumulator's in transit (bwd_dk_acc); every site of the kernels is
+#: tested in one call by tests/test_fused_backward.py (and all nine on the CPU: docs/training.md).
+FUSED_BACKWARD_CASES = [c for c in BACKWARD_CASES if c[0].site in ("bwd_probs", "bwd_dq", "bwd_dk", "bwd_dk_acc")]
+
 
 def refusals(calls) -> dict:
     """``{name: "Type: message"}`` of each ``(name, call)`` that raised a ValueError or TypeError,

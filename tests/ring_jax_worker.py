@@ -12,12 +12,12 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as PS  # noqa: E402
 
 import ftattn_jax  # noqa: E402
 from ftattn_jax import sharding  # noqa: E402
 from ftattn_spec.ring import RingFault  # noqa: E402
-from ring_cases import BACKWARD_CASES, CASES, FUSED_CASES, refusals  # noqa: E402  (this folder is on sys.path)
+from ring_cases import BACKWARD_CASES, CASES, FUSED_BACKWARD_CASES, FUSED_CASES, refusals  # noqa: E402  (this folder is on sys.path)
 
 P = 4
 B, N, K, H = 2, 6, 3, 8
@@ -65,6 +65,15 @@ def fused_blocks(mesh, rng) -> dict:
         g32 = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)),
                        argnums=(0, 1, 2))(q, k, v)
         err = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))  # noqa: E731
+        if causal:  # ring_local in the caller's shard_map: the fused backward, unchecked
+            seq = PS(None, "seq")
+            local = jax.shard_map(lambda q, k, v: sharding.ring_local(
+                q, k, v, axis_name="seq", axis_size=P, checks=("qk_row", "softmax_dmr", "pv_row"), scale=h ** -0.5,
+                is_causal=True, implementation="pallas")[0].astype(q.dtype), mesh=mesh, in_specs=(seq, seq, seq),
+                out_specs=seq, check_vma=False)
+            g_local = jax.grad(loss(local), argnums=(0, 1, 2))(q, k, v)
+            found["local_grad_err"] = [err(a, b) for a, b in zip(g_local, g64)]
+            found["local_grad_plain"] = [err(a, b) for a, b in zip(g32, g64)]
         found["clean"].append(dict(
             dtype=dtype, causal=causal, ran=r.blocks.ran.implementation, detected=bool(r.detected),
             err=err(o, ref), single_err=err(one, ref),
@@ -77,6 +86,7 @@ def fused_blocks(mesh, rng) -> dict:
         found["faults"].append(dict(site=f.site, detected=bool(r.detected), flagged=flagged, check=check,
                                     device=device, step=step,
                                     steps=[list(map(int, p)) for p in np.argwhere(np.asarray(r.steps))]))
+    found["backward"] = fused_backward_faults(mesh, q, k, v, jnp.asarray(rng.standard_normal(q.shape), jnp.float16))
     _, r = ring(q, k, v)
     found["auto"] = [r.blocks.ran.implementation, r.blocks.ran.fallback]
     found["errors"] = refusals((
@@ -84,6 +94,40 @@ def fused_blocks(mesh, rng) -> dict:
         ("float32", lambda: ring(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                  implementation="pallas")),
         ("name", lambda: ring(q, k, v, implementation="cudnn"))))
+    return found
+
+
+def fused_backward_faults(mesh, q, k, v, w) -> dict:
+    """The fused ring backward's faults (``FUSED_BACKWARD_CASES``, one per kind of verdict): through
+    ``ring_attention``'s gradient, counted under the site's ``(backward)``; through the per-device
+    function in a ``shard_map`` (one compilation for all), flagged per device and step."""
+    from ftattn_jax import ring_fused_backward
+    from ftattn_spec import ring as spec_ring
+
+    h = q.shape[-1]
+    checks = ("qk_row", "softmax_dmr", "pv_row")
+    found = {"located": []}
+    for i, (f, _, _, _) in enumerate(FUSED_BACKWARD_CASES):
+        jax.grad(lambda q, k, v: jnp.sum(sharding.ring_attention(
+            q, k, v, mesh=mesh, axis_name="seq", fault=f, implementation="pallas",
+            site=f"ring fused bwd {i}")[0].astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    static = sharding._Static("seq", P, checks, h ** -0.5, False, "pallas")
+
+    def per_device(qc, kc, vc, wc, rp):
+        (o, *_), lse = sharding._forward(qc, kc, vc, None, static)
+        _, (ratios, steps) = ring_fused_backward.backward(qc, kc, vc, o, lse, wc, scale=static.scale, is_causal=False,
+                                                          axis_name="seq", axis_size=P, checks=checks, plan=rp)
+        return {n: jnp.sum(~(x <= 1.0))[None] for n, x in ratios.items()}, steps[None]
+    seq = PS(None, "seq")
+    located = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(seq, seq, seq, seq, PS()),
+                                    out_specs=(PS("seq"), PS("seq")), check_vma=False))
+    for f, _, _, _ in FUSED_BACKWARD_CASES:
+        rp = jax.tree.map(jnp.asarray, spec_ring.plan(f, dict(B=B, T=T, S=S, N=N, K=K, H=h), P, "float16", checks,
+                                                      implementation="pallas", backward=None))
+        flagged, steps = located(q, k, v, w, rp)
+        found["located"].append(dict(flagged={n: [int(x) for x in c] for n, c in flagged.items()},
+                                     steps=[list(map(int, p)) for p in np.argwhere(np.asarray(steps))]))
+    found["compilations"] = located._cache_size()
     return found
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from ftattn_spec import ring
 from ftattn_spec.ring import RingFault
-from tests.ring_cases import BACKWARD_CASES
+from ftattn_spec import ring_fused_backward as spec_ring_fused_backward
+from tests.ring_cases import BACKWARD_CASES, FUSED_BACKWARD_CASES
 
 WORKER = os.path.join(os.path.dirname(__file__), "ring_jax_worker.py")
 U = 2.0**-24
@@ -79,6 +80,8 @@ def test_ring_of_fused_blocks(result):
         assert c["err"] <= 8 * c["single_err"], (what, c)
         for got, plain in zip(c["grad_err"], c["grad_plain"]):
             assert got <= 4 * plain, (what, c["grad_err"], c["grad_plain"])
+    for got, plain in zip(fz["local_grad_err"], fz["local_grad_plain"]):  # ring_local's (fused) backward
+        assert got <= 4 * plain, (fz["local_grad_err"], fz["local_grad_plain"])
     for f in fz["faults"]:
         assert f["detected"] and f["flagged"][f["check"]] >= 1, f
         assert all(d == f["device"] for d, _ in f["steps"]) and min(s for _, s in f["steps"]) == f["step"], f
@@ -89,6 +92,24 @@ def test_ring_of_fused_blocks(result):
     assert e["name"].startswith("ValueError: implementation:"), e
     assert result["tally"]["ring fused"][:2] == [2, 0]
     assert result["tally"]["ring fused grads (backward)"][:2] == [2, 0]  # the checked backward, clean
+
+
+def test_ring_fused_backward_faults(result):
+    """After fused blocks the backward is the fused kernels' (one launch per step): each fault of
+    ``FUSED_BACKWARD_CASES`` counted under its site's ``(backward)``, first flagged at its device
+    and step by that device alone (a corrupted accumulator stays so on the devices after it), and
+    named by its check on the device that owns the row or key; one compilation for the four."""
+    t, bw = result["tally"], result["fused"]["backward"]
+    assert len(bw["located"]) == len(FUSED_BACKWARD_CASES) == 4
+    for i, ((f, device, step, check), got) in enumerate(zip(FUSED_BACKWARD_CASES, bw["located"])):
+        assert t[f"ring fused bwd {i} (backward)"][:2] == [1, 1], (f, t)
+        first = min(s for _, s in got["steps"])
+        assert [p for p in got["steps"] if p[1] == first] == [[device, step]], (f, got["steps"])
+        assert check == "bwd_transit" or all(d == device for d, _ in got["steps"]), (f, got["steps"])
+        owner = f.index[2] // (5 if check in ("bwd_dk", "bwd_dv", "bwd_transit") else 3)
+        assert got["flagged"][check][owner] >= 1, (f, got["flagged"])
+        assert set(got["flagged"]) == set(spec_ring_fused_backward.CHECKS)
+    assert bw["compilations"] == 1
 
 
 def test_ring_counters(result):

@@ -16,15 +16,10 @@ import torch.distributed as dist  # noqa: E402
 from tests import gloo  # noqa: E402
 
 import ftattn_torch  # noqa: E402
-from tests.ring_cases import BACKWARD_CASES, CASES, FUSED_CASES, refusals  # noqa: E402  (fault, rank, step, the check that flags it)
+from tests.ring_cases import BACKWARD_CASES, CASES, FUSED_BACKWARD_CASES, FUSED_CASES, refusals  # noqa: E402  (fault, rank, step, the check that flags it)
 from ftattn_torch.distributed import ring_attention  # noqa: E402
 
 WORLD = 4
-# the fused ring backward's faults on the CPU (each an interpreted backward of four steps): one per kind of
-# verdict, a row's per step (bwd_dq), a key's that comes home with its chunk (bwd_dk), the softmax's over
-# all steps (bwd_probs) and an accumulator's in transit (bwd_dk_acc); every site of the kernel is tested
-# in one call by tests/test_fused_backward.py
-FUSED_BACKWARD_CASES = [c for c in BACKWARD_CASES if c[0].site in ("bwd_probs", "bwd_dq", "bwd_dk", "bwd_dk_acc")]
 B, N, K, H = 2, 6, 3, 8
 T, S = 12, 20  # chunks of 3 queries and 5 keys; causal runs use T = S = 20
 U = 2.0**-24

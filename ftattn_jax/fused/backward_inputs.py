@@ -52,6 +52,9 @@ class BackwardConfig:
     has_qlen: bool = False
     has_klen: bool = False
     debug: bool = False  # Pallas prints the kernels' jaxpr and Triton IR when it lowers them
+    #: one block of a larger call (a step of ring attention): the gradients stay float32 and
+    #: ``bwd_softmax`` returns each row's signed Σ p (no target: the caller adds the blocks')
+    partial: bool = False
 
     @property
     def band(self) -> tuple[int, int]:
@@ -59,7 +62,7 @@ class BackwardConfig:
 
 
 def backward_config(fwd, H: int, dtype: str, *, checks: bool, blocks: BackwardBlocks | None = None,
-                    forward_block_n: int | None = None) -> BackwardConfig:
+                    forward_block_n: int | None = None, partial: bool = False) -> BackwardConfig:
     """The backward's settings for a forward ``Config`` ``fwd`` of the portable kernel."""
     bs = blocks or BackwardBlocks.get_default(fwd.interpret)
     return BackwardConfig(
@@ -69,7 +72,8 @@ def backward_config(fwd, H: int, dtype: str, *, checks: bool, blocks: BackwardBl
         coef=btol.backward_coefficients(fwd.T, fwd.S, H, 1, dtype, bs.block_m, bs.block_n,
                                         forward_block_n or fwd.block_n),
         num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=fwd.interpret, window=fwd.window,
-        has_mask=fwd.has_mask, has_bias=fwd.has_bias, has_qlen=fwd.has_qlen, has_klen=fwd.has_klen)
+        has_mask=fwd.has_mask, has_bias=fwd.has_bias, has_qlen=fwd.has_qlen, has_klen=fwd.has_klen,
+        partial=partial)
 
 
 class Sums(NamedTuple):

@@ -62,6 +62,7 @@ ROW_CHECKS = ("bwd_qk_row", "bwd_dp_row", "bwd_softmax", "bwd_dq", "bwd_d", "bwd
 #: (B, N, S), _dkdv
 KEY_CHECKS = ("bwd_qk_col", "bwd_dp_col", "bwd_dk", "bwd_dv", "bwd_ds_col", "bwd_softmax_col")
 GROUP_CHECKS = ("bwd_softmax_kv",)  # (B, N)
+_SOFTMAX = ROW_CHECKS.index("bwd_softmax")
 
 
 def _optional_refs(it, cfg: BackwardConfig):
@@ -263,15 +264,16 @@ def _dq_kernel(*refs, cfg: BackwardConfig, H: int):
             ((s_act - jnp.sum(qf * ks[None, :], 1)) * cfg.scale,
              (co.qk_row * jnp.sum(jnp.abs(qf) * ka[None, :], 1) + co.allow_row) * cfg.scale),
             (p_act - jnp.sum(dof * vs[None, :], 1), co.dp_row * jnp.sum(jnp.abs(dof) * va[None, :], 1) + co.allow_row),
-            (psum - jnp.where(attended, 1.0, 0.0), soft + co.allow_row),
+            # partial: the signed Σ p of this block's keys, added over the blocks by the caller
+            (psum if cfg.partial else psum - jnp.where(attended, 1.0, 0.0), soft + co.allow_row),
             ((jnp.sum(dq, 1) - _column(e_d, 0, 3) / sig) * cfg.scale,
              (co.dq * _column(e_a, 3, 3) / sig + co.allow_row + co.under * _column(e_a, 12, 1)) * cfg.scale),
             (jnp.sum(dof * of, 1) - di, co.d * jnp.sum(jnp.abs(dof * of), 1) + co.allow_row),
             (r_sum, co.ds * (dmax * pw + jnp.abs(di) * psum) + co.allow_row),
         )
         o = iter(outs)
-        for diff, thr in pairs:  # (residual, threshold): what gradients.py judges
-            next(o)[...] = jnp.abs(diff)
+        for i, (diff, thr) in enumerate(pairs):  # (residual, threshold): what gradients.py judges
+            next(o)[...] = diff if cfg.partial and i == _SOFTMAX else jnp.abs(diff)
             next(o)[...] = thr
 
 
@@ -299,7 +301,8 @@ def _whole(x):
 def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardOutput:
     """The backward of one call: ``q``, ``o``, ``do`` ``(B, T, N, H)``, ``k``, ``v`` ``(B, S, K, H)``,
     ``lse`` float32 ``(B, N, T)``; ``masks`` the forward's mask arrays (``pallas_kernel.Masks``:
-    mask and bias broadcastable to ``(B, N, T, S)``)."""
+    mask and bias broadcastable to ``(B, N, T, S)``). With ``cfg.partial`` the gradients are
+    float32 and ``bwd_softmax``'s residual is the rows' signed Σ p over this call's keys."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     BM, BN, G = cfg.block_m, cfg.block_n, cfg.G
@@ -362,7 +365,7 @@ def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardO
                                       lambda i, b, n, bb=bb, nb=nb: (b if bb else 0, n if nb else 0, i, 0)))
     args += extra
     specs += [_whole(x) for x in extra]
-    out_shape = [jax.ShapeDtypeStruct((B, Tp, N, H), q.dtype)]
+    out_shape = [jax.ShapeDtypeStruct((B, Tp, N, H), F32 if cfg.partial else q.dtype)]
     out_specs = [q_blk]
     if cfg.has_bias:
         out_shape.append(jax.ShapeDtypeStruct((B, N, Tp, Sp), F32))
@@ -377,8 +380,8 @@ def launch(q, k, v, o, lse, do, ft, fv, cfg: BackwardConfig, masks) -> BackwardO
     ds = res[1][:, :, :T, :S] if cfg.has_bias else None
     row_out = res[2:] if cfg.has_bias else res[1:]
 
-    dk = dk_part[:, :S].reshape(B, S, K, G, H).sum(3).astype(k.dtype)
-    dv = dv_part[:, :S].reshape(B, S, K, G, H).sum(3).astype(v.dtype)
+    dk = dk_part[:, :S].reshape(B, S, K, G, H).sum(3).astype(F32 if cfg.partial else k.dtype)
+    dv = dv_part[:, :S].reshape(B, S, K, G, H).sum(3).astype(F32 if cfg.partial else v.dtype)
     if not cfg.checks:
         return BackwardOutput(dq, dk, dv, ds, None, None, None)
     rows = tuple(x[..., :T] for x in row_out)

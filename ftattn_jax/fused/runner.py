@@ -294,6 +294,31 @@ def _block(query, key, value, plan, *, checks, scale, is_causal, interpret, bloc
                                      corrected=jnp.zeros((), jnp.int32))
 
 
+def ring_backward_config(query, key, plan, *, checks: tuple[str, ...], scale: float, is_causal: bool,
+                         interpret: bool | None = None) -> backward.BackwardConfig:
+    """The settings of :func:`block_backward` for one block of ring attention: the portable
+    kernels' backward of the ring's fused blocks (:func:`block`'s tiles), ``partial``."""
+    interpret = resolve_interpret(query, interpret)
+    dtype = jnp.dtype(query.dtype).name
+    n_faults = _fault_table(plan)[2]
+    bs = portable.BlockSizes.get_default(interpret, query.shape[-1], bool(checks))
+    fwd = portable.config(query.shape, key.shape, dtype, scale=scale, causal=is_causal, which=tuple(checks),
+                          n_faults=n_faults, blocks=bs, interpret=interpret)
+    return backward.backward_config(fwd, query.shape[-1], dtype, checks=bool(checks), partial=True)
+
+
+def block_backward(query, key, value, out, lse2, grad_out, plan, cfg: backward.BackwardConfig):
+    """The backward of one block of ring attention by the portable kernels (:mod:`.pallas_backward`,
+    ``cfg`` from :func:`ring_backward_config`): a ``BackwardOutput`` with float32 gradients and
+    ``bwd_softmax``'s residual the rows' signed Σ p over this block's keys. ``out`` is the
+    rows' merged output, ``lse2`` float32 ``(B, N, T)`` their merged log-sum-exp in base 2
+    (+inf where nothing is attended); ``plan`` a ``DevicePlan`` of the backward's sites, or None.
+    Called inside the ring's ``shard_map``: nothing is partitioned here."""
+    ft, fv, _ = _fault_table(plan)
+    with compat.quiet_lowering():
+        return backward.launch(query, key, value, out, lse2, grad_out, ft, fv, cfg, portable.Masks())
+
+
 def _first_form(masks) -> str | None:
     """The name of the first mask form but ``is_causal`` in ``masks``, or None."""
     if masks is None:
