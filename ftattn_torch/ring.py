@@ -257,13 +257,13 @@ class _AfterBackward(NamedTuple):
     u: float
 
 
-def _backward_report(res: ring_backward.BackwardChecks, P: int, group, dev, ran: Ran) -> ring.RingReport:
+def _backward_report(res: ring_backward.BackwardChecks, me: int, P: int, group, dev, ran: Ran) -> ring.RingReport:
     """The backward's verdict made global by one all-reduce (as the forward's): a ``RingReport``
     whose ``blocks`` holds one ``CheckResult`` per ``ftattn_spec.ring_backward.CHECKS`` (ratios
     over threshold 1: ``(B, N, Tc)`` for this rank's rows, ``(B, K, Sc)`` for its keys)."""
     local = torch.stack([(~(x <= 1.0)).any() for x in res.ratios.values()]).any()
     checks = {n: CheckResult(x.float(), torch.ones_like(x, dtype=F32), ~(x <= 1.0)) for n, x in res.ratios.items()}
-    report, steps_all = _global_report(local, res.finite, res.steps, checks, dist.get_rank(group), P, group, dev, ran)
+    report, steps_all = _global_report(local, res.finite, res.steps, checks, me, P, group, dev, ran)
     return ring.RingReport(report.detected, report, {}, steps_all)
 
 
@@ -295,7 +295,7 @@ class _Ring(torch.autograd.Function):
                 query, key, value, out, lse, grad_out, scale=scale, is_causal=is_causal, me=me, P=P,
                 exchange=exchange, checked=after.checked, plan=plan, u=after.u)
         if res is not None:
-            report = _backward_report(res, P, group, query.device, Ran(impl, fallback))
+            report = _backward_report(res, me, P, group, query.device, Ran(impl, fallback))
             counters.record(after.site, report.blocks)
             if after.on_fault == "raise" and bool(report.detected):
                 raise FaultDetected(report)

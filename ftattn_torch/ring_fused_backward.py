@@ -32,6 +32,7 @@ from . import faults, fused
 from .ring_backward import BackwardChecks, _bad, _carry, _ratio, _send, _transit, _worst
 
 ROW_CHECKS, KEY_CHECKS, GROUP_CHECKS = spec.ROW_CHECKS, spec.KEY_CHECKS, spec.GROUP_CHECKS
+_SOFT = ROW_CHECKS.index("bwd_softmax")
 
 
 def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: bool, me: int, P: int, exchange,
@@ -56,7 +57,9 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
     dv = torch.zeros_like(dk)
     carried = [torch.zeros(B, K, Sc, dtype=f32, device=dev) for _ in range(4)]
     kworst = torch.zeros(len(KEY_CHECKS), B, K, Sc, dtype=f32, device=dev)
-    rows: dict[str, torch.Tensor | None] = {c: None for c in ROW_CHECKS if c != "bwd_softmax"}
+    rows = torch.zeros(len(ROW_CHECKS), B, N, Tc, dtype=f32, device=dev)  # worst ratios (bwd_softmax's: 0)
+    judged = torch.ones(len(ROW_CHECKS), 1, 1, 1, dtype=torch.bool, device=dev)
+    judged[_SOFT] = False  # a step's bwd_softmax plane holds Σ p, judged after the last step
     psum = torch.zeros(B, N, Tc, dtype=f32, device=dev)
     p_group = torch.zeros(B, K, dtype=f32, device=dev)
     steps = torch.zeros(P, dtype=torch.bool, device=dev)
@@ -72,18 +75,15 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
                                   masks=launch.Masks(is_causal=is_causal and j == me), checks=checked,
                                   plan=faults.core_plan(plan, me, r, spec_faults.BACKWARD_SITES), blocks=bs, forward_block_n=forward_block_n,
                                   partial=True, grad_dtype=f32)
-            if checked:
-                for i, name in enumerate(ROW_CHECKS):
-                    if name == "bwd_softmax":
-                        psum += got.row_stats[2 * i]
-                        continue
-                    ratio = _ratio(got.row_stats[2 * i], got.row_stats[2 * i + 1])
-                    rows[name] = _worst(rows[name], ratio)
-                    steps[r] |= _bad(ratio).any()
-                for i in range(len(KEY_CHECKS) - 1):
-                    ratio = _ratio(got.key_stats[2 * i], got.key_stats[2 * i + 1])
-                    kworst[i] = _worst(kworst[i], ratio)
-                    steps[r] |= _bad(ratio).any()
+            if checked:  # every check's planes at once: (residual, threshold) pairs along dim 1
+                rs = got.row_stats.view(len(ROW_CHECKS), 2, B, N, Tc)
+                psum += rs[_SOFT, 0]
+                ratio = torch.where(judged, _ratio(rs[:, 0], rs[:, 1]), 0.0)
+                rows = _worst(rows, ratio)
+                ks = got.key_stats.view(len(KEY_CHECKS) - 1, 2, B, K, Sc)
+                kratio = _ratio(ks[:, 0], ks[:, 1])
+                kworst[:-1] = _worst(kworst[:-1], kratio)
+                steps[r] |= _bad(ratio).any() | _bad(kratio).any()
                 p_group += got.blocks.sum(-1).view(B, K)
                 carried = _carry(carried, got.dk, got.dv)
             dq += got.dq
@@ -104,7 +104,8 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
             thr.view(B, K, -1).sum(-1), attended, Tc=Tc, Sc=Sc, P=P, G=N // K, block_m=bs.block_m,
             block_n=bs.block_n))
         steps[P - 1] |= _bad(t).any() | _bad(soft).any() | _bad(group).any()
-        ratios = {**rows, "bwd_softmax": soft, **dict(zip(KEY_CHECKS, kworst)), "bwd_softmax_kv": group}
+        ratios = {**dict(zip(ROW_CHECKS, rows)), "bwd_softmax": soft, **dict(zip(KEY_CHECKS, kworst)),
+                  "bwd_softmax_kv": group}
         finite = grad_out.isfinite().all()
         result = BackwardChecks({n: ratios[n] for n in (*ROW_CHECKS, *KEY_CHECKS, *GROUP_CHECKS)}, steps, finite)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), result

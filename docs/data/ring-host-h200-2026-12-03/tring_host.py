@@ -37,8 +37,9 @@ def host(f, n=5):
     for _ in range(n):
         torch.cuda.synchronize(); t = time.perf_counter(); f(); ts.append((time.perf_counter() - t) * 1e3)
     return float(np.median(ts))
-for B, N, K, T, H, dt, causal in ((1, 16, 8, 4096, 128, torch.bfloat16, False), (1, 16, 8, 8192, 128, torch.bfloat16, False),
-                                  (2, 32, 32, 4096, 64, torch.float16, True)):
+SHAPES = ((1, 16, 8, 4096, 128, torch.bfloat16, False), (1, 16, 8, 8192, 128, torch.bfloat16, False),
+          (2, 32, 32, 4096, 64, torch.float16, True))
+for B, N, K, T, H, dt, causal in (SHAPES[:1] if "only-profile" in sys.argv[1:] else SHAPES):
     q = torch.randn(B, N, T, H, device="cuda", dtype=dt, requires_grad=True)
     k, v = (torch.randn(B, K, T, H, device="cuda", dtype=dt, requires_grad=True) for _ in range(2))
     g = torch.randn(B, N, T, H, device="cuda", dtype=dt)
@@ -57,12 +58,12 @@ for B, N, K, T, H, dt, causal in ((1, 16, 8, 4096, 128, torch.bfloat16, False), 
     c, cp = res["cudnn"][0], res["cudnn"][1]
     say(f"[B={B} N={N} K={K} T={T} H={H} {str(dt)[6:]} causal={causal:d}] fwd+bwd ms, one call (x cudnn) / pipelined (x cudnn) / host of one call: "
         + "; ".join(f"{n} {t:.2f} ({c/t:.2f}x) / {p:.2f} ({cp/p:.2f}x) / {h:.2f}" for n, (t, p, h) in res.items()))
-if "profile" in sys.argv[1:]:
+if "profile" in sys.argv[1:] or "only-profile" in sys.argv[1:]:
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(5):
         ring()
     torch.cuda.synchronize()
     pr.disable()
-    s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30); print(s.getvalue()[:6000])
+    s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(45); print(s.getvalue()[:9000])
 dist.destroy_process_group()
