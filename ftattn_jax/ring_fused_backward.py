@@ -29,25 +29,10 @@ from ftattn_spec import ring_fused_backward as spec
 
 from . import fused
 from .common import F32
+from .ring_backward import _bad, _ratio, _worst
 from .ring_faults import core_plan, inject
 
 _SOFT = spec.ROW_CHECKS.index("bwd_softmax")
-
-
-def _ratio(residual, threshold):
-    """Residual over threshold; NaN where either is not finite (fails every comparison)."""
-    return jnp.where(jnp.isfinite(threshold), jnp.abs(residual) / threshold, jnp.nan)
-
-
-def _worst(a, b):
-    """Elementwise worse of two ratio arrays; NaN wins."""
-    if a is None:
-        return b
-    return jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, jnp.maximum(a, b))
-
-
-def _bad(ratio):
-    return jnp.any(~(ratio <= 1.0))
 
 
 def _skipped(got: fused.runner.backward.BackwardOutput):
