@@ -44,6 +44,33 @@ def _bad(ratio):
     return jnp.any(~(ratio <= 1.0))
 
 
+def _transit(dk, dv, carried, H: int, P: int):
+    """``bwd_transit``, ``(B, S, K)``: the worse of dK's and dV's row sums against the checksums that
+    travel with them (``carried``: Σₕ and Σₕ|·| of the contributions, for dK then dV)."""
+    one = lambda acc, c, a: _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))  # noqa: E731
+    return _worst(one(dk, *carried[:2]), one(dv, *carried[2:]))
+
+
+def _carry(carried, dk_step, dv_step):
+    """The travelling checksums with one step's contributions to dK and dV added."""
+    return (carried[0] + dk_step.sum(-1), carried[1] + jnp.abs(dk_step).sum(-1),
+            carried[2] + dv_step.sum(-1), carried[3] + jnp.abs(dv_step).sum(-1))
+
+
+def _send(kr, vr, dk, dv, carried, kworst, *, step: int, P: int, axis_name, inject: Callable):
+    """The end of step ``step``: the accumulators' faults injected as they leave (``inject(x, step,
+    site, axes)``), then the chunk, its accumulators, their checksums and its keys' verdicts passed
+    on to the next device; after the last step only the accumulators travel, once more, home."""
+    dk = inject(dk, step, "bwd_dk_acc", (0, 2, 1, 3))  # local index (b, k, s, h)
+    dv = inject(dv, step, "bwd_dv_acc", (0, 2, 1, 3))
+    perm = [(i, (i + 1) % P) for i in range(P)]
+    if step < P - 1:
+        return lax.ppermute((kr, vr, dk, dv, carried, kworst), axis_name, perm)
+    if P > 1:  # the accumulators here belong to device me + 1; ours are on device me − 1
+        dk, dv, carried, kworst = lax.ppermute((dk, dv, carried, kworst), axis_name, perm)
+    return kr, vr, dk, dv, carried, kworst
+
+
 def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: bool, axis_name, axis_size: int,
              checked: bool = False, inject: Callable | None = None, u: float = rb.unit("float32")):
     """``(dQ, dK, dV)`` of this device's chunks, in their dtypes (inside ``shard_map`` or a
@@ -71,7 +98,6 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
     kr, vr = key, value
     dk = jnp.zeros((B, Sc, K, H), w)
     dv = jnp.zeros_like(dk)
-    perm = [(i, (i + 1) % P) for i in range(P)]
     diagonal = jnp.tril(jnp.ones((Tc, Sc), bool))
     fold = lambda x: x.reshape(B, Sc, K, G, *x.shape[3:]).sum(3)  # noqa: E731  B S N .. -> B S K ..
     # the travelling checksums of dK and dV (Σ_h and Σ_h |·| of the contributions, B S K) and the
@@ -85,13 +111,10 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
     q_abs, q_sum = jnp.abs(q).sum(-1), q.sum(-1)  # B Tc N
     do_abs, do_sum = jnp.abs(do).sum(-1), do.sum(-1)
 
-    def transit(acc, c, a):
-        return _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))
-
     for r in range(P):
         j = (me - r) % P  # the device whose chunk is here
         if checked and r > 0:  # the accumulators as received
-            t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+            t = _transit(dk, dv, carried, H, P)
             kworst = kworst.at[2].set(_worst(kworst[2], t))
             steps[r] = steps[r] | _bad(t)
         k, v = jnp.repeat(kr.astype(w), G, axis=2), jnp.repeat(vr.astype(w), G, axis=2)
@@ -135,20 +158,15 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
             kworst = kworst.at[0].set(_worst(kworst[0], kr_dk)).at[1].set(_worst(kworst[1], kr_dv))
             steps[r] = steps[r] | _bad(kr_dk) | _bad(kr_dv)
             dk_step = scale * gk
-            carried = (carried[0] + dk_step.sum(-1), carried[1] + jnp.abs(dk_step).sum(-1),
-                       carried[2] + gv.sum(-1), carried[3] + jnp.abs(gv).sum(-1))
+            carried = _carry(carried, dk_step, gv)
         dq = dq + scale * g
-        dk = inj(dk + scale * gk, r, "bwd_dk_acc", (0, 2, 1, 3))
-        dv = inj(dv + gv, r, "bwd_dv_acc", (0, 2, 1, 3))
-        if r < P - 1:
-            kr, vr, dk, dv, carried, kworst = lax.ppermute((kr, vr, dk, dv, carried, kworst), axis_name, perm)
-    if P > 1:  # the accumulators here belong to device me + 1; ours are on device me − 1
-        dk, dv, carried, kworst = lax.ppermute((dk, dv, carried, kworst), axis_name, perm)
+        kr, vr, dk, dv, carried, kworst = _send(kr, vr, dk + scale * gk, dv + gv, carried, kworst, step=r, P=P,
+                                                axis_name=axis_name, inject=inj)
     grads = dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype)
     if not checked:
         return grads
     # home: the accumulators against their checksums, and the softmax's row sums against 1
-    t = _worst(transit(dk, *carried[:2]), transit(dv, *carried[2:]))
+    t = _transit(dk, dv, carried, H, P)
     kworst = kworst.at[2].set(_worst(kworst[2], t))
     S = Sc * P
     lse_error = spec_ring.lse_threshold(S, mu) + P * spec_ring.weight_threshold(jnp.abs(lse))

@@ -24,12 +24,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from ftattn_spec import faults as spec_faults
-from ftattn_spec import ring_backward as rb
 from ftattn_spec import ring_fused_backward as spec
 
 from . import fused
 from .common import F32
-from .ring_backward import _bad, _ratio, _worst
+from .ring_backward import _bad, _carry, _ratio, _send, _transit, _worst
 from .ring_faults import core_plan, inject
 
 _SOFT = spec.ROW_CHECKS.index("bwd_softmax")
@@ -74,18 +73,13 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
     psum = jnp.zeros((B, N, Tc), F32)
     p_group = jnp.zeros((B, K), F32)
     steps = [jnp.zeros((), bool) for _ in range(P)]
-    perm = [(i, (i + 1) % P) for i in range(P)]
     tr = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  B Sc K <-> B K Sc
     worst_of_group = lambda x: jnp.max(x.reshape(B, K, G, Sc), axis=2)  # noqa: E731  B N Sc -> B K Sc (NaN wins)
-
-    def transit(dk, dv, carried):
-        one = lambda acc, c, a: _ratio(acc.sum(-1) - c, rb.transit_threshold(H, P, a))  # noqa: E731
-        return tr(_worst(one(dk, *carried[:2]), one(dv, *carried[2:])))
 
     cfg = None
     for r in range(P):
         if checked and r > 0:  # the accumulators as received
-            t = transit(dk, dv, carried)
+            t = tr(_transit(dk, dv, carried, H, P))
             kworst = kworst.at[-1].set(_worst(kworst[-1], t))
             steps[r] = steps[r] | _bad(t)
         pl_r = core_plan(plan, me, r, spec_faults.BACKWARD_SITES)
@@ -115,24 +109,19 @@ def backward(query, key, value, out, lse, grad_out, *, scale: float, is_causal: 
                 kworst = kworst.at[i].set(_worst(kworst[i], ratio))
                 steps[r] = steps[r] | _bad(ratio)
             p_group = p_group + got.cols.sum(-1).reshape(B, K, G).sum(-1)
-            carried = (carried[0] + got.dk.sum(-1), carried[1] + jnp.abs(got.dk).sum(-1),
-                       carried[2] + got.dv.sum(-1), carried[3] + jnp.abs(got.dv).sum(-1))
+            carried = _carry(carried, got.dk, got.dv)
         dq = dq + got.dq
-        dk = inject(dk + got.dk, plan, me, r, "bwd_dk_acc", (0, 2, 1, 3))  # local index (b, k, s, h)
-        dv = inject(dv + got.dv, plan, me, r, "bwd_dv_acc", (0, 2, 1, 3))
-        if r < P - 1:
-            kr, vr, dk, dv, carried, kworst = lax.ppermute((kr, vr, dk, dv, carried, kworst), axis_name, perm)
-    if P > 1:  # the accumulators here belong to device me + 1; ours are on device me − 1
-        dk, dv, carried, kworst = lax.ppermute((dk, dv, carried, kworst), axis_name, perm)
+        kr, vr, dk, dv, carried, kworst = _send(
+            kr, vr, dk + got.dk, dv + got.dv, carried, kworst, step=r, P=P, axis_name=axis_name,
+            inject=lambda x, step, site, axes: inject(x, plan, me, step, site, axes))
     grads = dq.astype(query.dtype), dk.astype(key.dtype), dv.astype(value.dtype)
     if not checked:
         return grads
     # home: the accumulators against their checksums, the softmax's sums over the steps
-    t = transit(dk, dv, carried)
+    t = tr(_transit(dk, dv, carried, H, P))
     kworst = kworst.at[-1].set(_worst(kworst[-1], t))
     thr = spec.softmax_threshold(Sc * P, P, H, jnp.dtype(query.dtype).name, cfg.block_m, cfg.block_n,
-                                 fused.runner.portable.BlockSizes.get_default(cfg.interpret, H, True).block_n,
-                                 jnp.where(live, lse2, 0.0), psum)
+                                 cfg.forward_block_n, jnp.where(live, lse2, 0.0), psum)
     soft = _ratio(psum - live.astype(F32), thr)
     attended = live.reshape(B, K, G * Tc).sum(-1).astype(F32)
     group = _ratio(p_group - attended, spec.group_threshold(thr.reshape(B, K, G * Tc).sum(-1), attended, Tc=Tc,

@@ -34,8 +34,9 @@ from ftattn_spec.faults import FaultDetected
 from ftattn_spec.report import CheckResult, Ran, Report
 
 from . import counters, fused, ring_backward, ring_fused_backward, unfused
-from .ring_faults import core_plan, inject as _inject
 from .common import F32, as_stored
+from .ring_faults import core_plan, inject as _inject
+
 
 def _check(residual, threshold) -> CheckResult:
     residual, threshold = residual.astype(F32), threshold.astype(F32)

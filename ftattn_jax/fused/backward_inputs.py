@@ -55,6 +55,8 @@ class BackwardConfig:
     #: one block of a larger call (a step of ring attention): the gradients stay float32 and
     #: ``bwd_softmax`` returns each row's signed Σ p (no target: the caller adds the blocks')
     partial: bool = False
+    #: the forward's tiles' width in keys (``bwd_softmax``'s threshold counts the forward's sums of l)
+    forward_block_n: int = 0
 
     @property
     def band(self) -> tuple[int, int]:
@@ -65,15 +67,16 @@ def backward_config(fwd, H: int, dtype: str, *, checks: bool, blocks: BackwardBl
                     forward_block_n: int | None = None, partial: bool = False) -> BackwardConfig:
     """The backward's settings for a forward ``Config`` ``fwd`` of the portable kernel."""
     bs = blocks or BackwardBlocks.get_default(fwd.interpret)
+    forward_block_n = forward_block_n or fwd.block_n
     return BackwardConfig(
         T=fwd.T, S=fwd.S, G=fwd.G, scale=fwd.scale, causal=fwd.causal, block_m=bs.block_m, block_n=bs.block_n,
         checks=checks, n_faults=fwd.n_faults,
         # per query head: the key checks sum one head's rows (G = 1)
         coef=btol.backward_coefficients(fwd.T, fwd.S, H, 1, dtype, bs.block_m, bs.block_n,
-                                        forward_block_n or fwd.block_n),
+                                        forward_block_n),
         num_warps=bs.num_warps, num_stages=bs.num_stages, interpret=fwd.interpret, window=fwd.window,
         has_mask=fwd.has_mask, has_bias=fwd.has_bias, has_qlen=fwd.has_qlen, has_klen=fwd.has_klen,
-        partial=partial)
+        partial=partial, forward_block_n=forward_block_n)
 
 
 class Sums(NamedTuple):
