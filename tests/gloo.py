@@ -14,11 +14,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(worker, world: int, tmp_path) -> list[dict]:
-    """``worker(rank, port, out)`` on ``world`` processes; their JSON files, rank 0 first."""
+def spawn(worker, world: int, tmp_path, *args) -> list[dict]:
+    """``worker(rank, port, out, *args)`` on ``world`` processes; their JSON files, rank 0 first."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(worker, args=(free_port(), str(tmp_path), *args), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -29,14 +29,11 @@ def largest_gather(compiled_text: str) -> int:
     return max(sizes, default=0)
 
 
-def main() -> None:
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "heads"))
-    rng = np.random.default_rng(0)
+def schemes(mesh, rng, sh) -> dict:
+    """The unfused path per scheme and the drop-in, sharded over batch and heads."""
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H)))
-    spec = P("data", None, "heads", None)
-    sh = NamedSharding(mesh, spec)
     qs, ks, vs = (jax.device_put(x, sh) for x in (q, k, v))
-    out = {"devices": jax.device_count()}
+    out = {}
     for scheme in ("baseline", "full", "abft_all"):
         f = jax.jit(lambda q, k, v, plan, s=scheme: ftattn_jax.attention(q, k, v, scheme=s, fault=plan,
                                                                            site=f"sharded {s}"))
@@ -60,8 +57,22 @@ def main() -> None:
     g = jax.jit(lambda q, k, v: ftattn_jax.dot_product_attention(q, k, v, is_causal=True))
     out["dropin"] = dict(out_spec=str(g(qs, ks, vs).sharding.spec),
                          largest_gather=largest_gather(g.lower(qs, ks, vs).compile().as_text()))
-    out["pallas"] = fused(mesh, rng, sh)
-    out["set_mesh"] = under_set_mesh(rng)
+    return out
+
+
+PARTS = {"schemes": schemes, "pallas": lambda mesh, rng, sh: fused(mesh, rng, sh),  # defined below
+         "set_mesh": lambda mesh, rng, sh: under_set_mesh(rng)}
+
+
+def main() -> None:
+    """``python sharded_jax_worker.py PART``, PART one of ``PARTS`` (a test each, so that xdist's
+    workers share them)."""
+    part = sys.argv[1]
+    if part not in PARTS:
+        raise SystemExit(f"part must be one of {sorted(PARTS)}, got {part!r}")
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "heads"))
+    sh = NamedSharding(mesh, P("data", None, "heads", None))
+    out = {"devices": jax.device_count(), **PARTS[part](mesh, np.random.default_rng(0), sh)}
     json.dump(out, sys.stdout)
 
 
