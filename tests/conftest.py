@@ -131,3 +131,34 @@ def get_backend(name: str):
     if name not in _cache:
         _cache[name] = JaxBackend() if name == "jax" else TorchBackend()
     return _cache[name]
+
+
+# ---- the cases CI leaves to -m slow (tests/slow_cases.txt)
+
+_SLOW_CASES = os.path.join(os.path.dirname(__file__), "slow_cases.txt")
+
+
+def _slow_cases() -> set[str]:
+    with open(_SLOW_CASES, encoding="utf-8") as f:
+        return {line.strip() for line in f if line.strip() and not line.startswith("#")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """Mark the cases of ``tests/slow_cases.txt`` slow. On a run of the whole folder, refuse a
+    line that names no collected case, and one that would leave a test function no case in CI."""
+    listed = _slow_cases()
+    by_id = {item.nodeid: item for item in items}
+    for nodeid in listed & by_id.keys():
+        by_id[nodeid].add_marker(pytest.mark.slow)
+    whole = [os.path.normpath(os.path.join(str(config.invocation_params.dir), a)) for a in config.args] == [
+        os.path.dirname(__file__)]
+    if not whole:
+        return
+    stale = sorted(listed - by_id.keys())
+    if stale:
+        raise pytest.UsageError(f"tests/slow_cases.txt names cases that were not collected: {stale[:5]}")
+    kept = {item.nodeid.split("[")[0] for item in items if item.get_closest_marker("slow") is None}
+    bare = sorted({n.split("[")[0] for n in listed} - kept)
+    if bare:
+        raise pytest.UsageError(f"tests/slow_cases.txt leaves these tests no case in CI: {bare[:5]}")
